@@ -1,0 +1,142 @@
+"""The feature-cache contract: dataset names, root attributes, version, validation.
+
+Stage 1 (extraction, import) writes this layout and stage 2 (training, evaluation) reads it; the two stages meet
+nowhere else. A cache describes itself: the root attributes carry the encoder, its weights, the sampling and the
+hash of the annotation file, so a reader can refuse a cache that does not match the one a model was trained on.
+
+Layout (N segments, F tokens per segment, D feature dim, Dt text dim, T question tokens)::
+
+    features          (N, F, D)  float16   chunk = one segment      recognition window
+    num_frames        (N,)       int16     valid tokens per row (< F only in fps sampling; padding is zeros)
+    frame_times       (N, F)     float32   absolute seconds in the video
+    valid             (N,)       bool      done-flag, written after the row's data
+    narration_id, video_id, participant_id, narration     (N,) utf-8
+    verb_class, noun_class (N,) int32 (-1 = unlabelled);  all_noun_classes (N,) vlen int32
+    start_time, stop_time  (N,) float64
+    anticipation/     features, num_frames, frame_times, valid   observed window before the action (optional)
+    failures/         index int64, narration_id, window, reason  (resizable)
+    classes/          verb (V,), noun (Nn,) utf-8
+    questions/        texts (Q,), tokens (Q, T, Dt) f16, mask (Q, T) bool, pooled (Q, Dt) f16,
+                      templates/<kind> (P,) int32, per_segment/<source> (N, 2) int32
+    answers/          verb (V, Dt), noun (Nn, Dt), action_pairs (A, 2) int32, action (A, Dt), action_text (A,)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from mambavl.errors import InputError
+
+SCHEMA_VERSION = 1
+
+# Window names: the recognition window is the segment itself; the anticipation window is the observed
+# interval [start - tau_a - tau_o, start - tau_a] that ends tau_a seconds before the action starts.
+RECOGNITION = "recognition"
+ANTICIPATION = "anticipation"
+WINDOWS = (RECOGNITION, ANTICIPATION)
+
+# Per-window datasets live at the root (recognition) or inside the `anticipation/` group.
+WINDOW_DATASETS = ("features", "num_frames", "frame_times", "valid")
+ROW_STRING_DATASETS = ("narration_id", "video_id", "participant_id", "narration")
+ROW_INT_DATASETS = ("verb_class", "noun_class")
+ROW_FLOAT_DATASETS = ("start_time", "stop_time")
+ALL_NOUNS = "all_noun_classes"
+
+FAILURES = "failures"
+CLASSES = "classes"
+QUESTIONS = "questions"
+ANSWERS = "answers"
+
+TEMPLATE_KINDS = ("verb", "noun", "scene", "next_verb", "next_noun")
+
+REQUIRED_ATTRS = (
+    "schema_version",
+    "package_version",
+    "created",
+    "dataset_kind",
+    "annotation_file",
+    "annotation_sha256",
+    "encoder",
+    "model",
+    "pretrained",
+    "checkpoint_sha256",
+    "feature_dim",
+    "text_model",
+    "text_pretrained",
+    "text_dim",
+    "sampling_mode",
+    "frames_per_segment",
+    "fps",
+    "frame_size",
+    "tokens_per_frame_pooling",
+    "has_labels",
+    "anticipation",
+    "question_sources",
+    "source",
+)
+
+# What must agree between the cache a model was trained on and a cache it is evaluated on: the same frozen
+# encoder (and weights) and the same text tower, otherwise features and question tokens live in other spaces.
+COMPATIBILITY_ATTRS = (
+    "schema_version",
+    "encoder",
+    "model",
+    "pretrained",
+    "checkpoint_sha256",
+    "feature_dim",
+    "text_model",
+    "text_pretrained",
+    "text_dim",
+)
+
+
+def window_prefix(window: str) -> str:
+    """HDF5 path prefix of a window's datasets: '' for recognition, 'anticipation/' for anticipation."""
+    if window == RECOGNITION:
+        return ""
+    if window == ANTICIPATION:
+        return ANTICIPATION + "/"
+    raise InputError(f"unknown window {window!r}; expected one of {', '.join(WINDOWS)}")
+
+
+def normalise_attr(value: Any) -> Any:
+    """HDF5 hands back numpy scalars and bytes; compare and serialise plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def read_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain-Python copy of an h5py attribute mapping (question_sources decoded from JSON)."""
+    out = {key: normalise_attr(value) for key, value in attrs.items()}
+    if isinstance(out.get("question_sources"), str):
+        out["question_sources"] = json.loads(out["question_sources"])
+    return out
+
+
+def validate_attrs(attrs: Mapping[str, Any], path: str) -> None:
+    """Refuse a file that is not a mambavl cache of this schema version, naming the file and attribute."""
+    missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+    if missing:
+        raise InputError(f"{path}: not a mambavl cache (missing root attribute(s): {', '.join(missing)})")
+    version = normalise_attr(attrs["schema_version"])
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{path}: attribute schema_version is {version}, this mambavl reads schema_version {SCHEMA_VERSION}"
+        )
+
+
+def check_compatible(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str) -> None:
+    """Raise InputError naming the first attribute of COMPATIBILITY_ATTRS on which `a` and `b` differ."""
+    for key in COMPATIBILITY_ATTRS:
+        va, vb = normalise_attr(a.get(key)), normalise_attr(b.get(key))
+        if va != vb:
+            raise InputError(
+                f"{what_b} does not match {what_a}: attribute {key!r} is {vb!r} there but {va!r} in {what_a}"
+            )

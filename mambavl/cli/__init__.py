@@ -1,0 +1,65 @@
+"""The `mambavl` command line: thin typer commands that build a config and call a library function.
+
+Each stage registers its commands from its own module (``extract``, ``train``, ``evaluate``); this module only
+owns the application objects and the mapping of errors to exit codes:
+
+* 0 — done; 2 — bad input (``InputError``: the message names the file/row/field);
+* 3 — finished, with recorded failures (extraction).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mambavl import __version__
+from mambavl.errors import InputError
+
+app = typer.Typer(
+    name="mambavl",
+    help="MambaVL: extract frozen features once, train the fusion on the cache, evaluate EK-100 style.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect, merge and import feature caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_FAILURES = 3
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mambavl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """MambaVL command line."""
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
+    """Print an error to stderr and return the Exit to raise (exit code 2 = bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+# Registration happens on import of each command module (they decorate `app` / `cache_app`).
+from mambavl.cli import extract as _extract  # noqa: E402,F401
+from mambavl.cli import train as _train  # noqa: E402,F401
+from mambavl.cli import evaluate as _evaluate  # noqa: E402,F401
+
+
+def main() -> None:
+    """Console-script entry point: InputError anywhere below a command becomes exit code 2."""
+    try:
+        app()
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
