@@ -54,6 +54,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
 from mambavl.cli import extract as _extract  # noqa: E402,F401
 from mambavl.cli import train as _train  # noqa: E402,F401
 from mambavl.cli import evaluate as _evaluate  # noqa: E402,F401
+from mambavl.cli import tools as _tools  # noqa: E402,F401
 
 
 def main() -> None:

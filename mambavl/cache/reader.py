@@ -1,0 +1,242 @@
+"""Read a feature cache: the only way training and evaluation touch stage-1 output.
+
+`open_cache` validates the root attributes (and, given `expect`, their compatibility with the cache a model was
+trained on) and returns a `CacheFile`: a light, picklable handle holding the path, attributes and vocabularies. Its
+HDF5 file is opened lazily, once per process, so DataLoader workers never share an h5py handle across `fork`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mambavl.cache import schema
+from mambavl.errors import InputError
+
+# Load a window's features into RAM when they take less than this; above it, read rows lazily from the file.
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+@dataclass
+class QuestionBank:
+    """Every question text of a cache, embedded once by the text tower.
+
+    tokens (Q, T, Dt) float32, mask (Q, T) bool, pooled (Q, Dt) float32, texts (Q,);
+    templates: kind -> (P,) int64 indices into the table (index 0 = the evaluation phrasing);
+    per_segment: source -> (N, 2) int64 (verb-question, noun-question) indices, -1 where a row has none.
+    """
+
+    texts: list[str]
+    tokens: np.ndarray
+    mask: np.ndarray
+    pooled: np.ndarray
+    templates: dict[str, np.ndarray] = field(default_factory=dict)
+    per_segment: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class AnswerBank:
+    """Answer candidates: verb (V, Dt), noun (Nn, Dt), action (A, Dt) float32; action_pairs (A, 2) int64."""
+
+    verb: np.ndarray
+    noun: np.ndarray
+    action_pairs: np.ndarray
+    action: np.ndarray
+    verb_text: list[str]
+    noun_text: list[str]
+    action_text: list[str]
+
+
+class CacheFile:
+    """Handle on one validated cache file. Cheap to pickle: the h5py handle is (re)opened lazily per process."""
+
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], verb_keys: list[str], noun_keys: list[str],
+                 n: int):
+        self.path = Path(path)
+        self.attrs = attrs
+        self.verb_keys = verb_keys
+        self.noun_keys = noun_keys
+        self.n = n
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_pid"] = None
+        for key in ("_labels", "_questions", "_answers"):
+            state.pop(key, None)
+        return state
+
+    def h5(self) -> h5py.File:
+        """The open file for this process (opened on first use after a fork/spawn)."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    def has_window(self, window: str) -> bool:
+        return (schema.window_prefix(window) + "features") in self.h5()
+
+    def valid_indices(self, window: str = schema.RECOGNITION) -> np.ndarray:
+        """(M,) int64 rows whose `valid` done-flag is set in `window`."""
+        prefix = schema.window_prefix(window)
+        if prefix + "valid" not in self.h5():
+            raise InputError(f"cache {self.path} has no {window} window (extract with --anticipation)")
+        return np.flatnonzero(self.h5()[prefix + "valid"][()]).astype(np.int64)
+
+    def labels(self) -> dict[str, Any]:
+        """Row metadata as numpy arrays / lists: verb_class, noun_class (N,) int64, all_noun_classes (N lists),
+        narration_id, video_id, participant_id, narration (N,) str, start_time, stop_time (N,) float64."""
+        if getattr(self, "_labels", None) is None:
+            f = self.h5()
+            out: dict[str, Any] = {}
+            for name in schema.ROW_STRING_DATASETS:
+                out[name] = np.asarray(_strings(f[name]), dtype=object)
+            for name in schema.ROW_INT_DATASETS:
+                out[name] = f[name][()].astype(np.int64)
+            for name in schema.ROW_FLOAT_DATASETS:
+                out[name] = f[name][()].astype(np.float64)
+            out[schema.ALL_NOUNS] = [np.asarray(a, dtype=np.int64) for a in f[schema.ALL_NOUNS][()]]
+            self._labels = out
+        return self._labels
+
+    def questions(self) -> QuestionBank:
+        """The question table (see QuestionBank); raises InputError when the cache has none."""
+        if getattr(self, "_questions", None) is None:
+            f = self.h5()
+            if schema.QUESTIONS not in f or "texts" not in f[schema.QUESTIONS]:
+                raise InputError(f"cache {self.path} has no questions/ table")
+            g = f[schema.QUESTIONS]
+            templates = {k: g["templates"][k][()].astype(np.int64) for k in g["templates"]} if "templates" in g else {}
+            per_segment = (
+                {k: g["per_segment"][k][()].astype(np.int64) for k in g["per_segment"]} if "per_segment" in g else {}
+            )
+            self._questions = QuestionBank(
+                texts=_strings(g["texts"]),
+                tokens=g["tokens"][()].astype(np.float32),
+                mask=g["mask"][()].astype(bool),
+                pooled=g["pooled"][()].astype(np.float32),
+                templates=templates,
+                per_segment=per_segment,
+            )
+        return self._questions
+
+    def answers(self) -> AnswerBank:
+        """The answer candidates (see AnswerBank); raises InputError when the cache has none."""
+        if getattr(self, "_answers", None) is None:
+            f = self.h5()
+            if schema.ANSWERS not in f:
+                raise InputError(f"cache {self.path} has no answers/ group")
+            g = f[schema.ANSWERS]
+            self._answers = AnswerBank(
+                verb=g["verb"][()].astype(np.float32),
+                noun=g["noun"][()].astype(np.float32),
+                action_pairs=g["action_pairs"][()].astype(np.int64).reshape(-1, 2),
+                action=g["action"][()].astype(np.float32),
+                verb_text=_strings(g["verb_text"]) if "verb_text" in g else list(self.verb_keys),
+                noun_text=_strings(g["noun_text"]) if "noun_text" in g else list(self.noun_keys),
+                action_text=_strings(g["action_text"]),
+            )
+        return self._answers
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Recorded failures: dicts with index, narration_id, window, reason."""
+        f = self.h5()
+        if schema.FAILURES not in f:
+            return []
+        g = f[schema.FAILURES]
+        index = g["index"][()]
+        nid, window, reason = _strings(g["narration_id"]), _strings(g["window"]), _strings(g["reason"])
+        return [
+            {"index": int(i), "narration_id": a, "window": w, "reason": r}
+            for i, a, w, r in zip(index, nid, window, reason)
+        ]
+
+
+def open_cache(path: str | os.PathLike, expect: dict[str, Any] | None = None, what: str = "reference") -> CacheFile:
+    """Open and validate a cache. With `expect` (attrs of the cache a model was trained on), refuse a cache whose
+    encoder/text-tower attributes differ, naming the attribute."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"cache {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"cache {path} is not a readable HDF5 file ({exc})") from exc
+    with f:
+        attrs = schema.read_attrs(f.attrs)
+        schema.validate_attrs(attrs, str(path))
+        for name in ("features", "valid", *schema.ROW_STRING_DATASETS, *schema.ROW_INT_DATASETS):
+            if name not in f:
+                raise InputError(f"cache {path}: dataset {name!r} is missing")
+        n = int(f["valid"].shape[0])
+        classes = f.get(schema.CLASSES)
+        verb_keys = _strings(classes["verb"]) if classes is not None and "verb" in classes else []
+        noun_keys = _strings(classes["noun"]) if classes is not None and "noun" in classes else []
+    if expect is not None:
+        schema.check_compatible(expect, attrs, what, f"cache {path}")
+    return CacheFile(path, attrs, verb_keys, noun_keys, n)
+
+
+class SegmentDataset(Dataset):
+    """Cached tokens of one window, row by row.
+
+    Items: dict(features float32 (F, D), num_frames int64, index int64 (row in the cache)).
+    `in_memory=None` loads the window's whole features array when it is below IN_MEMORY_LIMIT_BYTES (one read of
+    the file; epochs then never touch HDF5); otherwise rows are read lazily through the per-process handle.
+    """
+
+    def __init__(self, cache: CacheFile, window: str = schema.RECOGNITION, indices=None,
+                 in_memory: bool | None = None):
+        self.cache = cache
+        self.window = window
+        self.prefix = schema.window_prefix(window)
+        f = cache.h5()
+        if self.prefix + "features" not in f:
+            raise InputError(f"cache {cache.path} has no {window} window (extract with --anticipation)")
+        feats = f[self.prefix + "features"]
+        self.indices = (
+            cache.valid_indices(window) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        )
+        self.num_frames = f[self.prefix + "num_frames"][()].astype(np.int64)  # (N,)
+        nbytes = int(np.prod(feats.shape)) * feats.dtype.itemsize
+        self.in_memory = nbytes < IN_MEMORY_LIMIT_BYTES if in_memory is None else bool(in_memory)
+        self._features: np.ndarray | None = feats[()] if self.in_memory else None  # (N, F, D) float16
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @cached_property
+    def feature_shape(self) -> tuple[int, int]:
+        shape = self.cache.h5()[self.prefix + "features"].shape
+        return int(shape[1]), int(shape[2])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.indices[i])
+        if self._features is not None:
+            x = self._features[row]
+        else:
+            x = self.cache.h5()[self.prefix + "features"][row]
+        return {
+            "features": torch.from_numpy(np.asarray(x, dtype=np.float32)),  # (F, D)
+            "num_frames": torch.tensor(int(self.num_frames[row]), dtype=torch.long),
+            "index": torch.tensor(row, dtype=torch.long),
+        }

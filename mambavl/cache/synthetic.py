@@ -1,0 +1,167 @@
+"""Synthetic caches with planted class structure, written through the real writer.
+
+For tests and benchmarks of stage 2 (training, evaluation, loaders) that must not depend on video decoding or a
+real encoder: each segment's frame tokens are verb prototype + noun prototype + a verb-specific temporal drift +
+noise, so a fusion model can learn the classes in seconds; the verb needs the frame order (the drift's sign) to be
+told apart from its mirror class. Two caches made with the same `structure_seed` (and different `seed`) share the
+class structure and the text space: a train/val pair.
+
+The question table holds template questions (random fixed embeddings) and, unless disabled, per-segment
+"annotation" questions built the way the paper's protocol builds them: each row's verb question embeds its own
+verb answer (and the noun question its noun). That is a deliberate leak, for the leak-audit tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mambavl.cache import schema
+from mambavl.cache.writer import CacheWriter, RowMeta
+
+TEMPLATE_PARAPHRASES = 3
+QUESTION_TOKENS = 6
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+
+
+def make_planted_cache(
+    path: str | os.PathLike,
+    n: int = 200,
+    num_verbs: int = 6,
+    num_nouns: int = 5,
+    frames: int = 8,
+    dim: int = 32,
+    text_dim: int = 24,
+    seed: int = 0,
+    structure_seed: int = 1234,
+    noise: float = 0.5,
+    anticipation: bool = False,
+    annotation_questions: bool = True,
+    labelled: bool = True,
+    participants: tuple[str, ...] = ("P01", "P02", "P03", "P04"),
+    invalid_rows: int = 0,
+) -> Path:
+    """Write a planted-structure cache at `path` and return the path.
+
+    n rows; features (n, frames, dim); text embeddings of width text_dim. `labelled=False` writes a test-split-like
+    cache (labels -1, no annotation questions). The last `invalid_rows` rows are left invalid with a recorded
+    failure, as an extraction that lost a few videos would.
+    """
+    path = Path(path)
+    srng = np.random.default_rng(structure_seed)  # shared class structure and text space
+    rng = np.random.default_rng(seed)  # this cache's samples
+
+    verb_proto = srng.normal(size=(num_verbs, dim))
+    noun_proto = srng.normal(size=(max(num_nouns, 1), dim))
+    drift = srng.normal(size=(num_verbs, dim))
+    verb_text = _unit(srng.normal(size=(num_verbs, text_dim)))
+    noun_text = _unit(srng.normal(size=(max(num_nouns, 1), text_dim)))[:num_nouns]
+    template_tokens = srng.normal(size=(len(schema.TEMPLATE_KINDS) * TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim))
+
+    # skewed class frequencies, as in EK-100 (a few head classes, a tail)
+    pv = 1.0 / np.arange(1, num_verbs + 1)
+    pn = 1.0 / np.arange(1, max(num_nouns, 1) + 1)
+    verbs = rng.choice(num_verbs, size=n, p=pv / pv.sum())
+    nouns = rng.choice(max(num_nouns, 1), size=n, p=pn / pn.sum()) if num_nouns else np.full(n, -1)
+    parts = [participants[i % len(participants)] for i in range(n)]
+
+    t = np.linspace(-1.0, 1.0, frames)[None, :, None]  # (1, F, 1)
+    base = verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
+    feats = base + t * drift[verbs][:, None] + noise * rng.normal(size=(n, frames, dim))  # (n, F, D)
+    ant = None
+    if anticipation:
+        # the observed window shows the action's objects before it starts: the noun, weaker verb, more noise
+        ant = 0.6 * base + 0.3 * t * drift[verbs][:, None] + 1.5 * noise * rng.normal(size=(n, frames, dim))
+
+    all_nouns = []
+    for i in range(n):
+        extra = rng.choice(max(num_nouns, 1), size=rng.integers(0, 3)) if num_nouns else []
+        all_nouns.append(tuple(sorted({int(nouns[i]), *map(int, extra)})) if num_nouns else ())
+
+    verb_keys = [f"verb{v}" for v in range(num_verbs)]
+    noun_keys = [f"noun{k}" for k in range(num_nouns)]
+    rows = RowMeta(
+        narration_id=[f"{parts[i]}_01_{i}" for i in range(n)],
+        video_id=[f"{parts[i]}_01" for i in range(n)],
+        participant_id=parts,
+        narration=[f"{verb_keys[verbs[i]]} {noun_keys[nouns[i]] if num_nouns else ''}".strip() if labelled else ""
+                   for i in range(n)],
+        verb_class=np.where(labelled, verbs, -1).astype(np.int32),
+        noun_class=np.where(labelled, nouns, -1).astype(np.int32),
+        all_noun_classes=all_nouns if labelled else [() for _ in range(n)],
+        start_time=np.arange(n, dtype=np.float64) * 4.0 + 2.0,
+        stop_time=np.arange(n, dtype=np.float64) * 4.0 + 4.5,
+    )
+    sources = ["templates"] + (["annotation"] if annotation_questions and labelled else [])
+    attrs = dict(
+        dataset_kind="ek100" if num_nouns else "generic",
+        annotation_file="planted.csv",
+        annotation_sha256=f"planted-{structure_seed}-{seed}-{n}",
+        encoder="planted",
+        model=f"planted-{structure_seed}",
+        pretrained="none",
+        feature_dim=dim,
+        text_model=f"planted-text-{structure_seed}",
+        text_pretrained="none",
+        text_dim=text_dim,
+        frames_per_segment=frames,
+        frame_size=0,
+        has_labels=labelled,
+        anticipation=anticipation,
+        question_sources=sources,
+        source="mambavl.cache.synthetic.make_planted_cache",
+    )
+    if path.exists():
+        path.unlink()
+    with CacheWriter(path, attrs, rows, verb_keys, noun_keys) as w:
+        times = rows.start_time[:, None] + np.linspace(0, 2.5, frames)[None]  # (n, F)
+        for i in range(n - invalid_rows):
+            w.write_row(i, feats[i], times[i])
+            if ant is not None:
+                w.write_row(i, ant[i], times[i] - 2.0, window=schema.ANTICIPATION)
+        for i in range(n - invalid_rows, n):
+            w.record_failure(i, schema.RECOGNITION, "planted failure: video missing")
+
+        texts, tokens = [], []
+        templates = {}
+        for k, kind in enumerate(schema.TEMPLATE_KINDS):
+            idx = []
+            for p in range(TEMPLATE_PARAPHRASES):
+                idx.append(len(texts))
+                texts.append(f"template {kind} question {p}")
+                tokens.append(template_tokens[k * TEMPLATE_PARAPHRASES + p])
+            templates[kind] = idx
+        per_segment = {}
+        if "annotation" in sources:
+            table = np.full((n, 2), -1, dtype=np.int32)
+            seen: dict[str, int] = {}
+            for i in range(n):
+                vq = f"What is the person doing in '{verb_keys[verbs[i]]} [MASK]'?"
+                nq = f"Which object is used in '[MASK] {noun_keys[nouns[i]]}'?" if num_nouns else None
+                for j, (q, emb) in enumerate(((vq, verb_text[verbs[i]]), (nq, noun_text[nouns[i]] if nq else None))):
+                    if q is None:
+                        continue
+                    if q not in seen:
+                        seen[q] = len(texts)
+                        texts.append(q)
+                        # the question's tokens carry its own answer's text embedding: the protocol's leak
+                        tok = 0.3 * srng.normal(size=(QUESTION_TOKENS, text_dim)) + 3.0 * emb[None]
+                        tokens.append(tok)
+                    table[i, j] = seen[q]
+            per_segment["annotation"] = table
+        tokens_arr = np.stack(tokens).astype(np.float32)  # (Q, T, Dt)
+        mask = np.ones(tokens_arr.shape[:2], dtype=bool)
+        mask[:, -1] = False  # one padded token per question, so masking is exercised
+        w.write_questions(texts, tokens_arr, mask, tokens_arr[:, :-1].mean(1), templates, per_segment)
+
+        pairs = sorted({(int(v), int(k)) for v, k in zip(verbs, nouns)}) if num_nouns else []
+        action = np.asarray([_unit(verb_text[v] + noun_text[k]) for v, k in pairs]).reshape(-1, text_dim)
+        w.write_answers(verb_text, noun_text.reshape(-1, text_dim), np.asarray(pairs).reshape(-1, 2), action,
+                        verb_keys, noun_keys, [f"{verb_keys[v]} {noun_keys[k]}" for v, k in pairs])
+        w.finalize()
+    return path

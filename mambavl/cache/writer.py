@@ -1,0 +1,341 @@
+"""Write a feature cache row by row, resumably.
+
+Crash safety: every row's data is written first and its `valid` done-flag after it (then the file is flushed), so
+a crash can leave a half-written row but never a counted one. Re-opening an existing cache with the same
+attributes resumes: rows already flagged valid are skipped by the caller (`pending_rows`), failed rows are retried.
+An existing cache made with other attributes (annotation file, encoder, weights, sampling) is refused, naming the
+attribute, and left untouched.
+
+The file is created under its final name with attribute ``complete = False``; `finalize` sets it to True once every
+row of every window is valid or has a recorded failure. (A temp name + rename would hide a partial cache from the
+very resume that needs it.)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mambavl import __version__
+from mambavl.cache import schema
+from mambavl.errors import InputError
+
+STR = h5py.string_dtype("utf-8")
+VLEN_INT = h5py.vlen_dtype(np.int32)
+
+# Attributes that must agree for a run to resume into an existing file (everything that changes a row's content).
+RESUME_ATTRS = (
+    "annotation_sha256",
+    *schema.COMPATIBILITY_ATTRS,
+    "sampling_mode",
+    "frames_per_segment",
+    "fps",
+    "frame_size",
+    "tokens_per_frame_pooling",
+    "anticipation",
+    "shard",
+)
+
+
+@dataclass
+class RowMeta:
+    """Per-row metadata, in annotation row order (all length N)."""
+
+    narration_id: list[str]
+    video_id: list[str]
+    participant_id: list[str]
+    narration: list[str]
+    verb_class: np.ndarray  # (N,) int, -1 unlabelled
+    noun_class: np.ndarray  # (N,) int, -1 unlabelled / no nouns
+    all_noun_classes: list[Sequence[int]]
+    start_time: np.ndarray  # (N,) float seconds
+    stop_time: np.ndarray  # (N,) float seconds
+
+    def __len__(self) -> int:
+        return len(self.narration_id)
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[Any]) -> "RowMeta":
+        """From annotation segments (anything with the `Segment` fields of mambavl.data.annotations)."""
+        return cls(
+            narration_id=[s.narration_id for s in segments],
+            video_id=[s.video_id for s in segments],
+            participant_id=[s.participant_id for s in segments],
+            narration=[s.narration for s in segments],
+            verb_class=np.asarray([s.verb_class for s in segments], dtype=np.int32),
+            noun_class=np.asarray([s.noun_class for s in segments], dtype=np.int32),
+            all_noun_classes=[tuple(s.all_noun_classes) for s in segments],
+            start_time=np.asarray([s.start_time for s in segments], dtype=np.float64),
+            stop_time=np.asarray([s.stop_time for s in segments], dtype=np.float64),
+        )
+
+    def subset(self, rows: Sequence[int]) -> "RowMeta":
+        rows = list(rows)
+        return RowMeta(
+            narration_id=[self.narration_id[i] for i in rows],
+            video_id=[self.video_id[i] for i in rows],
+            participant_id=[self.participant_id[i] for i in rows],
+            narration=[self.narration[i] for i in rows],
+            verb_class=self.verb_class[rows],
+            noun_class=self.noun_class[rows],
+            all_noun_classes=[self.all_noun_classes[i] for i in rows],
+            start_time=self.start_time[rows],
+            stop_time=self.stop_time[rows],
+        )
+
+
+def base_attrs(**values: Any) -> dict[str, Any]:
+    """Root attributes with defaults for everything `values` does not set (schema_version, package, time...)."""
+    attrs: dict[str, Any] = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset_kind": "ek100",
+        "annotation_file": "",
+        "annotation_sha256": "",
+        "encoder": "",
+        "model": "",
+        "pretrained": "",
+        "checkpoint_sha256": "",
+        "feature_dim": 0,
+        "text_model": "",
+        "text_pretrained": "",
+        "text_dim": 0,
+        "sampling_mode": "uniform",
+        "frames_per_segment": 0,
+        "fps": 0.0,
+        "frame_size": 0,
+        "tokens_per_frame_pooling": "cls",
+        "has_labels": True,
+        "anticipation": False,
+        "question_sources": ["templates"],
+        "source": "",
+        "shard": "",
+    }
+    attrs.update(values)
+    return attrs
+
+
+def _h5_attr(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return value
+
+
+class CacheWriter:
+    """Create or resume a cache file. Use as a context manager; call `finalize()` when the run is over."""
+
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], rows: RowMeta, verb_keys: Sequence[str],
+                 noun_keys: Sequence[str]):
+        self.path = Path(path)
+        self.attrs = base_attrs(**attrs)
+        self.n = len(rows)
+        self.frames = int(self.attrs["frames_per_segment"])
+        self.dim = int(self.attrs["feature_dim"])
+        if self.frames <= 0 or self.dim <= 0:
+            raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
+        self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
+        if self.path.exists():
+            self.f = self._resume(rows)
+            self.resumed = True
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = self._create(rows, verb_keys, noun_keys)
+            self.resumed = False
+        self._failures = {(r["index"], r["window"]): r for r in self._read_failures()}
+
+    # ---------------------------------------------------------------- creation / resume
+    def _create(self, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str]) -> h5py.File:
+        f = h5py.File(self.path, "w")
+        for key, value in self.attrs.items():
+            f.attrs[key] = _h5_attr(value)
+        f.attrs["complete"] = False
+        n, F, D = self.n, self.frames, self.dim
+        for window in self.windows:
+            p = schema.window_prefix(window)
+            f.create_dataset(p + "features", shape=(n, F, D), dtype=np.float16, chunks=(1, F, D) if n else None,
+                             fillvalue=0)
+            f.create_dataset(p + "num_frames", shape=(n,), dtype=np.int16, fillvalue=0)
+            f.create_dataset(p + "frame_times", shape=(n, F), dtype=np.float32, fillvalue=np.nan)
+            f.create_dataset(p + "valid", shape=(n,), dtype=bool, fillvalue=False)
+        for name in schema.ROW_STRING_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
+        for name in schema.ROW_INT_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
+        for name in schema.ROW_FLOAT_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
+        nouns = f.create_dataset(schema.ALL_NOUNS, shape=(n,), dtype=VLEN_INT)
+        for i, ids in enumerate(rows.all_noun_classes):
+            nouns[i] = np.asarray(ids, dtype=np.int32)
+        g = f.create_group(schema.CLASSES)
+        g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
+        g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
+        f.flush()
+        return f
+
+    def _resume(self, rows: RowMeta) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "r+")
+        except OSError as exc:
+            raise InputError(f"{self.path} exists but is not a writable HDF5 file ({exc}); move it away") from exc
+        old = schema.read_attrs(f.attrs)
+        try:
+            schema.validate_attrs(old, str(self.path))
+            for key in RESUME_ATTRS:
+                a, b = schema.normalise_attr(old.get(key)), schema.normalise_attr(_h5_attr(self.attrs.get(key)))
+                if key == "anticipation":
+                    a, b = bool(a), bool(b)
+                if a != b:
+                    raise InputError(
+                        f"{self.path} exists with attribute {key!r} = {a!r}, this run has {b!r}; "
+                        "use another --out or remove the file to start over"
+                    )
+            if int(f["valid"].shape[0]) != self.n:
+                raise InputError(f"{self.path} exists with {f['valid'].shape[0]} rows, this run has {self.n}")
+            stored = [s.decode() if isinstance(s, bytes) else s for s in f["narration_id"][()]]
+            if stored != list(rows.narration_id):
+                raise InputError(f"{self.path} exists with other narration_id rows than this run")
+        except InputError:
+            f.close()
+            raise
+        return f
+
+    # ---------------------------------------------------------------- rows
+    def done(self, window: str = schema.RECOGNITION) -> np.ndarray:
+        """(N,) bool done-flags of `window`."""
+        return self.f[schema.window_prefix(window) + "valid"][()]
+
+    def pending_rows(self) -> list[int]:
+        """Rows that still need work in some window (not yet valid)."""
+        todo = np.zeros(self.n, dtype=bool)
+        for window in self.windows:
+            todo |= ~self.done(window)
+        return np.flatnonzero(todo).tolist()
+
+    def write_row(self, row: int, features: np.ndarray, frame_times: np.ndarray,
+                  window: str = schema.RECOGNITION) -> None:
+        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag."""
+        p = schema.window_prefix(window)
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] > self.frames:
+            raise ValueError(f"row {row}: features of shape {features.shape}, expected (<= {self.frames}, {self.dim})")
+        k = features.shape[0]
+        padded = np.zeros((self.frames, self.dim), dtype=np.float16)
+        padded[:k] = features.astype(np.float16)
+        times = np.full(self.frames, np.nan, dtype=np.float32)
+        times[:k] = np.asarray(frame_times, dtype=np.float32)[:k]
+        self.f[p + "features"][row] = padded
+        self.f[p + "frame_times"][row] = times
+        self.f[p + "num_frames"][row] = k
+        self.f.flush()
+        # the done-flag goes last: a crash before this line leaves the row uncounted, to be redone on resume
+        self.f[p + "valid"][row] = True
+        if (row, window) in self._failures:
+            del self._failures[(row, window)]
+            self._write_failures()
+        self.f.flush()
+
+    def record_failure(self, row: int, window: str, reason: str) -> None:
+        """Record why a row could not be written (it stays invalid; a resumed run retries it)."""
+        nid = self.f["narration_id"][row]
+        nid = nid.decode() if isinstance(nid, bytes) else str(nid)
+        self._failures[(row, window)] = {"index": int(row), "narration_id": nid, "window": window,
+                                         "reason": str(reason)}
+        self._write_failures()
+        self.f.flush()
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [self._failures[k] for k in sorted(self._failures)]
+
+    def _read_failures(self) -> list[dict[str, Any]]:
+        if schema.FAILURES not in self.f:
+            return []
+        g = self.f[schema.FAILURES]
+        dec = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+        return [
+            {"index": int(i), "narration_id": dec(a), "window": dec(w), "reason": dec(r)}
+            for i, a, w, r in zip(g["index"][()], g["narration_id"][()], g["window"][()], g["reason"][()])
+        ]
+
+    def _write_failures(self) -> None:
+        if schema.FAILURES in self.f:
+            del self.f[schema.FAILURES]
+        g = self.f.create_group(schema.FAILURES)
+        rows = self.failures()
+        g.create_dataset("index", data=np.asarray([r["index"] for r in rows], dtype=np.int64), maxshape=(None,))
+        for key in ("narration_id", "window", "reason"):
+            g.create_dataset(key, data=np.asarray([r[key] for r in rows], dtype=object), dtype=STR, maxshape=(None,))
+
+    # ---------------------------------------------------------------- questions / answers
+    def write_questions(self, texts: Sequence[str], tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
+                        templates: dict[str, Sequence[int]], per_segment: dict[str, np.ndarray] | None = None) -> None:
+        """The question table: texts (Q,), tokens (Q, T, Dt), mask (Q, T), pooled (Q, Dt); templates kind -> (P,)
+        indices; per_segment source -> (N, 2) indices (-1 = none). Replaces an existing table."""
+        q = len(texts)
+        if tokens.shape[0] != q or mask.shape[:2] != tokens.shape[:2] or pooled.shape[0] != q:
+            raise ValueError("question texts, tokens, mask and pooled disagree in length")
+        if schema.QUESTIONS in self.f:
+            del self.f[schema.QUESTIONS]
+        g = self.f.create_group(schema.QUESTIONS)
+        g.create_dataset("texts", data=np.asarray(list(texts), dtype=object), dtype=STR)
+        g.create_dataset("tokens", data=np.asarray(tokens, dtype=np.float16))
+        g.create_dataset("mask", data=np.asarray(mask, dtype=bool))
+        g.create_dataset("pooled", data=np.asarray(pooled, dtype=np.float16))
+        t = g.create_group("templates")
+        for kind, idx in templates.items():
+            t.create_dataset(kind, data=np.asarray(idx, dtype=np.int32))
+        s = g.create_group("per_segment")
+        for source, table in (per_segment or {}).items():
+            table = np.asarray(table, dtype=np.int32)
+            if table.shape != (self.n, 2):
+                raise ValueError(f"per-segment {source} questions have shape {table.shape}, expected ({self.n}, 2)")
+            s.create_dataset(source, data=table)
+        self.f.flush()
+
+    def write_answers(self, verb: np.ndarray, noun: np.ndarray, action_pairs: np.ndarray, action: np.ndarray,
+                      verb_text: Sequence[str], noun_text: Sequence[str], action_text: Sequence[str]) -> None:
+        """Answer candidates: verb (V, Dt), noun (Nn, Dt), action_pairs (A, 2), action (A, Dt) + their texts."""
+        if schema.ANSWERS in self.f:
+            del self.f[schema.ANSWERS]
+        g = self.f.create_group(schema.ANSWERS)
+        dt = int(self.attrs["text_dim"])
+        g.create_dataset("verb", data=np.asarray(verb, dtype=np.float16).reshape(-1, dt))
+        g.create_dataset("noun", data=np.asarray(noun, dtype=np.float16).reshape(-1, dt))
+        g.create_dataset("action_pairs", data=np.asarray(action_pairs, dtype=np.int32).reshape(-1, 2))
+        g.create_dataset("action", data=np.asarray(action, dtype=np.float16).reshape(-1, dt))
+        for key, texts in (("verb_text", verb_text), ("noun_text", noun_text), ("action_text", action_text)):
+            g.create_dataset(key, data=np.asarray(list(texts), dtype=object), dtype=STR)
+        self.f.flush()
+
+    # ---------------------------------------------------------------- end
+    def finalize(self) -> bool:
+        """Mark the cache complete when every row of every window is valid or has a recorded failure."""
+        settled = np.ones(self.n, dtype=bool)
+        for window in self.windows:
+            ok = self.done(window).copy()
+            for row, w in self._failures:
+                if w == window:
+                    ok[row] = True
+            settled &= ok
+        complete = bool(settled.all())
+        self.f.attrs["complete"] = complete
+        self.f.flush()
+        return complete
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
