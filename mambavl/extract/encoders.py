@@ -1,0 +1,290 @@
+"""Frozen encoders: the open_clip image tower (per-frame tokens), VideoMAE via transformers (clip-level tokens),
+and a text tower for questions and answers.
+
+Everything runs under `torch.inference_mode()`, in batches, on the best device (CUDA when present, fp16 autocast
+there). Weights: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a local checkpoint path, or
+``none`` for random initialisation — what the tests and the offline demo use, with the tiny configs shipped in
+``mambavl/extract/model_configs`` (``mambavl-tiny-clip``; ``videomae-tiny``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mambavl.errors import InputError
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_VIDEOMAE = "videomae-tiny"
+
+
+class EncoderKind(str, Enum):
+    CLIP = "clip"
+    VIDEOMAE = "videomae"
+
+
+@dataclass
+class EncoderConfig:
+    """Which frozen encoder to run. `pretrained`: open_clip tag, local checkpoint path, or "none" (random init).
+    For VideoMAE, `model` is a transformers name/local folder (or "videomae-tiny" with pretrained "none") and the
+    text tower is `text_model`/`text_pretrained` (default ViT-B-32/openai)."""
+
+    kind: EncoderKind = EncoderKind.CLIP
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    text_model: str | None = None
+    text_pretrained: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    max_question_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        self.kind = EncoderKind(self.kind)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if "mambavl-tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def _is_none(tag: str | None) -> bool:
+    return tag is None or str(tag).lower() in ("", "none", "random")
+
+
+def load_clip(model: str, pretrained: str | None, device: torch.device):
+    """An open_clip model in eval mode with frozen parameters. `pretrained` is a tag, a file path or none."""
+    import open_clip
+
+    _register_configs()
+    if model not in open_clip.list_models():
+        raise InputError(f"unknown open_clip model {model!r} (see open_clip.list_models())")
+    weights = None if _is_none(pretrained) else pretrained
+    if weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not Path(weights).is_file():
+            raise InputError(f"checkpoint {weights} not found")
+    try:
+        # random init is seeded: "none" must mean the same weights on every run (resume, predict, shards)
+        root, level = logging.getLogger(), logging.getLogger().level
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if weights is None:  # open_clip warns at every random init; here it is what was asked for
+                root.setLevel(max(level, logging.ERROR))
+            try:
+                clip = open_clip.create_model(model, pretrained=weights, device=device)
+            finally:
+                root.setLevel(level)
+    except RuntimeError as exc:
+        raise InputError(f"could not load open_clip {model} with pretrained={pretrained!r}: {exc}") from exc
+    clip.eval().requires_grad_(False)
+    return clip
+
+
+class TextTower:
+    """Token-level and pooled text embeddings from an open_clip text transformer.
+
+    tokens: the transformer's per-token outputs after ln_final, mapped by the text projection into the same space as
+    the pooled embedding, truncated to `max_tokens`; mask marks real tokens (start, words, end)."""
+
+    def __init__(self, model: str, pretrained: str | None, device: torch.device, max_tokens: int, clip=None):
+        import open_clip
+
+        self.clip = clip if clip is not None else load_clip(model, pretrained, device)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        self.device = device
+        self.max_tokens = max_tokens
+        host = getattr(self.clip, "text", self.clip)  # CustomTextCLIP keeps the tower in .text
+        self.ln_final = getattr(host, "ln_final", None)
+        self.projection = getattr(host, "text_projection", None)
+        with torch.inference_mode():
+            self.dim = int(self.clip.encode_text(self.tokenizer(["a"]).to(device)).shape[-1])
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            return x
+        if isinstance(self.projection, torch.nn.Linear):
+            return self.projection(x)
+        return x @ self.projection
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (Q, T, Dt) float32, mask (Q, T) bool, pooled (Q, Dt) float32 — all on the CPU."""
+        toks, masks, pools = [], [], []
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self.ln_final is not None:
+            hook = self.ln_final.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            with torch.inference_mode():
+                for k in range(0, len(texts), batch_size):
+                    ids = self.tokenizer(list(texts[k:k + batch_size])).to(self.device)  # (b, ctx)
+                    captured.clear()
+                    pooled = self.clip.encode_text(ids).float()  # (b, Dt)
+                    t = self.max_tokens
+                    if captured:
+                        per_token = self._project(captured[-1][:, :t]).float()  # (b, T, Dt)
+                        mask = ids[:, :t] != 0
+                    else:  # towers without a token-level output: the pooled vector is the only token
+                        per_token, mask = pooled[:, None], torch.ones(len(ids), 1, dtype=torch.bool)
+                    toks.append(per_token.cpu())
+                    masks.append(mask.cpu())
+                    pools.append(pooled.cpu())
+        finally:
+            if hook is not None:
+                hook.remove()
+        if not texts:
+            return torch.zeros(0, self.max_tokens, self.dim), torch.zeros(0, self.max_tokens, dtype=torch.bool), \
+                torch.zeros(0, self.dim)
+        return torch.cat(toks), torch.cat(masks), torch.cat(pools)
+
+
+class FrozenEncoder:
+    """A frozen video encoder plus its text tower. See `build_encoder`."""
+
+    feature_dim: int
+    text_dim: int
+
+    def __init__(self, cfg: EncoderConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.kind = cfg.kind
+        text_model = cfg.text_model or (cfg.model if cfg.kind == EncoderKind.CLIP else "ViT-B-32")
+        text_pretrained = cfg.text_pretrained if cfg.text_model else (
+            cfg.pretrained if cfg.kind == EncoderKind.CLIP else (cfg.text_pretrained or "openai"))
+        self.text_model, self.text_pretrained = text_model, str(text_pretrained)
+        if cfg.kind == EncoderKind.CLIP:
+            self.clip = load_clip(cfg.model, cfg.pretrained, self.device)
+            size = self.clip.visual.image_size
+            self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+            self.mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
+            with torch.inference_mode():
+                probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+                self.feature_dim = int(self.clip.encode_image(probe).shape[-1])
+            share = text_model == cfg.model and self.text_pretrained == str(cfg.pretrained)
+        else:
+            self._build_videomae()
+            share = False
+        # one model for both towers when they are the same CLIP, as it was trained
+        self.text = TextTower(text_model, text_pretrained, self.device, cfg.max_question_tokens,
+                              clip=self.clip if share else None)
+        self.text_dim = self.text.dim
+
+    # ------------------------------------------------------------------ VideoMAE
+    def _build_videomae(self) -> None:
+        from transformers import VideoMAEConfig, VideoMAEModel
+
+        if self.cfg.model == TINY_VIDEOMAE:
+            if not _is_none(self.cfg.pretrained):
+                raise InputError("videomae-tiny is a random-init test config: use --pretrained none")
+            config = VideoMAEConfig(image_size=64, patch_size=16, num_channels=3, num_frames=16, tubelet_size=2,
+                                    hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, use_mean_pooling=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = VideoMAEModel(config)
+        elif _is_none(self.cfg.pretrained):
+            model = VideoMAEModel(VideoMAEConfig.from_pretrained(self.cfg.model))
+        else:
+            model = VideoMAEModel.from_pretrained(self.cfg.pretrained if Path(self.cfg.pretrained).exists()
+                                                  else self.cfg.model)
+        self.videomae = model.to(self.device).eval().requires_grad_(False)
+        c = self.videomae.config
+        self.image_size, self.tubelet, self.mae_frames = int(c.image_size), int(c.tubelet_size), int(c.num_frames)
+        self.feature_dim = int(c.hidden_size)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    # ------------------------------------------------------------------ shared
+    def tokens_per_segment(self, num_frames: int) -> int:
+        """F' stored per segment for F decoded frames (CLIP: F; VideoMAE: its frames / tubelet size)."""
+        return num_frames if self.kind == EncoderKind.CLIP else self.mae_frames // self.tubelet
+
+    def _prepare(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised float (N, 3, S, S) at the model's input size."""
+        x = frames.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0, 1)
+        return (x - self.mean) / self.std
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast(
+            "cpu", enabled=False)
+
+    def encode_segments(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU."""
+        frames_t = torch.from_numpy(np.ascontiguousarray(frames))
+        s, f = frames_t.shape[:2]
+        with torch.inference_mode(), self._autocast():
+            if self.kind == EncoderKind.CLIP:
+                flat = frames_t.reshape(s * f, *frames_t.shape[2:])
+                outs = [self.clip.encode_image(self._prepare(flat[k:k + self.cfg.batch_size])).float().cpu()
+                        for k in range(0, len(flat), self.cfg.batch_size)]
+                return torch.cat(outs).reshape(s, f, -1)  # (S, F, D)
+            if f != self.mae_frames:  # VideoMAE has a fixed clip length: resample uniformly in time
+                pick = np.floor((np.arange(self.mae_frames) + 0.5) * f / self.mae_frames).astype(int)
+                frames_t = frames_t[:, pick]
+            outs = []
+            per_batch = max(1, self.cfg.batch_size // self.mae_frames)
+            for k in range(0, s, per_batch):
+                clip = frames_t[k:k + per_batch]
+                b = clip.shape[0]
+                x = self._prepare(clip.reshape(-1, *clip.shape[2:]))  # (b*T, 3, S, S)
+                x = x.reshape(b, self.mae_frames, *x.shape[1:])  # (b, T, 3, S, S)
+                hidden = self.videomae(pixel_values=x).last_hidden_state  # (b, T/t * P, D)
+                t = self.mae_frames // self.tubelet
+                outs.append(hidden.reshape(b, t, -1, hidden.shape[-1]).mean(2).float().cpu())  # (b, T/t, D)
+            return torch.cat(outs)
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (Q, T, Dt), mask (Q, T) bool, pooled (Q, Dt), float32 on the CPU."""
+        return self.text.encode(list(texts))
+
+    def provenance(self) -> dict:
+        """Root attributes of a cache written with this encoder."""
+        cfg = self.cfg
+        ckpt = cfg.pretrained if (not _is_none(cfg.pretrained) and Path(cfg.pretrained).is_file()) else None
+        return {
+            "encoder": cfg.kind.value,
+            "model": cfg.model,
+            "pretrained": "none" if _is_none(cfg.pretrained) else (Path(cfg.pretrained).name if ckpt else
+                                                                   cfg.pretrained),
+            "checkpoint_sha256": file_sha256(ckpt) if ckpt else "",
+            "feature_dim": int(self.feature_dim),
+            "text_model": self.text_model,
+            "text_pretrained": "none" if _is_none(self.text_pretrained) else self.text_pretrained,
+            "text_dim": int(self.text_dim),
+            "tokens_per_frame_pooling": "cls" if self.kind == EncoderKind.CLIP else "tubelet-mean",
+        }
+
+
+def build_encoder(cfg: EncoderConfig) -> FrozenEncoder:
+    """The frozen encoder described by `cfg` (weights loaded, eval mode, no gradients)."""
+    return FrozenEncoder(cfg)
