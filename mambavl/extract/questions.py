@@ -1,0 +1,256 @@
+"""Questions and answers: which text reaches the model, and how honest it is.
+
+Three question sources (recorded in the cache, the checkpoint and metrics.json):
+
+* ``templates`` (default) — a fixed bank per kind (verb, noun, scene, next_verb, next_noun). Paraphrases are sampled
+  in training, paraphrase 0 is asked at evaluation. No text derived from the evaluated segment reaches the model,
+  so results are honest and the EK-100 test split (no narrations) works.
+* ``annotation`` — the paper's protocol: questions written from each segment's narration, the verb question with
+  the noun masked and the noun question with the verb masked. Each question therefore still contains its own
+  answer word; `leak_rate` measures that, and ``mambavl audit-questions`` measures what it is worth in accuracy.
+* ``file`` — user-supplied questions (e.g. LLM-written), keyed by narration_id or by action class "verb,noun".
+
+Answers: natural phrases of the class keys ("put-down" -> "put down", "tap:water" -> "water tap"), embedded by the
+text tower; the QA head scores them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from mambavl.errors import InputError
+
+MASK = "[MASK]"
+# Particles of multi-word instances ('get-in', 'put-down', 'take-out'): not answer words on their own.
+PARTICLES = frozenset(
+    "in on up down off out into onto from to with of at away back over under around aside inside outside "
+    "through about for by together apart the a an and or it its that this".split()
+)
+
+
+class QuestionSource(str, Enum):
+    TEMPLATES = "templates"
+    ANNOTATION = "annotation"
+    FILE = "file"
+
+
+# kind -> paraphrases; index 0 is the evaluation phrasing. None names an action or object of a segment.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    # Chosen so that no word is a class key or instance of the EK-100 vocabularies (tested): e.g. "using" and
+    # "hands" are instances of EK-100 nouns ('spoon:using', 'hand'), so they stay out.
+    "verb": (
+        "What is the person doing?",
+        "What action is being performed?",
+        "What activity is shown?",
+        "Which action does the person perform?",
+        "What is happening?",
+    ),
+    "noun": (
+        "Which object is involved?",
+        "What is the object of the action?",
+        "Which object does the action concern?",
+    ),
+    "scene": (
+        "Which objects are in the scene?",
+        "What objects are present?",
+        "Which things are present in the scene?",
+    ),
+    "next_verb": (
+        "What will the person do next?",
+        "Which action comes next?",
+        "What is the person about to do?",
+        "What happens next?",
+    ),
+    "next_noun": (
+        "Which object will the person need next?",
+        "Which object comes next?",
+        "Which object is involved next?",
+    ),
+}
+
+
+def phrase(key: str) -> str:
+    """A class key as words: "put-down" -> "put down"; EK-100 noun keys "tap:water" -> "water tap"."""
+    parts = key.split(":")
+    words = " ".join(reversed(parts)) if len(parts) > 1 else key
+    return words.replace("-", " ").replace("_", " ").strip()
+
+
+def _lemma_words(forms: Sequence[str]) -> set[str]:
+    """Word forms of class instances: 'put-down' -> {put, down}; 'tap:water' -> {tap, water}."""
+    words = set()
+    for form in forms:
+        for w in re.split(r"[-:_\s]+", form.lower()):
+            if len(w) >= 2 and w not in PARTICLES:
+                words.add(w)
+    return words
+
+
+def _matches(word: str, lemmas: set[str]) -> bool:
+    """Does a narration word inflect one of the lemmas (open -> opens/opened/opening; take -> taking; cut -> cutting)?"""
+    w = word.lower().strip(".,;:!?'\"()")
+    if not w:
+        return False
+    for lemma in lemmas:
+        if w == lemma:
+            return True
+        stem = lemma[:-1] if lemma.endswith("e") and len(lemma) > 3 else lemma
+        if len(stem) >= 3 and w.startswith(stem) and len(w) - len(stem) <= 4 and re.fullmatch(
+                r"(e|es|s|ed|d|ing|\w?ing|\w?ed|ies|ied)?", w[len(stem):]):
+            return True
+    return False
+
+
+def mask_words(text: str, forms: Sequence[str]) -> str:
+    """Replace the words of `text` that inflect any of `forms` by the mask token (consecutive masks merge)."""
+    lemmas = _lemma_words(forms)
+    out: list[str] = []
+    for word in text.split():
+        token = MASK if _matches(word, lemmas) else word
+        if token == MASK and out and out[-1] == MASK:
+            continue
+        out.append(token)
+    return " ".join(out)
+
+
+def contains_answer(text: str, forms: Sequence[str]) -> bool:
+    """Does `text` contain an inflection of any answer form (class key or instance)?"""
+    lemmas = _lemma_words(forms)
+    return any(_matches(w, lemmas) for w in text.split())
+
+
+def _forms(key: str, instances: Sequence[str], written: str) -> list[str]:
+    return [key, *instances, *([written] if written else [])]
+
+
+def annotation_questions(segment, verbs, nouns) -> tuple[str, str]:
+    """The paper's protocol: (verb question, noun question) from the narration; the verb question masks the noun,
+    the noun question masks the verb. Refused for a segment without a narration."""
+    if not segment.narration:
+        raise InputError(f"row {segment.row} ({segment.narration_id}): no narration, so no annotation questions "
+                         "(the test split has none: use --questions templates)")
+    noun_forms = (_forms(nouns.keys[segment.noun_class], nouns.instances[segment.noun_class], segment.noun)
+                  if 0 <= segment.noun_class < len(nouns) else [segment.noun] if segment.noun else [])
+    verb_forms = (_forms(verbs.keys[segment.verb_class], verbs.instances[segment.verb_class], segment.verb)
+                  if 0 <= segment.verb_class < len(verbs) else [segment.verb] if segment.verb else [])
+    without_noun = mask_words(segment.narration, noun_forms) if noun_forms else segment.narration
+    without_verb = mask_words(segment.narration, verb_forms) if verb_forms else segment.narration
+    return (f"What is the person doing in '{without_noun}'?", f"Which object is used in '{without_verb}'?")
+
+
+def load_question_file(path: str | os.PathLike, segments) -> list[tuple[str, str]]:
+    """Per-segment (verb question, noun question) from a CSV or JSON file.
+
+    CSV columns: ``narration_id`` (or ``verb_class,noun_class``), ``verb_question``, ``noun_question``.
+    JSON: {"narration_id": {"verb": q, "noun": q}, ...}, {"v,n": {...}} or a list of records with the CSV columns.
+    Every segment must find its questions (by narration_id first, then by its action class)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: questions file not found")
+    table: dict[str, tuple[str, str]] = {}
+
+    def add(key: str, vq, nq, where: str) -> None:
+        if not isinstance(vq, str) or not isinstance(nq, str) or not vq.strip() or not nq.strip():
+            raise InputError(f"{path}: {where}: needs non-empty verb_question and noun_question")
+        table[key] = (vq.strip(), nq.strip())
+
+    def record_key(rec: dict, where: str) -> str:
+        if rec.get("narration_id"):
+            return str(rec["narration_id"]).strip()
+        if rec.get("verb_class") not in (None, "") and rec.get("noun_class") not in (None, ""):
+            return f"{int(rec['verb_class'])},{int(rec['noun_class'])}"
+        raise InputError(f"{path}: {where}: field 'narration_id' (or 'verb_class' and 'noun_class') missing")
+
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if not isinstance(value, dict):
+                    raise InputError(f"{path}: entry {key!r}: expected an object with 'verb' and 'noun'")
+                add(str(key).replace(" ", ""), value.get("verb"), value.get("noun"), f"entry {key!r}")
+        elif isinstance(data, list):
+            for i, rec in enumerate(data, start=1):
+                add(record_key(rec, f"record {i}"), rec.get("verb_question"), rec.get("noun_question"), f"record {i}")
+        else:
+            raise InputError(f"{path}: expected a JSON object or list")
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            for col in ("verb_question", "noun_question"):
+                if col not in (reader.fieldnames or []):
+                    raise InputError(f"{path}: missing column {col!r}")
+            for i, rec in enumerate(reader, start=1):
+                add(record_key(rec, f"row {i}"), rec.get("verb_question"), rec.get("noun_question"), f"row {i}")
+    out = []
+    for s in segments:
+        q = table.get(s.narration_id) or table.get(f"{s.verb_class},{s.noun_class}")
+        if q is None:
+            raise InputError(f"{path}: no questions for segment {s.narration_id} (row {s.row}) by narration_id or "
+                             f"by action class {s.verb_class},{s.noun_class}")
+        out.append(q)
+    return out
+
+
+def answer_texts(verbs, nouns, pairs: Sequence[tuple[int, int]]) -> tuple[list[str], list[str], list[str]]:
+    """Answer phrases: verbs (V,), nouns (Nn,), actions for (verb, noun) pairs (A,)."""
+    v = [phrase(k) for k in verbs.keys]
+    n = [phrase(k) for k in nouns.keys]
+    a = [f"{v[i]} {n[j]}" for i, j in pairs]
+    return v, n, a
+
+
+def leak_rate(questions: Sequence[str], answer_forms: Sequence[Sequence[str]]) -> float:
+    """Fraction of questions that contain their own answer (any form of the class key/instances). NaN if empty."""
+    if not questions:
+        return float("nan")
+    hits = sum(contains_answer(q, forms) for q, forms in zip(questions, answer_forms))
+    return hits / len(questions)
+
+
+def build_question_table(segments, verbs, nouns, sources: Sequence[str], question_file: str | None = None):
+    """Deduplicated question texts and the indices each protocol uses.
+
+    Returns (texts, templates: kind -> (P,) int32, per_segment: source -> (N, 2) int32 with -1 where absent).
+    Annotation questions are built only for segments with a narration; a split without any is refused."""
+    sources = [QuestionSource(s).value for s in sources]
+    texts: list[str] = []
+    index: dict[str, int] = {}
+
+    def idx(text: str) -> int:
+        if text not in index:
+            index[text] = len(texts)
+            texts.append(text)
+        return index[text]
+
+    templates = {kind: np.asarray([idx(t) for t in phrases], dtype=np.int32) for kind, phrases in TEMPLATES.items()}
+    per_segment: dict[str, np.ndarray] = {}
+    n = len(segments)
+    if QuestionSource.ANNOTATION.value in sources:
+        if not any(s.narration for s in segments):
+            raise InputError("annotation questions need narrations, and these annotations have none "
+                             "(the test split): use --questions templates")
+        table = np.full((n, 2), -1, dtype=np.int32)
+        for i, s in enumerate(segments):
+            if s.narration:
+                vq, nq = annotation_questions(s, verbs, nouns)
+                table[i] = (idx(vq), idx(nq))
+        per_segment[QuestionSource.ANNOTATION.value] = table
+    if QuestionSource.FILE.value in sources:
+        if not question_file:
+            raise InputError("--questions file needs --questions-file PATH")
+        table = np.full((n, 2), -1, dtype=np.int32)
+        for i, (vq, nq) in enumerate(load_question_file(question_file, segments)):
+            table[i] = (idx(vq), idx(nq))
+        per_segment[QuestionSource.FILE.value] = table
+    return texts, templates, per_segment

@@ -1,0 +1,97 @@
+"""Question protocols on the real EK-100 vocabulary: templates carry no label, annotation questions leak."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mambavl.data.annotations import Segment, load_annotations
+from mambavl.errors import InputError
+from mambavl.extract.questions import (
+    TEMPLATES, annotation_questions, answer_texts, build_question_table, contains_answer, leak_rate,
+    load_question_file, mask_words, phrase,
+)
+
+
+@pytest.fixture(scope="module")
+def val(ek100_dir):
+    return load_annotations(ek100_dir / "EPIC_100_validation.csv")
+
+
+def _forms(vocab, c, written):
+    return [vocab.keys[c], *vocab.instances[c], written]
+
+
+def test_templates_carry_no_label_word(val):
+    for phrases in TEMPLATES.values():
+        for text in phrases:
+            for vocab in (val.verbs, val.nouns):
+                for key, inst in zip(vocab.keys, vocab.instances):
+                    assert not contains_answer(text, [key, *inst]), (text, key)
+
+
+def test_annotation_protocol_masks_the_other_label_and_leaks_its_own(val):
+    segs = val.segments
+    vqs, nqs = zip(*(annotation_questions(s, val.verbs, val.nouns) for s in segs))
+    verb_forms = [_forms(val.verbs, s.verb_class, s.verb) for s in segs]
+    noun_forms = [_forms(val.nouns, s.noun_class, s.noun) for s in segs]
+    # masking: the verb question never names the noun, the noun question never names the verb
+    assert leak_rate(vqs, noun_forms) <= 0.01 and leak_rate(nqs, verb_forms) <= 0.01
+    # ... and each still carries its own answer: the protocol's leak
+    assert leak_rate(vqs, verb_forms) > 0.8 and leak_rate(nqs, noun_forms) > 0.9
+    assert leak_rate([TEMPLATES["verb"][0]] * len(segs), verb_forms) == 0.0
+
+
+def test_mask_inflections():
+    assert mask_words("opening the fridge", ["open"]) == "[MASK] the fridge"
+    assert mask_words("put down plate", ["put-down", "put"]) == "[MASK] down plate"
+    assert mask_words("take sea salt", ["salt:sea"]) == "take [MASK]"
+    assert phrase("tap:water") == "water tap" and phrase("put-down") == "put down"
+
+
+def test_no_narration_is_refused(val):
+    seg = Segment("x_1", "P01", "P01_01", 0, 1, 1, 2, "", "", "", -1, -1, (), 7)
+    with pytest.raises(InputError, match="row 7.*no narration"):
+        annotation_questions(seg, val.verbs, val.nouns)
+    with pytest.raises(InputError, match="no narrations|none"):
+        build_question_table([seg], val.verbs, val.nouns, ["templates", "annotation"])
+
+
+def test_question_table_indices(val):
+    segs = val.segments[:50]
+    texts, templates, per_segment = build_question_table(segs, val.verbs, val.nouns, ["templates", "annotation"])
+    assert len(texts) == len(set(texts))
+    assert texts[templates["verb"][0]] == TEMPLATES["verb"][0]
+    table = per_segment["annotation"]
+    assert table.shape == (50, 2)
+    for s, (a, b) in zip(segs, table):
+        assert (texts[a], texts[b]) == annotation_questions(s, val.verbs, val.nouns)
+
+
+def test_question_files(tmp_path, val):
+    segs = val.segments[:3]
+    csv_path = tmp_path / "q.csv"
+    csv_path.write_text("narration_id,verb_question,noun_question\n" +
+                        "".join(f"{s.narration_id},what v {i}?,what n {i}?\n" for i, s in enumerate(segs)))
+    assert load_question_file(csv_path, segs)[2] == ("what v 2?", "what n 2?")
+    js = tmp_path / "q.json"
+    js.write_text(json.dumps({f"{s.verb_class},{s.noun_class}": {"verb": "v?", "noun": "n?"} for s in segs}))
+    assert load_question_file(js, segs) == [("v?", "n?")] * 3
+    texts, _, per_segment = build_question_table(segs, val.verbs, val.nouns, ["templates", "file"], str(js))
+    assert texts[per_segment["file"][0, 0]] == "v?"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("narration_id,verb_question,noun_question\nnope,a?,b?\n")
+    with pytest.raises(InputError, match="no questions for segment"):
+        load_question_file(bad, segs)
+    worse = tmp_path / "worse.csv"
+    worse.write_text("narration_id,verb_question\nx,a?\n")
+    with pytest.raises(InputError, match="noun_question"):
+        load_question_file(worse, segs)
+
+
+def test_answer_texts(val):
+    v, n, a = answer_texts(val.verbs, val.nouns, [(0, 0), (1, 2)])
+    assert v[0] == "take" and len(n) == 300 and a == [f"{v[0]} {n[0]}", f"{v[1]} {n[2]}"]
+    assert np.isnan(leak_rate([], []))
