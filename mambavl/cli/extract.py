@@ -1,5 +1,215 @@
-"""CLI commands of the extract stage (registered on `mambavl.cli.app`)."""
+"""CLI of stage 1: `mambavl extract`, `mambavl cache inspect | merge | import`.
+
+Exit codes: 0 all done; 3 finished with recorded failures (see `cache inspect`); 2 bad input.
+"""
 
 from __future__ import annotations
 
-from mambavl.cli import app, cache_app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mambavl.cli import EXIT_FAILURES, app, cache_app, fail
+from mambavl.errors import InputError
+from mambavl.extract.decode import SamplingConfig, SamplingMode
+from mambavl.extract.encoders import EncoderConfig, EncoderKind
+
+
+def _progress(quiet: bool, description: str):
+    """A rich progress bar fed by the library's progress events (dicts with total/done/failed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    if quiet:
+        return None, lambda event: None
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} seg/s"), TextColumn("failed: {task.fields[failed]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+    task = bar.add_task(description, total=None, rate="-", failed=0)
+
+    def update(event: dict) -> None:
+        elapsed = bar.tasks[task].elapsed or 0.0
+        done = event.get("done", 0) - event.get("skipped", 0)
+        rate = f"{done / elapsed:.1f}" if elapsed > 0 and done > 0 else "-"
+        bar.update(task, total=event.get("total"), completed=event.get("done", 0) + event.get("failed", 0),
+                   rate=rate, failed=event.get("failed", 0))
+
+    return bar, update
+
+
+@app.command()
+def extract(
+    annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
+    videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4 or P01/rgb_frames/P01_01/.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache file to write (or resume).")],
+    encoder: Annotated[EncoderKind, typer.Option(help="Frozen video encoder.")] = EncoderKind.CLIP,
+    model: Annotated[str, typer.Option(help="open_clip model name (clip) or VideoMAE name/folder (videomae).")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="open_clip tag, local checkpoint path, or 'none' (random init).")] = "openai",
+    text_model: Annotated[Optional[str], typer.Option(help="Text tower (default: the CLIP model itself).")] = None,
+    text_pretrained: Annotated[Optional[str], typer.Option(help="Text tower weights.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per segment (uniform), or the cap with --fps.")] = 16,
+    fps: Annotated[Optional[float], typer.Option(help="Sample at this rate instead of --frames uniform frames.")] = None,
+    size: Annotated[int, typer.Option(help="Frame size after ffmpeg's scale + centre crop.")] = 224,
+    anticipation: Annotated[bool, typer.Option(help="Also extract the observed window before each action.")] = False,
+    tau_a: Annotated[float, typer.Option(help="Anticipation gap (s) between window end and action start.")] = 1.0,
+    tau_o: Annotated[float, typer.Option(help="Anticipation observed window length (s).")] = 2.0,
+    questions: Annotated[str, typer.Option(help="Question sources to embed: templates[,annotation][,file].")] = "templates,annotation",
+    questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions (source 'file').")] = None,
+    verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations).")] = None,
+    noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
+    video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 64,
+    decode_workers: Annotated[int, typer.Option(help="Parallel ffmpeg decodes.")] = 2,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (of this shard).")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts rows with row % N == i.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Decode segments, run the frozen encoder, and write (or resume) a feature cache."""
+    from mambavl.extract.pipeline import ExtractConfig, parse_shard, run_extraction
+
+    try:
+        cfg = ExtractConfig(
+            annotations=str(annotations), videos=str(videos), out=str(out),
+            encoder=EncoderConfig(kind=encoder, model=model, pretrained=pretrained, text_model=text_model,
+                                  text_pretrained=text_pretrained, device=device, batch_size=batch_size),
+            sampling=SamplingConfig(mode=SamplingMode.FPS if fps else SamplingMode.UNIFORM, num_frames=frames,
+                                    fps=fps or 4.0, size=size),
+            anticipation=anticipation, tau_a=tau_a, tau_o=tau_o,
+            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
+            questions_file=str(questions_file) if questions_file else None,
+            verb_classes=str(verb_classes) if verb_classes else None,
+            noun_classes=str(noun_classes) if noun_classes else None,
+            video_info=str(video_info) if video_info else None,
+            limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
+        )
+        bar, update = _progress(quiet, f"extract {annotations.name}")
+        if bar is None:
+            summary = run_extraction(cfg, update)
+        else:
+            with bar:
+                summary = run_extraction(cfg, update)
+    except (InputError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{summary.path}: {summary.done}/{summary.total} segments done "
+               f"({summary.skipped} already there), {summary.failed} failed, {summary.seconds:.1f}s")
+    if summary.failed:
+        for f in summary.failures[:10]:
+            typer.echo(f"  failed row {f['index']} {f['narration_id']} [{f['window']}]: {f['reason']}", err=True)
+        raise typer.Exit(EXIT_FAILURES)
+
+
+def describe_cache(path: Path) -> dict:
+    """What `cache inspect` shows: attrs, counts per window, failures, question/answer table sizes."""
+    from mambavl.cache import schema
+    from mambavl.cache.reader import open_cache
+
+    cache = open_cache(path)
+    f = cache.h5()
+    windows = {}
+    for window in schema.WINDOWS:
+        p = schema.window_prefix(window)
+        if p + "valid" in f:
+            valid = f[p + "valid"][()]
+            windows[window] = {"rows": int(len(valid)), "valid": int(valid.sum()),
+                               "tokens_shape": list(f[p + "features"].shape)}
+    failures = cache.failures()
+    q = f.get(schema.QUESTIONS)
+    a = f.get(schema.ANSWERS)
+    info = {
+        "path": str(path),
+        "attrs": {k: v for k, v in sorted(cache.attrs.items())},
+        "complete": bool(f.attrs.get("complete", False)),
+        "segments": cache.n,
+        "windows": windows,
+        "failed": len(failures),
+        "failures": failures,
+        "classes": {"verb": len(cache.verb_keys), "noun": len(cache.noun_keys)},
+        "questions": {
+            "texts": int(q["texts"].shape[0]) if q is not None else 0,
+            "tokens_shape": list(q["tokens"].shape) if q is not None else [],
+            "templates": {k: int(v.shape[0]) for k, v in q["templates"].items()} if q is not None else {},
+            "per_segment": sorted(q["per_segment"].keys()) if q is not None and "per_segment" in q else [],
+        },
+        "answers": {k: int(a[k].shape[0]) for k in ("verb", "noun", "action")} if a is not None else {},
+    }
+    cache.close()
+    return info
+
+
+@cache_app.command("inspect")
+def cache_inspect(
+    cache: Annotated[Path, typer.Argument(help="Cache file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a cache's attributes, counts per window, failures and question/answer tables."""
+    try:
+        info = describe_cache(cache)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{cache}", show_header=True)
+    t.add_column("attribute")
+    t.add_column("value")
+    for k, v in info["attrs"].items():
+        t.add_row(k, str(v))
+    console.print(t)
+    for window, w in info["windows"].items():
+        console.print(f"{window}: {w['valid']}/{w['rows']} valid, tokens {w['tokens_shape']}")
+    console.print(f"complete: {info['complete']}  classes: {info['classes']}  questions: {info['questions']}  "
+                  f"answers: {info['answers']}")
+    console.print(f"failures: {info['failed']}")
+    for f in info["failures"][:20]:
+        console.print(f"  row {f['index']} {f['narration_id']} [{f['window']}]: {f['reason']}")
+
+
+@cache_app.command("merge")
+def cache_merge(
+    out: Annotated[Path, typer.Argument(help="Merged cache to write.")],
+    shards: Annotated[list[Path], typer.Argument(help="Shard caches written with --shard i/N.")],
+) -> None:
+    """Join shard caches into one, in annotation row order (attributes must agree)."""
+    from mambavl.extract.pipeline import merge_caches
+
+    try:
+        path = merge_caches([str(s) for s in shards], str(out))
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"merged {len(shards)} shards into {path}")
+
+
+@cache_app.command("import")
+def cache_import(
+    features: Annotated[Path, typer.Option("--features", help="Folder of per-segment .npy/.pt/.pkl, or an LMDB.")],
+    annotations: Annotated[Path, typer.Option("--annotations", help="Annotation CSV the features belong to.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache file to write.")],
+    name: Annotated[str, typer.Option("--name", help="Name of the source features, e.g. avion-vitl.")],
+    key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
+    frames: Annotated[int, typer.Option(help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
+    text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
+    text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
+    questions: Annotated[str, typer.Option(help="Question sources: templates[,annotation][,file].")] = "templates,annotation",
+    questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions.")] = None,
+    device: Annotated[str, typer.Option(help="Device of the text tower.")] = "auto",
+) -> None:
+    """Turn features from another extractor (AVION, EgoVLP, TSN, RULSTM LMDB...) into a mambavl cache."""
+    from mambavl.cache.importer import ImportConfig, import_features
+
+    try:
+        cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
+                           frames=frames, text=EncoderConfig(model=text_model, pretrained=text_pretrained,
+                                                             device=device),
+                           questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
+                           questions_file=str(questions_file) if questions_file else None)
+        path = import_features(cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"imported {features} into {path}")

@@ -1,0 +1,384 @@
+"""Stage 1 end to end: annotations -> decode ‖ encode ‖ write -> HDF5 cache.
+
+Three stages overlap so that the slowest sets the pace: decoding runs in a thread pool (each decode is an ffmpeg
+subprocess, so threads run truly in parallel), encoding runs in batches on the calling thread (the device), and a
+writer thread stores rows and their done-flags. Queues between them are bounded, so memory stays flat.
+
+Resumable: re-running the same command skips rows already flagged valid and retries failed ones. A decode failure
+(missing, empty or corrupt video; a window outside the video) is recorded in the cache's failures table with its
+reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mambavl.cache import schema
+from mambavl.cache.writer import CacheWriter, RowMeta
+from mambavl.data.annotations import AnnotationSet, load_annotations
+from mambavl.errors import InputError
+from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
+from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
+from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one extraction run needs (saved, in effect, as the cache's root attributes)."""
+
+    annotations: str
+    videos: str
+    out: str
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    anticipation: bool = False
+    tau_a: float = 1.0
+    tau_o: float = 2.0
+    questions: tuple[str, ...] = ("templates", "annotation")
+    questions_file: str | None = None
+    verb_classes: str | None = None
+    noun_classes: str | None = None
+    video_info: str | None = None
+    limit: int | None = None
+    shard: tuple[int, int] | None = None
+    decode_workers: int = 2
+    segments_per_batch: int = 8
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    failures: list[dict]
+    seconds: float
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"i/N" -> (i, N) with 0 <= i < N."""
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def select_rows(n: int, shard: tuple[int, int] | None, limit: int | None) -> np.ndarray:
+    """Annotation rows this run extracts: row % N == i for shard (i, N), then the first `limit` of them."""
+    rows = np.arange(n)
+    if shard:
+        rows = rows[rows % shard[1] == shard[0]]
+    if limit is not None:
+        rows = rows[:limit]
+    return rows
+
+
+def resolve_question_sources(requested, questions_file: str | None) -> list[str]:
+    """The sources to embed: templates always, plus those requested, plus `file` when a questions file is given."""
+    sources = [QuestionSource(s).value for s in requested]
+    if QuestionSource.TEMPLATES.value not in sources:
+        sources.insert(0, QuestionSource.TEMPLATES.value)
+    if questions_file and QuestionSource.FILE.value not in sources:
+        sources.append(QuestionSource.FILE.value)
+    return sources
+
+
+def _token_times(times: np.ndarray, tokens: int) -> np.ndarray:
+    """Times of F' tokens made from F frames (VideoMAE tubelets): the mean time of each group of frames."""
+    if len(times) == tokens:
+        return times
+    pick = np.floor((np.arange(tokens * (len(times) // tokens or 1)) + 0.5) * len(times) /
+                    (tokens * (len(times) // tokens or 1))).astype(int)
+    return times[pick].reshape(tokens, -1).mean(1)
+
+
+def run_extraction(cfg: ExtractConfig, progress: ProgressFn | None = None,
+                   encoder: FrozenEncoder | None = None) -> ExtractSummary:
+    """Extract (or resume) the cache `cfg.out`. `encoder` reuses an already built encoder (same config).
+
+    Progress events: dict(total, done, skipped, failed, stage) after each written row.
+    """
+    t0 = time.perf_counter()
+    ann = load_annotations(cfg.annotations, cfg.verb_classes, cfg.noun_classes, cfg.video_info)
+    videos = Path(cfg.videos)
+    if not videos.is_dir():
+        raise InputError(f"--videos {videos}: not a directory")
+    rows = select_rows(len(ann.segments), cfg.shard, cfg.limit)
+    segments = [ann.segments[i] for i in rows]
+    if not segments:
+        raise InputError(f"{cfg.annotations}: no segments to extract (after --shard/--limit)")
+    requested = list(cfg.questions)
+    if not ann.has_labels or not any(s.narration for s in segments):
+        if QuestionSource.ANNOTATION.value in requested and tuple(requested) == ExtractConfig.questions:
+            requested.remove(QuestionSource.ANNOTATION.value)  # the default on a split without narrations
+    sources = resolve_question_sources(requested, cfg.questions_file)
+    texts, templates, per_segment = build_question_table(segments, ann.verbs, ann.nouns, sources,
+                                                         cfg.questions_file)
+
+    enc = encoder or build_encoder(cfg.encoder)
+    frames_per_segment = cfg.sampling.num_frames
+    tokens = enc.tokens_per_segment(frames_per_segment)
+    attrs = dict(
+        dataset_kind=ann.kind,
+        annotation_file=ann.path.name,
+        annotation_sha256=ann.sha256,
+        **enc.provenance(),
+        sampling_mode=cfg.sampling.mode.value,
+        frames_per_segment=int(tokens),
+        decoded_frames=int(frames_per_segment),
+        fps=float(cfg.sampling.fps) if cfg.sampling.mode == SamplingMode.FPS else 0.0,
+        frame_size=int(cfg.sampling.size),
+        has_labels=bool(ann.has_labels),
+        anticipation=bool(cfg.anticipation),
+        tau_a=float(cfg.tau_a),
+        tau_o=float(cfg.tau_o),
+        question_sources=sources,
+        source=str(videos),
+        shard=f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
+        limit=int(cfg.limit) if cfg.limit is not None else -1,
+    )
+    meta = RowMeta.from_segments(segments)
+    with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys) as w:
+        if "source_row" not in w.f:
+            w.f.create_dataset("source_row", data=rows.astype(np.int64))
+        if schema.QUESTIONS not in w.f or schema.ANSWERS not in w.f:
+            _write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
+        pending = w.pending_rows()
+        skipped = len(segments) - len(pending)
+        done_before = skipped
+        stats = {"total": len(segments), "done": done_before, "skipped": skipped, "failed": 0, "stage": "extract"}
+        if progress:
+            progress(dict(stats))
+        _overlap(cfg, enc, w, segments, pending, ann, stats, progress)
+        w.finalize()
+        failures = w.failures()
+    return ExtractSummary(Path(cfg.out), len(segments), stats["done"], skipped, len(failures), failures,
+                          time.perf_counter() - t0)
+
+
+def _write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments) -> None:
+    tok, mask, pooled = enc.encode_text(texts)  # (Q, T, Dt), (Q, T), (Q, Dt)
+    w.write_questions(texts, tok.numpy(), mask.numpy(), pooled.numpy(), templates, per_segment)
+    pairs = sorted({(s.verb_class, s.noun_class) for s in segments if s.verb_class >= 0 and s.noun_class >= 0})
+    vt, nt, at = answer_texts(ann.verbs, ann.nouns, pairs)
+    dt = enc.text_dim
+    emb = lambda xs: enc.encode_text(xs)[2].numpy() if xs else np.zeros((0, dt), np.float32)  # noqa: E731
+    w.write_answers(emb(vt), emb(nt), np.asarray(pairs, dtype=np.int32).reshape(-1, 2), emb(at), vt, nt, at)
+
+
+def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, pending: list[int],
+             ann: AnnotationSet, stats: dict, progress: ProgressFn | None) -> None:
+    """decode (thread pool) -> encode (this thread) -> write (writer thread)."""
+    windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if cfg.anticipation else [])
+    tasks = [(row, window) for row in pending for window in windows if not w.done(window)[row]]
+    done_rows = {window: w.done(window).copy() for window in windows}
+    videos = Path(cfg.videos)
+
+    def decode(row: int, window: str):
+        seg = segments[row]
+        try:
+            if window == schema.RECOGNITION:
+                start, stop = seg.start_time, seg.stop_time
+            else:
+                start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
+            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.video_info)
+        except DecodeError as exc:
+            return exc
+
+    out_q: queue.Queue = queue.Queue(maxsize=4)
+    writer_error: list[BaseException] = []
+
+    def write_loop() -> None:
+        while True:
+            item = out_q.get()
+            if item is None:
+                return
+            try:
+                kind, row, window, payload = item
+                if kind == "row":
+                    feats, times = payload
+                    w.write_row(row, feats, times, window)
+                    done_rows[window][row] = True
+                else:
+                    w.record_failure(row, window, payload)
+                    stats["failed"] += 1
+                if all(done_rows[win][row] for win in windows) and kind == "row":
+                    stats["done"] += 1
+                if progress:
+                    progress(dict(stats))
+            except BaseException as exc:  # surface in the main thread; keep draining so it never blocks
+                writer_error.append(exc)
+
+    writer = threading.Thread(target=write_loop, name="mambavl-cache-writer", daemon=True)
+    writer.start()
+    ahead = max(2, cfg.decode_workers * 2 + cfg.segments_per_batch)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, cfg.decode_workers), thread_name_prefix="mambavl-decode") as pool:
+            futures: list[tuple[int, str, Future]] = []
+            next_task = 0
+            batch: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+            while next_task < len(tasks) or futures or batch:
+                while next_task < len(tasks) and len(futures) < ahead:
+                    row, window = tasks[next_task]
+                    futures.append((row, window, pool.submit(decode, row, window)))
+                    next_task += 1
+                if futures:
+                    row, window, fut = futures.pop(0)
+                    result = fut.result()
+                    if isinstance(result, Exception):
+                        out_q.put(("fail", row, window, str(result)))
+                    else:
+                        batch.append((row, window, *result))
+                if batch and (len(batch) >= cfg.segments_per_batch or not futures):
+                    for row, window, feats, times in _encode_batch(enc, batch):
+                        out_q.put(("row", row, window, (feats, times)))
+                    batch = []
+                if writer_error:
+                    raise writer_error[0]
+    finally:
+        out_q.put(None)
+        writer.join()
+    if writer_error:
+        raise writer_error[0]
+
+
+def _encode_batch(enc: FrozenEncoder, batch):
+    """Encode decoded segments together: frames of equal count share one call; others go one by one."""
+    by_len: dict[int, list] = {}
+    for item in batch:
+        by_len.setdefault(len(item[2]), []).append(item)
+    for items in by_len.values():
+        feats = enc.encode_segments(np.stack([it[2] for it in items])).numpy()  # (S, F', D)
+        for (row, window, _frames, times), f in zip(items, feats):
+            yield row, window, f, _token_times(np.asarray(times), f.shape[0])
+
+
+def merge_caches(paths: list[str], out: str) -> Path:
+    """Join shard caches (from --shard i/N) into one cache in annotation row order; refuses shards whose
+    attributes differ (naming the attribute) or that overlap."""
+    import h5py
+
+    from mambavl.cache.reader import open_cache
+
+    if not paths:
+        raise InputError("cache merge needs at least one shard")
+    caches = [open_cache(p) for p in paths]
+    first = caches[0]
+    skip = {"created", "shard", "source", "limit"}
+    for c in caches[1:]:
+        for key in set(first.attrs) | set(c.attrs):
+            if key in skip:
+                continue
+            if schema.normalise_attr(first.attrs.get(key)) != schema.normalise_attr(c.attrs.get(key)):
+                raise InputError(f"shard {c.path} differs from {first.path} in attribute {key!r}: "
+                                 f"{c.attrs.get(key)!r} vs {first.attrs.get(key)!r}")
+    src_rows, parts = [], []
+    for c in caches:
+        with h5py.File(c.path, "r") as f:
+            src = f["source_row"][()] if "source_row" in f else np.arange(c.n)
+        src_rows.append(src)
+        parts.append((c, src))
+    allrows = np.concatenate(src_rows)
+    if len(np.unique(allrows)) != len(allrows):
+        raise InputError("shards overlap: the same annotation row appears in more than one shard")
+    order = np.argsort(allrows, kind="stable")
+    out_path = Path(out)
+    if out_path.exists():
+        raise InputError(f"{out_path} exists; merge writes a new file")
+    windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if first.attrs.get("anticipation") else [])
+    # row metadata in merged order
+    labels = [c.labels() for c in caches]
+
+    def cat(key):
+        return np.concatenate([np.asarray(lab[key]) for lab in labels])[order]
+
+    nouns_all = [a for lab in labels for a in lab[schema.ALL_NOUNS]]
+    meta = RowMeta(
+        narration_id=list(cat("narration_id")), video_id=list(cat("video_id")),
+        participant_id=list(cat("participant_id")), narration=list(cat("narration")),
+        verb_class=cat("verb_class").astype(np.int32), noun_class=cat("noun_class").astype(np.int32),
+        all_noun_classes=[tuple(nouns_all[i]) for i in order], start_time=cat("start_time"),
+        stop_time=cat("stop_time"),
+    )
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("shard",)}
+    attrs["source"] = "merged: " + ", ".join(str(Path(p).name) for p in paths)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    if tmp.exists():
+        tmp.unlink()
+    with CacheWriter(tmp, attrs, meta, first.verb_keys, first.noun_keys) as w:
+        w.f.create_dataset("source_row", data=allrows[order].astype(np.int64))
+        position = np.empty(len(allrows), dtype=np.int64)
+        position[order] = np.arange(len(allrows))
+        offset = 0
+        for c, src in parts:
+            with h5py.File(c.path, "r") as f:
+                for window in windows:
+                    p = schema.window_prefix(window)
+                    valid = f[p + "valid"][()]
+                    for r in np.flatnonzero(valid):
+                        k = int(f[p + "num_frames"][r])
+                        w.write_row(int(position[offset + r]), f[p + "features"][r][:k],
+                                    f[p + "frame_times"][r][:k], window)
+            for fail in c.failures():
+                w.record_failure(int(position[offset + fail["index"]]), fail["window"], fail["reason"])
+            offset += len(src)
+        _copy_text_tables(caches, w, order, allrows)
+        w.finalize()
+    tmp.replace(out_path)
+    return out_path
+
+
+def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.ndarray) -> None:
+    """Questions: the union of the shards' tables; per-segment indices remapped. Answers: the union of pairs."""
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    tok_rows, mask_rows, pooled_rows = [], [], []
+    per_segment_parts: dict[str, list[np.ndarray]] = {}
+    templates = None
+    pairs: dict[tuple[int, int], np.ndarray] = {}
+    for c in caches:
+        bank = c.questions()
+        remap = np.empty(len(bank.texts), dtype=np.int64)
+        for j, t in enumerate(bank.texts):
+            if t not in index:
+                index[t] = len(texts)
+                texts.append(t)
+                tok_rows.append(bank.tokens[j])
+                mask_rows.append(bank.mask[j])
+                pooled_rows.append(bank.pooled[j])
+            remap[j] = index[t]
+        if templates is None:
+            templates = {k: remap[v] for k, v in bank.templates.items()}
+        for source, table in bank.per_segment.items():
+            per_segment_parts.setdefault(source, []).append(np.where(table >= 0, remap[np.maximum(table, 0)], -1))
+        answers = c.answers()
+        for (v, n), e in zip(answers.action_pairs, answers.action):
+            pairs.setdefault((int(v), int(n)), e)
+    per_segment = {s: np.concatenate(parts)[order] for s, parts in per_segment_parts.items()
+                   if len(parts) == len(caches)}
+    w.write_questions(texts, np.stack(tok_rows), np.stack(mask_rows), np.stack(pooled_rows), templates, per_segment)
+    keys = sorted(pairs)
+    all_text = {}
+    for c in caches:
+        a = c.answers()
+        all_text.update(dict(zip(map(tuple, a.action_pairs.tolist()), a.action_text)))
+    dt = answers.verb.shape[1]
+    w.write_answers(answers.verb, answers.noun, np.asarray(keys).reshape(-1, 2),
+                    np.stack([pairs[k] for k in keys]) if keys else np.zeros((0, dt)), answers.verb_text,
+                    answers.noun_text, [all_text[k] for k in keys])
