@@ -87,6 +87,7 @@ def _classes(tmp_path):
 def test_errors_name_file_row_field(tmp_path, column, value, message):
     _classes(tmp_path)
     bad = list(GOOD)
+    bad[0] = "P01_01_1"
     bad[HEAD.index(column)] = value
     path = _write(tmp_path / "ann.csv", HEAD, [GOOD, bad])
     with pytest.raises(InputError, match=message) as err:

@@ -67,7 +67,7 @@ def test_layout_lookup(tmp_path, ts_video):
     seg = Segment("P02_03_1", "P02", "P02_03", 1.0, 2.0, None, None, "", "", "", -1, -1, (), 1)
     frames, _ = decode_segment(tmp_path, seg, 1.0, 2.0, SamplingConfig(num_frames=3, size=16))
     assert frames.shape == (3, 16, 16, 3)
-    with pytest.raises(DecodeError, match="not found"):
+    with pytest.raises(DecodeError, match="missing: no video or frame folder"):
         decode_segment(tmp_path, Segment("P09_01_1", "P09", "P09_01", 0, 1, None, None, "", "", "", -1, -1, (), 1),
                        0, 1, SamplingConfig())
 
@@ -75,13 +75,13 @@ def test_layout_lookup(tmp_path, ts_video):
 def test_broken_files_raise_decode_errors(tmp_path, ts_video):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
-    with pytest.raises(DecodeError, match="empty.mp4.*0 bytes"):
+    with pytest.raises(DecodeError, match="empty.mp4.*empty file \\(0 bytes\\)"):
         decode_video_segment(empty, 0, 1, SamplingConfig())
     truncated = tmp_path / "trunc.mp4"
     truncated.write_bytes(ts_video.read_bytes()[: 3000])
     with pytest.raises(DecodeError, match="trunc.mp4"):
         decode_video_segment(truncated, 0, 1, SamplingConfig(num_frames=4, size=16))
-    with pytest.raises(DecodeError, match="after the video's end"):
+    with pytest.raises(DecodeError, match="out of range: segment starts at 10.000s, the video ends at 4.000s"):
         decode_video_segment(ts_video, 10.0, 11.0, SamplingConfig(num_frames=4, size=16))
 
 

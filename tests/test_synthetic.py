@@ -21,4 +21,5 @@ def test_kitchen_dataset(tmp_path):
                                    train.video_info)
     assert frames.shape == (4, 32, 32, 3) and frames.std() > 10
     generic = load_annotations(ds.generic_csv)
-    assert generic.kind == "generic" and len(generic.segments) == 18
+    assert generic.kind == "generic" and len(generic.segments) == 12
+    assert len(load_annotations(ds.generic_val_csv).segments) == 6

@@ -3,14 +3,15 @@
 EK-100 layout (epic-kitchens-100-annotations): ``narration_id, participant_id, video_id, narration_timestamp,
 start_timestamp, stop_timestamp, start_frame, stop_frame[, narration, verb, verb_class, noun, noun_class, all_nouns,
 all_noun_classes]`` — the test split (``EPIC_100_test_timestamps.csv``) has no label columns. Timestamps are
-``HH:MM:SS.ff``; ``all_nouns`` / ``all_noun_classes`` are Python list literals. Class CSVs: ``id, key, instances,
-category``; ``EPIC_100_video_info.csv``: ``video_id, duration, fps, resolution``.
+``HH:MM:SS.ff``; frames are numbered from 1; ``all_nouns`` / ``all_noun_classes`` are Python list literals. Class
+CSVs: ``id, key, instances, category``; ``EPIC_100_video_info.csv``: ``video_id, duration, fps, resolution``.
 
-Generic clip CSV: ``video, start, stop, label`` (+ optional ``id``, ``noun``, ``participant``): any label set, so
-Something-Something- or Kinetics-style datasets go through the same pipeline. Labels become the verb vocabulary
-(sorted unique); nouns are empty unless a ``noun`` column exists.
+Generic clip CSV: ``video, start, stop, label`` (+ optional ``id``, ``noun``, ``participant``, ``narration``): any
+label set, so Something-Something- or Kinetics-style datasets go through the same pipeline. Labels become the verb
+vocabulary (sorted unique); nouns are empty unless a ``noun`` column exists. ``video`` is a path relative to the
+video root; ``start`` / ``stop`` are seconds or ``[HH:]MM:SS(.ff)``.
 
-Every error names the file, the 1-based data row (header not counted) and the field.
+Every error is an `InputError` naming the file, the 1-based data row (header not counted) and the field.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
+import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mambavl.errors import InputError
 
@@ -34,27 +38,29 @@ VERB_CLASSES = "EPIC_100_verb_classes.csv"
 NOUN_CLASSES = "EPIC_100_noun_classes.csv"
 VIDEO_INFO = "EPIC_100_video_info.csv"
 
-_TS = re.compile(r"^(\d+):([0-5]?\d):([0-5]?\d(?:\.\d+)?)$")
+# [HH:]MM:SS[.ff]; minutes and seconds below 60 so that a swapped or garbled field is refused, not misread.
+_TS = re.compile(r"^(?:(\d+):)?([0-5]?\d):([0-5]?\d(?:\.\d*)?)$")
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One annotated segment (see module docstring for where each field comes from)."""
+    """One annotated segment (see the module docstring for where each field comes from)."""
 
     narration_id: str
-    participant_id: str
-    video_id: str
-    start_time: float
+    participant_id: str          # "" for generic CSVs without a participant column
+    video_id: str                # EK-100 video id, or the generic CSV's `video` value (relative path)
+    start_time: float            # seconds from the video start
     stop_time: float
-    start_frame: int | None
+    start_frame: int | None      # EK-100, 1-based; None for generic CSVs
     stop_frame: int | None
-    narration: str
-    verb: str
+    narration: str               # "" when absent (test split, generic CSV without a narration column)
+    verb: str                    # raw verb text ("" when absent)
     noun: str
-    verb_class: int
-    noun_class: int
+    verb_class: int              # -1 when unlabelled
+    noun_class: int              # -1 when unlabelled or the dataset has no nouns
     all_noun_classes: tuple[int, ...]
-    row: int
+    row: int                     # 1-based data row in its file, for error messages
+    all_nouns: tuple[str, ...] = ()  # EK-100 ``all_nouns`` (raw words, parallel to all_noun_classes)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class ClassVocab:
     """Class vocabulary: index = class id."""
 
     keys: tuple[str, ...] = ()
-    instances: tuple[tuple[str, ...], ...] = ()
+    instances: tuple[tuple[str, ...], ...] = ()   # EK-100 `instances` (synonyms); (key,) for generic labels
     categories: tuple[str, ...] = ()
 
     def __len__(self) -> int:
@@ -71,21 +77,21 @@ class ClassVocab:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    duration: float
+    duration: float    # seconds
     fps: float
-    resolution: str
+    resolution: str    # "1920x1080" ("" when unknown)
 
 
 @dataclass
 class AnnotationSet:
     segments: list[Segment]
-    verbs: ClassVocab
-    nouns: ClassVocab
+    verbs: ClassVocab            # for generic CSVs: the label set (sorted unique labels)
+    nouns: ClassVocab            # empty for generic CSVs without a noun column
     video_info: dict[str, VideoInfo] = field(default_factory=dict)
     path: Path = Path()
-    sha256: str = ""
-    kind: str = "ek100"
-    has_labels: bool = True
+    sha256: str = ""             # of the annotation CSV bytes
+    kind: str = "ek100"          # "ek100" | "generic"
+    has_labels: bool = True      # False for test_timestamps-style files
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -97,16 +103,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def parse_timestamp(text: str) -> float:
-    """``HH:MM:SS.ff`` (or ``MM:SS``, or plain seconds) -> seconds. Raises ValueError on anything else."""
+    """``HH:MM:SS.ff`` (also ``MM:SS(.ff)`` or plain non-negative seconds) -> seconds; ValueError otherwise."""
     text = text.strip()
     m = _TS.match(text)
     if m:
-        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
-    parts = text.split(":")
-    if len(parts) == 2 and all(p.replace(".", "", 1).isdigit() for p in parts):
-        return int(parts[0]) * 60 + float(parts[1])
-    value = float(text)  # plain seconds; raises ValueError otherwise
-    if value != value or value < 0:
+        return int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    if ":" in text:
+        raise ValueError(f"invalid time {text!r}")
+    value = float(text)  # plain seconds; raises ValueError on anything else
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"invalid time {text!r}")
     return value
 
@@ -114,11 +119,14 @@ def parse_timestamp(text: str) -> float:
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a readable UTF-8 CSV ({exc})") from None
     if not header:
         raise InputError(f"{path}: empty file (no header row)")
     return header, rows
@@ -130,23 +138,37 @@ def _require(path: Path, header: list[str], needed: tuple[str, ...]) -> None:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (header has: {', '.join(header)})")
 
 
-def _field(path: Path, i: int, row: dict[str, str], name: str, parse, what: str):
+def _field(path: Path, i: int, row: dict[str, str], name: str, parse: Callable[[str], Any], what: str) -> Any:
+    """Parse one cell; any failure becomes an InputError naming file, row and field."""
     raw = row.get(name)
     try:
-        if raw is None:
+        if raw is None or not raw.strip():
             raise ValueError("empty")
         return parse(raw)
-    except (ValueError, SyntaxError, TypeError) as exc:
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
         raise InputError(f"{path}: row {i}, field {name!r}: cannot parse {raw!r} as {what} ({exc})") from None
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _text(row: dict[str, str], name: str) -> str:
+    return (row.get(name) or "").strip()
+
+
+def _literal_list(text: str, kind: type) -> tuple:
+    # ast.literal_eval, not eval: the cells are Python list literals and must never execute code
     value = ast.literal_eval(text.strip())
-    if isinstance(value, int):
+    if isinstance(value, kind):
         value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-        raise ValueError("not a list of integers")
-    return tuple(int(v) for v in value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, kind) for v in value):
+        raise ValueError(f"not a list of {kind.__name__}")
+    return tuple(value)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _literal_list(text, int))
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(str(v) for v in _literal_list(text, str))
 
 
 def load_segments(path: str | os.PathLike) -> tuple[list[Segment], str]:
@@ -154,18 +176,25 @@ def load_segments(path: str | os.PathLike) -> tuple[list[Segment], str]:
     path = Path(path)
     header, rows = _read_csv(path)
     if "narration_id" in header or "start_timestamp" in header:
-        return _ek100_segments(path, header, rows), "ek100"
-    if all(c in header for c in ("video", "start", "stop")):
-        return _generic_segments(path, header, rows), "generic"
-    raise InputError(
-        f"{path}: unrecognised annotation header; expected EK-100 columns ({', '.join(EK100_REQUIRED)}) "
-        f"or a generic clip CSV ({', '.join(GENERIC_REQUIRED)})"
-    )
-
-
-def _check_times(path: Path, i: int, start: float, stop: float) -> None:
-    if stop < start:
-        raise InputError(f"{path}: row {i}, field 'stop_timestamp': stop {stop:.3f}s is before start {start:.3f}s")
+        segments, kind = _ek100_segments(path, header, rows), "ek100"
+    elif all(c in header for c in ("video", "start", "stop")):
+        segments, kind = _generic_segments(path, header, rows), "generic"
+    else:
+        raise InputError(
+            f"{path}: unrecognised annotation header; expected EK-100 columns ({', '.join(EK100_REQUIRED)}) "
+            f"or a generic clip CSV ({', '.join(GENERIC_REQUIRED)})"
+        )
+    if not segments:
+        raise InputError(f"{path}: no data rows")
+    seen: dict[str, int] = {}
+    id_field = "narration_id" if kind == "ek100" else "id"
+    for s in segments:
+        if s.narration_id in seen:
+            # ids key the cache rows and question files, so a duplicate would silently merge two segments
+            raise InputError(f"{path}: row {s.row}, field {id_field!r}: duplicate id {s.narration_id!r} "
+                             f"(first in row {seen[s.narration_id]})")
+        seen[s.narration_id] = s.row
+    return segments, kind
 
 
 def _ek100_segments(path: Path, header: list[str], rows: list[dict[str, str]]) -> list[Segment]:
@@ -173,76 +202,95 @@ def _ek100_segments(path: Path, header: list[str], rows: list[dict[str, str]]) -
     labelled = "verb_class" in header
     if labelled:
         _require(path, header, EK100_LABELS)
+    has_all_nouns = "all_nouns" in header
     out = []
     for i, r in enumerate(rows, start=1):
-        start = _field(path, i, r, "start_timestamp", parse_timestamp, "HH:MM:SS.ff")
-        stop = _field(path, i, r, "stop_timestamp", parse_timestamp, "HH:MM:SS.ff")
-        _check_times(path, i, start, stop)
-        f0 = _field(path, i, r, "start_frame", int, "an integer frame number")
-        f1 = _field(path, i, r, "stop_frame", int, "an integer frame number")
-        if f1 < f0:
-            raise InputError(f"{path}: row {i}, field 'stop_frame': {f1} is before start_frame {f0}")
-        nid = (r.get("narration_id") or "").strip()
+        nid = _text(r, "narration_id")
         if not nid:
             raise InputError(f"{path}: row {i}, field 'narration_id': empty")
+        for name in ("participant_id", "video_id"):
+            if not _text(r, name):
+                raise InputError(f"{path}: row {i}, field {name!r}: empty")
+        start = _field(path, i, r, "start_timestamp", parse_timestamp, "HH:MM:SS.ff")
+        stop = _field(path, i, r, "stop_timestamp", parse_timestamp, "HH:MM:SS.ff")
+        if stop < start:
+            raise InputError(f"{path}: row {i}, field 'stop_timestamp': stop {stop:.3f}s is before start "
+                             f"{start:.3f}s")
+        f0 = _field(path, i, r, "start_frame", int, "an integer frame number")
+        f1 = _field(path, i, r, "stop_frame", int, "an integer frame number")
+        if f0 < 1:
+            raise InputError(f"{path}: row {i}, field 'start_frame': {f0} (frames are numbered from 1)")
+        if f1 < f0:
+            raise InputError(f"{path}: row {i}, field 'stop_frame': {f1} is before start_frame {f0}")
+        all_words: tuple[str, ...] = ()
         if labelled:
             verb_class = _field(path, i, r, "verb_class", int, "an integer class id")
             noun_class = _field(path, i, r, "noun_class", int, "an integer class id")
             all_nouns = _field(path, i, r, "all_noun_classes", _int_list, "a list of class ids")
+            if has_all_nouns:
+                all_words = _field(path, i, r, "all_nouns", _str_list, "a list of nouns")
+                if len(all_words) != len(all_nouns):
+                    raise InputError(f"{path}: row {i}, field 'all_nouns': {len(all_words)} nouns but "
+                                     f"{len(all_nouns)} all_noun_classes")
         else:
             verb_class, noun_class, all_nouns = -1, -1, ()
         out.append(Segment(
-            narration_id=nid, participant_id=r["participant_id"].strip(), video_id=r["video_id"].strip(),
+            narration_id=nid, participant_id=_text(r, "participant_id"), video_id=_text(r, "video_id"),
             start_time=start, stop_time=stop, start_frame=f0, stop_frame=f1,
-            narration=(r.get("narration") or "").strip(), verb=(r.get("verb") or "").strip(),
-            noun=(r.get("noun") or "").strip(), verb_class=verb_class, noun_class=noun_class,
-            all_noun_classes=all_nouns, row=i,
+            narration=_text(r, "narration"), verb=_text(r, "verb"), noun=_text(r, "noun"),
+            verb_class=verb_class, noun_class=noun_class, all_noun_classes=all_nouns, row=i, all_nouns=all_words,
         ))
     return out
 
 
 def _generic_segments(path: Path, header: list[str], rows: list[dict[str, str]]) -> list[Segment]:
     _require(path, header, GENERIC_REQUIRED)
-    labels = sorted({(r.get("label") or "").strip() for r in rows} - {""})
-    nouns = sorted({(r.get("noun") or "").strip() for r in rows} - {""}) if "noun" in header else []
-    lid = {k: j for j, k in enumerate(labels)}
-    nid_of = {k: j for j, k in enumerate(nouns)}
+    labels = sorted({_text(r, "label") for r in rows} - {""})
+    nouns = sorted({_text(r, "noun") for r in rows} - {""}) if "noun" in header else []
+    label_id = {k: j for j, k in enumerate(labels)}
+    noun_id = {k: j for j, k in enumerate(nouns)}
     out = []
     for i, r in enumerate(rows, start=1):
-        video = (r.get("video") or "").strip()
+        video = _text(r, "video")
         if not video:
             raise InputError(f"{path}: row {i}, field 'video': empty")
         start = _field(path, i, r, "start", parse_timestamp, "seconds or HH:MM:SS.ff")
         stop = _field(path, i, r, "stop", parse_timestamp, "seconds or HH:MM:SS.ff")
         if stop < start:
             raise InputError(f"{path}: row {i}, field 'stop': stop {stop:.3f}s is before start {start:.3f}s")
-        label = (r.get("label") or "").strip()
-        noun = (r.get("noun") or "").strip()
+        label, noun = _text(r, "label"), _text(r, "noun")
+        if labels and not label:
+            # a half-labelled file is almost always a broken export; unlabelled files leave every label empty
+            raise InputError(f"{path}: row {i}, field 'label': empty, but other rows are labelled")
         out.append(Segment(
-            narration_id=(r.get("id") or "").strip() or f"{Path(video).stem}_{i}",
-            participant_id=(r.get("participant") or "").strip(), video_id=video, start_time=start, stop_time=stop,
-            start_frame=None, stop_frame=None, narration=" ".join(x for x in (label, noun) if x), verb=label,
-            noun=noun, verb_class=lid.get(label, -1), noun_class=nid_of.get(noun, -1),
-            all_noun_classes=(nid_of[noun],) if noun else (), row=i,
+            narration_id=_text(r, "id") or f"{Path(video).stem}_{i}",
+            participant_id=_text(r, "participant"), video_id=video, start_time=start, stop_time=stop,
+            start_frame=None, stop_frame=None, narration=_text(r, "narration"), verb=label, noun=noun,
+            verb_class=label_id.get(label, -1), noun_class=noun_id.get(noun, -1),
+            all_noun_classes=(noun_id[noun],) if noun else (), row=i,
         ))
     return out
 
 
 def load_classes(path: str | os.PathLike) -> ClassVocab:
-    """An EK-100 class CSV (id, key, instances, category); ids must be 0..K-1."""
+    """An EK-100 class CSV (id, key, instances, category); ids must be exactly 0..K-1."""
     path = Path(path)
     header, rows = _read_csv(path)
     _require(path, header, ("id", "key"))
-    entries = {}
+    entries: dict[int, tuple[str, tuple[str, ...], str]] = {}
     for i, r in enumerate(rows, start=1):
         cid = _field(path, i, r, "id", int, "an integer class id")
-        inst = ()
-        if r.get("instances"):
-            value = _field(path, i, r, "instances", ast.literal_eval, "a list of strings")
-            inst = tuple(str(v) for v in value)
-        entries[cid] = (r["key"].strip(), inst or (r["key"].strip(),), (r.get("category") or "").strip())
+        if cid in entries:
+            raise InputError(f"{path}: row {i}, field 'id': duplicate class id {cid}")
+        key = _text(r, "key")
+        if not key:
+            raise InputError(f"{path}: row {i}, field 'key': empty")
+        inst: tuple[str, ...] = ()
+        if _text(r, "instances"):
+            inst = _field(path, i, r, "instances", _str_list, "a list of strings")
+        entries[cid] = (key, inst or (key,), _text(r, "category"))
     if sorted(entries) != list(range(len(entries))):
-        raise InputError(f"{path}: class ids must be 0..{len(entries) - 1} without gaps")
+        raise InputError(f"{path}: field 'id': class ids must be 0..{len(entries) - 1} without gaps")
     ordered = [entries[k] for k in range(len(entries))]
     return ClassVocab(tuple(e[0] for e in ordered), tuple(e[1] for e in ordered), tuple(e[2] for e in ordered))
 
@@ -255,33 +303,40 @@ def load_video_info(path: str | os.PathLike) -> dict[str, VideoInfo]:
     out = {}
     for i, r in enumerate(rows, start=1):
         fps = _field(path, i, r, "fps", float, "a frame rate")
-        if fps <= 0:
+        if not math.isfinite(fps) or fps <= 0:
             raise InputError(f"{path}: row {i}, field 'fps': must be positive, got {fps}")
-        out[r["video_id"].strip()] = VideoInfo(_field(path, i, r, "duration", float, "seconds"), fps,
-                                              (r.get("resolution") or "").strip())
+        duration = _field(path, i, r, "duration", float, "seconds")
+        if not math.isfinite(duration) or duration < 0:
+            raise InputError(f"{path}: row {i}, field 'duration': must be >= 0, got {duration}")
+        out[_text(r, "video_id")] = VideoInfo(duration, fps, _text(r, "resolution"))
     return out
 
 
 def load_id_list(path: str | os.PathLike) -> set[str]:
-    """A one-column CSV of ids (e.g. EPIC_100_unseen_participant_ids_validation.csv)."""
+    """A one-column CSV of ids with a header (e.g. EPIC_100_unseen_participant_ids_validation.csv)."""
     path = Path(path)
     header, rows = _read_csv(path)
     col = header[0]
-    return {r[col].strip() for r in rows if r.get(col, "").strip()}
+    return {_text(r, col) for r in rows} - {""}
 
 
 def load_tail_classes(path: str | os.PathLike) -> set[int]:
-    """EPIC_100_tail_verbs.csv / EPIC_100_tail_nouns.csv -> set of class ids."""
+    """EPIC_100_tail_verbs.csv / EPIC_100_tail_nouns.csv (one column of class ids) -> set of class ids."""
     path = Path(path)
     header, rows = _read_csv(path)
     col = header[0]
     return {_field(path, i, r, col, int, "an integer class id") for i, r in enumerate(rows, start=1)}
 
 
-def find_ek100_file(directory: str | os.PathLike, name: str) -> Path | None:
-    """`directory/name` if it exists, else None."""
-    p = Path(directory) / name
-    return p if p.is_file() else None
+def find_ek100_file(directory: str | os.PathLike, pattern: str) -> Path | None:
+    """The file `pattern` (a name or a glob such as ``EPIC_100_unseen_participant_ids_*validation*.csv``) in
+    `directory`; None if nothing matches. Several glob matches -> the first in sorted order."""
+    directory = Path(directory)
+    exact = directory / pattern
+    if exact.is_file():
+        return exact
+    matches = sorted(p for p in directory.glob(pattern) if p.is_file()) if directory.is_dir() else []
+    return matches[0] if matches else None
 
 
 def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLike | None = None,
@@ -291,7 +346,7 @@ def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLik
 
     EK-100: class CSVs and video_info are looked up beside the annotation file unless given; a labelled file
     without class CSVs is refused (ids would have no names). Class ids outside the vocabulary are refused, naming
-    the row. Generic: vocabularies come from the labels themselves.
+    the row. Generic: vocabularies come from the labels themselves; a video_info CSV is optional.
     """
     path = Path(csv_path)
     segments, kind = load_segments(path)
@@ -316,10 +371,12 @@ def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLik
     verbs_v = load_classes(vpath) if vpath else ClassVocab()
     nouns_v = load_classes(npath) if npath else ClassVocab()
     for s in segments:
-        if s.verb_class >= len(verbs_v) or s.verb_class < -1:
-            raise InputError(f"{path}: row {s.row}, field 'verb_class': {s.verb_class} is not a class of {vpath}")
-        if s.noun_class >= len(nouns_v) or s.noun_class < -1:
-            raise InputError(f"{path}: row {s.row}, field 'noun_class': {s.noun_class} is not a class of {npath}")
+        if not -1 <= s.verb_class < len(verbs_v) or (has_labels and s.verb_class < 0):
+            raise InputError(f"{path}: row {s.row}, field 'verb_class': {s.verb_class} is not a class of {vpath} "
+                             f"(0..{len(verbs_v) - 1})")
+        if not -1 <= s.noun_class < len(nouns_v) or (has_labels and s.noun_class < 0):
+            raise InputError(f"{path}: row {s.row}, field 'noun_class': {s.noun_class} is not a class of {npath} "
+                             f"(0..{len(nouns_v) - 1})")
         bad = [c for c in s.all_noun_classes if not 0 <= c < len(nouns_v)]
         if bad:
             raise InputError(f"{path}: row {s.row}, field 'all_noun_classes': {bad} not classes of {npath}")

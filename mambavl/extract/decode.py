@@ -1,14 +1,26 @@
-"""Decode the frames of one segment with ffmpeg (through ffmpeg-python), frame-exactly.
+"""Segment decoding: one ffmpeg process per segment seeks, picks the frames, scales and centre-crops them, and
+sends raw RGB back over a pipe.
 
-Which frames: the requested times (uniform bins or a fixed rate) are mapped to frame numbers — the frame shown at
-time t is number floor(t * fps) (0-based; the frame whose display interval contains t) — and ffmpeg itself picks
-those frames with a `select` filter, scales the short side and centre-crops, and pipes raw RGB. Python never sees
-a full-resolution frame. The input is seeked (`-ss` before `-i`, which ffmpeg makes frame-accurate when
-transcoding) to half a frame before the first wanted frame, so frame counting after the seek is exact.
+Frame exactness. A frame is *displayed* from its timestamp until the next frame's; the frame returned for a
+requested time t is the one displayed at t. ffmpeg's ``fps`` filter with ``round=up`` implements exactly that:
+for each output tick it emits the last input frame whose timestamp is <= the tick (a frame with pts p maps to tick
+ceil(p * rate), and the filter keeps a frame until the next one's tick has come). The requested times always lie
+on a regular grid (UNIFORM: the centres of N equal bins; FPS: a fixed-rate grid), so the grid becomes the
+filter's rate and start time, and in FPS mode a ``select`` on the tick number keeps the capped uniform subset.
+Only the picked frames reach ``scale``/``crop`` and the pipe, so the cost is the decoding of the window itself —
+what a bare ``ffmpeg -ss … -t … -f rawvideo`` of the same segment pays, without converting every full-size frame.
+This also holds for variable-frame-rate files: ticks are compared with real timestamps, not frame counts.
 
-Two EK-100 layouts are read: ``ROOT/P01/videos/P01_01.MP4`` and ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg``
-(1-based frame numbers, fps from EPIC_100_video_info.csv). Videos are probed with PyAV, never by parsing logs.
-Frame times assume a constant frame rate starting at 0 (true of EK-100 and of ffmpeg-written files).
+Seeking uses input ``-ss`` with ``-noaccurate_seek``: ffmpeg jumps to the keyframe before the seek point and hands
+*every* frame from there to the filter (with negative timestamps), so the frame displayed at the first tick is
+never trimmed away, whatever its distance to the tick.
+
+Times are seconds on the video's own timeline (0 = the container start, as ffmpeg's ``-ss``). The times returned
+with the frames are the start times of the displayed frames on the nominal frame grid (exact for constant frame
+rate, the nearest grid point for variable rate).
+
+Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based,
+fps from ``EPIC_100_video_info.csv``); also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``.
 """
 
 from __future__ import annotations
@@ -17,51 +29,79 @@ import functools
 import math
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import av
 import ffmpeg
 import numpy as np
 
+from mambavl.data.annotations import Segment, VideoInfo
+from mambavl.errors import InputError
+
+VIDEO_EXTENSIONS = (".MP4", ".mp4")
+FRAME_PATTERN = "frame_{:010d}.jpg"  # EK-100 rgb_frames naming, 1-based
+_STDERR_TAIL = 600                   # characters of ffmpeg's stderr kept in a DecodeError
+
 
 class DecodeError(RuntimeError):
-    """A segment could not be decoded; the message names the file and the reason."""
+    """A segment could not be decoded; the message names the file and the reason (missing, corrupt, range)."""
 
 
 class SamplingMode(str, Enum):
-    UNIFORM = "uniform"
-    FPS = "fps"
+    UNIFORM = "uniform"   # num_frames frames at the centres of num_frames equal bins of the segment
+    FPS = "fps"           # a fixed rate, capped at num_frames by uniform sub-selection
+
+
+class SourceKind(str, Enum):
+    VIDEO = "video"
+    FRAMES = "frames"
 
 
 @dataclass
 class SamplingConfig:
-    """UNIFORM: `num_frames` frames at the centres of equal bins. FPS: frames every 1/fps s, at most `num_frames`
-    (uniformly sub-selected when the segment is longer). Output frames are size x size RGB."""
-
     mode: SamplingMode = SamplingMode.UNIFORM
-    num_frames: int = 16
-    fps: float = 4.0
-    size: int = 224
+    num_frames: int = 16    # UNIFORM: frames per segment. FPS: the cap (most frames stored)
+    fps: float = 4.0        # FPS mode only
+    size: int = 224         # output H = W = size: ffmpeg scales the short side to `size`, then centre-crops
 
     def __post_init__(self) -> None:
-        self.mode = SamplingMode(self.mode)
-        if self.num_frames < 1 or self.size < 8 or self.fps <= 0:
-            raise ValueError("sampling needs num_frames >= 1, size >= 8 and fps > 0")
+        try:
+            self.mode = SamplingMode(self.mode)
+        except ValueError:
+            raise InputError(f"sampling mode: {self.mode!r} is not one of "
+                             f"{', '.join(m.value for m in SamplingMode)}") from None
+        if int(self.num_frames) < 1:
+            raise InputError(f"sampling num_frames: must be >= 1, got {self.num_frames}")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise InputError(f"sampling fps: must be > 0, got {self.fps}")
+        if int(self.size) < 1:
+            raise InputError(f"sampling size: must be >= 1, got {self.size}")
+        self.num_frames, self.size, self.fps = int(self.num_frames), int(self.size), float(self.fps)
 
 
 @dataclass(frozen=True)
 class VideoProbe:
-    duration: float
-    fps: float
+    duration: float       # seconds of the video stream
+    fps: float            # nominal frame rate
     width: int
     height: int
+    start: float = 0.0    # first frame's time on the container timeline (usually 0)
+
+    @property
+    def end(self) -> float:
+        """Time at which the last frame stops being displayed."""
+        return self.start + self.duration
+
+    @property
+    def num_frames(self) -> int:
+        return max(1, int(round(self.duration * self.fps)))
 
 
 @functools.lru_cache(maxsize=1)
 def ffmpeg_binary() -> str:
-    """The system ffmpeg when on PATH, else the static binary shipped in the imageio-ffmpeg wheel."""
+    """The system ``ffmpeg`` on PATH, else the static binary shipped with imageio-ffmpeg."""
     found = shutil.which("ffmpeg")
     if found:
         return found
@@ -70,187 +110,278 @@ def ffmpeg_binary() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-@functools.lru_cache(maxsize=256)
-def _probe_cached(path: str, mtime: float, size: int) -> VideoProbe:
-    import av
-
-    if size == 0:
+def probe_video(path: str | os.PathLike) -> VideoProbe:
+    """Duration, nominal fps, size and start time of the first video stream (PyAV; cached per file version)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DecodeError(f"{path}: missing (no such file)") from None
+    except OSError as exc:
+        raise DecodeError(f"{path}: cannot stat ({exc})") from None
+    if not path.is_file():
+        raise DecodeError(f"{path}: not a file")
+    if st.st_size == 0:
         raise DecodeError(f"{path}: empty file (0 bytes)")
+    # keyed on mtime and size so that a rewritten file is probed again
+    return _probe_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_cached(path: str, mtime_ns: int, size: int) -> VideoProbe:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise DecodeError(f"{path}: no video stream")
+                raise DecodeError(f"{path}: corrupt or not a video (no video stream)")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            if not rate:
-                raise DecodeError(f"{path}: unknown frame rate")
+            if not rate or float(rate) <= 0:
+                raise DecodeError(f"{path}: corrupt or unsupported video (no frame rate)")
+            fps = float(rate)
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
-                duration = container.duration / 1_000_000
+                duration = container.duration / av.time_base
             else:
-                duration = float("nan")
-            return VideoProbe(duration, float(rate), int(stream.codec_context.width),
-                              int(stream.codec_context.height))
-    except DecodeError:
-        raise
-    except Exception as exc:  # PyAV raises its own error family for corrupt/truncated files
-        raise DecodeError(f"{path}: cannot open video ({type(exc).__name__}: {exc})") from exc
+                duration = stream.frames / fps if stream.frames else 0.0
+            container_start = (container.start_time or 0) / av.time_base
+            first = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except av.FFmpegError as exc:
+        raise DecodeError(f"{path}: corrupt or truncated video, cannot be opened ({exc})") from None
+    if duration <= 0 or width <= 0 or height <= 0:
+        raise DecodeError(f"{path}: corrupt video (duration {duration:.3f}s, size {width}x{height})")
+    return VideoProbe(duration=duration, fps=fps, width=width, height=height, start=first - container_start)
 
 
-def probe_video(path: str | os.PathLike) -> VideoProbe:
-    """Duration (s), frame rate, width and height of the first video stream (PyAV)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DecodeError(f"{path}: video file not found")
-    st = path.stat()
-    return _probe_cached(str(path), st.st_mtime, st.st_size)
+@dataclass(frozen=True)
+class _Grid:
+    """Sample times as a regular grid: tick k at first + k * step (k < count); `picks` are the kept ticks."""
+
+    first: float
+    step: float
+    count: int
+    picks: np.ndarray  # (F,) int, non-decreasing tick numbers
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.first + self.step * self.picks.astype(np.float64)  # (F,)
+
+
+def _grid(start: float, stop: float, cfg: SamplingConfig) -> _Grid:
+    length = max(0.0, stop - start)
+    if cfg.mode is SamplingMode.UNIFORM:
+        step = length / cfg.num_frames
+        return _Grid(start + step / 2, step, cfg.num_frames, np.arange(cfg.num_frames))
+    step = 1.0 / cfg.fps
+    count = max(1, int(math.floor(length * cfg.fps + 1e-6)))
+    # centre the grid in the segment so both ends lose the same fraction of a step
+    first = start + (length - count * step) / 2 + step / 2
+    picks = np.arange(count)
+    if count > cfg.num_frames:
+        picks = np.floor((np.arange(cfg.num_frames) + 0.5) * count / cfg.num_frames).astype(np.int64)
+    return _Grid(first, step, count, picks)
 
 
 def sample_times(start: float, stop: float, cfg: SamplingConfig) -> np.ndarray:
-    """(F,) times in seconds to sample from [start, stop] (see SamplingConfig)."""
-    length = max(stop - start, 0.0)
-    if cfg.mode == SamplingMode.UNIFORM:
-        n = cfg.num_frames
-        return start + (np.arange(n) + 0.5) * (length / n)
-    count = max(1, int(math.floor(length * cfg.fps)))
-    times = start + (np.arange(count) + 0.5) / cfg.fps
-    if count > cfg.num_frames:  # cap: keep num_frames of them, uniformly spread
-        keep = np.floor((np.arange(cfg.num_frames) + 0.5) * count / cfg.num_frames).astype(int)
-        times = times[keep]
-    return times
+    """Requested sample times in seconds, (F,) float64.
+
+    UNIFORM: the centres of `num_frames` equal bins of [start, stop] (F = num_frames). FPS: a grid at `cfg.fps`
+    centred in the segment (at least one sample), sub-selected uniformly down to `num_frames` when longer.
+    """
+    return _grid(start, stop, cfg).times
 
 
-def anticipation_window(start: float, tau_a: float = 1.0, tau_o: float = 2.0) -> tuple[float, float]:
-    """The observed window [start - tau_a - tau_o, start - tau_a] that ends tau_a s before the action starts
-    (EK-100 anticipation), clipped at 0. Raises DecodeError when nothing of it lies inside the video."""
-    stop = start - tau_a
-    if stop <= 0:
-        raise DecodeError(f"anticipation window ends at {stop:.2f}s, before the video starts (action at {start:.2f}s)")
-    return max(0.0, stop - tau_o), stop
-
-
-def _scale_crop(stream, size: int):
-    # scale the short side to `size` (even long side), then centre-crop a square
-    stream = stream.filter("scale", f"if(gt(iw,ih),-2,{size})", f"if(gt(iw,ih),{size},-2)", flags="bicubic")
+def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int) -> ffmpeg.nodes.FilterableStream:
+    """Scale the short side to `size` (aspect kept), then take the centre size x size square."""
+    stream = stream.filter("scale", w=f"if(gt(iw,ih),-1,{size})", h=f"if(gt(iw,ih),{size},-1)")
     return stream.filter("crop", size, size)
 
 
-def _run_select(make_input, frame_numbers: np.ndarray, first: int, size: int, source: str) -> np.ndarray:
-    """Run ffmpeg picking frames `frame_numbers` (sorted unique, counted from the first decoded frame `first`)."""
-    expr = "+".join(f"eq(n,{int(k - first)})" for k in frame_numbers)
-    stream = make_input().video.filter("select", expr)
-    stream = _scale_crop(stream, size)
-    cmd = (
-        stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
-                      frames=len(frame_numbers))
-        .global_args("-nostdin", "-loglevel", "error")
-        .compile(cmd=ffmpeg_binary())
-    )
-    proc = subprocess.run(cmd, capture_output=True)
-    frame_bytes = size * size * 3
-    got = len(proc.stdout) // frame_bytes
-    if proc.returncode != 0 and got == 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise DecodeError(f"{source}: ffmpeg failed ({'; '.join(tail) or f'exit {proc.returncode}'})")
-    if got == 0:
-        raise DecodeError(f"{source}: no frames decoded in the requested range")
-    return np.frombuffer(proc.stdout[: got * frame_bytes], dtype=np.uint8).reshape(got, size, size, 3)
+def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = None) -> bytes:
+    try:
+        out, _ = stream.global_args("-nostdin", "-loglevel", "error").run(
+            cmd=ffmpeg_binary(), input=stdin, capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as exc:
+        tail = (exc.stderr or b"").decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+        raise DecodeError(f"{path}: ffmpeg failed (corrupt or unsupported file): {tail}") from None
+    return out
 
 
-def _gather(frames: np.ndarray, unique: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    # frames[j] is unique[j] (fewer when the video ended early: later requests reuse the last decoded frame)
-    pos = np.searchsorted(unique, wanted)
-    return frames[np.minimum(pos, len(frames) - 1)]
+def _frames(raw: bytes, size: int) -> np.ndarray:
+    per = size * size * 3
+    n = len(raw) // per
+    return np.frombuffer(raw, dtype=np.uint8, count=n * per).reshape(n, size, size, 3)  # (n, S, S, 3)
 
 
 def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
                          cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (F, size, size, 3) uint8 RGB and their times (F,) float64 for [start, stop] of a video file."""
+    """Frames of [start, stop] (seconds) of a video file.
+
+    Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,): the start times of the returned frames.
+    A window reaching past the end of the video is clamped to it; one starting after the end, a missing,
+    empty, truncated or corrupt file raise DecodeError naming the file and the reason.
+    """
     path = Path(path)
     probe = probe_video(path)
-    times = sample_times(start, stop, cfg)
-    last = int(math.floor(probe.duration * probe.fps)) - 1 if math.isfinite(probe.duration) else None
-    wanted = np.floor(times * probe.fps + 1e-6).astype(np.int64)  # frame shown at t
-    if last is not None:
-        if wanted[0] > last:
-            raise DecodeError(f"{path}: segment starts at {start:.2f}s, after the video's end ({probe.duration:.2f}s)")
-        wanted = np.minimum(wanted, last)
-    unique = np.unique(wanted)
-    first = int(unique[0])
-    seek = max(0.0, (first - 0.5) / probe.fps)
-    make_input = lambda: ffmpeg.input(str(path), ss=f"{seek:.6f}")  # noqa: E731
-    frames = _run_select(make_input, unique, first, cfg.size, str(path))
-    out = _gather(frames, unique, wanted)
-    return out, _gather(unique / probe.fps, unique, wanted).astype(np.float64)
+    if not (math.isfinite(start) and math.isfinite(stop)) or stop < start:
+        raise DecodeError(f"{path}: invalid window [{start}, {stop}] s")
+    if start >= probe.end:
+        raise DecodeError(f"{path}: out of range: segment starts at {start:.3f}s, the video ends at "
+                          f"{probe.end:.3f}s")
+    start, stop = max(start, 0.0), min(stop, probe.end)
+    grid = _grid(start, stop, cfg)
+    if grid.step <= 1e-9:
+        # a zero-length window: one tick, repeated (the fps filter needs a finite rate)
+        grid = _Grid(grid.first, 1.0, 1, np.zeros(len(grid.picks), dtype=np.int64))
+    ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
+
+    # One nominal frame of margin: some demuxers land a little after the requested seek point.
+    ss = round(max(0.0, grid.first - 1.0 / probe.fps), 6)  # ffmpeg parses -ss to microseconds
+    stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None)
+    stream = stream.filter("fps", fps=repr(1.0 / grid.step), start_time=repr(grid.first - ss), round="up")
+    if not np.array_equal(ticks, np.arange(len(ticks))):
+        stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in ticks))
+    stream = _scale_crop(stream, cfg.size)
+    out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
+                        **{"frames:v": len(ticks)})
+    got = _frames(_run(out, path), cfg.size)  # (M, S, S, 3), M <= U
+
+    if len(got) < len(ticks):
+        missing_t = grid.first + grid.step * float(ticks[len(got)])
+        # the fps filter stops at the end of the stream; a tick within the last frame is rounding, not damage
+        if len(got) == 0 or missing_t < probe.end - 1.5 / probe.fps:
+            raise DecodeError(
+                f"{path}: truncated or corrupt: decoding stopped after {len(got)} of {len(ticks)} frames, "
+                f"before t={missing_t:.3f}s although the video is {probe.end:.3f}s long")
+        got = np.concatenate([got, np.repeat(got[-1:], len(ticks) - len(got), axis=0)])
+    frames = got[inverse]  # (F, S, S, 3), a copy (fancy indexing), so writable
+    return frames, _displayed_frame_start(grid.times, probe)
+
+
+def _displayed_frame_start(times: np.ndarray, probe: VideoProbe) -> np.ndarray:
+    """Start time of the frame displayed at each time, on the nominal frame grid. (F,) -> (F,)"""
+    index = np.floor((times - probe.start) * probe.fps + 1e-6)
+    index = np.clip(index, 0, probe.num_frames - 1)
+    return probe.start + index / probe.fps
 
 
 def frame_path(frame_dir: str | os.PathLike, number: int) -> Path:
-    """EK-100 rgb_frames file name of 1-based frame `number`."""
-    return Path(frame_dir) / f"frame_{number:010d}.jpg"
+    """Path of 1-based frame `number` in an EK-100 rgb_frames folder."""
+    return Path(frame_dir) / FRAME_PATTERN.format(number)
 
 
 def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, stop_frame: int, fps: float,
                              cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The same for a folder of JPEG frames: frames of [start_frame, stop_frame] (1-based), times = (k-1)/fps."""
+    """Frames start_frame..stop_frame (1-based, inclusive) of a JPEG folder (``frame_0000000001.jpg``).
+
+    The segment covers the display intervals of its frames, [(start_frame - 1) / fps, stop_frame / fps); sample
+    times are taken as for a video and each maps to the frame displayed then. Frames missing at the tail (folders
+    often stop a frame or two before the last annotated frame) are clamped to the last one present; a missing
+    folder, a hole inside the segment or an undecodable JPEG raise DecodeError.
+    Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,) = (frame - 1) / fps.
+    """
     frame_dir = Path(frame_dir)
     if not frame_dir.is_dir():
-        raise DecodeError(f"{frame_dir}: frame folder not found")
-    start, stop = (start_frame - 1) / fps, stop_frame / fps
-    times = sample_times(start, stop, cfg)
-    wanted = np.clip(np.floor(times * fps + 1e-6).astype(np.int64) + 1, start_frame, stop_frame)  # 1-based
-    unique = np.unique(wanted)
-    missing = [int(k) for k in unique if not frame_path(frame_dir, int(k)).is_file()]
-    if missing:
-        raise DecodeError(f"{frame_path(frame_dir, missing[0])}: frame file not found")
-    first = int(unique[0])
-    pattern = str(frame_dir / "frame_%010d.jpg")
-    make_input = lambda: ffmpeg.input(pattern, format="image2", start_number=first, framerate=fps)  # noqa: E731
-    frames = _run_select(make_input, unique, first, cfg.size, str(frame_dir))
-    return _gather(frames, unique, wanted), _gather((unique - 1) / fps, unique, wanted).astype(np.float64)
+        raise DecodeError(f"{frame_dir}: missing frame folder")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise DecodeError(f"{frame_dir}: invalid fps {fps}")
+    start_frame, stop_frame = int(start_frame), int(stop_frame)
+    if start_frame < 1 or stop_frame < start_frame:
+        raise DecodeError(f"{frame_dir}: invalid frame range {start_frame}..{stop_frame}")
+    times = sample_times((start_frame - 1) / fps, stop_frame / fps, cfg)
+    numbers = np.clip(np.floor(times * fps + 1e-6).astype(np.int64) + 1, start_frame, stop_frame)  # (F,)
+    last = int(numbers.max())
+    while last >= start_frame and not frame_path(frame_dir, last).is_file():
+        last -= 1
+    if last < start_frame:
+        raise DecodeError(f"{frame_path(frame_dir, start_frame)}: missing (no frames {start_frame}..{stop_frame} "
+                          f"in {frame_dir})")
+    numbers = np.minimum(numbers, last)
+    unique, inverse = np.unique(numbers, return_inverse=True)
+    blobs = []
+    for number in unique:
+        p = frame_path(frame_dir, int(number))
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise DecodeError(f"{p}: missing frame inside the segment ({exc.strerror})") from None
+        if not data:
+            raise DecodeError(f"{p}: empty frame file (0 bytes)")
+        blobs.append(data)
+    # The JPEGs go to ffmpeg concatenated on stdin (image2pipe), so only the picked files are read and decoded.
+    stream = ffmpeg.input("pipe:", format="image2pipe", vcodec="mjpeg")
+    out = _scale_crop(stream, cfg.size).output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
+    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs)), cfg.size)  # (U, S, S, 3)
+    if len(got) != len(unique):
+        raise DecodeError(f"{frame_dir}: corrupt JPEG among frames {unique.tolist()}: ffmpeg returned "
+                          f"{len(got)} of {len(unique)} frames")
+    numbers = unique[inverse]
+    return got[inverse], (numbers - 1).astype(np.float64) / fps
 
 
-def locate_source(root: str | os.PathLike, video_id: str, participant_id: str = "") -> tuple[str, Path]:
-    """("video", file) or ("frames", folder) for a segment's video under `root`.
+def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind, Path]:
+    """Where a segment's pixels live under `root`; the first existing of:
 
-    Looks for ROOT/P01/videos/P01_01.MP4 (any case of the extension), ROOT/P01/rgb_frames/P01_01/,
-    ROOT/P01_01.MP4, and ROOT/<video_id> as a relative path (generic clip CSVs)."""
+    ``root/P01/videos/P01_01.MP4`` (or .mp4), ``root/P01/rgb_frames/P01_01/``, ``root/P01_01.MP4`` (or .mp4),
+    ``root/<video_id>`` (a file: video; a folder: JPEG frames) — the last one is how generic CSVs name videos.
+    """
     root = Path(root)
-    pid = participant_id or video_id.split("_")[0]
-    candidates = []
-    for ext in ("MP4", "mp4", "mkv", "avi", "webm", "mov"):
-        candidates.append(root / pid / "videos" / f"{video_id}.{ext}")
-        candidates.append(root / f"{video_id}.{ext}")
-    for c in candidates:
-        if c.is_file():
-            return "video", c
-    for d in (root / pid / "rgb_frames" / video_id, root / "rgb_frames" / video_id):
-        if d.is_dir():
-            return "frames", d
-    direct = root / video_id
-    if direct.is_file():
-        return "video", direct
-    if direct.is_dir():
-        return "frames", direct
-    raise DecodeError(f"video {video_id!r} not found under {root} (looked for {pid}/videos/{video_id}.MP4, "
-                      f"{pid}/rgb_frames/{video_id}/ and {video_id})")
+    vid = segment.video_id
+    candidates: list[tuple[SourceKind, Path]] = []
+    if "/" not in vid and os.sep not in vid:
+        participant = segment.participant_id or vid.split("_")[0]
+        candidates += [(SourceKind.VIDEO, root / participant / "videos" / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
+        candidates.append((SourceKind.FRAMES, root / participant / "rgb_frames" / vid))
+        candidates += [(SourceKind.VIDEO, root / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
+    direct = root / vid
+    candidates.append((SourceKind.FRAMES if direct.is_dir() else SourceKind.VIDEO, direct))
+    for kind, path in candidates:
+        if (kind is SourceKind.FRAMES and path.is_dir()) or (kind is SourceKind.VIDEO and path.is_file()):
+            return kind, path
+    tried = ", ".join(str(p) for _, p in candidates)
+    raise DecodeError(f"{direct}: missing: no video or frame folder for {vid!r} (looked for {tried})")
 
 
-def decode_segment(root: str | os.PathLike, segment, start: float, stop: float, cfg: SamplingConfig,
-                   video_info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode [start, stop] seconds of `segment`'s video (either layout). Frame folders need the fps: from
-    `video_info` (EPIC_100_video_info.csv) when listed there, else the EK-100 default of 50 fps is NOT assumed —
-    a missing fps is an error."""
-    kind, where = locate_source(root, segment.video_id, segment.participant_id)
-    if kind == "video":
-        return decode_video_segment(where, start, stop, cfg)
+def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop: float, cfg: SamplingConfig,
+                   video_info: dict[str, VideoInfo] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames of [start, stop] seconds of `segment`'s video, from whichever layout `root` holds.
+
+    For JPEG folders the fps comes from `video_info` (EPIC_100_video_info.csv); the annotated start/stop frames
+    are used as they are when the window is the segment itself. Returns frames uint8 (F, size, size, 3) and
+    times float64 (F,).
+    """
+    kind, path = locate_source(root, segment)
+    if kind is SourceKind.VIDEO:
+        return decode_video_segment(path, start, stop, cfg)
     info = (video_info or {}).get(segment.video_id)
     if info is None:
-        raise DecodeError(f"{where}: frame folder needs the video's fps (add it to EPIC_100_video_info.csv)")
-    first = max(1, int(math.floor(start * info.fps)) + 1)
-    last = max(first, int(math.ceil(stop * info.fps)))
-    n_avail = len(list(Path(where).glob("frame_*.jpg")))
-    last = min(last, n_avail) if n_avail else last
-    if first > last:
-        raise DecodeError(f"{where}: segment starts after the last frame ({n_avail} frames)")
-    return decode_frame_dir_segment(where, first, last, info.fps, cfg)
+        raise DecodeError(f"{path}: frame folder needs the video's fps, but {segment.video_id!r} is not in the "
+                          "video info (EPIC_100_video_info.csv)")
+    if segment.start_frame is not None and segment.stop_frame is not None and \
+            (start, stop) == (segment.start_time, segment.stop_time):
+        first, last = segment.start_frame, segment.stop_frame
+    else:
+        if stop < start:
+            raise DecodeError(f"{path}: invalid window [{start}, {stop}] s")
+        # frames displayed during [start, stop): the one showing at start .. the one showing just before stop
+        first = int(math.floor(max(start, 0.0) * info.fps + 1e-6)) + 1
+        last = max(first, int(math.ceil(stop * info.fps - 1e-6)))
+    return decode_frame_dir_segment(path, first, last, info.fps, cfg)
+
+
+def anticipation_window(segment: Segment | float, tau_a: float = 1.0, tau_o: float = 2.0) -> tuple[float, float]:
+    """The observed window for anticipation, (start, stop) in seconds: it ends `tau_a` s before the action starts
+    and lasts `tau_o` s, clipped at the video start. `segment` is a Segment or its start time.
+
+    Raises DecodeError when nothing of the window lies inside the video (the action starts within tau_a of 0).
+    """
+    if not (tau_a >= 0 and tau_o > 0):
+        raise InputError(f"anticipation: need tau_a >= 0 and tau_o > 0, got tau_a={tau_a}, tau_o={tau_o}")
+    action_start = segment.start_time if isinstance(segment, Segment) else float(segment)
+    what = f"{segment.video_id} ({segment.narration_id}): " if isinstance(segment, Segment) else ""
+    stop = action_start - tau_a
+    if stop <= 0:
+        raise DecodeError(f"{what}empty anticipation window: it would end at {stop:.2f}s, before the video starts "
+                          f"(the action starts at {action_start:.2f}s, tau_a={tau_a:g}s)")
+    return max(0.0, stop - tau_o), stop
