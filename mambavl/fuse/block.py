@@ -1,0 +1,299 @@
+"""The MambaVL layer: Mamba (S6) mixers for video and question tokens with one state matrix A shared between them.
+
+Each modality (stream) has its own input projection, causal depthwise conv, Δ/B/C projections and output projection;
+the layer owns the state matrix `A_log` (d_inner, d_state) and the skip `D` (d_inner) that both streams use.
+
+Two layouts (`ScanLayout`):
+
+* joint: one scan over the concatenation [question ; video]. The question comes first so the state that has read
+  the question goes on to read the video. Every token's Δ, B, C come from its own stream; each stream's conv runs
+  on its own subsequence, so nothing leaks across the boundary through the conv. With `shared_A=False` the two
+  streams have their own A; the scan then takes a grouped A (2, d_inner, d_state) plus an index saying which one
+  each position uses (scaling Δ cannot emulate a different A: A differs per state dimension, Δ does not).
+* parallel (the authors' design, preset "paper"): each stream scans its own sequence; only A_log is shared.
+
+Masks: padded tokens get Δ = 0, so the state passes them unchanged and takes no input from them, and their conv
+input is zeroed, so neither padding values nor padding length change the outputs at valid positions.
+`D` is shared by both streams even with `shared_A=False`: the ablation isolates the state matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambavl.fuse.scan import selective_scan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mambavl.fuse.model import ModelConfig
+
+VIDEO, QUESTION = "video", "question"
+
+
+def no_weight_decay(p: nn.Parameter) -> nn.Parameter:
+    """Tag a parameter so the optimiser's param-group builder skips weight decay for it (mamba-ssm's convention)."""
+    p._no_weight_decay = True
+    return p
+
+
+def tag_norms_and_biases(module: nn.Module) -> None:
+    """Tag every norm weight/bias and every bias under `module` with `_no_weight_decay`."""
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or name.endswith("bias"):
+                no_weight_decay(p)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions of x (B, L, D) where mask (B, L) is True -> (B, D); rows without valid tokens give 0."""
+    if mask is None:
+        return x.mean(1)
+    m = mask.to(x.dtype)[..., None]  # (B, L, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _scan_dtype(t: torch.Tensor) -> torch.Tensor:
+    # Under autocast the projections yield bf16/fp16; every scan implementation accumulates in float32 or better.
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class Stream(nn.Module):
+    """One modality's projections in a MambaVL mixer (mamba-ssm's `Mamba` without its A_log and D).
+
+    in_proj d_model -> 2*d_inner (x, z); causal depthwise conv1d over x; x_proj -> (dt_rank + 2*d_state) giving the
+    per-token Δ (through dt_proj), B and C; out_proj d_inner -> d_model. With `bidirectional` a second x_proj/dt_proj
+    pair gives the Δ, B, C of the reversed scan (the conv and the gate are shared by both directions).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_state: int,
+        d_conv: int,
+        dt_rank: int,
+        bidirectional: bool,
+        output: bool = True,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.x_proj_b = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False) if bidirectional else None
+        self.dt_proj_b = nn.Linear(dt_rank, d_inner, bias=True) if bidirectional else None
+        # The joint layout's last layer pools only video positions: its question outputs would be dead weights.
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False) if output else None
+        for dt_proj in (self.dt_proj, self.dt_proj_b):
+            if dt_proj is not None:
+                _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor)
+
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, d_model) -> conv'd, activated scan input u (B, d_inner, L) and gate z (B, d_inner, L)."""
+        length = x.shape[1]
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+        u, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        if mask is not None:
+            # Padded tokens must not reach later valid tokens through the conv window.
+            u = u * mask[:, None, :].to(u.dtype)
+        u = F.silu(self.conv1d(u)[..., :length])  # causal: keep the first L outputs of the left-padded conv
+        return u, z
+
+    def ssm_params(
+        self, u: torch.Tensor, mask: torch.Tensor | None, reverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (B, d_inner, L) -> Δ (B, d_inner, L) after softplus and masking, B (B, N, L), C (B, N, L)."""
+        x_proj, dt_proj = (self.x_proj_b, self.dt_proj_b) if reverse else (self.x_proj, self.dt_proj)
+        x_dbl = x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # Softplus here rather than inside the scan so padded tokens get exactly Δ = 0 (softplus is never 0).
+        delta = F.softplus(dt_proj(dt)).transpose(1, 2)  # (B, d_inner, L)
+        if mask is not None:
+            delta = delta * mask[:, None, :].to(delta.dtype)
+        return delta, b.transpose(1, 2), c.transpose(1, 2)
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:
+    """mamba-ssm's Δ init: small uniform weights; bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
+    std = dt_rank**-0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=floor)
+    inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+    with torch.no_grad():
+        dt_proj.bias.copy_(inv_dt)
+    dt_proj.bias._no_reinit = True
+
+
+def _A_log_init(d_inner: int, d_state: int) -> nn.Parameter:
+    """mamba-ssm's S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log."""
+    a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (d_inner, N)
+    return no_weight_decay(nn.Parameter(torch.log(a)))
+
+
+class MambaVLMixer(nn.Module):
+    """Video and question streams plus the state matrix they share (or not, `shared_A=False`).
+
+    forward(video (B, F, d), video_mask (B, F) | None, question (B, T, d) | None, question_mask (B, T) | None)
+    -> (video_out (B, F, d), question_out (B, T, d) | None). Without a question stream (`use_question=False`)
+    only the video is scanned.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        expand: int = 2,
+        d_conv: int = 4,
+        layout: str = "joint",
+        shared_A: bool = True,
+        use_question: bool = True,
+        bidirectional: bool = False,
+        scan_impl: str = "auto",
+        question_output: bool = True,
+    ):
+        super().__init__()
+        self.layout = str(getattr(layout, "value", layout))
+        if self.layout not in ("joint", "parallel"):
+            raise ValueError(f"layout must be 'joint' or 'parallel', got {layout!r}")
+        self.d_inner = expand * d_model
+        self.shared_A = shared_A or not use_question
+        self.bidirectional = bidirectional
+        self.scan_impl = scan_impl
+        dt_rank = math.ceil(d_model / 16)
+        kinds = [VIDEO, QUESTION] if use_question else [VIDEO]
+        self.streams = nn.ModuleDict(
+            {
+                k: Stream(d_model, self.d_inner, d_state, d_conv, dt_rank, bidirectional, k == VIDEO or question_output)
+                for k in kinds
+            }
+        )
+        if self.shared_A:
+            self.A_log = _A_log_init(self.d_inner, d_state)
+        else:
+            self.A_log_video = _A_log_init(self.d_inner, d_state)
+            self.A_log_question = _A_log_init(self.d_inner, d_state)
+        self.D = no_weight_decay(nn.Parameter(torch.ones(self.d_inner)))
+
+    def A(self, kind: str) -> torch.Tensor:
+        """The (negative real) state matrix of a stream, (d_inner, d_state), in float32 or float64."""
+        a_log = self.A_log if self.shared_A else getattr(self, f"A_log_{kind}")
+        return -torch.exp(_scan_dtype(a_log))
+
+    def _scan(self, u, delta, A, b, c, z, A_index=None, reverse_params=None):
+        """One or two (bidirectional) scans over (B, d_inner, L) inputs -> y (B, d_inner, L), gated by silu(z)."""
+        args = [_scan_dtype(t) for t in (u, delta)]
+        y = selective_scan(
+            *args, A, _scan_dtype(b), _scan_dtype(c), D=_scan_dtype(self.D), z=_scan_dtype(z), A_index=A_index,
+            impl=self.scan_impl,
+        )
+        if reverse_params is not None:
+            delta_b, b_b, c_b = (_scan_dtype(t).flip(-1) for t in reverse_params)
+            y_b = selective_scan(
+                args[0].flip(-1), delta_b, A, b_b, c_b, D=None, z=_scan_dtype(z).flip(-1),
+                A_index=A_index.flip(0) if A_index is not None else None, impl=self.scan_impl,
+            )
+            y = y + y_b.flip(-1)  # both directions share the gate: (y_f + y_b) * silu(z)
+        return y
+
+    def _stream_inputs(self, kind, x, mask):
+        s = self.streams[kind]
+        u, z = s.project(x, mask)
+        delta, b, c = s.ssm_params(u, mask)
+        rev = s.ssm_params(u, mask, reverse=True) if self.bidirectional else None
+        return u, z, delta, b, c, rev
+
+    def forward(self, video, video_mask=None, question=None, question_mask=None):
+        if question is None or QUESTION not in self.streams:
+            u, z, delta, b, c, rev = self._stream_inputs(VIDEO, video, video_mask)
+            y = self._scan(u, delta, self.A(VIDEO), b, c, z, reverse_params=rev)
+            return self._out(VIDEO, y, video.dtype), None
+        if self.layout == "parallel":
+            outs = []
+            for kind, x, m in ((VIDEO, video, video_mask), (QUESTION, question, question_mask)):
+                u, z, delta, b, c, rev = self._stream_inputs(kind, x, m)
+                outs.append(self._out(kind, self._scan(u, delta, self.A(kind), b, c, z, reverse_params=rev), x.dtype))
+            return outs[0], outs[1]
+        # joint: one scan over [question ; video]
+        t_len = question.shape[1]
+        q_in = self._stream_inputs(QUESTION, question, question_mask)
+        v_in = self._stream_inputs(VIDEO, video, video_mask)
+        u, z, delta, b, c = (torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1) for q, v in zip(q_in[:5], v_in[:5]))
+        rev = None
+        if self.bidirectional:
+            rev = tuple(torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1) for q, v in zip(q_in[5], v_in[5]))
+        if self.shared_A:
+            A, A_index = self.A(VIDEO), None  # (d_inner, N)
+        else:
+            A = torch.stack([self.A(QUESTION), self.A(VIDEO)])  # (2, d_inner, N): group 0 question, 1 video
+            A_index = torch.zeros(u.shape[-1], dtype=torch.long, device=u.device)  # (T + F,)
+            A_index[t_len:] = 1
+        y = self._scan(u, delta, A, b, c, z, A_index=A_index, reverse_params=rev)  # (B, d_inner, T + F)
+        return self._out(VIDEO, y[..., t_len:], video.dtype), self._out(QUESTION, y[..., :t_len], question.dtype)
+
+    def _out(self, kind, y, dtype):
+        """y (B, d_inner, L) -> (B, L, d_model) through the stream's output projection, in the stream's dtype (None
+        when the stream has no output projection)."""
+        proj = self.streams[kind].out_proj
+        return proj(y.transpose(1, 2).to(dtype)) if proj is not None else None
+
+
+class MambaVLLayer(nn.Module):
+    """Pre-norm residual layer: x + dropout(mixer(norm(x))) for each stream (per-stream RMSNorm)."""
+
+    def __init__(self, cfg: ModelConfig, question_output: bool = True):
+        super().__init__()
+        self.mixer = MambaVLMixer(
+            cfg.d_model, cfg.d_state, cfg.expand, cfg.d_conv, layout=cfg.scan_layout, shared_A=cfg.shared_A,
+            use_question=cfg.use_question, bidirectional=cfg.bidirectional, scan_impl=cfg.scan_impl,
+            question_output=question_output,
+        )
+        self.norm_video = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.norm_question = nn.RMSNorm(cfg.d_model, eps=1e-5) if cfg.use_question else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, video, video_mask, question=None, question_mask=None):
+        qn = self.norm_question(question) if question is not None else None
+        v_out, q_out = self.mixer(self.norm_video(video), video_mask, qn, question_mask)
+        video = video + self.drop(v_out)
+        question = question + self.drop(q_out) if q_out is not None else None
+        return video, question
+
+
+class MambaVLFusion(nn.Module):
+    """A stack of `n_layers` MambaVL layers and the pooling that turns tokens into one vector.
+
+    forward(video (B, F, d), video_mask (B, F) bool | None, question (B, T, d) | None, question_mask (B, T) | None)
+    -> (B, d). joint: masked mean over the video positions of the fused sequence. parallel: masked mean of the
+    video stream + masked mean of the question stream (the authors' sum of pooled outputs).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layout = str(getattr(cfg.scan_layout, "value", cfg.scan_layout))
+        self.use_question = cfg.use_question
+        parallel = self.layout == "parallel"
+        self.layers = nn.ModuleList(
+            [MambaVLLayer(cfg, question_output=parallel or i < cfg.n_layers - 1) for i in range(cfg.n_layers)]
+        )
+        self.norm_video = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.norm_question = nn.RMSNorm(cfg.d_model, eps=1e-5) if cfg.use_question and parallel else None
+        tag_norms_and_biases(self)
+
+    def forward(self, video, video_mask=None, question=None, question_mask=None):
+        if not self.use_question:
+            question = None
+        for layer in self.layers:
+            video, question = layer(video, video_mask, question, question_mask)
+        pooled = masked_mean(self.norm_video(video), video_mask)  # (B, d)
+        if question is not None and self.layout == "parallel":
+            pooled = pooled + masked_mean(self.norm_question(question), question_mask)
+        return pooled

@@ -1,0 +1,247 @@
+"""MambaVL: video tokens + question tokens -> fused vector -> verb / noun / action heads and a QA head.
+
+    video (B, F, Dv) --Linear+LayerNorm, + learned temporal position--> (B, F, d) --+
+                                                                                    |-- fusion --> h (B, d)
+    question tokens (B, T, Dt) --3-layer MLP + LayerNorm--------------> (B, T, d) --+
+
+`forward` asks two questions per clip, the verb question and the noun question, batched as 2B in one fusion call:
+h_verb feeds the verb head, h_noun the noun head, concat(h_verb, h_noun) the action head. The QA head maps a fused
+vector into the text-embedding space (`qa_embed`) and scores answer candidates by scaled cosine (`qa_logits`).
+The fusion is chosen by `ModelConfig.fusion` (mamba / transformer / concat) and, for mamba, `scan_layout`
+(joint / parallel); see docs/model.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambavl.errors import InputError
+from mambavl.fuse.baselines import ConcatFusion, TransformerFusion
+from mambavl.fuse.block import MambaVLFusion, tag_norms_and_biases
+from mambavl.fuse.scan import ScanImpl
+
+
+class FusionKind(str, Enum):
+    MAMBA = "mamba"
+    TRANSFORMER = "transformer"
+    CONCAT = "concat"
+
+
+class ScanLayout(str, Enum):
+    JOINT = "joint"
+    PARALLEL = "parallel"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a MambaVL model; stored in checkpoints as plain types (`to_dict`)."""
+
+    video_dim: int = 512  # Dv, from the cache's feature_dim
+    text_dim: int = 512  # Dt, from the cache's text_dim
+    num_verbs: int = 97
+    num_nouns: int = 300  # 0: no noun head (generic datasets)
+    num_actions: int = 0  # 0: no action head
+    d_model: int = 256
+    n_layers: int = 2
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    fusion: FusionKind = FusionKind.MAMBA
+    scan_layout: ScanLayout = ScanLayout.JOINT
+    shared_A: bool = True
+    use_question: bool = True
+    bidirectional: bool = False
+    dropout: float = 0.1
+    n_heads: int = 4  # transformer fusion
+    scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda
+    max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
+
+    def __post_init__(self):
+        self.fusion = _enum(FusionKind, self.fusion, "fusion")
+        self.scan_layout = _enum(ScanLayout, self.scan_layout, "scan_layout")
+        self.scan_impl = _enum(ScanImpl, self.scan_impl, "scan_impl").value
+        for name in ("video_dim", "text_dim", "num_verbs", "d_model", "n_layers", "d_state", "expand", "d_conv",
+                     "n_heads", "max_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"model config: {name} must be a positive integer, got {v!r}")
+        for name in ("num_nouns", "num_actions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"model config: {name} must be a non-negative integer, got {v!r}")
+        for name in ("shared_A", "use_question", "bidirectional"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise InputError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.fusion == FusionKind.TRANSFORMER and self.d_model % self.n_heads:
+            raise InputError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+
+    def to_dict(self) -> dict:
+        """Plain types only (enums as their string values), loadable with torch.load(weights_only=True)."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """Inverse of `to_dict`. Unknown keys -> InputError listing the valid ones."""
+        return model_config_from_dict(values)
+
+
+def _enum(kind: type[Enum], value, field: str):
+    try:
+        return kind(getattr(value, "value", value))
+    except ValueError:
+        raise InputError(
+            f"model config: {field}={value!r} is not one of {', '.join(m.value for m in kind)}"
+        ) from None
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """ModelConfig from a plain dict (e.g. a checkpoint's "model_config"); enums are restored from strings.
+
+    Keys missing from the dict take their defaults; unknown keys raise InputError naming them and the valid keys.
+    """
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"model config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    return ModelConfig(**values)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """`cfg.to_dict()`: plain types only (enums as strings)."""
+    return cfg.to_dict()
+
+
+def build_fusion(cfg: ModelConfig) -> nn.Module:
+    """The fusion module for `cfg.fusion`: (video (B,F,d), video_mask, question (B,T,d) | None, q_mask) -> (B, d)."""
+    if cfg.fusion == FusionKind.MAMBA:
+        return MambaVLFusion(cfg)
+    if cfg.fusion == FusionKind.TRANSFORMER:
+        return TransformerFusion(cfg)
+    return ConcatFusion(cfg)
+
+
+class MambaVL(nn.Module):
+    """Video + question fusion with verb, noun, action and QA heads (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.video_proj = nn.Sequential(nn.Linear(cfg.video_dim, d), nn.LayerNorm(d))
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_frames, d))  # (max_frames, d)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if cfg.use_question:
+            # The authors project RoBERTa token embeddings with a 3-layer MLP; the LayerNorm puts question tokens on
+            # the same scale as the video tokens entering the fusion.
+            self.question_proj = nn.Sequential(
+                nn.Linear(cfg.text_dim, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d)
+            )
+        else:
+            self.question_proj = None
+        self.fusion = build_fusion(cfg)
+        self.head_drop = nn.Dropout(cfg.dropout)
+        self.verb_head = nn.Linear(d, cfg.num_verbs)
+        self.noun_head = nn.Linear(d, cfg.num_nouns) if cfg.num_nouns > 0 else None
+        self.action_head = nn.Linear(2 * d, cfg.num_actions) if cfg.num_actions > 0 else None
+        self.qa_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.text_dim))
+        # CLIP's learnable temperature: logits = exp(logit_scale) * cosine, initialised at 1/0.07, capped at 100.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale._no_weight_decay = True
+        tag_norms_and_biases(self)
+
+    # ---- inputs
+
+    def _check(self, video, video_mask, q_tokens, q_mask, q_dims: int):
+        if video.dim() != 3 or video.shape[-1] != self.cfg.video_dim:
+            raise InputError(f"video must be (B, F, {self.cfg.video_dim}), got {tuple(video.shape)}")
+        if video.shape[1] > self.cfg.max_frames:
+            raise InputError(
+                f"video has {video.shape[1]} tokens but the model's position table holds max_frames="
+                f"{self.cfg.max_frames}; sub-sample the frames or build the model with a larger max_frames"
+            )
+        if video_mask is not None and video_mask.shape != video.shape[:2]:
+            raise InputError(f"video_mask shape {tuple(video_mask.shape)} != {tuple(video.shape[:2])}")
+        if not self.cfg.use_question:
+            return
+        if q_tokens is None:
+            raise InputError("this model reads questions (use_question=True) but no question tokens were given")
+        if q_tokens.dim() != q_dims or q_tokens.shape[-1] != self.cfg.text_dim:
+            want = "(B, 2, T, Dt)" if q_dims == 4 else "(B, T, Dt)"
+            raise InputError(f"question tokens must be {want} with Dt={self.cfg.text_dim}, got {tuple(q_tokens.shape)}")
+        if q_mask is not None and q_mask.shape != q_tokens.shape[:-1]:
+            raise InputError(f"question mask shape {tuple(q_mask.shape)} != {tuple(q_tokens.shape[:-1])}")
+
+    def _embed_video(self, video, video_mask):
+        """(B, F, Dv) -> (B, F, d); padded tokens zeroed (their values must never matter)."""
+        if video_mask is not None:
+            video = video.masked_fill(~video_mask[..., None], 0.0)
+        v = self.video_proj(video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
+        return v if video_mask is None else v * video_mask[..., None].to(v.dtype)
+
+    def _embed_question(self, q_tokens, q_mask):
+        if q_mask is not None:
+            q_tokens = q_tokens.masked_fill(~q_mask[..., None], 0.0)
+        return self.question_proj(q_tokens)  # (B, T, d)
+
+    # ---- public API
+
+    def fuse(self, video, video_mask, q_tokens=None, q_mask=None) -> torch.Tensor:
+        """Fuse a clip with one question.
+
+        video (B, F, Dv) float, video_mask (B, F) bool (True = real token; None = all real), q_tokens (B, T, Dt),
+        q_mask (B, T) bool -> h (B, d_model). With use_question=False the question arguments are ignored.
+        """
+        self._check(video, video_mask, q_tokens, q_mask, q_dims=3)
+        v = self._embed_video(video, video_mask)
+        q = self._embed_question(q_tokens, q_mask) if self.cfg.use_question else None
+        return self.fusion(v, video_mask, q, q_mask if self.cfg.use_question else None)
+
+    def forward(self, video, video_mask, q_tokens=None, q_mask=None) -> dict[str, torch.Tensor]:
+        """video (B, F, Dv), video_mask (B, F) bool, q_tokens (B, 2, T, Dt) [verb question, noun question],
+        q_mask (B, 2, T) bool -> dict(verb (B, V), noun (B, Nn) [absent when Nn == 0], action (B, A) [absent when
+        A == 0], h_verb (B, d), h_noun (B, d)). Both questions go through the fusion as one batch of 2B."""
+        self._check(video, video_mask, q_tokens, q_mask, q_dims=4)
+        b = video.shape[0]
+        if self.cfg.use_question:
+            if q_tokens.shape[1] != 2:
+                raise InputError(f"q_tokens must hold 2 questions (verb, noun) per clip, got {q_tokens.shape[1]}")
+            v2 = torch.cat([video, video])  # (2B, F, Dv)
+            vm2 = torch.cat([video_mask, video_mask]) if video_mask is not None else None
+            q2 = torch.cat([q_tokens[:, 0], q_tokens[:, 1]])  # (2B, T, Dt)
+            qm2 = torch.cat([q_mask[:, 0], q_mask[:, 1]]) if q_mask is not None else None
+            h = self.fuse(v2, vm2, q2, qm2)  # (2B, d)
+            h_verb, h_noun = h[:b], h[b:]
+        else:
+            h_verb = h_noun = self.fuse(video, video_mask)  # the questions would be ignored: fuse once
+        out = {"h_verb": h_verb, "h_noun": h_noun, "verb": self.verb_head(self.head_drop(h_verb))}
+        if self.noun_head is not None:
+            out["noun"] = self.noun_head(self.head_drop(h_noun))
+        if self.action_head is not None:
+            out["action"] = self.action_head(self.head_drop(torch.cat([h_verb, h_noun], dim=-1)))
+        return out
+
+    def qa_embed(self, h: torch.Tensor) -> torch.Tensor:
+        """Fused vectors h (B, d) -> L2-normalised embeddings in the answer-text space (B, Dt)."""
+        return F.normalize(self.qa_proj(h), dim=-1)
+
+    def qa_logits(self, emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """emb (B, Dt) from `qa_embed`, candidates (K, Dt) answer-text embeddings (normalised here) -> (B, K)
+        logits = exp(logit_scale) * cosine, the scale learned and capped at 100 (CLIP)."""
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        return scale * emb @ F.normalize(candidates.to(emb.dtype), dim=-1).T
+
+
+def create_model(preset: str, **overrides) -> tuple[MambaVL, ModelConfig]:
+    """`mambavl.fuse.presets.create_model` (here too, so `mambavl.fuse.model` alone can build presets)."""
+    from mambavl.fuse.presets import create_model as _create
+
+    return _create(preset, **overrides)
