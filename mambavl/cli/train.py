@@ -1,5 +1,170 @@
-"""CLI commands of the train stage (registered on `mambavl.cli.app`)."""
+"""CLI commands of the train stage (registered on `mambavl.cli.app`).
+
+`mambavl train` builds a `TrainConfig` from its options and calls `mambavl.train.train`; the only logic here is
+`--resume` (the run's own config is read from last.pt, explicit options must agree with it) and the rich progress.
+Multi-GPU: ``torchrun --nproc_per_node=G --no-python mambavl train ...`` (each process reads WORLD_SIZE/RANK).
+"""
 
 from __future__ import annotations
 
-from mambavl.cli import app, cache_app  # noqa: F401
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mambavl.cli import app, fail
+from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+from mambavl.train import Task, TrainConfig, config_from_checkpoint, train
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are read as JSON (numbers, true/false, null) and fall back to text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}", param_hint="--set")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers: Optional[int]) -> TrainConfig:
+    """The run's config from out/last.pt; an explicit option that disagrees with it is an error, not an override."""
+    saved = config_from_checkpoint(out / "last.pt")
+    for key, value in explicit.items():
+        current = getattr(saved, key)
+        if key == "model_overrides":
+            differing = {k: v for k, v in value.items() if current.get(k) != v}
+            if differing:
+                raise InputError(f"--set {differing} differs from the run's model overrides {current}")
+            continue
+        if key in ("train_cache", "val_cache"):
+            if current is not None and Path(value).resolve() == Path(current).resolve():
+                continue
+        cur = current.value if hasattr(current, "value") else current
+        val = value.value if hasattr(value, "value") else value
+        if cur != val:
+            option = "--" + key.replace("_", "-")
+            raise InputError(f"{option} {val!r} differs from the run being resumed ({cur!r}); drop the option")
+    changes: dict[str, Any] = {"resume": True, "device": device, "out_dir": str(out)}
+    if num_workers is not None:
+        changes["num_workers"] = num_workers
+    return dataclasses.replace(saved, **changes)
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.csv.")],
+    train_cache: Annotated[Optional[Path], typer.Option("--train-cache", help="Training feature cache (.h5).")] = None,
+    val_cache: Annotated[
+        Optional[Path], typer.Option("--val-cache", help="Validation cache (.h5); best.pt is chosen on it.")
+    ] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Model preset (small, base, paper, ...).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 20).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per process.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up epochs.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation.")] = None,
+    questions: Annotated[
+        Optional[QuestionSource],
+        typer.Option(help="Question protocol: templates (label-free), annotation (paper's), file."),
+    ] = None,
+    qa_weight: Annotated[Optional[float], typer.Option("--qa-weight", help="QA loss weight; 0 = no QA.")] = None,
+    qa_every: Annotated[
+        Optional[int], typer.Option("--qa-every", help="One QA step after every N recognition steps.")
+    ] = None,
+    frames: Annotated[
+        Optional[int], typer.Option(help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
+    ] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers.")] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Model override key=value (repeatable), e.g. d_model=128.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or per-epoch lines.")] = False,
+) -> None:
+    """Train the MambaVL fusion on a feature cache."""
+    # Under torchrun only rank 0 talks.
+    quiet = quiet or int(os.environ.get("RANK", "0")) != 0
+    options = {
+        "train_cache": str(train_cache) if train_cache is not None else None,
+        "val_cache": str(val_cache) if val_cache is not None else None,
+        "preset": preset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "seed": seed,
+        "task": task,
+        "question_source": questions,
+        "qa_weight": qa_weight,
+        "qa_every": qa_every,
+        "frames": frames,
+        "amp": amp,
+        "model_overrides": parse_overrides(set_) if set_ else None,
+    }
+    explicit = {k: v for k, v in options.items() if v is not None}
+    try:
+        if resume:
+            cfg = _resume_config(out, explicit, device, num_workers)
+        else:
+            if train_cache is None:
+                raise typer.BadParameter("--train-cache is required (unless --resume)", param_hint="--train-cache")
+            extra = {} if num_workers is None else {"num_workers": num_workers}
+            cfg = TrainConfig(out_dir=str(out), device=device, **{"val_cache": None, **explicit, **extra})
+        result = _run(cfg, quiet)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if not quiet:
+        best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
+        typer.echo(f"best {result.best_metric_name}: {best}")
+        typer.echo(f"last checkpoint: {result.last_checkpoint}")
+        if result.best_checkpoint is not None:
+            typer.echo(f"best checkpoint: {result.best_checkpoint}")
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row.get('train_loss', float('nan')):.4f}"]
+    for key in ("train_loss_qa", "val_verb_top1", "val_noun_top1", "val_action_top1"):
+        if key in row:
+            parts.append(f"{key.removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
+    parts.append(f"{row.get('time_s', 0):.1f}s")
+    return "  ".join(parts)
+
+
+def _run(cfg: TrainConfig, quiet: bool):
+    """Call the library with a rich progress bar (stderr) unless quiet."""
+    if quiet:
+        return train(cfg)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]train[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task_id = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, info: dict) -> None:
+            bar.update(task_id, completed=done, total=total, description=f"epoch {info['epoch']}/{info['epochs']}")
+            if "metrics" in info:
+                bar.console.print(_epoch_line(info["metrics"]))
+
+        return train(cfg, progress=progress)

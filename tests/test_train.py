@@ -1,0 +1,325 @@
+"""Stage 2 training on planted-structure caches written through the real cache writer (tiny, CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mambavl.cache.synthetic import make_planted_cache
+from mambavl.errors import InputError
+from mambavl.fuse import presets
+from mambavl.fuse.model import MambaVL
+from mambavl.train import (
+    TrainConfig,
+    load_checkpoint,
+    lr_factor,
+    param_groups,
+    predict_scores,
+    train,
+)
+
+# A small, fast model: the planted classes are learnable by it in a few epochs.
+TINY = {"d_model": 32, "n_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    d = tmp_path_factory.mktemp("caches")
+    return {
+        "train": make_planted_cache(d / "train.h5", n=160, seed=0, anticipation=True),
+        "val": make_planted_cache(d / "val.h5", n=80, seed=1, anticipation=True),
+        "tiny": make_planted_cache(d / "tiny.h5", n=24, seed=2, anticipation=True),
+        "no_annotation": make_planted_cache(d / "noann.h5", n=24, seed=3, annotation_questions=False),
+        "other_encoder": make_planted_cache(d / "other.h5", n=24, seed=4, structure_seed=99),
+    }
+
+
+def _cfg(caches, out, **kw) -> TrainConfig:
+    """A fast run on the tiny cache (validated on itself); tests override what they exercise."""
+    values = dict(
+        train_cache=str(caches["tiny"]),
+        val_cache=str(caches["tiny"]),
+        out_dir=str(out),
+        model_overrides=dict(TINY),
+        epochs=2,
+        batch_size=8,
+        lr=3e-3,
+        frames=6,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_planted_cache_is_learned_and_logged(caches, tmp_path):
+    out = tmp_path / "run"
+    result = train(_cfg(caches, out, train_cache=str(caches["train"]), val_cache=str(caches["val"]), epochs=4,
+                        batch_size=32))
+    final = result.history[-1]
+    labels = np.asarray(make_planted_labels(caches["val"]))
+    majority = 100.0 * np.bincount(labels).max() / len(labels)  # the best a class-prior guess can do
+    # 6 verbs / 5 nouns: chance is 17 % / 20 %, the majority class ~40 %; the planted structure is learnable
+    assert final["val_verb_top1"] > max(80.0, 1.5 * majority)
+    assert final["val_noun_top1"] > 80.0
+    assert final["val_action_top1"] > 60.0
+    assert final["val_verb_top5"] >= final["val_verb_top1"]
+    assert final["train_loss"] < result.history[0]["train_loss"]
+
+    # best.pt follows the best action top-1; last.pt is the last epoch
+    best_epoch = max(result.history, key=lambda r: r["val_action_top1"])
+    assert result.best_metric == pytest.approx(best_epoch["val_action_top1"])
+    assert result.best_metric_name == "val_action_top1"
+    assert torch.load(result.best_checkpoint, weights_only=True)["epoch"] == best_epoch["epoch"]
+    assert torch.load(result.last_checkpoint, weights_only=True)["epoch"] == 4
+
+    # QA steps alternate with recognition steps: one after every qa_every (2) recognition steps
+    for row in result.history:
+        assert row["rec_steps"] == math.ceil(160 / 32)
+        assert row["qa_steps"] == row["rec_steps"] // 2
+        assert row["question_source"] == "templates" and row["task"] == "recognition"
+
+    rows = _read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    for column in ("step", "lr", "train_loss", "train_loss_qa", "val_verb_top1", "val_verb_top5", "val_noun_top1",
+                   "val_noun_top5", "val_action_top1", "val_action_top5", "time_s", "question_source"):
+        assert column in rows[0]
+    # the learning rate follows warm-up then cosine: it falls over the last epochs
+    assert float(rows[-1]["lr"]) < float(rows[1]["lr"])
+    assert (out / "train_config.json").is_file()
+
+    # predict_scores (the evaluation entry point) reproduces the validation of the last epoch
+    model, ckpt = load_checkpoint(result.last_checkpoint)
+    scores = predict_scores(model, caches["val"], question_source="templates", frames=ckpt["train_config"]["frames"])
+    verb_top1 = 100.0 * np.mean(scores["verb"].argmax(1) == labels[scores["indices"]])
+    assert verb_top1 == pytest.approx(final["val_verb_top1"], abs=1e-4)
+    assert scores["noun"].shape == (80, 5)
+    assert scores["action"].shape[1] == len(ckpt["vocab"]["action_pairs"])
+
+
+def make_planted_labels(path):
+    from mambavl.cache.reader import open_cache
+
+    return open_cache(path).labels()["verb_class"]
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_trains_one_step(caches, tmp_path, name):
+    # batch = the whole tiny cache: one recognition step, then one QA step (qa_every=1) unless the preset drops QA
+    cfg = TrainConfig(train_cache=str(caches["tiny"]), val_cache=None, out_dir=str(tmp_path / name), preset=name,
+                      epochs=1, batch_size=24, qa_every=1, frames=4)
+    result = train(cfg)
+    row = result.history[0]
+    assert row["rec_steps"] == 1
+    assert row["qa_steps"] == (0 if name == "no-qa" else 1)
+    assert math.isfinite(row["train_loss"])
+    assert result.best_checkpoint is None and result.best_metric is None  # no validation cache
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    assert ckpt["train_config"]["preset"] == name
+    # the optimizer took a step on the weights that were saved
+    assert int(ckpt["optimizer"]["state"][0]["step"]) >= 1
+
+
+def test_preset_training_settings_yield_to_explicit_values(caches, tmp_path):
+    assert TrainConfig("a", None, "o", preset="no-qa").qa_weight == 0.0
+    assert TrainConfig("a", None, "o", preset="no-qa", qa_weight=0.5).qa_weight == 0.5
+    assert TrainConfig("a", None, "o", preset="paper").warmup_epochs == 2
+    assert TrainConfig("a", None, "o", preset="small").qa_weight == 1.0
+    with pytest.raises(InputError, match="preset"):
+        TrainConfig("a", None, "o", preset="nope")
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(caches, tmp_path):
+    full = train(_cfg(caches, tmp_path / "full", epochs=3))
+    cfg = _cfg(caches, tmp_path / "split", epochs=3)
+    first = train(cfg, stop_after_epochs=1)
+    assert len(first.history) == 1 and torch.load(first.last_checkpoint, weights_only=True)["epoch"] == 1
+    resumed = dataclasses.replace(cfg, resume=True)
+    second = train(resumed, stop_after_epochs=1)
+    assert len(second.history) == 2
+    final = train(resumed)
+    assert len(final.history) == 3
+
+    a, b = full.model.state_dict(), final.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the saved checkpoints agree too, optimizer moments included
+    ca = torch.load(full.last_checkpoint, weights_only=True)
+    cb = torch.load(final.last_checkpoint, weights_only=True)
+    for key, state in ca["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], cb["optimizer"]["state"][key]["exp_avg"])
+    assert ca["step"] == cb["step"] and ca["best_metric"] == cb["best_metric"]
+    for ra, rb in zip(full.history, final.history):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_action_top1"] == rb["val_action_top1"]
+
+
+def test_resume_refuses_changed_settings_and_existing_runs(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", epochs=2)
+    train(cfg, stop_after_epochs=1)
+    with pytest.raises(InputError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(InputError, match="lr"):
+        train(dataclasses.replace(cfg, resume=True, lr=0.1))
+    with pytest.raises(InputError, match="cannot resume"):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "empty"), resume=True))
+
+
+def test_qa_weight_zero_runs_no_qa_steps(caches, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = MambaVL.qa_embed
+
+    def counting(self, h):
+        calls["n"] += 1
+        return original(self, h)
+
+    monkeypatch.setattr(MambaVL, "qa_embed", counting)
+    result = train(_cfg(caches, tmp_path / "noqa", qa_weight=0.0, val_cache=None))
+    assert calls["n"] == 0
+    assert all(r["rec_steps"] == 3 and r["qa_steps"] == 0 for r in result.history)
+    assert all("train_loss_qa" not in r for r in result.history)
+
+    result = train(_cfg(caches, tmp_path / "qa3", epochs=1, qa_every=3, batch_size=3, val_cache=None))
+    assert result.history[0]["rec_steps"] == 8
+    assert result.history[0]["qa_steps"] == 2 == calls["n"]
+
+
+def test_annotation_protocol(caches, tmp_path):
+    cfg = TrainConfig(train_cache=str(caches["no_annotation"]), val_cache=None, out_dir=str(tmp_path / "a"),
+                      question_source="annotation", model_overrides=TINY, epochs=1)
+    with pytest.raises(InputError) as err:
+        train(cfg)
+    assert str(err.value) == (
+        f"cache {caches['no_annotation']} has no annotation questions (extract with --questions templates,annotation)"
+    )
+
+    result = train(_cfg(caches, tmp_path / "b", question_source="annotation", epochs=1))
+    assert result.history[0]["question_source"] == "annotation"
+    assert result.history[0]["question_fallbacks"] == 0
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    assert ckpt["question_source"] == "annotation" and ckpt["train_config"]["question_source"] == "annotation"
+
+
+def test_anticipation_trains_on_the_anticipation_window(caches, tmp_path, monkeypatch):
+    import mambavl.train as train_module
+
+    windows = []
+    real = train_module.SegmentDataset
+
+    class Recording(real):
+        def __init__(self, cache, window="recognition", **kw):
+            windows.append(window)
+            super().__init__(cache, window=window, **kw)
+
+    monkeypatch.setattr(train_module, "SegmentDataset", Recording)
+    result = train(_cfg(caches, tmp_path / "ant", task="anticipation", epochs=1))
+    assert windows and set(windows) == {"anticipation"}
+    assert result.history[0]["task"] == "anticipation"
+    assert "val_verb_top1" in result.history[0]
+    model, ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt["window"] == "anticipation" and ckpt["task"] == "anticipation"
+    scores = predict_scores(model, caches["tiny"], window="anticipation", frames=6)
+    assert scores["verb"].shape == (24, 6)
+
+    with pytest.raises(InputError, match="no anticipation window"):
+        train(TrainConfig(train_cache=str(caches["no_annotation"]), val_cache=None, out_dir=str(tmp_path / "x"),
+                          task="anticipation", model_overrides=TINY, epochs=1))
+
+
+def test_checkpoint_contents_and_loading(caches, tmp_path):
+    result = train(_cfg(caches, tmp_path / "run", epochs=1))
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)  # plain containers only
+    for key in ("format", "model_config", "train_config", "vocab", "cache_attrs", "model", "optimizer",
+                "scheduler", "epoch", "step", "rng", "best_metric", "package_version"):
+        assert key in ckpt, key
+    assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generator"}
+    assert ckpt["vocab"]["verbs"] == [f"verb{i}" for i in range(6)]
+    pairs = {tuple(p) for p in ckpt["vocab"]["action_pairs"]}
+    from mambavl.cache.reader import open_cache
+
+    lab = open_cache(caches["tiny"]).labels()
+    assert pairs == set(zip(lab["verb_class"].tolist(), lab["noun_class"].tolist()))
+    assert ckpt["model_config"]["num_actions"] == len(pairs)
+    assert ckpt["cache_attrs"]["encoder"] == "planted"
+
+    model, loaded = load_checkpoint(result.best_checkpoint)
+    assert not model.training
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key])
+
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a mambavl checkpoint"):
+        load_checkpoint(bogus)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(InputError, match="not a mambavl checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_val_cache_must_match_the_train_encoder(caches, tmp_path):
+    with pytest.raises(InputError, match="model"):
+        train(_cfg(caches, tmp_path / "run", val_cache=str(caches["other_encoder"])))
+
+
+def test_param_groups_and_schedule():
+    model, _ = presets.create_model("paper", video_dim=8, text_dim=8, num_verbs=3, num_nouns=2)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay_ids}
+    assert any(n.endswith("A_log") for n in names) and any(n.endswith(".D") or n == "D" for n in names)
+    assert all(p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+    assert lr_factor(0, 100, 10, 0.03) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.03) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.03) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.03) == pytest.approx(0.03)
+    assert lr_factor(55, 100, 10, 0.03) == pytest.approx(0.03 + 0.97 * 0.5)
+
+
+def test_cli_train_and_resume(caches, tmp_path):
+    from mambavl.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    common = ["--train-cache", str(caches["tiny"]), "--val-cache", str(caches["tiny"]), "--out", str(out)]
+    tiny = ["--set", "d_model=32", "--set", "n_layers=1", "--frames", "6", "--batch-size", "8"]
+    res = runner.invoke(app, ["train", *common, *tiny, "--epochs", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["train_config"]["model_overrides"] == TINY and ckpt["train_config"]["epochs"] == 1
+
+    # a second run into the same folder is refused; so is --resume with a conflicting option
+    res = runner.invoke(app, ["train", *common, *tiny, "--epochs", "1", "--quiet"])
+    assert res.exit_code == 2 and "already holds a run" in res.output
+    res = runner.invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "5"])
+    assert res.exit_code == 2 and "--epochs" in res.output
+
+    # an interrupted 2-epoch run is finished by `--resume` with the run's own settings (progress output on)
+    out2 = tmp_path / "cli2"
+    cfg = _cfg(caches, out2)
+    train(cfg, stop_after_epochs=1)
+    res = runner.invoke(app, ["train", "--out", str(out2), "--resume", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    assert "epoch 2" in res.output
+    assert [r["epoch"] for r in _read_csv(out2 / "metrics.csv")] == ["1", "2"]
+
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--train-cache", str(caches["tiny"]),
+                              "--set", "nonsense"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "y"), "--train-cache", str(tmp_path / "none.h5")])
+    assert res.exit_code == 2 and "does not exist" in res.output
