@@ -1,5 +1,203 @@
-"""CLI commands of the evaluate stage (registered on `mambavl.cli.app`)."""
+"""CLI commands of the evaluate stage (registered on `mambavl.cli.app`).
+
+* ``mambavl evaluate`` — metrics, per-class table, plots and challenge submission (`mambavl.evaluate.evaluate`);
+* ``mambavl audit-questions`` — the same checkpoint under every question protocol, shuffled questions and the
+  static leak check (`mambavl.analysis.audit.audit_questions`).
+
+Each command builds a config and calls the library; the rest of this module is presentation (rich tables).
+"""
 
 from __future__ import annotations
 
-from mambavl.cli import app, cache_app  # noqa: F401
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mambavl.cli import app, cache_app, fail  # noqa: F401
+from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+from mambavl.train import Task
+
+# ----------------------------------------------------------------------------------------------------------------
+# presentation
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _metrics_table(result: dict) -> Any:
+    """Rich table: one row per (subset, task) with its segment count and metrics (narrow enough for 80 columns)."""
+    from rich.table import Table
+
+    metrics = result["metrics"]
+    first = next(iter(metrics["all"].values()))
+    keys = [k for k in first if k not in ("n", "classes")]
+    title = f"{result['task']} — questions: {result['question_source']}"
+    if result["question_source"] == "annotation":
+        title += " (narration-derived: see warning)"
+    table = Table(title=title)
+    for name in ("subset", "task", "segments", *keys):
+        table.add_column(name, justify="left" if name in ("subset", "task") else "right")
+    for subset, by_task in metrics.items():
+        for i, (task, entry) in enumerate(by_task.items()):
+            table.add_row(subset if i == 0 else "", task, str(entry["n"]), *(_fmt(entry.get(k)) for k in keys),
+                          end_section=i == len(by_task) - 1)
+    return table
+
+
+def _audit_table(report: dict) -> Any:
+    """Rich table: one row per protocol; each metric cell reads "value (Δ vs templates)"."""
+    from rich.table import Table
+
+    protos = report["protocols"]
+    keys = [k for k in next(iter(protos.values()))["metrics"] if k.endswith(("top1", "recall@5"))]
+    table = Table(title=f"question audit (trained with {report['trained_question_source']} questions)")
+    table.add_column("protocol", no_wrap=True)
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column("leak v/n", justify="right")
+    for name, p in protos.items():
+        row = [name]
+        for k in keys:
+            d = p["delta_vs_templates"].get(k)
+            row.append(_fmt(p["metrics"].get(k)) + ("" if d is None else f" ({d:+.1f})"))
+        row.append(f"{_fmt(p['leak'].get('verb'))}/{_fmt(p['leak'].get('noun'))}")
+        table.add_row(*row)
+    return table
+
+
+def _progress_bar(label: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+def _with_progress(label: str, quiet: bool, fn, cfg):
+    if quiet:
+        return fn(cfg)
+    with _progress_bar(label) as bar:
+        task_id = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, info: dict) -> None:
+            desc = info.get("protocol") or info.get("stage", "")
+            bar.update(task_id, completed=done, total=total, description=str(desc))
+
+        return fn(cfg, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands
+
+
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (best.pt / last.pt).")],
+    cache: Annotated[Path, typer.Option("--cache", help="Feature cache to evaluate (.h5).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, per_class.csv, PNGs, submission.")],
+    questions: Annotated[
+        Optional[QuestionSource],
+        typer.Option(help="Question protocol; default: the checkpoint's. 'annotation' is reported as leaking."),
+    ] = None,
+    ek100_dir: Annotated[
+        Optional[Path], typer.Option("--ek100-dir", help="Folder with EPIC_100_tail_*.csv / unseen-participant CSVs.")
+    ] = None,
+    split: Annotated[
+        Optional[str], typer.Option(help="validation or test (picks the unseen-participant list); default: from the "
+                                         "cache's annotation file name.")
+    ] = None,
+    unseen_ids: Annotated[Optional[Path], typer.Option("--unseen-ids", help="Unseen participant ids CSV.")] = None,
+    tail_verbs: Annotated[Optional[Path], typer.Option("--tail-verbs", help="Tail verb classes CSV.")] = None,
+    tail_nouns: Annotated[Optional[Path], typer.Option("--tail-nouns", help="Tail noun classes CSV.")] = None,
+    train_cache: Annotated[
+        Optional[Path], typer.Option("--train-cache", help="Training cache for class frequencies (default: the "
+                                                           "checkpoint's, when it still exists).")
+    ] = None,
+    task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    submission: Annotated[bool, typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = True,
+    sls_pt: Annotated[int, typer.Option("--sls-pt", help="Submission: pre-training supervision level 0-5.")] = 1,
+    sls_tl: Annotated[int, typer.Option("--sls-tl", help="Submission: training-label supervision level 0-5.")] = 3,
+    sls_td: Annotated[int, typer.Option("--sls-td", help="Submission: training-data level 0-5.")] = 3,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+) -> None:
+    """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
+    from mambavl.evaluate import EvalConfig, evaluate
+
+    def opt(p: Optional[Path]) -> Optional[str]:
+        return None if p is None else str(p)
+
+    try:
+        cfg = EvalConfig(
+            checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out),
+            question_source=questions.value if questions else None, task=task.value if task else None,
+            batch_size=batch_size, device=device, ek100_dir=opt(ek100_dir), unseen_ids=opt(unseen_ids),
+            tail_verbs=opt(tail_verbs), tail_nouns=opt(tail_nouns), split=split, train_cache=opt(train_cache),
+            plots=plots, submission=submission, sls_pt=sls_pt, sls_tl=sls_tl, sls_td=sls_td,
+        )
+        result = _with_progress("evaluate", quiet, evaluate, cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if quiet:
+        return
+    from rich.console import Console
+
+    console = Console()
+    if result.get("metrics"):
+        console.print(_metrics_table(result))
+    else:
+        console.print(result.get("note", "no metrics"))
+    for key in ("question_source_warning", "segments_warning"):
+        if key in result:
+            console.print(f"[yellow]warning:[/] {result[key]}")
+    for note in result.get("subset_notes", []) + result.get("metric_notes", []):
+        console.print(f"note: {note}")
+    console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
+
+
+@app.command("audit-questions")
+def audit_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint to audit.")],
+    cache: Annotated[Path, typer.Option("--cache", help="Labelled feature cache (.h5), e.g. the validation split.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: audit.json, audit.md.")],
+    ek100_dir: Annotated[
+        Optional[Path], typer.Option("--ek100-dir", help="Folder with EPIC_100_verb_classes.csv / noun_classes.csv "
+                                                         "(class instances for the static leak check).")
+    ] = None,
+    verb_classes: Annotated[Optional[Path], typer.Option("--verb-classes", help="Verb classes CSV.")] = None,
+    noun_classes: Annotated[Optional[Path], typer.Option("--noun-classes", help="Noun classes CSV.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the question shuffle.")] = 0,
+    task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+) -> None:
+    """Measure how much accuracy comes from the question text: every protocol, shuffled questions, leak rates."""
+    from mambavl.analysis.audit import AuditConfig, audit_questions
+
+    def opt(p: Optional[Path]) -> Optional[str]:
+        return None if p is None else str(p)
+
+    try:
+        cfg = AuditConfig(
+            checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out), task=task.value if task else None,
+            batch_size=batch_size, device=device, shuffle_seed=seed, ek100_dir=opt(ek100_dir),
+            verb_classes=opt(verb_classes), noun_classes=opt(noun_classes),
+        )
+        report = _with_progress("audit", quiet, audit_questions, cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if quiet:
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(_audit_table(report))
+    for finding in report.get("findings", []):
+        console.print(f"[yellow]finding:[/] {finding}")
+    console.print(f"wrote {report['files']['audit_md']}")

@@ -1,0 +1,341 @@
+"""Question-protocol audit: how much of a checkpoint's accuracy comes from the question text?
+
+The paper's protocol builds each segment's questions from its own narration (``question_source = "annotation"``),
+so a question can name the answer. `audit_questions` measures that two ways, on one checkpoint and one cache:
+
+* **dynamic** — the same checkpoint is evaluated under every question protocol the cache holds (``templates``:
+  label-free; ``annotation``; ``file``) and under ``<source>-shuffled``: the per-segment questions of that source
+  permuted across segments with a fixed seed (each segment is asked another segment's question). A model that reads
+  the answer from the question collapses under shuffling and under templates; an honest one barely moves.
+  Deltas are reported in percentage points against ``templates``.
+* **static** — per protocol, the fraction of verb (noun) questions that contain their own answer word
+  (`mambavl.extract.questions.leak_rate` against the class instances; class keys when no class CSV is given).
+
+Outputs (``cfg.out_dir``): ``audit.json`` and ``audit.md`` (the same table in markdown).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mambavl import __version__
+from mambavl.errors import InputError
+from mambavl.evaluate import (
+    Loaded,
+    _atomic_write_text,
+    cache_identity,
+    check_question_source,
+    checkpoint_identity,
+    compute_metrics,
+    load_for_eval,
+    score_cache,
+    write_json,
+)
+
+ProgressFn = Callable[[int, int, dict], None]
+
+SHUFFLED_SUFFIX = "-shuffled"
+PER_SEGMENT_SOURCES = ("annotation", "file")
+VERB_CLASSES_FILE = "EPIC_100_verb_classes.csv"
+NOUN_CLASSES_FILE = "EPIC_100_noun_classes.csv"
+
+
+@dataclass
+class AuditConfig:
+    """One audit run. `protocols` None = every protocol the cache holds, plus a shuffled copy of each per-segment
+    one. Class instances for the static check come from `verb_classes` / `noun_classes` CSVs or `ek100_dir`
+    (EPIC_100_verb_classes.csv, EPIC_100_noun_classes.csv); without them the class keys are the answer words."""
+
+    checkpoint: str
+    cache: str
+    out_dir: str
+    task: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    shuffle_seed: int = 0
+    protocols: tuple[str, ...] | None = None
+    ek100_dir: str | None = None
+    verb_classes: str | None = None
+    noun_classes: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "cache", "out_dir"):
+            setattr(self, name, str(getattr(self, name)))
+        if self.protocols is not None:
+            self.protocols = tuple(self.protocols)
+            allowed = {"templates", *PER_SEGMENT_SOURCES, *(s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES)}
+            bad = [p for p in self.protocols if p not in allowed]
+            if bad:
+                raise InputError(f"audit config: unknown protocol(s) {bad}; choose from {sorted(allowed)}")
+        if self.batch_size < 1:
+            raise InputError(f"audit config: batch_size must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# question tables per protocol
+
+
+def shuffle_permutation(has_question: np.ndarray, seed: int) -> np.ndarray:
+    """(N,) bool -> (N,) int64 row map: rows with a question get another such row's question (seeded permutation of
+    those rows); rows without keep themselves. A random permutation leaves ~1 row in place on average."""
+    rows = np.flatnonzero(has_question)
+    perm = np.arange(len(has_question), dtype=np.int64)
+    perm[rows] = rows[np.random.default_rng(seed).permutation(len(rows))]
+    return perm
+
+
+def shuffled_cache(cache: Any, source: str, perm: np.ndarray) -> Any:
+    """A copy of the cache handle whose `questions()` returns the bank with per_segment[source] rows permuted by
+    `perm` ((N,) row map: row i is asked row perm[i]'s questions). The HDF5 file is not touched."""
+    bank = cache.questions()
+    table = np.asarray(bank.per_segment[source])  # (N, 2)
+    new_bank = copy.copy(bank)
+    per_segment = dict(bank.per_segment)
+    per_segment[source] = table[perm]
+    if dataclasses.is_dataclass(new_bank) and not isinstance(new_bank, type):
+        new_bank = dataclasses.replace(bank, per_segment=per_segment)
+    else:
+        new_bank.per_segment = per_segment
+    handle = copy.copy(cache)
+    # An instance attribute shadows the method on this copy only; predict_scores reads questions() from it.
+    object.__setattr__(handle, "questions", lambda: new_bank)
+    return handle
+
+
+def question_indices(bank: Any, protocol: str, rows: np.ndarray, head_kinds: tuple[str, str],
+                     perm: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), 2) question-table indices (verb head, noun head) asked under `protocol` — the same choice as
+    evaluation: template paraphrase 0, or the row's per-segment question with the template as fallback."""
+    templates = [int(np.asarray(bank.templates[k])[0]) for k in head_kinds]
+    q = np.tile(np.asarray(templates, dtype=np.int64), (len(rows), 1))  # (R, 2)
+    source = protocol.removesuffix(SHUFFLED_SUFFIX)
+    if source == "templates":
+        return q
+    table = np.asarray(bank.per_segment[source], dtype=np.int64)  # (N, 2)
+    if perm is not None:
+        table = table[perm]
+    own = table[rows]
+    return np.where(own >= 0, own, q)
+
+
+def _class_instances(keys: list[str], path: Path | None, what: str) -> tuple[list[tuple[str, ...]], str]:
+    """Answer words per class: the class CSV's instances (checked against the cache's keys) or the keys."""
+    if path is None:
+        return [(k,) for k in keys], "class keys"
+    from mambavl.data.annotations import load_classes
+
+    vocab = load_classes(path)
+    if list(vocab.keys) != list(keys):
+        raise InputError(f"{path}: its {what} classes differ from the cache's classes/{what} (keys do not match)")
+    return [tuple(inst) if inst else (key,) for key, inst in zip(vocab.keys, vocab.instances)], str(path)
+
+
+def _class_csv(explicit: str | None, ek100_dir: str | None, name: str) -> Path | None:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise InputError(f"class CSV {p} not found")
+        return p
+    if ek100_dir and (Path(ek100_dir) / name).is_file():
+        return Path(ek100_dir) / name
+    return None
+
+
+def static_leak(
+    texts: list[str], q: np.ndarray, verb_labels: np.ndarray, noun_labels: np.ndarray | None,
+    verb_inst: list[tuple[str, ...]], noun_inst: list[tuple[str, ...]] | None,
+) -> dict[str, float | None]:
+    """Fraction of verb (noun) questions containing their own answer word, over the rows given.
+
+    q (R, 2) question indices, labels (R,). Uses `mambavl.extract.questions.leak_rate`.
+    """
+    from mambavl.extract.questions import leak_rate
+
+    out: dict[str, float | None] = {}
+    keep = verb_labels >= 0
+    out["verb"] = (leak_rate([texts[i] for i in q[keep, 0]], [verb_inst[v] for v in verb_labels[keep]])
+                   if keep.any() else None)
+    if noun_labels is not None and noun_inst is not None:
+        keep = noun_labels >= 0
+        out["noun"] = (leak_rate([texts[i] for i in q[keep, 1]], [noun_inst[n] for n in noun_labels[keep]])
+                       if keep.any() else None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _flat(result: dict[str, Any], task: str) -> dict[str, float | None]:
+    """The headline numbers of one protocol: overall top-1/top-5 (recognition) or mean top-5 recall (anticipation)."""
+    allm = (result.get("metrics") or {}).get("all", {})
+    out: dict[str, float | None] = {}
+    for t, entry in allm.items():
+        for key, value in entry.items():
+            if key in ("n", "classes"):
+                continue
+            out[f"{t}_{key}"] = value
+    return out
+
+
+def _delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: (None if a.get(k) is None or b.get(k) is None else round(a[k] - b[k], 4)) for k in a}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """audit.md: one row per protocol with its metrics, deltas vs templates and static leak rates."""
+    protos = report["protocols"]
+    metric_keys = list(next(iter(protos.values()))["metrics"].keys()) if protos else []
+    head = ["protocol"] + metric_keys + [f"Δ {k}" for k in metric_keys] + ["leak verb", "leak noun", "fallbacks"]
+    lines = [
+        f"# Question audit — {report['checkpoint']['path']}",
+        "",
+        f"Cache: `{report['cache']['path']}`; trained with question_source = "
+        f"**{report['trained_question_source']}**; task {report['task']}. Metrics in percent on "
+        f"{report['n']} labelled segments; Δ = percentage points vs `templates`; leak = fraction of questions that "
+        f"contain their own answer word (answers: {report['answer_words']}).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+
+    def fmt(v: Any, signed: bool = False) -> str:
+        if v is None:
+            return "–"
+        return f"{v:+.2f}" if signed else f"{v:.2f}"
+
+    for name, p in protos.items():
+        cells = [f"`{name}`"] + [fmt(p["metrics"].get(k)) for k in metric_keys]
+        cells += [fmt(p["delta_vs_templates"].get(k), True) for k in metric_keys]
+        leak = p.get("leak", {})
+        cells += [fmt(leak.get("verb")), fmt(leak.get("noun")), str(p.get("question_fallbacks", 0))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("findings"):
+        lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> list[str]:
+    """Plain-language reading of the table: large drops under shuffling / templates mean the text carries answers."""
+    key = "verb_top1" if task != "anticipation" else "verb_recall@5"
+    out = []
+    for name, p in protos.items():
+        if name.endswith(SHUFFLED_SUFFIX):
+            source = name.removesuffix(SHUFFLED_SUFFIX)
+            base = protos.get(source, {}).get("metrics", {}).get(key)
+            shuf = p["metrics"].get(key)
+            if base is not None and shuf is not None and base - shuf > threshold:
+                out.append(f"`{source}` questions carry segment-specific answer information: {key} drops by "
+                           f"{base - shuf:.1f} points when they are shuffled across segments.")
+        elif name != "templates":
+            d = p["delta_vs_templates"].get(key)
+            if d is not None and d > threshold:
+                out.append(f"`{name}` beats label-free templates by {d:.1f} points of {key}; that gain is not "
+                           "available on the test split.")
+        leak = p.get("leak", {})
+        for t in ("verb", "noun"):
+            if (leak.get(t) or 0) > 0.5:
+                out.append(f"`{name}`: {leak[t]:.0%} of {t} questions contain their own answer word.")
+    return out
+
+
+def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
+    their own answers; writes audit.json and audit.md and returns the report (see the module docstring)."""
+    from mambavl.train import HEAD_KINDS, Task
+
+    loaded: Loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    cache = loaded.cache
+    available = list(cache.attrs.get("question_sources") or ["templates"])
+    bank = cache.questions()
+    if cfg.protocols is None:
+        protocols = ["templates"] + [s for s in PER_SEGMENT_SOURCES if s in available and s in bank.per_segment]
+        protocols += [s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES if s in protocols]
+    else:
+        protocols = list(cfg.protocols)
+        if "templates" not in protocols:
+            protocols.insert(0, "templates")  # the reference every delta is taken against
+    for p in protocols:
+        check_question_source(cache, p.removesuffix(SHUFFLED_SUFFIX))
+
+    labels = loaded.labels
+    rows = np.asarray(cache.valid_indices(loaded.window), dtype=np.int64)
+    verb_all = np.asarray(labels["verb_class"], np.int64)
+    if not (verb_all[rows] >= 0).any():
+        raise InputError(f"cache {cache.path} has no labelled valid segments: the audit needs labels")
+    has_nouns = len(cache.noun_keys) > 0
+    noun_all = np.asarray(labels["noun_class"], np.int64) if has_nouns else None
+
+    verb_inst, verb_src = _class_instances(list(cache.verb_keys),
+                                           _class_csv(cfg.verb_classes, cfg.ek100_dir, VERB_CLASSES_FILE), "verb")
+    noun_inst, noun_src = (None, None)
+    if has_nouns:
+        noun_inst, noun_src = _class_instances(
+            list(cache.noun_keys), _class_csv(cfg.noun_classes, cfg.ek100_dir, NOUN_CLASSES_FILE), "noun")
+    texts = [str(t) for t in bank.texts]
+    head_kinds = HEAD_KINDS[Task(loaded.task)]
+    action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
+    trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
+        "question_source", "templates")
+
+    perms: dict[str, np.ndarray] = {}
+    shuffle_info: dict[str, Any] = {"seed": cfg.shuffle_seed}
+    for p in protocols:
+        if p.endswith(SHUFFLED_SUFFIX):
+            source = p.removesuffix(SHUFFLED_SUFFIX)
+            table = np.asarray(bank.per_segment[source])
+            valid = np.zeros(cache.n, dtype=bool)
+            valid[rows] = True
+            has_q = valid & (table >= 0).all(axis=1)
+            perms[p] = shuffle_permutation(has_q, cfg.shuffle_seed)
+            moved = perms[p][has_q] != np.flatnonzero(has_q)
+            shuffle_info[source] = {"rows_shuffled": int(has_q.sum()), "kept_own_question": int((~moved).sum())}
+
+    results: dict[str, dict[str, Any]] = {}
+    for i, p in enumerate(protocols):
+        if progress is not None:
+            progress(i, len(protocols), {"stage": "protocol", "protocol": p})
+        source = p.removesuffix(SHUFFLED_SUFFIX)
+        handle = shuffled_cache(cache, source, perms[p]) if p in perms else None
+        scored = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=handle)
+        res = compute_metrics(scored, labels, loaded.task, {}, (1, 5), action_pairs)
+        q = question_indices(bank, p, scored.rows, head_kinds, perms.get(p))
+        leak = static_leak(texts, q, verb_all[scored.rows], noun_all[scored.rows] if has_nouns else None,
+                           verb_inst, noun_inst)
+        results[p] = {"metrics": _flat(res, loaded.task), "question_fallbacks": scored.question_fallbacks,
+                      "leak": leak, "n": res["n"]}
+    if progress is not None:
+        progress(len(protocols), len(protocols), {"stage": "done"})
+    base = results["templates"]["metrics"]
+    for p in results.values():
+        p["delta_vs_templates"] = _delta(p["metrics"], base)
+
+    report: dict[str, Any] = {
+        "mambavl_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": loaded.task,
+        "units": "percent (metrics, deltas in percentage points); leak rates are fractions",
+        "trained_question_source": trained_source,
+        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.ckpt),
+        "cache": cache_identity(cache),
+        "config": asdict(cfg),
+        "n": results["templates"]["n"],
+        "answer_words": "verb: " + verb_src + ("; noun: " + noun_src if noun_src else ""),
+        "shuffle": shuffle_info,
+        "protocols": results,
+    }
+    report["findings"] = _findings(results, loaded.task)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "audit.json", report)
+    _atomic_write_text(out_dir / "audit.md", markdown_table(report))
+    report["files"] = {"audit_json": str(out_dir / "audit.json"), "audit_md": str(out_dir / "audit.md")}
+    return report

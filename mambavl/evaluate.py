@@ -1,0 +1,707 @@
+"""Evaluate a checkpoint on a feature cache, EK-100 style: metrics, per-class tables, plots, challenge submission.
+
+`evaluate(cfg)` scores every valid row of the cache with the checkpoint (`mambavl.train.predict_scores`), then, for
+a labelled cache, computes the official EK-100 metrics (`mambavl.metrics`) and writes into `cfg.out_dir`:
+
+* ``metrics.json`` — every metric (percent), the question protocol used (``question_source``; a warning when it is
+  the narration-derived ``annotation`` protocol), the checkpoint and cache identities, the subset files used;
+* ``per_class.csv`` — per verb / noun: training count, frequency bucket, support, top-1, top-5;
+* ``submission.json`` (+ ``submission.zip`` holding it as ``test.json``, the file the challenge server takes) in the
+  official format of the action recognition (or anticipation) challenge;
+* PNG plots (per-class accuracy by training frequency, head/mid/tail bars, confusion of the most frequent classes).
+
+A cache without labels (the test split) gets the submission only; metrics.json says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mambavl import __version__
+from mambavl import metrics as M
+from mambavl.errors import InputError
+
+# progress(done, total, info): info["stage"] names the step ("load", "predict", "metrics", "submission", "plots").
+ProgressFn = Callable[[int, int, dict], None]
+
+STAGES = ("load", "predict", "metrics", "submission", "plots")
+
+ANNOTATION_WARNING = (
+    "question_source is 'annotation': the questions were derived from each segment's own narration (the paper's "
+    "protocol, other label masked), so they can carry the answer. These numbers are not comparable to label-free "
+    "protocols and cannot be produced on the test split; run `mambavl audit-questions` to measure the effect."
+)
+FILE_NOTE = "question_source is 'file': user-supplied per-segment questions; check them for label leaks."
+
+# Official file names beside the annotation CSVs (epic-kitchens-100-annotations).
+TAIL_VERBS_FILE = "EPIC_100_tail_verbs.csv"
+TAIL_NOUNS_FILE = "EPIC_100_tail_nouns.csv"
+UNSEEN_FILE = "EPIC_100_unseen_participant_ids_{split}.csv"
+
+# Supervision levels of the submission (https://github.com/epic-kitchens/sls). Defaults: image-pretrained frozen
+# encoder (1), full temporal supervision (3), the training split only (3). Set them truthfully for your run.
+DEFAULT_SLS = {"sls_pt": 1, "sls_tl": 3, "sls_td": 3}
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run; saved into metrics.json.
+
+    `question_source` / `task` None = what the checkpoint was trained with. Subset files: explicit paths win; else
+    they are looked up in `ek100_dir` (tail verbs/nouns, and the unseen-participant list of `split`, which defaults
+    to the split named by the cache's annotation file: "validation" or "test"). Missing files only drop the subset
+    (reported in metrics.json). `train_cache` gives the training class frequencies for the head/mid/tail analysis
+    (default: the checkpoint's recorded train cache when it still exists, else the evaluated split's own labels).
+    """
+
+    checkpoint: str
+    cache: str
+    out_dir: str
+    question_source: str | None = None
+    task: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    ek100_dir: str | None = None
+    unseen_ids: str | None = None
+    tail_verbs: str | None = None
+    tail_nouns: str | None = None
+    split: str | None = None
+    train_cache: str | None = None
+    ks: tuple[int, ...] = (1, 5)
+    plots: bool = True
+    submission: bool = True
+    confusion_classes: int = 20
+    sls_pt: int = DEFAULT_SLS["sls_pt"]
+    sls_tl: int = DEFAULT_SLS["sls_tl"]
+    sls_td: int = DEFAULT_SLS["sls_td"]
+
+    def __post_init__(self) -> None:
+        from mambavl.extract.questions import QuestionSource
+        from mambavl.train import Task
+
+        for name in ("checkpoint", "cache", "out_dir"):
+            setattr(self, name, str(getattr(self, name)))
+        if self.question_source is not None:
+            try:
+                self.question_source = QuestionSource(self.question_source).value
+            except ValueError:
+                raise InputError(
+                    f"eval config: question_source {self.question_source!r} is not one of "
+                    f"{[q.value for q in QuestionSource]}"
+                ) from None
+        if self.task is not None:
+            try:
+                self.task = Task(self.task).value
+            except ValueError:
+                raise InputError(f"eval config: task {self.task!r} is not one of {[t.value for t in Task]}") from None
+        self.ks = tuple(sorted({int(k) for k in self.ks}))
+        if not self.ks or min(self.ks) < 1:
+            raise InputError(f"eval config: ks must be positive integers, got {self.ks}")
+        if self.batch_size < 1:
+            raise InputError(f"eval config: batch_size must be >= 1, got {self.batch_size}")
+        for name in ("sls_pt", "sls_tl", "sls_td"):
+            if not 0 <= int(getattr(self, name)) <= 5:
+                raise InputError(f"eval config: {name} must be in 0..5, got {getattr(self, name)}")
+        if self.split is not None and self.split not in ("validation", "test"):
+            raise InputError(f"eval config: split must be 'validation' or 'test', got {self.split!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs: checkpoint + cache, subset files, training frequencies
+
+
+@dataclass
+class Scored:
+    """Scores of one protocol on one cache, aligned by row: what metrics and submissions are computed from."""
+
+    verb: np.ndarray  # (N, V) logits
+    noun: np.ndarray | None  # (N, Nn) logits, None without a noun head
+    action: np.ndarray | None  # (N, A) action-head logits, None without one
+    rows: np.ndarray  # (N,) cache rows
+    question_fallbacks: int = 0
+
+
+@dataclass
+class Loaded:
+    """A checkpoint and a cache that were checked to belong together."""
+
+    model: Any
+    ckpt: dict
+    cache: Any
+    task: str
+    window: str
+    labels: dict = field(default_factory=dict)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: str) -> Loaded:
+    """Load the checkpoint and open the cache, refusing a cache made with another encoder or class vocabulary."""
+    from mambavl.cache import schema
+    from mambavl.cache.reader import open_cache
+    from mambavl.train import load_checkpoint
+
+    model, ckpt = load_checkpoint(checkpoint, device=_device(device))
+    cache = open_cache(cache_path)
+    schema.check_compatible(ckpt.get("cache_attrs", {}), cache.attrs, f"checkpoint {checkpoint}", f"cache {cache_path}")
+    vocab = ckpt.get("vocab", {})
+    if list(vocab.get("verbs", [])) != list(cache.verb_keys) or list(vocab.get("nouns", [])) != list(cache.noun_keys):
+        raise InputError(
+            f"cache {cache_path} has other verb/noun classes (classes/verb, classes/noun) than checkpoint {checkpoint} "
+            f"({len(cache.verb_keys)}/{len(cache.noun_keys)} vs {len(vocab.get('verbs', []))}/"
+            f"{len(vocab.get('nouns', []))}); evaluate on a cache extracted with the training class CSVs"
+        )
+    task = task or ckpt.get("task") or ckpt.get("train_config", {}).get("task", "recognition")
+    window = "anticipation" if task == "anticipation" else "recognition"
+    if window == "anticipation" and not cache.attrs.get("anticipation", False):
+        raise InputError(f"cache {cache_path} has no anticipation window (extract it with --anticipation)")
+    return Loaded(model=model, ckpt=ckpt, cache=cache, task=task, window=window, labels=cache.labels())
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_question_source(cache: Any, source: str) -> None:
+    """InputError when the cache holds no questions of `source` (templates are always there)."""
+    available = list(cache.attrs.get("question_sources") or ["templates"])
+    if source != "templates" and source not in available:
+        raise InputError(
+            f"cache {cache.path} has no {source!r} questions (attribute question_sources = {available}); "
+            f"choose --questions {' or '.join(available)} or re-extract with that question source"
+        )
+
+
+def score_cache(
+    loaded: Loaded,
+    source: str,
+    batch_size: int,
+    device: str,
+    cache: Any | None = None,
+) -> Scored:
+    """Scores of every valid row of the cache under question protocol `source` (`cache` overrides the handle, e.g.
+    one whose question table was shuffled by the audit)."""
+    from mambavl.train import predict_scores
+
+    cache = cache if cache is not None else loaded.cache
+    frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
+    out = predict_scores(loaded.model, cache, window=loaded.window, question_source=source, device=_device(device),
+                         batch_size=batch_size, frames=frames)
+    rows = np.asarray(out["indices"], dtype=np.int64)
+    fallbacks = 0
+    if source != "templates":
+        table = cache.questions().per_segment.get(source)
+        if table is not None and len(rows):
+            fallbacks = int((np.asarray(table)[rows] < 0).any(axis=1).sum())
+    verb = np.asarray(out["verb"], dtype=np.float32)
+    noun = None if out.get("noun") is None else np.asarray(out["noun"], dtype=np.float32)
+    if noun is not None and noun.shape[1] == 0:
+        noun = None
+    action = None if out.get("action") is None else np.asarray(out["action"], dtype=np.float32)
+    return Scored(verb=verb, noun=noun, action=action, rows=rows, question_fallbacks=fallbacks)
+
+
+def infer_split(annotation_file: str) -> str | None:
+    """'validation' / 'test' from an annotation file name (EPIC_100_validation.csv, EPIC_100_test_timestamps.csv)."""
+    name = Path(str(annotation_file)).name.lower()
+    if "test" in name:
+        return "test"
+    if "validation" in name or "_val" in name:
+        return "validation"
+    return None
+
+
+def locate_subset_files(cfg: EvalConfig, cache_attrs: dict) -> tuple[dict[str, Path | None], list[str]]:
+    """Paths of the unseen-participant list and the tail verb/noun lists, and notes on what was not found."""
+    from mambavl.data.annotations import find_ek100_file
+
+    notes: list[str] = []
+    split = cfg.split or infer_split(cache_attrs.get("annotation_file", ""))
+    ek = Path(cfg.ek100_dir) if cfg.ek100_dir else None
+    if ek is not None and not ek.is_dir():
+        raise InputError(f"--ek100-dir {ek}: not a directory")
+    wanted = {
+        "unseen_ids": (cfg.unseen_ids, UNSEEN_FILE.format(split=split) if split else None),
+        "tail_verbs": (cfg.tail_verbs, TAIL_VERBS_FILE),
+        "tail_nouns": (cfg.tail_nouns, TAIL_NOUNS_FILE),
+    }
+    found: dict[str, Path | None] = {}
+    for key, (explicit, default_name) in wanted.items():
+        if explicit:
+            p = Path(explicit)
+            if not p.is_file():
+                raise InputError(f"{key.replace('_', '-')} file {p} not found")
+            found[key] = p
+        elif ek is not None and default_name and find_ek100_file(ek, default_name) is not None:
+            found[key] = find_ek100_file(ek, default_name)
+        else:
+            found[key] = None
+            if key == "unseen_ids" and not split:
+                notes.append("unseen subset skipped: the split is unknown (pass --split or --unseen-ids)")
+            else:
+                where = f"in {ek}" if ek else "(pass --ek100-dir or the file)"
+                notes.append(f"{key} file {default_name} not found {where}; that subset is skipped")
+    return found, notes
+
+
+def load_subsets(files: dict[str, Path | None]) -> dict[str, Any]:
+    """Parse the subset files (`mambavl.data.annotations` readers; errors name the file and row):
+    {"unseen_ids": set[str] | None, "tail_verbs": set[int] | None, "tail_nouns": set[int] | None}."""
+    from mambavl.data.annotations import load_id_list, load_tail_classes
+
+    return {
+        "unseen_ids": load_id_list(files["unseen_ids"]) if files.get("unseen_ids") else None,
+        "tail_verbs": load_tail_classes(files["tail_verbs"]) if files.get("tail_verbs") else None,
+        "tail_nouns": load_tail_classes(files["tail_nouns"]) if files.get("tail_nouns") else None,
+    }
+
+
+def training_counts(loaded: Loaded, cfg_train_cache: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Training class counts (verb (V,), noun (Nn,)) and where they came from.
+
+    Order of preference: counts stored in the checkpoint (`class_counts`), the given / recorded training cache,
+    the evaluated split's own labels (then the "head/tail" buckets describe this split, said so in metrics.json).
+    """
+    nv, nn = len(loaded.cache.verb_keys), len(loaded.cache.noun_keys)
+    stored = loaded.ckpt.get("class_counts")
+    if isinstance(stored, dict) and "verb" in stored:
+        return (np.asarray(stored["verb"], np.int64), np.asarray(stored.get("noun", np.zeros(nn)), np.int64),
+                "checkpoint")
+    path = cfg_train_cache or loaded.ckpt.get("train_config", {}).get("train_cache")
+    labels, rows, source = None, None, None
+    if path and Path(path).is_file():
+        from mambavl.cache.reader import open_cache
+
+        try:
+            train = open_cache(path)
+            if list(train.verb_keys) == list(loaded.cache.verb_keys):
+                labels = train.labels()
+                rows = np.asarray(train.valid_indices(loaded.window), dtype=np.int64)
+                source = f"training cache {path}"
+        except InputError:
+            labels = None
+    if labels is None:
+        labels = loaded.labels
+        rows = np.asarray(loaded.cache.valid_indices(loaded.window), dtype=np.int64)
+        source = "evaluated split (training cache not available)"
+    verb = np.asarray(labels["verb_class"], np.int64)[rows]
+    noun = np.asarray(labels["noun_class"], np.int64)[rows]
+    vc = np.bincount(verb[(verb >= 0) & (verb < nv)], minlength=nv)
+    ncount = np.bincount(noun[(noun >= 0) & (noun < nn)], minlength=nn) if nn else np.zeros(0, np.int64)
+    return vc.astype(np.int64), ncount.astype(np.int64), source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _pct(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x) * 100, 4)
+
+
+def _pct_tree(tree: Any) -> Any:
+    """Fractions -> percent (rounded), NaN -> None (JSON null); counts ("n", "classes") untouched."""
+    if isinstance(tree, dict):
+        return {k: (v if k in ("n", "classes") else _pct_tree(v)) for k, v in tree.items()}
+    if isinstance(tree, float):
+        return _pct(tree)
+    return tree
+
+
+def _task_metrics(task: str, vs, ns, vl, nl, ks: tuple[int, ...], subset_args: dict) -> dict[str, Any]:
+    """The official metric set of `task` (percent): nested "metrics", flat "official" (and "accuracy")."""
+    out: dict[str, Any] = {}
+    if task == "anticipation":
+        rec = M.ek100_anticipation_metrics(vs, ns, vl, nl, k=5, **subset_args)
+        out["metrics"] = _pct_tree(rec)
+        out["accuracy"] = _pct_tree(M.ek100_recognition_metrics(vs, ns, vl, nl, ks=ks)["all"])
+        out["official"] = {
+            f"{subset}_{t}_mean_top5_recall": entry["recall@5"]
+            for subset, by_task in out["metrics"].items() for t, entry in by_task.items()
+        }
+    else:
+        rec = M.ek100_recognition_metrics(vs, ns, vl, nl, ks=ks, **subset_args)
+        out["metrics"] = _pct_tree(rec)
+        out["official"] = {k: (None if math.isnan(v) else round(v, 4))
+                           for k, v in M.official_recognition_keys(rec).items()}
+    return out
+
+
+def compute_metrics(
+    scored: Scored,
+    labels: dict,
+    task: str,
+    subsets: dict[str, Any],
+    ks: tuple[int, ...] = (1, 5),
+    action_pairs: list | None = None,
+) -> dict[str, Any]:
+    """All metrics of one protocol (percent), on the labelled rows of `scored`.
+
+    Returns {"n": labelled rows, "n_unlabelled", "metrics": nested subset/task dict, "official": the official flat
+    keys, "accuracy" (anticipation: plain top-k), "action_head" (when the model has an action head),
+    "metric_notes" (e.g. no unseen segment: subset omitted)}.
+    """
+    rows = scored.rows
+    verb_l = np.asarray(labels["verb_class"], np.int64)[rows]
+    noun_l = np.asarray(labels["noun_class"], np.int64)[rows]
+    part = np.asarray(labels["participant_id"]).astype(str)[rows]
+    keep = verb_l >= 0
+    has_nouns = scored.noun is not None
+    if has_nouns:
+        keep &= noun_l >= 0
+    vs = scored.verb[keep]
+    ns = scored.noun[keep] if has_nouns else None
+    vl, nl, pid = verb_l[keep], (noun_l[keep] if has_nouns else None), part[keep]
+    args = dict(participant_ids=list(pid), unseen_ids=subsets.get("unseen_ids"), tail_verbs=subsets.get("tail_verbs"),
+                tail_nouns=subsets.get("tail_nouns") if has_nouns else None)
+    out: dict[str, Any] = {"n": int(keep.sum()), "n_unlabelled": int((~keep).sum())}
+    # The metrics warn (as the official code does) when a subset is empty; that belongs in metrics.json.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out.update(_task_metrics(task, vs, ns, vl, nl, ks, args))
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if notes:
+        out["metric_notes"] = notes
+    if scored.action is not None and action_pairs and has_nouns:
+        index = {(int(v), int(n)): i for i, (v, n) in enumerate(action_pairs)}
+        al = np.array([index.get((int(v), int(n)), -1) for v, n in zip(vl, nl)], dtype=np.int64)
+        seen = al >= 0
+        acc = M.topk_accuracy(scored.action[keep][seen], al[seen], ks)
+        out["action_head"] = {"n": int(seen.sum()), "coverage": _pct(seen.mean()) if len(seen) else None,
+                              **{f"top{k}": _pct(v) for k, v in acc.items()}}
+    return out
+
+
+def per_class_tables(
+    scored: Scored, labels: dict, verb_counts: np.ndarray, noun_counts: np.ndarray, ks: tuple[int, ...]
+) -> dict[str, dict[str, np.ndarray]]:
+    """{task: {"support", "train_count", "bucket", "top1", "top5", ...}} per verb / noun class (accuracies 0..1)."""
+    rows = scored.rows
+    out = {}
+    for task, s, counts in (("verb", scored.verb, verb_counts), ("noun", scored.noun, noun_counts)):
+        if s is None:
+            continue
+        lab = np.asarray(labels[f"{task}_class"], np.int64)[rows]
+        keep = lab >= 0
+        table = M.per_class_accuracy(s[keep], lab[keep], num_classes=s.shape[1], ks=ks)
+        table["train_count"] = counts
+        table["bucket"] = M.frequency_buckets(counts)
+        out[task] = table
+    return out
+
+
+def bucket_metrics(tables: dict, scored: Scored, labels: dict, ks: tuple[int, ...]) -> dict[str, Any]:
+    """Accuracy by training-frequency bucket per task (percent); the bucket rule is in metrics.frequency_buckets."""
+    out: dict[str, Any] = {}
+    for task, table in tables.items():
+        s = scored.verb if task == "verb" else scored.noun
+        lab = np.asarray(labels[f"{task}_class"], np.int64)[scored.rows]
+        keep = lab >= 0
+        res = M.bucket_accuracy(s[keep], lab[keep], table["bucket"], ks)
+        out[task] = _pct_tree(res)
+    return out
+
+
+def write_per_class_csv(path: Path, tables: dict, names: dict[str, list[str]], ks: tuple[int, ...]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["task", "class_id", "class_key", "train_count", "bucket", "support"] + [f"top{k}" for k in ks])
+    for task, table in tables.items():
+        for c in range(len(table["support"])):
+            accs = [table[f"top{k}"][c] for k in ks]
+            w.writerow([task, c, names[task][c], int(table["train_count"][c]), table["bucket"][c],
+                        int(table["support"][c])] + ["" if math.isnan(a) else f"{a * 100:.4f}" for a in accs])
+    _atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# submission (official challenge format)
+
+
+def _number_strings(scores: np.ndarray) -> np.ndarray:
+    """(N, C) float -> (N, C) str: the shortest text that reads back as the same float32 (half the size of
+    float64 reprs; the challenge server only ranks the scores)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity; the model produced non-finite logits")
+    return scores.astype(str)
+
+
+def _scores_object(keys: list[str], values: np.ndarray) -> str:
+    return "{" + ", ".join(f'"{k}": {v}' for k, v in zip(keys, values)) + "}"
+
+
+def submission_text(
+    narration_ids: list[str],
+    verb: np.ndarray,
+    noun: np.ndarray | None,
+    challenge: str,
+    sls: dict[str, int],
+    action_top: int = M.ACTION_TOP_N,
+) -> str:
+    """The challenge JSON as text.
+
+    action_recognition (C1 ``utils/challenge.py:make_action_recognition_submission``): ``{"version": "0.2",
+    "challenge": "action_recognition", "sls_pt", "sls_tl", "sls_td", "results": {narration_id: {"verb": {"0":
+    score, ...}, "noun": {...}}}}`` — raw scores of every class; the server derives actions itself.
+    action_anticipation (RULSTM ``utils.py:predictions_to_json`` with version "0.2"): the same plus
+    ``"action": {"verb,noun": score}`` for the top-100 pairs by p(verb) * p(noun).
+    Built as text row by row so a 13k-segment test split does not need a 5M-entry dict in memory.
+    """
+    if challenge not in ("action_recognition", "action_anticipation"):
+        raise ValueError(f"unknown challenge {challenge!r}")
+    if len(narration_ids) != len(verb):
+        raise ValueError(f"{len(narration_ids)} narration ids for {len(verb)} score rows")
+    vkeys = [str(i) for i in range(verb.shape[1])]
+    vtext = _number_strings(verb)
+    ntext = _number_strings(noun) if noun is not None else None
+    nkeys = [str(i) for i in range(noun.shape[1])] if noun is not None else []
+    pairs = ascores = None
+    if challenge == "action_anticipation" and noun is not None:
+        pairs, ascores = M.action_scores_from_verb_noun(verb, noun, action_top)
+        ascores = _number_strings(ascores)
+    head = {"version": "0.2", "challenge": challenge, **{k: int(v) for k, v in sls.items()}}
+    parts = [json.dumps(head)[:-1], ', "results": {']
+    for i, nid in enumerate(narration_ids):
+        entry = f'"verb": {_scores_object(vkeys, vtext[i])}'
+        if ntext is not None:
+            entry += f', "noun": {_scores_object(nkeys, ntext[i])}'
+        if pairs is not None:
+            akeys = [f"{v},{n}" for v, n in pairs[i]]
+            entry += f', "action": {_scores_object(akeys, ascores[i])}'
+        parts.append(("" if i == 0 else ", ") + json.dumps(str(nid)) + ": {" + entry + "}")
+    parts.append("}}")
+    return "".join(parts)
+
+
+def write_submission(out_dir: Path, text: str) -> dict[str, str]:
+    """submission.json, and submission.zip with the same JSON as test.json (C1 ``write_submission_file``)."""
+    js = out_dir / "submission.json"
+    _atomic_write_text(js, text)
+    zp = out_dir / "submission.zip"
+    tmp = zp.with_name(zp.name + ".tmp")
+    with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=5) as z:
+        z.writestr("test.json", text)
+    os.replace(tmp, zp)
+    return {"submission_json": str(js), "submission_zip": str(zp)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def write_plots(out_dir: Path, tables: dict, buckets: dict, scored: Scored, labels: dict, names: dict,
+                top: int) -> dict[str, str]:
+    """Per-class accuracy, head/mid/tail bars and confusion matrices as PNGs; returns {name: path}."""
+    from mambavl.analysis import plots
+
+    files: dict[str, str] = {}
+    for task, table in tables.items():
+        p = plots.per_class_accuracy_plot(
+            out_dir / f"{task}_per_class.png", table["top1"] * 100, table["train_count"], names[task],
+            f"{task} top-1 accuracy per class (bars coloured by training-frequency bucket)", table["bucket"],
+        )
+        files[f"{task}_per_class_png"] = str(p)
+        s = scored.verb if task == "verb" else scored.noun
+        lab = np.asarray(labels[f"{task}_class"], np.int64)[scored.rows]
+        keep = lab >= 0
+        pred = M.rank_classes(s[keep], 1)[:, 0]
+        support = table["support"]
+        chosen = [int(c) for c in np.argsort(-support, kind="stable")[:top] if support[c] > 0]
+        if chosen:
+            # Every class outside the chosen ones is folded into "other", so rows still sum to their support.
+            remap = np.full(s.shape[1], len(chosen), dtype=np.int64)
+            remap[chosen] = np.arange(len(chosen))
+            cm = M.confusion_matrix(remap[pred], remap[lab[keep]], len(chosen) + 1)
+            p = plots.confusion_plot(out_dir / f"{task}_confusion.png", cm,
+                                     [names[task][c] for c in chosen] + ["(other)"],
+                                     f"{task} confusion, {len(chosen)} most frequent classes (row-normalised)")
+            files[f"{task}_confusion_png"] = str(p)
+    if buckets:
+        p = plots.bucket_bars_plot(out_dir / "head_tail.png", buckets,
+                                   "top-1 accuracy by training-frequency bucket")
+        files["head_tail_png"] = str(p)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / infinity -> None, recursively: metrics.json stays strict JSON (a missing value is null)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (NaN written as null), atomically."""
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    _atomic_write_text(path, text + "\n")
+
+
+def checkpoint_identity(path: str, ckpt: dict) -> dict[str, Any]:
+    tc = ckpt.get("train_config", {})
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256": sha256_file(path),
+        "epoch": ckpt.get("epoch"),
+        "preset": tc.get("preset"),
+        "task": ckpt.get("task", tc.get("task")),
+        "question_source": ckpt.get("question_source", tc.get("question_source")),
+        "train_cache": tc.get("train_cache"),
+        "best_metric": ckpt.get("best_metric"),
+        "package_version": ckpt.get("package_version"),
+    }
+
+
+def cache_identity(cache: Any) -> dict[str, Any]:
+    return {"path": str(Path(cache.path).resolve()), "segments": int(cache.n), "attrs": cache.attrs}
+
+
+def question_report(source: str, origin: str) -> dict[str, Any]:
+    """The question-protocol fields of metrics.json (with the leak warning for the annotation protocol)."""
+    rep: dict[str, Any] = {"question_source": source, "question_source_from": origin}
+    if source == "annotation":
+        rep["question_source_warning"] = ANNOTATION_WARNING
+    elif source == "file":
+        rep["question_source_warning"] = FILE_NOTE
+    return rep
+
+
+def evaluate(cfg: EvalConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files")."""
+
+    def step(stage: str, **info: Any) -> None:
+        if progress is not None:
+            progress(STAGES.index(stage), len(STAGES), {"stage": stage, **info})
+
+    out_dir = Path(cfg.out_dir)
+    step("load")
+    loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
+        "question_source", "templates")
+    source = cfg.question_source or trained_source
+    check_question_source(loaded.cache, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    step("predict", question_source=source)
+    scored = score_cache(loaded, source, cfg.batch_size, cfg.device)
+    labels = loaded.labels
+    verb_rows = np.asarray(labels["verb_class"], np.int64)[scored.rows]
+    labelled = bool(loaded.cache.attrs.get("has_labels", True)) and bool((verb_rows >= 0).any())
+
+    names = {"verb": list(loaded.cache.verb_keys), "noun": list(loaded.cache.noun_keys)}
+    result: dict[str, Any] = {
+        "mambavl_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": loaded.task,
+        "window": loaded.window,
+        **question_report(source, "override" if cfg.question_source else "checkpoint"),
+        "trained_question_source": trained_source,
+        "question_fallbacks": scored.question_fallbacks,
+        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.ckpt),
+        "cache": cache_identity(loaded.cache),
+        "config": asdict(cfg),
+        "segments": {"cache": int(loaded.cache.n), "evaluated": int(len(scored.rows)),
+                     "invalid_or_failed": int(loaded.cache.n - len(scored.rows))},
+        "units": "percent",
+    }
+    if result["segments"]["invalid_or_failed"]:
+        result["segments_warning"] = (
+            f"{result['segments']['invalid_or_failed']} cache rows are not valid (failed or not yet extracted) and are "
+            "missing from the metrics and the submission; see `mambavl cache inspect`"
+        )
+    files: dict[str, str] = {}
+
+    step("metrics")
+    if labelled:
+        found, notes = locate_subset_files(cfg, loaded.cache.attrs)
+        subsets = load_subsets(found)
+        result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
+        if notes:
+            result["subset_notes"] = notes
+        action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
+        result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
+        vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
+        tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
+        buckets = bucket_metrics(tables, scored, labels, cfg.ks)
+        result["frequency_buckets"] = {
+            "source": freq_source,
+            "rule": f"classes by descending training count; head = classes before {M.HEAD_SHARE:.0%} of training "
+                    f"instances, mid = before {M.MID_SHARE:.0%}, tail = the rest",
+            **buckets,
+        }
+        write_per_class_csv(out_dir / "per_class.csv", tables, names, cfg.ks)
+        files["per_class_csv"] = str(out_dir / "per_class.csv")
+    else:
+        result["metrics"] = None
+        result["note"] = "the cache has no labels (test split): no metrics; submission.json holds the scores"
+        tables, buckets = {}, {}
+
+    if cfg.submission:
+        step("submission")
+        nids = [str(x) for x in np.asarray(labels["narration_id"])[scored.rows]]
+        challenge = "action_anticipation" if loaded.task == "anticipation" else "action_recognition"
+        sls = {"sls_pt": cfg.sls_pt, "sls_tl": cfg.sls_tl, "sls_td": cfg.sls_td}
+        files.update(write_submission(out_dir, submission_text(nids, scored.verb, scored.noun, challenge, sls)))
+        result["submission"] = {"challenge": challenge, "version": "0.2", **sls, "segments": len(nids)}
+
+    if cfg.plots and tables:
+        step("plots")
+        files.update(write_plots(out_dir, tables, buckets, scored, labels, names, cfg.confusion_classes))
+
+    files["metrics_json"] = str(out_dir / "metrics.json")
+    result["files"] = files
+    write_json(out_dir / "metrics.json", result)
+    return result

@@ -1,0 +1,467 @@
+"""EPIC-KITCHENS-100 metrics as pure numpy functions over score arrays.
+
+Nothing here knows about models, caches or files: the functions take scores (N, C) and labels (N,) and return
+numbers, so they can be unit-tested on hand-made cases and reused on any scores (ours or an official results file).
+
+What the official code does, and what we follow (re-implemented, not copied):
+
+* ``epic-kitchens/C1-Action-Recognition`` ``utils/metrics.py:topk_accuracy`` — ranks classes by descending score
+  (``utils/scoring.py:_scores_array_to_ranks``: ``scores.argsort()[:, ::-1]``) and counts a hit when the label is
+  among the first k ranks. Ties: the official order among equal scores is whatever numpy's quicksort leaves,
+  reversed (unspecified); we break ties deterministically in favour of the **lower class index** (stable sort).
+  k larger than the number of classes means "all classes" (the official slice ``rankings[:, :k]`` does the same).
+* ``utils/scoring.py:compute_action_scores`` — action scores from verb and noun scores: keep the top-100 verb and
+  top-100 noun scores of each segment, softmax each, take the outer product and keep the 100 best (verb, noun)
+  pairs. Inputs are **logits** (the softmax is applied here). The official code calls
+  ``scipy.special.softmax`` without an axis, which normalises over the whole batch; that rescales every segment's
+  scores by one batch-wide constant and never changes a segment's ranking. We normalise per segment so the pair
+  scores are per-segment probabilities p(verb) * p(noun); rankings (hence accuracies) are identical.
+* ``utils/actions.py:action_id_from_verb_noun`` — the action class of a (verb, noun) pair is ``verb * 1000 + noun``.
+* ``utils/metrics.py:compute_metrics`` — subsets: ``all`` (every segment, top-1 and top-5), ``unseen`` (segments
+  whose participant is in ``EPIC_100_unseen_participant_ids_*.csv``, top-1 only; omitted with a warning when
+  empty), ``tail`` (top-1 only): verb accuracy on segments whose *verb* is a tail verb, noun accuracy on segments
+  whose *noun* is a tail noun, action accuracy on segments whose verb **or** noun is tail
+  (``tail_verb_bool_idx | tail_noun_bool_idx``). We compute every requested k on every subset; the official
+  numbers are the subset of keys listed in `OFFICIAL_KS`.
+* Anticipation (``fpv-iplab/rulstm`` ``RULSTM/utils.py:topk_recall``, used by ``RULSTM/main.py`` for the EK-100
+  anticipation challenge, the baseline code of ``epic-kitchens/C2-Action-Anticipation``): class-mean top-5 recall —
+  the top-5 accuracy of each class's segments, averaged over the classes **present in the labels** of the subset
+  (``np.unique(labels)``), optionally intersected with a given class list (EK-55's many-shot classes). The EK-100
+  branch reports it for overall / unseen / tail subsets with ``classes=None``. An empty subset gives NaN (the
+  official code divides by zero).
+
+Empty inputs: every accuracy/recall of an empty set is NaN (the official ``topk_accuracy`` raises instead), so a
+subset with no members is visible in the output rather than an exception halfway through an evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# The official action id: verb * 1000 + noun (utils/actions.py:_ACTION_VERB_MULTIPLIER).
+ACTION_VERB_MULTIPLIER = 1000
+# How many (verb, noun) pairs the official evaluation keeps per segment (compute_action_scores(top_n=100)).
+ACTION_TOP_N = 100
+# The k values the official evaluation reports per subset (utils/metrics.py:compute_metrics).
+OFFICIAL_KS = {"all": (1, 5), "unseen": (1,), "tail": (1,)}
+SUBSETS = ("all", "unseen", "tail")
+TASKS = ("verb", "noun", "action")
+
+
+def _check_scores(scores: np.ndarray, labels: np.ndarray, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.ndim != 2:
+        raise ValueError(f"{what} must be 2-d (N, C), got shape {scores.shape}")
+    if scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"{what} has {scores.shape[0]} rows but there are {labels.shape[0]} labels")
+    return scores, labels
+
+
+def rank_classes(scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Class indices by descending score, ties broken towards the lower class index.
+
+    scores (N, C) -> ranks (N, min(k, C)) int64 (all C when k is None). Row i, column r holds the class ranked r-th.
+    Equivalent to the official ``_scores_array_to_ranks`` up to the order of tied scores.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-d (N, C), got shape {scores.shape}")
+    # Stable sort of the negated scores: equal scores keep ascending class order. NaN sorts last (never a top guess).
+    neg = -np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
+    ranks = np.argsort(neg, axis=1, kind="stable")
+    return ranks if k is None else ranks[:, : max(0, int(k))]
+
+
+def topk_hits(ranks: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """ranks (N, K) class indices in rank order, labels (N,) -> (N,) bool: label among the first k ranks."""
+    ranks = np.asarray(ranks)
+    labels = np.asarray(labels).reshape(-1, 1)
+    return (ranks[:, : max(0, int(k))] == labels).any(axis=1)
+
+
+def _mean(hits: np.ndarray) -> float:
+    return float(np.mean(hits)) if len(hits) else math.nan
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy (fraction in [0, 1]) for each k, as the official ``utils/metrics.py:topk_accuracy``.
+
+    scores (N, C) any real scores (logits or probabilities: only the order matters), labels (N,) class ids.
+    Returns {k: accuracy}; NaN for every k when N == 0. Ties rank the lower class index first; k > C counts all
+    classes. A label outside [0, C) is never a hit.
+    """
+    scores, labels = _check_scores(scores, labels)
+    ks = tuple(int(k) for k in ks)
+    if not ks:
+        return {}
+    ranks = rank_classes(scores, max(ks))
+    return {k: _mean(topk_hits(ranks, labels, k)) for k in ks}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) in float64 (max-subtracted for stability)."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def action_scores_from_verb_noun(
+    verb_scores: np.ndarray, noun_scores: np.ndarray, top: int = ACTION_TOP_N
+) -> tuple[np.ndarray, np.ndarray]:
+    """The official action scores: the `top` best (verb, noun) pairs by p(verb) * p(noun).
+
+    verb_scores (N, V) and noun_scores (N, Nn) are logits. As ``utils/scoring.py:compute_action_scores``: the top-`top`
+    verbs and nouns of each segment are kept, each softmaxed (per segment here, see the module docstring), their
+    outer product ranked, and the best `top` pairs returned. Restricting to the top verbs/nouns first is exact: a pair
+    whose noun is not among the `top` best nouns has at least `top` better pairs.
+
+    Returns pairs (N, K, 2) int64 [verb, noun] in rank order and scores (N, K) float64, K = min(top, V * Nn).
+    Tied pair scores rank the lower verb index, then the lower noun index first.
+    """
+    verb_scores = np.asarray(verb_scores)
+    noun_scores = np.asarray(noun_scores)
+    if verb_scores.ndim != 2 or noun_scores.ndim != 2 or verb_scores.shape[0] != noun_scores.shape[0]:
+        raise ValueError(f"verb/noun scores must be (N, V) and (N, Nn), got {verb_scores.shape}, {noun_scores.shape}")
+    n, nv = verb_scores.shape
+    nn = noun_scores.shape[1]
+    k = min(int(top), nv * nn)
+    if n == 0 or k == 0:
+        return np.zeros((n, k, 2), np.int64), np.zeros((n, k), np.float64)
+    kv, kn = min(int(top), nv), min(int(top), nn)
+    top_v = rank_classes(verb_scores, kv)  # (N, kv)
+    top_n = rank_classes(noun_scores, kn)  # (N, kn)
+    rows = np.arange(n)[:, None]
+    pv = _softmax(verb_scores[rows, top_v])  # (N, kv)
+    pn = _softmax(noun_scores[rows, top_n])  # (N, kn)
+    # Only pairs of rank positions (i, j) with (i + 1) * (j + 1) <= k can make the top k: every pair (i', j') with
+    # i' <= i and j' <= j ranks before (i, j) (ties included, since ties rank lower ids first on both axes). That
+    # leaves ~k ln k candidates instead of kv * kn, so a full EK-100 split needs megabytes, not gigabytes.
+    ci, cj = _candidate_positions(kv, kn, k)  # (M,), (M,)
+    prod = pv[:, ci] * pn[:, cj]  # (N, M)
+    vi = top_v[:, ci]  # (N, M) verb id of each candidate
+    ni = top_n[:, cj]  # (N, M) noun id
+    # Rank by product, ties broken on the (verb, noun) class ids rather than on positions in the top lists.
+    order = np.lexsort((ni, vi, -prod), axis=-1)[:, :k]  # (N, K)
+    pairs = np.stack([vi[rows, order], ni[rows, order]], axis=-1).astype(np.int64)  # (N, K, 2)
+    return pairs, prod[rows, order]
+
+
+def _candidate_positions(kv: int, kn: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank positions (i, j), i < kv, j < kn, with (i + 1) * (j + 1) <= k: the only pairs that can rank in the top k."""
+    ci, cj = [], []
+    for i in range(min(kv, k)):
+        m = min(kn, k // (i + 1))
+        ci.extend([i] * m)
+        cj.extend(range(m))
+    return np.asarray(ci, dtype=np.int64), np.asarray(cj, dtype=np.int64)
+
+
+def action_ids(verbs: np.ndarray, nouns: np.ndarray) -> np.ndarray:
+    """Official action class ids ``verb * 1000 + noun`` (``utils/actions.py:action_id_from_verb_noun``).
+
+    Valid for up to 1000 noun classes (EK-100 has 300); raises ValueError beyond that, where ids would collide.
+    """
+    verbs = np.asarray(verbs, dtype=np.int64)
+    nouns = np.asarray(nouns, dtype=np.int64)
+    if nouns.size and nouns.max() >= ACTION_VERB_MULTIPLIER:
+        raise ValueError(f"noun class {int(nouns.max())} >= {ACTION_VERB_MULTIPLIER}: action ids would collide")
+    return verbs * ACTION_VERB_MULTIPLIER + nouns
+
+
+def action_topk_hits(pairs: np.ndarray, verb_labels: np.ndarray, noun_labels: np.ndarray, k: int) -> np.ndarray:
+    """pairs (N, K, 2) ranked (verb, noun), labels (N,) each -> (N,) bool: the labelled pair is among the first k."""
+    pairs = np.asarray(pairs)
+    top = pairs[:, : max(0, int(k))]  # (N, k, 2)
+    v = np.asarray(verb_labels).reshape(-1, 1)
+    nn = np.asarray(noun_labels).reshape(-1, 1)
+    return ((top[..., 0] == v) & (top[..., 1] == nn)).any(axis=1)
+
+
+def action_topk_accuracy(
+    pairs: np.ndarray, verb_labels: np.ndarray, noun_labels: np.ndarray, ks: Iterable[int] = (1, 5)
+) -> dict[int, float]:
+    """Action top-k accuracy from ranked pairs (see `action_scores_from_verb_noun`): {k: fraction}, NaN when N == 0.
+
+    The official evaluation ranks the (at most 100) pairs kept per segment; a labelled pair outside them is a miss.
+    """
+    pairs = np.asarray(pairs)
+    if pairs.ndim != 3 or pairs.shape[-1] != 2:
+        raise ValueError(f"pairs must be (N, K, 2), got shape {pairs.shape}")
+    if pairs.shape[0] != len(verb_labels) or pairs.shape[0] != len(noun_labels):
+        raise ValueError(f"pairs has {pairs.shape[0]} rows but labels have {len(verb_labels)} / {len(noun_labels)}")
+    return {int(k): _mean(action_topk_hits(pairs, verb_labels, noun_labels, int(k))) for k in ks}
+
+
+def class_mean_recall(hits: np.ndarray, labels: np.ndarray, classes: Iterable[int] | None = None) -> float:
+    """Mean over classes of the per-class hit rate (recall), as RULSTM ``utils.py:topk_recall``.
+
+    hits (N,) bool (e.g. top-5 hits), labels (N,) class ids. Classes averaged = classes present in `labels`,
+    intersected with `classes` when given (EK-55's many-shot lists). NaN when no class remains.
+    """
+    hits = np.asarray(hits, dtype=bool).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if hits.shape != labels.shape:
+        raise ValueError(f"hits has {hits.shape[0]} entries but there are {labels.shape[0]} labels")
+    present = np.unique(labels)
+    if classes is not None:
+        present = np.intersect1d(present, np.asarray(list(classes)))
+    if len(present) == 0:
+        return math.nan
+    return float(np.mean([hits[labels == c].mean() for c in present]))
+
+
+def class_mean_topk_recall(
+    scores: np.ndarray, labels: np.ndarray, k: int = 5, classes: Iterable[int] | None = None
+) -> float:
+    """Class-mean top-k recall (the EK-100 anticipation metric with k = 5), fraction in [0, 1].
+
+    scores (N, C), labels (N,). See `class_mean_recall` for which classes are averaged; NaN when none.
+    """
+    scores, labels = _check_scores(scores, labels)
+    return class_mean_recall(topk_hits(rank_classes(scores, k), labels, k), labels, classes)
+
+
+def per_class_accuracy(
+    scores: np.ndarray, labels: np.ndarray, num_classes: int | None = None, ks: Sequence[int] = (1, 5)
+) -> dict[str, np.ndarray]:
+    """Per-class support and top-k accuracy.
+
+    scores (N, C), labels (N,) -> {"support": (C,) int64, "top1": (C,) float64, "top5": ..., one "top{k}" per k};
+    accuracy is NaN for classes with no segment. `num_classes` defaults to C.
+    """
+    scores, labels = _check_scores(scores, labels)
+    c = scores.shape[1] if num_classes is None else int(num_classes)
+    labels = labels.astype(np.int64)
+    inside = (labels >= 0) & (labels < c)
+    support = np.bincount(labels[inside], minlength=c).astype(np.int64)
+    out: dict[str, np.ndarray] = {"support": support}
+    ranks = rank_classes(scores, max(ks)) if len(ks) else None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in ks:
+            hits = topk_hits(ranks, labels, k)[inside].astype(np.float64)
+            correct = np.bincount(labels[inside], weights=hits, minlength=c)
+            out[f"top{k}"] = np.where(support > 0, correct / np.maximum(support, 1), np.nan)
+    return out
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts, rows = true class, columns = predicted class (labels outside [0, C) are skipped)."""
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    keep = (labels >= 0) & (labels < num_classes) & (predicted >= 0) & (predicted < num_classes)
+    flat = labels[keep] * num_classes + predicted[keep]
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+# Frequency buckets: classes sorted by training frequency; "head" holds the most frequent classes that together
+# cover the first HEAD_SHARE of training instances, "mid" the next ones up to MID_SHARE, "tail" the rest (the
+# rarest ~20 % of instances, like EK-100's own tail definition) and classes never seen in training.
+BUCKETS = ("head", "mid", "tail")
+HEAD_SHARE = 0.5
+MID_SHARE = 0.8
+
+
+def frequency_buckets(
+    counts: np.ndarray, head_share: float = HEAD_SHARE, mid_share: float = MID_SHARE
+) -> np.ndarray:
+    """Training counts (C,) -> (C,) array of bucket names ("head" / "mid" / "tail").
+
+    Classes are sorted by descending count (ties: lower index first); a class is "head" while the share of
+    instances in more frequent classes is below `head_share`, "mid" while below `mid_share`, else "tail". So the
+    most frequent class is always head, and classes with zero count are tail.
+    """
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if not 0 < head_share <= mid_share <= 1:
+        raise ValueError(f"need 0 < head_share <= mid_share <= 1, got {head_share}, {mid_share}")
+    out = np.full(counts.shape, "tail", dtype=object)
+    total = counts.sum()
+    if total <= 0:
+        return out.astype(str)
+    order = np.argsort(-counts, kind="stable")
+    before = np.concatenate([[0.0], np.cumsum(counts[order])[:-1]]) / total  # share of instances ranked earlier
+    for cls, share, cnt in zip(order, before, counts[order]):
+        if cnt <= 0:
+            break
+        out[cls] = "head" if share < head_share else "mid" if share < mid_share else "tail"
+    return out.astype(str)
+
+
+def bucket_accuracy(
+    scores: np.ndarray, labels: np.ndarray, buckets: np.ndarray, ks: Iterable[int] = (1, 5)
+) -> dict[str, dict]:
+    """Accuracy of the segments whose label falls in each frequency bucket.
+
+    scores (N, C), labels (N,), buckets (C,) names from `frequency_buckets`. Returns
+    {bucket: {"classes": number of classes, "n": segments, "top1": ..., "top5": ...}} (NaN accuracy when n == 0).
+    """
+    scores, labels = _check_scores(scores, labels)
+    buckets = np.asarray(buckets)
+    labels = labels.astype(np.int64)
+    inside = (labels >= 0) & (labels < len(buckets))
+    label_bucket = np.full(len(labels), "", dtype=object)
+    label_bucket[inside] = buckets[labels[inside]]
+    out: dict[str, dict] = {}
+    for name in BUCKETS:
+        sel = label_bucket == name
+        acc = topk_accuracy(scores[sel], labels[sel], ks)
+        out[name] = {"classes": int((buckets == name).sum()), "n": int(sel.sum())}
+        out[name].update({f"top{k}": v for k, v in acc.items()})
+    return out
+
+
+def _subset_masks(
+    verb_labels: np.ndarray,
+    noun_labels: np.ndarray | None,
+    participant_ids: Sequence[str] | None,
+    unseen_ids: Iterable[str] | None,
+    tail_verbs: Iterable[int] | None,
+    tail_nouns: Iterable[int] | None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per subset, per task, the (N,) bool mask of segments counted (compute_metrics' boolean indices)."""
+    n = len(verb_labels)
+    every = np.ones(n, dtype=bool)
+    masks: dict[str, dict[str, np.ndarray]] = {"all": {t: every for t in TASKS}}
+    if unseen_ids is not None and participant_ids is not None:
+        unseen = np.isin(np.asarray(participant_ids, dtype=str), np.asarray(sorted(set(unseen_ids)), dtype=str))
+        masks["unseen"] = {t: unseen for t in TASKS}
+    if tail_verbs is not None or tail_nouns is not None:
+        tv = np.isin(verb_labels, np.asarray(sorted(set(tail_verbs or ())), dtype=np.int64))
+        tn = (
+            np.isin(noun_labels, np.asarray(sorted(set(tail_nouns or ())), dtype=np.int64))
+            if noun_labels is not None
+            else np.zeros(n, dtype=bool)
+        )
+        # compute_metrics: tail action = tail verb OR tail noun.
+        masks["tail"] = {"verb": tv, "noun": tn, "action": tv | tn}
+    return masks
+
+
+def ek100_recognition_metrics(
+    verb_scores: np.ndarray,
+    noun_scores: np.ndarray | None,
+    verb_labels: np.ndarray,
+    noun_labels: np.ndarray | None,
+    participant_ids: Sequence[str] | None = None,
+    unseen_ids: Iterable[str] | None = None,
+    tail_verbs: Iterable[int] | None = None,
+    tail_nouns: Iterable[int] | None = None,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, dict[str, dict]]:
+    """EK-100 action recognition metrics (``utils/metrics.py:compute_metrics``), fractions in [0, 1].
+
+    verb_scores (N, V) and noun_scores (N, Nn) logits; labels (N,) each; participant_ids (N,) strings.
+    noun_scores/noun_labels None (datasets without nouns) -> verb metrics only.
+
+    Returns {subset: {task: {"n": segments, "top1": ..., "top5": ...}}} for subsets "all", "unseen" (when
+    `unseen_ids` and `participant_ids` are given; omitted, with a warning, when no segment is unseen — as the
+    official code does) and "tail" (when tail classes are given; verb on tail-verb segments, noun on tail-noun
+    segments, action on segments with a tail verb or a tail noun). Accuracy of an empty set is NaN.
+    """
+    verb_scores, verb_labels = _check_scores(verb_scores, verb_labels, "verb_scores")
+    verb_labels = verb_labels.astype(np.int64)
+    has_nouns = noun_scores is not None and noun_labels is not None
+    pairs = None
+    if has_nouns:
+        noun_scores, noun_labels = _check_scores(noun_scores, noun_labels, "noun_scores")
+        noun_labels = noun_labels.astype(np.int64)
+        if noun_scores.shape[0] != verb_scores.shape[0]:
+            raise ValueError(f"verb scores have {verb_scores.shape[0]} rows, noun scores {noun_scores.shape[0]}")
+        pairs, _ = action_scores_from_verb_noun(verb_scores, noun_scores, ACTION_TOP_N)  # (N, 100, 2)
+    if participant_ids is not None and len(participant_ids) != len(verb_labels):
+        raise ValueError(f"{len(participant_ids)} participant ids for {len(verb_labels)} segments")
+    masks = _subset_masks(verb_labels, noun_labels if has_nouns else None, participant_ids, unseen_ids,
+                          tail_verbs, tail_nouns)
+    if "unseen" in masks and not masks["unseen"]["verb"].any():
+        warnings.warn("There are no unseen segments to evaluate; the 'unseen' subset is omitted", stacklevel=2)
+        del masks["unseen"]
+    out: dict[str, dict[str, dict]] = {}
+    for subset, by_task in masks.items():
+        out[subset] = {}
+        m = by_task["verb"]
+        out[subset]["verb"] = {"n": int(m.sum()), **_rename(topk_accuracy(verb_scores[m], verb_labels[m], ks))}
+        if has_nouns:
+            m = by_task["noun"]
+            out[subset]["noun"] = {"n": int(m.sum()), **_rename(topk_accuracy(noun_scores[m], noun_labels[m], ks))}
+            m = by_task["action"]
+            acc = action_topk_accuracy(pairs[m], verb_labels[m], noun_labels[m], ks)
+            out[subset]["action"] = {"n": int(m.sum()), **_rename(acc)}
+    return out
+
+
+def ek100_anticipation_metrics(
+    verb_scores: np.ndarray,
+    noun_scores: np.ndarray | None,
+    verb_labels: np.ndarray,
+    noun_labels: np.ndarray | None,
+    participant_ids: Sequence[str] | None = None,
+    unseen_ids: Iterable[str] | None = None,
+    tail_verbs: Iterable[int] | None = None,
+    tail_nouns: Iterable[int] | None = None,
+    k: int = 5,
+) -> dict[str, dict[str, dict]]:
+    """EK-100 action anticipation metrics: class-mean top-k recall (k = 5) per subset, fractions in [0, 1].
+
+    As the EK-100 branch of RULSTM ``main.py`` (``topk_recall`` with ``classes=None``): the classes averaged are the
+    classes present in each subset. Action classes are (verb, noun) pairs ranked by p(verb) * p(noun) (the top-100
+    pairs of `action_scores_from_verb_noun`). Subsets as `ek100_recognition_metrics` (tail action = tail verb or
+    tail noun: the EK-100 ``validation_tail_actions_ids.csv`` shipped with RULSTM is exactly that union).
+
+    Returns {subset: {task: {"n": segments, "classes": classes averaged, "recall@k": ...}}}.
+    """
+    verb_scores, verb_labels = _check_scores(verb_scores, verb_labels, "verb_scores")
+    verb_labels = verb_labels.astype(np.int64)
+    has_nouns = noun_scores is not None and noun_labels is not None
+    hits = {"verb": topk_hits(rank_classes(verb_scores, k), verb_labels, k)}
+    labels = {"verb": verb_labels}
+    if has_nouns:
+        noun_scores, noun_labels = _check_scores(noun_scores, noun_labels, "noun_scores")
+        noun_labels = noun_labels.astype(np.int64)
+        hits["noun"] = topk_hits(rank_classes(noun_scores, k), noun_labels, k)
+        labels["noun"] = noun_labels
+        pairs, _ = action_scores_from_verb_noun(verb_scores, noun_scores, ACTION_TOP_N)
+        hits["action"] = action_topk_hits(pairs, verb_labels, noun_labels, k)
+        labels["action"] = verb_labels * (int(noun_scores.shape[1]) + 1) + noun_labels  # unique pair id
+    masks = _subset_masks(verb_labels, noun_labels if has_nouns else None, participant_ids, unseen_ids,
+                          tail_verbs, tail_nouns)
+    if "unseen" in masks and not masks["unseen"]["verb"].any():
+        warnings.warn("There are no unseen segments to evaluate; the 'unseen' subset is omitted", stacklevel=2)
+        del masks["unseen"]
+    key = f"recall@{k}"
+    out: dict[str, dict[str, dict]] = {}
+    for subset, by_task in masks.items():
+        out[subset] = {}
+        for task in hits:
+            m = by_task[task]
+            lab = labels[task][m]
+            out[subset][task] = {
+                "n": int(m.sum()),
+                "classes": int(len(np.unique(lab))),
+                key: class_mean_recall(hits[task][m], lab),
+            }
+    return out
+
+
+def _rename(acc: dict[int, float]) -> dict[str, float]:
+    return {f"top{k}": v for k, v in acc.items()}
+
+
+def official_recognition_keys(metrics: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """Flatten `ek100_recognition_metrics` output to the official evaluate.py display names, in percent.
+
+    Keys ``{subset}_{task}_accuracy_at_{k}`` for the (subset, k) the official script prints (`OFFICIAL_KS`).
+    """
+    flat: dict[str, float] = {}
+    for subset, ks in OFFICIAL_KS.items():
+        for task in TASKS:
+            entry = metrics.get(subset, {}).get(task)
+            if entry is None:
+                continue
+            for k in ks:
+                if f"top{k}" in entry:
+                    flat[f"{subset}_{task}_accuracy_at_{k}"] = float(entry[f"top{k}"]) * 100
+    return flat
