@@ -1,0 +1,319 @@
+"""Ablation study: train several presets under one seed and one budget, and compare them in one table.
+
+Every run trains with `mambavl.train.train` on the same caches, with the same epochs, batch size, learning rate,
+schedule, frames, question protocol and seed(s); only what the ablation names differs:
+
+| name | what changes against `full` |
+| --- | --- |
+| full | the `small` preset: joint scan over [question ; video], shared A, QA objective |
+| no-qa | same model, trained without the QA objective (`qa_weight = 0`) |
+| disjoint-A | a separate state matrix A for question and video tokens |
+| video-only | no question input at all |
+| transformer | cross-attention fusion of the same width and depth instead of the scan |
+| concat | MLP on [pooled video ; pooled question] |
+| paper | the authors' layout: separate video and text scans sharing A, pooled outputs summed |
+
+Presets may carry training fields (`mambavl.fuse.presets`, "train" part). Only the fields that *define* an
+ablation (`ABLATION_TRAIN_FIELDS`: the QA objective's weight and cadence) are applied; schedule fields such as the
+paper preset's 2 warm-up epochs are not (`SCHEDULE_FIELDS` are set to the study's values after the preset), so every
+run has the same budget and schedule.
+
+Reported per run: top-1 / top-5 accuracy of verb, noun and action (EK-100 style: verb and noun both right) on the
+validation cache **at the last epoch** (no selection on the validation set), the best validation action top-1 over
+epochs (selection on the validation set, for reference), parameters, and wall-clock training time. With several
+seeds the table shows mean ± sample standard deviation over seeds.
+
+Runs live in `out_dir/runs/<name>/seed<k>/`; a finished run found there is reused and an interrupted one is resumed,
+so an ablation can be stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+
+ProgressFn = Callable[[int, int, str], None]
+
+# Ablation name -> preset. "full" is our default model.
+ABLATIONS: dict[str, str] = {
+    "full": "small",
+    "no-qa": "no-qa",
+    "disjoint-A": "disjoint-A",
+    "video-only": "video-only",
+    "transformer": "transformer",
+    "concat": "concat",
+    "paper": "paper",
+}
+DEFAULT_ABLATIONS: tuple[str, ...] = tuple(ABLATIONS)
+# TrainConfig fields a preset's "train" part may set inside an ablation: they define the ablation (no-qa).
+ABLATION_TRAIN_FIELDS = ("qa_weight", "qa_every")
+# TrainConfig fields every run of a study shares, whatever its preset says (TrainConfig lets a preset fill fields
+# left at their defaults, so these are set after construction).
+SCHEDULE_FIELDS = ("warmup_epochs", "min_lr_ratio")
+# Columns of the table: validation metrics at the last epoch (percent).
+METRICS = ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5")
+
+
+@dataclass
+class AblationConfig:
+    """One ablation study. `presets` are names of `ABLATIONS` or any model preset; `seeds` runs per preset with
+    seeds `seed, seed+1, ...`; `model_overrides` (ModelConfig fields) and `train_overrides` (TrainConfig fields)
+    apply to every run, e.g. a smaller d_model for a quick study."""
+
+    train_cache: str
+    val_cache: str
+    out_dir: str
+    presets: tuple[str, ...] = DEFAULT_ABLATIONS
+    epochs: int = 10
+    seeds: int = 1
+    seed: int = 0
+    question_source: QuestionSource = QuestionSource.TEMPLATES
+    batch_size: int = 64
+    lr: float = 1e-3
+    frames: int = 8
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.03
+    device: str = "auto"
+    model_overrides: dict = field(default_factory=dict)
+    train_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.train_cache, self.val_cache, self.out_dir = str(self.train_cache), str(self.val_cache), str(self.out_dir)
+        self.presets = tuple(self.presets)
+        try:
+            self.question_source = QuestionSource(self.question_source)
+        except ValueError:
+            raise InputError(
+                f"ablation: question source {self.question_source!r} is not one of "
+                f"{[q.value for q in QuestionSource]}"
+            ) from None
+        if not self.presets:
+            raise InputError("ablation: no presets given")
+        if len(set(self.presets)) != len(self.presets):
+            raise InputError(f"ablation: presets listed twice in {list(self.presets)}")
+        from mambavl.fuse.presets import PRESETS
+
+        for name in self.presets:
+            if name not in ABLATIONS and name not in PRESETS:
+                raise InputError(
+                    f"ablation: unknown preset {name!r}; choose from {', '.join(dict.fromkeys([*ABLATIONS, *PRESETS]))}"
+                )
+        for name in ("epochs", "seeds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"ablation: {name}={getattr(self, name)!r} must be >= 1")
+        for name in ("train_cache", "val_cache"):
+            if not Path(getattr(self, name)).is_file():
+                raise InputError(f"ablation: {name} {getattr(self, name)} not found")
+        reserved = {"train_cache", "val_cache", "out_dir", "preset", "model_overrides", "seed", "resume"}
+        clash = sorted(reserved & set(self.train_overrides))
+        if clash:
+            raise InputError(f"ablation: train_overrides may not set {', '.join(clash)}")
+
+
+def preset_of(name: str) -> str:
+    """The model preset an ablation name trains."""
+    return ABLATIONS.get(name, name)
+
+
+def describe(name: str) -> str:
+    """One line on what an ablation (or preset) is."""
+    from mambavl.fuse.presets import PRESET_DESCRIPTIONS
+
+    if name == "full":
+        return "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
+    return PRESET_DESCRIPTIONS.get(preset_of(name), preset_of(name))
+
+
+def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, resume: bool = False):
+    """The TrainConfig of one run: the shared budget, the preset, and the preset's ablation-defining fields."""
+    from mambavl.fuse.presets import preset_train_overrides
+    from mambavl.train import TrainConfig
+
+    preset = preset_of(name)
+    extra = {k: v for k, v in preset_train_overrides(preset).items() if k in ABLATION_TRAIN_FIELDS}
+    values: dict[str, Any] = dict(
+        train_cache=cfg.train_cache, val_cache=cfg.val_cache, out_dir=str(run_dir), preset=preset,
+        model_overrides=dict(cfg.model_overrides), question_source=cfg.question_source, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, lr=cfg.lr, frames=cfg.frames, seed=seed, device=cfg.device, resume=resume,
+    )
+    values.update(cfg.train_overrides)
+    values.update(extra)
+    tcfg = TrainConfig(**values)
+    for key in SCHEDULE_FIELDS:
+        setattr(tcfg, key, cfg.train_overrides.get(key, getattr(cfg, key)))
+    return tcfg
+
+
+def _metrics_from_history(history: list[dict]) -> dict[str, float | None]:
+    last = history[-1] if history else {}
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        v = last.get("val_" + m)
+        out[m] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    best_key = "val_action_top1" if last.get("val_action_top1") is not None else "val_verb_top1"
+    vals = [(h.get(best_key), h.get("epoch")) for h in history if h.get(best_key) is not None]
+    if vals:
+        best, epoch = max(vals, key=lambda x: x[0])
+        out["best_" + best_key[4:]] = float(best)
+        out["best_epoch"] = int(epoch)
+    return out
+
+
+# TrainConfig fields that may differ between a stored run and this study without making the run another one.
+_FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache")
+
+
+def _same_run(saved: dict, wanted: dict) -> str | None:
+    """None when a stored run's train config is the one wanted, else the first differing field."""
+    for key, value in wanted.items():
+        if key in _FREE_FIELDS:
+            continue
+        if saved.get(key) != value:
+            return key
+    return None
+
+
+def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
+    """Train (or reuse a finished / resume an interrupted) run; return its metrics, params and time."""
+    from mambavl.train import train
+
+    run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
+    last = run_dir / "last.pt"
+    tcfg = run_train_config(cfg, name, seed, run_dir, resume=last.is_file())
+    if last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        wanted = json.loads(json.dumps(asdict(tcfg), default=lambda v: getattr(v, "value", str(v))))
+        differs = _same_run(ckpt.get("train_config", {}), wanted)
+        if differs is not None:
+            raise InputError(
+                f"{run_dir} holds a run with another {differs!r} ({ckpt['train_config'].get(differs)!r}, this study "
+                f"wants {wanted[differs]!r}); choose another --out or remove that run"
+            )
+        if int(ckpt.get("epoch", 0)) >= cfg.epochs:
+            info_path = run_dir / "ablation_run.json"
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            history = list(ckpt.get("history", []))
+            return {
+                "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in ckpt["model"].values()),
+                "metrics": _metrics_from_history(history),
+                "train_time_s": info.get("train_time_s", float(sum(h.get("time_s", 0.0) for h in history))),
+                "reused": True,
+            }
+    t0 = time.perf_counter()
+    result = train(tcfg)
+    elapsed = time.perf_counter() - t0
+    if tcfg.resume:
+        # Part of the run happened earlier: count the epochs' own timings instead of this call's wall time.
+        elapsed = float(sum(h.get("time_s", 0.0) for h in result.history))
+    params = sum(p.numel() for p in result.model.parameters())
+    (run_dir / "ablation_run.json").write_text(json.dumps({"train_time_s": elapsed, "params": params}) + "\n")
+    return {"seed": seed, "run_dir": str(run_dir), "params": params, "metrics": _metrics_from_history(result.history),
+            "train_time_s": elapsed, "reused": False}
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = float(statistics.fmean(vals))
+    std = float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def run_ablation(cfg: AblationConfig, progress: ProgressFn | None = None) -> dict:
+    """Train every preset of `cfg` for every seed and write `ablation.md` and `ablation.json` into `cfg.out_dir`.
+
+    Returns dict(config, rows, markdown, paths) where each row is dict(name, preset, description, params,
+    train_time_s {mean, std}, metrics {metric: {mean, std}}, runs [per-seed dict(seed, run_dir, params, metrics,
+    train_time_s, reused)]). Metrics are validation accuracies in percent at the last epoch (None where the data has
+    no nouns).
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    total = len(cfg.presets) * len(seeds)
+    done = 0
+    rows = []
+    for name in cfg.presets:
+        runs = []
+        for seed in seeds:
+            if progress is not None:
+                progress(done, total, f"training {name} (seed {seed})")
+            runs.append(_run_one(cfg, name, seed))
+            done += 1
+            if progress is not None:
+                m = runs[-1]["metrics"]
+                summary = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k.endswith("top1") and v is not None)
+                progress(done, total, f"{name} (seed {seed}) done: {summary}")
+        metric_names = list(METRICS) + sorted({k for r in runs for k in r["metrics"] if k.startswith("best_")})
+        stats = {}
+        for m in metric_names:
+            mean, std = _mean_std([r["metrics"].get(m) for r in runs])
+            stats[m] = {"mean": mean, "std": std}
+        t_mean, t_std = _mean_std([r["train_time_s"] for r in runs])
+        rows.append({
+            "name": name,
+            "preset": preset_of(name),
+            "description": describe(name),
+            "params": runs[0]["params"],
+            "train_time_s": {"mean": t_mean, "std": t_std},
+            "metrics": stats,
+            "runs": runs,
+        })
+    md = markdown_table(cfg, rows)
+    config = asdict(cfg)
+    config["question_source"] = cfg.question_source.value
+    payload = {"config": config, "rows": rows}
+    tmp = out / "ablation.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out / "ablation.json")
+    (out / "ablation.md").write_text(md)
+    return {**payload, "markdown": md, "paths": {"json": str(out / "ablation.json"), "markdown": str(out / "ablation.md")}}
+
+
+def _cell(stat: dict, seeds: int, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "-"
+    if seeds > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
+    """The ablation table in markdown (with a header saying what was compared and how)."""
+    has_nouns = any(r["metrics"]["noun_top1"]["mean"] is not None for r in rows)
+    shown = [m for m in METRICS if has_nouns or m.startswith("verb")]
+    head = ["name", "params"] + [m.replace("_", " ") for m in shown] + ["train time (s)"]
+    lines = [
+        "# Ablation",
+        "",
+        f"Same budget for every run: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
+        f"({cfg.warmup_epochs} warm-up epochs, cosine to {cfg.min_lr_ratio}x), {cfg.frames} frames, "
+        f"questions `{cfg.question_source.value}`, seed(s) {', '.join(str(cfg.seed + k) for k in range(cfg.seeds))}"
+        + (f", model overrides {cfg.model_overrides}" if cfg.model_overrides else "")
+        + ". Validation accuracy (%) at the last epoch"
+        + (" — mean ± std over seeds." if cfg.seeds > 1 else "."),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [r["name"], f"{r['params'] / 1e6:.2f} M"]
+        cells += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
+        cells.append(_cell(r["train_time_s"], cfg.seeds))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| name | what it is |", "|---|---|"]
+    lines += [f"| {r['name']} | {r['description']} |" for r in rows]
+    return "\n".join(lines) + "\n"
