@@ -86,3 +86,24 @@ def test_videomae_tokens():
     assert torch.allclose(out, hidden.reshape(2, 8, 16, 64).mean(2), atol=1e-5)
     # other clip lengths are resampled to the model's 16 frames
     assert v.encode_segments(frames[:, :10]).shape == (2, 8, 64)
+
+
+def test_grid_pooling_is_the_quadrant_means_of_projected_patch_tokens(enc):
+    grid = build_encoder(EncoderConfig(**TINY, batch_size=5, pooling="grid"))
+    assert grid.feature_dim == 4 * enc.feature_dim and grid.provenance()["tokens_per_frame_pooling"] == "grid"
+    frames = np.random.default_rng(1).integers(0, 256, (2, 3, 64, 64, 3), dtype=np.uint8)
+    feats = grid.encode_segments(frames)  # (2, 3, 4E)
+    assert feats.shape == (2, 3, grid.feature_dim)
+    # by hand: the ViT's tokens after ln_post, projected, patch grid 4x4 (64 px / 16), quadrant means
+    x = grid._prepare(torch.from_numpy(frames.reshape(6, 64, 64, 3)))
+    v = grid.clip.visual
+    with torch.no_grad():
+        tokens = v.ln_post(v.transformer(v._embeds(x)))[:, 1:] @ v.proj  # (6, 16, E)
+    t = tokens.reshape(6, 4, 4, -1)
+    quads = [t[:, :2, :2], t[:, :2, 2:], t[:, 2:, :2], t[:, 2:, 2:]]  # row-major quadrants
+    expect = torch.cat([q.mean((1, 2)) for q in quads], dim=1).reshape(2, 3, -1)
+    assert torch.allclose(feats, expect, atol=1e-4)
+    # the tower is left as it was (returns the pooled embedding only)
+    assert grid.clip.visual.output_tokens is False and grid.clip.encode_image(x).shape == (6, enc.feature_dim)
+    with pytest.raises(InputError, match="pooling"):
+        EncoderConfig(**TINY, pooling="max")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,14 @@ class EncoderKind(str, Enum):
     VIDEOMAE = "videomae"
 
 
+# Per-frame feature of a CLIP image tower. "cls": CLIP's image embedding (the class token, projected).
+# "grid": every patch token through ln_post and the projection, averaged over the 2x2 quadrants of the image and
+# concatenated (4 x embed_dim per frame): keeps where things are, which a class token of a random or weak
+# encoder mostly loses (motion direction, spatial layout).
+POOLINGS = ("cls", "grid")
+GRID = 2
+
+
 @dataclass
 class EncoderConfig:
     """Which frozen encoder to run. `pretrained`: open_clip tag, local checkpoint path, or "none" (random init).
@@ -49,9 +58,14 @@ class EncoderConfig:
     device: str = "auto"
     batch_size: int = 64
     max_question_tokens: int = 16
+    pooling: str = "cls"  # CLIP: "cls" (the image embedding) or "grid" (2x2 grid of projected patch-token means)
 
     def __post_init__(self) -> None:
         self.kind = EncoderKind(self.kind)
+        if self.pooling not in POOLINGS:
+            raise InputError(f"encoder pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.pooling != "cls" and self.kind != EncoderKind.CLIP:
+            raise InputError(f"encoder pooling {self.pooling!r} applies to CLIP image towers only")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,9 +198,15 @@ class FrozenEncoder:
             self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
             self.mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
             self.std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
+            if cfg.pooling == "grid":
+                visual = self.clip.visual
+                if getattr(visual, "proj", None) is None or not hasattr(visual, "output_tokens") or getattr(
+                        visual, "attn_pool", None) is not None:
+                    raise InputError(f"--pooling grid needs a ViT image tower with a projection; {cfg.model} has "
+                                     "none (use --pooling cls)")
             with torch.inference_mode():
                 probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-                self.feature_dim = int(self.clip.encode_image(probe).shape[-1])
+                self.feature_dim = int(self._clip_frames(probe).shape[-1])
             share = text_model == cfg.model and self.text_pretrained == str(cfg.pretrained)
         else:
             self._build_videomae()
@@ -234,6 +254,21 @@ class FrozenEncoder:
                               antialias=True).clamp_(0, 1)
         return (x - self.mean) / self.std
 
+    def _clip_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, S, S) -> per-frame features (N, D) of the configured pooling."""
+        if self.cfg.pooling == "cls":
+            return self.clip.encode_image(x)
+        visual = self.clip.visual
+        visual.output_tokens = True
+        try:
+            _, tokens = visual(x)  # (N, P, W): patch tokens after ln_post, before the projection
+        finally:
+            visual.output_tokens = False
+        tokens = tokens @ visual.proj  # (N, P, E)
+        side = math.isqrt(tokens.shape[1])
+        grid = tokens.transpose(1, 2).reshape(len(x), -1, side, side)  # (N, E, side, side)
+        return F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2).flatten(1)  # (N, GRID*GRID*E)
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast(
             "cpu", enabled=False)
@@ -245,7 +280,7 @@ class FrozenEncoder:
         with torch.inference_mode(), self._autocast():
             if self.kind == EncoderKind.CLIP:
                 flat = frames_t.reshape(s * f, *frames_t.shape[2:])
-                outs = [self.clip.encode_image(self._prepare(flat[k:k + self.cfg.batch_size])).float().cpu()
+                outs = [self._clip_frames(self._prepare(flat[k:k + self.cfg.batch_size])).float().cpu()
                         for k in range(0, len(flat), self.cfg.batch_size)]
                 return torch.cat(outs).reshape(s, f, -1)  # (S, F, D)
             if f != self.mae_frames:  # VideoMAE has a fixed clip length: resample uniformly in time
@@ -281,7 +316,7 @@ class FrozenEncoder:
             "text_model": self.text_model,
             "text_pretrained": "none" if _is_none(self.text_pretrained) else self.text_pretrained,
             "text_dim": int(self.text_dim),
-            "tokens_per_frame_pooling": "cls" if self.kind == EncoderKind.CLIP else "tubelet-mean",
+            "tokens_per_frame_pooling": cfg.pooling if self.kind == EncoderKind.CLIP else "tubelet-mean",
         }
 
 
