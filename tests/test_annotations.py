@@ -114,3 +114,20 @@ def test_generic_clip_csv(tmp_path):
     bad = _write(tmp_path / "bad.csv", ["video", "start", "stop", "label"], [["x.mp4", "3", "1", "wave"]])
     with pytest.raises(InputError, match="row 1, field 'stop'"):
         load_annotations(bad)
+
+
+def test_generic_label_list_shared_by_splits(tmp_path):
+    from mambavl.data.annotations import load_label_list
+
+    clips = _write(tmp_path / "val.csv", ["video", "start", "stop", "label"],
+                   [["a.mp4", "0", "1", "open"], ["b.mp4", "1", "2.5", "close"]])
+    (tmp_path / "labels.txt").write_text("close\nopen\npour\n")
+    ann = load_annotations(clips, verb_classes=tmp_path / "labels.txt")
+    assert ann.verbs.keys == ("close", "open", "pour") and [s.verb_class for s in ann.segments] == [1, 0]
+    assert load_annotations(clips).verbs.keys == ("close", "open")  # without a list: the file's own labels
+    (tmp_path / "short.txt").write_text("open\n")
+    with pytest.raises(InputError, match=r"val.csv: row 2, field 'label': 'close' is not in the label list"):
+        load_annotations(clips, verb_classes=tmp_path / "short.txt")
+    (tmp_path / "dup.txt").write_text("open\nclose\nopen\n")
+    with pytest.raises(InputError, match=r"dup.txt: line 3: duplicate label 'open'"):
+        load_label_list(tmp_path / "dup.txt")

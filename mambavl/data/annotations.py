@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -339,6 +340,53 @@ def find_ek100_file(directory: str | os.PathLike, pattern: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def load_label_list(path: str | os.PathLike) -> ClassVocab:
+    """The label set of a generic dataset: an EK-100-style class CSV (id,key,...) or a text file, one label per
+    line (class id = line order). Duplicates and empty files are refused."""
+    path = Path(path)
+    try:
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the label list ({exc.strerror})") from None
+    if first and [c.strip() for c in first[0].split(",")][:2] == ["id", "key"]:
+        return load_classes(path)
+    keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not keys:
+        raise InputError(f"{path}: the label list is empty")
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys, start=1):
+        if k in seen:
+            raise InputError(f"{path}: line {i}: duplicate label {k!r} (first on line {seen[k]})")
+        seen[k] = i
+    return ClassVocab(tuple(keys), tuple((k,) for k in keys), ("",) * len(keys))
+
+
+def _generic_set(path: Path, segments: list[Segment], info: dict, verb_classes, noun_classes) -> AnnotationSet:
+    """Generic clip CSV: the label sets come from `verb_classes` / `noun_classes` when given (so that train, val and
+    test files share one vocabulary), else from the file's own labels (sorted)."""
+    def vocab(given, written: list[str]) -> ClassVocab:
+        if given is None:
+            keys = sorted(set(written) - {""})
+            return ClassVocab(tuple(keys), tuple((k,) for k in keys), ("",) * len(keys))
+        return load_label_list(given)
+
+    verbs_v = vocab(verb_classes, [s.verb for s in segments])
+    nouns_v = vocab(noun_classes, [s.noun for s in segments])
+    vid = {k: j for j, k in enumerate(verbs_v.keys)}
+    nid = {k: j for j, k in enumerate(nouns_v.keys)}
+    out = []
+    for s in segments:
+        if s.verb and s.verb not in vid:
+            raise InputError(f"{path}: row {s.row}, field 'label': {s.verb!r} is not in the label list {verb_classes}")
+        if s.noun and s.noun not in nid:
+            raise InputError(f"{path}: row {s.row}, field 'noun': {s.noun!r} is not in the label list {noun_classes}")
+        n = nid.get(s.noun, -1)
+        out.append(dataclasses.replace(s, verb_class=vid.get(s.verb, -1), noun_class=n,
+                                       all_noun_classes=(n,) if n >= 0 else ()))
+    return AnnotationSet(out, verbs_v, nouns_v, info, path, file_sha256(path), "generic",
+                         has_labels=any(s.verb for s in out))
+
+
 def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLike | None = None,
                      noun_classes: str | os.PathLike | None = None,
                      video_info: str | os.PathLike | None = None) -> AnnotationSet:
@@ -346,7 +394,8 @@ def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLik
 
     EK-100: class CSVs and video_info are looked up beside the annotation file unless given; a labelled file
     without class CSVs is refused (ids would have no names). Class ids outside the vocabulary are refused, naming
-    the row. Generic: vocabularies come from the labels themselves; a video_info CSV is optional.
+    the row. Generic: vocabularies come from `verb_classes` / `noun_classes` label lists when given (a class CSV or
+    one label per line; use the same list for every split), else from the file's labels; video_info is optional.
     """
     path = Path(csv_path)
     segments, kind = load_segments(path)
@@ -354,12 +403,7 @@ def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLik
     info_path = Path(video_info) if video_info else find_ek100_file(here, VIDEO_INFO)
     info = load_video_info(info_path) if info_path else {}
     if kind == "generic":
-        labels = sorted({s.verb for s in segments if s.verb})
-        nouns = sorted({s.noun for s in segments if s.noun})
-        verbs_v = ClassVocab(tuple(labels), tuple((k,) for k in labels), ("",) * len(labels))
-        nouns_v = ClassVocab(tuple(nouns), tuple((k,) for k in nouns), ("",) * len(nouns))
-        return AnnotationSet(segments, verbs_v, nouns_v, info, path, file_sha256(path), kind,
-                             has_labels=bool(labels))
+        return _generic_set(path, segments, info, verb_classes, noun_classes)
     has_labels = any(s.verb_class >= 0 for s in segments)
     vpath = Path(verb_classes) if verb_classes else find_ek100_file(here, VERB_CLASSES)
     npath = Path(noun_classes) if noun_classes else find_ek100_file(here, NOUN_CLASSES)
