@@ -73,6 +73,19 @@ CHECKPOINT_KIND = "mambavl-checkpoint"
 ProgressFn = Callable[[int, int, dict], None]
 
 
+# Cache attributes describing the frame sampling, copied into checkpoints (see `mambavl.predict`).
+SAMPLING_ATTRS = ("sampling_mode", "frames_per_segment", "decoded_frames", "fps", "frame_size",
+                  "tokens_per_frame_pooling")
+
+
+def _question_tokens(cache: CacheFile) -> dict[str, int]:
+    """{"question_tokens": T} of the cache's question table ({} when it has none)."""
+    try:
+        return {"question_tokens": int(cache.questions().tokens.shape[1])}
+    except InputError:
+        return {}
+
+
 class Task(str, Enum):
     """What the heads predict: the action in the window (recognition) or the action after it (anticipation)."""
 
@@ -886,7 +899,14 @@ def _train(
         "question_source": cfg.question_source.value,
         "window": window,
         "vocab": {"verbs": verbs, "nouns": nouns, "action_pairs": [list(p) for p in action_pairs]},
-        "cache_attrs": {k: _plain(schema.normalise_attr(train_cache.attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
+        # What the features are (compatibility) and how they were sampled, so that `mambavl predict` can extract a
+        # new clip the same way without the cache.
+        "cache_attrs": {
+            **{k: _plain(schema.normalise_attr(train_cache.attrs[k]))
+               for k in SAMPLING_ATTRS if k in train_cache.attrs},
+            **{k: _plain(schema.normalise_attr(train_cache.attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
+            **_question_tokens(train_cache),
+        },
         "best_metric_name": metric_name,
     }
 

@@ -1,0 +1,305 @@
+"""Predict the action in a video clip with a trained checkpoint, extracting features on the fly.
+
+The checkpoint records the attributes of the cache it was trained on (`ckpt["cache_attrs"]`): the frozen encoder
+(kind, model, pretrained tag or checkpoint hash), the text tower, and — when the trainer stores them — the sampling
+(mode, frames, fps, frame size) and the question length. The same encoder is rebuilt with
+`mambavl.extract.encoders.build_encoder`, the clip is decoded exactly as extraction decodes a segment, and the model
+sees what it saw in training:
+
+* features: the frames of [start, stop] sampled like the training cache, encoded, sub-sampled to the checkpoint's
+  `train_config["frames"]` (the evaluation sub-sampling);
+* questions: the template bank's evaluation phrasing (paraphrase 0) of each kind. A new video has no narration, so
+  the paper's `annotation` protocol cannot be run; a checkpoint trained with it is asked template questions and the
+  result says so in `notes`;
+* answers: the class names embedded by the text tower (or read from `--cache`, which holds exactly what training
+  used; a cache also supplies sampling attributes a checkpoint may lack).
+
+Outputs: the top actions (verb, noun) ranked by p(verb)·p(noun) from the two heads (the EK-100 convention), top verbs
+and nouns, and the QA head's answers to every template question kind (verb, noun, scene, next_verb, next_noun):
+scores are softmax probabilities over the candidates, or per-candidate sigmoids for the multi-label scene question.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from mambavl.errors import InputError
+from mambavl.train import SAMPLING_ATTRS  # sampling attributes the trainer copies into checkpoints
+
+ProgressFn = Callable[[int, int, str], None]
+
+# Question kinds the QA head is asked, and which answer table each is scored against.
+QA_KINDS = {"verb": "verb", "noun": "noun", "scene": "noun", "next_verb": "verb", "next_noun": "noun"}
+MULTI_LABEL_KINDS = ("scene",)
+STEPS = 5
+
+
+@dataclass
+class PredictConfig:
+    """One prediction. `start` / `stop` in seconds (None: the whole video). `cache`: a cache extracted with the
+    checkpoint's encoder, for its question/answer tables and sampling attributes. `encoder_weights`: the local
+    encoder checkpoint file, when the training cache was extracted from one (its sha256 must match)."""
+
+    video: str
+    checkpoint: str
+    cache: str | None = None
+    start: float | None = None
+    stop: float | None = None
+    top: int = 5
+    device: str = "auto"
+    encoder_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise InputError(f"predict: top={self.top} must be >= 1")
+        if not Path(self.video).is_file():
+            raise InputError(f"video {self.video} not found")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sampling_from_attrs(attrs: dict, where: str):
+    """The SamplingConfig extraction used, from cache attributes; InputError naming what is missing."""
+    from mambavl.extract.decode import SamplingConfig
+
+    missing = [k for k in ("sampling_mode", "frame_size") if k not in attrs]
+    if "decoded_frames" not in attrs and "frames_per_segment" not in attrs:
+        missing.append("frames_per_segment")
+    if missing:
+        raise InputError(
+            f"{where} does not record how its training cache sampled frames (missing {', '.join(missing)}); "
+            "pass --cache with a cache extracted with the same settings"
+        )
+    frames = int(attrs.get("decoded_frames") or attrs["frames_per_segment"])
+    fps = float(attrs.get("fps") or 0.0)
+    return SamplingConfig(mode=str(attrs["sampling_mode"]), num_frames=frames, fps=fps if fps > 0 else 4.0,
+                          size=int(attrs["frame_size"]))
+
+
+def encoder_config_from_attrs(attrs: dict, device: str, question_tokens: int | None,
+                              encoder_weights: str | None = None):
+    """The EncoderConfig that rebuilds the frozen encoder a cache was extracted with."""
+    from mambavl.extract.encoders import EncoderConfig, EncoderKind, file_sha256
+
+    kind = str(attrs.get("encoder", ""))
+    if kind not in [k.value for k in EncoderKind]:
+        raise InputError(
+            f"the checkpoint was trained on features from encoder {kind!r} ({attrs.get('model', '?')}), which "
+            "mambavl cannot run on a new video; extract a cache of the video with that extractor and use "
+            "`mambavl evaluate` instead"
+        )
+    pretrained = str(attrs.get("pretrained", "none"))
+    sha = str(attrs.get("checkpoint_sha256") or "")
+    if sha:
+        if not encoder_weights:
+            raise InputError(
+                f"the training cache was extracted with the local encoder checkpoint {pretrained!r} "
+                f"(sha256 {sha[:12]}...); pass it with --encoder-weights PATH"
+            )
+        if not Path(encoder_weights).is_file():
+            raise InputError(f"--encoder-weights {encoder_weights} not found")
+        if file_sha256(encoder_weights) != sha:
+            raise InputError(f"--encoder-weights {encoder_weights} is not the checkpoint the cache was extracted with "
+                             f"(sha256 differs from {sha[:12]}...)")
+        pretrained = str(encoder_weights)
+    model = str(attrs["model"])
+    text_model, text_pretrained = str(attrs.get("text_model", "")), str(attrs.get("text_pretrained", ""))
+    shared = kind == EncoderKind.CLIP.value and text_model == model and text_pretrained == str(attrs.get("pretrained"))
+    values: dict[str, Any] = dict(kind=kind, model=model, pretrained=pretrained, device=device)
+    if kind == EncoderKind.CLIP.value and attrs.get("tokens_per_frame_pooling") not in (None, "", "cls"):
+        values["pooling"] = str(attrs["tokens_per_frame_pooling"])
+    if not shared:
+        values.update(text_model=text_model, text_pretrained=text_pretrained)
+    if question_tokens:
+        values["max_question_tokens"] = int(question_tokens)
+    return EncoderConfig(**values)
+
+
+def _topk(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest, best first; ties to the lower index (stable)."""
+    return np.argsort(-probs, kind="stable")[: min(k, len(probs))]
+
+
+def top_actions(verb_p: np.ndarray, noun_p: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+    """(verb, noun, p(verb)·p(noun)) of the k best pairs. verb_p (V,), noun_p (Nn,) probabilities."""
+    joint = verb_p[:, None] * noun_p[None, :]  # (V, Nn)
+    flat = _topk(joint.reshape(-1), k)
+    return [(int(i // joint.shape[1]), int(i % joint.shape[1]), float(joint.reshape(-1)[i])) for i in flat]
+
+
+class _Texts:
+    """Question tokens and answer embeddings: from a cache when given (what training used), else re-embedded."""
+
+    def __init__(self, encoder, cache, verbs: list[str], nouns: list[str]):
+        from mambavl.extract.questions import TEMPLATES, answer_texts
+
+        self.questions: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        if cache is not None:
+            bank = cache.questions()
+            for kind in TEMPLATES:
+                if kind in bank.templates and len(bank.templates[kind]):
+                    q = int(bank.templates[kind][0])
+                    self.questions[kind] = (bank.texts[q], torch.from_numpy(bank.tokens[q]),
+                                            torch.from_numpy(bank.mask[q]))
+            ans = cache.answers()
+            self.answers = {"verb": torch.from_numpy(ans.verb), "noun": torch.from_numpy(ans.noun)}
+            self.source = f"cache {cache.path}"
+        else:
+            texts = [TEMPLATES[kind][0] for kind in TEMPLATES]
+            tok, mask, _ = encoder.encode_text(texts)  # (Q, T, Dt), (Q, T), (Q, Dt)
+            for i, kind in enumerate(TEMPLATES):
+                self.questions[kind] = (texts[i], tok[i], mask[i])
+            vt, nt, _ = answer_texts(SimpleNamespace(keys=verbs), SimpleNamespace(keys=nouns), [])
+            self.answers = {"verb": encoder.encode_text(vt)[2]}
+            dim = self.answers["verb"].shape[-1]
+            self.answers["noun"] = encoder.encode_text(nt)[2] if nt else torch.zeros(0, dim)
+            self.source = "re-embedded by the text tower"
+
+
+def predict_video(cfg: PredictConfig, progress: ProgressFn | None = None, encoder=None) -> dict:
+    """Predict the action in `cfg.video` between `cfg.start` and `cfg.stop` (see the module docstring).
+
+    `encoder`: an already built FrozenEncoder of the checkpoint's attributes (skips rebuilding it).
+    Returns dict(video, start, stop, checkpoint, task, question_source, frames {decoded, times, model},
+    encoder {...}, texts_from, notes [...], actions [dict(verb, noun, verb_id, noun_id, score)],
+    verbs / nouns [dict(label, id, score)], qa {kind: dict(question, target, multi_label,
+    answers [dict(answer, id, score)])}). Scores are probabilities.
+    """
+    from mambavl.cache import schema
+    from mambavl.cache.reader import open_cache
+    from mambavl.data.sampling import subsample
+    from mambavl.extract.decode import DecodeError, decode_video_segment, probe_video
+    from mambavl.extract.encoders import build_encoder
+    from mambavl.train import load_checkpoint
+
+    def tick(step: int, message: str) -> None:
+        if progress is not None:
+            progress(step, STEPS, message)
+
+    dev = _device(cfg.device)
+    tick(0, "loading the checkpoint")
+    model, ckpt = load_checkpoint(cfg.checkpoint, device=str(dev))
+    model.eval()
+    attrs = dict(ckpt.get("cache_attrs") or {})
+    verbs = list(ckpt["vocab"]["verbs"])
+    nouns = list(ckpt["vocab"]["nouns"])
+    notes: list[str] = []
+    cache = None
+    if cfg.cache is not None:
+        cache = open_cache(cfg.cache, expect=attrs, what=f"the training cache of {cfg.checkpoint}")
+        if list(cache.verb_keys) != verbs or list(cache.noun_keys) != nouns:
+            raise InputError(f"cache {cfg.cache} has other verb/noun classes than checkpoint {cfg.checkpoint}")
+        for key in (*SAMPLING_ATTRS, "question_tokens"):
+            attrs.setdefault(key, cache.attrs.get(key))
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+    sampling = sampling_from_attrs(attrs, f"checkpoint {cfg.checkpoint}")
+    q_tokens = attrs.get("question_tokens")
+    if q_tokens is None and cache is not None:
+        q_tokens = int(cache.questions().tokens.shape[1])
+    if q_tokens is None and cache is None:
+        notes.append("the checkpoint does not record the question length; questions use the encoder's default")
+
+    # ---- the clip
+    probe = probe_video(cfg.video)
+    start = 0.0 if cfg.start is None else float(cfg.start)
+    stop = probe.duration if cfg.stop is None else float(cfg.stop)
+    if not (math.isfinite(stop) and 0 <= start < stop):
+        raise InputError(f"predict: need 0 <= --start < --stop, got start {start} and stop {stop}")
+    if start >= probe.duration:
+        raise InputError(f"predict: --start {start} is after the end of {cfg.video} ({probe.duration:.2f} s)")
+    stop = min(stop, probe.duration)
+    tick(1, "building the encoder")
+    if encoder is None:
+        encoder = build_encoder(encoder_config_from_attrs(attrs, str(dev), q_tokens, cfg.encoder_weights))
+    prov = encoder.provenance()
+    for key in schema.COMPATIBILITY_ATTRS:
+        if key in prov and key in attrs and schema.normalise_attr(prov[key]) != schema.normalise_attr(attrs[key]):
+            raise InputError(f"the encoder built for prediction differs from the checkpoint's in {key!r}: "
+                             f"{prov[key]!r} vs {attrs[key]!r}")
+    tick(2, f"decoding {Path(cfg.video).name} [{start:.2f}, {stop:.2f}] s")
+    try:
+        frames, times = decode_video_segment(cfg.video, start, stop, sampling)  # (F, S, S, 3), (F,)
+    except DecodeError as exc:
+        raise InputError(str(exc)) from None
+    tick(3, "encoding")
+    feats = encoder.encode_segments(frames[None])  # (1, F', D)
+    n_tok = torch.tensor([feats.shape[1]])
+    train_frames = int(ckpt["train_config"].get("frames", 0))
+    video, vmask = subsample(feats.float(), n_tok, train_frames, train=False)  # (1, K, D), (1, K)
+    video, vmask = video.to(dev), vmask.to(dev)
+
+    # ---- questions and heads
+    task = str(ckpt.get("task", "recognition"))
+    source = str(ckpt.get("question_source", "templates"))
+    if source != "templates":
+        notes.append(f"the checkpoint was trained with {source!r} questions, which need a narration (or a questions "
+                     "file) of the segment; a new video is asked the template questions instead")
+    texts = _Texts(encoder, cache, verbs, nouns)
+    head_kinds = ("next_verb", "next_noun") if task == "anticipation" else ("verb", "noun")
+    if task == "anticipation":
+        notes.append("anticipation checkpoint: [start, stop] is the observed window; the heads predict the action "
+                     "that follows it")
+    tick(4, "predicting")
+    q = torch.stack([texts.questions[k][1] for k in head_kinds])[None].to(dev)  # (1, 2, T, Dt)
+    qm = torch.stack([texts.questions[k][2] for k in head_kinds])[None].to(dev)  # (1, 2, T)
+    with torch.no_grad():
+        out = model(video, vmask, q.float(), qm.bool())
+        verb_p = out["verb"].float().softmax(-1)[0].cpu().numpy()  # (V,)
+        noun_p = out["noun"].float().softmax(-1)[0].cpu().numpy() if "noun" in out else None  # (Nn,)
+        qa = {}
+        for kind, target in QA_KINDS.items():
+            if kind not in texts.questions or (target == "noun" and not nouns):
+                continue
+            text, tok, mask = texts.questions[kind]
+            h = model.fuse(video, vmask, tok[None].float().to(dev), mask[None].bool().to(dev))  # (1, d)
+            logits = model.qa_logits(model.qa_embed(h), texts.answers[target].to(dev))[0].float()  # (K,)
+            multi = kind in MULTI_LABEL_KINDS
+            p = (logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy()
+            labels = verbs if target == "verb" else nouns
+            qa[kind] = {
+                "question": text,
+                "target": target,
+                "multi_label": multi,
+                "answers": [{"answer": labels[i], "id": int(i), "score": float(p[i])} for i in _topk(p, cfg.top)],
+            }
+
+    result: dict[str, Any] = {
+        "video": str(cfg.video),
+        "start": start,
+        "stop": stop,
+        "checkpoint": str(cfg.checkpoint),
+        "task": task,
+        "question_source": "templates",
+        "frames": {"decoded": int(len(frames)), "times": [float(t) for t in times], "model": int(video.shape[1])},
+        "encoder": prov,
+        "texts_from": texts.source,
+        "notes": notes,
+        "verbs": [{"label": verbs[i], "id": int(i), "score": float(verb_p[i])} for i in _topk(verb_p, cfg.top)],
+        "nouns": [],
+        "actions": [],
+        "qa": qa,
+    }
+    if noun_p is not None:
+        result["nouns"] = [{"label": nouns[i], "id": int(i), "score": float(noun_p[i])} for i in _topk(noun_p, cfg.top)]
+        result["actions"] = [
+            {"verb": verbs[v], "noun": nouns[n], "verb_id": v, "noun_id": n, "score": s}
+            for v, n, s in top_actions(verb_p, noun_p, cfg.top)
+        ]
+    else:
+        # Generic datasets have one label set (in the verb head): the action is the label.
+        result["actions"] = [{"verb": r["label"], "noun": None, "verb_id": r["id"], "noun_id": None,
+                              "score": r["score"]} for r in result["verbs"]]
+    tick(5, "done")
+    return result

@@ -1,0 +1,94 @@
+"""`mambavl demo --quick` end to end (the CI form of the README's first command), and `mambavl predict` on its
+outputs: a clip decoded and encoded on the fly gets the scores evaluation computes from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mambavl.cli import app
+from mambavl.data.annotations import load_annotations
+from mambavl.train import load_checkpoint, predict_scores
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out, res.output
+
+
+def test_demo_report_and_accuracy_far_above_chance(demo):
+    out, printed = demo
+    for rel in ("README.md", "summary.json", "eval/val/metrics.json", "eval/val/per_class.csv",
+                "eval/test/submission.json", "audit/audit.md", "ablation/ablation.md", "runs/templates/best.pt"):
+        assert (out / rel).is_file(), rel
+    summary = json.loads((out / "summary.json").read_text())
+    val, chance = summary["validation"], summary["chance_percent"]
+    # six verbs and six nouns: chance is 16.7 %; the demo must be far above it
+    assert val["verb_top1"] >= 2 * chance["verb_top1"], val
+    assert val["noun_top1"] >= 2 * chance["noun_top1"], val
+    assert val["action_top1"] >= 3 * chance["action_top1"], val
+    assert "## Validation" in printed and "## Ablation" in printed
+    # the test split has no labels: a submission and no metrics
+    sub = json.loads((out / "eval/test/submission.json").read_text())
+    assert sub["challenge"] == "action_recognition" and len(sub["results"]) == summary["config"]["sizes"]["n_test"]
+
+
+def test_demo_audit_shows_the_annotation_leak(demo):
+    out, _ = demo
+    audit = json.loads((out / "audit/audit.json").read_text())
+    protos = audit["protocols"]
+    assert {"templates", "annotation", "annotation-shuffled"} <= set(protos)
+    assert protos["annotation"]["leak"]["noun"] > 0.5 and protos["templates"]["leak"]["noun"] == 0
+    assert any("annotation" in f for f in audit["findings"])
+
+
+def test_demo_refuses_a_non_empty_folder(demo):
+    out, _ = demo
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "not empty" in res.output
+
+
+def test_predict_equals_evaluation_scores_on_the_same_segment(demo, tmp_path):
+    out, _ = demo
+    ckpt_path = out / "runs/templates/best.pt"
+    val = load_annotations(out / "data/EPIC_100_validation.csv")
+    seg = val.segments[0]
+    video = out / "data/videos" / seg.participant_id / "videos" / f"{seg.video_id}.MP4"
+    res = CliRunner().invoke(app, ["predict", str(video), "--checkpoint", str(ckpt_path), "--start",
+                                   str(seg.start_time), "--stop", str(seg.stop_time), "--json",
+                                   str(tmp_path / "p.json"), "--device", "cpu", "--quiet", "--top", "36"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "top actions" in res.output and "What is the person doing?" in res.output
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert len(result["actions"]) == 36
+    scores = [a["score"] for a in result["actions"]]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
+
+    # the same clip through the cache (features stored fp16): evaluation's probabilities
+    model, ckpt = load_checkpoint(ckpt_path)
+    cached = predict_scores(model, out / "caches/val.h5", frames=ckpt["train_config"]["frames"])
+    row = int(np.flatnonzero(cached["indices"] == 0)[0])
+    p_cache = np.exp(cached["verb"][row] - cached["verb"][row].max())
+    p_cache /= p_cache.sum()
+    p_pred = np.zeros_like(p_cache)
+    for v in result["verbs"]:
+        p_pred[v["id"]] = v["score"]
+    np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)
+    assert int(p_pred.argmax()) == int(p_cache.argmax())
+
+
+def test_predict_bad_input(demo, tmp_path):
+    out, _ = demo
+    ckpt = out / "runs/templates/best.pt"
+    video = next((out / "data/videos").rglob("*.MP4"))
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "nope.mp4"), "--checkpoint", str(ckpt), "--quiet"])
+    assert res.exit_code == 2 and "nope.mp4" in res.output
+    res = CliRunner().invoke(app, ["predict", str(video), "--checkpoint", str(ckpt), "--start", "3", "--stop", "1",
+                                   "--quiet"])
+    assert res.exit_code == 2 and "--start" in res.output
