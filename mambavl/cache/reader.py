@@ -220,6 +220,12 @@ class SegmentDataset(Dataset):
         nbytes = int(np.prod(feats.shape)) * feats.dtype.itemsize
         self.in_memory = nbytes < IN_MEMORY_LIMIT_BYTES if in_memory is None else bool(in_memory)
         self._features: np.ndarray | None = feats[()] if self.in_memory else None  # (N, F, D) float16
+        self._lazy: tuple[int, h5py.Dataset] | None = None  # (pid, dataset) of the lazy path
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_lazy"] = None  # h5py objects do not cross processes; workers look the dataset up again
+        return state
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -229,12 +235,20 @@ class SegmentDataset(Dataset):
         shape = self.cache.h5()[self.prefix + "features"].shape
         return int(shape[1]), int(shape[2])
 
+    def _lazy_features(self) -> h5py.Dataset:
+        """The features dataset of this process's open file, looked up once per process (a lookup builds a new
+        h5py Dataset object, which costs more than reading a row)."""
+        pid = os.getpid()
+        if self._lazy is None or self._lazy[0] != pid or not self._lazy[1].id.valid:
+            self._lazy = (pid, self.cache.h5()[self.prefix + "features"])
+        return self._lazy[1]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = int(self.indices[i])
         if self._features is not None:
             x = self._features[row]
         else:
-            x = self.cache.h5()[self.prefix + "features"][row]
+            x = self._lazy_features()[row]
         return {
             "features": torch.from_numpy(np.asarray(x, dtype=np.float32)),  # (F, D)
             "num_frames": torch.tensor(int(self.num_frames[row]), dtype=torch.long),
