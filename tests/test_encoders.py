@@ -107,3 +107,20 @@ def test_grid_pooling_is_the_quadrant_means_of_projected_patch_tokens(enc):
     assert grid.clip.visual.output_tokens is False and grid.clip.encode_image(x).shape == (6, enc.feature_dim)
     with pytest.raises(InputError, match="pooling"):
         EncoderConfig(**TINY, pooling="max")
+
+
+def test_text_tower_prefix_run_equals_full_context(enc):
+    # the tower runs on the shortest prefix holding every real token; a long text in the batch lengthens it
+    texts = ["Which object?", "what is the person doing with the " + "very " * 20 + "small thing?"]
+    tokens, mask, pooled = enc.encode_text(texts)
+    ids = enc.text.tokenizer(texts)
+    captured = []
+    hook = enc.clip.ln_final.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        with torch.no_grad():
+            full = enc.clip.encode_text(ids)  # the full 77-token context
+    finally:
+        hook.remove()
+    assert enc.text._short_context()
+    assert torch.allclose(pooled, full, atol=1e-5)
+    assert torch.allclose(tokens, enc.text._project(captured[0][:, :16]), atol=1e-5)

@@ -147,6 +147,34 @@ class TextTower:
             return self.projection(x)
         return x @ self.projection
 
+    def _short_context(self) -> bool:
+        """True for open_clip's standard CLIP text tower (causal mask, end-of-text pooling), which gives the same
+        outputs on a prefix of the context as on the whole padded context."""
+        import open_clip
+
+        c = self.clip
+        return (type(c) is open_clip.model.CLIP and getattr(c, "attn_mask", None) is not None
+                and getattr(c, "text_pool_type", "argmax") == "argmax")
+
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """CLIP's encode_text, run on the shortest prefix of the context that holds every real token of the batch
+        and the `max_tokens` outputs we keep (questions are ~20 of 77 tokens: about 4x less work). Causal attention
+        makes the outputs at those positions identical to a full-context run (tested)."""
+        if not self._short_context():
+            return self.clip.encode_text(ids)
+        from open_clip.transformer import text_global_pool
+
+        c = self.clip
+        real = (ids != 0).any(0).nonzero()
+        n = max(self.max_tokens, int(real.max()) + 1 if len(real) else 1)
+        n = min(n, ids.shape[1])
+        ids = ids[:, :n]
+        cast = c.transformer.get_cast_dtype()
+        x = c.token_embedding(ids).to(cast) + c.positional_embedding[:n].to(cast)
+        x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask[:n, :n]))  # (b, n, W); the token hook sees this
+        x = text_global_pool(x, ids, c.text_pool_type, eos_token_id=getattr(c, "text_eos_id", None))
+        return self._project(x)
+
     def encode(self, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (Q, T, Dt) float32, mask (Q, T) bool, pooled (Q, Dt) float32 — all on the CPU."""
         toks, masks, pools = [], [], []
@@ -159,7 +187,7 @@ class TextTower:
                 for k in range(0, len(texts), batch_size):
                     ids = self.tokenizer(list(texts[k:k + batch_size])).to(self.device)  # (b, ctx)
                     captured.clear()
-                    pooled = self.clip.encode_text(ids).float()  # (b, Dt)
+                    pooled = self._encode_text(ids).float()  # (b, Dt)
                     t = self.max_tokens
                     if captured:
                         per_token = self._project(captured[-1][:, :t]).float()  # (b, T, Dt)
