@@ -159,42 +159,12 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _status_bytes(field_name: str) -> int:
-    """A `VmRSS` / `VmHWM` line of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field_name}")
-
-
-def _reset_hwm() -> bool:
-    """Reset the resident high-water mark to the current resident size (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_growth(fn: Callable[[], object]) -> tuple[int, bool]:
-    """Run `fn` once; return (peak resident bytes above the resident size just before, trustworthy).
+    """Peak resident bytes of one call, and whether the number can be trusted: the measurement `mambavl efficiency`
+    uses (resettable VmHWM, else ru_maxrss). Imported lazily: torch must start after OMP_WAIT_POLICY is set."""
+    from mambavl.analysis.efficiency import rss_peak_growth
 
-    The high-water mark (`VmHWM`) is reset just before the call, so the peak is the call's own. Where it cannot be
-    reset, the process-lifetime mark (`ru_maxrss`) is used and `trustworthy` is False when the call did not raise it
-    (an earlier phase of the process peaked higher and hides the call's own peak).
-    """
-    gc.collect()
-    if _reset_hwm():
-        before = _status_bytes("VmRSS")
-        fn()
-        return max(0, _status_bytes("VmHWM") - before), True
-    before_rss = current_rss_bytes()
-    before_max = maxrss_bytes()
-    fn()
-    after_max = maxrss_bytes()
-    return max(0, after_max - before_rss), after_max > before_max
+    return rss_peak_growth(fn)
 
 
 def measure_in_subprocess(script: Path, args: Sequence[str], timeout: float = 900) -> dict:

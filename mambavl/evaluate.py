@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
@@ -33,6 +32,7 @@ import numpy as np
 
 from mambavl import __version__
 from mambavl import metrics as M
+from mambavl.data.annotations import file_sha256
 from mambavl.errors import InputError
 
 # progress(done, total, info): info["stage"] names the step ("load", "predict", "metrics", "submission", "plots").
@@ -147,12 +147,7 @@ class Loaded:
     labels: dict = field(default_factory=dict)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # the checkpoint's sha256 in metrics.json
 
 
 def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: str) -> Loaded:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mambavl.data.annotations import file_sha256  # noqa: F401  (re-exported: mambavl.predict uses it)
 from mambavl.errors import InputError
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -72,14 +73,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _register_configs() -> None:
