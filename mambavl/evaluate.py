@@ -33,6 +33,7 @@ import numpy as np
 from mambavl import __version__
 from mambavl import metrics as M
 from mambavl.data.annotations import file_sha256
+from mambavl.device import resolve_device
 from mambavl.errors import InputError
 
 # progress(done, total, info): info["stage"] names the step ("load", "predict", "metrics", "submission", "plots").
@@ -156,7 +157,7 @@ def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: st
     from mambavl.cache.reader import open_cache
     from mambavl.train import load_checkpoint
 
-    model, ckpt = load_checkpoint(checkpoint, device=_device(device))
+    model, ckpt = load_checkpoint(checkpoint, device=str(resolve_device(device)))
     cache = open_cache(cache_path)
     schema.check_compatible(ckpt.get("cache_attrs", {}), cache.attrs, f"checkpoint {checkpoint}", f"cache {cache_path}")
     vocab = ckpt.get("vocab", {})
@@ -171,14 +172,6 @@ def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: st
     if window == "anticipation" and not cache.attrs.get("anticipation", False):
         raise InputError(f"cache {cache_path} has no anticipation window (extract it with --anticipation)")
     return Loaded(model=model, ckpt=ckpt, cache=cache, task=task, window=window, labels=cache.labels())
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def check_question_source(cache: Any, source: str) -> None:
@@ -204,7 +197,8 @@ def score_cache(
 
     cache = cache if cache is not None else loaded.cache
     frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
-    out = predict_scores(loaded.model, cache, window=loaded.window, question_source=source, device=_device(device),
+    dev = str(resolve_device(device))
+    out = predict_scores(loaded.model, cache, window=loaded.window, question_source=source, device=dev,
                          batch_size=batch_size, frames=frames)
     rows = np.asarray(out["indices"], dtype=np.int64)
     fallbacks = 0

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.train import SAMPLING_ATTRS  # sampling attributes the trainer copies into checkpoints
 
@@ -62,12 +63,6 @@ class PredictConfig:
             raise InputError(f"predict: top={self.top} must be >= 1")
         if not Path(self.video).is_file():
             raise InputError(f"video {self.video} not found")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sampling_from_attrs(attrs: dict, where: str):
@@ -188,7 +183,7 @@ def predict_video(cfg: PredictConfig, progress: ProgressFn | None = None, encode
         if progress is not None:
             progress(step, STEPS, message)
 
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     tick(0, "loading the checkpoint")
     model, ckpt = load_checkpoint(cfg.checkpoint, device=str(dev))
     model.eval()

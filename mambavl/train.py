@@ -62,6 +62,7 @@ from mambavl import __version__
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
+from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 
@@ -223,19 +224,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"device {device!r} is not a torch device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

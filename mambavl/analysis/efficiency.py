@@ -60,6 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mambavl.device import resolve_device
 from mambavl.errors import InputError
 
 ProgressFn = Callable[[int, int, str], None]
@@ -139,15 +140,6 @@ class EfficiencyConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # model and step
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"efficiency: device {name!r} asked for but CUDA is not available")
-    return dev
 
 
 def build_model(cfg: EfficiencyConfig, fusion: str, max_tokens: int, device: torch.device) -> torch.nn.Module:
@@ -460,7 +452,7 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: ProgressFn | None = None
     scan_calls, latency_s (median), latency_runs (all repeats, s), peak_memory_bytes (None when not measured),
     memory_method, memory_trusted, device.
     """
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     method = cfg.memory
     if method == MemoryMethod.AUTO:
         method = MemoryMethod.CUDA if dev.type == "cuda" else MemoryMethod.RSS

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.data.annotations import file_sha256  # noqa: F401  (re-exported: mambavl.predict uses it)
+from mambavl.device import resolve_device
 from mambavl.errors import InputError
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -67,12 +68,6 @@ class EncoderConfig:
             raise InputError(f"encoder pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.pooling != "cls" and self.kind != EncoderKind.CLIP:
             raise InputError(f"encoder pooling {self.pooling!r} applies to CLIP image towers only")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _register_configs() -> None:
