@@ -9,6 +9,7 @@ owns the application objects and the mapping of errors to exit codes:
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -48,6 +49,11 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
     """Print an error to stderr and return the Exit to raise (exit code 2 = bad input)."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def optional_path(path: os.PathLike | None) -> str | None:
+    """A path option as the str the config dataclasses take; None stays None (option not given)."""
+    return None if path is None else str(path)
 
 
 # Registration happens on import of each command module (they decorate `app` / `cache_app`).

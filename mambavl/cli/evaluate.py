@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import app, cache_app, fail  # noqa: F401
+from mambavl.cli import app, cache_app, fail, optional_path  # noqa: F401
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.train import Task
@@ -129,15 +129,12 @@ def evaluate_command(
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
     from mambavl.evaluate import EvalConfig, evaluate
 
-    def opt(p: Optional[Path]) -> Optional[str]:
-        return None if p is None else str(p)
-
     try:
         cfg = EvalConfig(
             checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out),
             question_source=questions.value if questions else None, task=task.value if task else None,
-            batch_size=batch_size, device=device, ek100_dir=opt(ek100_dir), unseen_ids=opt(unseen_ids),
-            tail_verbs=opt(tail_verbs), tail_nouns=opt(tail_nouns), split=split, train_cache=opt(train_cache),
+            batch_size=batch_size, device=device, ek100_dir=optional_path(ek100_dir), unseen_ids=optional_path(unseen_ids),
+            tail_verbs=optional_path(tail_verbs), tail_nouns=optional_path(tail_nouns), split=split, train_cache=optional_path(train_cache),
             plots=plots, submission=submission, sls_pt=sls_pt, sls_tl=sls_tl, sls_td=sls_td,
         )
         result = _with_progress("evaluate", quiet, evaluate, cfg)
@@ -180,14 +177,11 @@ def audit_command(
     """Measure how much accuracy comes from the question text: every protocol, shuffled questions, leak rates."""
     from mambavl.analysis.audit import AuditConfig, audit_questions
 
-    def opt(p: Optional[Path]) -> Optional[str]:
-        return None if p is None else str(p)
-
     try:
         cfg = AuditConfig(
             checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out), task=task.value if task else None,
-            batch_size=batch_size, device=device, shuffle_seed=seed, ek100_dir=opt(ek100_dir),
-            verb_classes=opt(verb_classes), noun_classes=opt(noun_classes),
+            batch_size=batch_size, device=device, shuffle_seed=seed, ek100_dir=optional_path(ek100_dir),
+            verb_classes=optional_path(verb_classes), noun_classes=optional_path(noun_classes),
         )
         report = _with_progress("audit", quiet, audit_questions, cfg)
     except InputError as exc:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mambavl.cli import EXIT_FAILURES, app, cache_app, fail
+from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode
 from mambavl.extract.encoders import EncoderConfig, EncoderKind
@@ -81,10 +81,10 @@ def extract(
                                     fps=fps or 4.0, size=size),
             anticipation=anticipation, tau_a=tau_a, tau_o=tau_o,
             questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
-            questions_file=str(questions_file) if questions_file else None,
-            verb_classes=str(verb_classes) if verb_classes else None,
-            noun_classes=str(noun_classes) if noun_classes else None,
-            video_info=str(video_info) if video_info else None,
+            questions_file=optional_path(questions_file),
+            verb_classes=optional_path(verb_classes),
+            noun_classes=optional_path(noun_classes),
+            video_info=optional_path(video_info),
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
         )
         bar, update = _progress(quiet, f"extract {annotations.name}")
@@ -210,7 +210,7 @@ def cache_import(
                            frames=frames, text=EncoderConfig(model=text_model, pretrained=text_pretrained,
                                                              device=device),
                            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
-                           questions_file=str(questions_file) if questions_file else None)
+                           questions_file=optional_path(questions_file))
         path = import_features(cfg)
     except InputError as exc:
         raise fail(str(exc)) from None

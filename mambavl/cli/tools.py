@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import app, fail
+from mambavl.cli import app, fail, optional_path
 from mambavl.errors import InputError
 
 
@@ -182,9 +182,9 @@ def predict_command(
     from mambavl.predict import PredictConfig, predict_video
 
     try:
-        cfg = PredictConfig(video=str(video), checkpoint=str(checkpoint), cache=str(cache) if cache else None,
+        cfg = PredictConfig(video=str(video), checkpoint=str(checkpoint), cache=optional_path(cache),
                             start=start, stop=stop, top=top, device=device,
-                            encoder_weights=str(encoder_weights) if encoder_weights else None)
+                            encoder_weights=optional_path(encoder_weights))
         with _progress("predict", quiet) as progress:
             result = predict_video(cfg, progress=progress)
     except InputError as exc:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import app, fail
+from mambavl.cli import app, fail, optional_path
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.train import Task, TrainConfig, config_from_checkpoint, train
@@ -99,8 +99,8 @@ def train_command(
     # Under torchrun only rank 0 talks.
     quiet = quiet or int(os.environ.get("RANK", "0")) != 0
     options = {
-        "train_cache": str(train_cache) if train_cache is not None else None,
-        "val_cache": str(val_cache) if val_cache is not None else None,
+        "train_cache": optional_path(train_cache),
+        "val_cache": optional_path(val_cache),
         "preset": preset,
         "epochs": epochs,
         "batch_size": batch_size,
