@@ -62,6 +62,9 @@ import torch.nn.functional as F
 
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
+from mambavl.fuse import scan as scan_mod
+from mambavl.fuse.model import FusionKind
+from mambavl.fuse.presets import create_model
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -117,7 +120,6 @@ class EfficiencyConfig:
             raise InputError(
                 f"efficiency: memory {self.memory!r} is not one of {[m.value for m in MemoryMethod]}"
             ) from None
-        from mambavl.fuse.model import FusionKind
 
         known = [k.value for k in FusionKind]
         for f in self.fusions:
@@ -145,7 +147,6 @@ class EfficiencyConfig:
 def build_model(cfg: EfficiencyConfig, fusion: str, max_tokens: int, device: torch.device) -> torch.nn.Module:
     """The preset's model with `fusion`, a position table long enough for `max_tokens` video tokens, in train mode
     (dropout as in training) on `device`."""
-    from mambavl.fuse.model import create_model
 
     torch.manual_seed(cfg.seed)
     overrides = dict(cfg.extra)
@@ -224,7 +225,6 @@ def record_scans() -> Iterator[list[ScanCall]]:
 
     The names are swapped in every loaded `mambavl.fuse.*` module that imported them, and restored on exit.
     """
-    from mambavl.fuse import scan as scan_mod
 
     originals = {
         name: getattr(scan_mod, name)
@@ -574,7 +574,6 @@ def machine_info() -> dict:
         "load_average_1min": round(os.getloadavg()[0], 2),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    from mambavl.fuse import scan as scan_mod
 
     info["scan_impls"] = scan_mod.available_impls()
     return info

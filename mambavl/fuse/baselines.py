@@ -13,15 +13,11 @@ Without a question (`use_question=False`) the cross-attention / the question hal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from mambavl.fuse.block import masked_mean, tag_norms_and_biases
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mambavl.fuse.model import ModelConfig
+from mambavl.fuse.config import ModelConfig
 
 
 def _attend(attn: nn.MultiheadAttention, query, keys, key_mask):

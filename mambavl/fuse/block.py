@@ -20,16 +20,13 @@ input is zeroed, so neither padding values nor padding length change the outputs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambavl.fuse.config import ModelConfig
 from mambavl.fuse.scan import selective_scan
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mambavl.fuse.model import ModelConfig
 
 VIDEO, QUESTION = "video", "question"
 

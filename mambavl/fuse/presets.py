@@ -14,7 +14,8 @@ import copy
 import dataclasses
 
 from mambavl.errors import InputError
-from mambavl.fuse.model import MambaVL, ModelConfig
+from mambavl.fuse.config import ModelConfig
+from mambavl.fuse.model import MambaVL
 
 TRAIN_KEY = "train"
 

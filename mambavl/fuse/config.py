@@ -1,0 +1,103 @@
+"""Fusion model configuration (`ModelConfig`, its enums and plain-dict round trip): data only, so the fusion
+modules (block, baselines), the model and the presets all import it without importing each other."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+from mambavl.errors import InputError
+from mambavl.fuse.scan import ScanImpl
+
+
+class FusionKind(str, Enum):
+    MAMBA = "mamba"
+    TRANSFORMER = "transformer"
+    CONCAT = "concat"
+
+
+class ScanLayout(str, Enum):
+    JOINT = "joint"
+    PARALLEL = "parallel"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a MambaVL model; stored in checkpoints as plain types (`to_dict`)."""
+
+    video_dim: int = 512  # Dv, from the cache's feature_dim
+    text_dim: int = 512  # Dt, from the cache's text_dim
+    num_verbs: int = 97
+    num_nouns: int = 300  # 0: no noun head (generic datasets)
+    num_actions: int = 0  # 0: no action head
+    d_model: int = 256
+    n_layers: int = 2
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    fusion: FusionKind = FusionKind.MAMBA
+    scan_layout: ScanLayout = ScanLayout.JOINT
+    shared_A: bool = True
+    use_question: bool = True
+    bidirectional: bool = False
+    dropout: float = 0.1
+    n_heads: int = 4  # transformer fusion
+    scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda
+    max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
+
+    def __post_init__(self):
+        self.fusion = _enum(FusionKind, self.fusion, "fusion")
+        self.scan_layout = _enum(ScanLayout, self.scan_layout, "scan_layout")
+        self.scan_impl = _enum(ScanImpl, self.scan_impl, "scan_impl").value
+        for name in ("video_dim", "text_dim", "num_verbs", "d_model", "n_layers", "d_state", "expand", "d_conv",
+                     "n_heads", "max_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"model config: {name} must be a positive integer, got {v!r}")
+        for name in ("num_nouns", "num_actions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"model config: {name} must be a non-negative integer, got {v!r}")
+        for name in ("shared_A", "use_question", "bidirectional"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise InputError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.fusion == FusionKind.TRANSFORMER and self.d_model % self.n_heads:
+            raise InputError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+
+    def to_dict(self) -> dict:
+        """Plain types only (enums as their string values), loadable with torch.load(weights_only=True)."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """Inverse of `to_dict`. Unknown keys -> InputError listing the valid ones."""
+        return model_config_from_dict(values)
+
+
+def _enum(kind: type[Enum], value, field: str):
+    try:
+        return kind(getattr(value, "value", value))
+    except ValueError:
+        raise InputError(
+            f"model config: {field}={value!r} is not one of {', '.join(m.value for m in kind)}"
+        ) from None
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """ModelConfig from a plain dict (e.g. a checkpoint's "model_config"); enums are restored from strings.
+
+    Keys missing from the dict take their defaults; unknown keys raise InputError naming them and the valid keys.
+    """
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"model config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    return ModelConfig(**values)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """`cfg.to_dict()`: plain types only (enums as strings)."""
+    return cfg.to_dict()
