@@ -56,7 +56,7 @@ from mambavl.extract.decode import (  # noqa: E402
     locate_source,
 )
 from mambavl.extract.encoders import EncoderConfig, build_encoder  # noqa: E402
-from mambavl.extract.pipeline import ExtractConfig, run_extraction  # noqa: E402
+from mambavl.cache.build import ExtractConfig, run_extraction  # noqa: E402
 
 
 def kitchen_dataset(work: Path, args):
@@ -168,7 +168,7 @@ def main() -> None:
 
     # Fixed costs inside end_to_end that neither stage pays: the question and answer text tables, encoded once per
     # run by the text tower (as `_write_text_tables` does: the question table, then verb, noun and action answers).
-    from mambavl.extract.pipeline import resolve_question_sources
+    from mambavl.cache.build import resolve_question_sources
     from mambavl.extract.questions import answer_texts, build_question_table
 
     texts, _, _ = build_question_table(segments, ann.verbs, ann.nouns,

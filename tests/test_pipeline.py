@@ -19,7 +19,7 @@ from mambavl.data.annotations import load_annotations
 from mambavl.data.synthetic import make_kitchen_dataset
 from mambavl.extract.decode import SamplingConfig, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, build_encoder
-from mambavl.extract.pipeline import ExtractConfig, run_extraction
+from mambavl.cache.build import ExtractConfig, run_extraction
 
 TINY = EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu")
 TINY_ARGS = ["--model", "mambavl-tiny-clip", "--pretrained", "none", "--frames", "4", "--size", "64", "--quiet"]

@@ -1,4 +1,5 @@
-"""Stage 1 end to end: annotations -> decode ‖ encode ‖ write -> HDF5 cache.
+"""Building a cache by extraction (stage 1 end to end): annotations -> decode ‖ encode ‖ write -> HDF5 cache; merging
+shard caches.
 
 Three stages overlap so that the slowest sets the pace: decoding runs in a thread pool (each decode is an ffmpeg
 subprocess, so threads run truly in parallel), encoding runs in batches on the calling thread (the device), and a
@@ -19,9 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from mambavl.cache import schema
+from mambavl.cache.reader import open_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, load_annotations
 from mambavl.errors import InputError
@@ -158,7 +161,7 @@ def run_extraction(cfg: ExtractConfig, progress: ProgressFn | None = None,
         if "source_row" not in w.f:
             w.f.create_dataset("source_row", data=rows.astype(np.int64))
         if schema.QUESTIONS not in w.f or schema.ANSWERS not in w.f:
-            _write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
+            write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
         pending = w.pending_rows()
         skipped = len(segments) - len(pending)
         done_before = skipped
@@ -172,7 +175,9 @@ def run_extraction(cfg: ExtractConfig, progress: ProgressFn | None = None,
                           time.perf_counter() - t0)
 
 
-def _write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments) -> None:
+def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments) -> None:
+    """Encode the question texts and the answer candidates (verb, noun and seen (verb, noun) pair names) with the
+    text tower `enc` and write the cache's questions/ and answers/ tables (used by extraction and by import)."""
     tok, mask, pooled = enc.encode_text(texts)  # (Q, T, Dt), (Q, T), (Q, Dt)
     w.write_questions(texts, tok.numpy(), mask.numpy(), pooled.numpy(), templates, per_segment)
     pairs = sorted({(s.verb_class, s.noun_class) for s in segments if s.verb_class >= 0 and s.noun_class >= 0})
@@ -272,10 +277,6 @@ def _encode_batch(enc: FrozenEncoder, batch):
 def merge_caches(paths: list[str], out: str) -> Path:
     """Join shard caches (from --shard i/N) into one cache in annotation row order; refuses shards whose
     attributes differ (naming the attribute) or that overlap."""
-    import h5py
-
-    from mambavl.cache.reader import open_cache
-
     if not paths:
         raise InputError("cache merge needs at least one shard")
     caches = [open_cache(p) for p in paths]

@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from mambavl.cache.build import resolve_question_sources, write_text_tables
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.encoders import EncoderConfig, build_encoder
+from mambavl.extract.questions import build_question_table
 
 SUFFIXES = (".npy", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -46,8 +49,6 @@ def _load_array(path: Path) -> np.ndarray:
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         elif path.suffix in (".pt", ".pth"):
-            import torch
-
             arr = torch.load(path, map_location="cpu", weights_only=True)
             arr = arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
         else:
@@ -88,7 +89,7 @@ def _from_folder(folder: Path, segments, key: str) -> list[np.ndarray]:
 
 
 def _from_lmdb(path: Path, segments, frames: int) -> list[np.ndarray]:
-    import lmdb
+    import lmdb  # optional extra (mambavl[lmdb]): imported only for an LMDB source
 
     env = lmdb.open(str(path), readonly=True, lock=False, subdir=path.is_dir())
     out = []
@@ -118,8 +119,6 @@ def _from_lmdb(path: Path, segments, frames: int) -> list[np.ndarray]:
 
 def import_features(cfg: ImportConfig, progress=None) -> Path:
     """Write `cfg.out` from external features (see module docstring). Returns the path."""
-    from mambavl.extract.pipeline import _write_text_tables, resolve_question_sources
-    from mambavl.extract.questions import build_question_table
 
     ann = load_annotations(cfg.annotations)
     out = Path(cfg.out)
@@ -159,7 +158,7 @@ def import_features(cfg: ImportConfig, progress=None) -> Path:
             w.write_row(i, a, times)
             if progress:
                 progress({"total": len(arrays), "done": i + 1, "failed": 0})
-        _write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments)
+        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments)
         w.finalize()
     tmp.replace(out)  # the cache appears whole or not at all
     return out

@@ -69,7 +69,7 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Decode segments, run the frozen encoder, and write (or resume) a feature cache."""
-    from mambavl.extract.pipeline import ExtractConfig, parse_shard, run_extraction
+    from mambavl.cache.build import ExtractConfig, parse_shard, run_extraction
 
     try:
         cfg = ExtractConfig(
@@ -179,7 +179,7 @@ def cache_merge(
     shards: Annotated[list[Path], typer.Argument(help="Shard caches written with --shard i/N.")],
 ) -> None:
     """Join shard caches into one, in annotation row order (attributes must agree)."""
-    from mambavl.extract.pipeline import merge_caches
+    from mambavl.cache.build import merge_caches
 
     try:
         path = merge_caches([str(s) for s in shards], str(out))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mambavl.extract.decode import ffmpeg_binary
+from mambavl.data.media import ffmpeg_binary
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -38,6 +37,7 @@ import ffmpeg
 import numpy as np
 
 from mambavl.data.annotations import Segment, VideoInfo
+from mambavl.data.media import ffmpeg_binary
 from mambavl.errors import InputError
 
 VIDEO_EXTENSIONS = (".MP4", ".mp4")
@@ -100,16 +100,6 @@ class VideoProbe:
 
 
 @functools.lru_cache(maxsize=1)
-def ffmpeg_binary() -> str:
-    """The system ``ffmpeg`` on PATH, else the static binary shipped with imageio-ffmpeg."""
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 def probe_video(path: str | os.PathLike) -> VideoProbe:
     """Duration, nominal fps, size and start time of the first video stream (PyAV; cached per file version)."""
     path = Path(path)
