@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from mambavl import runtime as rt  # noqa: E402
 from mambavl import train as tr  # noqa: E402
 from mambavl.cache import schema  # noqa: E402
 from mambavl.cache.reader import SegmentDataset, open_cache  # noqa: E402
@@ -89,10 +90,10 @@ class Epoch:
         self.device = torch.device("cpu")
         self.rows = rows
         verbs, nouns = list(cache.verb_keys), list(cache.noun_keys)
-        pairs = tr._action_vocab(cache, rows)
-        self.labels = tr._labels(cache, {p: i for i, p in enumerate(pairs)})
-        self.questions = tr._Questions(cache, cfg.question_source, tr.HEAD_KINDS[cfg.task])
-        self.qa_kinds = tr.QA_KINDS[cfg.task]
+        pairs = rt.action_vocab(cache, rows)
+        self.labels = rt.load_labels(cache, {p: i for i, p in enumerate(pairs)})
+        self.questions = rt.Questions(cache, cfg.question_source, rt.HEAD_KINDS[cfg.task])
+        self.qa_kinds = rt.QA_KINDS[cfg.task]
         answers = cache.answers()
         self.cand = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32),
                      "noun": torch.as_tensor(answers.noun, dtype=torch.float32)}
@@ -100,7 +101,7 @@ class Epoch:
         torch.manual_seed(cfg.seed)
         dims = {"video_dim": int(cache.attrs["feature_dim"]), "text_dim": int(cache.attrs["text_dim"]),
                 "num_verbs": len(verbs), "num_nouns": len(nouns), "num_actions": len(pairs)}
-        self.model, _ = tr.build_model(cfg, dims)
+        self.model, _ = rt.build_model(cfg, dims)
         self.objective = tr._Objective(self.model).train()
         self.optimizer = torch.optim.AdamW(tr.param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.sample_gen = torch.Generator()
@@ -143,8 +144,8 @@ class Epoch:
                 kind = self.qa_kinds[int(torch.randint(len(self.qa_kinds), (1,), generator=self.sample_gen))]
                 qk = q_table.template(kind, len(rows), train=True, generator=self.sample_gen)
                 qkt, qkm = q_table.gather(qk, self.device)
-                logits = self.objective("qa", video, vmask, qkt, qkm, self.cand[tr.QA_TARGET[kind]])  # (B, K)
-                target = tr.QA_TARGET[kind]
+                logits = self.objective("qa", video, vmask, qkt, qkm, self.cand[rt.QA_TARGET[kind]])  # (B, K)
+                target = rt.QA_TARGET[kind]
                 if target == "verb":
                     lq = tr._ce(logits, lab.verb[rows], 0.0)
                 elif target == "noun":
@@ -164,7 +165,7 @@ class Epoch:
 def tensor_batches(features: torch.Tensor, num_frames: torch.Tensor, rows: np.ndarray, positions: np.ndarray,
                    batch_size: int):
     """The same batches as `_loader(SegmentDataset, _batches(positions))`, indexed from in-memory tensors."""
-    for b in tr._batches(positions, batch_size):
+    for b in rt.batches(positions, batch_size):
         idx = torch.as_tensor(rows[b], dtype=torch.long)  # (B,) cache rows
         yield {"index": idx, "features": features.index_select(0, idx), "num_frames": num_frames.index_select(0, idx)}
 
@@ -197,7 +198,7 @@ def main() -> None:
                        text_dim=args.text_dim, seed=0)
     cache = open_cache(path)
     window = schema.RECOGNITION
-    rows = tr._labelled_rows(cache, window, "train")
+    rows = rt.labelled_rows(cache, window, "train")
     file_mib = path.stat().st_size / 2**20
     print(f"cache: {len(rows)} rows x {args.frames} frames x {args.dim} float16 ({file_mib:.1f} MiB file); "
           f"epoch: preset {args.preset}{' ' + str(model_overrides) if model_overrides else ''}, batch {args.batch}, "
@@ -216,7 +217,7 @@ def main() -> None:
     epochs = {k: Epoch(cache, rows, cfg) for k in VARIANTS}
 
     def loader_batches(ds: SegmentDataset, e: Epoch):
-        return tr._loader(ds, tr._batches(e.positions(), args.batch), args.num_workers)
+        return rt.loader(ds, rt.batches(e.positions(), args.batch), args.num_workers)
 
     sources = {
         "lazy_h5": lambda e: loader_batches(lazy, e),
@@ -247,7 +248,7 @@ def main() -> None:
 
     base_e, base_r = median(t_epoch["in_memory_tensors"]), median(t_read["in_memory_tensors"])
     rows_out, results = [], {}
-    steps = len(tr._batches(np.arange(len(rows)), args.batch))
+    steps = len(rt.batches(np.arange(len(rows)), args.batch))
     for k in VARIANTS:
         te, trd = median(t_epoch[k]), median(t_read[k])
         results[k] = {"epoch_s": te, "epoch_times": t_epoch[k], "read_s": trd, "read_times": t_read[k],

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from mambavl import __version__
+from mambavl.analysis.ablate import AblationConfig, run_ablation
+from mambavl.analysis.audit import AuditConfig, audit_questions
+from mambavl.data.synthetic import make_kitchen_dataset
 from mambavl.errors import InputError
+from mambavl.evaluate import EvalConfig, evaluate
+from mambavl.extract.decode import SamplingConfig
+from mambavl.extract.encoders import EncoderConfig, build_encoder
+from mambavl.cache.build import ExtractConfig, run_extraction
+from mambavl.train import TrainConfig, train
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
 TINY_MODEL = "mambavl-tiny-clip"
@@ -85,14 +93,6 @@ def recognition_summary(metrics: dict) -> dict[str, float | None]:
 
 def run_demo(cfg: DemoConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the demo into `cfg.out_dir`; returns the summary also written to summary.json."""
-    from mambavl.analysis.ablate import AblationConfig, run_ablation
-    from mambavl.analysis.audit import AuditConfig, audit_questions
-    from mambavl.data.synthetic import make_kitchen_dataset
-    from mambavl.evaluate import EvalConfig, evaluate
-    from mambavl.extract.decode import SamplingConfig
-    from mambavl.extract.encoders import EncoderConfig, build_encoder
-    from mambavl.extract.pipeline import ExtractConfig, run_extraction
-    from mambavl.train import TrainConfig, train
 
     sizes = cfg.sizes
     out = Path(cfg.out_dir)

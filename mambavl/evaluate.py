@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a feature cache, EK-100 style: metrics, per-class tables, plots, challenge submission.
 
-`evaluate(cfg)` scores every valid row of the cache with the checkpoint (`mambavl.train.predict_scores`), then, for
+`evaluate(cfg)` scores every valid row of the cache with the checkpoint (`mambavl.runtime.predict_scores`), then, for
 a labelled cache, computes the official EK-100 metrics (`mambavl.metrics`) and writes into `cfg.out_dir`:
 
 * ``metrics.json`` — every metric (percent), the question protocol used (``question_source``; a warning when it is
@@ -30,11 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from mambavl import __version__
+from mambavl import __version__, plots
 from mambavl import metrics as M
-from mambavl.data.annotations import file_sha256
+from mambavl.cache import schema
+from mambavl.cache.reader import open_cache
+from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+from mambavl.runtime import Task, load_checkpoint, predict_scores
 
 # progress(done, total, info): info["stage"] names the step ("load", "predict", "metrics", "submission", "plots").
 ProgressFn = Callable[[int, int, dict], None]
@@ -91,8 +95,6 @@ class EvalConfig:
     sls_td: int = DEFAULT_SLS["sls_td"]
 
     def __post_init__(self) -> None:
-        from mambavl.extract.questions import QuestionSource
-        from mambavl.train import Task
 
         for name in ("checkpoint", "cache", "out_dir"):
             setattr(self, name, str(getattr(self, name)))
@@ -153,9 +155,6 @@ sha256_file = file_sha256  # the checkpoint's sha256 in metrics.json
 
 def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: str) -> Loaded:
     """Load the checkpoint and open the cache, refusing a cache made with another encoder or class vocabulary."""
-    from mambavl.cache import schema
-    from mambavl.cache.reader import open_cache
-    from mambavl.train import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint, device=str(resolve_device(device)))
     cache = open_cache(cache_path)
@@ -193,7 +192,6 @@ def score_cache(
 ) -> Scored:
     """Scores of every valid row of the cache under question protocol `source` (`cache` overrides the handle, e.g.
     one whose question table was shuffled by the audit)."""
-    from mambavl.train import predict_scores
 
     cache = cache if cache is not None else loaded.cache
     frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
@@ -226,7 +224,6 @@ def infer_split(annotation_file: str) -> str | None:
 
 def locate_subset_files(cfg: EvalConfig, cache_attrs: dict) -> tuple[dict[str, Path | None], list[str]]:
     """Paths of the unseen-participant list and the tail verb/noun lists, and notes on what was not found."""
-    from mambavl.data.annotations import find_ek100_file
 
     notes: list[str] = []
     split = cfg.split or infer_split(cache_attrs.get("annotation_file", ""))
@@ -260,7 +257,6 @@ def locate_subset_files(cfg: EvalConfig, cache_attrs: dict) -> tuple[dict[str, P
 def load_subsets(files: dict[str, Path | None]) -> dict[str, Any]:
     """Parse the subset files (`mambavl.data.annotations` readers; errors name the file and row):
     {"unseen_ids": set[str] | None, "tail_verbs": set[int] | None, "tail_nouns": set[int] | None}."""
-    from mambavl.data.annotations import load_id_list, load_tail_classes
 
     return {
         "unseen_ids": load_id_list(files["unseen_ids"]) if files.get("unseen_ids") else None,
@@ -283,7 +279,6 @@ def training_counts(loaded: Loaded, cfg_train_cache: str | None) -> tuple[np.nda
     path = cfg_train_cache or loaded.ckpt.get("train_config", {}).get("train_cache")
     labels, rows, source = None, None, None
     if path and Path(path).is_file():
-        from mambavl.cache.reader import open_cache
 
         try:
             train = open_cache(path)
@@ -424,7 +419,7 @@ def write_per_class_csv(path: Path, tables: dict, names: dict[str, list[str]], k
             accs = [table[f"top{k}"][c] for k in ks]
             w.writerow([task, c, names[task][c], int(table["train_count"][c]), table["bucket"][c],
                         int(table["support"][c])] + ["" if math.isnan(a) else f"{a * 100:.4f}" for a in accs])
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,7 +485,7 @@ def submission_text(
 def write_submission(out_dir: Path, text: str) -> dict[str, str]:
     """submission.json, and submission.zip with the same JSON as test.json (C1 ``write_submission_file``)."""
     js = out_dir / "submission.json"
-    _atomic_write_text(js, text)
+    atomic_write_text(js, text)
     zp = out_dir / "submission.zip"
     tmp = zp.with_name(zp.name + ".tmp")
     with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=5) as z:
@@ -506,7 +501,6 @@ def write_submission(out_dir: Path, text: str) -> dict[str, str]:
 def write_plots(out_dir: Path, tables: dict, buckets: dict, scored: Scored, labels: dict, names: dict,
                 top: int) -> dict[str, str]:
     """Per-class accuracy, head/mid/tail bars and confusion matrices as PNGs; returns {name: path}."""
-    from mambavl.analysis import plots
 
     files: dict[str, str] = {}
     for task, table in tables.items():
@@ -541,7 +535,7 @@ def write_plots(out_dir: Path, tables: dict, buckets: dict, scored: Scored, labe
 # the run
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -576,7 +570,7 @@ def _finite(obj: Any) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (NaN written as null), atomically."""
     text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
-    _atomic_write_text(path, text + "\n")
+    atomic_write_text(path, text + "\n")
 
 
 def checkpoint_identity(path: str, ckpt: dict) -> dict[str, Any]:

@@ -31,9 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mambavl.cache import schema
+from mambavl.cache.reader import open_cache
+from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
-from mambavl.train import SAMPLING_ATTRS  # sampling attributes the trainer copies into checkpoints
+from mambavl.extract.decode import DecodeError, SamplingConfig, decode_video_segment, probe_video
+from mambavl.extract.encoders import EncoderConfig, EncoderKind, build_encoder, file_sha256
+from mambavl.extract.questions import TEMPLATES, answer_texts
+from mambavl.runtime import SAMPLING_ATTRS, load_checkpoint  # SAMPLING_ATTRS: copied into checkpoints by training
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -67,7 +73,6 @@ class PredictConfig:
 
 def sampling_from_attrs(attrs: dict, where: str):
     """The SamplingConfig extraction used, from cache attributes; InputError naming what is missing."""
-    from mambavl.extract.decode import SamplingConfig
 
     missing = [k for k in ("sampling_mode", "frame_size") if k not in attrs]
     if "decoded_frames" not in attrs and "frames_per_segment" not in attrs:
@@ -86,7 +91,6 @@ def sampling_from_attrs(attrs: dict, where: str):
 def encoder_config_from_attrs(attrs: dict, device: str, question_tokens: int | None,
                               encoder_weights: str | None = None):
     """The EncoderConfig that rebuilds the frozen encoder a cache was extracted with."""
-    from mambavl.extract.encoders import EncoderConfig, EncoderKind, file_sha256
 
     kind = str(attrs.get("encoder", ""))
     if kind not in [k.value for k in EncoderKind]:
@@ -138,7 +142,6 @@ class _Texts:
     """Question tokens and answer embeddings: from a cache when given (what training used), else re-embedded."""
 
     def __init__(self, encoder, cache, verbs: list[str], nouns: list[str]):
-        from mambavl.extract.questions import TEMPLATES, answer_texts
 
         self.questions: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
         if cache is not None:
@@ -172,12 +175,6 @@ def predict_video(cfg: PredictConfig, progress: ProgressFn | None = None, encode
     verbs / nouns [dict(label, id, score)], qa {kind: dict(question, target, multi_label,
     answers [dict(answer, id, score)])}). Scores are probabilities.
     """
-    from mambavl.cache import schema
-    from mambavl.cache.reader import open_cache
-    from mambavl.data.sampling import subsample
-    from mambavl.extract.decode import DecodeError, decode_video_segment, probe_video
-    from mambavl.extract.encoders import build_encoder
-    from mambavl.train import load_checkpoint
 
     def tick(step: int, message: str) -> None:
         if progress is not None:

@@ -37,18 +37,15 @@ validates and writes checkpoints and logs. `batch_size` is per process.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -60,130 +57,39 @@ from torch import nn
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
+from mambavl.cache.reader import SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
-from mambavl.extract.questions import QuestionSource
-
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KIND = "mambavl-checkpoint"
+from mambavl.fuse.model import MambaVL, model_config_from_dict
+from mambavl.runtime import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KIND,
+    HEAD_KINDS,
+    QA_KINDS,
+    QA_TARGET,
+    SAMPLING_ATTRS,
+    Questions,
+    TrainConfig,  # also re-exported: `from mambavl.train import TrainConfig, train`
+    action_vocab,
+    atomic_copy,
+    atomic_torch_save,
+    batches,
+    build_model,
+    labelled_rows,
+    load_labels,
+    loader,
+    plain,
+    predict_logits,
+    question_tokens,
+    require_window,
+    validation_metrics,
+    window_of,
+)
 
 # Progress callback: progress(done_steps, total_steps, info). info carries "epoch", "epochs", "loss" on steps and,
 # once per epoch, "metrics" (the epoch's metrics row).
 ProgressFn = Callable[[int, int, dict], None]
-
-
-# Cache attributes describing the frame sampling, copied into checkpoints (see `mambavl.predict`).
-SAMPLING_ATTRS = ("sampling_mode", "frames_per_segment", "decoded_frames", "fps", "frame_size",
-                  "tokens_per_frame_pooling")
-
-
-def _question_tokens(cache: CacheFile) -> dict[str, int]:
-    """{"question_tokens": T} of the cache's question table ({} when it has none)."""
-    try:
-        return {"question_tokens": int(cache.questions().tokens.shape[1])}
-    except InputError:
-        return {}
-
-
-class Task(str, Enum):
-    """What the heads predict: the action in the window (recognition) or the action after it (anticipation)."""
-
-    RECOGNITION = "recognition"
-    ANTICIPATION = "anticipation"
-
-
-# Question kinds asked of the verb and noun heads, and the kinds a QA step may draw, per task. The scene question is
-# about the segment's own objects, which the anticipation window does not show, so anticipation QA asks only what
-# comes next.
-HEAD_KINDS = {Task.RECOGNITION: ("verb", "noun"), Task.ANTICIPATION: ("next_verb", "next_noun")}
-QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene"), Task.ANTICIPATION: ("next_verb", "next_noun")}
-# What each QA kind is scored against: the verb or noun answer embeddings.
-QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved whole in the checkpoint.
-
-    `model_overrides` are ModelConfig fields applied on top of the preset (dims and class counts come from the cache).
-    `frames` is the number of frame tokens the model consumes, sub-sampled from the cached F (0 = all F).
-    `batch_size` is per process under torchrun. `resume=True` continues the run in `out_dir` from last.pt.
-    Presets may carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs): they replace fields left at
-    their class default, never values set to something else.
-    """
-
-    train_cache: str
-    val_cache: str | None
-    out_dir: str
-    preset: str = "small"
-    model_overrides: dict = field(default_factory=dict)
-    task: Task = Task.RECOGNITION
-    question_source: QuestionSource = QuestionSource.TEMPLATES
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.03
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.1
-    qa_weight: float = 1.0
-    qa_every: int = 2
-    frames: int = 8
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int = 0
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        try:
-            self.task = Task(self.task)
-        except ValueError:
-            raise InputError(f"train config: task {self.task!r} is not one of {[t.value for t in Task]}") from None
-        try:
-            self.question_source = QuestionSource(self.question_source)
-        except ValueError:
-            raise InputError(
-                f"train config: question_source {self.question_source!r} is not one of "
-                f"{[q.value for q in QuestionSource]}"
-            ) from None
-        self.train_cache = str(self.train_cache)
-        self.val_cache = None if self.val_cache in (None, "") else str(self.val_cache)
-        self.out_dir = str(self.out_dir)
-        self.model_overrides = dict(self.model_overrides or {})
-        self._apply_preset_training()
-        checks = (
-            ("epochs", self.epochs >= 1),
-            ("batch_size", self.batch_size >= 1),
-            ("lr", self.lr > 0),
-            ("weight_decay", self.weight_decay >= 0),
-            ("warmup_epochs", self.warmup_epochs >= 0),
-            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1),
-            ("grad_clip", self.grad_clip >= 0),
-            ("label_smoothing", 0 <= self.label_smoothing < 1),
-            ("qa_weight", self.qa_weight >= 0),
-            ("qa_every", self.qa_every >= 1),
-            ("frames", self.frames >= 0),
-            ("num_workers", self.num_workers >= 0),
-        )
-        for name, ok in checks:
-            if not ok:
-                raise InputError(f"train config: {name}={getattr(self, name)!r} is out of range")
-
-    def _apply_preset_training(self) -> None:
-        """Some presets carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs). They replace the
-        class defaults, not values set explicitly: a field still at its default takes the preset's value."""
-        from mambavl.fuse.presets import preset_train_overrides  # lazy: the fuse package is heavier
-
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, value in preset_train_overrides(self.preset).items():
-            if key not in defaults:
-                raise InputError(f"preset {self.preset!r} sets unknown training field {key!r}")
-            if getattr(self, key) == defaults[key]:
-                setattr(self, key, value)
 
 
 @dataclass
@@ -209,21 +115,6 @@ def _mix(*parts: int) -> int:
     """A 63-bit seed from integers; hashing keeps streams (seed, epoch, purpose, rank) independent."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _plain(value: Any) -> Any:
-    """Enums -> their value, numpy scalars -> Python, recursively: checkpoints must load with weights_only=True."""
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -255,184 +146,6 @@ def _ce(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.T
     if not bool((target >= 0).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# questions and labels of one cache
-
-
-class _Questions:
-    """Question choice for one cache under one protocol.
-
-    Holds the cache's question table (tokens (Q, T, Dt), mask (Q, T)) on the CPU — the annotation protocol can hold
-    two questions per segment, too many for accelerator memory — and gathers the rows a batch needs.
-    """
-
-    def __init__(self, cache: CacheFile, source: QuestionSource, head_kinds: tuple[str, str]):
-        bank = cache.questions()
-        self.tokens = torch.as_tensor(bank.tokens, dtype=torch.float32)  # (Q, T, Dt)
-        self.mask = torch.as_tensor(bank.mask, dtype=torch.bool)  # (Q, T)
-        self.templates: dict[str, torch.Tensor] = {
-            kind: torch.as_tensor(np.asarray(idx), dtype=torch.long) for kind, idx in bank.templates.items()
-        }
-        self.head_kinds = head_kinds
-        for kind in head_kinds:
-            if kind not in self.templates or len(self.templates[kind]) == 0:
-                raise InputError(f"cache {cache.path} has no {kind!r} template questions (questions/templates/{kind})")
-        self.source = source
-        self.per_segment: torch.Tensor | None = None
-        if source != QuestionSource.TEMPLATES:
-            table = bank.per_segment.get(source.value) if bank.per_segment else None
-            if table is None:
-                hint = "--questions templates,annotation" if source == QuestionSource.ANNOTATION else "a questions file"
-                raise InputError(f"cache {cache.path} has no {source.value} questions (extract with {hint})")
-            self.per_segment = torch.as_tensor(np.asarray(table), dtype=torch.long)  # (N, 2)
-
-    def template(self, kind: str, n: int, train: bool, generator: torch.Generator | None) -> torch.Tensor:
-        """(n,) question indices of `kind`: a uniform paraphrase per sample in training, paraphrase 0 otherwise."""
-        choices = self.templates[kind]  # (P,)
-        if train:
-            pick = torch.randint(len(choices), (n,), generator=generator)
-            return choices[pick]
-        return choices[:1].expand(n).clone()
-
-    def heads(self, rows: torch.Tensor, train: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
-        """(B, 2) question indices (verb head, noun head) for cache rows (B,), and how many fell back to templates."""
-        verb_q = self.template(self.head_kinds[0], len(rows), train, generator)
-        noun_q = self.template(self.head_kinds[1], len(rows), train, generator)
-        q = torch.stack([verb_q, noun_q], dim=1)  # (B, 2)
-        if self.per_segment is None:
-            return q, 0
-        own = self.per_segment[rows]  # (B, 2); -1 where the row has no question of this source
-        q = torch.where(own >= 0, own, q)
-        return q, int((own < 0).sum())
-
-    def gather(self, q: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question indices (...,) -> tokens (..., T, Dt) float32 and mask (..., T) bool on `device`."""
-        return self.tokens[q].to(device), self.mask[q].to(device)
-
-
-@dataclass
-class _Labels:
-    verb: torch.Tensor  # (N,) long, -1 unlabelled
-    noun: torch.Tensor  # (N,) long, -1 unlabelled / no nouns
-    action: torch.Tensor  # (N,) long index into the train action vocabulary, -1 unseen pair
-    all_nouns: list  # N sequences of noun ids
-
-
-def _labels(cache: CacheFile, pairs: dict[tuple[int, int], int]) -> _Labels:
-    lab = cache.labels()
-    verb = torch.as_tensor(np.asarray(lab["verb_class"], dtype=np.int64))
-    noun = torch.as_tensor(np.asarray(lab["noun_class"], dtype=np.int64))
-    action = torch.tensor([pairs.get((int(v), int(n)), -1) for v, n in zip(verb, noun)], dtype=torch.long)
-    all_nouns = [np.asarray(a, dtype=np.int64).reshape(-1) for a in lab["all_noun_classes"]]
-    return _Labels(verb, noun, action, all_nouns)
-
-
-def _action_vocab(cache: CacheFile, rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted (verb, noun) pairs seen among the labelled training rows."""
-    lab = cache.labels()
-    verb = np.asarray(lab["verb_class"], dtype=np.int64)[rows]
-    noun = np.asarray(lab["noun_class"], dtype=np.int64)[rows]
-    keep = (verb >= 0) & (noun >= 0)
-    return sorted({(int(v), int(n)) for v, n in zip(verb[keep], noun[keep])})
-
-
-def _window(task: Task) -> str:
-    return schema.ANTICIPATION if task == Task.ANTICIPATION else schema.RECOGNITION
-
-
-def _require_window(cache: CacheFile, window: str) -> None:
-    if not cache.has_window(window):
-        raise InputError(f"cache {cache.path} has no anticipation window (extract with --anticipation)")
-
-
-def _labelled_rows(cache: CacheFile, window: str, what: str) -> np.ndarray:
-    rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
-    verb = np.asarray(cache.labels()["verb_class"], dtype=np.int64)
-    rows = rows[verb[rows] >= 0]
-    if len(rows) == 0:
-        raise InputError(f"{what} cache {cache.path} has no labelled valid segments in the {window} window")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# model construction and checkpoints
-
-
-def _fuse():
-    # Imported lazily: the fusion package (scan kernels) is only needed once a model is built.
-    from mambavl.fuse import model as fuse_model
-    from mambavl.fuse import presets
-
-    return fuse_model, presets
-
-
-# ModelConfig fields that come from the caches, not from the user.
-DATA_FIELDS = ("video_dim", "text_dim", "num_verbs", "num_nouns", "num_actions")
-
-
-def build_model(cfg: TrainConfig, data_dims: dict) -> tuple[nn.Module, Any]:
-    """The preset's model with the user's overrides and the cache-derived dims (video/text dim, class counts)."""
-    _, presets = _fuse()
-    clash = sorted(set(cfg.model_overrides) & set(DATA_FIELDS))
-    if clash:
-        raise InputError(f"model override(s) {', '.join(clash)} are set from the cache and cannot be overridden")
-    # create_model refuses unknown presets and unknown override keys with InputError
-    return presets.create_model(cfg.preset, **data_dims, **cfg.model_overrides)
-
-
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Load a mambavl checkpoint (last.pt / best.pt) with `weights_only=True`.
-
-    Returns (model in eval mode on `device`, checkpoint dict). The dict holds "model_config", "train_config",
-    "vocab" {"verbs", "nouns", "action_pairs"}, "cache_attrs", "epoch", "step", "best_metric", "history", ...
-    Raises InputError for a missing file or one that is not a mambavl checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    dev = resolve_device(device)
-    try:
-        ckpt = torch.load(path, map_location=dev, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise InputError(f"{path}: not a mambavl checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise InputError(f"{path}: not a mambavl checkpoint (no 'kind': {CHECKPOINT_KIND!r} entry)")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: checkpoint format {ckpt.get('format')!r}, this mambavl reads {CHECKPOINT_FORMAT}")
-    fuse_model, _ = _fuse()
-    model = fuse_model.MambaVL(fuse_model.model_config_from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(dev).eval()
-    return model, ckpt
-
-
-def config_from_checkpoint(path: str | os.PathLike) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with (for `--resume`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: not a mambavl checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise InputError(f"{path}: not a mambavl checkpoint")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -485,140 +198,6 @@ class _Objective(nn.Module):
             return {k: out[k] for k in ("verb", "noun", "action") if k in out}
         h = self.model.fuse(video, video_mask, q_tokens, q_mask)  # (B, d)
         return self.model.qa_logits(self.model.qa_embed(h), candidates)  # (B, K)
-
-
-def _batches(positions: np.ndarray, batch_size: int) -> list[list[int]]:
-    return [positions[i : i + batch_size].tolist() for i in range(0, len(positions), batch_size)]
-
-
-def _loader(dataset: SegmentDataset, batches: list[list[int]], num_workers: int):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=num_workers,
-        # The loader's own base seed would otherwise be drawn from the global RNG.
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-@torch.no_grad()
-def _predict(
-    model: nn.Module,
-    dataset: SegmentDataset,
-    questions: _Questions,
-    device: torch.device,
-    batch_size: int,
-    frames: int,
-    num_workers: int = 0,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Logits for `rows` of a cache, in order: {"verb": (N, V), "noun": (N, Nn)?, "action": (N, A)?, "indices": (N,)}
-    (CPU float32) for the rows of `dataset` in order, and the number of question fallbacks."""
-    was_training = model.training
-    model.eval()
-    out: dict[str, list[torch.Tensor]] = {}
-    fallbacks = 0
-    for batch in _loader(dataset, _batches(np.arange(len(dataset)), batch_size), num_workers):
-        feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
-        video, vmask = subsample(feats, batch["num_frames"].to(device), frames, train=False)  # (B, K, D), (B, K)
-        idx = batch["index"].to(torch.long)
-        q, fb = questions.heads(idx, train=False, generator=None)  # (B, 2)
-        fallbacks += fb
-        qt, qm = questions.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
-        res = model(video, vmask, qt, qm)
-        for key in ("verb", "noun", "action"):
-            if key in res:
-                out.setdefault(key, []).append(res[key].float().cpu())
-        out.setdefault("indices", []).append(idx)
-    model.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items()}, fallbacks
-
-
-def predict_scores(
-    model: nn.Module,
-    cache: CacheFile | str | os.PathLike,
-    window: str = "recognition",
-    question_source: QuestionSource | str = QuestionSource.TEMPLATES,
-    device: str = "cpu",
-    batch_size: int = 256,
-    frames: int = 8,
-) -> dict[str, np.ndarray | None]:
-    """Scores of every valid row of `cache` in `window` (the shared entry point of evaluation and prediction).
-
-    Scores are the heads' logits (apply softmax for probabilities). Questions follow `question_source` with the
-    evaluation phrasing (template paraphrase 0); the anticipation window asks next_verb / next_noun. Pass the
-    checkpoint's `train_config["frames"]` as `frames` so evaluation sub-samples like training did.
-
-    Returns dict(verb (N, V) float32, noun (N, Nn) float32 or None without a noun head, action (N, A) float32 or None
-    without an action head, indices (N,) int64 cache rows), numpy arrays.
-    """
-    if not isinstance(cache, CacheFile):
-        cache = open_cache(cache)
-    source = QuestionSource(question_source)
-    task = Task.ANTICIPATION if window == schema.ANTICIPATION else Task.RECOGNITION
-    _require_window(cache, window)
-    dev = resolve_device(device)
-    model.to(dev)
-    questions = _Questions(cache, source, HEAD_KINDS[task])
-    rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
-    res, _ = _predict(model, SegmentDataset(cache, window=window, indices=rows), questions, dev, batch_size, frames)
-    n = len(rows)
-    return {
-        "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),
-        "noun": res["noun"].numpy() if "noun" in res else None,
-        "action": res["action"].numpy() if "action" in res else None,
-        "indices": res["indices"].numpy().astype(np.int64) if "indices" in res else np.zeros(0, np.int64),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# validation metrics
-
-
-def _topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C), (N,) -> (N,) bool: target among the top-k scores."""
-    k = min(k, scores.shape[1])
-    return (scores.topk(k, dim=1).indices == target[:, None]).any(dim=1)
-
-
-def _action_top5(verb: torch.Tensor, noun: torch.Tensor, vt: torch.Tensor, nt: torch.Tensor) -> torch.Tensor:
-    """EK-100 action top-5 from the verb and noun heads: pairs ranked by p(verb) * p(noun). The top 5 pairs of a
-    product of non-negative factors lie within the top-5 verbs x top-5 nouns, so only those 25 are scored."""
-    kv, kn = min(5, verb.shape[1]), min(5, noun.shape[1])
-    pv, iv = verb.softmax(1).topk(kv, dim=1)  # (N, kv)
-    pn, inn = noun.softmax(1).topk(kn, dim=1)  # (N, kn)
-    prod = (pv[:, :, None] * pn[:, None, :]).reshape(len(verb), -1)  # (N, kv*kn)
-    top = prod.topk(min(5, prod.shape[1]), dim=1).indices  # (N, 5)
-    v_hit = iv.gather(1, top // kn) == vt[:, None]
-    n_hit = inn.gather(1, top % kn) == nt[:, None]
-    return (v_hit & n_hit).any(dim=1)
-
-
-def validation_metrics(scores: dict[str, torch.Tensor], labels: _Labels) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) of verb, noun and action (verb and noun both right, EK-100 style) on labelled rows;
-    `val_action_head_top1` scores the action head on rows whose pair is in the training action vocabulary."""
-    rows = scores["indices"]
-    vt, nt, at = labels.verb[rows], labels.noun[rows], labels.action[rows]
-    m: dict[str, float] = {}
-
-    def pct(hits: torch.Tensor) -> float:
-        return float(hits.float().mean() * 100) if len(hits) else float("nan")
-
-    lab = vt >= 0
-    m["val_verb_top1"] = pct(_topk_hits(scores["verb"][lab], vt[lab], 1))
-    m["val_verb_top5"] = pct(_topk_hits(scores["verb"][lab], vt[lab], 5))
-    if "noun" in scores:
-        nl = nt >= 0
-        m["val_noun_top1"] = pct(_topk_hits(scores["noun"][nl], nt[nl], 1))
-        m["val_noun_top5"] = pct(_topk_hits(scores["noun"][nl], nt[nl], 5))
-        both = lab & nl
-        v1 = _topk_hits(scores["verb"][both], vt[both], 1)
-        n1 = _topk_hits(scores["noun"][both], nt[both], 1)
-        m["val_action_top1"] = pct(v1 & n1)
-        m["val_action_top5"] = pct(_action_top5(scores["verb"][both], scores["noun"][both], vt[both], nt[both]))
-    if "action" in scores:
-        seen = at >= 0
-        m["val_action_head_top1"] = pct(_topk_hits(scores["action"][seen], at[seen], 1))
-    return m
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -711,7 +290,7 @@ RESUME_FREE_FIELDS = ("resume", "device", "num_workers", "out_dir")
 
 
 def _check_resume_config(cfg: TrainConfig, saved: dict, path: Path) -> None:
-    current = _plain(asdict(cfg))
+    current = plain(asdict(cfg))
     for key, value in saved.items():
         if key in RESUME_FREE_FIELDS or key not in current:
             continue
@@ -751,7 +330,7 @@ def _train(
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    window = _window(cfg.task)
+    window = window_of(cfg.task)
 
     # ---- resume or fresh start
     ckpt = None
@@ -767,7 +346,7 @@ def _train(
 
     # ---- data
     train_cache = open_cache(cfg.train_cache)
-    _require_window(train_cache, window)
+    require_window(train_cache, window)
     if ckpt is not None:
         schema.check_compatible(
             ckpt["cache_attrs"], train_cache.attrs, f"run {last_path}", f"train cache {train_cache.path}"
@@ -784,23 +363,23 @@ def _train(
             raise InputError(
                 f"val cache {val_cache.path} has other verb/noun classes than train cache {train_cache.path}"
             )
-        _require_window(val_cache, window)
-    train_rows = _labelled_rows(train_cache, window, "train")
-    val_rows = _labelled_rows(val_cache, window, "val") if val_cache is not None else None
+        require_window(val_cache, window)
+    train_rows = labelled_rows(train_cache, window, "train")
+    val_rows = labelled_rows(val_cache, window, "val") if val_cache is not None else None
 
     verbs, nouns = list(train_cache.verb_keys), list(train_cache.noun_keys)
     has_nouns = len(nouns) > 0
     if ckpt is not None:
         action_pairs = [tuple(p) for p in ckpt["vocab"]["action_pairs"]]
     else:
-        action_pairs = _action_vocab(train_cache, train_rows) if has_nouns else []
+        action_pairs = action_vocab(train_cache, train_rows) if has_nouns else []
     pair_index = {p: i for i, p in enumerate(action_pairs)}
-    train_labels = _labels(train_cache, pair_index)
-    val_labels = _labels(val_cache, pair_index) if val_cache is not None else None
+    train_labels = load_labels(train_cache, pair_index)
+    val_labels = load_labels(val_cache, pair_index) if val_cache is not None else None
 
     head_kinds = HEAD_KINDS[cfg.task]
-    train_q = _Questions(train_cache, cfg.question_source, head_kinds)
-    val_q = _Questions(val_cache, cfg.question_source, head_kinds) if val_cache is not None else None
+    train_q = Questions(train_cache, cfg.question_source, head_kinds)
+    val_q = Questions(val_cache, cfg.question_source, head_kinds) if val_cache is not None else None
     qa_kinds = tuple(k for k in QA_KINDS[cfg.task] if has_nouns or QA_TARGET[k] == "verb")
     qa_on = cfg.qa_weight > 0
     answers = train_cache.answers() if qa_on else None
@@ -824,9 +403,8 @@ def _train(
         "num_actions": len(action_pairs),
     }
     if ckpt is not None:
-        fuse_model, _ = _fuse()
-        mcfg = fuse_model.model_config_from_dict(ckpt["model_config"])
-        model = fuse_model.MambaVL(mcfg)
+        mcfg = model_config_from_dict(ckpt["model_config"])
+        model = MambaVL(mcfg)
         model.load_state_dict(ckpt["model"])
     else:
         model, mcfg = build_model(cfg, data_dims)
@@ -874,7 +452,7 @@ def _train(
     writer = None
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(_plain(asdict(cfg)), indent=2, sort_keys=True) + "\n")
+        (out_dir / "train_config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2, sort_keys=True) + "\n")
         writer = _summary_writer(out_dir)
 
     static = {
@@ -882,7 +460,7 @@ def _train(
         "format": CHECKPOINT_FORMAT,
         "package_version": __version__,
         "model_config": mcfg.to_dict(),
-        "train_config": _plain(asdict(cfg)),
+        "train_config": plain(asdict(cfg)),
         "task": cfg.task.value,
         "question_source": cfg.question_source.value,
         "window": window,
@@ -890,10 +468,10 @@ def _train(
         # What the features are (compatibility) and how they were sampled, so that `mambavl predict` can extract a
         # new clip the same way without the cache.
         "cache_attrs": {
-            **{k: _plain(schema.normalise_attr(train_cache.attrs[k]))
+            **{k: plain(schema.normalise_attr(train_cache.attrs[k]))
                for k in SAMPLING_ATTRS if k in train_cache.attrs},
-            **{k: _plain(schema.normalise_attr(train_cache.attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
-            **_question_tokens(train_cache),
+            **{k: plain(schema.normalise_attr(train_cache.attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
+            **question_tokens(train_cache),
         },
         "best_metric_name": metric_name,
     }
@@ -943,7 +521,7 @@ def _train(
         positions = _shard(perm, d).numpy()
         sums = torch.zeros(6, dtype=torch.float64)  # loss, verb, noun, action, qa, fallbacks
         rec_steps = qa_steps = 0
-        for batch in _loader(dataset, _batches(positions, cfg.batch_size), cfg.num_workers):
+        for batch in loader(dataset, batches(positions, cfg.batch_size), cfg.num_workers):
             rows = batch["index"].to(torch.long)  # (B,) cache rows
             feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
             video, vmask = subsample(feats, batch["num_frames"], cfg.frames, train=True, generator=sample_gen)
@@ -1001,7 +579,7 @@ def _train(
         # Validation on rank 0 only (the unwrapped model holds the synchronised weights); others get the metrics.
         metrics = None
         if d.main and val_cache is not None:
-            scores, vfb = _predict(
+            scores, vfb = predict_logits(
                 model, val_dataset, val_q, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers
             )
             metrics = validation_metrics(scores, val_labels)
@@ -1015,7 +593,7 @@ def _train(
         )
         if improved:
             best_metric = float(metrics[metric_name])
-        history.append(_plain(row))
+        history.append(plain(row))
         epochs_run += 1
 
         if d.main:
@@ -1032,9 +610,9 @@ def _train(
                 best_metric=best_metric,
                 history=history,
             )
-            _atomic_torch_save(state, last_path)
+            atomic_torch_save(state, last_path)
             if improved:
-                _atomic_copy(last_path, best_path)
+                atomic_copy(last_path, best_path)
             _write_metrics_csv(history, out_dir / "metrics.csv")
             if writer is not None:
                 for key, value in row.items():

@@ -11,7 +11,7 @@ import textwrap
 import torch
 
 from mambavl.cache.synthetic import make_planted_cache
-from mambavl.train import load_checkpoint
+from mambavl.runtime import load_checkpoint
 
 WORKER = textwrap.dedent(
     """

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mambavl.cli import app
 from mambavl.data.annotations import load_annotations
-from mambavl.train import load_checkpoint, predict_scores
+from mambavl.runtime import load_checkpoint, predict_scores
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mambavl.cache.reader import open_cache
 from mambavl.cli import app
 from mambavl.data.synthetic import make_kitchen_dataset
-from mambavl.train import load_checkpoint
+from mambavl.runtime import load_checkpoint
 
 TINY = ["--model", "mambavl-tiny-clip", "--pretrained", "none", "--pooling", "grid", "--frames", "6", "--size", "64",
         "--questions", "templates", "--device", "cpu", "--quiet"]

@@ -15,14 +15,8 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.errors import InputError
 from mambavl.fuse import presets
 from mambavl.fuse.model import MambaVL
-from mambavl.train import (
-    TrainConfig,
-    load_checkpoint,
-    lr_factor,
-    param_groups,
-    predict_scores,
-    train,
-)
+from mambavl.runtime import load_checkpoint, predict_scores
+from mambavl.train import TrainConfig, lr_factor, param_groups, train
 
 # A small, fast model: the planted classes are learnable by it in a few epochs.
 TINY = {"d_model": 32, "n_layers": 1}

@@ -43,6 +43,8 @@ import torch
 
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
+from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
+from mambavl.train import TrainConfig, train
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -103,7 +105,6 @@ class AblationConfig:
             raise InputError("ablation: no presets given")
         if len(set(self.presets)) != len(self.presets):
             raise InputError(f"ablation: presets listed twice in {list(self.presets)}")
-        from mambavl.fuse.presets import PRESETS
 
         for name in self.presets:
             if name not in ABLATIONS and name not in PRESETS:
@@ -129,7 +130,6 @@ def preset_of(name: str) -> str:
 
 def describe(name: str) -> str:
     """One line on what an ablation (or preset) is."""
-    from mambavl.fuse.presets import PRESET_DESCRIPTIONS
 
     if name == "full":
         return "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
@@ -138,8 +138,6 @@ def describe(name: str) -> str:
 
 def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, resume: bool = False):
     """The TrainConfig of one run: the shared budget, the preset, and the preset's ablation-defining fields."""
-    from mambavl.fuse.presets import preset_train_overrides
-    from mambavl.train import TrainConfig
 
     preset = preset_of(name)
     extra = {k: v for k, v in preset_train_overrides(preset).items() if k in ABLATION_TRAIN_FIELDS}
@@ -187,7 +185,6 @@ def _same_run(saved: dict, wanted: dict) -> str | None:
 
 def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
     """Train (or reuse a finished / resume an interrupted) run; return its metrics, params and time."""
-    from mambavl.train import train
 
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
     last = run_dir / "last.pt"

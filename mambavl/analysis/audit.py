@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from mambavl import __version__
+from mambavl.data.annotations import load_classes
 from mambavl.errors import InputError
 from mambavl.evaluate import (
     Loaded,
-    _atomic_write_text,
+    atomic_write_text,
     cache_identity,
     check_question_source,
     checkpoint_identity,
@@ -39,6 +40,8 @@ from mambavl.evaluate import (
     score_cache,
     write_json,
 )
+from mambavl.extract.questions import leak_rate
+from mambavl.runtime import HEAD_KINDS, Task
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -130,7 +133,6 @@ def _class_instances(keys: list[str], path: Path | None, what: str) -> tuple[lis
     """Answer words per class: the class CSV's instances (checked against the cache's keys) or the keys."""
     if path is None:
         return [(k,) for k in keys], "class keys"
-    from mambavl.data.annotations import load_classes
 
     vocab = load_classes(path)
     if list(vocab.keys) != list(keys):
@@ -157,7 +159,6 @@ def static_leak(
 
     q (R, 2) question indices, labels (R,). Uses `mambavl.extract.questions.leak_rate`.
     """
-    from mambavl.extract.questions import leak_rate
 
     out: dict[str, float | None] = {}
     keep = verb_labels >= 0
@@ -250,7 +251,6 @@ def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> lis
 def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
     their own answers; writes audit.json and audit.md and returns the report (see the module docstring)."""
-    from mambavl.train import HEAD_KINDS, Task
 
     loaded: Loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
     cache = loaded.cache
@@ -336,6 +336,6 @@ def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dic
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "audit.json", report)
-    _atomic_write_text(out_dir / "audit.md", markdown_table(report))
+    atomic_write_text(out_dir / "audit.md", markdown_table(report))
     report["files"] = {"audit_json": str(out_dir / "audit.json"), "audit_md": str(out_dir / "audit.md")}
     return report

@@ -17,7 +17,7 @@ import typer
 from mambavl.cli import app, cache_app, fail, optional_path  # noqa: F401
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
-from mambavl.train import Task
+from mambavl.runtime import Task
 
 # ----------------------------------------------------------------------------------------------------------------
 # presentation

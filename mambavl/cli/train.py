@@ -18,7 +18,8 @@ import typer
 from mambavl.cli import app, fail, optional_path
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
-from mambavl.train import Task, TrainConfig, config_from_checkpoint, train
+from mambavl.runtime import Task, config_from_checkpoint
+from mambavl.train import TrainConfig, train
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""Run configuration shared by training and every later stage: the task, the question kinds its heads read, the
+cache attributes a checkpoint copies, and `TrainConfig` (saved whole in every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mambavl.cache import schema
+from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+from mambavl.fuse.presets import preset_train_overrides
+
+# Cache attributes describing the frame sampling, copied into checkpoints (see `mambavl.predict`).
+SAMPLING_ATTRS = ("sampling_mode", "frames_per_segment", "decoded_frames", "fps", "frame_size",
+                  "tokens_per_frame_pooling")
+
+
+class Task(str, Enum):
+    """What the heads predict: the action in the window (recognition) or the action after it (anticipation)."""
+
+    RECOGNITION = "recognition"
+    ANTICIPATION = "anticipation"
+
+
+# Question kinds asked of the verb and noun heads, and the kinds a QA step may draw, per task. The scene question is
+# about the segment's own objects, which the anticipation window does not show, so anticipation QA asks only what
+# comes next.
+HEAD_KINDS = {Task.RECOGNITION: ("verb", "noun"), Task.ANTICIPATION: ("next_verb", "next_noun")}
+QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene"), Task.ANTICIPATION: ("next_verb", "next_noun")}
+# What each QA kind is scored against: the verb or noun answer embeddings.
+QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved whole in the checkpoint.
+
+    `model_overrides` are ModelConfig fields applied on top of the preset (dims and class counts come from the cache).
+    `frames` is the number of frame tokens the model consumes, sub-sampled from the cached F (0 = all F).
+    `batch_size` is per process under torchrun. `resume=True` continues the run in `out_dir` from last.pt.
+    Presets may carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs): they replace fields left at
+    their class default, never values set to something else.
+    """
+
+    train_cache: str
+    val_cache: str | None
+    out_dir: str
+    preset: str = "small"
+    model_overrides: dict = field(default_factory=dict)
+    task: Task = Task.RECOGNITION
+    question_source: QuestionSource = QuestionSource.TEMPLATES
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.03
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    qa_weight: float = 1.0
+    qa_every: int = 2
+    frames: int = 8
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self.task = Task(self.task)
+        except ValueError:
+            raise InputError(f"train config: task {self.task!r} is not one of {[t.value for t in Task]}") from None
+        try:
+            self.question_source = QuestionSource(self.question_source)
+        except ValueError:
+            raise InputError(
+                f"train config: question_source {self.question_source!r} is not one of "
+                f"{[q.value for q in QuestionSource]}"
+            ) from None
+        self.train_cache = str(self.train_cache)
+        self.val_cache = None if self.val_cache in (None, "") else str(self.val_cache)
+        self.out_dir = str(self.out_dir)
+        self.model_overrides = dict(self.model_overrides or {})
+        self._apply_preset_training()
+        checks = (
+            ("epochs", self.epochs >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("lr", self.lr > 0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("warmup_epochs", self.warmup_epochs >= 0),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1),
+            ("grad_clip", self.grad_clip >= 0),
+            ("label_smoothing", 0 <= self.label_smoothing < 1),
+            ("qa_weight", self.qa_weight >= 0),
+            ("qa_every", self.qa_every >= 1),
+            ("frames", self.frames >= 0),
+            ("num_workers", self.num_workers >= 0),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise InputError(f"train config: {name}={getattr(self, name)!r} is out of range")
+
+    def _apply_preset_training(self) -> None:
+        """Some presets carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs). They replace the
+        class defaults, not values set explicitly: a field still at its default takes the preset's value."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in preset_train_overrides(self.preset).items():
+            if key not in defaults:
+                raise InputError(f"preset {self.preset!r} sets unknown training field {key!r}")
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+
+
+def window_of(task: Task) -> str:
+    """The cache window a task reads: "anticipation" for anticipation, else "recognition"."""
+    return schema.ANTICIPATION if task == Task.ANTICIPATION else schema.RECOGNITION
+
+
+def plain(value: Any) -> Any:
+    """Enums -> their value, numpy scalars -> Python, recursively: checkpoints must load with weights_only=True."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,107 @@
+"""Questions and labels of one cache: which question each head reads for each row (`Questions`), the class labels
+as tensors (`Labels`), the training action vocabulary, and the labelled rows of a window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mambavl.cache.reader import CacheFile
+from mambavl.errors import InputError
+from mambavl.extract.questions import QuestionSource
+
+
+class Questions:
+    """Question choice for one cache under one protocol.
+
+    Holds the cache's question table (tokens (Q, T, Dt), mask (Q, T)) on the CPU — the annotation protocol can hold
+    two questions per segment, too many for accelerator memory — and gathers the rows a batch needs.
+    """
+
+    def __init__(self, cache: CacheFile, source: QuestionSource, head_kinds: tuple[str, str]):
+        bank = cache.questions()
+        self.tokens = torch.as_tensor(bank.tokens, dtype=torch.float32)  # (Q, T, Dt)
+        self.mask = torch.as_tensor(bank.mask, dtype=torch.bool)  # (Q, T)
+        self.templates: dict[str, torch.Tensor] = {
+            kind: torch.as_tensor(np.asarray(idx), dtype=torch.long) for kind, idx in bank.templates.items()
+        }
+        self.head_kinds = head_kinds
+        for kind in head_kinds:
+            if kind not in self.templates or len(self.templates[kind]) == 0:
+                raise InputError(f"cache {cache.path} has no {kind!r} template questions (questions/templates/{kind})")
+        self.source = source
+        self.per_segment: torch.Tensor | None = None
+        if source != QuestionSource.TEMPLATES:
+            table = bank.per_segment.get(source.value) if bank.per_segment else None
+            if table is None:
+                hint = "--questions templates,annotation" if source == QuestionSource.ANNOTATION else "a questions file"
+                raise InputError(f"cache {cache.path} has no {source.value} questions (extract with {hint})")
+            self.per_segment = torch.as_tensor(np.asarray(table), dtype=torch.long)  # (N, 2)
+
+    def template(self, kind: str, n: int, train: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """(n,) question indices of `kind`: a uniform paraphrase per sample in training, paraphrase 0 otherwise."""
+        choices = self.templates[kind]  # (P,)
+        if train:
+            pick = torch.randint(len(choices), (n,), generator=generator)
+            return choices[pick]
+        return choices[:1].expand(n).clone()
+
+    def heads(self, rows: torch.Tensor, train: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        """(B, 2) question indices (verb head, noun head) for cache rows (B,), and how many fell back to templates."""
+        verb_q = self.template(self.head_kinds[0], len(rows), train, generator)
+        noun_q = self.template(self.head_kinds[1], len(rows), train, generator)
+        q = torch.stack([verb_q, noun_q], dim=1)  # (B, 2)
+        if self.per_segment is None:
+            return q, 0
+        own = self.per_segment[rows]  # (B, 2); -1 where the row has no question of this source
+        q = torch.where(own >= 0, own, q)
+        return q, int((own < 0).sum())
+
+    def gather(self, q: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question indices (...,) -> tokens (..., T, Dt) float32 and mask (..., T) bool on `device`."""
+        return self.tokens[q].to(device), self.mask[q].to(device)
+
+
+@dataclass
+class Labels:
+    verb: torch.Tensor  # (N,) long, -1 unlabelled
+    noun: torch.Tensor  # (N,) long, -1 unlabelled / no nouns
+    action: torch.Tensor  # (N,) long index into the train action vocabulary, -1 unseen pair
+    all_nouns: list  # N sequences of noun ids
+
+
+def load_labels(cache: CacheFile, pairs: dict[tuple[int, int], int]) -> Labels:
+    """The cache's labels as tensors; `pairs` maps (verb, noun) to its index in the training action vocabulary."""
+    lab = cache.labels()
+    verb = torch.as_tensor(np.asarray(lab["verb_class"], dtype=np.int64))
+    noun = torch.as_tensor(np.asarray(lab["noun_class"], dtype=np.int64))
+    action = torch.tensor([pairs.get((int(v), int(n)), -1) for v, n in zip(verb, noun)], dtype=torch.long)
+    all_nouns = [np.asarray(a, dtype=np.int64).reshape(-1) for a in lab["all_noun_classes"]]
+    return Labels(verb, noun, action, all_nouns)
+
+
+def action_vocab(cache: CacheFile, rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted (verb, noun) pairs seen among the labelled training rows."""
+    lab = cache.labels()
+    verb = np.asarray(lab["verb_class"], dtype=np.int64)[rows]
+    noun = np.asarray(lab["noun_class"], dtype=np.int64)[rows]
+    keep = (verb >= 0) & (noun >= 0)
+    return sorted({(int(v), int(n)) for v, n in zip(verb[keep], noun[keep])})
+
+
+def require_window(cache: CacheFile, window: str) -> None:
+    """InputError unless the cache holds `window` (the anticipation window is optional at extraction)."""
+    if not cache.has_window(window):
+        raise InputError(f"cache {cache.path} has no anticipation window (extract with --anticipation)")
+
+
+def labelled_rows(cache: CacheFile, window: str, what: str) -> np.ndarray:
+    """(N,) int64 valid rows of `window` with a verb label; InputError (naming `what` and the cache) if none."""
+    rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
+    verb = np.asarray(cache.labels()["verb_class"], dtype=np.int64)
+    rows = rows[verb[rows] >= 0]
+    if len(rows) == 0:
+        raise InputError(f"{what} cache {cache.path} has no labelled valid segments in the {window} window")
+    return rows
