@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def ek100_dir() -> Path:
-    """The real EK-100 annotation CSVs: ../shared/ek100 beside the clone, or $MAMBAVL_EK100_DIR."""
+    """The real EK-100 annotation CSVs shipped in tests/data/ek100 (CC BY-NC 4.0, see its README), or
+    $MAMBAVL_EK100_DIR."""
     env = os.environ.get("MAMBAVL_EK100_DIR")
-    path = Path(env) if env else REPO.parent / "shared" / "ek100"
+    path = Path(env) if env else REPO / "tests" / "data" / "ek100"
     if not (path / "EPIC_100_validation.csv").is_file():
-        pytest.fail(f"EK-100 annotation CSVs not found at {path} (clone the repo beside shared/ or set MAMBAVL_EK100_DIR)")
+        pytest.fail(f"EK-100 annotation CSVs not found at {path} (tests/data/ek100, or set MAMBAVL_EK100_DIR)")
     return path
