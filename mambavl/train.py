@@ -57,7 +57,7 @@ from torch import nn
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset, open_cache
+from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
@@ -69,6 +69,7 @@ from mambavl.runtime import (
     QA_KINDS,
     QA_TARGET,
     SAMPLING_ATTRS,
+    Labels,
     Questions,
     TrainConfig,  # also re-exported: `from mambavl.train import TrainConfig, train`
     action_vocab,
@@ -282,6 +283,360 @@ def _broadcast(obj: Any, d: _Dist) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the run's data, optimiser and checkpoints
+
+
+@dataclass
+class _Data:
+    """The caches of one run and what training reads from them: labelled rows, labels, questions, vocabularies and
+    (with QA steps) the answer candidates on the device."""
+
+    train_cache: CacheFile
+    val_cache: CacheFile | None
+    window: str
+    train_rows: np.ndarray  # (N,) labelled valid rows of the training cache
+    val_rows: np.ndarray | None
+    verbs: list[str]
+    nouns: list[str]
+    action_pairs: list[tuple[int, int]]  # the action vocabulary: (verb, noun) pairs seen in training labels
+    train_labels: Labels
+    val_labels: Labels | None
+    train_q: Questions
+    val_q: Questions | None
+    qa_kinds: tuple[str, ...]  # question kinds a QA step may draw
+    candidates: dict[str, torch.Tensor] | None  # QA target kind -> answer embeddings (K, Dt); None without QA
+
+    @property
+    def has_nouns(self) -> bool:
+        return len(self.nouns) > 0
+
+    def data_dims(self) -> dict[str, int]:
+        """The ModelConfig fields that come from the data (`mambavl.runtime.DATA_FIELDS`)."""
+        return {
+            "video_dim": int(self.train_cache.attrs["feature_dim"]),
+            "text_dim": int(self.train_cache.attrs["text_dim"]),
+            "num_verbs": len(self.verbs),
+            "num_nouns": len(self.nouns),
+            "num_actions": len(self.action_pairs),
+        }
+
+
+def _open_caches(cfg: TrainConfig, ckpt: dict | None, run: Path) -> tuple[CacheFile, CacheFile | None]:
+    """The training and validation caches, checked against each other (and against the run being resumed)."""
+    window = window_of(cfg.task)
+    train_cache = open_cache(cfg.train_cache)
+    require_window(train_cache, window)
+    if ckpt is not None:
+        schema.check_compatible(ckpt["cache_attrs"], train_cache.attrs, f"run {run}", f"train cache {train_cache.path}")
+    if cfg.val_cache is None:
+        return train_cache, None
+    val_cache = open_cache(cfg.val_cache)
+    schema.check_compatible(
+        train_cache.attrs, val_cache.attrs, f"train cache {train_cache.path}", f"val cache {val_cache.path}"
+    )
+    if list(val_cache.verb_keys) != list(train_cache.verb_keys) or list(val_cache.noun_keys) != list(
+        train_cache.noun_keys
+    ):
+        raise InputError(f"val cache {val_cache.path} has other verb/noun classes than train cache {train_cache.path}")
+    require_window(val_cache, window)
+    return train_cache, val_cache
+
+
+def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.device) -> _Data:
+    """Open and check the caches; the action vocabulary comes from the resumed checkpoint or the training labels."""
+    window = window_of(cfg.task)
+    train_cache, val_cache = _open_caches(cfg, ckpt, run)
+    train_rows = labelled_rows(train_cache, window, "train")
+    val_rows = labelled_rows(val_cache, window, "val") if val_cache is not None else None
+    verbs, nouns = list(train_cache.verb_keys), list(train_cache.noun_keys)
+    if ckpt is not None:
+        action_pairs = [tuple(p) for p in ckpt["vocab"]["action_pairs"]]
+    else:
+        action_pairs = action_vocab(train_cache, train_rows) if nouns else []
+    pair_index = {p: i for i, p in enumerate(action_pairs)}
+    head_kinds = HEAD_KINDS[cfg.task]
+    train_q = Questions(train_cache, cfg.question_source, head_kinds)
+    val_q = Questions(val_cache, cfg.question_source, head_kinds) if val_cache is not None else None
+    qa_kinds = tuple(k for k in QA_KINDS[cfg.task] if nouns or QA_TARGET[k] == "verb")
+    candidates = None
+    if cfg.qa_weight > 0:
+        answers = train_cache.answers()
+        for kind in qa_kinds:
+            if kind not in train_q.templates or len(train_q.templates[kind]) == 0:
+                raise InputError(f"cache {train_cache.path} has no {kind!r} template questions for QA steps")
+        noun = torch.as_tensor(answers.noun, dtype=torch.float32).to(device) if nouns else None  # (Nn, Dt)
+        candidates = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32).to(device), "noun": noun,
+                      "scene": noun}  # fmt: skip
+    return _Data(
+        train_cache=train_cache,
+        val_cache=val_cache,
+        window=window,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        verbs=verbs,
+        nouns=nouns,
+        action_pairs=action_pairs,
+        train_labels=load_labels(train_cache, pair_index),
+        val_labels=load_labels(val_cache, pair_index) if val_cache is not None else None,
+        train_q=train_q,
+        val_q=val_q,
+        qa_kinds=qa_kinds,
+        candidates=candidates,
+    )
+
+
+class Optimizer:
+    """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, mixed precision on
+    CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported) and gradient clipping."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device):
+        self.model, self.grad_clip, self.device_type = model, cfg.grad_clip, device.type
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+        )
+        self.use_amp = cfg.amp and device.type == "cuda"
+        # bf16 needs no loss scaling; fp16 (older GPUs) does. The dtype is irrelevant when autocast is off.
+        self.amp_dtype = torch.float16 if self.use_amp and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def schedule(self) -> None:
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; saved in last.pt and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # recognition steps taken
+    qa_steps: int = 0
+    best_metric: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Writes the run folder on rank 0: train_config.json, last.pt every epoch (atomic), best.pt when the selection
+    metric improves, metrics.csv and tensorboard scalars (when tensorboard is installed)."""
+
+    def __init__(self, out_dir: Path, header: dict, cfg: TrainConfig, main: bool):
+        self.out_dir, self.header, self.main = out_dir, header, main
+        self.last, self.best = out_dir / "last.pt", out_dir / "best.pt"
+        self.writer = None
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "train_config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2, sort_keys=True) + "\n")
+            self.writer = _summary_writer(out_dir)
+
+    def save(self, model: nn.Module, opt: Optimizer, state: _Progress, sample_gen: torch.Generator,
+             improved: bool) -> None:
+        """Checkpoint the end of epoch `state.epoch` and log its metrics row (`state.history[-1]`)."""
+        if not self.main:
+            return
+        ckpt = dict(self.header)
+        ckpt.update(model=model.state_dict(), **opt.state_dict(), epoch=state.epoch, step=state.step,
+                    qa_steps=state.qa_steps, rng=_rng_state(sample_gen), best_metric=state.best_metric,
+                    history=state.history)  # fmt: skip
+        atomic_torch_save(ckpt, self.last)
+        if improved:
+            atomic_copy(self.last, self.best)
+        _write_metrics_csv(state.history, self.out_dir / "metrics.csv")
+        if self.writer is not None:
+            for key, value in state.history[-1].items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(key, value, state.epoch)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resume_checkpoint(cfg: TrainConfig, last_path: Path) -> dict | None:
+    """last.pt of the run to resume (checked against `cfg`), None for a fresh run; InputError when a fresh run would
+    overwrite an existing one or there is nothing to resume."""
+    if not cfg.resume:
+        if last_path.exists():
+            raise InputError(
+                f"{last_path.parent} already holds a run ({last_path.name}); resume it or choose another output folder"
+            )
+        return None
+    if not last_path.is_file():
+        raise InputError(f"cannot resume: {last_path} does not exist")
+    ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise InputError(f"cannot resume: {last_path} is not a mambavl checkpoint")
+    _check_resume_config(cfg, ckpt["train_config"], last_path)
+    return ckpt
+
+
+def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: str) -> dict:
+    """The part of every checkpoint that does not change during a run: format, configs, vocabularies and the
+    cache attributes (what the features are, for compatibility checks, and how they were sampled, so that
+    `mambavl predict` can extract a new clip the same way without the cache)."""
+    attrs = data.train_cache.attrs
+    return {
+        "kind": CHECKPOINT_KIND,
+        "format": CHECKPOINT_FORMAT,
+        "package_version": __version__,
+        "model_config": mcfg.to_dict(),
+        "train_config": plain(asdict(cfg)),
+        "task": cfg.task.value,
+        "question_source": cfg.question_source.value,
+        "window": data.window,
+        "vocab": {"verbs": data.verbs, "nouns": data.nouns, "action_pairs": [list(p) for p in data.action_pairs]},
+        "cache_attrs": {
+            **{k: plain(schema.normalise_attr(attrs[k])) for k in SAMPLING_ATTRS if k in attrs},
+            **{k: plain(schema.normalise_attr(attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
+            **question_tokens(data.train_cache),
+        },
+        "best_metric_name": metric_name,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def _rec_loss(out: dict, rows: torch.Tensor, labels: Labels, smoothing: float,
+              device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Recognition loss: the sum of the heads' cross-entropies (unlabelled targets ignored), and each part."""
+    parts = {"verb": _ce(out["verb"], labels.verb[rows].to(device), smoothing)}
+    if "noun" in out:
+        parts["noun"] = _ce(out["noun"], labels.noun[rows].to(device), smoothing)
+    if "action" in out:
+        parts["action"] = _ce(out["action"], labels.action[rows].to(device), smoothing)
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor, labels: Labels,
+             device: torch.device) -> torch.Tensor:
+    """QA loss of one question kind: cross-entropy against the verb or noun answer, multi-label BCE over nouns for
+    the scene question (targets: all nouns of the segment)."""
+    target_kind = QA_TARGET[kind]
+    if target_kind == "verb":
+        return _ce(logits, labels.verb[rows].to(device), 0.0)
+    if target_kind == "noun":
+        return _ce(logits, labels.noun[rows].to(device), 0.0)
+    multi = torch.zeros(logits.shape, dtype=torch.float32)  # (B, Nn) multi-hot of the segment's nouns
+    for i, r in enumerate(rows.tolist()):
+        ids = labels.all_nouns[r]
+        ids = ids[(ids >= 0) & (ids < logits.shape[1])]
+        multi[i, ids] = 1.0
+    return F.binary_cross_entropy_with_logits(logits.float(), multi.to(device))
+
+
+@dataclass
+class _Batch:
+    """One training batch on the device: cache rows (B,), sub-sampled video (B, K, D) and mask (B, K)."""
+
+    rows: torch.Tensor
+    video: torch.Tensor
+    vmask: torch.Tensor
+
+
+def _recognition_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig, batch: dict,
+                      sample_gen: torch.Generator, device: torch.device) -> tuple[_Batch, torch.Tensor, list[float]]:
+    """Sub-sample frames, pick the heads' questions, one optimiser step on the recognition loss. Returns the batch
+    (reused by a QA step), the loss and the epoch sums' increments [loss, verb, noun, action, qa, fallbacks]."""
+    rows = batch["index"].to(torch.long)  # (B,) cache rows
+    feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
+    video, vmask = subsample(feats, batch["num_frames"], cfg.frames, train=True, generator=sample_gen)
+    q, fb = data.train_q.heads(rows, train=True, generator=sample_gen)  # (B, 2)
+    qt, qm = data.train_q.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
+    with opt.autocast():
+        out = objective("rec", video, vmask, qt, qm)
+    loss, parts = _rec_loss(out, rows, data.train_labels, cfg.label_smoothing, device)
+    opt.step(loss)
+    opt.schedule()
+    sums = [float(loss.detach()), parts["verb"], parts.get("noun", 0.0), parts.get("action", 0.0), 0.0, fb]
+    return _Batch(rows, video, vmask), loss, sums
+
+
+def _qa_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig, b: _Batch,
+             sample_gen: torch.Generator, device: torch.device) -> float:
+    """One QA step on the batch: a question kind drawn for the whole batch, answers scored against the candidates,
+    one optimiser step on `qa_weight` x the QA loss. Returns the (unweighted) QA loss."""
+    kind = data.qa_kinds[int(torch.randint(len(data.qa_kinds), (1,), generator=sample_gen))]
+    qk = data.train_q.template(kind, len(b.rows), train=True, generator=sample_gen)  # (B,)
+    qkt, qkm = data.train_q.gather(qk, device)  # (B, T, Dt), (B, T)
+    with opt.autocast():
+        logits = objective("qa", b.video, b.vmask, qkt, qkm, data.candidates[QA_TARGET[kind]])  # (B, K)
+    lq = _qa_loss(kind, logits, b.rows, data.train_labels, device)
+    opt.step(cfg.qa_weight * lq)
+    return float(lq.detach())
+
+
+def _validate(model: nn.Module, val_dataset: SegmentDataset | None, data: _Data, cfg: TrainConfig,
+              device: torch.device, d: _Dist) -> dict | None:
+    """Validation metrics of the epoch, computed on rank 0 (the unwrapped model holds the synchronised weights) and
+    broadcast to the other ranks; None without a validation cache."""
+    metrics = None
+    if d.main and val_dataset is not None:
+        scores, vfb = predict_logits(
+            model, val_dataset, data.val_q, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers
+        )
+        metrics = validation_metrics(scores, data.val_labels)
+        metrics["val_question_fallbacks"] = vfb
+    return _broadcast(metrics, d)
+
+
+def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, sums: torch.Tensor,
+               rec_steps: int, qa_steps: int) -> dict[str, Any]:
+    """The training half of an epoch's metrics row (mean losses over the epoch's steps)."""
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        "task": cfg.task.value,
+        "question_source": cfg.question_source.value,
+        "train_loss": float(sums[0] / max(rec_steps, 1)),
+        "train_loss_verb": float(sums[1] / max(rec_steps, 1)),
+        "rec_steps": rec_steps,
+        "qa_steps": qa_steps,
+        "question_fallbacks": int(sums[5]),
+    }
+    if data.has_nouns:
+        row["train_loss_noun"] = float(sums[2] / max(rec_steps, 1))
+    if data.action_pairs:
+        row["train_loss_action"] = float(sums[3] / max(rec_steps, 1))
+    if cfg.qa_weight > 0:
+        row["train_loss_qa"] = float(sums[4] / max(qa_steps, 1))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # training
 
 
@@ -322,315 +677,107 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None, stop_after_epoch
             dist.destroy_process_group()
 
 
-def _train(
-    cfg: TrainConfig, device: torch.device, d: _Dist, progress: ProgressFn | None, stop_after_epochs: int | None
-) -> TrainResult:
-    if device.type == "cuda" and d.world > 1:
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    out_dir = Path(cfg.out_dir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    window = window_of(cfg.task)
-
-    # ---- resume or fresh start
-    ckpt = None
-    if cfg.resume:
-        if not last_path.is_file():
-            raise InputError(f"cannot resume: {last_path} does not exist")
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-            raise InputError(f"cannot resume: {last_path} is not a mambavl checkpoint")
-        _check_resume_config(cfg, ckpt["train_config"], last_path)
-    elif last_path.exists():
-        raise InputError(f"{out_dir} already holds a run ({last_path.name}); resume it or choose another output folder")
-
-    # ---- data
-    train_cache = open_cache(cfg.train_cache)
-    require_window(train_cache, window)
-    if ckpt is not None:
-        schema.check_compatible(
-            ckpt["cache_attrs"], train_cache.attrs, f"run {last_path}", f"train cache {train_cache.path}"
-        )
-    val_cache = None
-    if cfg.val_cache is not None:
-        val_cache = open_cache(cfg.val_cache)
-        schema.check_compatible(
-            train_cache.attrs, val_cache.attrs, f"train cache {train_cache.path}", f"val cache {val_cache.path}"
-        )
-        if list(val_cache.verb_keys) != list(train_cache.verb_keys) or list(val_cache.noun_keys) != list(
-            train_cache.noun_keys
-        ):
-            raise InputError(
-                f"val cache {val_cache.path} has other verb/noun classes than train cache {train_cache.path}"
-            )
-        require_window(val_cache, window)
-    train_rows = labelled_rows(train_cache, window, "train")
-    val_rows = labelled_rows(val_cache, window, "val") if val_cache is not None else None
-
-    verbs, nouns = list(train_cache.verb_keys), list(train_cache.noun_keys)
-    has_nouns = len(nouns) > 0
-    if ckpt is not None:
-        action_pairs = [tuple(p) for p in ckpt["vocab"]["action_pairs"]]
-    else:
-        action_pairs = action_vocab(train_cache, train_rows) if has_nouns else []
-    pair_index = {p: i for i, p in enumerate(action_pairs)}
-    train_labels = load_labels(train_cache, pair_index)
-    val_labels = load_labels(val_cache, pair_index) if val_cache is not None else None
-
-    head_kinds = HEAD_KINDS[cfg.task]
-    train_q = Questions(train_cache, cfg.question_source, head_kinds)
-    val_q = Questions(val_cache, cfg.question_source, head_kinds) if val_cache is not None else None
-    qa_kinds = tuple(k for k in QA_KINDS[cfg.task] if has_nouns or QA_TARGET[k] == "verb")
-    qa_on = cfg.qa_weight > 0
-    answers = train_cache.answers() if qa_on else None
-    if qa_on:
-        for kind in qa_kinds:
-            if kind not in train_q.templates or len(train_q.templates[kind]) == 0:
-                raise InputError(f"cache {train_cache.path} has no {kind!r} template questions for QA steps")
-        cand = {
-            "verb": torch.as_tensor(answers.verb, dtype=torch.float32).to(device),  # (V, Dt)
-            "noun": torch.as_tensor(answers.noun, dtype=torch.float32).to(device) if has_nouns else None,  # (Nn, Dt)
-        }
-        cand["scene"] = cand["noun"]
-
-    # ---- model, optimiser, schedule
+def _build(cfg: TrainConfig, ckpt: dict | None, data: _Data, device: torch.device, d: _Dist):
+    """The model (fresh from the preset, or the resumed weights) on `device`, and the objective that runs it
+    (wrapped in DistributedDataParallel under torchrun)."""
     torch.manual_seed(cfg.seed)
-    data_dims = {
-        "video_dim": int(train_cache.attrs["feature_dim"]),
-        "text_dim": int(train_cache.attrs["text_dim"]),
-        "num_verbs": len(verbs),
-        "num_nouns": len(nouns),
-        "num_actions": len(action_pairs),
-    }
     if ckpt is not None:
         mcfg = model_config_from_dict(ckpt["model_config"])
         model = MambaVL(mcfg)
         model.load_state_dict(ckpt["model"])
     else:
-        model, mcfg = build_model(cfg, data_dims)
+        model, mcfg = build_model(cfg, data.data_dims())
     model.to(device)
     objective: nn.Module = _Objective(model)
     if d.world > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective,
             device_ids=[device.index] if device.type == "cuda" else None,
-            # Recognition and QA steps use different heads.
-            find_unused_parameters=True,
+            find_unused_parameters=True,  # recognition and QA steps use different heads
         )
+    return model, mcfg, objective
 
-    dataset = SegmentDataset(train_cache, window=window, indices=train_rows)
-    val_dataset = SegmentDataset(val_cache, window=window, indices=val_rows) if val_cache is not None else None
-    per_rank = math.ceil(len(train_rows) / d.world)
-    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+
+def _train(
+    cfg: TrainConfig, device: torch.device, d: _Dist, progress: ProgressFn | None, stop_after_epochs: int | None
+) -> TrainResult:
+    """The training loop: set-up, then per epoch the recognition steps (a QA step after every `qa_every`-th),
+    validation and a checkpoint. Every random draw of an epoch is seeded by (seed, epoch, stream, rank), so a run
+    resumed at an epoch boundary replays exactly."""
+    if device.type == "cuda" and d.world > 1:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    out_dir = Path(cfg.out_dir)
+    ckpt = _resume_checkpoint(cfg, out_dir / "last.pt")
+    data = _load_data(cfg, ckpt, out_dir / "last.pt", device)
+    model, mcfg, objective = _build(cfg, ckpt, data, device, d)
+    dataset = SegmentDataset(data.train_cache, window=data.window, indices=data.train_rows)
+    val_dataset = (SegmentDataset(data.val_cache, window=data.window, indices=data.val_rows)
+                   if data.val_cache is not None else None)  # fmt: skip
+
+    steps_per_epoch = math.ceil(math.ceil(len(data.train_rows) / d.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
-    )
-    use_amp = cfg.amp and device.type == "cuda"
-    # bf16 needs no loss scaling; fp16 (older GPUs) does. The dtype is irrelevant when autocast is off.
-    amp_dtype = torch.float16 if use_amp and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    opt = Optimizer(model, cfg, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)), device)
     sample_gen = torch.Generator()
-
-    start_epoch, step, qa_total = 0, 0, 0
-    best_metric: float | None = None
-    history: list[dict] = []
+    state = _Progress()
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, qa_total = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt.get("qa_steps", 0))
-        best_metric = ckpt.get("best_metric")
-        history = list(ckpt.get("history", []))
+        opt.load_state_dict(ckpt)
+        state = _Progress(int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt.get("qa_steps", 0)),
+                          ckpt.get("best_metric"), list(ckpt.get("history", [])))  # fmt: skip
         _set_rng_state(ckpt["rng"], sample_gen)
-
-    metric_name = "val_action_top1" if has_nouns else "val_verb_top1"
-    writer = None
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2, sort_keys=True) + "\n")
-        writer = _summary_writer(out_dir)
-
-    static = {
-        "kind": CHECKPOINT_KIND,
-        "format": CHECKPOINT_FORMAT,
-        "package_version": __version__,
-        "model_config": mcfg.to_dict(),
-        "train_config": plain(asdict(cfg)),
-        "task": cfg.task.value,
-        "question_source": cfg.question_source.value,
-        "window": window,
-        "vocab": {"verbs": verbs, "nouns": nouns, "action_pairs": [list(p) for p in action_pairs]},
-        # What the features are (compatibility) and how they were sampled, so that `mambavl predict` can extract a
-        # new clip the same way without the cache.
-        "cache_attrs": {
-            **{k: plain(schema.normalise_attr(train_cache.attrs[k]))
-               for k in SAMPLING_ATTRS if k in train_cache.attrs},
-            **{k: plain(schema.normalise_attr(train_cache.attrs.get(k))) for k in schema.COMPATIBILITY_ATTRS},
-            **question_tokens(train_cache),
-        },
-        "best_metric_name": metric_name,
-    }
-
-    def rec_loss(out: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        vt = train_labels.verb[rows].to(device)
-        parts = {"verb": _ce(out["verb"], vt, cfg.label_smoothing)}
-        if "noun" in out:
-            parts["noun"] = _ce(out["noun"], train_labels.noun[rows].to(device), cfg.label_smoothing)
-        if "action" in out:
-            parts["action"] = _ce(out["action"], train_labels.action[rows].to(device), cfg.label_smoothing)
-        total = sum(parts.values())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
-
-    def qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        target_kind = QA_TARGET[kind]
-        if target_kind == "verb":
-            return _ce(logits, train_labels.verb[rows].to(device), 0.0)
-        if target_kind == "noun":
-            return _ce(logits, train_labels.noun[rows].to(device), 0.0)
-        multi = torch.zeros(logits.shape, dtype=torch.float32)  # (B, Nn) multi-hot of the segment's nouns
-        for i, r in enumerate(rows.tolist()):
-            ids = train_labels.all_nouns[r]
-            ids = ids[(ids >= 0) & (ids < logits.shape[1])]
-            multi[i, ids] = 1.0
-        return F.binary_cross_entropy_with_logits(logits.float(), multi.to(device))
-
-    def optimise(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+    metric_name = "val_action_top1" if data.has_nouns else "val_verb_top1"
+    saver = Checkpointer(out_dir, _checkpoint_header(cfg, mcfg, data, metric_name), cfg, d.main)
 
     objective.train()
-    epochs_run = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+    first_epoch = state.epoch
+    for epoch in range(first_epoch, cfg.epochs):
+        if stop_after_epochs is not None and epoch - first_epoch >= stop_after_epochs:
             break
         t0 = time.perf_counter()
-        # Every random draw of the epoch is seeded by (seed, epoch): resuming at an epoch boundary replays exactly.
         torch.manual_seed(_mix(cfg.seed, epoch, 1, d.rank))  # dropout
         sample_gen.manual_seed(_mix(cfg.seed, epoch, 2, d.rank))  # frames, paraphrases, QA kinds
-        perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 0)))
-        positions = _shard(perm, d).numpy()
+        perm = torch.randperm(len(data.train_rows), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 0)))
         sums = torch.zeros(6, dtype=torch.float64)  # loss, verb, noun, action, qa, fallbacks
         rec_steps = qa_steps = 0
-        for batch in loader(dataset, batches(positions, cfg.batch_size), cfg.num_workers):
-            rows = batch["index"].to(torch.long)  # (B,) cache rows
-            feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
-            video, vmask = subsample(feats, batch["num_frames"], cfg.frames, train=True, generator=sample_gen)
-            q, fb = train_q.heads(rows, train=True, generator=sample_gen)  # (B, 2)
-            qt, qm = train_q.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                out = objective("rec", video, vmask, qt, qm)
-            loss, parts = rec_loss(out, rows)
-            optimise(loss)
-            scheduler.step()
-            step += 1
+        for raw in loader(dataset, batches(_shard(perm, d).numpy(), cfg.batch_size), cfg.num_workers):
+            b, loss, inc = _recognition_step(objective, opt, data, cfg, raw, sample_gen, device)
+            state.step += 1
             rec_steps += 1
-            sums += torch.tensor(
-                [float(loss.detach()), parts["verb"], parts.get("noun", 0.0), parts.get("action", 0.0), 0.0, fb],
-                dtype=torch.float64,
-            )
-
-            if qa_on and rec_steps % cfg.qa_every == 0:
-                kind = qa_kinds[int(torch.randint(len(qa_kinds), (1,), generator=sample_gen))]
-                qk = train_q.template(kind, len(rows), train=True, generator=sample_gen)  # (B,)
-                qkt, qkm = train_q.gather(qk, device)  # (B, T, Dt), (B, T)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = objective("qa", video, vmask, qkt, qkm, cand[QA_TARGET[kind]])  # (B, K)
-                lq = qa_loss(kind, logits, rows)
-                optimise(cfg.qa_weight * lq)
+            sums += torch.tensor(inc, dtype=torch.float64)
+            if cfg.qa_weight > 0 and rec_steps % cfg.qa_every == 0:
+                sums[4] += _qa_step(objective, opt, data, cfg, b, sample_gen, device)
                 qa_steps += 1
-                qa_total += 1
-                sums[4] += float(lq.detach())
-
+                state.qa_steps += 1
             if progress is not None and d.main:
-                progress(step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(loss.detach())})
+                progress(state.step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(loss.detach())})
 
         if d.world > 1:
             dist.all_reduce(sums)
             sums /= d.world
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "task": cfg.task.value,
-            "question_source": cfg.question_source.value,
-            "train_loss": float(sums[0] / max(rec_steps, 1)),
-            "train_loss_verb": float(sums[1] / max(rec_steps, 1)),
-            "rec_steps": rec_steps,
-            "qa_steps": qa_steps,
-            "question_fallbacks": int(sums[5]),
-        }
-        if has_nouns:
-            row["train_loss_noun"] = float(sums[2] / max(rec_steps, 1))
-        if action_pairs:
-            row["train_loss_action"] = float(sums[3] / max(rec_steps, 1))
-        if qa_on:
-            row["train_loss_qa"] = float(sums[4] / max(qa_steps, 1))
-
-        # Validation on rank 0 only (the unwrapped model holds the synchronised weights); others get the metrics.
-        metrics = None
-        if d.main and val_cache is not None:
-            scores, vfb = predict_logits(
-                model, val_dataset, val_q, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers
-            )
-            metrics = validation_metrics(scores, val_labels)
-            metrics["val_question_fallbacks"] = vfb
-        metrics = _broadcast(metrics, d)
+        row = _epoch_row(cfg, data, epoch, state.step, opt.lr, sums, rec_steps, qa_steps)
+        metrics = _validate(model, val_dataset, data, cfg, device, d)
         if metrics:
             row.update(metrics)
         row["time_s"] = round(time.perf_counter() - t0, 3)
         improved = metrics is not None and not math.isnan(metrics[metric_name]) and (
-            best_metric is None or metrics[metric_name] > best_metric
+            state.best_metric is None or metrics[metric_name] > state.best_metric
         )
         if improved:
-            best_metric = float(metrics[metric_name])
-        history.append(plain(row))
-        epochs_run += 1
+            state.best_metric = float(metrics[metric_name])
+        state.history.append(plain(row))
+        state.epoch = epoch + 1
+        saver.save(model, opt, state, sample_gen, improved)
+        if progress is not None and d.main:
+            progress(state.step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "metrics": dict(row)})
 
-        if d.main:
-            state = dict(static)
-            state.update(
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                epoch=epoch + 1,
-                step=step,
-                qa_steps=qa_total,
-                rng=_rng_state(sample_gen),
-                best_metric=best_metric,
-                history=history,
-            )
-            atomic_torch_save(state, last_path)
-            if improved:
-                atomic_copy(last_path, best_path)
-            _write_metrics_csv(history, out_dir / "metrics.csv")
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-            if progress is not None:
-                progress(step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "metrics": dict(row)})
-
-    if writer is not None:
-        writer.close()
+    saver.close()
     if d.world > 1:
         dist.barrier()
     return TrainResult(
-        best_metric=best_metric,
-        last_checkpoint=last_path if d.main and last_path.exists() else None,
-        best_checkpoint=best_path if d.main and best_path.exists() else None,
-        history=history,
+        best_metric=state.best_metric,
+        last_checkpoint=saver.last if d.main and saver.last.exists() else None,
+        best_checkpoint=saver.best if d.main and saver.best.exists() else None,
+        history=state.history,
         best_metric_name=metric_name,
         model=model,
     )
