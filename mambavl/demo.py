@@ -17,7 +17,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,15 @@ from typing import Any
 from mambavl import __version__
 from mambavl.analysis.ablate import AblationConfig, run_ablation
 from mambavl.analysis.audit import AuditConfig, audit_questions
+from mambavl.cache.build import ExtractConfig, run_extraction
 from mambavl.data.synthetic import make_kitchen_dataset
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder
-from mambavl.cache.build import ExtractConfig, run_extraction
+from mambavl.progress import Progress, Stages
 from mambavl.train import TrainConfig, train
 
-ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
 TINY_MODEL = "mambavl-tiny-clip"
 
 
@@ -91,7 +90,7 @@ def recognition_summary(metrics: dict) -> dict[str, float | None]:
     return out
 
 
-def run_demo(cfg: DemoConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the demo into `cfg.out_dir`; returns the summary also written to summary.json."""
 
     sizes = cfg.sizes
@@ -106,17 +105,18 @@ def run_demo(cfg: DemoConfig, progress: ProgressFn | None = None) -> dict[str, A
     timings: dict[str, float] = {}
     current: str | None = None
     stage_start = t0
-    done = 0
+    stages = Stages(progress, STAGES)
 
     def tick(message: str | None) -> None:
-        nonlocal current, stage_start, done
+        nonlocal current, stage_start
         now = time.perf_counter()
         if current is not None:
             timings[current] = round(now - stage_start, 1)
         current, stage_start = message, now
-        if progress is not None:
-            progress(done, STAGES, message or "done")
-        done += 1
+        if message is None:
+            stages.done()
+        else:
+            stages.enter(message)
 
     # 1. data
     tick("generating synthetic kitchen clips")

@@ -23,7 +23,6 @@ import math
 import os
 import warnings
 import zipfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,9 @@ from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list,
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
+from mambavl.progress import Progress, or_none
 from mambavl.runtime import Task, load_checkpoint, predict_scores
 
-# progress(done, total, info): info["stage"] names the step ("load", "predict", "metrics", "submission", "plots").
-ProgressFn = Callable[[int, int, dict], None]
 
 STAGES = ("load", "predict", "metrics", "submission", "plots")
 
@@ -602,12 +600,20 @@ def question_report(source: str, origin: str) -> dict[str, Any]:
     return rep
 
 
-def evaluate(cfg: EvalConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files")."""
 
+    # Progress: one unit per stage of STAGES ("load", "predict", "metrics", "submission", "plots"); stages that do
+    # not apply (no labels: no metrics; no submission asked) are skipped and counted when the run ends.
+    progress = or_none(progress)
+    progress.start(len(STAGES))
+    reported = 0
+
     def step(stage: str, **info: Any) -> None:
-        if progress is not None:
-            progress(STAGES.index(stage), len(STAGES), {"stage": stage, **info})
+        nonlocal reported
+        index = STAGES.index(stage)
+        progress.advance(index - reported, message=stage, stage=stage, **info)
+        reported = index
 
     out_dir = Path(cfg.out_dir)
     step("load")
@@ -687,4 +693,6 @@ def evaluate(cfg: EvalConfig, progress: ProgressFn | None = None) -> dict[str, A
     files["metrics_json"] = str(out_dir / "metrics.json")
     result["files"] = files
     write_json(out_dir / "metrics.json", result)
+    progress.advance(len(STAGES) - reported, message="done")
+    progress.finish()
     return result

@@ -22,7 +22,6 @@ scores are softmax probabilities over the candidates, or per-candidate sigmoids 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,9 +38,9 @@ from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, decode_video_segment, probe_video
 from mambavl.extract.encoders import EncoderConfig, EncoderKind, build_encoder, file_sha256
 from mambavl.extract.questions import TEMPLATES, answer_texts
+from mambavl.progress import Progress, Stages
 from mambavl.runtime import SAMPLING_ATTRS, load_checkpoint  # SAMPLING_ATTRS: copied into checkpoints by training
 
-ProgressFn = Callable[[int, int, str], None]
 
 # Question kinds the QA head is asked, and which answer table each is scored against.
 QA_KINDS = {"verb": "verb", "noun": "noun", "scene": "noun", "next_verb": "verb", "next_noun": "noun"}
@@ -166,7 +165,7 @@ class _Texts:
             self.source = "re-embedded by the text tower"
 
 
-def predict_video(cfg: PredictConfig, progress: ProgressFn | None = None, encoder=None) -> dict:
+def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=None) -> dict:
     """Predict the action in `cfg.video` between `cfg.start` and `cfg.stop` (see the module docstring).
 
     `encoder`: an already built FrozenEncoder of the checkpoint's attributes (skips rebuilding it).
@@ -176,9 +175,13 @@ def predict_video(cfg: PredictConfig, progress: ProgressFn | None = None, encode
     answers [dict(answer, id, score)])}). Scores are probabilities.
     """
 
+    stages = Stages(progress, STEPS)
+
     def tick(step: int, message: str) -> None:
-        if progress is not None:
-            progress(step, STEPS, message)
+        if step == STEPS:
+            stages.done()
+        else:
+            stages.enter(message)
 
     dev = resolve_device(cfg.device)
     tick(0, "loading the checkpoint")

@@ -44,7 +44,6 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.fuse.model import MambaVL, model_config_from_dict
+from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KIND,
@@ -87,11 +87,6 @@ from mambavl.runtime import (
     validation_metrics,
     window_of,
 )
-
-# Progress callback: progress(done_steps, total_steps, info). info carries "epoch", "epochs", "loss" on steps and,
-# once per epoch, "metrics" (the epoch's metrics row).
-ProgressFn = Callable[[int, int, dict], None]
-
 
 @dataclass
 class TrainResult:
@@ -660,12 +655,14 @@ def _check_resume_config(cfg: TrainConfig, saved: dict, path: Path) -> None:
             )
 
 
-def train(cfg: TrainConfig, progress: ProgressFn | None = None, stop_after_epochs: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train MambaVL on `cfg.train_cache`, validating on `cfg.val_cache` after every epoch.
 
     Writes into `cfg.out_dir`: last.pt (every epoch), best.pt (best validation action top-1 — verb and noun both
     right — or verb top-1 when the data has no nouns), metrics.csv, train_config.json, tensorboard/ (if installed).
     `stop_after_epochs=k` returns after k epochs of this call (the run can be continued with `resume=True`).
+    Progress (rank 0 only): one unit per recognition step (fields epoch, epochs, loss), and once per epoch a report
+    with its metrics row (`metrics`); a resumed run first reports the steps already taken (`resumed=True`).
     Raises InputError for unusable caches, an incompatible validation cache, or an existing run without `resume`.
     """
     device = resolve_device(cfg.device)
@@ -699,7 +696,7 @@ def _build(cfg: TrainConfig, ckpt: dict | None, data: _Data, device: torch.devic
 
 
 def _train(
-    cfg: TrainConfig, device: torch.device, d: _Dist, progress: ProgressFn | None, stop_after_epochs: int | None
+    cfg: TrainConfig, device: torch.device, d: _Dist, progress: Progress | None, stop_after_epochs: int | None
 ) -> TrainResult:
     """The training loop: set-up, then per epoch the recognition steps (a QA step after every `qa_every`-th),
     validation and a checkpoint. Every random draw of an epoch is seeded by (seed, epoch, stream, rank), so a run
@@ -727,6 +724,10 @@ def _train(
         _set_rng_state(ckpt["rng"], sample_gen)
     metric_name = "val_action_top1" if data.has_nouns else "val_verb_top1"
     saver = Checkpointer(out_dir, _checkpoint_header(cfg, mcfg, data, metric_name), cfg, d.main)
+    progress = or_none(progress) if d.main else NO_PROGRESS
+    progress.start(total_steps)
+    if state.step:
+        progress.advance(state.step, resumed=True)
 
     objective.train()
     first_epoch = state.epoch
@@ -748,8 +749,7 @@ def _train(
                 sums[4] += _qa_step(objective, opt, data, cfg, b, sample_gen, device)
                 qa_steps += 1
                 state.qa_steps += 1
-            if progress is not None and d.main:
-                progress(state.step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(loss.detach())})
+            progress.advance(1, epoch=epoch + 1, epochs=cfg.epochs, loss=float(loss.detach()))
 
         if d.world > 1:
             dist.all_reduce(sums)
@@ -767,10 +767,10 @@ def _train(
         state.history.append(plain(row))
         state.epoch = epoch + 1
         saver.save(model, opt, state, sample_gen, improved)
-        if progress is not None and d.main:
-            progress(state.step, total_steps, {"epoch": epoch + 1, "epochs": cfg.epochs, "metrics": dict(row)})
+        progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row))
 
     saver.close()
+    progress.finish()
     if d.world > 1:
         dist.barrier()
     return TrainResult(

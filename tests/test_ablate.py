@@ -12,6 +12,7 @@ from mambavl.analysis.ablate import AblationConfig, run_ablation, run_train_conf
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import InputError
+from mambavl.progress import Recorder
 
 TINY = {"d_model": 16, "n_layers": 1}
 
@@ -31,11 +32,11 @@ def _cfg(caches, out, **kw) -> AblationConfig:
 
 def test_ablation_table_over_seeds_and_restart(caches, tmp_path):
     cfg = _cfg(caches, tmp_path, presets=("full", "video-only"), seeds=2)
-    messages = []
-    result = run_ablation(cfg, progress=lambda d, t, m: messages.append((d, t, m)))
+    rec = Recorder()
+    result = run_ablation(cfg, progress=rec)
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["full", "video-only"]
-    assert messages[-1][:2] == (4, 4)
+    assert (rec.done, rec.total) == (4, 4)
     for r in rows.values():
         assert len(r["runs"]) == 2 and [x["seed"] for x in r["runs"]] == [0, 1]
         assert r["params"] > 0 and r["train_time_s"]["mean"] > 0

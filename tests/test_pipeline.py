@@ -13,13 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mambavl.cache.build import ExtractConfig, run_extraction
 from mambavl.cache.reader import open_cache
 from mambavl.cli import app
 from mambavl.data.annotations import load_annotations
 from mambavl.data.synthetic import make_kitchen_dataset
 from mambavl.extract.decode import SamplingConfig, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, build_encoder
-from mambavl.cache.build import ExtractConfig, run_extraction
+from mambavl.progress import Recorder
 
 TINY = EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu")
 TINY_ARGS = ["--model", "mambavl-tiny-clip", "--pretrained", "none", "--frames", "4", "--size", "64", "--quiet"]
@@ -71,12 +72,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path, kitchen, encoder):
     class Crash(Exception):
         pass
 
-    def crash_after_three(event):
-        if event["done"] >= 3:
-            raise Crash
+    class CrashAfterThree(Recorder):
+        def advance(self, n=1, **fields):
+            super().advance(n, **fields)
+            if self.done >= 3:
+                raise Crash
 
     with pytest.raises(Crash):
-        run_extraction(_cfg(kitchen, tmp_path / "part.h5"), progress=crash_after_three, encoder=encoder)
+        run_extraction(_cfg(kitchen, tmp_path / "part.h5"), progress=CrashAfterThree(), encoder=encoder)
     with h5py.File(tmp_path / "part.h5") as f:
         assert 0 < f["valid"][()].sum() < 8
     summary = run_extraction(_cfg(kitchen, tmp_path / "part.h5"), encoder=encoder)

@@ -34,7 +34,6 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,9 @@ import torch
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
+from mambavl.progress import Progress, or_none
 from mambavl.train import TrainConfig, train
 
-ProgressFn = Callable[[int, int, str], None]
 
 # Ablation name -> preset. "full" is our default model.
 ABLATIONS: dict[str, str] = {
@@ -229,7 +228,7 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def run_ablation(cfg: AblationConfig, progress: ProgressFn | None = None) -> dict:
+def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
     """Train every preset of `cfg` for every seed and write `ablation.md` and `ablation.json` into `cfg.out_dir`.
 
     Returns dict(config, rows, markdown, paths) where each row is dict(name, preset, description, params,
@@ -240,20 +239,17 @@ def run_ablation(cfg: AblationConfig, progress: ProgressFn | None = None) -> dic
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    total = len(cfg.presets) * len(seeds)
-    done = 0
+    progress = or_none(progress)
+    progress.start(len(cfg.presets) * len(seeds))  # one unit per training run
     rows = []
     for name in cfg.presets:
         runs = []
         for seed in seeds:
-            if progress is not None:
-                progress(done, total, f"training {name} (seed {seed})")
+            progress.advance(0, message=f"training {name} (seed {seed})")
             runs.append(_run_one(cfg, name, seed))
-            done += 1
-            if progress is not None:
-                m = runs[-1]["metrics"]
-                summary = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k.endswith("top1") and v is not None)
-                progress(done, total, f"{name} (seed {seed}) done: {summary}")
+            m = runs[-1]["metrics"]
+            summary = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k.endswith("top1") and v is not None)
+            progress.advance(1, message=f"{name} (seed {seed}) done: {summary}")
         metric_names = list(METRICS) + sorted({k for r in runs for k in r["metrics"] if k.startswith("best_")})
         stats = {}
         for m in metric_names:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ from mambavl.evaluate import (
     write_json,
 )
 from mambavl.extract.questions import leak_rate
+from mambavl.progress import Progress, or_none
 from mambavl.runtime import HEAD_KINDS, Task
 
-ProgressFn = Callable[[int, int, dict], None]
 
 SHUFFLED_SUFFIX = "-shuffled"
 PER_SEGMENT_SOURCES = ("annotation", "file")
@@ -248,7 +247,7 @@ def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> lis
     return out
 
 
-def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
     their own answers; writes audit.json and audit.md and returns the report (see the module docstring)."""
 
@@ -300,9 +299,10 @@ def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dic
             shuffle_info[source] = {"rows_shuffled": int(has_q.sum()), "kept_own_question": int((~moved).sum())}
 
     results: dict[str, dict[str, Any]] = {}
-    for i, p in enumerate(protocols):
-        if progress is not None:
-            progress(i, len(protocols), {"stage": "protocol", "protocol": p})
+    progress = or_none(progress)
+    progress.start(len(protocols))  # one unit per question protocol scored
+    for p in protocols:
+        progress.advance(0, message=p, protocol=p)
         source = p.removesuffix(SHUFFLED_SUFFIX)
         handle = shuffled_cache(cache, source, perms[p]) if p in perms else None
         scored = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=handle)
@@ -312,8 +312,8 @@ def audit_questions(cfg: AuditConfig, progress: ProgressFn | None = None) -> dic
                            verb_inst, noun_inst)
         results[p] = {"metrics": _flat(res, loaded.task), "question_fallbacks": scored.question_fallbacks,
                       "leak": leak, "n": res["n"]}
-    if progress is not None:
-        progress(len(protocols), len(protocols), {"stage": "done"})
+        progress.advance(1, message=p, protocol=p)
+    progress.finish()
     base = results["templates"]["metrics"]
     for p in results.values():
         p["delta_vs_templates"] = _delta(p["metrics"], base)

@@ -65,8 +65,8 @@ from mambavl.errors import InputError
 from mambavl.fuse import scan as scan_mod
 from mambavl.fuse.model import FusionKind
 from mambavl.fuse.presets import create_model
+from mambavl.progress import Progress, or_none
 
-ProgressFn = Callable[[int, int, str], None]
 
 # FLOPs of the scan recurrence per (batch row, channel, position, state), derived in the module docstring.
 SCAN_FWD_FLOPS_PER_STATE = 9
@@ -443,7 +443,7 @@ def _params(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def measure_efficiency(cfg: EfficiencyConfig, progress: ProgressFn | None = None) -> list[dict]:
+def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) -> list[dict]:
     """Measure every (fusion, length) of `cfg`; write table / JSON / plot into `cfg.out_dir` when set.
 
     Returns one dict per (fusion, length), ordered by length then fusion, with: fusion, total_tokens,
@@ -460,14 +460,11 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: ProgressFn | None = None
         raise InputError("efficiency: memory=cuda needs a CUDA device (--device cuda)")
     lengths = sorted(set(cfg.lengths))
     max_len = max(lengths)
-    n_tasks = len(lengths) * (2 + (1 if method == MemoryMethod.RSS else 0))
-    done = 0
+    progress = or_none(progress)
+    progress.start(len(lengths) * (2 + (1 if method == MemoryMethod.RSS else 0)))  # FLOPs, latency (, memory) per length
 
     def tick(msg: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, n_tasks, msg)
+        progress.advance(1, message=msg)
 
     models = {f: build_model(cfg, f, max_len, dev) for f in cfg.fusions}
     # FLOPs are device-independent: count on a CPU copy so the scan can be routed to a kernel the counter ignores.
@@ -525,6 +522,7 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: ProgressFn | None = None
     if cfg.out_dir is not None:
         calibration = rss_calibration() if method == MemoryMethod.RSS else None
         write_report(cfg, result, Path(cfg.out_dir), calibration)
+    progress.finish()
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, an
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
 
-ProgressFn = Callable[[dict], None]
 
 
 @dataclass
@@ -111,7 +109,7 @@ def _token_times(times: np.ndarray, tokens: int) -> np.ndarray:
     return times[pick].reshape(tokens, -1).mean(1)
 
 
-def run_extraction(cfg: ExtractConfig, progress: ProgressFn | None = None,
+def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
                    encoder: FrozenEncoder | None = None) -> ExtractSummary:
     """Extract (or resume) the cache `cfg.out`. `encoder` reuses an already built encoder (same config).
 
@@ -166,11 +164,13 @@ def run_extraction(cfg: ExtractConfig, progress: ProgressFn | None = None,
         skipped = len(segments) - len(pending)
         done_before = skipped
         stats = {"total": len(segments), "done": done_before, "skipped": skipped, "failed": 0, "stage": "extract"}
-        if progress:
-            progress(dict(stats))
+        progress = or_none(progress)
+        progress.start(len(segments))  # one unit per segment: extracted, skipped (done before) or failed
+        progress.advance(skipped, skipped=skipped, failed=0)
         _overlap(cfg, enc, w, segments, pending, ann, stats, progress)
         w.finalize()
         failures = w.failures()
+        progress.finish()
     return ExtractSummary(Path(cfg.out), len(segments), stats["done"], skipped, len(failures), failures,
                           time.perf_counter() - t0)
 
@@ -188,7 +188,7 @@ def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_
 
 
 def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, pending: list[int],
-             ann: AnnotationSet, stats: dict, progress: ProgressFn | None) -> None:
+             ann: AnnotationSet, stats: dict, progress: Progress) -> None:
     """decode (thread pool) -> encode (this thread) -> write (writer thread)."""
     windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if cfg.anticipation else [])
     tasks = [(row, window) for row in pending for window in windows if not w.done(window)[row]]
@@ -216,6 +216,7 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 return
             try:
                 kind, row, window, payload = item
+                finished = 0
                 if kind == "row":
                     feats, times = payload
                     w.write_row(row, feats, times, window)
@@ -223,10 +224,11 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 else:
                     w.record_failure(row, window, payload)
                     stats["failed"] += 1
+                    finished = 1
                 if all(done_rows[win][row] for win in windows) and kind == "row":
                     stats["done"] += 1
-                if progress:
-                    progress(dict(stats))
+                    finished = 1
+                progress.advance(finished, done=stats["done"], failed=stats["failed"])
             except BaseException as exc:  # surface in the main thread; keep draining so it never blocks
                 writer_error.append(exc)
 

@@ -27,6 +27,7 @@ from mambavl.data.annotations import load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.encoders import EncoderConfig, build_encoder
 from mambavl.extract.questions import build_question_table
+from mambavl.progress import Progress, or_none
 
 SUFFIXES = (".npy", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -117,7 +118,7 @@ def _from_lmdb(path: Path, segments, frames: int) -> list[np.ndarray]:
     return out
 
 
-def import_features(cfg: ImportConfig, progress=None) -> Path:
+def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Path:
     """Write `cfg.out` from external features (see module docstring). Returns the path."""
 
     ann = load_annotations(cfg.annotations)
@@ -152,12 +153,13 @@ def import_features(cfg: ImportConfig, progress=None) -> Path:
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         tmp.unlink()
+    progress = or_none(progress)
+    progress.start(len(arrays))  # one unit per segment written
     with CacheWriter(tmp, attrs, RowMeta.from_segments(ann.segments), ann.verbs.keys, ann.nouns.keys) as w:
         for i, (s, a) in enumerate(zip(ann.segments, arrays)):
             times = np.linspace(s.start_time, s.stop_time, a.shape[0])
             w.write_row(i, a, times)
-            if progress:
-                progress({"total": len(arrays), "done": i + 1, "failed": 0})
+            progress.advance(1)
         write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments)
         w.finalize()
     tmp.replace(out)  # the cache appears whole or not at all

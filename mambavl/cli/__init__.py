@@ -5,6 +5,11 @@ owns the application objects and the mapping of errors to exit codes:
 
 * 0 — done; 2 — bad input (``InputError``: the message names the file/row/field);
 * 3 — finished, with recorded failures (extraction).
+
+The one deliberate exception to imports at the top of modules lives in this layer: each command imports the library
+stage it runs inside its body (e.g. ``from mambavl.evaluate import evaluate``), so that ``mambavl --help`` and a
+command's ``--help`` do not import every stage (fusion kernels, evaluation plots) that other commands need. Progress bars are drawn by
+`mambavl.cli.progress`, the only renderer of the library's `mambavl.progress.Progress` reports.
 """
 
 from __future__ import annotations

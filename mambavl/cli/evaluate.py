@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from mambavl.cli import app, cache_app, fail, optional_path  # noqa: F401
+from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime import Task
@@ -29,8 +32,6 @@ def _fmt(value: Any) -> str:
 
 def _metrics_table(result: dict) -> Any:
     """Rich table: one row per (subset, task) with its segment count and metrics (narrow enough for 80 columns)."""
-    from rich.table import Table
-
     metrics = result["metrics"]
     first = next(iter(metrics["all"].values()))
     keys = [k for k in first if k not in ("n", "classes")]
@@ -49,8 +50,6 @@ def _metrics_table(result: dict) -> Any:
 
 def _audit_table(report: dict) -> Any:
     """Rich table: one row per protocol; each metric cell reads "value (Δ vs templates)"."""
-    from rich.table import Table
-
     protos = report["protocols"]
     keys = [k for k in next(iter(protos.values()))["metrics"] if k.endswith(("top1", "recall@5"))]
     table = Table(title=f"question audit (trained with {report['trained_question_source']} questions)")
@@ -68,25 +67,9 @@ def _audit_table(report: dict) -> Any:
     return table
 
 
-def _progress_bar(label: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def _with_progress(label: str, quiet: bool, fn, cfg):
-    if quiet:
-        return fn(cfg)
-    with _progress_bar(label) as bar:
-        task_id = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, info: dict) -> None:
-            desc = info.get("protocol") or info.get("stage", "")
-            bar.update(task_id, completed=done, total=total, description=str(desc))
-
-        return fn(cfg, progress=progress)
+    with rich_progress(label, quiet) as bar:
+        return fn(cfg, progress=bar)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,7 +125,6 @@ def evaluate_command(
         raise fail(str(exc)) from None
     if quiet:
         return
-    from rich.console import Console
 
     console = Console()
     if result.get("metrics"):
@@ -188,7 +170,6 @@ def audit_command(
         raise fail(str(exc)) from None
     if quiet:
         return
-    from rich.console import Console
 
     console = Console()
     console.print(_audit_table(report))

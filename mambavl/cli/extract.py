@@ -10,33 +10,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path
+from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode
 from mambavl.extract.encoders import EncoderConfig, EncoderKind
 
 
-def _progress(quiet: bool, description: str):
-    """A rich progress bar fed by the library's progress events (dicts with total/done/failed)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    if quiet:
-        return None, lambda event: None
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} seg/s"), TextColumn("failed: {task.fields[failed]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-    task = bar.add_task(description, total=None, rate="-", failed=0)
-
-    def update(event: dict) -> None:
-        elapsed = bar.tasks[task].elapsed or 0.0
-        done = event.get("done", 0) - event.get("skipped", 0)
-        rate = f"{done / elapsed:.1f}" if elapsed > 0 and done > 0 else "-"
-        bar.update(task, total=event.get("total"), completed=event.get("done", 0) + event.get("failed", 0),
-                   rate=rate, failed=event.get("failed", 0))
-
-    return bar, update
+def _extract_status(fields: dict) -> str | None:
+    """The extraction bar's description: failures so far."""
+    return f"failed: {fields['failed']}" if "failed" in fields else None
 
 
 @app.command()
@@ -87,12 +73,8 @@ def extract(
             video_info=optional_path(video_info),
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
         )
-        bar, update = _progress(quiet, f"extract {annotations.name}")
-        if bar is None:
-            summary = run_extraction(cfg, update)
-        else:
-            with bar:
-                summary = run_extraction(cfg, update)
+        with rich_progress(f"extract {annotations.name}", quiet, describe=_extract_status, transient=False) as bar:
+            summary = run_extraction(cfg, bar)
     except (InputError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{summary.path}: {summary.done}/{summary.total} segments done "
@@ -154,8 +136,6 @@ def cache_inspect(
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     t = Table(title=f"{cache}", show_header=True)

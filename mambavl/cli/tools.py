@@ -1,20 +1,22 @@
 """CLI commands around a trained model: demo, ablate, efficiency, predict (registered on `mambavl.cli.app`).
 
 Each command parses its options into the library's config dataclass, calls the library function with a rich
-progress callback (stderr) unless `--quiet`, and prints a short summary. Bad input (InputError) exits with code 2.
+progress bar (stderr, `mambavl.cli.progress`) unless `--quiet`, and prints a short summary. Bad input (InputError) exits with code 2.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from mambavl.cli import app, fail, optional_path
+from mambavl.cli.progress import log_messages, rich_progress
 from mambavl.errors import InputError
 
 
@@ -41,28 +43,6 @@ def _overrides(items: Optional[list[str]], option: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
-
-
-@contextmanager
-def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
-    """A (done, total, message) callback drawing a rich bar on stderr, and printing each message; None if quiet."""
-    if quiet:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
-    ) as bar:
-        task_id = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, message: str) -> None:
-            bar.update(task_id, completed=done, total=total, description=message)
-            bar.console.print(f"{label}: {message}")
-
-        yield progress
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,7 +80,7 @@ def efficiency_command(
             preset=preset, d_model=d_model, n_layers=n_layers, batch_size=batch_size, question_tokens=question_tokens,
             video_dim=video_dim, text_dim=text_dim, device=device, repeats=repeats, memory=memory, plot=plot,
         )
-        with _progress("efficiency", quiet) as progress:
+        with rich_progress("efficiency", quiet, log=log_messages("efficiency")) as progress:
             rows = measure_efficiency(cfg, progress=progress)
     except InputError as exc:
         raise fail(str(exc)) from None
@@ -143,7 +123,7 @@ def ablate_command(
             epochs=epochs, seeds=seeds, seed=seed, question_source=questions, batch_size=batch_size, lr=lr,
             frames=frames, device=device, model_overrides=_overrides(set_, "--set"),
         )
-        with _progress("ablate", quiet) as progress:
+        with rich_progress("ablate", quiet, log=log_messages("ablate")) as progress:
             result = run_ablation(cfg, progress=progress)
     except InputError as exc:
         raise fail(str(exc)) from None
@@ -176,16 +156,13 @@ def predict_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Top actions and the answers to the question bank for one clip, extracting features on the fly."""
-    from rich.console import Console
-    from rich.table import Table
-
     from mambavl.predict import PredictConfig, predict_video
 
     try:
         cfg = PredictConfig(video=str(video), checkpoint=str(checkpoint), cache=optional_path(cache),
                             start=start, stop=stop, top=top, device=device,
                             encoder_weights=optional_path(encoder_weights))
-        with _progress("predict", quiet) as progress:
+        with rich_progress("predict", quiet, log=log_messages("predict")) as progress:
             result = predict_video(cfg, progress=progress)
     except InputError as exc:
         raise fail(str(exc)) from None
@@ -228,7 +205,7 @@ def demo_command(
     try:
         cfg = DemoConfig(out_dir=str(out), quick=quick, seed=seed, device=device, ablation=ablation,
                          overwrite=overwrite)
-        with _progress("demo", quiet) as progress:
+        with rich_progress("demo", quiet, log=log_messages("demo")) as progress:
             summary = run_demo(cfg, progress=progress)
     except InputError as exc:
         raise fail(str(exc)) from None

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mambavl.cli import app, fail, optional_path
+from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime import Task, config_from_checkpoint
@@ -146,26 +147,15 @@ def _epoch_line(row: dict) -> str:
     return "  ".join(parts)
 
 
+def _epoch_status(fields: dict) -> str | None:
+    return f"epoch {fields['epoch']}/{fields['epochs']}" if "epoch" in fields else None
+
+
+def _epoch_report(fields: dict) -> str | None:
+    return _epoch_line(fields["metrics"]) if "metrics" in fields else None
+
+
 def _run(cfg: TrainConfig, quiet: bool):
-    """Call the library with a rich progress bar (stderr) unless quiet."""
-    if quiet:
-        return train(cfg)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("[bold]train[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task_id = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, info: dict) -> None:
-            bar.update(task_id, completed=done, total=total, description=f"epoch {info['epoch']}/{info['epochs']}")
-            if "metrics" in info:
-                bar.console.print(_epoch_line(info["metrics"]))
-
-        return train(cfg, progress=progress)
+    """Call the library with a rich progress bar (stderr) and one line per epoch, unless quiet."""
+    with rich_progress("train", quiet, describe=_epoch_status, log=_epoch_report, transient=False) as bar:
+        return train(cfg, progress=bar)

@@ -21,15 +21,15 @@ from __future__ import annotations
 import csv
 import math
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mambavl.data.media import ffmpeg_binary
+from mambavl.progress import Progress, or_none
 
-ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
 
 # key, instances (synonyms written in the `verb` column), category, motion (dx, dy, dscale) over the action
 VERBS = (
@@ -277,7 +277,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> P
 def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n_test: int = 12, seed: int = 0,
                          size: int = 64, fps: float = 12.0, action_seconds: float = 2.0, gap_seconds: float = 1.5,
                          segments_per_video: int = 6, generic_csv: bool = False,
-                         progress: ProgressFn | None = None) -> KitchenDataset:
+                         progress: Progress | None = None) -> KitchenDataset:
     """Write the synthetic kitchen dataset under `root` and describe it.
 
     Layout: ``root/videos/P01/videos/P01_01.MP4`` (size x size, `fps`, several segments per video with gaps
@@ -316,7 +316,9 @@ def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n
     split_rows: dict[str, list[list]] = {"train": [], "val": [], "test": []}
     generic_rows: dict[str, list[list]] = {"train": [], "val": [], "test": []}
     info_rows = []
-    for done, (split, pid, vid, verbs, nouns) in enumerate(jobs):
+    progress = or_none(progress)
+    progress.start(len(jobs))  # one unit per video written
+    for split, pid, vid, verbs, nouns in jobs:
         if pid not in backgrounds:
             backgrounds[pid] = _background(np.random.default_rng([seed, int(pid[1:])]), int(pid[1:]), size)
         actions, n_frames = _plan_video(rng, verbs, nouns, size, fps, action_seconds, gap_seconds)
@@ -335,8 +337,8 @@ def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n
                 a.start + 1, a.stop,  # 1-based: the frame displayed at `start` .. the last one before `stop`
                 f"{verb_text} {noun_text}", verb_text, a.verb, noun_text, a.noun, str(all_words), str(all_ids)])
             generic_rows[split].append([rel.as_posix(), f"{start:.3f}", f"{stop:.3f}", VERBS[a.verb][0], nid, pid])
-        if progress is not None:
-            progress(done + 1, len(jobs), f"{vid} ({split}, {len(actions)} segments)")
+        progress.advance(1, message=f"{vid} ({split}, {len(actions)} segments)")
+    progress.finish()
 
     train_csv = _write_csv(root / "EPIC_100_train.csv", HEADER, split_rows["train"])
     val_csv = _write_csv(root / "EPIC_100_validation.csv", HEADER, split_rows["val"])
