@@ -601,7 +601,10 @@ def question_report(source: str, origin: str) -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files")."""
+    """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files").
+
+    Over 80 lines on purpose: the stages (load, predict, metrics, submission, plots) follow each other in one
+    function, each a call into the helpers above, so the whole evaluation reads in order."""
 
     # Progress: one unit per stage of STAGES ("load", "predict", "metrics", "submission", "plots"); stages that do
     # not apply (no labels: no metrics; no submission asked) are skipped and counted when the run ends.

@@ -173,6 +173,9 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
     encoder {...}, texts_from, notes [...], actions [dict(verb, noun, verb_id, noun_id, score)],
     verbs / nouns [dict(label, id, score)], qa {kind: dict(question, target, multi_label,
     answers [dict(answer, id, score)])}). Scores are probabilities.
+
+    Over 80 lines on purpose: one pass (checkpoint, encoder, decode, encode, predict, answer the question bank)
+    that mirrors extraction and evaluation step by step, so that the two can be compared side by side.
     """
 
     stages = Stages(progress, STEPS)

@@ -249,7 +249,10 @@ def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> lis
 
 def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
-    their own answers; writes audit.json and audit.md and returns the report (see the module docstring)."""
+    their own answers; writes audit.json and audit.md and returns the report (see the module docstring).
+
+    Over 80 lines on purpose: one straight pass (load, shuffles, score each protocol, compare, write) whose steps
+    are calls into `mambavl.evaluate`; split up, the order of the audit would be scattered over helpers."""
 
     loaded: Loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
     cache = loaded.cache

@@ -51,6 +51,9 @@ def make_planted_cache(
     n rows; features (n, frames, dim); text embeddings of width text_dim. `labelled=False` writes a test-split-like
     cache (labels -1, no annotation questions). The last `invalid_rows` rows are left invalid with a recorded
     failure, as an extraction that lost a few videos would.
+
+    Over 80 lines on purpose: it writes every table of the cache format in the writer's order, as one readable
+    recipe of a complete cache.
     """
     path = Path(path)
     srng = np.random.default_rng(structure_seed)  # shared class structure and text space

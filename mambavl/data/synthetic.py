@@ -287,6 +287,7 @@ def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n
     also clips_train.csv / clips_val.csv (``video,start,stop,label,id,participant``, label = verb key).
     Train participants P01-P04; validation adds P05 and test P06, absent from training (the "unseen" subsets).
     Class frequencies are long-tailed so that the rarest classes form the tail subset. Deterministic in `seed`.
+    Over 80 lines on purpose: one recipe from the class draws to every CSV, in the order the files are written.
     """
     if min(n_train, n_val, n_test) < 0 or n_train < 1 or segments_per_video < 1 or size < 16 or size % 2:
         raise ValueError("need n_train >= 1, n_val/n_test >= 0, segments_per_video >= 1 and an even size >= 16")
