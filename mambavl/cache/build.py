@@ -30,6 +30,7 @@ from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
+from mambavl.progress import Progress, or_none
 
 
 
@@ -113,7 +114,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
                    encoder: FrozenEncoder | None = None) -> ExtractSummary:
     """Extract (or resume) the cache `cfg.out`. `encoder` reuses an already built encoder (same config).
 
-    Progress events: dict(total, done, skipped, failed, stage) after each written row.
+    Progress: one unit per segment (extracted, failed, or skipped as done before), fields `done` and `failed`.
     """
     t0 = time.perf_counter()
     ann = load_annotations(cfg.annotations, cfg.verb_classes, cfg.noun_classes, cfg.video_info)
