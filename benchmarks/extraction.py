@@ -167,7 +167,8 @@ def main() -> None:
                 f"stage alone: {slowest}")
 
     # Fixed costs inside end_to_end that neither stage pays: the question and answer text tables, encoded once per
-    # run by the text tower (as `_write_text_tables` does: the question table, then verb, noun and action answers).
+    # run by the text tower (as `mambavl.cache.build.write_text_tables` does: the question table, then verb, noun
+    # and action answers).
     from mambavl.cache.build import resolve_question_sources
     from mambavl.extract.questions import answer_texts, build_question_table
 
