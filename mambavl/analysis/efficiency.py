@@ -464,7 +464,8 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) 
     lengths = sorted(set(cfg.lengths))
     max_len = max(lengths)
     progress = or_none(progress)
-    progress.start(len(lengths) * (2 + (1 if method == MemoryMethod.RSS else 0)))  # FLOPs, latency (, memory) per length
+    # one unit per measurement: FLOPs, latency (and memory with RSS) at each length
+    progress.start(len(lengths) * (2 + (1 if method == MemoryMethod.RSS else 0)))
 
     def tick(msg: str) -> None:
         progress.advance(1, message=msg)

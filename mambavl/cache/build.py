@@ -1,5 +1,5 @@
-"""Building a cache by extraction (stage 1 end to end): annotations -> decode ‖ encode ‖ write -> HDF5 cache; merging
-shard caches.
+"""Building a cache by extraction (stage 1 end to end): annotations -> decode ‖ encode ‖ write -> HDF5 cache;
+merging shard caches.
 
 Three stages overlap so that the slowest sets the pace: decoding runs in a thread pool (each decode is an ffmpeg
 subprocess, so threads run truly in parallel), encoding runs in batches on the calling thread (the device), and a

@@ -8,8 +8,9 @@ owns the application objects and the mapping of errors to exit codes:
 
 The one deliberate exception to imports at the top of modules lives in this layer: each command imports the library
 stage it runs inside its body (e.g. ``from mambavl.evaluate import evaluate``), so that ``mambavl --help`` and a
-command's ``--help`` do not import every stage (fusion kernels, evaluation plots) that other commands need. Progress bars are drawn by
-`mambavl.cli.progress`, the only renderer of the library's `mambavl.progress.Progress` reports.
+command's ``--help`` do not import every stage (fusion kernels, evaluation plots) that other commands need.
+Progress bars are drawn by `mambavl.cli.progress`, the only renderer of the library's `mambavl.progress.Progress`
+reports.
 """
 
 from __future__ import annotations

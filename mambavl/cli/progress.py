@@ -66,7 +66,8 @@ class RichProgress:
 
 @contextmanager
 def rich_progress(label: str, quiet: bool, describe: Callable[[Fields], str | None] = default_describe,
-                  log: Callable[[Fields], str | None] = no_log, transient: bool = True) -> Iterator[RichProgress | None]:
+                  log: Callable[[Fields], str | None] = no_log,
+                  transient: bool = True) -> Iterator[RichProgress | None]:
     """A `RichProgress` on stderr for the duration of the block (None when `quiet`: the library then reports
     nothing)."""
     if quiet:

@@ -1,7 +1,8 @@
 """CLI commands around a trained model: demo, ablate, efficiency, predict (registered on `mambavl.cli.app`).
 
 Each command parses its options into the library's config dataclass, calls the library function with a rich
-progress bar (stderr, `mambavl.cli.progress`) unless `--quiet`, and prints a short summary. Bad input (InputError) exits with code 2.
+progress bar (stderr, `mambavl.cli.progress`) unless `--quiet`, and prints a short summary. Bad input (InputError)
+exits with code 2.
 """
 
 from __future__ import annotations

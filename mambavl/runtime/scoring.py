@@ -93,7 +93,8 @@ def predict_scores(
     model.to(dev)
     questions = Questions(cache, source, HEAD_KINDS[task])
     rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
-    res, _ = predict_logits(model, SegmentDataset(cache, window=window, indices=rows), questions, dev, batch_size, frames)
+    dataset = SegmentDataset(cache, window=window, indices=rows)
+    res, _ = predict_logits(model, dataset, questions, dev, batch_size, frames)
     n = len(rows)
     return {
         "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),
