@@ -75,3 +75,13 @@ def test_extraction_smoke(tmp_path):
     assert any("decode_vs_bare_ffmpeg" in ln for ln in lines)
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"end_to_end", "decode_only", "encode_only"} <= set(out["stages"])
+
+
+def test_gpu_check_runs_its_training_section_on_cpu(tmp_path):
+    """The GPU check script keeps working where no GPU is: its AMP-vs-fp32 training section, on CPU, tiny."""
+    lines = run_script("gpu_check.py", "--device", "cpu", "--sections", "train", "--steps", "4", "--epochs", "1",
+                       tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: amp_vs_fp32_train_steps_per_s=")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {"bf16-autocast", "fp32"} <= set(out["train"])
+    assert out["train"]["fp32"]["steps"] == 4

@@ -1,0 +1,235 @@
+"""CUDA checks on one GPU: mamba-ssm's selective-scan kernel against the project's scans (outputs and gradients),
+AMP training for a few hundred steps, and frozen-encoder extraction throughput.
+
+    python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,encode] [--steps 300]
+
+Meant for a CUDA GPU (`--device cpu --smoke --sections train` only checks that the script runs). The scan section compares mamba-ssm's `selective_scan_fn` (the `cuda` extra) with the
+sequential reference `selective_scan_ref` (run in float64, the definition) and with the portable `chunked` scan,
+on outputs and on the gradients of every input, over a grid of shapes, in float32 and bfloat16; then times the
+kernel against `chunked` side by side (interleaved repeats, medians). Without mamba-ssm it checks `chunked` alone.
+The train section trains the `small` preset on a planted-structure cache with bf16 autocast and in float32, same
+seed and data, and reports steps/s, the loss curve's ends and validation accuracy of both. The encode section
+times a frozen open_clip image tower (random init: weights do not change the cost) on uint8 frames already at the
+model's input size, i.e. the GPU side of extraction without decoding (decode is CPU-bound; see
+benchmarks/decode_1080p.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import base_parser, headline, interleaved, machine_line, median, print_table  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mambavl.fuse import scan as scan_mod  # noqa: E402
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+# Shapes (batch, d_inner, d_state, length): a tiny one, the model's (d_inner 256 = 2 x d_model 128), a long one.
+SHAPES = ((1, 8, 4, 64), (2, 256, 16, 40), (2, 512, 16, 512), (2, 256, 16, 2048))
+# bf16 inputs: the kernel and `chunked` both accumulate in float32, so errors are those of the inputs' rounding.
+TOL = {torch.float32: (2e-4, 2e-3), torch.bfloat16: (5e-2, 5e-2)}  # (output abs / max|ref|, grad abs / max|ref|)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_inputs(b, d, n, length, dtype, seed=0):
+    """mamba-ssm's test recipe: A negative, delta pre-softplus; every tensor on CUDA in `dtype` (A, D, bias fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = {
+        "u": t(b, d, length),  # (B, D, L)
+        "delta": 0.5 * torch.rand(b, d, length, generator=g) - 1.0,  # (B, D, L)
+        "A": -0.5 - torch.rand(d, n, generator=g),  # (D, N)
+        "B": t(b, n, length),  # (B, N, L)
+        "C": t(b, n, length),  # (B, N, L)
+        "D": t(d),  # (D,)
+        "z": t(b, d, length),  # (B, D, L)
+        "delta_bias": 0.1 * t(d),  # (D,)
+    }
+    keep32 = {"A", "D", "delta_bias"}
+    return {k: v.cuda().to(torch.float32 if k in keep32 else dtype) for k, v in x.items()}
+
+
+def run(fn, x, grad_out):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+    out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+             delta_bias=leaves["delta_bias"], delta_softplus=True)
+    out.backward(grad_out.to(out.dtype))
+    torch.cuda.synchronize()
+    return out.detach().double(), {k: v.grad.detach().double() for k, v in leaves.items()}
+
+
+def rel_err(a, ref):
+    return float((a - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+
+
+def scan_section(args, kernel):
+    impls = {"chunked": scan_mod.selective_scan_chunked}
+    if kernel is not None:
+        impls["mamba_ssm"] = kernel
+    rows, checks, ok_all = [], [], True
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in SHAPES:
+            x = make_inputs(*shape, dtype)
+            grad_out = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(1)).cuda()
+            ref_out, ref_grads = run(scan_mod.selective_scan_ref, {k: v.double() for k, v in x.items()}, grad_out)
+            results = {}
+            for name, fn in impls.items():
+                out, grads = run(fn, x, grad_out)
+                e_out = rel_err(out, ref_out)
+                worst = max(GRAD_NAMES, key=lambda k: rel_err(grads[k], ref_grads[k]))
+                e_grad = rel_err(grads[worst], ref_grads[worst])
+                results[name] = (out, grads)
+                tol_o, tol_g = TOL[dtype]
+                ok = e_out <= tol_o and e_grad <= tol_g
+                ok_all &= ok
+                rows.append([str(dtype).split(".")[1], "x".join(map(str, shape)), f"{name} vs ref",
+                             f"{e_out:.1e}", f"{e_grad:.1e} ({worst})", "ok" if ok else "FAIL"])
+                checks.append(dict(dtype=str(dtype), shape=shape, impl=name, out_rel=e_out, grad_rel=e_grad,
+                                   worst_grad=worst, ok=ok))
+            if len(results) == 2:
+                (oa, ga), (ob, gb) = results["chunked"], results["mamba_ssm"]
+                worst = max(GRAD_NAMES, key=lambda k: rel_err(ga[k], gb[k]))
+                rows.append([str(dtype).split(".")[1], "x".join(map(str, shape)), "chunked vs mamba_ssm",
+                             f"{rel_err(oa, ob):.1e}", f"{rel_err(ga[worst], gb[worst]):.1e} ({worst})", ""])
+    print_table(["dtype", "B x D x N x L", "pair", "out err / max|ref|", "worst grad err / max|ref|", ""], rows,
+                title="selective scan on CUDA against the float64 reference")
+    timing = {}
+    if kernel is not None:
+        for shape in ((2, 256, 16, 2048), (8, 1536, 16, 2048)):
+            x = make_inputs(*shape, torch.bfloat16)
+            grad_out = torch.randn(shape[0], shape[1], shape[3], device="cuda", dtype=torch.bfloat16)
+            fwd = {k: (lambda f=f: (f(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                      delta_bias=x["delta_bias"], delta_softplus=True),
+                                    torch.cuda.synchronize())) for k, f in impls.items()}
+            both = {k: (lambda f=f: run(f, x, grad_out)) for k, f in impls.items()}
+            tf = interleaved(fwd, repeats=args.repeats, warmup=3)
+            tb = interleaved(both, repeats=args.repeats, warmup=3)
+            timing["x".join(map(str, shape))] = {k: dict(fwd_s=median(tf[k]), fwd_bwd_s=median(tb[k])) for k in impls}
+        print_table(["B x D x N x L", "impl", "forward", "fwd+bwd"],
+                    [[s, k, f"{v['fwd_s'] * 1e3:.2f} ms", f"{v['fwd_bwd_s'] * 1e3:.2f} ms"]
+                     for s, d in timing.items() for k, v in d.items()], title="bf16 timings (median)")
+    return dict(ok=ok_all, kernel=kernel is not None, checks=checks, timing=timing)
+
+
+def train_section(args):
+    from mambavl.cache.synthetic import make_planted_cache
+    from mambavl.runtime import TrainConfig
+    from mambavl.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    bs = 8 if args.smoke else 64
+    n = args.steps * bs // max(args.epochs, 1)
+    tr = make_planted_cache(work / "train.h5", n=n, frames=16, dim=512, text_dim=384, num_verbs=20, num_nouns=30,
+                            seed=0, noise=1.0)
+    va = make_planted_cache(work / "val.h5", n=64 if args.smoke else 1024, frames=16, dim=512, text_dim=384, num_verbs=20, num_nouns=30,
+                            seed=1, noise=1.0)
+    out = {}
+    for name, amp in (("bf16-autocast", True), ("fp32", False)):
+        cfg = TrainConfig(train_cache=str(tr), val_cache=str(va), out_dir=str(work / name), epochs=args.epochs,
+                          batch_size=bs, device=args.device, amp=amp, seed=0,
+                          model_overrides={"scan_impl": args.scan_impl})
+        sync()
+        t0 = time.perf_counter()
+        res = train(cfg)
+        sync()
+        wall = time.perf_counter() - t0
+        h = res.history
+        steps = args.epochs * (n // bs + (n % bs > 0))
+        out[name] = dict(wall_s=wall, steps=steps, steps_per_s=steps / wall, first=h[0], last=h[-1],
+                         best=res.best_metric, finite=all(np.isfinite(v) for r in h for v in r.values()
+                                                          if isinstance(v, float)))
+    def brief(row):
+        keys = ("train_loss", "val_verb_top1", "val_noun_top1", "val_action_top1")
+        return ", ".join(f"{k} {row[k]:.3g}" for k in keys if isinstance(row.get(k), float))
+
+    print_table(["run", "steps", "steps/s", "epoch 1", f"epoch {args.epochs}"],
+                [[k, v["steps"], f"{v['steps_per_s']:.1f}", brief(v["first"]), brief(v["last"])]
+                 for k, v in out.items()], title=f"training, small preset, scan_impl={args.scan_impl}")
+    return out
+
+
+def encode_section(args):
+    from mambavl.extract.encoders import EncoderConfig, build_encoder
+
+    out = {}
+    for model in ("ViT-B-16",) if args.smoke else ("ViT-B-16", "ViT-L-14"):
+        enc = build_encoder(EncoderConfig(model=model, pretrained="none", device=args.device, batch_size=256))
+        s = enc.image_size
+        shape = (2, 2) if args.smoke else (64, 16)
+        frames = np.random.default_rng(0).integers(0, 256, size=(*shape, s, s, 3), dtype=np.uint8)
+        enc.encode_segments(frames[:4])  # warm-up (cuDNN autotune, allocator)
+        sync()
+        t0 = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            enc.encode_segments(frames)
+        sync()
+        dt = time.perf_counter() - t0
+        out[model] = dict(images_per_s=reps * frames.shape[0] * frames.shape[1] / dt, image_size=s,
+                          feature_dim=enc.feature_dim)
+        del enc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print_table(["model", "input", "images/s (uint8 in host memory -> features in host memory)"],
+                [[k, v["image_size"], f"{v['images_per_s']:.0f}"] for k, v in out.items()],
+                title="frozen image tower throughput, fp16 autocast, batch 256")
+    return out
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--sections", default="scan,train,encode")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (about)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--scan-impl", default="auto")
+    p.add_argument("--device", default="cuda", help="cuda (the point); cpu only to try the script")
+    args = p.parse_args()
+    args.repeats = args.repeats or 20
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (torch.cuda.is_available() is False)")
+    cuda = args.device == "cuda"
+    print(machine_line(), torch.cuda.get_device_name() if cuda else "cpu", f"torch {torch.__version__}")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+    except ImportError as e:
+        print(f"mamba-ssm not importable ({e}): checking the portable scan alone")
+        kernel = None
+    payload = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    sections = args.sections.split(",")
+    for name, fn in (("encode", encode_section), ("scan", lambda a: scan_section(a, kernel)),
+                     ("train", train_section)):
+        if name in sections:
+            t0 = time.perf_counter()
+            try:
+                payload[name] = fn(args)
+            except Exception as e:  # report and go on: one failing section must not hide the others
+                payload[name] = {"error": repr(e)}
+                print(f"section {name} failed: {e!r}")
+            print(f"[{name}: {time.perf_counter() - t0:.1f} s]")
+            if args.json:
+                Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+    scan, trained = payload.get("scan", {}), payload.get("train", {})
+    if "ok" in scan:
+        print(headline("cuda_scan_matches_reference", float(scan["ok"]), "bool", "== 1", bool(scan["ok"]),
+                       "(mamba-ssm kernel checked)" if kernel else "(kernel absent: portable scan only)"))
+    elif "fp32" in trained:
+        amp, fp32 = trained["bf16-autocast"], trained["fp32"]
+        ratio = amp["steps_per_s"] / fp32["steps_per_s"]
+        print(headline("amp_vs_fp32_train_steps_per_s", ratio, "x", "finite losses in both runs",
+                       amp["finite"] and fp32["finite"], f"(on {payload['device']})"))
+    else:
+        print(headline("gpu_check_sections_ok", 0.0, "", "every asked section ran", False, f"({sections})"))
+
+if __name__ == "__main__":
+    main()
