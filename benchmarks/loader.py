@@ -2,6 +2,7 @@
 
     python benchmarks/loader.py --workdir /tmp/mambavl-bench    # builds the cache there, 3 interleaved epochs each
     python benchmarks/loader.py --smoke --workdir /tmp/x         # tiny sizes, seconds
+    python benchmarks/loader.py --ek100 --workdir /tmp/mambavl-bench   # EK-100-sized cache: see loader_ek100.py
 
 A planted-structure cache (`mambavl.cache.synthetic.make_planted_cache`, written through the real cache writer:
 float16 features, one HDF5 chunk per row) is built in --workdir. One *epoch* is the recognition + QA loop of
@@ -181,7 +182,14 @@ def main() -> None:
     p.add_argument("--model-frames", type=int, default=8, help="frames the model reads (the trainer's default)")
     p.add_argument("--preset", type=str, default="small")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (the trainer's default: 0)")
+    p.add_argument("--ek100", action="store_true", help="instead: read epochs of an EK-100-sized cache (67,217 x 16 x "
+                   "512 fp16, 1.1 GB, written to --workdir and deleted after), lazy vs in memory, with workers")
+    p.add_argument("--keep", action="store_true", help="--ek100: keep the cache file for a re-run")
     args = p.parse_args()
+    if args.ek100:
+        import _loader_ek100
+
+        return _loader_ek100.run(args)
     model_overrides = {}
     if args.smoke:
         args.rows, args.frames, args.dim, args.text_dim, args.batch = 96, 4, 32, 24, 16

@@ -24,3 +24,29 @@ def ek100_dir() -> Path:
     if not (path / "EPIC_100_validation.csv").is_file():
         pytest.fail(f"EK-100 annotation CSVs not found at {path} (tests/data/ek100, or set MAMBAVL_EK100_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """The tiny random-init CLIP (`mambavl-tiny-clip`, pretrained none) on the CPU, built once per session."""
+    from mambavl.extract.encoders import EncoderConfig, build_encoder
+
+    return build_encoder(EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_extract_config():
+    """Factory: an ExtractConfig of a synthetic kitchen dataset's training CSV with the tiny encoder, 4 frames of
+    64x64 and the anticipation window (tau_a 0.5 s, tau_o 1 s); keyword arguments override fields."""
+    from mambavl.extract.decode import SamplingConfig
+    from mambavl.extract.encoders import EncoderConfig
+    from mambavl.cache.build import ExtractConfig
+
+    def make(kitchen, out, **overrides):
+        base = dict(annotations=str(kitchen.train_csv), videos=str(kitchen.videos), out=str(out),
+                    encoder=EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu"),
+                    sampling=SamplingConfig(num_frames=4, size=64), anticipation=True, tau_a=0.5, tau_o=1.0)
+        base.update(overrides)
+        return ExtractConfig(**base)
+
+    return make

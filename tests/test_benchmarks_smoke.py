@@ -85,3 +85,19 @@ def test_gpu_check_runs_its_training_section_on_cpu(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"bf16-autocast", "fp32"} <= set(out["train"])
     assert out["train"]["fp32"]["steps"] == 4
+
+
+def test_decode_1080p_smoke(tmp_path):
+    lines = run_script("decode_1080p.py", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: project_decode_vs_bare_ffmpeg_1080p=")
+    assert any(ln.startswith("seek cost:") for ln in lines)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {"bare_ffmpeg, threads 1", "project, threads auto", "pyav, threads 1"} <= set(out["cpu_per_segment"])
+
+
+def test_loader_ek100_smoke(tmp_path):
+    lines = run_script("loader.py", "--ek100", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: ek100_lazy_epoch_read_vs_in_memory=")
+    assert not list((tmp_path / "work").glob("*.h5"))  # the cache is deleted after the run
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {"lazy_h5 w0", "in_memory w2", "load_whole"} <= set(out["median_s"])

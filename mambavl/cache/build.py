@@ -30,6 +30,7 @@ from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
+from mambavl.extract.shards import segment_costs, shard_rows
 from mambavl.progress import Progress, or_none
 
 
@@ -54,6 +55,7 @@ class ExtractConfig:
     limit: int | None = None
     shard: tuple[int, int] | None = None
     decode_workers: int = 2
+    decode_threads: int = 0  # ffmpeg's -threads per decode; 0 = its default (one per core)
     segments_per_batch: int = 8
 
 
@@ -81,14 +83,34 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def select_rows(n: int, shard: tuple[int, int] | None, limit: int | None) -> np.ndarray:
-    """Annotation rows this run extracts: row % N == i for shard (i, N), then the first `limit` of them."""
+def select_rows(n: int, shard: tuple[int, int] | None, limit: int | None,
+                costs: np.ndarray | None = None) -> np.ndarray:
+    """Annotation rows this run extracts, increasing: shard (i, N)'s rows of the longest-processing-time-first plan
+    over the rows' decoding `costs` (mambavl.extract.shards; equal costs when None), then the first `limit`."""
     rows = np.arange(n)
     if shard:
-        rows = rows[rows % shard[1] == shard[0]]
+        rows = shard_rows(np.ones(n) if costs is None else costs, shard)
     if limit is not None:
         rows = rows[:limit]
     return rows
+
+
+def _stored_shard_rows(out: str, shard: tuple[int, int], n: int) -> np.ndarray | None:
+    """The rows an existing shard file of the same shard was started with, so that a resumed shard keeps its plan
+    even if the costs changed since (a missing video restored, a video_info file added). None when there is none."""
+    path = Path(out)
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if schema.normalise_attr(f.attrs.get("shard")) != f"{shard[0]}/{shard[1]}" or "source_row" not in f:
+                return None
+            if schema.normalise_attr(f.attrs.get("annotation_rows", -1)) != n:
+                return None
+            rows = f["source_row"][()].astype(np.int64)
+    except OSError:
+        return None  # not an HDF5 file: the writer refuses it with a clear message
+    return rows if len(rows) and rows.min() >= 0 and rows.max() < n else None
 
 
 def resolve_question_sources(requested, questions_file: str | None) -> list[str]:
@@ -121,7 +143,11 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
     videos = Path(cfg.videos)
     if not videos.is_dir():
         raise InputError(f"--videos {videos}: not a directory")
-    rows = select_rows(len(ann.segments), cfg.shard, cfg.limit)
+    rows = _stored_shard_rows(cfg.out, cfg.shard, len(ann.segments)) if cfg.shard else None
+    if rows is None:
+        costs = segment_costs(videos, ann.segments, cfg.sampling, ann.video_info, cfg.anticipation, cfg.tau_a,
+                              cfg.tau_o) if cfg.shard else None
+        rows = select_rows(len(ann.segments), cfg.shard, cfg.limit, costs)
     segments = [ann.segments[i] for i in rows]
     if not segments:
         raise InputError(f"{cfg.annotations}: no segments to extract (after --shard/--limit)")
@@ -153,6 +179,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         question_sources=sources,
         source=str(videos),
         shard=f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
+        annotation_rows=len(ann.segments),
         limit=int(cfg.limit) if cfg.limit is not None else -1,
     )
     meta = RowMeta.from_segments(segments)
@@ -203,7 +230,7 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 start, stop = seg.start_time, seg.stop_time
             else:
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
-            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.video_info)
+            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.video_info, cfg.decode_threads)
         except DecodeError as exc:
             return exc
 
@@ -277,34 +304,106 @@ def _encode_batch(enc: FrozenEncoder, batch):
             yield row, window, f, _token_times(np.asarray(times), f.shape[0])
 
 
-def merge_caches(paths: list[str], out: str) -> Path:
-    """Join shard caches (from --shard i/N) into one cache in annotation row order; refuses shards whose
-    attributes differ (naming the attribute) or that overlap."""
-    if not paths:
-        raise InputError("cache merge needs at least one shard")
-    caches = [open_cache(p) for p in paths]
+# Attributes that may differ between the shards of one extraction (everything else must agree).
+_SHARD_FREE_ATTRS = {"created", "shard", "source", "limit", "complete"}
+_MERGE_BLOCK_ROWS = 2048  # rows copied per HDF5 read/write in a merge
+
+
+def _parse_shard_attr(value, path) -> tuple[int, int] | None:
+    text = schema.normalise_attr(value) or ""
+    if not text:
+        return None
+    try:
+        return parse_shard(text)
+    except InputError:
+        raise InputError(f"shard {path}: attribute 'shard' is {text!r}, expected i/N") from None
+
+
+def check_shards(caches, expected_rows: np.ndarray | None = None) -> np.ndarray:
+    """Refuse a set of shard caches that would not merge into one whole cache; return their source rows, concatenated
+    in the order given.
+
+    Checked, each failure naming the shard file: every shard is complete (each row valid or a recorded failure);
+    the attributes agree (except creation time, shard, source, limit); shards written with ``--shard i/N`` are all
+    of one N and each i appears once; no annotation row or narration_id is in two shards; the rows add up to the
+    annotation file's rows (without ``--limit``) or to `expected_rows` when given.
+    """
     first = caches[0]
-    skip = {"created", "shard", "source", "limit"}
+    for c in caches:
+        with h5py.File(c.path, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if c.attrs.get("anticipation") else [])
+                counts = ", ".join(f"{w}: {int(f[schema.window_prefix(w) + 'valid'][()].sum())}/{c.n} valid"
+                                   for w in windows)
+                raise InputError(f"shard {c.path} is incomplete ({counts}, {len(c.failures())} recorded failures): "
+                                 "re-run its extraction (it resumes) before merging")
     for c in caches[1:]:
-        for key in set(first.attrs) | set(c.attrs):
-            if key in skip:
+        for key in sorted(set(first.attrs) | set(c.attrs)):
+            if key in _SHARD_FREE_ATTRS:
                 continue
             if schema.normalise_attr(first.attrs.get(key)) != schema.normalise_attr(c.attrs.get(key)):
                 raise InputError(f"shard {c.path} differs from {first.path} in attribute {key!r}: "
                                  f"{c.attrs.get(key)!r} vs {first.attrs.get(key)!r}")
-    src_rows, parts = [], []
+    plan = [_parse_shard_attr(c.attrs.get("shard"), c.path) for c in caches]
+    if any(plan):
+        if not all(plan):
+            unsharded = next(c.path for c, s in zip(caches, plan) if s is None)
+            raise InputError(f"{unsharded} was not written with --shard i/N, the other caches were")
+        sizes = {s[1] for s in plan}
+        if len(sizes) > 1:
+            raise InputError(f"shards of different plans: --shard .../N with N in {sorted(sizes)}")
+        n = sizes.pop()
+        seen: dict[int, object] = {}
+        for c, (i, _) in zip(caches, plan):
+            if i in seen:
+                raise InputError(f"shard {i}/{n} given twice: {seen[i]} and {c.path}")
+            seen[i] = c.path
+        missing = [f"{i}/{n}" for i in range(n) if i not in seen]
+        if missing:
+            raise InputError(f"shard(s) {', '.join(missing)} missing from the merge (got {len(seen)} of {n})")
+    rows = []
     for c in caches:
         with h5py.File(c.path, "r") as f:
-            src = f["source_row"][()] if "source_row" in f else np.arange(c.n)
-        src_rows.append(src)
-        parts.append((c, src))
-    allrows = np.concatenate(src_rows)
-    if len(np.unique(allrows)) != len(allrows):
-        raise InputError("shards overlap: the same annotation row appears in more than one shard")
-    order = np.argsort(allrows, kind="stable")
+            rows.append(f["source_row"][()].astype(np.int64) if "source_row" in f else np.arange(c.n))
+    allrows = np.concatenate(rows)
+    uniq, counts = np.unique(allrows, return_counts=True)
+    if (counts > 1).any():
+        row = int(uniq[counts > 1][0])
+        holders = [str(c.path) for c, r in zip(caches, rows) if row in set(r.tolist())]
+        raise InputError(f"shards overlap: annotation row {row} is in {', '.join(holders)}")
+    ids = np.concatenate([np.asarray(c.labels()["narration_id"]) for c in caches])
+    ids_u, ids_c = np.unique(ids, return_counts=True)
+    if (ids_c > 1).any():
+        raise InputError(f"shards overlap: narration_id {ids_u[ids_c > 1][0]!r} is in more than one shard")
+    if expected_rows is not None:
+        expected = np.sort(np.asarray(expected_rows, dtype=np.int64))
+        if not np.array_equal(np.sort(allrows), expected):
+            lost = np.setdiff1d(expected, allrows)
+            raise InputError(f"shards hold {len(allrows)} rows, {len(expected)} were planned"
+                             + (f" (row {int(lost[0])} is in none)" if len(lost) else ""))
+    total = schema.normalise_attr(first.attrs.get("annotation_rows", -1))
+    if any(plan) and int(schema.normalise_attr(first.attrs.get("limit", -1))) < 0 and total >= 0 \
+            and len(allrows) != total:
+        lost = np.setdiff1d(np.arange(total), allrows)
+        raise InputError(f"shards hold {len(allrows)} rows but the annotation file has {total}"
+                         + (f" (row {int(lost[0])} is in none)" if len(lost) else ""))
+    return allrows
+
+
+def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = None) -> Path:
+    """Join shard caches (from --shard i/N) into one cache `out` in annotation row order, after `check_shards`.
+
+    The merged file is written under a temporary name and renamed when whole; `out` must not exist.
+    """
+    if not paths:
+        raise InputError("cache merge needs at least one shard")
     out_path = Path(out)
     if out_path.exists():
         raise InputError(f"{out_path} exists; merge writes a new file")
+    caches = [open_cache(p) for p in paths]
+    first = caches[0]
+    allrows = check_shards(caches, expected_rows)
+    order = np.argsort(allrows, kind="stable")
     windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if first.attrs.get("anticipation") else [])
     # row metadata in merged order
     labels = [c.labels() for c in caches]
@@ -320,30 +419,52 @@ def merge_caches(paths: list[str], out: str) -> Path:
         all_noun_classes=[tuple(nouns_all[i]) for i in order], start_time=cat("start_time"),
         stop_time=cat("stop_time"),
     )
-    attrs = {k: v for k, v in first.attrs.items() if k not in ("shard",)}
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("shard", "complete")}
     attrs["source"] = "merged: " + ", ".join(str(Path(p).name) for p in paths)
     tmp = out_path.with_name(out_path.name + ".partial")
     if tmp.exists():
         tmp.unlink()
     with CacheWriter(tmp, attrs, meta, first.verb_keys, first.noun_keys) as w:
         w.f.create_dataset("source_row", data=allrows[order].astype(np.int64))
+        # merged position -> (shard, row in the shard); a shard's rows keep their order, so the rows of one shard
+        # that land in a block of merged positions are one slice of that shard
+        which = np.concatenate([np.full(c.n, s, dtype=np.int64) for s, c in enumerate(caches)])[order]
+        local = np.concatenate([np.arange(c.n) for c in caches])[order]
+        files = [h5py.File(c.path, "r") for c in caches]
+        try:
+            for window in windows:
+                p = schema.window_prefix(window)
+                for lo in range(0, len(order), _MERGE_BLOCK_ROWS):
+                    hi = min(len(order), lo + _MERGE_BLOCK_ROWS)
+                    feats = np.zeros((hi - lo, w.frames, w.dim), dtype=np.float16)
+                    times = np.full((hi - lo, w.frames), np.nan, dtype=np.float32)
+                    nf = np.zeros(hi - lo, dtype=np.int16)
+                    valid = np.zeros(hi - lo, dtype=bool)
+                    for s, f in enumerate(files):
+                        sel = which[lo:hi] == s
+                        if not sel.any():
+                            continue
+                        rows = local[lo:hi][sel]
+                        src = slice(int(rows[0]), int(rows[-1]) + 1)  # contiguous: rows == arange(start, stop)
+                        feats[sel] = f[p + "features"][src]
+                        times[sel] = f[p + "frame_times"][src]
+                        nf[sel] = f[p + "num_frames"][src]
+                        valid[sel] = f[p + "valid"][src]
+                    w.write_block(lo, feats, times, nf, valid, window)
+        finally:
+            for f in files:
+                f.close()
         position = np.empty(len(allrows), dtype=np.int64)
         position[order] = np.arange(len(allrows))
         offset = 0
-        for c, src in parts:
-            with h5py.File(c.path, "r") as f:
-                for window in windows:
-                    p = schema.window_prefix(window)
-                    valid = f[p + "valid"][()]
-                    for r in np.flatnonzero(valid):
-                        k = int(f[p + "num_frames"][r])
-                        w.write_row(int(position[offset + r]), f[p + "features"][r][:k],
-                                    f[p + "frame_times"][r][:k], window)
+        for c in caches:
             for fail in c.failures():
                 w.record_failure(int(position[offset + fail["index"]]), fail["window"], fail["reason"])
-            offset += len(src)
+            offset += c.n
         _copy_text_tables(caches, w, order, allrows)
         w.finalize()
+    for c in caches:
+        c.close()
     tmp.replace(out_path)
     return out_path
 
@@ -376,6 +497,25 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
             pairs.setdefault((int(v), int(n)), e)
     per_segment = {s: np.concatenate(parts)[order] for s, parts in per_segment_parts.items()
                    if len(parts) == len(caches)}
+    # Renumber the union in the order one unsharded run would have made it (`build_question_table`: the template
+    # texts as the first shard lists them, then each per-segment source's questions in row order), so a merged cache
+    # equals the single-process one table for table.
+    first_bank = caches[0].questions()
+    template_idx = sorted({int(i) for v in first_bank.templates.values() for i in v})
+    visit = [index[first_bank.texts[i]] for i in template_idx]
+    for source in [q.value for q in QuestionSource if q.value in per_segment]:
+        visit.extend(int(i) for i in per_segment[source].ravel() if i >= 0)
+    visit.extend(range(len(texts)))  # anything not reached above keeps its place at the end
+    new_of = np.full(len(texts), -1, dtype=np.int64)
+    order_q: list[int] = []
+    for i in visit:
+        if new_of[i] < 0:
+            new_of[i] = len(order_q)
+            order_q.append(i)
+    texts = [texts[i] for i in order_q]
+    tok_rows, mask_rows, pooled_rows = ([rows_[i] for i in order_q] for rows_ in (tok_rows, mask_rows, pooled_rows))
+    templates = {k: new_of[v] for k, v in templates.items()}
+    per_segment = {s: np.where(t >= 0, new_of[np.maximum(t, 0)], -1) for s, t in per_segment.items()}
     w.write_questions(texts, np.stack(tok_rows), np.stack(mask_rows), np.stack(pooled_rows), templates, per_segment)
     keys = sorted(pairs)
     all_text = {}

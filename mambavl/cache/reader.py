@@ -21,8 +21,31 @@ from torch.utils.data import Dataset
 from mambavl.cache import schema
 from mambavl.errors import InputError
 
-# Load a window's features into RAM when they take less than this; above it, read rows lazily from the file.
-IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+# Load a window's features into RAM (one read of the file; epochs then never touch HDF5) when they take at most this
+# fraction of the memory available now; above it, read rows lazily from the file. An EK-100 training split at fp16
+# (67,217 x 16 x 512) is 1.1 GB: whole on any machine with 2.2 GB free. DataLoader workers forked afterwards share
+# the array (copy-on-write, never written), so workers do not multiply it.
+IN_MEMORY_FRACTION = 0.5
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give this process now (Linux MemAvailable; elsewhere the free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether an array of `nbytes` should be loaded whole: at most IN_MEMORY_FRACTION of the available memory."""
+    return nbytes <= IN_MEMORY_FRACTION * available_memory_bytes()
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -200,8 +223,9 @@ class SegmentDataset(Dataset):
     """Cached tokens of one window, row by row.
 
     Items: dict(features float32 (F, D), num_frames int64, index int64 (row in the cache)).
-    `in_memory=None` loads the window's whole features array when it is below IN_MEMORY_LIMIT_BYTES (one read of
-    the file; epochs then never touch HDF5); otherwise rows are read lazily through the per-process handle.
+    `in_memory=None` loads the window's whole features array when it fits in RAM (`fits_in_memory`: at most half of
+    the memory available; one read of the file, epochs then never touch HDF5); otherwise rows are read lazily through
+    the per-process handle. True / False force either way.
     """
 
     def __init__(self, cache: CacheFile, window: str = schema.RECOGNITION, indices=None,
@@ -218,7 +242,7 @@ class SegmentDataset(Dataset):
         )
         self.num_frames = f[self.prefix + "num_frames"][()].astype(np.int64)  # (N,)
         nbytes = int(np.prod(feats.shape)) * feats.dtype.itemsize
-        self.in_memory = nbytes < IN_MEMORY_LIMIT_BYTES if in_memory is None else bool(in_memory)
+        self.in_memory = fits_in_memory(nbytes) if in_memory is None else bool(in_memory)
         self._features: np.ndarray | None = feats[()] if self.in_memory else None  # (N, F, D) float16
         self._lazy: tuple[int, h5py.Dataset] | None = None  # (pid, dataset) of the lazy path
 

@@ -172,9 +172,9 @@ class CacheWriter:
             f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
         for name in schema.ROW_FLOAT_DATASETS:
             f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
-        nouns = f.create_dataset(schema.ALL_NOUNS, shape=(n,), dtype=VLEN_INT)
-        for i, ids in enumerate(rows.all_noun_classes):
-            nouns[i] = np.asarray(ids, dtype=np.int32)
+        nouns = np.empty(n, dtype=object)  # one write for all rows (per-row vlen writes cost ~1 ms each)
+        nouns[:] = [np.asarray(ids, dtype=np.int32) for ids in rows.all_noun_classes]
+        f.create_dataset(schema.ALL_NOUNS, data=nouns, dtype=VLEN_INT)
         g = f.create_group(schema.CLASSES)
         g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
         g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
@@ -240,6 +240,34 @@ class CacheWriter:
         self.f[p + "valid"][row] = True
         if (row, window) in self._failures:
             del self._failures[(row, window)]
+            self._write_failures()
+        self.f.flush()
+
+    def write_block(self, start: int, features: np.ndarray, frame_times: np.ndarray, num_frames: np.ndarray,
+                    valid: np.ndarray, window: str = schema.RECOGNITION) -> None:
+        """Store rows start .. start+K-1 at once (a merge, a bulk import): features (K, F, D), frame_times (K, F),
+        num_frames (K,), valid (K,) bool in this cache's layout. Rows not valid get the empty-row fill (zeros, NaN
+        times) and stay unflagged; the done-flags go last. Slices only: h5py point selections are far slower."""
+        p = schema.window_prefix(window)
+        valid = np.asarray(valid, dtype=bool)
+        k = len(valid)
+        if features.shape != (k, self.frames, self.dim) or start < 0 or start + k > self.n:
+            raise ValueError(f"block of {features.shape} at row {start}: expected (K, {self.frames}, {self.dim}) "
+                             f"inside {self.n} rows")
+        features = np.where(valid[:, None, None], features, 0).astype(np.float16)
+        frame_times = np.where(valid[:, None], np.asarray(frame_times, dtype=np.float32), np.nan)
+        num_frames = np.where(valid, num_frames, 0).astype(np.int16)
+        sl = slice(int(start), int(start) + k)
+        self.f[p + "features"][sl] = features
+        self.f[p + "frame_times"][sl] = frame_times
+        self.f[p + "num_frames"][sl] = num_frames
+        self.f.flush()
+        self.f[p + "valid"][sl] = valid
+        stale = [(int(start) + int(i), window) for i in np.flatnonzero(valid)
+                 if (int(start) + int(i), window) in self._failures]
+        for key in stale:
+            del self._failures[key]
+        if stale:
             self._write_failures()
         self.f.flush()
 

@@ -50,12 +50,18 @@ def extract(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 64,
     decode_workers: Annotated[int, typer.Option(help="Parallel ffmpeg decodes.")] = 2,
+    decode_threads: Annotated[int, typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (of this shard).")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts rows with row % N == i.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts shard i of N of a plan balanced by decoding cost (frames x pixels), into its own --out; join them with `cache merge`. Not needed under torchrun.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Decode segments, run the frozen encoder, and write (or resume) a feature cache."""
+    """Decode segments, run the frozen encoder, and write (or resume) a feature cache.
+
+    Under torchrun (WORLD_SIZE > 1) each process extracts its shard of the plan on its own GPU into a shard file
+    beside --out, and rank 0 merges them into --out when all are done; re-running resumes every shard.
+    """
     from mambavl.cache.build import ExtractConfig, parse_shard, run_extraction
+    from mambavl.cache.distributed import launch_from_env, run_distributed_extraction
 
     try:
         cfg = ExtractConfig(
@@ -72,11 +78,22 @@ def extract(
             noun_classes=optional_path(noun_classes),
             video_info=optional_path(video_info),
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
+            decode_threads=decode_threads,
         )
-        with rich_progress(f"extract {annotations.name}", quiet, describe=_extract_status, transient=False) as bar:
-            summary = run_extraction(cfg, bar)
+        launch = launch_from_env()
+        label = f"extract {annotations.name}"
+        if launch is not None:
+            label += f" [rank {launch.rank}/{launch.world}]"
+            quiet = quiet or not launch.main
+        with rich_progress(label, quiet, describe=_extract_status, transient=False) as bar:
+            summary = (run_extraction(cfg, bar) if launch is None
+                       else run_distributed_extraction(cfg, launch, bar))
     except (InputError, ValueError) as exc:
         raise fail(str(exc)) from None
+    if launch is not None and not launch.main:
+        if summary.failed:
+            raise typer.Exit(EXIT_FAILURES)
+        return
     typer.echo(f"{summary.path}: {summary.done}/{summary.total} segments done "
                f"({summary.skipped} already there), {summary.failed} failed, {summary.seconds:.1f}s")
     if summary.failed:
@@ -157,15 +174,23 @@ def cache_inspect(
 def cache_merge(
     out: Annotated[Path, typer.Argument(help="Merged cache to write.")],
     shards: Annotated[list[Path], typer.Argument(help="Shard caches written with --shard i/N.")],
+    remove_shards: Annotated[bool, typer.Option("--remove-shards", help="Delete the shard files after a successful merge.")] = False,
 ) -> None:
-    """Join shard caches into one, in annotation row order (attributes must agree)."""
+    """Join shard caches into one, in annotation row order.
+
+    Refused (exit 2, naming the shard) unless every shard is complete, their attributes agree, each i of --shard i/N
+    is there once, no row or narration_id is in two shards and the rows add up to the annotation file's.
+    """
     from mambavl.cache.build import merge_caches
 
     try:
         path = merge_caches([str(s) for s in shards], str(out))
     except InputError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"merged {len(shards)} shards into {path}")
+    if remove_shards:
+        for s in shards:
+            s.unlink()
+    typer.echo(f"merged {len(shards)} shards into {path}" + (" (shards removed)" if remove_shards else ""))
 
 
 @cache_app.command("import")

@@ -205,8 +205,11 @@ def _frames(raw: bytes, size: int) -> np.ndarray:
 
 
 def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
-                         cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+                         cfg: SamplingConfig, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] (seconds) of a video file.
+
+    `threads`: ffmpeg's decoder threads (``-threads``); 0 leaves ffmpeg's default (one per core). Several decodes
+    running side by side (the extraction's thread pool) fill the cores anyway; see benchmarks/decode_1080p.py.
 
     Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,): the start times of the returned frames.
     A window reaching past the end of the video is clamped to it; one starting after the end, a missing,
@@ -228,7 +231,8 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
 
     # One nominal frame of margin: some demuxers land a little after the requested seek point.
     ss = round(max(0.0, grid.first - 1.0 / probe.fps), 6)  # ffmpeg parses -ss to microseconds
-    stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None)
+    stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None,
+                          **({"threads": int(threads)} if threads else {}))
     stream = stream.filter("fps", fps=repr(1.0 / grid.step), start_time=repr(grid.first - ss), round="up")
     if not np.array_equal(ticks, np.arange(len(ticks))):
         stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in ticks))
@@ -334,16 +338,16 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
 
 
 def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop: float, cfg: SamplingConfig,
-                   video_info: dict[str, VideoInfo] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   video_info: dict[str, VideoInfo] | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] seconds of `segment`'s video, from whichever layout `root` holds.
 
     For JPEG folders the fps comes from `video_info` (EPIC_100_video_info.csv); the annotated start/stop frames
-    are used as they are when the window is the segment itself. Returns frames uint8 (F, size, size, 3) and
-    times float64 (F,).
+    are used as they are when the window is the segment itself. `threads`: ffmpeg's decoder threads for video files
+    (0 = ffmpeg's default). Returns frames uint8 (F, size, size, 3) and times float64 (F,).
     """
     kind, path = locate_source(root, segment)
     if kind is SourceKind.VIDEO:
-        return decode_video_segment(path, start, stop, cfg)
+        return decode_video_segment(path, start, stop, cfg, threads)
     info = (video_info or {}).get(segment.video_id)
     if info is None:
         raise DecodeError(f"{path}: frame folder needs the video's fps, but {segment.video_id!r} is not in the "
