@@ -29,9 +29,15 @@ Reproducibility: every random draw of an epoch (order, frames, paraphrases, QA k
 derived from (seed, epoch, stream, rank), and the checkpoint carries optimizer, scheduler and RNG states, so a run that
 is stopped after k epochs and resumed ends with exactly the weights of an uninterrupted run (bitwise on CPU).
 
-Distributed: launched under torchrun (WORLD_SIZE > 1) each process trains on its shard of the same seeded
-permutation (DistributedSampler-style padding), gradients are averaged by DistributedDataParallel, and only rank 0
-validates and writes checkpoints and logs. `batch_size` is per process.
+Distributed: launched under torchrun (WORLD_SIZE > 1), W processes take one step per *global* batch of
+batch_size x W rows of the seeded permutation, each process a contiguous part of it (`batch_size` is per process).
+Frames, paraphrases and QA kinds are drawn for the whole global batch from one stream seeded alike on every rank, and
+each rank's loss is its share of the global batch's mean (sum over its rows / the global count x W), so the gradient
+DistributedDataParallel averages is the gradient one process with the global batch would take, the last, shorter
+batch included: the runs agree up to float rounding (tests/test_ddp.py; dropout masks are drawn per rank, so with
+dropout they agree in distribution only). Validation scores each rank's part of the split and gathers the parts
+(the whole split, once); epoch losses add the ranks' shares and question-fallback counts are summed. Rank 0 writes
+checkpoints (atomically) and logs; every rank loads the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from torch import nn
 from mambavl import __version__
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
-from mambavl.data.sampling import subsample
+from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.fuse.model import MambaVL, model_config_from_dict
@@ -75,7 +81,6 @@ from mambavl.runtime import (
     action_vocab,
     atomic_copy,
     atomic_torch_save,
-    batches,
     build_model,
     labelled_rows,
     load_labels,
@@ -134,6 +139,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _ce_share(logits: torch.Tensor, target: torch.Tensor, smoothing: float, global_count: int,
+              scale: float) -> torch.Tensor:
+    """This rank's share of a global batch's mean cross-entropy (targets -1 ignored): the sum over its rows divided
+    by the global batch's number of usable targets, times `scale`. DDP averages gradients over the W ranks, so with
+    scale = W the step follows the mean over the whole global batch, as one process with that batch would."""
+    if global_count == 0 or not bool((target >= 0).any()):
+        return logits.sum() * 0.0  # stays in the graph, so DDP sees every head take part
+    total = F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
+    return total * (scale / global_count)
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -259,22 +275,44 @@ def _dist_setup(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
-def _shard(perm: torch.Tensor, d: _Dist) -> torch.Tensor:
-    """DistributedSampler-style: pad the permutation by wrapping to a multiple of the world size, take every
-    world-th element, so every rank runs the same number of steps."""
-    if d.world == 1:
-        return perm
-    total = math.ceil(len(perm) / d.world) * d.world
-    padded = torch.cat([perm, perm[: total - len(perm)]]) if total > len(perm) else perm
-    return padded[d.rank :: d.world]
+@dataclass
+class _Part:
+    """One training step seen from one rank: the global batch as dataset positions (G,), cache rows (G,) and their
+    cached frame counts (G,); this rank's slice of it; the weight of this rank's loss (the world size, or 0 for a
+    stand-in row, see `_global_batches`)."""
+
+    positions: np.ndarray
+    grows: torch.Tensor
+    num_frames: torch.Tensor
+    part: slice
+    scale: float
 
 
-def _broadcast(obj: Any, d: _Dist) -> Any:
+def _global_batches(positions: np.ndarray, rows: np.ndarray, num_frames: np.ndarray, batch_size: int,
+                    d: _Dist) -> list[_Part]:
+    """Cut an epoch's dataset positions into global batches of batch_size x world (`rows`: position -> cache row;
+    `num_frames`: cache row -> cached frames). Each rank takes a contiguous part of each batch (`np.array_split`:
+    parts differ by at most one row), so every rank runs the same steps on the same global batches as one process
+    with batch_size x world would, the last, shorter batch included. A rank whose part of a short last batch is
+    empty takes the batch's first row as a stand-in with zero weight, so that it still joins the all-reduce."""
+    out = []
+    for lo in range(0, len(positions), batch_size * d.world):
+        pos = positions[lo : lo + batch_size * d.world]
+        bounds = np.cumsum([0] + [len(x) for x in np.array_split(np.arange(len(pos)), d.world)])
+        a, b = int(bounds[d.rank]), int(bounds[d.rank + 1])
+        part, scale = (slice(a, b), float(d.world)) if b > a else (slice(0, 1), 0.0)
+        out.append(_Part(pos, torch.as_tensor(rows[pos], dtype=torch.long),
+                         torch.as_tensor(num_frames[rows[pos]], dtype=torch.long), part, scale))
+    return out
+
+
+def _gather_parts(obj: Any, d: _Dist) -> list:
+    """Every rank's `obj`, in rank order (just [obj] for one process)."""
     if d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return [obj]
+    box: list = [None] * d.world
+    dist.all_gather_object(box, obj)
+    return box
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,88 +561,101 @@ def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: st
 # steps
 
 
-def _rec_loss(out: dict, rows: torch.Tensor, labels: Labels, smoothing: float,
+def _rec_loss(out: dict, rows: torch.Tensor, p: _Part, labels: Labels, smoothing: float,
               device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-    """Recognition loss: the sum of the heads' cross-entropies (unlabelled targets ignored), and each part."""
-    parts = {"verb": _ce(out["verb"], labels.verb[rows].to(device), smoothing)}
-    if "noun" in out:
-        parts["noun"] = _ce(out["noun"], labels.noun[rows].to(device), smoothing)
-    if "action" in out:
-        parts["action"] = _ce(out["action"], labels.action[rows].to(device), smoothing)
+    """Recognition loss: the sum of the heads' cross-entropies (unlabelled targets ignored) as this rank's share of
+    the global batch's means (`_ce_share`), and each part as its share of the global mean (they add up over ranks)."""
+    parts = {}
+    for head, target in (("verb", labels.verb), ("noun", labels.noun), ("action", labels.action)):
+        if head in out:
+            parts[head] = _ce_share(out[head], target[rows].to(device), smoothing, int((target[p.grows] >= 0).sum()),
+                                    p.scale)
     total = sum(parts.values())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: float(v.detach()) / p.scale if p.scale else 0.0 for k, v in parts.items()}
 
 
-def _qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor, labels: Labels,
+def _qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor, p: _Part, labels: Labels,
              device: torch.device) -> torch.Tensor:
-    """QA loss of one question kind: cross-entropy against the verb or noun answer, multi-label BCE over nouns for
-    the scene question (targets: all nouns of the segment)."""
+    """QA loss of one question kind, as this rank's share of the global batch's mean: cross-entropy against the verb
+    or noun answer, multi-label BCE over nouns for the scene question (targets: all nouns of the segment)."""
     target_kind = QA_TARGET[kind]
-    if target_kind == "verb":
-        return _ce(logits, labels.verb[rows].to(device), 0.0)
-    if target_kind == "noun":
-        return _ce(logits, labels.noun[rows].to(device), 0.0)
+    if target_kind in ("verb", "noun"):
+        target = labels.verb if target_kind == "verb" else labels.noun
+        return _ce_share(logits, target[rows].to(device), 0.0, int((target[p.grows] >= 0).sum()), p.scale)
     multi = torch.zeros(logits.shape, dtype=torch.float32)  # (B, Nn) multi-hot of the segment's nouns
     for i, r in enumerate(rows.tolist()):
         ids = labels.all_nouns[r]
         ids = ids[(ids >= 0) & (ids < logits.shape[1])]
         multi[i, ids] = 1.0
-    return F.binary_cross_entropy_with_logits(logits.float(), multi.to(device))
+    total = F.binary_cross_entropy_with_logits(logits.float(), multi.to(device), reduction="sum")
+    return total * (p.scale / (len(p.grows) * logits.shape[1]))  # the mean over the global batch's (G, Nn)
 
 
 @dataclass
 class _Batch:
-    """One training batch on the device: cache rows (B,), sub-sampled video (B, K, D) and mask (B, K)."""
+    """One training batch on the device: this rank's cache rows (B,), sub-sampled video (B, K, D) and mask (B, K),
+    and where they sit in the global batch."""
 
     rows: torch.Tensor
     video: torch.Tensor
     vmask: torch.Tensor
+    p: _Part
 
 
-def _recognition_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig, batch: dict,
+def _recognition_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig, batch: dict, p: _Part,
                       sample_gen: torch.Generator, device: torch.device) -> tuple[_Batch, torch.Tensor, list[float]]:
-    """Sub-sample frames, pick the heads' questions, one optimiser step on the recognition loss. Returns the batch
-    (reused by a QA step), the loss and the epoch sums' increments [loss, verb, noun, action, qa, fallbacks]."""
-    rows = batch["index"].to(torch.long)  # (B,) cache rows
+    """Sub-sample frames, pick the heads' questions, one optimiser step on the recognition loss. Frames and
+    paraphrases are drawn for the whole global batch (every rank draws the same) and each rank keeps its part, so
+    the draws are those of one process with the global batch. Returns the batch (reused by a QA step), the loss
+    and the epoch sums' increments [loss, verb, noun, action, qa (shares of global means), fallbacks (count)]."""
+    rows = batch["index"].to(torch.long)  # (B,) cache rows of this rank
     feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
-    video, vmask = subsample(feats, batch["num_frames"], cfg.frames, train=True, generator=sample_gen)
-    q, fb = data.train_q.heads(rows, train=True, generator=sample_gen)  # (B, 2)
+    idx, vmask = train_frame_indices(p.num_frames, feats.shape[1], cfg.frames, sample_gen)  # (G, K)
+    video, vmask = gather_frames(feats, idx[p.part].to(device)), vmask[p.part].to(device)  # (B, K, D), (B, K)
+    q = data.train_q.heads(p.grows, train=True, generator=sample_gen)[0][p.part]  # (B, 2)
+    fb = data.train_q.fallbacks(rows) if p.scale else 0
     qt, qm = data.train_q.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
     with opt.autocast():
         out = objective("rec", video, vmask, qt, qm)
-    loss, parts = _rec_loss(out, rows, data.train_labels, cfg.label_smoothing, device)
+    loss, parts = _rec_loss(out, rows, p, data.train_labels, cfg.label_smoothing, device)
     opt.step(loss)
     opt.schedule()
-    sums = [float(loss.detach()), parts["verb"], parts.get("noun", 0.0), parts.get("action", 0.0), 0.0, fb]
-    return _Batch(rows, video, vmask), loss, sums
+    share = float(loss.detach()) / p.scale if p.scale else 0.0
+    sums = [share, parts["verb"], parts.get("noun", 0.0), parts.get("action", 0.0), 0.0, fb]
+    return _Batch(rows, video, vmask, p), loss, sums
 
 
 def _qa_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig, b: _Batch,
              sample_gen: torch.Generator, device: torch.device) -> float:
     """One QA step on the batch: a question kind drawn for the whole batch, answers scored against the candidates,
-    one optimiser step on `qa_weight` x the QA loss. Returns the (unweighted) QA loss."""
+    one optimiser step on `qa_weight` x the QA loss. Returns this rank's share of the global batch's (unweighted)
+    QA loss."""
     kind = data.qa_kinds[int(torch.randint(len(data.qa_kinds), (1,), generator=sample_gen))]
-    qk = data.train_q.template(kind, len(b.rows), train=True, generator=sample_gen)  # (B,)
+    qk = data.train_q.template(kind, len(b.p.grows), train=True, generator=sample_gen)[b.p.part]  # (B,)
     qkt, qkm = data.train_q.gather(qk, device)  # (B, T, Dt), (B, T)
     with opt.autocast():
         logits = objective("qa", b.video, b.vmask, qkt, qkm, data.candidates[QA_TARGET[kind]])  # (B, K)
-    lq = _qa_loss(kind, logits, b.rows, data.train_labels, device)
+    lq = _qa_loss(kind, logits, b.rows, b.p, data.train_labels, device)
     opt.step(cfg.qa_weight * lq)
-    return float(lq.detach())
+    return float(lq.detach()) / b.p.scale if b.p.scale else 0.0
 
 
 def _validate(model: nn.Module, val_dataset: SegmentDataset | None, data: _Data, cfg: TrainConfig,
               device: torch.device, d: _Dist) -> dict | None:
-    """Validation metrics of the epoch, computed on rank 0 (the unwrapped model holds the synchronised weights) and
-    broadcast to the other ranks; None without a validation cache."""
-    metrics = None
-    if d.main and val_dataset is not None:
-        scores, vfb = predict_logits(
-            model, val_dataset, data.val_q, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers
-        )
-        metrics = validation_metrics(scores, data.val_labels)
-        metrics["val_question_fallbacks"] = vfb
-    return _broadcast(metrics, d)
+    """Validation metrics of the epoch over the whole split, once: each rank scores its contiguous part of it (all
+    hold the same synchronised weights; `val_dataset` is this rank's part, None when empty), the parts are gathered
+    in rank order and every rank computes the metrics; question fallbacks are summed. None without a validation
+    cache."""
+    if data.val_cache is None:
+        return None
+    part = (predict_logits(model, val_dataset, data.val_q, device, max(cfg.batch_size, 64), cfg.frames,
+                           cfg.num_workers) if val_dataset is not None else (None, 0))
+    gathered = _gather_parts(part, d)
+    pieces = [scores for scores, _ in gathered if scores is not None]
+    scores = {k: torch.cat([sc[k] for sc in pieces]) for k in pieces[0]}
+    metrics = validation_metrics(scores, data.val_labels)
+    metrics["val_question_fallbacks"] = sum(n for _, n in gathered)
+    return metrics
 
 
 def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, sums: torch.Tensor,
@@ -699,7 +750,7 @@ def _train(
     cfg: TrainConfig, device: torch.device, d: _Dist, progress: Progress | None, stop_after_epochs: int | None
 ) -> TrainResult:
     """The training loop: set-up, then per epoch the recognition steps (a QA step after every `qa_every`-th),
-    validation and a checkpoint. Every random draw of an epoch is seeded by (seed, epoch, stream, rank), so a run
+    validation and a checkpoint. Every random draw of an epoch is seeded by (seed, epoch, stream), so a run
     resumed at an epoch boundary replays exactly. Just over 80 lines on purpose: the loop is kept whole so that it
     reads top to bottom; every step in it is a named function above."""
     if device.type == "cuda" and d.world > 1:
@@ -710,10 +761,11 @@ def _train(
     data = _load_data(cfg, ckpt, out_dir / "last.pt", device)
     model, mcfg, objective = _build(cfg, ckpt, data, device, d)
     dataset = SegmentDataset(data.train_cache, window=data.window, indices=data.train_rows)
-    val_dataset = (SegmentDataset(data.val_cache, window=data.window, indices=data.val_rows)
-                   if data.val_cache is not None else None)  # fmt: skip
+    val_part = np.array_split(data.val_rows, d.world)[d.rank] if data.val_cache is not None else []
+    val_dataset = (SegmentDataset(data.val_cache, window=data.window, indices=val_part)
+                   if len(val_part) else None)  # fmt: skip
 
-    steps_per_epoch = math.ceil(math.ceil(len(data.train_rows) / d.world) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(data.train_rows) / (cfg.batch_size * d.world))  # global batches
     total_steps = steps_per_epoch * cfg.epochs
     opt = Optimizer(model, cfg, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)), device)
     sample_gen = torch.Generator()
@@ -736,13 +788,15 @@ def _train(
         if stop_after_epochs is not None and epoch - first_epoch >= stop_after_epochs:
             break
         t0 = time.perf_counter()
-        torch.manual_seed(_mix(cfg.seed, epoch, 1, d.rank))  # dropout
-        sample_gen.manual_seed(_mix(cfg.seed, epoch, 2, d.rank))  # frames, paraphrases, QA kinds
+        torch.manual_seed(_mix(cfg.seed, epoch, 1, d.rank))  # dropout: each rank its own masks
+        sample_gen.manual_seed(_mix(cfg.seed, epoch, 2, 0))  # frames, paraphrases, QA kinds: alike on every rank
         perm = torch.randperm(len(data.train_rows), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 0)))
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, verb, noun, action, qa, fallbacks
+        parts = _global_batches(perm.numpy(), data.train_rows, dataset.num_frames, cfg.batch_size, d)
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, verb, noun, action, qa (global means), fallbacks (count)
         rec_steps = qa_steps = 0
-        for raw in loader(dataset, batches(_shard(perm, d).numpy(), cfg.batch_size), cfg.num_workers):
-            b, loss, inc = _recognition_step(objective, opt, data, cfg, raw, sample_gen, device)
+        local = [p.positions[p.part].tolist() for p in parts]
+        for p, raw in zip(parts, loader(dataset, local, cfg.num_workers)):
+            b, loss, inc = _recognition_step(objective, opt, data, cfg, raw, p, sample_gen, device)
             state.step += 1
             rec_steps += 1
             sums += torch.tensor(inc, dtype=torch.float64)
@@ -753,8 +807,7 @@ def _train(
             progress.advance(1, epoch=epoch + 1, epochs=cfg.epochs, loss=float(loss.detach()))
 
         if d.world > 1:
-            dist.all_reduce(sums)
-            sums /= d.world
+            dist.all_reduce(sums)  # the ranks' loss shares add up to the global means; fallback counts add up
         row = _epoch_row(cfg, data, epoch, state.step, opt.lr, sums, rec_steps, qa_steps)
         metrics = _validate(model, val_dataset, data, cfg, device, d)
         if metrics:

@@ -59,6 +59,11 @@ class Questions:
         q = torch.where(own >= 0, own, q)
         return q, int((own < 0).sum())
 
+    def fallbacks(self, rows: torch.Tensor) -> int:
+        """How many (verb, noun) questions of cache rows (B,) fall back to a template because the row has no
+        question of this source (0 for templates); what `heads` counts."""
+        return 0 if self.per_segment is None else int((self.per_segment[rows] < 0).sum())
+
     def gather(self, q: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Question indices (...,) -> tokens (..., T, Dt) float32 and mask (..., T) bool on `device`."""
         return self.tokens[q].to(device), self.mask[q].to(device)
