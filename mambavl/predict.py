@@ -36,7 +36,8 @@ from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, decode_video_segment, probe_video
-from mambavl.extract.encoders import EncoderConfig, EncoderKind, build_encoder, file_sha256
+from mambavl.extract import weights as W
+from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind, build_encoder, file_sha256
 from mambavl.extract.questions import TEMPLATES, answer_texts
 from mambavl.progress import Progress, Stages
 from mambavl.runtime import SAMPLING_ATTRS, load_checkpoint  # SAMPLING_ATTRS: copied into checkpoints by training
@@ -51,8 +52,9 @@ STEPS = 5
 @dataclass
 class PredictConfig:
     """One prediction. `start` / `stop` in seconds (None: the whole video). `cache`: a cache extracted with the
-    checkpoint's encoder, for its question/answer tables and sampling attributes. `encoder_weights`: the local
-    encoder checkpoint file, when the training cache was extracted from one (its sha256 must match)."""
+    checkpoint's encoder, for its question/answer tables and sampling attributes. `encoder_weights` / `text_weights`:
+    the local image / text encoder weights, when the training cache was extracted from local files that are not an
+    installed ``pkg:NAME`` (their sha256 must match)."""
 
     video: str
     checkpoint: str
@@ -62,6 +64,7 @@ class PredictConfig:
     top: int = 5
     device: str = "auto"
     encoder_weights: str | None = None
+    text_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.top < 1:
@@ -87,9 +90,28 @@ def sampling_from_attrs(attrs: dict, where: str):
                           size=int(attrs["frame_size"]))
 
 
+def _local_weights(label: str, sha: str, given: str | None, option: str, what: str) -> str:
+    """The local weights file/folder to rebuild an encoder from: `given` (checked against `sha`), else the
+    ``pkg:NAME`` the cache recorded (installed here, checked against `sha`); InputError naming the option."""
+    if given:
+        path = W.resolve_path(given)
+    elif W.is_packaged(label):
+        path = W.resolve_path(label)
+    else:
+        raise InputError(f"the training cache was extracted with the local {what} {label!r} (sha256 {sha[:12]}...); "
+                         f"pass it with {option} PATH")
+    if file_sha256(W.checkpoint_file(path)) != sha:
+        raise InputError(f"{option} {given or label} is not the {what} the cache was extracted with "
+                         f"(sha256 differs from {sha[:12]}...)")
+    return str(given or label)
+
+
 def encoder_config_from_attrs(attrs: dict, device: str, question_tokens: int | None,
-                              encoder_weights: str | None = None):
-    """The EncoderConfig that rebuilds the frozen encoder a cache was extracted with."""
+                              encoder_weights: str | None = None, text_weights: str | None = None):
+    """The EncoderConfig that rebuilds both frozen encoders a cache was extracted with (image/video and text).
+
+    Local weights are found from the attrs when they were a ``pkg:NAME`` installed here, else taken from
+    `encoder_weights` / `text_weights`; either way their sha256 must be the recorded one."""
 
     kind = str(attrs.get("encoder", ""))
     if kind not in [k.value for k in EncoderKind]:
@@ -101,25 +123,32 @@ def encoder_config_from_attrs(attrs: dict, device: str, question_tokens: int | N
     pretrained = str(attrs.get("pretrained", "none"))
     sha = str(attrs.get("checkpoint_sha256") or "")
     if sha:
-        if not encoder_weights:
-            raise InputError(
-                f"the training cache was extracted with the local encoder checkpoint {pretrained!r} "
-                f"(sha256 {sha[:12]}...); pass it with --encoder-weights PATH"
-            )
-        if not Path(encoder_weights).is_file():
-            raise InputError(f"--encoder-weights {encoder_weights} not found")
-        if file_sha256(encoder_weights) != sha:
-            raise InputError(f"--encoder-weights {encoder_weights} is not the checkpoint the cache was extracted with "
-                             f"(sha256 differs from {sha[:12]}...)")
-        pretrained = str(encoder_weights)
+        pretrained = _local_weights(pretrained, sha, encoder_weights, "--encoder-weights", "encoder checkpoint")
     model = str(attrs["model"])
+    text_kind = str(attrs.get("text_encoder") or TextEncoderKind.CLIP.value)
     text_model, text_pretrained = str(attrs.get("text_model", "")), str(attrs.get("text_pretrained", ""))
-    shared = kind == EncoderKind.CLIP.value and text_model == model and text_pretrained == str(attrs.get("pretrained"))
-    values: dict[str, Any] = dict(kind=kind, model=model, pretrained=pretrained, device=device)
-    if kind == EncoderKind.CLIP.value and attrs.get("tokens_per_frame_pooling") not in (None, "", "cls"):
+    text_sha = str(attrs.get("text_checkpoint_sha256") or "")
+    values: dict[str, Any] = dict(kind=kind, model=model, pretrained=pretrained, device=device,
+                                  text_encoder=text_kind)
+    if kind != EncoderKind.VIDEOMAE.value and attrs.get("tokens_per_frame_pooling") not in (None, "", "cls"):
         values["pooling"] = str(attrs["tokens_per_frame_pooling"])
-    if not shared:
-        values.update(text_model=text_model, text_pretrained=text_pretrained)
+    if text_kind == TextEncoderKind.HF.value:
+        if text_sha and text_pretrained:  # a weights file over the folder's config
+            text_pretrained = _local_weights(text_pretrained, text_sha, text_weights, "--text-weights",
+                                             "text encoder weights")
+        elif text_sha:  # the folder's own weights
+            text_model = _local_weights(text_model, text_sha, text_weights, "--text-weights", "text encoder")
+        values.update(text_model=text_model, text_pretrained=text_pretrained or None)
+    else:
+        shared = kind == EncoderKind.CLIP.value and text_model == model and text_pretrained == str(
+            attrs.get("pretrained"))
+        if shared:
+            pass  # the image CLIP's own text tower (rebuilt from the same weights)
+        else:
+            if text_sha:
+                text_pretrained = _local_weights(text_pretrained, text_sha, text_weights, "--text-weights",
+                                                 "text tower checkpoint")
+            values.update(text_model=text_model, text_pretrained=text_pretrained)
     if question_tokens:
         values["max_question_tokens"] = int(question_tokens)
     return EncoderConfig(**values)
@@ -220,7 +249,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
     stop = min(stop, probe.duration)
     tick(1, "building the encoder")
     if encoder is None:
-        encoder = build_encoder(encoder_config_from_attrs(attrs, str(dev), q_tokens, cfg.encoder_weights))
+        encoder = build_encoder(encoder_config_from_attrs(attrs, str(dev), q_tokens, cfg.encoder_weights,
+                                                          cfg.text_weights))
     prov = encoder.provenance()
     for key in schema.COMPATIBILITY_ATTRS:
         if key in prov and key in attrs and schema.normalise_attr(prov[key]) != schema.normalise_attr(attrs[key]):

@@ -145,7 +145,8 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Path
     attrs = dict(
         dataset_kind=ann.kind, annotation_file=ann.path.name, annotation_sha256=ann.sha256,
         encoder="imported", model=cfg.name, pretrained="", checkpoint_sha256="", feature_dim=int(dim),
-        text_model=prov["text_model"], text_pretrained=prov["text_pretrained"], text_dim=int(text.text_dim),
+        text_encoder=prov["text_encoder"], text_model=prov["text_model"], text_pretrained=prov["text_pretrained"],
+        text_checkpoint_sha256=prov["text_checkpoint_sha256"], text_dim=int(text.text_dim),
         sampling_mode="imported", frames_per_segment=int(frames), frame_size=0, tokens_per_frame_pooling="imported",
         has_labels=bool(ann.has_labels), anticipation=False, question_sources=sources,
         source=f"{cfg.name} features from {src}",

@@ -86,8 +86,10 @@ COMPATIBILITY_ATTRS = (
     "pretrained",
     "checkpoint_sha256",
     "feature_dim",
+    "text_encoder",
     "text_model",
     "text_pretrained",
+    "text_checkpoint_sha256",
     "text_dim",
 )
 

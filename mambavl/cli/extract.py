@@ -17,7 +17,7 @@ from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode
-from mambavl.extract.encoders import EncoderConfig, EncoderKind
+from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind
 
 
 def _extract_status(fields: dict) -> str | None:
@@ -30,12 +30,13 @@ def extract(
     annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
     videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4 or P01/rgb_frames/P01_01/.")],
     out: Annotated[Path, typer.Option("--out", help="Cache file to write (or resume).")],
-    encoder: Annotated[EncoderKind, typer.Option(help="Frozen video encoder.")] = EncoderKind.CLIP,
-    model: Annotated[str, typer.Option(help="open_clip model name (clip) or VideoMAE name/folder (videomae).")] = "ViT-B-32",
-    pretrained: Annotated[str, typer.Option(help="open_clip tag, local checkpoint path, or 'none' (random init).")] = "openai",
-    pooling: Annotated[str, typer.Option(help="CLIP per-frame feature: 'cls' (image embedding) or 'grid' (2x2 grid of projected patch tokens, 4x the dim).")] = "cls",
-    text_model: Annotated[Optional[str], typer.Option(help="Text tower (default: the CLIP model itself).")] = None,
-    text_pretrained: Annotated[Optional[str], typer.Option(help="Text tower weights.")] = None,
+    encoder: Annotated[EncoderKind, typer.Option(help="Frozen image/video encoder family: clip (open_clip), timm (any timm image model), videomae.")] = EncoderKind.CLIP,
+    model: Annotated[str, typer.Option(help="open_clip model name (clip), timm model name (timm, e.g. tf_efficientnet_lite0), or VideoMAE name/folder (videomae).")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="Weights: a local file or folder (.pt/.pth/.bin/.safetensors, wrapped or DDP state dicts, TorchScript), pkg:NAME (weights of an installed package, e.g. pkg:efficientnet-lite0), a hub tag (open_clip 'openai', timm 'default'/'in1k'; online), or 'none' (seeded random init).")] = "openai",
+    pooling: Annotated[str, typer.Option(help="Per-frame feature of an image tower: 'cls' (CLIP image embedding / timm pooled feature) or 'grid' (2x2 grid of spatial-token means, 4x the dim).")] = "cls",
+    text_encoder: Annotated[TextEncoderKind, typer.Option(help="Text encoder family for questions and answers: clip (open_clip text tower) or hf (Hugging Face encoder, e.g. MiniLM).")] = TextEncoderKind.CLIP,
+    text_model: Annotated[Optional[str], typer.Option(help="clip: open_clip model (default: the image CLIP itself, else ViT-B-32); hf: a Hugging Face name or local folder, or pkg:all-minilm-l6-v2.")] = None,
+    text_pretrained: Annotated[Optional[str], typer.Option(help="Text weights. clip: tag, local file or none; hf: unset (the folder's weights), a weights file, or none.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per segment (uniform), or the cap with --fps.")] = 16,
     fps: Annotated[Optional[float], typer.Option(help="Sample at this rate instead of --frames uniform frames.")] = None,
     size: Annotated[int, typer.Option(help="Frame size after ffmpeg's scale + centre crop.")] = 224,
@@ -66,9 +67,9 @@ def extract(
     try:
         cfg = ExtractConfig(
             annotations=str(annotations), videos=str(videos), out=str(out),
-            encoder=EncoderConfig(kind=encoder, model=model, pretrained=pretrained, text_model=text_model,
-                                  text_pretrained=text_pretrained, device=device, batch_size=batch_size,
-                                  pooling=pooling),
+            encoder=EncoderConfig(kind=encoder, model=model, pretrained=pretrained, text_encoder=text_encoder,
+                                  text_model=text_model, text_pretrained=text_pretrained, device=device,
+                                  batch_size=batch_size, pooling=pooling),
             sampling=SamplingConfig(mode=SamplingMode.FPS if fps else SamplingMode.UNIFORM, num_frames=frames,
                                     fps=fps or 4.0, size=size),
             anticipation=anticipation, tau_a=tau_a, tau_o=tau_o,

@@ -150,6 +150,11 @@ def predict_command(
         Optional[Path], typer.Option("--encoder-weights", help="Local encoder checkpoint, when the training cache was "
                                                                "extracted from one (its sha256 is checked).")
     ] = None,
+    text_weights: Annotated[
+        Optional[Path], typer.Option("--text-weights", help="Local text encoder weights (file, or a Hugging Face "
+                                                            "folder), when the training cache used them (sha256 "
+                                                            "checked). Not needed for pkg:NAME weights.")
+    ] = None,
     top: Annotated[int, typer.Option(help="How many actions / answers to list.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON here.")]
@@ -162,7 +167,8 @@ def predict_command(
     try:
         cfg = PredictConfig(video=str(video), checkpoint=str(checkpoint), cache=optional_path(cache),
                             start=start, stop=stop, top=top, device=device,
-                            encoder_weights=optional_path(encoder_weights))
+                            encoder_weights=optional_path(encoder_weights),
+                            text_weights=optional_path(text_weights))
         with rich_progress("predict", quiet, log=log_messages("predict")) as progress:
             result = predict_video(cfg, progress=progress)
     except InputError as exc:
