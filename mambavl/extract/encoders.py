@@ -283,7 +283,9 @@ class HFTextTower:
 
     def __init__(self, model: str, pretrained: str | None, device: torch.device, max_tokens: int):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a per-load bar of weight names; progress is the CLI's business
         self.path = W.resolve_path(model) if W.looks_like_path(model, hub_names=True) else None
         where = str(self.path) if self.path is not None else model
         try:
