@@ -44,7 +44,8 @@ PREDICT_CLIP = ("cup.mp4", 2.0, 3.0)
 
 def fetch_clips(media: Path) -> Path:
     """The clips in `media`, fetched from Debian's opencv-doc package when any is missing (apt-get download,
-    dpkg-deb --fsys-tarfile | tar -x of the clips only; `apt-get update` once if the package lists are empty). Raises RuntimeError on failure."""
+    dpkg-deb --fsys-tarfile | tar -x of the clips only; `apt-get update` once if the package lists are empty).
+    Raises RuntimeError / CalledProcessError on failure."""
     if all((media / name).is_file() for name in CLIPS):
         return media
     with tempfile.TemporaryDirectory() as tmp:
