@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.real_footage, pytest.mark.timeout(2400)]
 
