@@ -12,6 +12,7 @@ reason, and the run goes on.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from mambavl.cache import schema
 from mambavl.cache.reader import open_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
-from mambavl.data.annotations import AnnotationSet, load_annotations
+from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
@@ -51,6 +52,7 @@ class ExtractConfig:
     verb_classes: str | None = None
     noun_classes: str | None = None
     video_info: str | None = None
+    frame_rate: float | None = None  # numbering rate of rgb_frames folders (frames/s); None: from the annotations
     limit: int | None = None
     shard: tuple[int, int] | None = None
     decode_workers: int = 2
@@ -121,6 +123,12 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
     videos = Path(cfg.videos)
     if not videos.is_dir():
         raise InputError(f"--videos {videos}: not a directory")
+    if cfg.frame_rate is not None:
+        if not (math.isfinite(cfg.frame_rate) and cfg.frame_rate > 0):
+            raise InputError(f"--frame-rate {cfg.frame_rate}: must be a positive number of frames/s")
+        # the given rate must agree with the rows' own frame numbers and timestamps
+        check_frame_times(ann.path, ann.segments, {s.video_id: cfg.frame_rate for s in ann.segments},
+                          origin="--frame-rate")
     rows = select_rows(len(ann.segments), cfg.shard, cfg.limit)
     segments = [ann.segments[i] for i in rows]
     if not segments:
@@ -203,7 +211,7 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 start, stop = seg.start_time, seg.stop_time
             else:
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
-            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.video_info)
+            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.frame_rate(seg.video_id, cfg.frame_rate))
         except DecodeError as exc:
             return exc
 

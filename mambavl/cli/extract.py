@@ -47,6 +47,7 @@ def extract(
     verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations); for a generic CSV, the label list shared by all splits (class CSV or one label per line).")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
     video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
+    frame_rate: Annotated[Optional[float], typer.Option(help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 64,
     decode_workers: Annotated[int, typer.Option(help="Parallel ffmpeg decodes.")] = 2,
@@ -70,7 +71,7 @@ def extract(
             questions_file=optional_path(questions_file),
             verb_classes=optional_path(verb_classes),
             noun_classes=optional_path(noun_classes),
-            video_info=optional_path(video_info),
+            video_info=optional_path(video_info), frame_rate=frame_rate,
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
         )
         with rich_progress(f"extract {annotations.name}", quiet, describe=_extract_status, transient=False) as bar:
