@@ -184,7 +184,7 @@ def test_import_features(tmp_path, kitchen, fmt):
                 pickle.dump(a, f)
     out = tmp_path / "imp.h5"
     r = CliRunner().invoke(app, ["cache", "import", "--features", str(src), "--annotations", str(kitchen.val_csv),
-                                 "--out", str(out), "--name", "avion-test", "--frames", "3",
+                                 "--out", str(out), "--name", "avion-test", "--frames", "3", "--source-fps", "12",
                                  "--text-model", "mambavl-tiny-clip", "--text-pretrained", "none"])
     assert r.exit_code == 0, r.output
     cache = open_cache(out)

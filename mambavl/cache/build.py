@@ -263,7 +263,11 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                         batch.append((row, window, *result))
                 if batch and (len(batch) >= cfg.segments_per_batch or not futures):
                     for row, window, feats, times in _encode_batch(enc, batch):
-                        out_q.put(("row", row, window, (feats, times)))
+                        bad = schema.nonfinite_report(feats)
+                        if bad:  # an encoder overflow: recorded, never stored as inf/NaN
+                            out_q.put(("fail", row, window, f"non-finite features from the encoder: {bad}"))
+                        else:
+                            out_q.put(("row", row, window, (feats, times)))
                     batch = []
                 if writer_error:
                     raise writer_error[0]

@@ -143,18 +143,19 @@ class CacheWriter:
         if self.frames <= 0 or self.dim <= 0:
             raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
-        if self.path.exists():
-            self.f = self._resume(rows)
-            self.resumed = True
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # "x" (O_EXCL), never "w": truncating would wipe a cache another run created a moment ago
             self.f = self._create(rows, verb_keys, noun_keys)
             self.resumed = False
+        except FileExistsError:
+            self.f = self._resume(rows)
+            self.resumed = True
         self._failures = {(r["index"], r["window"]): r for r in self._read_failures()}
 
     # ---------------------------------------------------------------- creation / resume
     def _create(self, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str]) -> h5py.File:
-        f = h5py.File(self.path, "w")
+        f = schema.open_h5(self.path, "x")
         for key, value in self.attrs.items():
             f.attrs[key] = _h5_attr(value)
         f.attrs["complete"] = False
@@ -182,10 +183,7 @@ class CacheWriter:
         return f
 
     def _resume(self, rows: RowMeta) -> h5py.File:
-        try:
-            f = h5py.File(self.path, "r+")
-        except OSError as exc:
-            raise InputError(f"{self.path} exists but is not a writable HDF5 file ({exc}); move it away") from exc
+        f = schema.open_h5(self.path, "r+")
         old = schema.read_attrs(f.attrs)
         try:
             schema.validate_attrs(old, str(self.path))
@@ -222,11 +220,16 @@ class CacheWriter:
 
     def write_row(self, row: int, features: np.ndarray, frame_times: np.ndarray,
                   window: str = schema.RECOGNITION) -> None:
-        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag."""
+        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag.
+
+        ValueError for a wrong shape or values float16 cannot hold finite (NaN, inf, |x| > 65504)."""
         p = schema.window_prefix(window)
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] > self.frames:
             raise ValueError(f"row {row}: features of shape {features.shape}, expected (<= {self.frames}, {self.dim})")
+        bad = schema.nonfinite_report(features)
+        if bad:
+            raise ValueError(f"row {row} ({window}): features the float16 cache cannot hold: {bad}")
         k = features.shape[0]
         padded = np.zeros((self.frames, self.dim), dtype=np.float16)
         padded[:k] = features.astype(np.float16)

@@ -177,6 +177,7 @@ def cache_import(
     name: Annotated[str, typer.Option("--name", help="Name of the source features, e.g. avion-vitl.")],
     key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
     frames: Annotated[int, typer.Option(help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
+    source_fps: Annotated[Optional[float], typer.Option(help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
     text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
     text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
     questions: Annotated[str, typer.Option(help="Question sources: templates[,annotation][,file].")] = "templates,annotation",
@@ -188,11 +189,14 @@ def cache_import(
 
     try:
         cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
-                           frames=frames, text=EncoderConfig(model=text_model, pretrained=text_pretrained,
-                                                             device=device),
+                           frames=frames, source_fps=source_fps,
+                           text=EncoderConfig(model=text_model, pretrained=text_pretrained, device=device),
                            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
                            questions_file=optional_path(questions_file))
-        path = import_features(cfg)
+        summary = import_features(cfg)
     except InputError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"imported {features} into {path}")
+    typer.echo(f"imported {summary.rows} segments from {features} into {summary.path}")
+    if summary.unused_files:
+        typer.echo(f"{summary.unused_files} feature files in {features} are not in {annotations.name} and were not "
+                   "used (other splits)")
