@@ -166,18 +166,22 @@ def frame_window(start: float, stop: float, rate: float) -> tuple[int, int]:
     return first, max(first, int(math.ceil(float(stop) * rate - 1e-6)))
 
 
-def _fit_rate(t: np.ndarray, f: np.ndarray, tol: float) -> float | None:
-    """Slope through the origin of frame offsets `f` against times `t` (both (P,)), robust to a few bad rows:
-    a median of the later half's ratios first, then least squares on the points that agree with it."""
+def _fit_rate(t: np.ndarray, f: np.ndarray) -> float | None:
+    """Slope through the origin of frame offsets `f` against times `t` (both (P,)), robust to a few bad rows: each of
+    the (up to 256) latest points proposes the rate f/t; the proposal most points agree with (within the check's
+    tolerance) wins, and least squares over the points near it (twice, then once the tolerance) refines it."""
     keep = t > 0
     t, f = t[keep], f[keep]
     if not len(t):
         return None
-    late = t >= np.median(t)
-    rate = float(np.median(f[late] / t[late]))
-    for slack in (8.0, 1.0):  # a loose then a tight inlier band around the current fit
-        inside = np.abs(f - rate * t) <= slack * tol
-        if inside.sum() >= max(1, len(t) // 2):
+    late = np.argsort(-t, kind="stable")[:256]  # latest first: their ratios are the most precise
+    proposals = f[late] / t[late]  # (C,)
+    tol = FRAME_TOLERANCE + TIMESTAMP_RESOLUTION * proposals[:, None]  # (C, 1)
+    agree = (np.abs(f[None, :] - proposals[:, None] * t[None, :]) <= tol).sum(axis=1)  # (C,)
+    rate = float(proposals[int(np.argmax(agree))])
+    for band in (2.0, 1.0):  # a proposal may sit at one edge of the band: refit on a wider band, then the band
+        inside = np.abs(f - rate * t) <= band * (FRAME_TOLERANCE + TIMESTAMP_RESOLUTION * rate)
+        if inside.any():
             rate = float((t[inside] * f[inside]).sum() / (t[inside] ** 2).sum())
     return rate if math.isfinite(rate) and rate > 0 else None
 
@@ -194,7 +198,7 @@ def infer_frame_rates(segments: list[Segment]) -> dict[str, float]:
         fs += [s.start_frame - 1, s.stop_frame]
     out = {}
     for vid, (ts, fs) in points.items():
-        rate = _fit_rate(np.asarray(ts), np.asarray(fs, dtype=np.float64), FRAME_TOLERANCE)
+        rate = _fit_rate(np.asarray(ts), np.asarray(fs, dtype=np.float64))
         if rate is not None:
             out[vid] = rate
     return out
