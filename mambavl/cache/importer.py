@@ -62,6 +62,22 @@ class ImportConfig:
     questions_file: str | None = None
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, lists, tuples and dicts, nothing else: a pickle names the functions it calls
+    while loading, and a crafted one could name any (os.system...), so only numpy's array constructors are found.
+    (A pickled torch tensor is refused too: save those with torch.save as .pt, read with weights_only=True.)"""
+
+    ALLOWED = {(m, name) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | \
+        {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
+        {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a feature .pkl may hold numpy arrays only")
+
+
 def _load_array(path: Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
@@ -71,8 +87,7 @@ def _load_array(path: Path) -> np.ndarray:
             arr = arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
         else:
             with open(path, "rb") as f:
-                arr = pickle.load(f)  # noqa: S301 - the user's own feature files
-            arr = arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
+                arr = _ArrayUnpickler(f).load()
     except Exception as exc:
         raise InputError(f"{path}: cannot read features ({type(exc).__name__}: {exc})") from exc
     arr = np.asarray(arr, dtype=np.float32)
