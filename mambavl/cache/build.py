@@ -164,11 +164,15 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         limit=int(cfg.limit) if cfg.limit is not None else -1,
     )
     meta = RowMeta.from_segments(segments)
-    with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys) as w:
+
+    def tables(w: CacheWriter) -> None:
         if "source_row" not in w.f:
             w.f.create_dataset("source_row", data=rows.astype(np.int64))
         if schema.QUESTIONS not in w.f or schema.ANSWERS not in w.f:
             write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
+
+    with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys, on_create=tables) as w:
+        tables(w)  # a no-op unless the file predates them
         pending = w.pending_rows()
         skipped = len(segments) - len(pending)
         done_before = skipped
