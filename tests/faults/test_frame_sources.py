@@ -13,7 +13,7 @@ from mambavl.data.synthetic import make_timestamp_video, read_timestamp_code
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig
-from mambavl.extract.pipeline import ExtractConfig, run_extraction
+from mambavl.cache.build import ExtractConfig, run_extraction
 
 TINY = EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu")
 SAMPLING = SamplingConfig(num_frames=4, size=32)

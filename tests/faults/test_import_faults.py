@@ -13,7 +13,7 @@ from mambavl.cache.reader import open_cache
 from mambavl.cli import app
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder
-from mambavl.extract.pipeline import ExtractConfig, run_extraction
+from mambavl.cache.build import ExtractConfig, run_extraction
 
 TEXT = ["--text-model", "mambavl-tiny-clip", "--text-pretrained", "none"]
 

@@ -17,7 +17,7 @@ from fault_inputs import write_classes, write_ek100
 from mambavl.data.synthetic import make_timestamp_video
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig
-from mambavl.extract.pipeline import ExtractConfig, run_extraction
+from mambavl.cache.build import ExtractConfig, run_extraction
 
 # The n-th dataset write of each successive child process. The first dies while the new file is being built
 # (it writes one all_noun_classes entry per row there); the others resume and die inside the row phase, where a
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
     import h5py
     from mambavl.extract.decode import SamplingConfig
     from mambavl.extract.encoders import EncoderConfig
-    from mambavl.extract.pipeline import ExtractConfig, run_extraction
+    from mambavl.cache.build import ExtractConfig, run_extraction
 
     ann, videos, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     setitem, count = h5py.Dataset.__setitem__, [0]

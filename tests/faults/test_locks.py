@@ -82,7 +82,7 @@ def test_second_extraction_into_the_same_cache_refuses(clips, tmp_path):
         import pathlib, time
         from mambavl.extract.decode import SamplingConfig
         from mambavl.extract.encoders import EncoderConfig
-        from mambavl.extract.pipeline import ExtractConfig, run_extraction
+        from mambavl.cache.build import ExtractConfig, run_extraction
         def progress(event):
             if event["done"] >= 1 and not pathlib.Path({str(go)!r}).exists():
                 pathlib.Path({str(started)!r}).touch()
