@@ -272,7 +272,8 @@ def test_cli_evaluate(setup, tmp_path):
 
 def test_submission_needs_every_row_and_the_declared_levels(setup, tmp_path):
     # the val cache misses two rows (failed extraction): refused before scoring, naming them
-    with pytest.raises(InputError, match=r"2 of 60 segments have no features .* Missing narration_ids: .*--allow-incomplete"):
+    with pytest.raises(InputError, match=r"2 of 60 segments have no features .* Missing narration_ids: "
+                                         r".*--allow-incomplete"):
         E.evaluate(_cfg(setup, tmp_path / "a", allow_incomplete=False))
     assert not (tmp_path / "a" / "submission.zip").exists()
     res = E.evaluate(_cfg(setup, tmp_path / "b", plots=False))  # allowed: written, the missing ids recorded

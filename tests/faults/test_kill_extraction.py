@@ -72,7 +72,8 @@ def clips(tmp_path_factory):
     make_timestamp_video(root / "P04/videos/P04_01.MP4", duration=5.0, fps=25.0)
     rows = [dict(nid=f"P04_01_{i}", vid="P04_01", start=0.6 * i + 1.0, stop=0.6 * i + 1.5, f0=int(15 * i) + 26,
                  f1=int(15 * i) + 38, v=i % 3, n=i % 3) for i in range(6)]
-    rows.append(dict(nid="P04_02_0", vid="P04_02", start=1.0, stop=1.5, f0=26, f1=38))  # no such video: a failure in both windows
+    # no such video: a failure in both windows
+    rows.append(dict(nid="P04_02_0", vid="P04_02", start=1.0, stop=1.5, f0=26, f1=38))
     write_ek100(root / "ann.csv", rows)
     return root
 
