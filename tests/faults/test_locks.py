@@ -83,11 +83,15 @@ def test_second_extraction_into_the_same_cache_refuses(clips, tmp_path):
         from mambavl.extract.decode import SamplingConfig
         from mambavl.extract.encoders import EncoderConfig
         from mambavl.cache.build import ExtractConfig, run_extraction
-        def progress(event):
-            if event["done"] >= 1 and not pathlib.Path({str(go)!r}).exists():
-                pathlib.Path({str(started)!r}).touch()
-                while not pathlib.Path({str(go)!r}).exists():
-                    time.sleep(0.05)
+        from mambavl.progress import Recorder
+        class Pause(Recorder):  # after the first written row, wait (holding the cache open) until told to go on
+            def advance(self, n=1, **fields):
+                super().advance(n, **fields)
+                if self.done >= 1 and not pathlib.Path({str(go)!r}).exists():
+                    pathlib.Path({str(started)!r}).touch()
+                    while not pathlib.Path({str(go)!r}).exists():
+                        time.sleep(0.05)
+        progress = Pause()
         cfg = ExtractConfig(annotations={str(clips / "ann.csv")!r}, videos={str(clips)!r}, out={str(out)!r},
                             encoder=EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu"),
                             sampling=SamplingConfig(num_frames=2, size=32), decode_workers=1)
