@@ -134,7 +134,7 @@ def main() -> None:
         assert s.done == len(segments) and s.failed == 0, s
 
     def decode_one(seg):
-        return decode_segment(videos, seg, seg.start_time, seg.stop_time, sampling, ann.video_info)[0]
+        return decode_segment(videos, seg, seg.start_time, seg.stop_time, sampling, ann.frame_rate(seg.video_id))[0]
 
     def decode_only():
         with ThreadPoolExecutor(max_workers=args.decode_workers) as pool:

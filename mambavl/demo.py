@@ -152,8 +152,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     ckpt = str(main.best_checkpoint or main.last_checkpoint)
     val = evaluate(EvalConfig(checkpoint=ckpt, cache=str(caches["val"]), out_dir=str(out / "eval" / "val"),
                               ek100_dir=str(ds.root), device=cfg.device, train_cache=str(caches["train"])))
+    # the submission's supervision levels are the submitter's declaration; the demo's: no pre-training (random
+    # encoder weights), the levels of the official baselines for labels and data
     test = evaluate(EvalConfig(checkpoint=ckpt, cache=str(caches["test"]), out_dir=str(out / "eval" / "test"),
-                               ek100_dir=str(ds.root), device=cfg.device, plots=False))
+                               ek100_dir=str(ds.root), device=cfg.device, plots=False, sls_pt=0, sls_tl=3, sls_td=3))
 
     # 5. the paper's protocol and the leak audit
     tick("training with the paper's annotation questions, auditing questions")

@@ -55,9 +55,11 @@ TAIL_VERBS_FILE = "EPIC_100_tail_verbs.csv"
 TAIL_NOUNS_FILE = "EPIC_100_tail_nouns.csv"
 UNSEEN_FILE = "EPIC_100_unseen_participant_ids_{split}.csv"
 
-# Supervision levels of the submission (https://github.com/epic-kitchens/sls). Defaults: image-pretrained frozen
-# encoder (1), full temporal supervision (3), the training split only (3). Set them truthfully for your run.
-DEFAULT_SLS = {"sls_pt": 1, "sls_tl": 3, "sls_td": 3}
+# Supervision levels of a challenge submission (https://github.com/epic-kitchens/sls): pre-training, training
+# labels, training data, each 0-5. They are the submitter's declaration about the whole run, so they have no
+# defaults: a submission is written only when all three are given.
+SLS_FIELDS = ("sls_pt", "sls_tl", "sls_td")
+MISSING_IDS_SHOWN = 10
 
 
 @dataclass
@@ -69,6 +71,9 @@ class EvalConfig:
     to the split named by the cache's annotation file: "validation" or "test"). Missing files only drop the subset
     (reported in metrics.json). `train_cache` gives the training class frequencies for the head/mid/tail analysis
     (default: the checkpoint's recorded train cache when it still exists, else the evaluated split's own labels).
+    A submission needs `sls_pt`, `sls_tl`, `sls_td` (the submitter's declaration; without them a labelled split gets
+    no submission and a note, an unlabelled one is refused) and every row of the cache (a cache with failed or
+    unextracted rows is refused, listing their narration_ids, unless `allow_incomplete`).
     """
 
     checkpoint: str
@@ -88,9 +93,10 @@ class EvalConfig:
     plots: bool = True
     submission: bool = True
     confusion_classes: int = 20
-    sls_pt: int = DEFAULT_SLS["sls_pt"]
-    sls_tl: int = DEFAULT_SLS["sls_tl"]
-    sls_td: int = DEFAULT_SLS["sls_td"]
+    sls_pt: int | None = None
+    sls_tl: int | None = None
+    sls_td: int | None = None
+    allow_incomplete: bool = False  # write a submission that lacks the cache's failed / unextracted rows
 
     def __post_init__(self) -> None:
 
@@ -114,8 +120,8 @@ class EvalConfig:
             raise InputError(f"eval config: ks must be positive integers, got {self.ks}")
         if self.batch_size < 1:
             raise InputError(f"eval config: batch_size must be >= 1, got {self.batch_size}")
-        for name in ("sls_pt", "sls_tl", "sls_td"):
-            if not 0 <= int(getattr(self, name)) <= 5:
+        for name in SLS_FIELDS:
+            if getattr(self, name) is not None and not 0 <= int(getattr(self, name)) <= 5:
                 raise InputError(f"eval config: {name} must be in 0..5, got {getattr(self, name)}")
         if self.split is not None and self.split not in ("validation", "test"):
             raise InputError(f"eval config: split must be 'validation' or 'test', got {self.split!r}")
@@ -590,6 +596,38 @@ def cache_identity(cache: Any) -> dict[str, Any]:
     return {"path": str(Path(cache.path).resolve()), "segments": int(cache.n), "attrs": cache.attrs}
 
 
+def submission_plan(cfg: EvalConfig, loaded: Loaded) -> dict[str, Any]:
+    """Whether a submission can be written, decided before any scoring: {"write": bool, "note": str,
+    "missing": [narration_id of rows the submission lacks]}.
+
+    Raises InputError for an unlabelled split without the sls levels (a submission is all such a split gives), and
+    for a cache whose rows are not all valid unless `cfg.allow_incomplete` (the challenge server rejects a
+    submission with missing narration_ids)."""
+    if not cfg.submission:
+        return {"write": False, "note": "", "missing": []}
+    labelled = bool(loaded.cache.attrs.get("has_labels", True))
+    absent = [name for name in SLS_FIELDS if getattr(cfg, name) is None]
+    if absent:
+        flags = ", ".join("--" + name.replace("_", "-") for name in absent)
+        if not labelled:
+            raise InputError(
+                f"cache {cfg.cache} has no labels, so evaluation writes a challenge submission, which needs your "
+                f"supervision levels ({flags}, each 0-5; see https://github.com/epic-kitchens/sls); or --no-submission")
+        return {"write": False, "missing": [],
+                "note": f"no submission written: it needs the supervision levels {flags} (your declaration)"}
+    valid = set(loaded.cache.valid_indices(loaded.window).tolist())
+    nids = np.asarray(loaded.labels["narration_id"])
+    missing = [str(nids[r]) for r in range(loaded.cache.n) if r not in valid]
+    if missing and not cfg.allow_incomplete:
+        shown = ", ".join(missing[:MISSING_IDS_SHOWN]) + (" ..." if len(missing) > MISSING_IDS_SHOWN else "")
+        raise InputError(
+            f"cache {cfg.cache}: {len(missing)} of {loaded.cache.n} segments have no features ({loaded.window} "
+            f"window: failed or not extracted; `mambavl cache inspect` gives the reasons), so the submission would "
+            f"lack them and the challenge server rejects it. Missing narration_ids: {shown}. Re-run the extraction "
+            "(it retries failed rows), or pass --allow-incomplete to write it anyway, or --no-submission")
+    return {"write": True, "note": "", "missing": missing}
+
+
 def question_report(source: str, origin: str) -> dict[str, Any]:
     """The question-protocol fields of metrics.json (with the leak warning for the annotation protocol)."""
     rep: dict[str, Any] = {"question_source": source, "question_source_from": origin}
@@ -625,6 +663,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "question_source", "templates")
     source = cfg.question_source or trained_source
     check_question_source(loaded.cache, source)
+    submit = submission_plan(cfg, loaded)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     step("predict", question_source=source)
@@ -681,13 +720,16 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         result["note"] = "the cache has no labels (test split): no metrics; submission.json holds the scores"
         tables, buckets = {}, {}
 
-    if cfg.submission:
+    if submit["write"]:
         step("submission")
         nids = [str(x) for x in np.asarray(labels["narration_id"])[scored.rows]]
         challenge = "action_anticipation" if loaded.task == "anticipation" else "action_recognition"
-        sls = {"sls_pt": cfg.sls_pt, "sls_tl": cfg.sls_tl, "sls_td": cfg.sls_td}
+        sls = {name: int(getattr(cfg, name)) for name in SLS_FIELDS}
         files.update(write_submission(out_dir, submission_text(nids, scored.verb, scored.noun, challenge, sls)))
-        result["submission"] = {"challenge": challenge, "version": "0.2", **sls, "segments": len(nids)}
+        result["submission"] = {"challenge": challenge, "version": "0.2", **sls, "segments": len(nids),
+                                "missing_ids": submit["missing"]}
+    elif submit["note"]:
+        result["submission_note"] = submit["note"]
 
     if cfg.plots and tables:
         step("plots")

@@ -7,15 +7,18 @@ What the official code does, and what we follow (re-implemented, not copied):
 
 * ``epic-kitchens/C1-Action-Recognition`` ``utils/metrics.py:topk_accuracy`` — ranks classes by descending score
   (``utils/scoring.py:_scores_array_to_ranks``: ``scores.argsort()[:, ::-1]``) and counts a hit when the label is
-  among the first k ranks. Ties: the official order among equal scores is whatever numpy's quicksort leaves,
-  reversed (unspecified); we break ties deterministically in favour of the **lower class index** (stable sort).
+  among the first k ranks. Ties: the official ascending argsort keeps equal scores in class order and the reversal
+  puts the **higher class index first**; we do the same, deterministically (a stable sort, reversed). Compared with
+  the official scorers on all 9,668 EK-100 validation rows, this is the one rule where a difference could arise.
   k larger than the number of classes means "all classes" (the official slice ``rankings[:, :k]`` does the same).
 * ``utils/scoring.py:compute_action_scores`` — action scores from verb and noun scores: keep the top-100 verb and
   top-100 noun scores of each segment, softmax each, take the outer product and keep the 100 best (verb, noun)
   pairs. Inputs are **logits** (the softmax is applied here). The official code calls
   ``scipy.special.softmax`` without an axis, which normalises over the whole batch; that rescales every segment's
   scores by one batch-wide constant and never changes a segment's ranking. We normalise per segment so the pair
-  scores are per-segment probabilities p(verb) * p(noun); rankings (hence accuracies) are identical.
+  scores are per-segment probabilities p(verb) * p(noun); rankings (hence accuracies) are identical. Tied pair
+  scores follow the official order too: the flattened (verb position, noun position) matrix is argsorted and
+  reversed, so among equal products the later position in the top-verb list (then the top-noun list) comes first.
 * ``utils/actions.py:action_id_from_verb_noun`` — the action class of a (verb, noun) pair is ``verb * 1000 + noun``.
 * ``utils/metrics.py:compute_metrics`` — subsets: ``all`` (every segment, top-1 and top-5), ``unseen`` (segments
   whose participant is in ``EPIC_100_unseen_participant_ids_*.csv``, top-1 only; omitted with a warning when
@@ -63,17 +66,17 @@ def _check_scores(scores: np.ndarray, labels: np.ndarray, what: str = "scores") 
 
 
 def rank_classes(scores: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Class indices by descending score, ties broken towards the lower class index.
+    """Class indices by descending score, ties ranking the **higher** class index first (the official order).
 
     scores (N, C) -> ranks (N, min(k, C)) int64 (all C when k is None). Row i, column r holds the class ranked r-th.
-    Equivalent to the official ``_scores_array_to_ranks`` up to the order of tied scores.
+    The official ``_scores_array_to_ranks`` is ``scores.argsort()[:, ::-1]``: an ascending sort keeps equal scores in
+    class order, the reversal puts the higher index first; a stable sort makes that deterministic here. NaN ranks
+    last (never a top guess). Every top-k of the package (metrics, training validation, predictions) goes through it.
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-d (N, C), got shape {scores.shape}")
-    # Stable sort of the negated scores: equal scores keep ascending class order. NaN sorts last (never a top guess).
-    neg = -np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
-    ranks = np.argsort(neg, axis=1, kind="stable")
+    ranks = np.argsort(np.nan_to_num(scores.astype(np.float64), nan=-np.inf), axis=1, kind="stable")[:, ::-1]
     return ranks if k is None else ranks[:, : max(0, int(k))]
 
 
@@ -92,8 +95,8 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1
     """Top-k accuracy (fraction in [0, 1]) for each k, as the official ``utils/metrics.py:topk_accuracy``.
 
     scores (N, C) any real scores (logits or probabilities: only the order matters), labels (N,) class ids.
-    Returns {k: accuracy}; NaN for every k when N == 0. Ties rank the lower class index first; k > C counts all
-    classes. A label outside [0, C) is never a hit.
+    Returns {k: accuracy}; NaN for every k when N == 0. Ties rank the higher class index first (official); k > C
+    counts all classes. A label outside [0, C) is never a hit.
     """
     scores, labels = _check_scores(scores, labels)
     ks = tuple(int(k) for k in ks)
@@ -121,7 +124,8 @@ def action_scores_from_verb_noun(
     whose noun is not among the `top` best nouns has at least `top` better pairs.
 
     Returns pairs (N, K, 2) int64 [verb, noun] in rank order and scores (N, K) float64, K = min(top, V * Nn).
-    Tied pair scores rank the lower verb index, then the lower noun index first.
+    Tied pair scores rank as the official reversed argsort of the flattened (verb position, noun position) matrix
+    does: the later verb position first, then the later noun position.
     """
     verb_scores = np.asarray(verb_scores)
     noun_scores = np.asarray(noun_scores)
@@ -133,22 +137,29 @@ def action_scores_from_verb_noun(
     if n == 0 or k == 0:
         return np.zeros((n, k, 2), np.int64), np.zeros((n, k), np.float64)
     kv, kn = min(int(top), nv), min(int(top), nn)
-    top_v = rank_classes(verb_scores, kv)  # (N, kv)
+    top_v = rank_classes(verb_scores, kv)  # (N, kv) the official top lists, ties: higher class first
     top_n = rank_classes(noun_scores, kn)  # (N, kn)
     rows = np.arange(n)[:, None]
-    pv = _softmax(verb_scores[rows, top_v])  # (N, kv)
+    pv = _softmax(verb_scores[rows, top_v])  # (N, kv), non-increasing along the row
     pn = _softmax(noun_scores[rows, top_n])  # (N, kn)
-    # Only pairs of rank positions (i, j) with (i + 1) * (j + 1) <= k can make the top k: every pair (i', j') with
-    # i' <= i and j' <= j ranks before (i, j) (ties included, since ties rank lower ids first on both axes). That
-    # leaves ~k ln k candidates instead of kv * kn, so a full EK-100 split needs megabytes, not gigabytes.
+    # Only pairs of rank positions (i, j) with (i + 1) * (j + 1) <= k can make the top k when no two kept verb (or
+    # noun) probabilities are equal: every pair (i', j') with i' <= i and j' <= j then has a strictly larger
+    # product. That leaves ~k ln k candidates instead of kv * kn, so a full EK-100 split needs megabytes, not
+    # gigabytes. Rows with tied probabilities (where an equal product may sit outside) take the full matrix.
     ci, cj = _candidate_positions(kv, kn, k)  # (M,), (M,)
     prod = pv[:, ci] * pn[:, cj]  # (N, M)
-    vi = top_v[:, ci]  # (N, M) verb id of each candidate
-    ni = top_n[:, cj]  # (N, M) noun id
-    # Rank by product, ties broken on the (verb, noun) class ids rather than on positions in the top lists.
-    order = np.lexsort((ni, vi, -prod), axis=-1)[:, :k]  # (N, K)
-    pairs = np.stack([vi[rows, order], ni[rows, order]], axis=-1).astype(np.int64)  # (N, K, 2)
-    return pairs, prod[rows, order]
+    # the official order: product descending, ties by flattened position descending (verb position, then noun)
+    order = np.lexsort((np.broadcast_to(-cj, prod.shape), np.broadcast_to(-ci, prod.shape), -prod), axis=-1)[:, :k]
+    pi, pj = ci[order], cj[order]  # (N, K) positions
+    scores = prod[rows, order]
+    tied = (np.diff(pv, axis=1) == 0).any(axis=1) | (np.diff(pn, axis=1) == 0).any(axis=1)  # (N,)
+    for r in np.flatnonzero(tied):
+        full = (pv[r][:, None] * pn[r][None, :]).reshape(-1)  # (kv * kn,)
+        flat = np.argsort(full, kind="stable")[::-1][:k]
+        pi[r], pj[r] = flat // kn, flat % kn
+        scores[r] = full[flat]
+    pairs = np.stack([top_v[rows, pi], top_n[rows, pj]], axis=-1).astype(np.int64)  # (N, K, 2)
+    return pairs, scores
 
 
 def _candidate_positions(kv: int, kn: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ from mambavl.extract.decode import DecodeError, SamplingConfig, decode_video_seg
 from mambavl.extract import weights as W
 from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind, build_encoder, file_sha256
 from mambavl.extract.questions import TEMPLATES, answer_texts
+from mambavl.metrics import rank_classes
 from mambavl.progress import Progress, Stages
 from mambavl.runtime import SAMPLING_ATTRS, load_checkpoint  # SAMPLING_ATTRS: copied into checkpoints by training
 
@@ -155,8 +156,8 @@ def encoder_config_from_attrs(attrs: dict, device: str, question_tokens: int | N
 
 
 def _topk(probs: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest, best first; ties to the lower index (stable)."""
-    return np.argsort(-probs, kind="stable")[: min(k, len(probs))]
+    """Indices of the k largest of probs (C,), best first; ties as the official scorers (`metrics.rank_classes`)."""
+    return rank_classes(np.asarray(probs)[None], k)[0]
 
 
 def top_actions(verb_p: np.ndarray, noun_p: np.ndarray, k: int) -> list[tuple[int, int, float]]:

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
-from mambavl.errors import InputError
+from mambavl.errors import InputError, TrainingStopped
 from mambavl.fuse.model import MambaVL, model_config_from_dict
 from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
@@ -418,6 +419,10 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
     )
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A training loss that is NaN or inf (raised before the step; `_train` adds the epoch and step)."""
+
+
 class Optimizer:
     """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, mixed precision on
     CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported) and gradient clipping."""
@@ -437,7 +442,14 @@ class Optimizer:
         return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype, enabled=self.use_amp)
 
     def step(self, loss: torch.Tensor) -> None:
-        """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`)."""
+        """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`).
+
+        NonFiniteLoss (before any gradient is applied) when the loss is NaN or inf on any process."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank stops together, none waits in the gradient all-reduce
+        if float(bad) > 0:
+            raise NonFiniteLoss(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
@@ -690,6 +702,31 @@ def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, 
 RESUME_FREE_FIELDS = ("resume", "device", "num_workers", "out_dir")
 
 
+def _kept(saver: "Checkpointer") -> str:
+    return (f"the last good checkpoint {saver.last} is kept" if saver.last.exists()
+            else "no checkpoint was written (the first epoch did not finish)")
+
+
+@contextmanager
+def _stop_on_nonfinite(epoch: int, step: int, kind: str, saver: "Checkpointer"):
+    """NonFiniteLoss inside -> TrainingStopped naming the epoch (1-based), the step and what to do."""
+    try:
+        yield
+    except NonFiniteLoss as exc:
+        raise TrainingStopped(
+            f"non-finite {kind} loss ({exc.args[0]}) at epoch {epoch + 1}, step {step}: training stopped before "
+            f"the step was applied, and {_kept(saver)}. Check the features for NaN/inf (`mambavl cache inspect`), "
+            "or lower --lr; then resume with --resume") from None
+
+
+def _check_weights(model: nn.Module, epoch: int, step: int, saver: "Checkpointer") -> None:
+    """TrainingStopped instead of checkpointing weights that are NaN or inf."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingStopped(f"non-finite weights after epoch {epoch + 1} (step {step}) in {', '.join(bad[:3])}: "
+                              f"not saved, {_kept(saver)}; lower --lr and resume with --resume")
+
+
 def _check_resume_config(cfg: TrainConfig, saved: dict, path: Path) -> None:
     current = plain(asdict(cfg))
     for key, value in saved.items():
@@ -796,12 +833,14 @@ def _train(
         rec_steps = qa_steps = 0
         local = [p.positions[p.part].tolist() for p in parts]
         for p, raw in zip(parts, loader(dataset, local, cfg.num_workers)):
-            b, loss, inc = _recognition_step(objective, opt, data, cfg, raw, p, sample_gen, device)
+            with _stop_on_nonfinite(epoch, state.step + 1, "recognition", saver):
+                b, loss, inc = _recognition_step(objective, opt, data, cfg, raw, p, sample_gen, device)
             state.step += 1
             rec_steps += 1
             sums += torch.tensor(inc, dtype=torch.float64)
             if cfg.qa_weight > 0 and rec_steps % cfg.qa_every == 0:
-                sums[4] += _qa_step(objective, opt, data, cfg, b, sample_gen, device)
+                with _stop_on_nonfinite(epoch, state.step, "QA", saver):
+                    sums[4] += _qa_step(objective, opt, data, cfg, b, sample_gen, device)
                 qa_steps += 1
                 state.qa_steps += 1
             progress.advance(1, epoch=epoch + 1, epochs=cfg.epochs, loss=float(loss.detach()))
@@ -820,6 +859,7 @@ def _train(
             state.best_metric = float(metrics[metric_name])
         state.history.append(plain(row))
         state.epoch = epoch + 1
+        _check_weights(model, epoch, state.step, saver)
         saver.save(model, opt, state, sample_gen, improved)
         progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row))
 

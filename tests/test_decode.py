@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mambavl.data.annotations import Segment, VideoInfo
+from mambavl.data.annotations import Segment
 from mambavl.data.synthetic import make_frame_dir, make_timestamp_video, read_timestamp_code
 from mambavl.extract.decode import (
     DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_frame_dir_segment, decode_segment,
@@ -55,7 +55,7 @@ def test_frame_folder_layout(tmp_path):
     assert codes == list(np.round(times * FPS).astype(int))
     assert codes[0] >= 4 and codes[-1] <= 39
     seg = Segment("P01_01_0", "P01", "P01_01", 1.0, 2.0, 26, 50, "", "", "", -1, -1, (), 1)
-    frames, times = decode_segment(tmp_path, seg, 1.0, 2.0, cfg, {"P01_01": VideoInfo(3.2, FPS, "64x48")})
+    frames, times = decode_segment(tmp_path, seg, 1.0, 2.0, cfg, FPS)
     expect = np.floor(sample_times(1.0, 2.0, cfg) * FPS + 1e-6).astype(int)
     assert [read_timestamp_code(f) for f in frames] == list(expect)
 

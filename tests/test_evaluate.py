@@ -126,9 +126,10 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out, **kw) -> E.EvalConfig:
     d = setup["dir"]
+    # the planted val cache has two invalid rows: its submission is knowingly incomplete
     values = dict(checkpoint=setup["ckpt"], cache=setup["val"], out_dir=str(out), device="cpu",
                   unseen_ids=str(d / "unseen.csv"), tail_verbs=str(d / "tail_verbs.csv"),
-                  tail_nouns=str(d / "tail_nouns.csv"))
+                  tail_nouns=str(d / "tail_nouns.csv"), sls_pt=1, sls_tl=3, sls_td=3, allow_incomplete=True)
     values.update(kw)
     return E.EvalConfig(**values)
 
@@ -267,3 +268,28 @@ def test_cli_evaluate(setup, tmp_path):
     res = runner.invoke(app, ["evaluate", "--checkpoint", setup["ckpt"], "--cache", setup["noann"],
                               "--out", str(tmp_path / "c"), "--device", "cpu"])
     assert res.exit_code == 2 and "annotation" in res.output
+
+
+def test_submission_needs_every_row_and_the_declared_levels(setup, tmp_path):
+    # the val cache misses two rows (failed extraction): refused before scoring, naming them
+    with pytest.raises(InputError, match=r"2 of 60 segments have no features .* Missing narration_ids: "
+                                         r".*--allow-incomplete"):
+        E.evaluate(_cfg(setup, tmp_path / "a", allow_incomplete=False))
+    assert not (tmp_path / "a" / "submission.zip").exists()
+    res = E.evaluate(_cfg(setup, tmp_path / "b", plots=False))  # allowed: written, the missing ids recorded
+    lab = _labels(setup["val"])
+    missing = [str(x) for x in np.asarray(lab["narration_id"])[~lab["valid"]]]
+    assert res["submission"]["missing_ids"] == missing and len(missing) == 2
+    # no levels: the unlabelled split is refused, a labelled one gets metrics and a note, no submission
+    with pytest.raises(InputError, match="--sls-pt, --sls-tl, --sls-td"):
+        E.evaluate(_cfg(setup, tmp_path / "c", cache=setup["test"], question_source="templates",
+                        sls_pt=None, sls_tl=None, sls_td=None))
+    res = E.evaluate(_cfg(setup, tmp_path / "d", plots=False, sls_tl=None))
+    assert res["metrics"] and "--sls-tl" in res["submission_note"] and not (tmp_path / "d" / "submission.json").exists()
+    from typer.testing import CliRunner
+
+    from mambavl.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "--checkpoint", setup["ckpt"], "--cache", setup["test"], "--out",
+                            str(tmp_path / "e"), "--device", "cpu", "--questions", "templates", "--quiet"])
+    assert r.exit_code == 2 and "supervision levels" in r.output

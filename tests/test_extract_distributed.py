@@ -212,10 +212,10 @@ def test_decode_threads_reach_ffmpeg_and_change_nothing(kitchen):
     ann = load_annotations(kitchen.train_csv)
     seg = ann.segments[1]
     cfg = SamplingConfig(num_frames=4, size=64)
-    base = decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.video_info)
+    base = decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.frame_rate(seg.video_id))
     for threads in (1, 2):
-        frames, times = decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.video_info,
+        frames, times = decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.frame_rate(seg.video_id),
                                        threads=threads)
         assert np.array_equal(frames, base[0]) and np.array_equal(times, base[1])
     with pytest.raises(Exception, match="ffmpeg failed"):  # an invalid -threads value reaches ffmpeg, which refuses it
-        decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.video_info, threads=-3)
+        decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time, cfg, ann.frame_rate(seg.video_id), threads=-3)

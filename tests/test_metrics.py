@@ -28,11 +28,27 @@ def test_topk_accuracy_official_cases():
     assert acc == {1: 0.5, 2: 0.75, 3: 1.0, 5: 1.0}
 
 
-def test_topk_ties_rank_lower_class_first():
+def test_topk_ties_rank_higher_class_first_as_the_official_scorers():
+    # C1 utils/scoring.py: scores.argsort()[:, ::-1] puts the higher class index first among equal scores
+    assert M.topk_accuracy(np.array([[1.0, 1.0, 0.0]]), np.array([1]), ks=(1,)) == {1: 1.0}
     scores = np.array([[0.3, 0.3, 0.3, 0.1], [0.0, 0.5, 0.5, 0.5]])
-    assert M.rank_classes(scores).tolist() == [[0, 1, 2, 3], [1, 2, 3, 0]]
-    assert M.topk_accuracy(scores, np.array([0, 1]), ks=(1,)) == {1: 1.0}
-    assert M.topk_accuracy(scores, np.array([1, 3]), ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
+    assert M.rank_classes(scores).tolist() == [[2, 1, 0, 3], [3, 2, 1, 0]]
+    assert M.rank_classes(scores).tolist() == np.argsort(scores, kind="stable")[:, ::-1].tolist()
+    assert M.topk_accuracy(scores, np.array([0, 1]), ks=(1,)) == {1: 0.0}
+    assert M.topk_accuracy(scores, np.array([1, 3]), ks=(1, 2, 3)) == {1: 0.5, 2: 1.0, 3: 1.0}
+
+
+def test_action_ties_follow_the_official_order():
+    # three logit levels per task: many exactly tied verb and noun scores. The levels' differences differ between
+    # verbs and nouns, so equal pair scores come only from those ties (not from rounding of equal sums).
+    rng = np.random.default_rng(3)
+    verb = np.array([0.0, 1.3, 2.9])[rng.integers(0, 3, size=(200, 12))]
+    noun = np.array([0.0, 0.4, 5.1])[rng.integers(0, 3, size=(200, 150))]
+    pairs, _ = M.action_scores_from_verb_noun(verb, noun)
+    official = _official_action_pairs(verb, noun, kind="stable")
+    np.testing.assert_array_equal(pairs, official)
+    vl, nl = rng.integers(0, 12, 200), rng.integers(0, 150, 200)
+    assert M.action_topk_accuracy(pairs, vl, nl) == M.action_topk_accuracy(official, vl, nl)
 
 
 def test_topk_k_larger_than_classes_and_bad_labels():
@@ -67,11 +83,12 @@ def test_shape_errors():
 # action scores
 
 
-def _official_action_pairs(verb, noun, top_n=100):
-    """Transliteration of C1 utils/scoring.py:compute_action_scores (batch-wide softmax, reversed argsort)."""
+def _official_action_pairs(verb, noun, top_n=100, kind="quicksort"):
+    """Transliteration of C1 utils/scoring.py:compute_action_scores (batch-wide softmax, reversed argsort); kind
+    "stable" makes numpy's tie order (class order, reversed) deterministic."""
 
     def top_scores(s):
-        idx = np.argsort(s)[:, ::-1][:, :top_n]
+        idx = np.argsort(s, kind=kind)[:, ::-1][:, :top_n]
         return idx, s[np.arange(len(s))[:, None], idx]
 
     def softmax_all(x):  # scipy.special.softmax(x) with axis=None normalises over the whole array
@@ -82,7 +99,7 @@ def _official_action_pairs(verb, noun, top_n=100):
     tn, tns = top_scores(noun)
     mat = softmax_all(tvs)[:, :, None] * softmax_all(tns)[:, None, :]
     n = len(mat)
-    ranks = mat.reshape(n, -1).argsort(axis=-1)[:, ::-1]
+    ranks = mat.reshape(n, -1).argsort(axis=-1, kind=kind)[:, ::-1]
     vi, ni = np.unravel_index(ranks[:, :top_n], mat.shape[1:])
     seg = np.arange(n)[:, None]
     return np.stack([tv[seg, vi], tn[seg, ni]], axis=-1)
@@ -288,18 +305,20 @@ def test_real_perfect_scores_give_one_everywhere(ek100_val):
     assert all(t["recall@5"] == 1.0 for s in a.values() for t in s.values())
 
 
-def test_real_constant_scores_predict_class_zero(ek100_val):
+def test_real_constant_scores_predict_the_last_class(ek100_val):
     verb, noun, part, unseen, tail_v, tail_n = ek100_val
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no spurious warnings on the real split
         m = M.ek100_recognition_metrics(np.ones((len(verb), 97)), np.ones((len(verb), 300)), verb, noun, part,
                                         unseen, tail_v, tail_n)
-    # Ties rank class 0 first: top-1 = frequency of class 0; top-5 = frequency of classes 0..4.
-    assert m["all"]["verb"]["top1"] == pytest.approx(np.mean(verb == 0))
-    assert m["all"]["verb"]["top5"] == pytest.approx(np.mean(verb < 5))
-    assert m["all"]["noun"]["top1"] == pytest.approx(np.mean(noun == 0))
-    assert m["all"]["action"]["top1"] == pytest.approx(np.mean((verb == 0) & (noun == 0)))
+    # Ties rank the highest class first (official): top-1 = frequency of class 96; top-5 = of classes 92..96.
+    assert m["all"]["verb"]["top1"] == pytest.approx(np.mean(verb == 96))
+    assert m["all"]["verb"]["top5"] == pytest.approx(np.mean(verb >= 92))
+    assert m["all"]["noun"]["top1"] == pytest.approx(np.mean(noun == 299))
+    # actions: the official top lists keep verbs 96..0 and nouns 299..200; all products tie, and the reversed
+    # argsort of the flattened matrix puts the last positions first: verb 0 with noun 200
+    assert m["all"]["action"]["top1"] == pytest.approx(np.mean((verb == 0) & (noun == 200)))
     un = np.isin(part, ["P18", "P32"])
-    assert m["unseen"]["verb"]["top1"] == pytest.approx(np.mean(verb[un] == 0))
-    # Every tail verb has id > 0 here, so no tail-verb segment can be right.
-    assert 0 not in tail_v and m["tail"]["verb"]["top1"] == 0.0
+    assert m["unseen"]["verb"]["top1"] == pytest.approx(np.mean(verb[un] == 96))
+    tv = np.isin(verb, list(tail_v))
+    assert m["tail"]["verb"]["top1"] == pytest.approx(np.mean(verb[tv] == 96))

@@ -53,7 +53,7 @@ def test_features_equal_encoder_on_same_frames(tmp_path, kitchen, encoder):
     for row in (0, 5):
         seg = ann.segments[row]
         frames, times = decode_segment(kitchen.videos, seg, seg.start_time, seg.stop_time,
-                                       SamplingConfig(num_frames=4, size=64), ann.video_info)
+                                       SamplingConfig(num_frames=4, size=64), ann.frame_rate(seg.video_id))
         expect = encoder.encode_segments(frames[None])[0].numpy().astype(np.float16)
         assert np.array_equal(f["features"][row], expect)
         assert np.allclose(f["frame_times"][row], times, atol=1e-4)
@@ -184,7 +184,7 @@ def test_import_features(tmp_path, kitchen, fmt):
                 pickle.dump(a, f)
     out = tmp_path / "imp.h5"
     r = CliRunner().invoke(app, ["cache", "import", "--features", str(src), "--annotations", str(kitchen.val_csv),
-                                 "--out", str(out), "--name", "avion-test", "--frames", "3",
+                                 "--out", str(out), "--name", "avion-test", "--frames", "3", "--source-fps", "12",
                                  "--text-model", "mambavl-tiny-clip", "--text-pretrained", "none"])
     assert r.exit_code == 0, r.output
     cache = open_cache(out)

@@ -18,7 +18,7 @@ def test_kitchen_dataset(tmp_path):
     s = train.segments[0]
     assert s.narration == f"{s.verb} {s.noun}"
     frames, times = decode_segment(ds.videos, s, s.start_time, s.stop_time, SamplingConfig(num_frames=4, size=32),
-                                   train.video_info)
+                                   train.frame_rate(s.video_id))
     assert frames.shape == (4, 32, 32, 3) and frames.std() > 10
     generic = load_annotations(ds.generic_csv)
     assert generic.kind == "generic" and len(generic.segments) == 12

@@ -12,6 +12,7 @@ reason, and the run goes on.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from mambavl.cache import schema
 from mambavl.cache.reader import open_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
-from mambavl.data.annotations import AnnotationSet, load_annotations
+from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
@@ -52,6 +53,7 @@ class ExtractConfig:
     verb_classes: str | None = None
     noun_classes: str | None = None
     video_info: str | None = None
+    frame_rate: float | None = None  # numbering rate of rgb_frames folders (frames/s); None: from the annotations
     limit: int | None = None
     shard: tuple[int, int] | None = None
     decode_workers: int = 2
@@ -143,6 +145,12 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
     videos = Path(cfg.videos)
     if not videos.is_dir():
         raise InputError(f"--videos {videos}: not a directory")
+    if cfg.frame_rate is not None:
+        if not (math.isfinite(cfg.frame_rate) and cfg.frame_rate > 0):
+            raise InputError(f"--frame-rate {cfg.frame_rate}: must be a positive number of frames/s")
+        # the given rate must agree with the rows' own frame numbers and timestamps
+        check_frame_times(ann.path, ann.segments, {s.video_id: cfg.frame_rate for s in ann.segments},
+                          origin="--frame-rate")
     rows = _stored_shard_rows(cfg.out, cfg.shard, len(ann.segments)) if cfg.shard else None
     if rows is None:
         costs = segment_costs(videos, ann.segments, cfg.sampling, ann.video_info, cfg.anticipation, cfg.tau_a,
@@ -183,11 +191,15 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         limit=int(cfg.limit) if cfg.limit is not None else -1,
     )
     meta = RowMeta.from_segments(segments)
-    with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys) as w:
+
+    def tables(w: CacheWriter) -> None:
         if "source_row" not in w.f:
             w.f.create_dataset("source_row", data=rows.astype(np.int64))
         if schema.QUESTIONS not in w.f or schema.ANSWERS not in w.f:
             write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
+
+    with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys, on_create=tables) as w:
+        tables(w)  # a no-op unless the file predates them
         pending = w.pending_rows()
         skipped = len(segments) - len(pending)
         done_before = skipped
@@ -230,7 +242,8 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 start, stop = seg.start_time, seg.stop_time
             else:
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
-            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.video_info, cfg.decode_threads)
+            return decode_segment(videos, seg, start, stop, cfg.sampling, ann.frame_rate(seg.video_id, cfg.frame_rate),
+                                  cfg.decode_threads)
         except DecodeError as exc:
             return exc
 
@@ -282,7 +295,11 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                         batch.append((row, window, *result))
                 if batch and (len(batch) >= cfg.segments_per_batch or not futures):
                     for row, window, feats, times in _encode_batch(enc, batch):
-                        out_q.put(("row", row, window, (feats, times)))
+                        bad = schema.nonfinite_report(feats)
+                        if bad:  # an encoder overflow: recorded, never stored as inf/NaN
+                            out_q.put(("fail", row, window, f"non-finite features from the encoder: {bad}"))
+                        else:
+                            out_q.put(("row", row, window, (feats, times)))
                     batch = []
                 if writer_error:
                     raise writer_error[0]

@@ -106,7 +106,7 @@ class CacheFile:
     def h5(self) -> h5py.File:
         """The open file for this process (opened on first use after a fork/spawn)."""
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = schema.open_h5(self.path, "r")
             self._pid = os.getpid()
         return self._h5
 
@@ -200,11 +200,7 @@ def open_cache(path: str | os.PathLike, expect: dict[str, Any] | None = None, wh
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cache {path} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"cache {path} is not a readable HDF5 file ({exc})") from exc
-    with f:
+    with schema.open_h5(path, "r") as f:
         attrs = schema.read_attrs(f.attrs)
         schema.validate_attrs(attrs, str(path))
         for name in ("features", "valid", *schema.ROW_STRING_DATASETS, *schema.ROW_INT_DATASETS):

@@ -23,13 +23,21 @@ Layout (N segments, F tokens per segment, D feature dim, Dt text dim, T question
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
+
+import h5py
+import numpy as np
 
 from mambavl.errors import InputError
 
 SCHEMA_VERSION = 1
+
+# Features are stored as float16: finite values up to this magnitude survive the cast.
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 # Window names: the recognition window is the segment itself; the anticipation window is the observed
 # interval [start - tau_a - tau_o, start - tau_a] that ends tau_a seconds before the action starts.
@@ -142,3 +150,33 @@ def check_compatible(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, wh
             raise InputError(
                 f"{what_b} does not match {what_a}: attribute {key!r} is {vb!r} there but {va!r} in {what_a}"
             )
+
+
+def nonfinite_report(features: np.ndarray) -> str:
+    """"" when every value of `features` survives the float16 cast finite; else what does not, e.g.
+    "1 NaN, 12 values beyond float16's range (|x| up to 3.1e+05)"."""
+    a = np.asarray(features, dtype=np.float64)
+    nan = int(np.isnan(a).sum())
+    big = np.abs(np.where(np.isnan(a), 0.0, a))
+    over = int((big > FLOAT16_MAX).sum())
+    parts = ([f"{nan} NaN"] if nan else []) + \
+        ([f"{over} values beyond float16's range (|x| up to {big.max():.3g}, max {FLOAT16_MAX:g})"] if over else [])
+    return ", ".join(parts)
+
+
+def open_h5(path: str | os.PathLike, mode: str, what: str = "cache") -> h5py.File:
+    """h5py.File(path, mode), with an InputError that tells apart a file another process holds (HDF5's file lock,
+    errno 11: a running extraction, an open notebook) from one that is not a usable HDF5 file."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
+            raise InputError(
+                f"{what} {path} is in use by another process (it holds the HDF5 file lock: a running extraction, "
+                f"training or an open notebook); wait for it to finish or close the file there, then run this again"
+            ) from None
+        if isinstance(exc, FileExistsError):
+            raise
+        access = "writable" if mode != "r" else "readable"
+        raise InputError(f"{what} {path} is not a {access} HDF5 file ({exc}); if it is damaged, move it away and "
+                         "run again") from exc

@@ -1,14 +1,23 @@
-"""Write a feature cache row by row, resumably.
+"""Write a feature cache row by row, resumably, surviving SIGKILL at any point.
 
-Crash safety: every row's data is written first and its `valid` done-flag after it (then the file is flushed), so
-a crash can leave a half-written row but never a counted one. Re-opening an existing cache with the same
-attributes resumes: rows already flagged valid are skipped by the caller (`pending_rows`), failed rows are retried.
-An existing cache made with other attributes (annotation file, encoder, weights, sampling) is refused, naming the
-attribute, and left untouched.
+Crash safety. HDF5 updates its metadata (object headers, chunk indices, the superblock) in place, so a process
+killed while metadata is half written leaves a file HDF5 cannot open. The writer therefore changes metadata only
+where a kill cannot hurt:
 
-The file is created under its final name with attribute ``complete = False``; `finalize` sets it to True once every
-row of every window is valid or has a recorded failure. (A temp name + rename would hide a partial cache from the
-very resume that needs it.)
+* creation: the whole file (row metadata, every per-window dataset, the caller's `on_create` tables) is built under
+  a temporary name, flushed and closed, then published under its final name with an exclusive hard link (a second
+  run creating the same cache at the same moment finds the name taken and resumes instead). A kill during creation
+  leaves only the temporary file, which the next run removes;
+* rows: the per-window datasets are allocated at creation (`ALLOC_TIME_EARLY`), so writing a row changes raw data
+  only. Its data are written and flushed first and its `valid` done-flag after them (then flushed), so a kill can
+  leave a half-written row but never a counted one;
+* failures are kept in memory and written (with the `complete` attribute) by `finalize` / `close`: a kill loses at
+  most those records, and the resumed run retries failed rows anyway, recording them again.
+
+Re-opening an existing cache with the same attributes resumes: rows already flagged valid are skipped by the caller
+(`pending_rows`), failed rows are retried. An existing cache made with other attributes (annotation file, encoder,
+weights, sampling) is refused, naming the attribute, and left untouched. A cache another process has open for
+writing is refused as "in use" (HDF5's file lock).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +133,23 @@ def base_attrs(**values: Any) -> dict[str, Any]:
     return attrs
 
 
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _early(f: h5py.File, name: str, shape: tuple, dtype: Any, fill: Any, chunks: tuple | None = None) -> None:
+    """A dataset whose file space is allocated (and filled with `fill`) at creation (H5D_ALLOC_TIME_EARLY)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=fill, dcpl=dcpl)
+
+
 def _h5_attr(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(list(value) if isinstance(value, tuple) else value)
@@ -131,10 +157,14 @@ def _h5_attr(value: Any) -> Any:
 
 
 class CacheWriter:
-    """Create or resume a cache file. Use as a context manager; call `finalize()` when the run is over."""
+    """Create or resume a cache file. Use as a context manager; call `finalize()` when the run is over.
+
+    `on_create(writer)` runs once, when the file is new, before it is published under its final name: tables
+    written there (question and answer tables, source rows) are in the file whenever the file exists.
+    """
 
     def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], rows: RowMeta, verb_keys: Sequence[str],
-                 noun_keys: Sequence[str]):
+                 noun_keys: Sequence[str], on_create: Callable[["CacheWriter"], None] | None = None):
         self.path = Path(path)
         self.attrs = base_attrs(**attrs)
         self.n = len(rows)
@@ -143,49 +173,68 @@ class CacheWriter:
         if self.frames <= 0 or self.dim <= 0:
             raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
-        if self.path.exists():
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._failures: dict[tuple[int, str], dict[str, Any]] = {}
+        self._failures_dirty = False
+        if self.path.exists() or not self._create(rows, verb_keys, noun_keys, on_create):
             self.f = self._resume(rows)
             self.resumed = True
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = self._create(rows, verb_keys, noun_keys)
+            self.f = schema.open_h5(self.path, "r+")
             self.resumed = False
         self._failures = {(r["index"], r["window"]): r for r in self._read_failures()}
 
     # ---------------------------------------------------------------- creation / resume
-    def _create(self, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str]) -> h5py.File:
-        f = h5py.File(self.path, "w")
-        for key, value in self.attrs.items():
-            f.attrs[key] = _h5_attr(value)
-        f.attrs["complete"] = False
-        n, F, D = self.n, self.frames, self.dim
-        for window in self.windows:
-            p = schema.window_prefix(window)
-            f.create_dataset(p + "features", shape=(n, F, D), dtype=np.float16, chunks=(1, F, D) if n else None,
-                             fillvalue=0)
-            f.create_dataset(p + "num_frames", shape=(n,), dtype=np.int16, fillvalue=0)
-            f.create_dataset(p + "frame_times", shape=(n, F), dtype=np.float32, fillvalue=np.nan)
-            f.create_dataset(p + "valid", shape=(n,), dtype=bool, fillvalue=False)
-        for name in schema.ROW_STRING_DATASETS:
-            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
-        for name in schema.ROW_INT_DATASETS:
-            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
-        for name in schema.ROW_FLOAT_DATASETS:
-            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
-        nouns = np.empty(n, dtype=object)  # one write for all rows (per-row vlen writes cost ~1 ms each)
-        nouns[:] = [np.asarray(ids, dtype=np.int32) for ids in rows.all_noun_classes]
-        f.create_dataset(schema.ALL_NOUNS, data=nouns, dtype=VLEN_INT)
-        g = f.create_group(schema.CLASSES)
-        g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
-        g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
-        f.flush()
-        return f
+    def _create(self, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str],
+                on_create: Callable[["CacheWriter"], None] | None) -> bool:
+        """Build the file under a temporary name, then link it to `self.path`. False if another run published
+        `self.path` first."""
+        prefix = self.path.name + ".creating-"
+        for stale in self.path.parent.glob(prefix + "*"):  # left by a run killed while creating
+            if not _pid_alive(stale.name[len(prefix):]):
+                stale.unlink(missing_ok=True)
+        tmp = self.path.with_name(f"{prefix}{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        f = self.f = schema.open_h5(tmp, "x")
+        try:
+            for key, value in self.attrs.items():
+                f.attrs[key] = _h5_attr(value)
+            f.attrs["complete"] = False
+            n, F, D = self.n, self.frames, self.dim
+            for window in self.windows:
+                p = schema.window_prefix(window)
+                # allocated now (and filled), so that writing a row later touches raw data only, never metadata
+                _early(f, p + "features", (n, F, D), np.float16, 0, chunks=(1, F, D) if n else None)
+                _early(f, p + "num_frames", (n,), np.int16, 0)
+                _early(f, p + "frame_times", (n, F), np.float32, np.nan)
+                _early(f, p + "valid", (n,), bool, False)
+            for name in schema.ROW_STRING_DATASETS:
+                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
+            for name in schema.ROW_INT_DATASETS:
+                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
+            for name in schema.ROW_FLOAT_DATASETS:
+                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
+            nouns = np.empty(n, dtype=object)  # one write for all rows (per-row vlen writes cost ~1 ms each)
+            nouns[:] = [np.asarray(ids, dtype=np.int32) for ids in rows.all_noun_classes]
+            f.create_dataset(schema.ALL_NOUNS, data=nouns, dtype=VLEN_INT)
+            g = f.create_group(schema.CLASSES)
+            g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
+            g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
+            self._write_failures()
+            if on_create is not None:
+                on_create(self)
+        finally:
+            f.close()
+        try:
+            os.link(tmp, self.path)  # exclusive: fails when the name exists
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     def _resume(self, rows: RowMeta) -> h5py.File:
-        try:
-            f = h5py.File(self.path, "r+")
-        except OSError as exc:
-            raise InputError(f"{self.path} exists but is not a writable HDF5 file ({exc}); move it away") from exc
+        f = schema.open_h5(self.path, "r+")
         old = schema.read_attrs(f.attrs)
         try:
             schema.validate_attrs(old, str(self.path))
@@ -222,11 +271,16 @@ class CacheWriter:
 
     def write_row(self, row: int, features: np.ndarray, frame_times: np.ndarray,
                   window: str = schema.RECOGNITION) -> None:
-        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag."""
+        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag.
+
+        ValueError for a wrong shape or values float16 cannot hold finite (NaN, inf, |x| > 65504)."""
         p = schema.window_prefix(window)
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] > self.frames:
             raise ValueError(f"row {row}: features of shape {features.shape}, expected (<= {self.frames}, {self.dim})")
+        bad = schema.nonfinite_report(features)
+        if bad:
+            raise ValueError(f"row {row} ({window}): features the float16 cache cannot hold: {bad}")
         k = features.shape[0]
         padded = np.zeros((self.frames, self.dim), dtype=np.float16)
         padded[:k] = features.astype(np.float16)
@@ -238,10 +292,9 @@ class CacheWriter:
         self.f.flush()
         # the done-flag goes last: a crash before this line leaves the row uncounted, to be redone on resume
         self.f[p + "valid"][row] = True
-        if (row, window) in self._failures:
-            del self._failures[(row, window)]
-            self._write_failures()
         self.f.flush()
+        if self._failures.pop((row, window), None) is not None:
+            self._failures_dirty = True
 
     def write_block(self, start: int, features: np.ndarray, frame_times: np.ndarray, num_frames: np.ndarray,
                     valid: np.ndarray, window: str = schema.RECOGNITION) -> None:
@@ -268,17 +321,17 @@ class CacheWriter:
         for key in stale:
             del self._failures[key]
         if stale:
-            self._write_failures()
+            self._failures_dirty = True  # written by finalize / close, as for single rows
         self.f.flush()
 
     def record_failure(self, row: int, window: str, reason: str) -> None:
-        """Record why a row could not be written (it stays invalid; a resumed run retries it)."""
+        """Record why a row could not be written (it stays invalid; a resumed run retries it). Kept in memory and
+        written by `finalize` / `close` (see the module docstring)."""
         nid = self.f["narration_id"][row]
         nid = nid.decode() if isinstance(nid, bytes) else str(nid)
         self._failures[(row, window)] = {"index": int(row), "narration_id": nid, "window": window,
                                          "reason": str(reason)}
-        self._write_failures()
-        self.f.flush()
+        self._failures_dirty = True
 
     def failures(self) -> list[dict[str, Any]]:
         return [self._failures[k] for k in sorted(self._failures)]
@@ -294,6 +347,7 @@ class CacheWriter:
         ]
 
     def _write_failures(self) -> None:
+        self._failures_dirty = False
         if schema.FAILURES in self.f:
             del self.f[schema.FAILURES]
         g = self.f.create_group(schema.FAILURES)
@@ -354,12 +408,15 @@ class CacheWriter:
                     ok[row] = True
             settled &= ok
         complete = bool(settled.all())
+        self._write_failures()
         self.f.attrs["complete"] = complete
         self.f.flush()
         return complete
 
     def close(self) -> None:
         if self.f.id.valid:
+            if self._failures_dirty and self.f.mode == "r+":
+                self._write_failures()  # a run stopped by an exception keeps its failure records
             self.f.close()
 
     def __enter__(self) -> "CacheWriter":

@@ -4,7 +4,9 @@ Each stage registers its commands from its own module (``extract``, ``train``, `
 owns the application objects and the mapping of errors to exit codes:
 
 * 0 — done; 2 — bad input (``InputError``: the message names the file/row/field);
-* 3 — finished, with recorded failures (extraction).
+* 3 — finished, with recorded failures (extraction);
+* 4 — training stopped (``TrainingStopped``: a non-finite loss or weights, a checkpoint that could not be written;
+  the last good checkpoint is kept).
 
 The one deliberate exception to imports at the top of modules lives in this layer: each command imports the library
 stage it runs inside its body (e.g. ``from mambavl.evaluate import evaluate``), so that ``mambavl --help`` and a
@@ -21,7 +23,7 @@ import sys
 import typer
 
 from mambavl import __version__
-from mambavl.errors import InputError
+from mambavl.errors import InputError, TrainingStopped
 
 app = typer.Typer(
     name="mambavl",
@@ -36,6 +38,7 @@ app.add_typer(cache_app, name="cache")
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 3
+EXIT_TRAINING_STOPPED = 4
 
 
 def _version(value: bool) -> None:
@@ -70,9 +73,12 @@ from mambavl.cli import tools as _tools  # noqa: E402,F401
 
 
 def main() -> None:
-    """Console-script entry point: InputError anywhere below a command becomes exit code 2."""
+    """Console-script entry point: InputError anywhere below a command becomes exit code 2, TrainingStopped 4."""
     try:
         app()
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    except TrainingStopped as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_TRAINING_STOPPED)

@@ -104,9 +104,10 @@ def evaluate_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
     submission: Annotated[bool, typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = True,
-    sls_pt: Annotated[int, typer.Option("--sls-pt", help="Submission: pre-training supervision level 0-5.")] = 1,
-    sls_tl: Annotated[int, typer.Option("--sls-tl", help="Submission: training-label supervision level 0-5.")] = 3,
-    sls_td: Annotated[int, typer.Option("--sls-td", help="Submission: training-data level 0-5.")] = 3,
+    sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
+    sls_tl: Annotated[Optional[int], typer.Option("--sls-tl", help="Submission: your training-label supervision level 0-5.")] = None,
+    sls_td: Annotated[Optional[int], typer.Option("--sls-td", help="Submission: your training-data level 0-5.")] = None,
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
@@ -119,6 +120,7 @@ def evaluate_command(
             batch_size=batch_size, device=device, ek100_dir=optional_path(ek100_dir), unseen_ids=optional_path(unseen_ids),
             tail_verbs=optional_path(tail_verbs), tail_nouns=optional_path(tail_nouns), split=split, train_cache=optional_path(train_cache),
             plots=plots, submission=submission, sls_pt=sls_pt, sls_tl=sls_tl, sls_td=sls_td,
+            allow_incomplete=allow_incomplete,
         )
         result = _with_progress("evaluate", quiet, evaluate, cfg)
     except InputError as exc:
@@ -131,7 +133,7 @@ def evaluate_command(
         console.print(_metrics_table(result))
     else:
         console.print(result.get("note", "no metrics"))
-    for key in ("question_source_warning", "segments_warning"):
+    for key in ("question_source_warning", "segments_warning", "submission_note"):
         if key in result:
             console.print(f"[yellow]warning:[/] {result[key]}")
     for note in result.get("subset_notes", []) + result.get("metric_notes", []):

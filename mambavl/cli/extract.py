@@ -48,6 +48,7 @@ def extract(
     verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations); for a generic CSV, the label list shared by all splits (class CSV or one label per line).")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
     video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
+    frame_rate: Annotated[Optional[float], typer.Option(help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 64,
     decode_workers: Annotated[int, typer.Option(help="Parallel ffmpeg decodes.")] = 2,
@@ -77,7 +78,7 @@ def extract(
             questions_file=optional_path(questions_file),
             verb_classes=optional_path(verb_classes),
             noun_classes=optional_path(noun_classes),
-            video_info=optional_path(video_info),
+            video_info=optional_path(video_info), frame_rate=frame_rate,
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
             decode_threads=decode_threads,
         )
@@ -202,6 +203,7 @@ def cache_import(
     name: Annotated[str, typer.Option("--name", help="Name of the source features, e.g. avion-vitl.")],
     key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
     frames: Annotated[int, typer.Option(help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
+    source_fps: Annotated[Optional[float], typer.Option(help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
     text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
     text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
     questions: Annotated[str, typer.Option(help="Question sources: templates[,annotation][,file].")] = "templates,annotation",
@@ -213,11 +215,14 @@ def cache_import(
 
     try:
         cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
-                           frames=frames, text=EncoderConfig(model=text_model, pretrained=text_pretrained,
-                                                             device=device),
+                           frames=frames, source_fps=source_fps,
+                           text=EncoderConfig(model=text_model, pretrained=text_pretrained, device=device),
                            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
                            questions_file=optional_path(questions_file))
-        path = import_features(cfg)
+        summary = import_features(cfg)
     except InputError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"imported {features} into {path}")
+    typer.echo(f"imported {summary.rows} segments from {features} into {summary.path}")
+    if summary.unused_files:
+        typer.echo(f"{summary.unused_files} feature files in {features} are not in {annotations.name} and were not "
+                   "used (other splits)")

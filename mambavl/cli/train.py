@@ -15,9 +15,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import app, fail, optional_path
+from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path
 from mambavl.cli.progress import rich_progress
-from mambavl.errors import InputError
+from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime import Task, config_from_checkpoint
 from mambavl.train import TrainConfig, train
@@ -130,6 +130,8 @@ def train_command(
         result = _run(cfg, quiet)
     except InputError as exc:
         raise fail(str(exc)) from None
+    except TrainingStopped as exc:
+        raise fail(str(exc), EXIT_TRAINING_STOPPED) from None
     if not quiet:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
         typer.echo(f"best {result.best_metric_name}: {best}")

@@ -12,6 +12,16 @@ vocabulary (sorted unique); nouns are empty unless a ``noun`` column exists. ``v
 video root; ``start`` / ``stop`` are seconds or ``[HH:]MM:SS(.ff)``.
 
 Every error is an `InputError` naming the file, the 1-based data row (header not counted) and the field.
+
+Frame numbers and times. EK-100's ``start_frame`` / ``stop_frame`` number the frames of the released
+``rgb_frames`` folders, which were extracted at a fixed rate, not at the video's native rate: EK-55 videos
+(native 59.94, 29.97, 47.95 or 90 fps in ``EPIC_100_video_info.csv``) are numbered at ~60 frames/s, the EK-100
+extension (50 fps) at 50. So a frame folder's numbering rate is inferred per video from the CSV's own
+(frame, timestamp) pairs (`infer_frame_rates`), and every row is checked against it (`check_frame_times`): a row
+whose start_frame and start_timestamp (or stop_frame and stop_timestamp) disagree by more than `FRAME_TOLERANCE`
+frames plus the timestamps' 10 ms resolution is refused, naming file, row and fields. `frame_at` / `frame_start`
+/ `frame_window` are the one definition of frame number <-> time for a numbered source (frame folders, RULSTM LMDB
+keys); video files use their own timestamps.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mambavl.errors import InputError
 
@@ -83,6 +95,12 @@ class VideoInfo:
     resolution: str    # "1920x1080" ("" when unknown)
 
 
+# How far (in frames) a row's frame number may lie from its timestamp at the video's numbering rate: EK-100's
+# frames come from one extraction and its timestamps from another, and they differ by up to ~2 frames.
+FRAME_TOLERANCE = 2.0
+TIMESTAMP_RESOLUTION = 0.01  # seconds: HH:MM:SS.ff
+
+
 @dataclass
 class AnnotationSet:
     segments: list[Segment]
@@ -93,6 +111,19 @@ class AnnotationSet:
     sha256: str = ""             # of the annotation CSV bytes
     kind: str = "ek100"          # "ek100" | "generic"
     has_labels: bool = True      # False for test_timestamps-style files
+    # EK-100: video_id -> frame numbering rate (frames/s) inferred from the rows' frame/timestamp pairs
+    frame_rates: dict[str, float] = field(default_factory=dict)
+
+    def frame_rate(self, video_id: str, given: float | None = None) -> float | None:
+        """Numbering rate (frames/s) of `video_id`'s frame folder: `given` when set, else the rate the EK-100 rows
+        imply, else (generic CSVs, which carry no frame numbers) the video_info fps; None when unknown."""
+        if given is not None:
+            return float(given)
+        if video_id in self.frame_rates:
+            return self.frame_rates[video_id]
+        if self.kind == "generic" and video_id in self.video_info:
+            return self.video_info[video_id].fps
+        return None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -115,6 +146,81 @@ def parse_timestamp(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"invalid time {text!r}")
     return value
+
+
+def frame_at(t: float, rate: float) -> int:
+    """1-based number of the frame displayed at time `t` (seconds) in a source numbered at `rate` frames/s:
+    frame n is displayed during [(n - 1) / rate, n / rate)."""
+    return int(math.floor(max(float(t), 0.0) * rate + 1e-6)) + 1
+
+
+def frame_start(number: int | np.ndarray, rate: float) -> float | np.ndarray:
+    """Time (seconds) at which 1-based frame `number` starts being displayed: (number - 1) / rate."""
+    return (np.asarray(number, dtype=np.float64) - 1) / rate if isinstance(number, np.ndarray) \
+        else (int(number) - 1) / rate
+
+
+def frame_window(start: float, stop: float, rate: float) -> tuple[int, int]:
+    """The frames displayed during [start, stop) seconds: (first, last), 1-based inclusive, last >= first."""
+    first = frame_at(start, rate)
+    return first, max(first, int(math.ceil(float(stop) * rate - 1e-6)))
+
+
+def _fit_rate(t: np.ndarray, f: np.ndarray) -> float | None:
+    """Slope through the origin of frame offsets `f` against times `t` (both (P,)), robust to a few bad rows: each of
+    the (up to 256) latest points proposes the rate f/t; the proposal most points agree with (within the check's
+    tolerance) wins, and least squares over the points near it (twice, then once the tolerance) refines it."""
+    keep = t > 0
+    t, f = t[keep], f[keep]
+    if not len(t):
+        return None
+    late = np.argsort(-t, kind="stable")[:256]  # latest first: their ratios are the most precise
+    proposals = f[late] / t[late]  # (C,)
+    tol = FRAME_TOLERANCE + TIMESTAMP_RESOLUTION * proposals[:, None]  # (C, 1)
+    agree = (np.abs(f[None, :] - proposals[:, None] * t[None, :]) <= tol).sum(axis=1)  # (C,)
+    rate = float(proposals[int(np.argmax(agree))])
+    for band in (2.0, 1.0):  # a proposal may sit at one edge of the band: refit on a wider band, then the band
+        inside = np.abs(f - rate * t) <= band * (FRAME_TOLERANCE + TIMESTAMP_RESOLUTION * rate)
+        if inside.any():
+            rate = float((t[inside] * f[inside]).sum() / (t[inside] ** 2).sum())
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
+def infer_frame_rates(segments: list[Segment]) -> dict[str, float]:
+    """video_id -> frame numbering rate (frames/s) implied by the rows' (start_frame - 1, start_timestamp) and
+    (stop_frame, stop_timestamp) pairs. Videos whose rows carry no usable pair (all times 0) are left out."""
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for s in segments:
+        if s.start_frame is None or s.stop_frame is None:
+            continue
+        ts, fs = points.setdefault(s.video_id, ([], []))
+        ts += [s.start_time, s.stop_time]
+        fs += [s.start_frame - 1, s.stop_frame]
+    out = {}
+    for vid, (ts, fs) in points.items():
+        rate = _fit_rate(np.asarray(ts), np.asarray(fs, dtype=np.float64))
+        if rate is not None:
+            out[vid] = rate
+    return out
+
+
+def check_frame_times(path: str | os.PathLike, segments: list[Segment], rates: dict[str, float],
+                      origin: str = "the file's rows of this video") -> None:
+    """InputError naming file, row and fields when a row's frame number and timestamp disagree at its video's
+    numbering rate by more than FRAME_TOLERANCE frames (+ the timestamps' 10 ms resolution)."""
+    for s in segments:
+        rate = rates.get(s.video_id)
+        if rate is None or s.start_frame is None or s.stop_frame is None:
+            continue
+        tol = FRAME_TOLERANCE + TIMESTAMP_RESOLUTION * rate
+        for frame, offset, t, fname, tname in ((s.start_frame, 1, s.start_time, "start_frame", "start_timestamp"),
+                                               (s.stop_frame, 0, s.stop_time, "stop_frame", "stop_timestamp")):
+            off = frame - offset - t * rate
+            if abs(off) > tol:
+                raise InputError(
+                    f"{path}: row {s.row}, fields {fname!r} / {tname!r}: frame {frame} and {t:.2f}s disagree by "
+                    f"{off:+.1f} frames at {s.video_id}'s frame numbering rate {rate:.3f} frames/s (from {origin}); "
+                    f"frame {frame} would be at {frame_start(frame + 1 - offset, rate):.2f}s")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -424,4 +530,6 @@ def load_annotations(csv_path: str | os.PathLike, verb_classes: str | os.PathLik
         bad = [c for c in s.all_noun_classes if not 0 <= c < len(nouns_v)]
         if bad:
             raise InputError(f"{path}: row {s.row}, field 'all_noun_classes': {bad} not classes of {npath}")
-    return AnnotationSet(segments, verbs_v, nouns_v, info, path, file_sha256(path), kind, has_labels)
+    rates = infer_frame_rates(segments)
+    check_frame_times(path, segments, rates)
+    return AnnotationSet(segments, verbs_v, nouns_v, info, path, file_sha256(path), kind, has_labels, rates)

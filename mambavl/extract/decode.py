@@ -19,8 +19,15 @@ Times are seconds on the video's own timeline (0 = the container start, as ffmpe
 with the frames are the start times of the displayed frames on the nominal frame grid (exact for constant frame
 rate, the nearest grid point for variable rate).
 
-Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based,
-fps from ``EPIC_100_video_info.csv``); also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``.
+Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based);
+also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Frame number <-> time: a video file by its own
+timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
+``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
+see `mambavl.data.annotations`), or one given explicitly.
+
+Windows past the end. A window may reach at most `END_TOLERANCE_FRAMES` frames past the last frame (annotations
+round their stop times); further, or a frame folder missing more than that many frames of its window, is a
+DecodeError naming the file, the window and how much is missing, recorded as a failure by extraction.
 """
 
 from __future__ import annotations
@@ -36,13 +43,15 @@ import av
 import ffmpeg
 import numpy as np
 
-from mambavl.data.annotations import Segment, VideoInfo
+from mambavl.data.annotations import Segment, frame_start, frame_window
 from mambavl.data.media import ffmpeg_binary
 from mambavl.errors import InputError
 
 VIDEO_EXTENSIONS = (".MP4", ".mp4")
 FRAME_PATTERN = "frame_{:010d}.jpg"  # EK-100 rgb_frames naming, 1-based
 _STDERR_TAIL = 600                   # characters of ffmpeg's stderr kept in a DecodeError
+# Frames a window may reach past the end of its source (the annotations' rounding of stop times); beyond: failure.
+END_TOLERANCE_FRAMES = 3
 
 
 class DecodeError(RuntimeError):
@@ -212,8 +221,9 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
     running side by side (the extraction's thread pool) fill the cores anyway; see benchmarks/decode_1080p.py.
 
     Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,): the start times of the returned frames.
-    A window reaching past the end of the video is clamped to it; one starting after the end, a missing,
-    empty, truncated or corrupt file raise DecodeError naming the file and the reason.
+    A window reaching at most END_TOLERANCE_FRAMES frames past the end of the video is clamped to it; one reaching
+    further or starting after the end, a missing, empty, truncated or corrupt file raise DecodeError naming the
+    file and the reason.
     """
     path = Path(path)
     probe = probe_video(path)
@@ -222,6 +232,10 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
     if start >= probe.end:
         raise DecodeError(f"{path}: out of range: segment starts at {start:.3f}s, the video ends at "
                           f"{probe.end:.3f}s")
+    if stop > probe.end + END_TOLERANCE_FRAMES / probe.fps:
+        raise DecodeError(f"{path}: out of range: segment [{start:.3f}, {stop:.3f}]s ends {stop - probe.end:.3f}s "
+                          f"({(stop - probe.end) * probe.fps:.0f} frames) past the end of the video at "
+                          f"{probe.end:.3f}s (tolerance {END_TOLERANCE_FRAMES} frames)")
     start, stop = max(start, 0.0), min(stop, probe.end)
     grid = _grid(start, stop, cfg)
     if grid.step <= 1e-9:
@@ -260,37 +274,56 @@ def _displayed_frame_start(times: np.ndarray, probe: VideoProbe) -> np.ndarray:
     return probe.start + index / probe.fps
 
 
+def _last_present(frame_dir: Path, first: int, last: int) -> int:
+    """The highest frame number in first..last whose file exists, assuming the folder holds a contiguous run from
+    `first` (binary search: O(log n) stats however long the segment); first - 1 when frame `first` is missing."""
+    if not frame_path(frame_dir, first).is_file():
+        return first - 1
+    lo, hi = first, last  # frame lo exists; the answer is in lo..hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if frame_path(frame_dir, mid).is_file():
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def frame_path(frame_dir: str | os.PathLike, number: int) -> Path:
     """Path of 1-based frame `number` in an EK-100 rgb_frames folder."""
     return Path(frame_dir) / FRAME_PATTERN.format(number)
 
 
-def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, stop_frame: int, fps: float,
+def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, stop_frame: int, rate: float,
                              cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Frames start_frame..stop_frame (1-based, inclusive) of a JPEG folder (``frame_0000000001.jpg``).
+    """Frames start_frame..stop_frame (1-based, inclusive) of a JPEG folder (``frame_0000000001.jpg``) numbered at
+    `rate` frames/s.
 
-    The segment covers the display intervals of its frames, [(start_frame - 1) / fps, stop_frame / fps); sample
-    times are taken as for a video and each maps to the frame displayed then. Frames missing at the tail (folders
-    often stop a frame or two before the last annotated frame) are clamped to the last one present; a missing
-    folder, a hole inside the segment or an undecodable JPEG raise DecodeError.
-    Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,) = (frame - 1) / fps.
+    The segment covers the display intervals of its frames, [(start_frame - 1) / rate, stop_frame / rate); sample
+    times are taken as for a video and each maps to the frame displayed then. Up to END_TOLERANCE_FRAMES frames
+    missing at the tail (folders often stop a frame or two before the last annotated frame) are replaced by the
+    last one present; more missing frames, a missing folder, a hole inside the segment or an undecodable JPEG raise
+    DecodeError (with the count of missing frames).
+    Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,) = (frame - 1) / rate.
     """
     frame_dir = Path(frame_dir)
     if not frame_dir.is_dir():
         raise DecodeError(f"{frame_dir}: missing frame folder")
-    if not (fps > 0 and math.isfinite(fps)):
-        raise DecodeError(f"{frame_dir}: invalid fps {fps}")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise DecodeError(f"{frame_dir}: invalid frame numbering rate {rate}")
     start_frame, stop_frame = int(start_frame), int(stop_frame)
     if start_frame < 1 or stop_frame < start_frame:
         raise DecodeError(f"{frame_dir}: invalid frame range {start_frame}..{stop_frame}")
-    times = sample_times((start_frame - 1) / fps, stop_frame / fps, cfg)
-    numbers = np.clip(np.floor(times * fps + 1e-6).astype(np.int64) + 1, start_frame, stop_frame)  # (F,)
-    last = int(numbers.max())
-    while last >= start_frame and not frame_path(frame_dir, last).is_file():
-        last -= 1
+    times = sample_times(frame_start(start_frame, rate), frame_start(stop_frame + 1, rate), cfg)
+    numbers = np.clip(np.floor(times * rate + 1e-6).astype(np.int64) + 1, start_frame, stop_frame)  # (F,)
+    last = _last_present(frame_dir, start_frame, stop_frame)
     if last < start_frame:
         raise DecodeError(f"{frame_path(frame_dir, start_frame)}: missing (no frames {start_frame}..{stop_frame} "
                           f"in {frame_dir})")
+    if stop_frame - last > END_TOLERANCE_FRAMES:
+        raise DecodeError(f"{frame_dir}: incomplete frame folder: {stop_frame - last} of the segment's "
+                          f"{stop_frame - start_frame + 1} frames ({last + 1}..{stop_frame}) are missing "
+                          f"(tolerance {END_TOLERANCE_FRAMES}); the last frame present is {last}")
     numbers = np.minimum(numbers, last)
     unique, inverse = np.unique(numbers, return_inverse=True)
     blobs = []
@@ -310,8 +343,7 @@ def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, sto
     if len(got) != len(unique):
         raise DecodeError(f"{frame_dir}: corrupt JPEG among frames {unique.tolist()}: ffmpeg returned "
                           f"{len(got)} of {len(unique)} frames")
-    numbers = unique[inverse]
-    return got[inverse], (numbers - 1).astype(np.float64) / fps
+    return got[inverse], frame_start(unique[inverse], rate)
 
 
 def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind, Path]:
@@ -338,30 +370,29 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
 
 
 def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop: float, cfg: SamplingConfig,
-                   video_info: dict[str, VideoInfo] | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   frame_rate: float | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] seconds of `segment`'s video, from whichever layout `root` holds.
 
-    For JPEG folders the fps comes from `video_info` (EPIC_100_video_info.csv); the annotated start/stop frames
-    are used as they are when the window is the segment itself. `threads`: ffmpeg's decoder threads for video files
-    (0 = ffmpeg's default). Returns frames uint8 (F, size, size, 3) and times float64 (F,).
+    A video file is decoded by its own timestamps. A JPEG folder needs its numbering rate `frame_rate` (frames/s;
+    `AnnotationSet.frame_rate` gives it): the annotated start/stop frames are used as they are when the window is
+    the segment itself, other windows (anticipation) map seconds to frames at that rate. Returns frames uint8
+    (F, size, size, 3) and times float64 (F,) in seconds. `threads`: ffmpeg's decoder threads for video files (0 =
+    ffmpeg's default).
     """
     kind, path = locate_source(root, segment)
     if kind is SourceKind.VIDEO:
         return decode_video_segment(path, start, stop, cfg, threads)
-    info = (video_info or {}).get(segment.video_id)
-    if info is None:
-        raise DecodeError(f"{path}: frame folder needs the video's fps, but {segment.video_id!r} is not in the "
-                          "video info (EPIC_100_video_info.csv)")
+    if frame_rate is None:
+        raise DecodeError(f"{path}: frame folder needs its frame numbering rate, but none is known for "
+                          f"{segment.video_id!r} (no frame/timestamp pairs in the annotations; pass --frame-rate)")
     if segment.start_frame is not None and segment.stop_frame is not None and \
             (start, stop) == (segment.start_time, segment.stop_time):
         first, last = segment.start_frame, segment.stop_frame
     else:
         if stop < start:
             raise DecodeError(f"{path}: invalid window [{start}, {stop}] s")
-        # frames displayed during [start, stop): the one showing at start .. the one showing just before stop
-        first = int(math.floor(max(start, 0.0) * info.fps + 1e-6)) + 1
-        last = max(first, int(math.ceil(stop * info.fps - 1e-6)))
-    return decode_frame_dir_segment(path, first, last, info.fps, cfg)
+        first, last = frame_window(start, stop, frame_rate)
+    return decode_frame_dir_segment(path, first, last, frame_rate, cfg)
 
 
 def anticipation_window(segment: Segment | float, tau_a: float = 1.0, tau_o: float = 2.0) -> tuple[float, float]:

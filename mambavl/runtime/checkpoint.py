@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from mambavl.cache.reader import CacheFile
 from mambavl.device import resolve_device
-from mambavl.errors import InputError
+from mambavl.errors import InputError, TrainingStopped
 from mambavl.fuse.model import MambaVL, model_config_from_dict
 from mambavl.fuse.presets import create_model
 from mambavl.runtime.config import TrainConfig
@@ -83,15 +84,27 @@ def question_tokens(cache: CacheFile) -> dict[str, int]:
         return {}
 
 
+def _publish(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp), fsync it, rename it to `path`. A crash leaves `path` as it was; a failed write (OSError: a full
+    disk, a quota) removes `tmp` and raises TrainingStopped saying that `path` is unchanged."""
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = f"{path} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise TrainingStopped(f"could not write {path} ({exc.strerror or exc}); {kept}. Free space or choose "
+                              "another --out, then resume") from exc
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save into a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save into a temporary file beside `path`, then rename: a crash never leaves a half-written file, and a
+    failed write (TrainingStopped) leaves the previous file intact."""
+    _publish(path.with_name(path.name + ".tmp"), path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` through a temporary file and a rename."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy `src` to `dst` through a temporary file and a rename (TrainingStopped when it cannot be written)."""
+    _publish(dst.with_name(dst.name + ".tmp"), dst, lambda tmp: shutil.copyfile(src, tmp))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mambavl import metrics as M
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
@@ -104,48 +105,30 @@ def predict_scores(
     }
 
 
-def _topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C), (N,) -> (N,) bool: target among the top-k scores."""
-    k = min(k, scores.shape[1])
-    return (scores.topk(k, dim=1).indices == target[:, None]).any(dim=1)
-
-
-def _action_top5(verb: torch.Tensor, noun: torch.Tensor, vt: torch.Tensor, nt: torch.Tensor) -> torch.Tensor:
-    """EK-100 action top-5 from the verb and noun heads: pairs ranked by p(verb) * p(noun). The top 5 pairs of a
-    product of non-negative factors lie within the top-5 verbs x top-5 nouns, so only those 25 are scored."""
-    kv, kn = min(5, verb.shape[1]), min(5, noun.shape[1])
-    pv, iv = verb.softmax(1).topk(kv, dim=1)  # (N, kv)
-    pn, inn = noun.softmax(1).topk(kn, dim=1)  # (N, kn)
-    prod = (pv[:, :, None] * pn[:, None, :]).reshape(len(verb), -1)  # (N, kv*kn)
-    top = prod.topk(min(5, prod.shape[1]), dim=1).indices  # (N, 5)
-    v_hit = iv.gather(1, top // kn) == vt[:, None]
-    n_hit = inn.gather(1, top % kn) == nt[:, None]
-    return (v_hit & n_hit).any(dim=1)
-
-
 def validation_metrics(scores: dict[str, torch.Tensor], labels: Labels) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) of verb, noun and action (verb and noun both right, EK-100 style) on labelled rows;
+    """Top-1/top-5 accuracy (%) of verb, noun and action on labelled rows, computed by `mambavl.metrics` exactly as
+    the evaluation computes them (official tie order; actions from the verb and noun scores, EK-100 style);
     `val_action_head_top1` scores the action head on rows whose pair is in the training action vocabulary."""
     rows = scores["indices"]
-    vt, nt, at = labels.verb[rows], labels.noun[rows], labels.action[rows]
+    vt, nt, at = (labels.verb[rows].cpu().numpy(), labels.noun[rows].cpu().numpy(), labels.action[rows].cpu().numpy())
+    verb = scores["verb"].float().cpu().numpy()  # (N, V)
     m: dict[str, float] = {}
 
-    def pct(hits: torch.Tensor) -> float:
-        return float(hits.float().mean() * 100) if len(hits) else float("nan")
+    def pct(acc: dict[int, float], prefix: str) -> None:
+        for k, value in acc.items():
+            m[f"{prefix}_top{k}"] = float(value * 100)
 
     lab = vt >= 0
-    m["val_verb_top1"] = pct(_topk_hits(scores["verb"][lab], vt[lab], 1))
-    m["val_verb_top5"] = pct(_topk_hits(scores["verb"][lab], vt[lab], 5))
+    pct(M.topk_accuracy(verb[lab], vt[lab], (1, 5)), "val_verb")
     if "noun" in scores:
+        noun = scores["noun"].float().cpu().numpy()  # (N, Nn)
         nl = nt >= 0
-        m["val_noun_top1"] = pct(_topk_hits(scores["noun"][nl], nt[nl], 1))
-        m["val_noun_top5"] = pct(_topk_hits(scores["noun"][nl], nt[nl], 5))
+        pct(M.topk_accuracy(noun[nl], nt[nl], (1, 5)), "val_noun")
         both = lab & nl
-        v1 = _topk_hits(scores["verb"][both], vt[both], 1)
-        n1 = _topk_hits(scores["noun"][both], nt[both], 1)
-        m["val_action_top1"] = pct(v1 & n1)
-        m["val_action_top5"] = pct(_action_top5(scores["verb"][both], scores["noun"][both], vt[both], nt[both]))
+        pairs, _ = M.action_scores_from_verb_noun(verb[both], noun[both])  # (B, K, 2)
+        pct(M.action_topk_accuracy(pairs, vt[both], nt[both], (1, 5)), "val_action")
     if "action" in scores:
         seen = at >= 0
-        m["val_action_head_top1"] = pct(_topk_hits(scores["action"][seen], at[seen], 1))
+        m["val_action_head_top1"] = float(M.topk_accuracy(scores["action"].float().cpu().numpy()[seen], at[seen],
+                                                          (1,))[1] * 100)
     return m
