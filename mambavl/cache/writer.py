@@ -214,9 +214,9 @@ class CacheWriter:
                 f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
             for name in schema.ROW_FLOAT_DATASETS:
                 f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
-            nouns = np.empty(n, dtype=object)  # one write for all rows (per-row vlen writes cost ~1 ms each)
-            nouns[:] = [np.asarray(ids, dtype=np.int32) for ids in rows.all_noun_classes]
-            f.create_dataset(schema.ALL_NOUNS, data=nouns, dtype=VLEN_INT)
+            nouns = f.create_dataset(schema.ALL_NOUNS, shape=(n,), dtype=VLEN_INT)
+            for i, ids in enumerate(rows.all_noun_classes):
+                nouns[i] = np.asarray(ids, dtype=np.int32)
             g = f.create_group(schema.CLASSES)
             g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
             g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
