@@ -45,12 +45,15 @@ def make_planted_cache(
     labelled: bool = True,
     participants: tuple[str, ...] = ("P01", "P02", "P03", "P04"),
     invalid_rows: int = 0,
+    verb_appearance: float = 1.0,
 ) -> Path:
     """Write a planted-structure cache at `path` and return the path.
 
     n rows; features (n, frames, dim); text embeddings of width text_dim. `labelled=False` writes a test-split-like
     cache (labels -1, no annotation questions). The last `invalid_rows` rows are left invalid with a recorded
-    failure, as an extraction that lost a few videos would.
+    failure, as an extraction that lost a few videos would. `verb_appearance` scales the verb's prototype: at 0 the
+    verb shows only in the temporal drift, which averages to zero over the frames, so the mean of a segment's frame
+    tokens says nothing about its verb (an order-only verb, like a motion).
 
     Over 80 lines on purpose: it writes every table of the cache format in the writer's order, as one readable
     recipe of a complete cache.
@@ -74,7 +77,7 @@ def make_planted_cache(
     parts = [participants[i % len(participants)] for i in range(n)]
 
     t = np.linspace(-1.0, 1.0, frames)[None, :, None]  # (1, F, 1)
-    base = verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
+    base = verb_appearance * verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
     feats = base + t * drift[verbs][:, None] + noise * rng.normal(size=(n, frames, dim))  # (n, F, D)
     ant = None
     if anticipation:
