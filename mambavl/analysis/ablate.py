@@ -362,15 +362,18 @@ def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
     lines = [
         "# Ablation",
         "",
-        f"Same budget for every run: {cfg.epochs} epochs and at least {cfg.min_steps} recognition steps, batch "
-        f"{cfg.batch_size} (smaller on small data, see `min_steps`), lr {cfg.lr} ({cfg.warmup_epochs} warm-up "
+        f"Same budget for every run: {cfg.epochs} epochs"
+        + (f" and at least {cfg.min_steps} recognition steps, batch {cfg.batch_size} (smaller on small data, see "
+           "`min_steps`)" if cfg.min_steps else f" (no step floor), batch {cfg.batch_size}")
+        + f", lr {cfg.lr} ({cfg.warmup_epochs} warm-up "
         f"epochs, cosine to {cfg.min_lr_ratio}x), {cfg.frames} frames, questions `{cfg.question_source.value}`, "
         f"seed(s) {', '.join(str(cfg.seed + k) for k in range(cfg.seeds))}"
         + (f", model overrides {cfg.model_overrides}" if cfg.model_overrides else "")
         + (f", training overrides {cfg.train_overrides}" if cfg.train_overrides else "")
         + ". Validation accuracy (%) at the last epoch"
-        + (" — mean ± sd over seeds; Δ: per seed, variant minus video-only of the same seed, mean ± sd."
-           if cfg.seeds > 1 else "."),
+        + (" — mean ± sd over seeds" if cfg.seeds > 1 else "")
+        + (f"; Δ: per seed, variant minus {REFERENCE} of the same seed" + (", mean ± sd" if cfg.seeds > 1 else "")
+           if paired else "") + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
