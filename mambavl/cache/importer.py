@@ -138,8 +138,8 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Path
     if not any(s.narration for s in ann.segments) and "annotation" in requested:
         requested.remove("annotation")
     sources = resolve_question_sources(requested, cfg.questions_file)
-    texts, templates, per_segment = build_question_table(ann.segments, ann.verbs, ann.nouns, sources,
-                                                         cfg.questions_file)
+    texts, templates, per_segment, label_keyed = build_question_table(ann.segments, ann.verbs, ann.nouns, sources,
+                                                                      cfg.questions_file)
     text = build_encoder(cfg.text)
     prov = text.provenance()
     attrs = dict(
@@ -149,6 +149,7 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Path
         text_checkpoint_sha256=prov["text_checkpoint_sha256"], text_dim=int(text.text_dim),
         sampling_mode="imported", frames_per_segment=int(frames), frame_size=0, tokens_per_frame_pooling="imported",
         has_labels=bool(ann.has_labels), anticipation=False, question_sources=sources,
+        questions_file=Path(cfg.questions_file).name if cfg.questions_file else "",
         source=f"{cfg.name} features from {src}",
     )
     tmp = out.with_name(out.name + ".partial")
@@ -161,7 +162,7 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Path
             times = np.linspace(s.start_time, s.stop_time, a.shape[0])
             w.write_row(i, a, times)
             progress.advance(1)
-        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments)
+        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments, label_keyed)
         w.finalize()
     tmp.replace(out)  # the cache appears whole or not at all
     return out

@@ -142,7 +142,7 @@ def make_planted_cache(
                 texts.append(f"template {kind} question {p}")
                 tokens.append(template_tokens[k * TEMPLATE_PARAPHRASES + p])
             templates[kind] = idx
-        per_segment = {}
+        per_segment, label_keyed = {}, {}
         if "annotation" in sources:
             table = np.full((n, 2), -1, dtype=np.int32)
             seen: dict[str, int] = {}
@@ -160,10 +160,11 @@ def make_planted_cache(
                         tokens.append(tok)
                     table[i, j] = seen[q]
             per_segment["annotation"] = table
+            label_keyed["annotation"] = table[:, 0] >= 0  # made from each row's own narration
         tokens_arr = np.stack(tokens).astype(np.float32)  # (Q, T, Dt)
         mask = np.ones(tokens_arr.shape[:2], dtype=bool)
         mask[:, -1] = False  # one padded token per question, so masking is exercised
-        w.write_questions(texts, tokens_arr, mask, tokens_arr[:, :-1].mean(1), templates, per_segment)
+        w.write_questions(texts, tokens_arr, mask, tokens_arr[:, :-1].mean(1), templates, per_segment, label_keyed)
 
         pairs = sorted({(int(v), int(k)) for v, k in zip(verbs, nouns)}) if num_nouns else []
         action = np.asarray([_unit(verb_text[v] + noun_text[k]) for v, k in pairs]).reshape(-1, text_dim)
