@@ -137,7 +137,7 @@ def train_section(args):
     out = {}
     for name, amp in (("bf16-autocast", True), ("fp32", False)):
         cfg = TrainConfig(train_cache=str(tr), val_cache=str(va), out_dir=str(work / name), epochs=args.epochs,
-                          batch_size=bs, device=args.device, amp=amp, seed=0,
+                          batch_size=bs, device=args.device, amp=amp, seed=0, min_steps=0,  # exactly `steps` steps
                           model_overrides={"scan_impl": args.scan_impl})
         sync()
         t0 = time.perf_counter()

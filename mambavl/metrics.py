@@ -476,3 +476,41 @@ def official_recognition_keys(metrics: dict[str, dict[str, dict]]) -> dict[str, 
                 if f"top{k}" in entry:
                     flat[f"{subset}_{task}_accuracy_at_{k}"] = float(entry[f"top{k}"]) * 100
     return flat
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# question answering and self-questioning candidates
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Multi-label mAP (scene question: which nouns are present), as scikit-learn's `average_precision_score`
+    (AP = sum over ranks of (recall step) x precision, no interpolation).
+
+    scores (N, C) real, targets (N, C) {0, 1}. Returns {"mAP": mean AP over the classes with at least one positive
+    (a class without positives has no defined AP and is left out, as in the usual multi-label protocol),
+    "classes": how many entered the mean}. NaN mAP when no class has a positive.
+    """
+    from sklearn.metrics import average_precision_score
+
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (N, C)")
+    present = np.flatnonzero(targets.sum(axis=0) > 0)
+    if not len(present):
+        return {"mAP": math.nan, "classes": 0}
+    ap = average_precision_score(targets[:, present], scores[:, present], average=None)
+    return {"mAP": float(np.mean(ap)), "classes": int(len(present))}
+
+
+def recall_at_k(candidates: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose label is among their candidates. candidates (N, k) class ids, labels (N,); rows with
+    label < 0 (unlabelled) are left out. NaN when no row is labelled. Equal to `topk_accuracy` at k when the
+    candidates are the top-k classes of a score array."""
+    candidates = np.asarray(candidates)
+    candidates = candidates.reshape(candidates.shape[0], -1) if candidates.ndim != 2 else candidates
+    labels = np.asarray(labels).reshape(-1)
+    if candidates.shape[0] != labels.shape[0]:
+        raise ValueError(f"{candidates.shape[0]} candidate rows for {labels.shape[0]} labels")
+    keep = labels >= 0
+    return _mean((candidates[keep] == labels[keep, None]).any(axis=1))

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
 from mambavl.errors import InputError, TrainingStopped
+from mambavl.extract.questions import QuestionSource
+from mambavl.fuse.config import ModelConfig, question_is_offset
 from mambavl.fuse.model import MambaVL, model_config_from_dict
 from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
@@ -131,6 +134,50 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def question_warning(mcfg: ModelConfig, source: QuestionSource) -> str | None:
+    """Why a configuration cannot use its questions, or None. With template questions every clip is asked the same
+    question per head; in a fusion where the question only adds its own term (`question_is_offset`: the parallel
+    layout, preset `paper`) that term is then a constant, so `h_verb - h_noun` is the same vector for every clip."""
+    if QuestionSource(source) != QuestionSource.TEMPLATES or not question_is_offset(mcfg):
+        return None
+    return ("this configuration cannot use its questions: in the parallel layout (preset 'paper') the question "
+            "stream never sees the video, and with template questions (one fixed question per head) its pooled output "
+            "is the same vector for every clip, so the model is video-only plus a per-head bias. Use the joint layout "
+            "(preset 'small'), or questions that differ per clip (--questions annotation / file), to let the question "
+            "change how the video is read. See docs/model.md.")
+
+
+# The smallest batch `plan_steps` shrinks to: smaller batches make noisy steps without making them much cheaper.
+MIN_BATCH = 8
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How an epoch is cut into recognition steps: `passes` passes over the rows in batches of `batch_size`."""
+
+    batch_size: int
+    passes: int
+    steps_per_epoch: int
+
+
+def plan_steps(rows: int, batch_size: int, epochs: int, min_steps: int) -> StepPlan:
+    """Batch size and passes per epoch so that a run makes at least `min_steps` recognition steps.
+
+    rows: training rows per process. With `epochs * ceil(rows / batch_size) >= min_steps` (or min_steps 0) nothing
+    changes: one pass, the given batch. Otherwise the batch shrinks towards rows * epochs / min_steps, not below
+    MIN_BATCH (nor above the given batch), and when that is still short each epoch makes `passes` passes over the rows,
+    each in its own order and with its own frame draws. Measured (docs/model.md): on 72 clips the default batch of 64
+    gives 40 steps in 20 epochs and every model stays at the majority class; 1000 steps reach the linear probe.
+    """
+    steps = math.ceil(rows / batch_size)
+    if min_steps <= 0 or steps * epochs >= min_steps:
+        return StepPlan(batch_size, 1, steps)
+    batch = min(batch_size, max(MIN_BATCH, (rows * epochs) // min_steps))
+    steps = math.ceil(rows / batch)
+    passes = max(1, math.ceil(min_steps / (steps * epochs)))
+    return StepPlan(batch, passes, steps * passes)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -220,7 +267,7 @@ class _Objective(nn.Module):
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "task", "question_source",
     "train_loss", "train_loss_verb", "train_loss_noun", "train_loss_action", "train_loss_qa",
-    "rec_steps", "qa_steps", "question_fallbacks",
+    "rec_steps", "qa_steps", "batch_size", "passes", "question_fallbacks",
     "val_verb_top1", "val_verb_top5", "val_noun_top1", "val_noun_top5",
     "val_action_top1", "val_action_top5", "val_action_head_top1", "val_question_fallbacks",
     "time_s",
@@ -671,7 +718,7 @@ def _validate(model: nn.Module, val_dataset: SegmentDataset | None, data: _Data,
 
 
 def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, sums: torch.Tensor,
-               rec_steps: int, qa_steps: int) -> dict[str, Any]:
+               rec_steps: int, qa_steps: int, plan: StepPlan) -> dict[str, Any]:
     """The training half of an epoch's metrics row (mean losses over the epoch's steps)."""
     row: dict[str, Any] = {
         "epoch": epoch + 1,
@@ -683,6 +730,8 @@ def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, 
         "train_loss_verb": float(sums[1] / max(rec_steps, 1)),
         "rec_steps": rec_steps,
         "qa_steps": qa_steps,
+        "batch_size": plan.batch_size,
+        "passes": plan.passes,
         "question_fallbacks": int(sums[5]),
     }
     if data.has_nouns:
@@ -772,6 +821,9 @@ def _build(cfg: TrainConfig, ckpt: dict | None, data: _Data, device: torch.devic
         model.load_state_dict(ckpt["model"])
     else:
         model, mcfg = build_model(cfg, data.data_dims())
+    message = question_warning(mcfg, cfg.question_source)
+    if message is not None and d.main:
+        warnings.warn(message, UserWarning, stacklevel=4)
     model.to(device)
     objective: nn.Module = _Objective(model)
     if d.world > 1:
@@ -802,7 +854,8 @@ def _train(
     val_dataset = (SegmentDataset(data.val_cache, window=data.window, indices=val_part)
                    if len(val_part) else None)  # fmt: skip
 
-    steps_per_epoch = math.ceil(len(data.train_rows) / (cfg.batch_size * d.world))  # global batches
+    plan = plan_steps(math.ceil(len(data.train_rows) / d.world), cfg.batch_size, cfg.epochs, cfg.min_steps)
+    steps_per_epoch = plan.passes * math.ceil(len(data.train_rows) / (plan.batch_size * d.world))  # global batches
     total_steps = steps_per_epoch * cfg.epochs
     opt = Optimizer(model, cfg, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)), device)
     sample_gen = torch.Generator()
@@ -827,8 +880,11 @@ def _train(
         t0 = time.perf_counter()
         torch.manual_seed(_mix(cfg.seed, epoch, 1, d.rank))  # dropout: each rank its own masks
         sample_gen.manual_seed(_mix(cfg.seed, epoch, 2, 0))  # frames, paraphrases, QA kinds: alike on every rank
-        perm = torch.randperm(len(data.train_rows), generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 0)))
-        parts = _global_batches(perm.numpy(), data.train_rows, dataset.num_frames, cfg.batch_size, d)
+        parts = []
+        for k in range(plan.passes):  # each pass in its own order (pass 0: the single-pass order)
+            order = _mix(cfg.seed, epoch, 0) if k == 0 else _mix(cfg.seed, epoch, 0, k)
+            perm = torch.randperm(len(data.train_rows), generator=torch.Generator().manual_seed(order))
+            parts += _global_batches(perm.numpy(), data.train_rows, dataset.num_frames, plan.batch_size, d)
         sums = torch.zeros(6, dtype=torch.float64)  # loss, verb, noun, action, qa (global means), fallbacks (count)
         rec_steps = qa_steps = 0
         local = [p.positions[p.part].tolist() for p in parts]
@@ -847,7 +903,7 @@ def _train(
 
         if d.world > 1:
             dist.all_reduce(sums)  # the ranks' loss shares add up to the global means; fallback counts add up
-        row = _epoch_row(cfg, data, epoch, state.step, opt.lr, sums, rec_steps, qa_steps)
+        row = _epoch_row(cfg, data, epoch, state.step, opt.lr, sums, rec_steps, qa_steps, plan)
         metrics = _validate(model, val_dataset, data, cfg, device, d)
         if metrics:
             row.update(metrics)

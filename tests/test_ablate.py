@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from mambavl.analysis.ablate import AblationConfig, run_ablation, run_train_config
+from mambavl.analysis.ablate import (
+    ABLATIONS,
+    AblationConfig,
+    mean_std,
+    paired_differences,
+    preset_of,
+    run_ablation,
+    run_train_config,
+)
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import InputError
@@ -25,7 +34,7 @@ def caches(tmp_path_factory):
 
 def _cfg(caches, out, **kw) -> AblationConfig:
     values = dict(train_cache=str(caches[0]), val_cache=str(caches[1]), out_dir=str(out), epochs=2, batch_size=32,
-                  lr=3e-3, frames=6, device="cpu", model_overrides=dict(TINY))
+                  lr=3e-3, frames=6, device="cpu", model_overrides=dict(TINY), min_steps=0)
     values.update(kw)
     return AblationConfig(**values)
 
@@ -65,11 +74,12 @@ def test_ablation_table_over_seeds_and_restart(caches, tmp_path):
 
 
 def test_same_budget_for_every_preset(caches, tmp_path):
-    cfg = _cfg(caches, tmp_path)
-    tcs = {name: run_train_config(cfg, name, 0, tmp_path / name) for name in cfg.presets}
+    cfg = _cfg(caches, tmp_path, min_steps=50)
+    tcs = {name: run_train_config(cfg, name, 0, tmp_path / name) for name in cfg.presets if preset_of(name)}
+    assert set(tcs) == {n for n, v in ABLATIONS.items() if v.probe is None}
     assert tcs["full"].preset == "small" and tcs["no-qa"].qa_weight == 0.0 and tcs["full"].qa_weight > 0
     # the paper preset's own warm-up is not applied inside an ablation: one schedule for all
-    for field in ("epochs", "batch_size", "lr", "frames", "warmup_epochs", "min_lr_ratio", "seed"):
+    for field in ("epochs", "batch_size", "lr", "frames", "min_steps", "warmup_epochs", "min_lr_ratio", "seed"):
         assert len({getattr(t, field) for t in tcs.values()}) == 1, field
 
 
@@ -84,7 +94,8 @@ def test_ablate_cli(caches, tmp_path):
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, [
         "ablate", "--train-cache", str(caches[0]), "--val-cache", str(caches[1]), "--out", str(out),
-        "--presets", "no-qa,concat", "--epochs", "1", "--batch-size", "32", "--frames", "6", "--device", "cpu",
+        "--presets", "no-qa,concat", "--epochs", "1", "--min-steps", "0", "--batch-size", "32", "--frames", "6",
+        "--device", "cpu",
         "--set", "d_model=16", "--set", "n_layers=1", "--quiet",
     ])
     assert res.exit_code == 0, res.output
@@ -97,3 +108,47 @@ def test_ablate_cli(caches, tmp_path):
         "--presets", "full,nope", "--quiet",
     ])
     assert bad.exit_code == 2 and "unknown preset" in bad.output
+
+
+def test_mean_std_and_paired_differences_by_hand():
+    assert mean_std([1.0, 2.0, None, 6.0]) == {"mean": 3.0, "std": pytest.approx(2.6457513), "n": 3}
+    assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    ref = [{"seed": 0, "metrics": {"verb_top1": 50.0}}, {"seed": 1, "metrics": {"verb_top1": 70.0}},
+           {"seed": 2, "metrics": {"verb_top1": 60.0}}]
+    runs = [{"seed": 1, "metrics": {"verb_top1": 75.0}}, {"seed": 0, "metrics": {"verb_top1": 60.0}},
+            {"seed": 3, "metrics": {"verb_top1": 10.0}}]  # seed 3 has no reference run: left out
+    d = paired_differences(runs, ref, ("verb_top1",))["verb_top1"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(7.5) and d["std"] == pytest.approx(math.sqrt(12.5))
+    # pairing removes what the seeds share: unpaired spread is large, the paired one is zero
+    shifted = [{"seed": r["seed"], "metrics": {"verb_top1": r["metrics"]["verb_top1"] + 5}} for r in ref]
+    assert paired_differences(shifted, ref, ("verb_top1",))["verb_top1"] == {"mean": 5.0, "std": 0.0, "n": 3}
+
+
+def test_ablation_with_probes_and_paired_differences(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path, presets=("full", "video-only", "probe-concat", "probe-mean"), seeds=2, epochs=1,
+               min_steps=4)
+    result = run_ablation(cfg)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert result["reference"] == "video-only"
+    # trained runs: the step floor applies (64 rows at batch 32: 2 steps per epoch -> batch 16, 4 steps)
+    assert rows["full"]["steps"] == 4 and rows["video-only"]["steps"] == 4
+    for name in ("full", "probe-concat", "probe-mean"):
+        for m in ("verb_top1", "action_top1"):
+            by_seed = {r["seed"]: r["metrics"][m] for r in rows[name]["runs"]}
+            ref = {r["seed"]: r["metrics"][m] for r in rows["video-only"]["runs"]}
+            diffs = [by_seed[s] - ref[s] for s in (0, 1)]
+            assert rows[name]["paired"][m]["mean"] == pytest.approx(sum(diffs) / 2)
+            assert rows[name]["paired"][m]["std"] == pytest.approx(abs(diffs[0] - diffs[1]) / math.sqrt(2))
+    assert rows["video-only"]["paired"]["verb_top1"] == {"mean": 0.0, "std": 0.0, "n": 2}
+    # probes: fitted once, deterministic, no steps, the planted verbs are easy for the ordered probe
+    for name in ("probe-concat", "probe-mean"):
+        runs = rows[name]["runs"]
+        assert rows[name]["steps"] is None and runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["run_dir"] is None
+        assert rows[name]["metrics"]["verb_top1"]["std"] == 0.0
+    assert rows["probe-concat"]["metrics"]["verb_top1"]["mean"] >= 80
+    md = result["markdown"]
+    assert "| probe-concat |" in md and "Δ action top1 vs video-only (paired)" in md and "at least 4" in md
+    assert "| video-only | " in md and "+0.0 ± 0.0" in md
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["rows"][2]["paired"]["verb_top1"]["n"] == 2

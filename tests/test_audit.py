@@ -26,7 +26,7 @@ def leaky(tmp_path_factory):
     test_cache = make_planted_cache(d / "test.h5", n=12, seed=2, noise=6.0, labelled=False)
     result = train(TrainConfig(train_cache=str(train_cache), val_cache=None, out_dir=str(d / "run"),
                                question_source="annotation", model_overrides=TINY, epochs=8, batch_size=16, lr=1e-2,
-                               warmup_epochs=0, frames=4, qa_weight=0))
+                               warmup_epochs=0, frames=4, qa_weight=0, min_steps=0))
     return {"dir": d, "ckpt": str(result.last_checkpoint), "val": str(val_cache), "test": str(test_cache)}
 
 

@@ -30,7 +30,7 @@ N_TRAIN = 21  # global batches of 8: 8, 8, 5 -> the last split 3 / 2 across the 
 
 
 # Dropout off: each rank draws its own dropout masks, so with dropout the runs agree only in distribution.
-SETTINGS = dict(epochs=3, frames=4, qa_every=1, question_source="annotation", device="cpu",
+SETTINGS = dict(epochs=3, frames=4, qa_every=1, question_source="annotation", device="cpu", min_steps=0,
                 model_overrides={"d_model": 32, "n_layers": 1, "dropout": 0.0})
 
 

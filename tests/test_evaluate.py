@@ -120,7 +120,7 @@ def setup(tmp_path_factory):
     # Trained with the paper's narration-derived questions, so evaluating it reports that protocol.
     result = train(TrainConfig(train_cache=str(caches["train"]), val_cache=None, out_dir=str(d / "run"),
                                question_source="annotation", model_overrides=TINY, epochs=4, batch_size=16, lr=1e-2,
-                               warmup_epochs=0, frames=4, qa_weight=0))
+                               warmup_epochs=0, frames=4, qa_weight=0, min_steps=0))
     return {"dir": d, "ckpt": str(result.last_checkpoint), **{k: str(v) for k, v in caches.items()}}
 
 

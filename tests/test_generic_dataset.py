@@ -32,10 +32,13 @@ def test_generic_clips_extract_train_evaluate(tmp_path):
 
     res = run.invoke(app, ["train", "--train-cache", str(tmp_path / "train.h5"), "--val-cache", str(tmp_path / "val.h5"),
                            "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "8", "--device", "cpu",
-                           "--set", "d_model=32", "--quiet"])
+                           "--set", "d_model=32", "--min-steps", "20", "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     model, ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["vocab"]["verbs"] == labels and ckpt["vocab"]["nouns"] == []
+    # 24 clips at batch 8: 3 steps per pass, 6 in 2 epochs; the step floor of 20 makes each epoch 4 passes
+    history = load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]
+    assert [(h["passes"], h["rec_steps"]) for h in history] == [(4, 12), (4, 12)]
     assert ckpt["best_metric_name"] == "val_verb_top1"
 
     res = run.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cache",

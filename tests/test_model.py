@@ -46,8 +46,9 @@ def test_every_preset_trains_one_step(preset):
     assert out["h_verb"].shape == out["h_noun"].shape == (2, cfg.d_model)
     h = model.fuse(video, vmask, q[:, 2 - 1], qmask[:, 1])
     qa = model.qa_logits(model.qa_embed(h), torch.randn(7, DT))  # (B, 7)
-    assert qa.shape == (2, 7)
-    loss = sum(o.float().pow(2).mean() for o in out.values()) + qa.mean()
+    scene = model.scene_logits(model.qa_embed(h), torch.randn(NN, DT))  # (B, Nn)
+    assert qa.shape == (2, 7) and scene.shape == (2, NN)
+    loss = sum(o.float().pow(2).mean() for o in out.values()) + qa.mean() + scene.mean()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss.backward()

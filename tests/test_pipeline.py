@@ -62,6 +62,7 @@ def test_features_equal_encoder_on_same_frames(tmp_path, kitchen, encoder):
         assert a0 <= ant.min() and ant.max() <= a1
     assert cache.attrs["question_sources"] == ["templates", "annotation"]
     assert cache.questions().per_segment["annotation"].shape == (8, 2)
+    assert cache.questions().label_keyed["annotation"].all()  # made from each segment's own narration
     assert cache.answers().verb.shape == (6, encoder.text_dim)
     assert f.attrs["complete"]
 
@@ -130,6 +131,7 @@ def test_cli_extract_inspect_shards_merge(tmp_path, kitchen):
     merged, whole = open_cache(tmp_path / "m.h5").questions(), open_cache(out).questions()
     qm, qw = merged.per_segment["annotation"], whole.per_segment["annotation"]
     assert [merged.texts[i] for i in qm.ravel()] == [whole.texts[i] for i in qw.ravel()]
+    assert np.array_equal(merged.label_keyed["annotation"], whole.label_keyed["annotation"])
 
 
 def test_cli_bad_input_exit_2(tmp_path, kitchen):

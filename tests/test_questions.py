@@ -11,7 +11,7 @@ from mambavl.data.annotations import Segment, load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.questions import (
     TEMPLATES, annotation_questions, answer_texts, build_question_table, contains_answer, leak_rate,
-    load_question_file, mask_words, phrase,
+    load_question_file, mask_words, phrase, question_file_lookup, refuse_label_keyed,
 )
 
 
@@ -61,7 +61,9 @@ def test_no_narration_is_refused(val):
 
 def test_question_table_indices(val):
     segs = val.segments[:50]
-    texts, templates, per_segment = build_question_table(segs, val.verbs, val.nouns, ["templates", "annotation"])
+    texts, templates, per_segment, keyed = build_question_table(segs, val.verbs, val.nouns,
+                                                                ["templates", "annotation"])
+    assert keyed["annotation"].all()  # every annotation question is made from the segment's own narration
     assert len(texts) == len(set(texts))
     assert texts[templates["verb"][0]] == TEMPLATES["verb"][0]
     table = per_segment["annotation"]
@@ -79,8 +81,9 @@ def test_question_files(tmp_path, val):
     js = tmp_path / "q.json"
     js.write_text(json.dumps({f"{s.verb_class},{s.noun_class}": {"verb": "v?", "noun": "n?"} for s in segs}))
     assert load_question_file(js, segs) == [("v?", "n?")] * 3
-    texts, _, per_segment = build_question_table(segs, val.verbs, val.nouns, ["templates", "file"], str(js))
+    texts, _, per_segment, keyed = build_question_table(segs, val.verbs, val.nouns, ["templates", "file"], str(js))
     assert texts[per_segment["file"][0, 0]] == "v?"
+    assert keyed["file"].all()  # found by each segment's own action class
     bad = tmp_path / "bad.csv"
     bad.write_text("narration_id,verb_question,noun_question\nnope,a?,b?\n")
     with pytest.raises(InputError, match="no questions for segment"):
@@ -95,3 +98,27 @@ def test_answer_texts(val):
     v, n, a = answer_texts(val.verbs, val.nouns, [(0, 0), (1, 2)])
     assert v[0] == "take" and len(n) == 300 and a == [f"{v[0]} {n[0]}", f"{v[1]} {n[2]}"]
     assert np.isnan(leak_rate([], []))
+
+
+def test_class_keyed_questions_are_flagged_and_refused_at_evaluation(tmp_path, val):
+    segs = val.segments[:4]
+    path = tmp_path / "mixed.csv"
+    # row 0 by narration_id, rows 1-3 by their action class; the global entry then takes over for all but row 0
+    path.write_text("narration_id,verb_class,noun_class,verb_question,noun_question\n"
+                    f"{segs[0].narration_id},,,own v?,own n?\n"
+                    + "".join(f",{s.verb_class},{s.noun_class},class v?,class n?\n" for s in segs[1:]))
+    questions, keyed = question_file_lookup(path, segs)
+    assert questions[0] == ("own v?", "own n?") and questions[1] == ("class v?", "class n?")
+    assert keyed.tolist() == [False, True, True, True]
+    refuse_label_keyed("file", keyed, np.array([0]), str(path))  # narration_id-keyed rows may be evaluated
+    with pytest.raises(InputError, match=r"mixed\.csv.*3 evaluated segment.*training rows only") as err:
+        refuse_label_keyed("file", keyed, np.arange(4), str(path), [s.narration_id for s in segs])
+    assert segs[1].narration_id in str(err.value)
+
+    glob = tmp_path / "global.json"
+    glob.write_text(json.dumps({"*": {"verb": "g v?", "noun": "g n?"},
+                                f"{segs[1].verb_class},{segs[1].noun_class}": {"verb": "c v?", "noun": "c n?"},
+                                segs[2].narration_id: {"verb": "o v?", "noun": "o n?"}}))
+    questions, keyed = question_file_lookup(glob, segs)
+    # a global entry is label-free and wins over the class key; a row's own narration_id wins over both
+    assert [q[0] for q in questions] == ["g v?", "g v?", "o v?", "g v?"] and not keyed.any()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import warnings
 import dataclasses
 import math
 
@@ -16,7 +18,7 @@ from mambavl.errors import InputError
 from mambavl.fuse import presets
 from mambavl.fuse.model import MambaVL
 from mambavl.runtime import load_checkpoint, predict_scores
-from mambavl.train import TrainConfig, lr_factor, param_groups, train
+from mambavl.train import MIN_BATCH, StepPlan, TrainConfig, lr_factor, param_groups, plan_steps, question_warning, train
 
 # A small, fast model: the planted classes are learnable by it in a few epochs.
 TINY = {"d_model": 32, "n_layers": 1}
@@ -45,6 +47,7 @@ def _cfg(caches, out, **kw) -> TrainConfig:
         batch_size=8,
         lr=3e-3,
         frames=6,
+        min_steps=0,  # the tiny cache's own budget; the step floor has its own tests
     )
     values.update(kw)
     return TrainConfig(**values)
@@ -110,8 +113,10 @@ def make_planted_labels(path):
 def test_every_preset_trains_one_step(caches, tmp_path, name):
     # batch = the whole tiny cache: one recognition step, then one QA step (qa_every=1) unless the preset drops QA
     cfg = TrainConfig(train_cache=str(caches["tiny"]), val_cache=None, out_dir=str(tmp_path / name), preset=name,
-                      epochs=1, batch_size=24, qa_every=1, frames=4)
-    result = train(cfg)
+                      epochs=1, batch_size=24, qa_every=1, frames=4, min_steps=0)
+    # the paper layout with template questions is told that it cannot use them (see the question_warning test)
+    with pytest.warns(UserWarning, match="cannot use") if name == "paper" else contextlib.nullcontext():
+        result = train(cfg)
     row = result.history[0]
     assert row["rec_steps"] == 1
     assert row["qa_steps"] == (0 if name == "no-qa" else 1)
@@ -189,7 +194,7 @@ def test_qa_weight_zero_runs_no_qa_steps(caches, tmp_path, monkeypatch):
 
 def test_annotation_protocol(caches, tmp_path):
     cfg = TrainConfig(train_cache=str(caches["no_annotation"]), val_cache=None, out_dir=str(tmp_path / "a"),
-                      question_source="annotation", model_overrides=TINY, epochs=1)
+                      question_source="annotation", model_overrides=TINY, epochs=1, min_steps=0)
     with pytest.raises(InputError) as err:
         train(cfg)
     assert str(err.value) == (
@@ -226,7 +231,7 @@ def test_anticipation_trains_on_the_anticipation_window(caches, tmp_path, monkey
 
     with pytest.raises(InputError, match="no anticipation window"):
         train(TrainConfig(train_cache=str(caches["no_annotation"]), val_cache=None, out_dir=str(tmp_path / "x"),
-                          task="anticipation", model_overrides=TINY, epochs=1))
+                          task="anticipation", model_overrides=TINY, epochs=1, min_steps=0))
 
 
 def test_checkpoint_contents_and_loading(caches, tmp_path):
@@ -290,7 +295,7 @@ def test_cli_train_and_resume(caches, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
     common = ["--train-cache", str(caches["tiny"]), "--val-cache", str(caches["tiny"]), "--out", str(out)]
-    tiny = ["--set", "d_model=32", "--set", "n_layers=1", "--frames", "6", "--batch-size", "8"]
+    tiny = ["--set", "d_model=32", "--set", "n_layers=1", "--frames", "6", "--batch-size", "8", "--min-steps", "0"]
     res = runner.invoke(app, ["train", *common, *tiny, "--epochs", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
@@ -317,3 +322,63 @@ def test_cli_train_and_resume(caches, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "y"), "--train-cache", str(tmp_path / "none.h5")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the step floor (min_steps) and the question-blind warning
+
+
+def test_plan_steps_keeps_large_data_and_adapts_small_data():
+    # enough steps already: nothing changes (EK-100 scale, or min_steps off)
+    assert plan_steps(67000, 64, 20, 1000) == StepPlan(64, 1, 1047)
+    assert plan_steps(72, 64, 20, 0) == StepPlan(64, 1, 2)
+    # 72 clips at batch 64: 2 steps per epoch, 40 in 20 epochs -> batch 8 (9 steps per pass), 6 passes per epoch
+    plan = plan_steps(72, 64, 20, 1000)
+    assert plan == StepPlan(8, 6, 54) and plan.steps_per_epoch * 20 >= 1000
+    # an explicit small batch is kept; only passes are added (the demo: 240 clips, batch 8, 8 epochs -> 1200 steps)
+    assert plan_steps(240, 8, 8, 1000) == StepPlan(8, 5, 150)
+    # the batch shrinks only as far as needed, never below MIN_BATCH nor above the requested batch
+    assert plan_steps(2000, 64, 2, 100) == StepPlan(40, 1, 50)
+    assert plan_steps(3, 64, 1, 1000).batch_size == MIN_BATCH
+    assert plan_steps(3, 2, 1, 1000).batch_size == 2
+    for rows, batch, epochs, floor in [(1, 1, 1, 1), (36, 64, 20, 1000), (500, 32, 3, 777), (10, 4, 7, 50)]:
+        p = plan_steps(rows, batch, epochs, floor)
+        assert p.steps_per_epoch == p.passes * math.ceil(rows / p.batch_size)
+        assert p.steps_per_epoch * epochs >= floor
+
+
+def test_min_steps_runs_several_passes_per_epoch(caches, tmp_path):
+    # tiny cache: 24 rows, batch 8 -> 3 steps per pass; a floor of 7 steps in 1 epoch needs 3 passes (9 steps)
+    result = train(_cfg(caches, tmp_path / "floor", epochs=1, min_steps=7, val_cache=None, qa_weight=0.0))
+    row = result.history[0]
+    assert (row["rec_steps"], row["passes"], row["batch_size"], row["step"]) == (9, 3, 8, 9)
+    plain = train(_cfg(caches, tmp_path / "plain", epochs=1, val_cache=None, qa_weight=0.0))
+    assert (plain.history[0]["rec_steps"], plain.history[0]["passes"]) == (3, 1)
+    with pytest.raises(InputError, match="min_steps"):
+        _cfg(caches, tmp_path / "bad", min_steps=-1)
+
+
+def test_parallel_layout_with_template_questions_is_video_only_plus_a_bias(caches, tmp_path):
+    torch.manual_seed(0)
+    video = torch.randn(3, 6, 16)  # three different clips
+    q = torch.randn(1, 2, 5, 12).expand(3, 2, 5, 12)  # the same verb and noun question for every clip
+    dims = dict(video_dim=16, text_dim=12, num_verbs=4, num_nouns=3, d_model=16, n_layers=1)
+    paper, paper_cfg = presets.create_model("paper", **dims)
+    joint, joint_cfg = presets.create_model("small", **dims)
+    with torch.no_grad():
+        out = paper.eval()(video, None, q, None)
+        diff = out["h_verb"] - out["h_noun"]  # (3, d): the question terms alone
+        assert torch.allclose(diff, diff[:1].expand_as(diff), atol=1e-5)
+        assert not torch.allclose(out["h_verb"][0], out["h_verb"][1])  # the video term does differ
+        out = joint.eval()(video, None, q, None)
+        diff = out["h_verb"] - out["h_noun"]
+        assert not torch.allclose(diff, diff[:1].expand_as(diff), atol=1e-5)  # the joint scan mixes them
+    assert "parallel layout" in question_warning(paper_cfg, "templates")
+    assert question_warning(paper_cfg, "annotation") is None and question_warning(joint_cfg, "templates") is None
+
+    # train says so, once, for the paper preset with template questions, and not for the default
+    with pytest.warns(UserWarning, match="cannot use its questions"):
+        train(_cfg(caches, tmp_path / "paper", preset="paper", epochs=1, val_cache=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(_cfg(caches, tmp_path / "small", epochs=1, val_cache=None))

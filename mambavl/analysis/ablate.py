@@ -1,30 +1,38 @@
-"""Ablation study: train several presets under one seed and one budget, and compare them in one table.
+"""Ablation study: train several variants under one budget and several seeds, and compare them in one table.
 
-Every run trains with `mambavl.train.train` on the same caches, with the same epochs, batch size, learning rate,
-schedule, frames, question protocol and seed(s); only what the ablation names differs:
+Every trained run uses `mambavl.train.train` on the same caches, with the same epochs, step floor (`min_steps`),
+batch size, learning rate, schedule, frames, question protocol and seeds; only what the variant names differs.
+`ABLATIONS` maps each name to a `Variant` (a preset to train, or a linear probe):
 
 | name | what changes against `full` |
 | --- | --- |
-| full | the `small` preset: joint scan over [question ; video], shared A, QA objective |
-| no-qa | same model, trained without the QA objective (`qa_weight = 0`) |
+| full | the `small` preset: joint scan over [question ; video], shared A, QA objective (our default) |
+| paper | the authors' layout: separate video and text scans sharing A, pooled outputs summed |
+| video-only | no question input at all (the reference of the paired differences) |
+| no-qa | same model as full, trained without the QA objective (`qa_weight = 0`) |
 | disjoint-A | a separate state matrix A for question and video tokens |
-| video-only | no question input at all |
 | transformer | cross-attention fusion of the same width and depth instead of the scan |
 | concat | MLP on [pooled video ; pooled question] |
-| paper | the authors' layout: separate video and text scans sharing A, pooled outputs summed |
+| probe-concat | logistic regression on the K ordered frame tokens, concatenated (`mambavl.analysis.probe`) |
+| probe-mean | logistic regression on the mean of the K frame tokens (order-blind) |
 
 Presets may carry training fields (`mambavl.fuse.presets`, "train" part). Only the fields that *define* an
 ablation (`ABLATION_TRAIN_FIELDS`: the QA objective's weight and cadence) are applied; schedule fields such as the
 paper preset's 2 warm-up epochs are not (`SCHEDULE_FIELDS` are set to the study's values after the preset), so every
-run has the same budget and schedule.
+run has the same budget and schedule. A new variant is one more `ABLATIONS` entry: a preset plus the `TrainConfig`
+fields that define it (`Variant.train`, e.g. another question source).
 
 Reported per run: top-1 / top-5 accuracy of verb, noun and action (EK-100 style: verb and noun both right) on the
 validation cache **at the last epoch** (no selection on the validation set), the best validation action top-1 over
-epochs (selection on the validation set, for reference), parameters, and wall-clock training time. With several
-seeds the table shows mean ± sample standard deviation over seeds.
+epochs (selection on the validation set, for reference), recognition steps, parameters, and wall-clock time. With
+several seeds the table shows mean ± sample standard deviation over seeds, and the *paired* difference to
+video-only: for each seed, variant minus video-only trained with that seed, then mean ± sd of those differences
+(the seed fixes initialisation, sample order and frame draws alike, so pairing removes the part of the spread both
+runs share). Probes are deterministic: every seed gives the same probe result.
 
 Runs live in `out_dir/runs/<name>/seed<k>/`; a finished run found there is reused and an interrupted one is resumed,
-so an ablation can be stopped and restarted.
+so an ablation can be stopped and restarted (and seeds or variants can be trained by separate processes into the
+same folder, then gathered by one more call).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 
 import torch
 
+from mambavl.analysis.probe import ProbeConfig, ProbeInput, run_probe
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
@@ -47,17 +56,34 @@ from mambavl.progress import Progress, or_none
 from mambavl.train import TrainConfig, train
 
 
-# Ablation name -> preset. "full" is our default model.
-ABLATIONS: dict[str, str] = {
-    "full": "small",
-    "no-qa": "no-qa",
-    "disjoint-A": "disjoint-A",
-    "video-only": "video-only",
-    "transformer": "transformer",
-    "concat": "concat",
-    "paper": "paper",
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation: a preset to train (with the TrainConfig fields that define the variant), or a
+    linear probe (`probe` set, `preset` None)."""
+
+    preset: str | None = None
+    train: dict = field(default_factory=dict)
+    probe: ProbeInput | None = None
+    description: str | None = None
+
+
+# Ablation name -> what it trains. "full" is our default model; "video-only" is the reference of paired differences.
+ABLATIONS: dict[str, Variant] = {
+    "full": Variant("small"),
+    "paper": Variant("paper"),
+    "video-only": Variant("video-only"),
+    "no-qa": Variant("no-qa"),
+    "disjoint-A": Variant("disjoint-A"),
+    "transformer": Variant("transformer"),
+    "concat": Variant("concat"),
+    "probe-concat": Variant(probe=ProbeInput.CONCAT, description="logistic regression on the K ordered frame tokens, "
+                                                                 "concatenated"),
+    "probe-mean": Variant(probe=ProbeInput.MEAN, description="logistic regression on the mean of the K frame tokens "
+                                                             "(order-blind)"),
 }
 DEFAULT_ABLATIONS: tuple[str, ...] = tuple(ABLATIONS)
+# The variant every other is compared with, seed by seed.
+REFERENCE = "video-only"
 # TrainConfig fields a preset's "train" part may set inside an ablation: they define the ablation (no-qa).
 ABLATION_TRAIN_FIELDS = ("qa_weight", "qa_every")
 # TrainConfig fields every run of a study shares, whatever its preset says (TrainConfig lets a preset fill fields
@@ -84,6 +110,7 @@ class AblationConfig:
     batch_size: int = 64
     lr: float = 1e-3
     frames: int = 8
+    min_steps: int = 1000
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.03
     device: str = "auto"
@@ -110,6 +137,8 @@ class AblationConfig:
                 raise InputError(
                     f"ablation: unknown preset {name!r}; choose from {', '.join(dict.fromkeys([*ABLATIONS, *PRESETS]))}"
                 )
+        if self.min_steps < 0:
+            raise InputError(f"ablation: min_steps={self.min_steps!r} must be >= 0")
         for name in ("epochs", "seeds", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"ablation: {name}={getattr(self, name)!r} must be >= 1")
@@ -122,31 +151,43 @@ class AblationConfig:
             raise InputError(f"ablation: train_overrides may not set {', '.join(clash)}")
 
 
-def preset_of(name: str) -> str:
-    """The model preset an ablation name trains."""
-    return ABLATIONS.get(name, name)
+def variant_of(name: str) -> Variant:
+    """The variant an ablation name stands for (any other preset name trains that preset)."""
+    return ABLATIONS.get(name) or Variant(name)
+
+
+def preset_of(name: str) -> str | None:
+    """The model preset an ablation name trains (None for a probe)."""
+    return variant_of(name).preset
 
 
 def describe(name: str) -> str:
     """One line on what an ablation (or preset) is."""
-
+    variant = variant_of(name)
+    if variant.description:
+        return variant.description
     if name == "full":
         return "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
-    return PRESET_DESCRIPTIONS.get(preset_of(name), preset_of(name))
+    return PRESET_DESCRIPTIONS.get(variant.preset, variant.preset)
 
 
 def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, resume: bool = False):
     """The TrainConfig of one run: the shared budget, the preset, and the preset's ablation-defining fields."""
 
-    preset = preset_of(name)
+    variant = variant_of(name)
+    if variant.preset is None:
+        raise InputError(f"ablation: {name!r} is a probe, not a trained run")
+    preset = variant.preset
     extra = {k: v for k, v in preset_train_overrides(preset).items() if k in ABLATION_TRAIN_FIELDS}
     values: dict[str, Any] = dict(
         train_cache=cfg.train_cache, val_cache=cfg.val_cache, out_dir=str(run_dir), preset=preset,
         model_overrides=dict(cfg.model_overrides), question_source=cfg.question_source, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, frames=cfg.frames, seed=seed, device=cfg.device, resume=resume,
+        batch_size=cfg.batch_size, lr=cfg.lr, frames=cfg.frames, min_steps=cfg.min_steps, seed=seed,
+        device=cfg.device, resume=resume,
     )
     values.update(cfg.train_overrides)
     values.update(extra)
+    values.update(variant.train)
     tcfg = TrainConfig(**values)
     for key in SCHEDULE_FIELDS:
         setattr(tcfg, key, cfg.train_overrides.get(key, getattr(cfg, key)))
@@ -183,8 +224,7 @@ def _same_run(saved: dict, wanted: dict) -> str | None:
 
 
 def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
-    """Train (or reuse a finished / resume an interrupted) run; return its metrics, params and time."""
-
+    """Train (or reuse a finished / resume an interrupted) run; return its metrics, steps, params and time."""
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
     last = run_dir / "last.pt"
     tcfg = run_train_config(cfg, name, seed, run_dir, resume=last.is_file())
@@ -203,7 +243,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
             history = list(ckpt.get("history", []))
             return {
                 "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in ckpt["model"].values()),
-                "metrics": _metrics_from_history(history),
+                "metrics": _metrics_from_history(history), "steps": int(history[-1].get("step", 0)) if history else 0,
                 "train_time_s": info.get("train_time_s", float(sum(h.get("time_s", 0.0) for h in history))),
                 "reused": True,
             }
@@ -216,59 +256,85 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
     params = sum(p.numel() for p in result.model.parameters())
     (run_dir / "ablation_run.json").write_text(json.dumps({"train_time_s": elapsed, "params": params}) + "\n")
     return {"seed": seed, "run_dir": str(run_dir), "params": params, "metrics": _metrics_from_history(result.history),
-            "train_time_s": elapsed, "reused": False}
+            "steps": int(result.history[-1]["step"]), "train_time_s": elapsed, "reused": False}
 
 
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
+def _run_probe(cfg: AblationConfig, name: str) -> dict:
+    """Fit a probe variant once (probes are deterministic); the result stands for every seed."""
+    res = run_probe(ProbeConfig(cfg.train_cache, cfg.val_cache, input=variant_of(name).probe, frames=cfg.frames))
+    metrics: dict[str, float | None] = {}
+    for m in METRICS:
+        v = res["metrics"].get("val_" + m)
+        metrics[m] = None if v is None or math.isnan(v) else float(v)
+    return {"run_dir": None, "params": res["params"], "metrics": metrics, "steps": None,
+            "train_time_s": res["train_time_s"], "reused": False}
+
+
+def mean_std(values: list[float | None]) -> dict[str, float | None]:
+    """{"mean", "std", "n"} of the values that are not None: sample standard deviation (n - 1), 0 for one value;
+    mean and std None when there is no value."""
+    vals = [float(v) for v in values if v is not None]
     if not vals:
-        return None, None
-    mean = float(statistics.fmean(vals))
+        return {"mean": None, "std": None, "n": 0}
     std = float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
-    return mean, std
+    return {"mean": float(statistics.fmean(vals)), "std": std, "n": len(vals)}
+
+
+def paired_differences(runs: list[dict], reference: list[dict], metrics: tuple[str, ...] = METRICS) -> dict:
+    """Per metric, mean ± sd over seeds of (run - reference run of the same seed); seeds missing from either side
+    or metrics that are None are left out. runs / reference: per-seed dicts with "seed" and "metrics"."""
+    ref = {r["seed"]: r["metrics"] for r in reference}
+    out = {}
+    for m in metrics:
+        diffs = [r["metrics"].get(m) - ref[r["seed"]][m] for r in runs
+                 if r["seed"] in ref and r["metrics"].get(m) is not None and ref[r["seed"]].get(m) is not None]
+        out[m] = mean_std(diffs)
+    return out
 
 
 def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
-    """Train every preset of `cfg` for every seed and write `ablation.md` and `ablation.json` into `cfg.out_dir`.
+    """Train (or fit) every variant of `cfg` for every seed and write `ablation.md` and `ablation.json` into
+    `cfg.out_dir`.
 
-    Returns dict(config, rows, markdown, paths) where each row is dict(name, preset, description, params,
-    train_time_s {mean, std}, metrics {metric: {mean, std}}, runs [per-seed dict(seed, run_dir, params, metrics,
-    train_time_s, reused)]). Metrics are validation accuracies in percent at the last epoch (None where the data has
-    no nouns).
+    Returns dict(config, rows, reference, markdown, paths) where each row is dict(name, preset, description, params,
+    steps, train_time_s {mean, std, n}, metrics {metric: {mean, std, n}}, paired {metric: {mean, std, n}} (against
+    `reference`, video-only, when it is in the study), runs [per-seed dict(seed, run_dir, params, metrics, steps,
+    train_time_s, reused)]). Metrics are validation accuracies in percent at the last epoch (None where the data
+    has no nouns).
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     progress = or_none(progress)
-    progress.start(len(cfg.presets) * len(seeds))  # one unit per training run
+    progress.start(len(cfg.presets) * len(seeds))  # one unit per training run (or probe, once per seed)
     rows = []
     for name in cfg.presets:
         runs = []
+        probe = _run_probe(cfg, name) if variant_of(name).probe is not None else None
         for seed in seeds:
-            progress.advance(0, message=f"training {name} (seed {seed})")
-            runs.append(_run_one(cfg, name, seed))
+            progress.advance(0, message=f"{'fitting' if probe else 'training'} {name} (seed {seed})")
+            runs.append({**probe, "seed": seed} if probe else _run_one(cfg, name, seed))
             m = runs[-1]["metrics"]
             summary = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k.endswith("top1") and v is not None)
             progress.advance(1, message=f"{name} (seed {seed}) done: {summary}")
         metric_names = list(METRICS) + sorted({k for r in runs for k in r["metrics"] if k.startswith("best_")})
-        stats = {}
-        for m in metric_names:
-            mean, std = _mean_std([r["metrics"].get(m) for r in runs])
-            stats[m] = {"mean": mean, "std": std}
-        t_mean, t_std = _mean_std([r["train_time_s"] for r in runs])
         rows.append({
             "name": name,
             "preset": preset_of(name),
             "description": describe(name),
             "params": runs[0]["params"],
-            "train_time_s": {"mean": t_mean, "std": t_std},
-            "metrics": stats,
+            "steps": runs[0]["steps"],
+            "train_time_s": mean_std([r["train_time_s"] for r in runs]),
+            "metrics": {m: mean_std([r["metrics"].get(m) for r in runs]) for m in metric_names},
             "runs": runs,
         })
+    reference = next((r for r in rows if r["name"] == REFERENCE), None)
+    for r in rows:
+        r["paired"] = paired_differences(r["runs"], reference["runs"]) if reference is not None else None
     md = markdown_table(cfg, rows)
     config = asdict(cfg)
     config["question_source"] = cfg.question_source.value
-    payload = {"config": config, "rows": rows}
+    payload = {"config": config, "reference": REFERENCE if reference is not None else None, "rows": rows}
     tmp = out / "ablation.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out / "ablation.json")
@@ -276,35 +342,47 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
     return {**payload, "markdown": md, "paths": {"json": str(out / "ablation.json"), "markdown": str(out / "ablation.md")}}
 
 
-def _cell(stat: dict, seeds: int, digits: int = 1) -> str:
-    if stat["mean"] is None:
+def _cell(stat: dict | None, seeds: int, digits: int = 1, sign: bool = False) -> str:
+    if stat is None or stat["mean"] is None:
         return "-"
+    fmt = f"{'+' if sign else ''}.{digits}f"
     if seeds > 1:
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}"
+        return f"{stat['mean']:{fmt}} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:{fmt}}"
 
 
 def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
     """The ablation table in markdown (with a header saying what was compared and how)."""
     has_nouns = any(r["metrics"]["noun_top1"]["mean"] is not None for r in rows)
     shown = [m for m in METRICS if has_nouns or m.startswith("verb")]
-    head = ["name", "params"] + [m.replace("_", " ") for m in shown] + ["train time (s)"]
+    key = "action_top1" if has_nouns else "verb_top1"
+    paired = any(r.get("paired") for r in rows)
+    head = (["name", "params", "steps"] + [m.replace("_", " ") for m in shown]
+            + ([f"Δ {key.replace('_', ' ')} vs {REFERENCE} (paired)"] if paired else []) + ["time (s)"])
     lines = [
         "# Ablation",
         "",
-        f"Same budget for every run: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
-        f"({cfg.warmup_epochs} warm-up epochs, cosine to {cfg.min_lr_ratio}x), {cfg.frames} frames, "
-        f"questions `{cfg.question_source.value}`, seed(s) {', '.join(str(cfg.seed + k) for k in range(cfg.seeds))}"
+        f"Same budget for every run: {cfg.epochs} epochs"
+        + (f" and at least {cfg.min_steps} recognition steps, batch {cfg.batch_size} (smaller on small data, see "
+           "`min_steps`)" if cfg.min_steps else f" (no step floor), batch {cfg.batch_size}")
+        + f", lr {cfg.lr} ({cfg.warmup_epochs} warm-up "
+        f"epochs, cosine to {cfg.min_lr_ratio}x), {cfg.frames} frames, questions `{cfg.question_source.value}`, "
+        f"seed(s) {', '.join(str(cfg.seed + k) for k in range(cfg.seeds))}"
         + (f", model overrides {cfg.model_overrides}" if cfg.model_overrides else "")
+        + (f", training overrides {cfg.train_overrides}" if cfg.train_overrides else "")
         + ". Validation accuracy (%) at the last epoch"
-        + (" — mean ± std over seeds." if cfg.seeds > 1 else "."),
+        + (" — mean ± sd over seeds" if cfg.seeds > 1 else "")
+        + (f"; Δ: per seed, variant minus {REFERENCE} of the same seed" + (", mean ± sd" if cfg.seeds > 1 else "")
+           if paired else "") + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["name"], f"{r['params'] / 1e6:.2f} M"]
+        cells = [r["name"], f"{r['params'] / 1e6:.3f} M", "-" if r["steps"] is None else str(r["steps"])]
         cells += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
+        if paired:
+            cells.append(_cell(r["paired"][key] if r.get("paired") else None, cfg.seeds, sign=True))
         cells.append(_cell(r["train_time_s"], cfg.seeds))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| name | what it is |", "|---|---|"]

@@ -164,8 +164,8 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         if QuestionSource.ANNOTATION.value in requested and tuple(requested) == ExtractConfig.questions:
             requested.remove(QuestionSource.ANNOTATION.value)  # the default on a split without narrations
     sources = resolve_question_sources(requested, cfg.questions_file)
-    texts, templates, per_segment = build_question_table(segments, ann.verbs, ann.nouns, sources,
-                                                         cfg.questions_file)
+    texts, templates, per_segment, label_keyed = build_question_table(segments, ann.verbs, ann.nouns, sources,
+                                                                      cfg.questions_file)
 
     enc = encoder or build_encoder(cfg.encoder)
     frames_per_segment = cfg.sampling.num_frames
@@ -185,6 +185,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         tau_a=float(cfg.tau_a),
         tau_o=float(cfg.tau_o),
         question_sources=sources,
+        questions_file=Path(cfg.questions_file).name if cfg.questions_file else "",
         source=str(videos),
         shard=f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
         annotation_rows=len(ann.segments),
@@ -196,7 +197,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         if "source_row" not in w.f:
             w.f.create_dataset("source_row", data=rows.astype(np.int64))
         if schema.QUESTIONS not in w.f or schema.ANSWERS not in w.f:
-            write_text_tables(w, enc, texts, templates, per_segment, ann, segments)
+            write_text_tables(w, enc, texts, templates, per_segment, ann, segments, label_keyed)
 
     with CacheWriter(cfg.out, attrs, meta, ann.verbs.keys, ann.nouns.keys, on_create=tables) as w:
         tables(w)  # a no-op unless the file predates them
@@ -215,11 +216,13 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
                           time.perf_counter() - t0)
 
 
-def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments) -> None:
+def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments,
+                      label_keyed=None) -> None:
     """Encode the question texts and the answer candidates (verb, noun and seen (verb, noun) pair names) with the
-    text tower `enc` and write the cache's questions/ and answers/ tables (used by extraction and by import)."""
+    text tower `enc` and write the cache's questions/ and answers/ tables (used by extraction and by import);
+    `label_keyed` source -> (N,) bool marks questions derived from a row's labels (`build_question_table`)."""
     tok, mask, pooled = enc.encode_text(texts)  # (Q, T, Dt), (Q, T), (Q, Dt)
-    w.write_questions(texts, tok.numpy(), mask.numpy(), pooled.numpy(), templates, per_segment)
+    w.write_questions(texts, tok.numpy(), mask.numpy(), pooled.numpy(), templates, per_segment, label_keyed)
     pairs = sorted({(s.verb_class, s.noun_class) for s in segments if s.verb_class >= 0 and s.noun_class >= 0})
     vt, nt, at = answer_texts(ann.verbs, ann.nouns, pairs)
     dt = enc.text_dim
@@ -492,6 +495,7 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
     index: dict[str, int] = {}
     tok_rows, mask_rows, pooled_rows = [], [], []
     per_segment_parts: dict[str, list[np.ndarray]] = {}
+    keyed_parts: dict[str, list[np.ndarray]] = {}
     templates = None
     pairs: dict[tuple[int, int], np.ndarray] = {}
     for c in caches:
@@ -509,6 +513,8 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
             templates = {k: remap[v] for k, v in bank.templates.items()}
         for source, table in bank.per_segment.items():
             per_segment_parts.setdefault(source, []).append(np.where(table >= 0, remap[np.maximum(table, 0)], -1))
+            keyed_parts.setdefault(source, []).append(
+                bank.label_keyed.get(source, np.zeros(len(table), dtype=bool)))
         answers = c.answers()
         for (v, n), e in zip(answers.action_pairs, answers.action):
             pairs.setdefault((int(v), int(n)), e)
@@ -533,7 +539,9 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
     tok_rows, mask_rows, pooled_rows = ([rows_[i] for i in order_q] for rows_ in (tok_rows, mask_rows, pooled_rows))
     templates = {k: new_of[v] for k, v in templates.items()}
     per_segment = {s: np.where(t >= 0, new_of[np.maximum(t, 0)], -1) for s, t in per_segment.items()}
-    w.write_questions(texts, np.stack(tok_rows), np.stack(mask_rows), np.stack(pooled_rows), templates, per_segment)
+    label_keyed = {s: np.concatenate(keyed_parts[s])[order] for s in per_segment}
+    w.write_questions(texts, np.stack(tok_rows), np.stack(mask_rows), np.stack(pooled_rows), templates, per_segment,
+                      label_keyed)
     keys = sorted(pairs)
     all_text = {}
     for c in caches:

@@ -204,8 +204,8 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Impo
     if not any(s.narration for s in ann.segments) and "annotation" in requested:
         requested.remove("annotation")
     sources = resolve_question_sources(requested, cfg.questions_file)
-    texts, templates, per_segment = build_question_table(ann.segments, ann.verbs, ann.nouns, sources,
-                                                         cfg.questions_file)
+    texts, templates, per_segment, label_keyed = build_question_table(ann.segments, ann.verbs, ann.nouns, sources,
+                                                                      cfg.questions_file)
     text = build_encoder(cfg.text)
     prov = text.provenance()
     attrs = dict(
@@ -215,6 +215,7 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Impo
         text_checkpoint_sha256=prov["text_checkpoint_sha256"], text_dim=int(text.text_dim),
         sampling_mode="imported", frames_per_segment=int(frames), frame_size=0, tokens_per_frame_pooling="imported",
         has_labels=bool(ann.has_labels), anticipation=False, question_sources=sources,
+        questions_file=Path(cfg.questions_file).name if cfg.questions_file else "",
         source=f"{cfg.name} features from {src}" + (f" (keys at {cfg.source_fps:g} fps)" if _is_lmdb(src) else ""),
     )
     tmp = out.with_name(out.name + ".partial")
@@ -226,7 +227,7 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Impo
         for i, (a, t) in enumerate(zip(arrays, times)):
             w.write_row(i, a, t)
             progress.advance(1)
-        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments)
+        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments, label_keyed)
         w.finalize()
     tmp.replace(out)  # the cache appears whole or not at all
     return ImportSummary(out, len(arrays), unused)

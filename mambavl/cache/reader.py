@@ -58,7 +58,8 @@ class QuestionBank:
 
     tokens (Q, T, Dt) float32, mask (Q, T) bool, pooled (Q, Dt) float32, texts (Q,);
     templates: kind -> (P,) int64 indices into the table (index 0 = the evaluation phrasing);
-    per_segment: source -> (N, 2) int64 (verb-question, noun-question) indices, -1 where a row has none.
+    per_segment: source -> (N, 2) int64 (verb-question, noun-question) indices, -1 where a row has none;
+    label_keyed: source -> (N,) bool, True where the row's question derives from its labels (narration or class key).
     """
 
     texts: list[str]
@@ -67,6 +68,7 @@ class QuestionBank:
     pooled: np.ndarray
     templates: dict[str, np.ndarray] = field(default_factory=dict)
     per_segment: dict[str, np.ndarray] = field(default_factory=dict)
+    label_keyed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,6 +154,9 @@ class CacheFile:
             per_segment = (
                 {k: g["per_segment"][k][()].astype(np.int64) for k in g["per_segment"]} if "per_segment" in g else {}
             )
+            label_keyed = (
+                {k: g["label_keyed"][k][()].astype(bool) for k in g["label_keyed"]} if "label_keyed" in g else {}
+            )
             self._questions = QuestionBank(
                 texts=_strings(g["texts"]),
                 tokens=g["tokens"][()].astype(np.float32),
@@ -159,6 +164,7 @@ class CacheFile:
                 pooled=g["pooled"][()].astype(np.float32),
                 templates=templates,
                 per_segment=per_segment,
+                label_keyed=label_keyed,
             )
         return self._questions
 

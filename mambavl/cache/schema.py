@@ -17,7 +17,8 @@ Layout (N segments, F tokens per segment, D feature dim, Dt text dim, T question
     failures/         index int64, narration_id, window, reason  (resizable)
     classes/          verb (V,), noun (Nn,) utf-8
     questions/        texts (Q,), tokens (Q, T, Dt) f16, mask (Q, T) bool, pooled (Q, Dt) f16,
-                      templates/<kind> (P,) int32, per_segment/<source> (N, 2) int32
+                      templates/<kind> (P,) int32, per_segment/<source> (N, 2) int32,
+                      label_keyed/<source> (N,) bool (question derived from the row's labels; absent = none)
     answers/          verb (V, Dt), noun (Nn, Dt), action_pairs (A, 2) int32, action (A, Dt), action_text (A,)
 """
 

@@ -45,12 +45,15 @@ def make_planted_cache(
     labelled: bool = True,
     participants: tuple[str, ...] = ("P01", "P02", "P03", "P04"),
     invalid_rows: int = 0,
+    verb_appearance: float = 1.0,
 ) -> Path:
     """Write a planted-structure cache at `path` and return the path.
 
     n rows; features (n, frames, dim); text embeddings of width text_dim. `labelled=False` writes a test-split-like
     cache (labels -1, no annotation questions). The last `invalid_rows` rows are left invalid with a recorded
-    failure, as an extraction that lost a few videos would.
+    failure, as an extraction that lost a few videos would. `verb_appearance` scales the verb's prototype: at 0 the
+    verb shows only in the temporal drift, which averages to zero over the frames, so the mean of a segment's frame
+    tokens says nothing about its verb (an order-only verb, like a motion).
 
     Over 80 lines on purpose: it writes every table of the cache format in the writer's order, as one readable
     recipe of a complete cache.
@@ -74,7 +77,7 @@ def make_planted_cache(
     parts = [participants[i % len(participants)] for i in range(n)]
 
     t = np.linspace(-1.0, 1.0, frames)[None, :, None]  # (1, F, 1)
-    base = verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
+    base = verb_appearance * verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
     feats = base + t * drift[verbs][:, None] + noise * rng.normal(size=(n, frames, dim))  # (n, F, D)
     ant = None
     if anticipation:
@@ -139,7 +142,7 @@ def make_planted_cache(
                 texts.append(f"template {kind} question {p}")
                 tokens.append(template_tokens[k * TEMPLATE_PARAPHRASES + p])
             templates[kind] = idx
-        per_segment = {}
+        per_segment, label_keyed = {}, {}
         if "annotation" in sources:
             table = np.full((n, 2), -1, dtype=np.int32)
             seen: dict[str, int] = {}
@@ -157,10 +160,11 @@ def make_planted_cache(
                         tokens.append(tok)
                     table[i, j] = seen[q]
             per_segment["annotation"] = table
+            label_keyed["annotation"] = table[:, 0] >= 0  # made from each row's own narration
         tokens_arr = np.stack(tokens).astype(np.float32)  # (Q, T, Dt)
         mask = np.ones(tokens_arr.shape[:2], dtype=bool)
         mask[:, -1] = False  # one padded token per question, so masking is exercised
-        w.write_questions(texts, tokens_arr, mask, tokens_arr[:, :-1].mean(1), templates, per_segment)
+        w.write_questions(texts, tokens_arr, mask, tokens_arr[:, :-1].mean(1), templates, per_segment, label_keyed)
 
         pairs = sorted({(int(v), int(k)) for v, k in zip(verbs, nouns)}) if num_nouns else []
         action = np.asarray([_unit(verb_text[v] + noun_text[k]) for v, k in pairs]).reshape(-1, text_dim)

@@ -126,6 +126,7 @@ def base_attrs(**values: Any) -> dict[str, Any]:
         "has_labels": True,
         "anticipation": False,
         "question_sources": ["templates"],
+        "questions_file": "",
         "source": "",
         "shard": "",
     }
@@ -358,9 +359,11 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- questions / answers
     def write_questions(self, texts: Sequence[str], tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
-                        templates: dict[str, Sequence[int]], per_segment: dict[str, np.ndarray] | None = None) -> None:
+                        templates: dict[str, Sequence[int]], per_segment: dict[str, np.ndarray] | None = None,
+                        label_keyed: dict[str, np.ndarray] | None = None) -> None:
         """The question table: texts (Q,), tokens (Q, T, Dt), mask (Q, T), pooled (Q, Dt); templates kind -> (P,)
-        indices; per_segment source -> (N, 2) indices (-1 = none). Replaces an existing table."""
+        indices; per_segment source -> (N, 2) indices (-1 = none); label_keyed source -> (N,) bool, True where the
+        row's question was derived from its labels (see `mambavl.extract.questions`). Replaces an existing table."""
         q = len(texts)
         if tokens.shape[0] != q or mask.shape[:2] != tokens.shape[:2] or pooled.shape[0] != q:
             raise ValueError("question texts, tokens, mask and pooled disagree in length")
@@ -380,6 +383,12 @@ class CacheWriter:
             if table.shape != (self.n, 2):
                 raise ValueError(f"per-segment {source} questions have shape {table.shape}, expected ({self.n}, 2)")
             s.create_dataset(source, data=table)
+        k = g.create_group("label_keyed")
+        for source, flags in (label_keyed or {}).items():
+            flags = np.asarray(flags, dtype=bool)
+            if flags.shape != (self.n,):
+                raise ValueError(f"label_keyed {source} has shape {flags.shape}, expected ({self.n},)")
+            k.create_dataset(source, data=flags)
         self.f.flush()
 
     def write_answers(self, verb: np.ndarray, noun: np.ndarray, action_pairs: np.ndarray, action: np.ndarray,

@@ -99,11 +99,16 @@ def ablate_command(
     val_cache: Annotated[Path, typer.Option("--val-cache", help="Validation cache (.h5) the runs are compared on.")],
     out: Annotated[Path, typer.Option("--out", help="Folder: ablation.md, ablation.json, runs/<name>/seed<k>/.")],
     presets: Annotated[
-        str, typer.Option(help="Ablations, comma-separated: full, no-qa, disjoint-A, video-only, transformer, concat, "
-                               "paper (or any preset).")
-    ] = "full,no-qa,disjoint-A,video-only,transformer,concat,paper",
+        str, typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, transformer, "
+                               "concat, probe-concat, probe-mean (or any preset).")
+    ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,probe-concat,probe-mean",
     epochs: Annotated[int, typer.Option(help="Epochs of every run.")] = 10,
-    seeds: Annotated[int, typer.Option(help="Runs per preset (seeds seed, seed+1, ...); >1 gives mean ± std.")] = 1,
+    min_steps: Annotated[
+        int, typer.Option("--min-steps", help="Fewest recognition steps of every run (small data: smaller batch, "
+                                              "several passes per epoch); 0 = off.")
+    ] = 1000,
+    seeds: Annotated[int, typer.Option(help="Runs per variant (seeds seed, seed+1, ...); >1 gives mean ± sd and "
+                                            "paired differences to video-only.")] = 1,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     questions: Annotated[str, typer.Option(help="Question protocol: templates, annotation, file.")] = "templates",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of every run.")] = 64,
@@ -115,13 +120,15 @@ def ablate_command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train the ablation presets under one seed and budget and write a comparison table."""
+    """Train the ablation variants (and fit the linear probes) under one budget and several seeds; write a table with
+    mean ± sd and paired differences to video-only."""
     from mambavl.analysis.ablate import AblationConfig, run_ablation
 
     try:
         cfg = AblationConfig(
             train_cache=str(train_cache), val_cache=str(val_cache), out_dir=str(out), presets=_csv(presets, "--presets"),
-            epochs=epochs, seeds=seeds, seed=seed, question_source=questions, batch_size=batch_size, lr=lr,
+            epochs=epochs, min_steps=min_steps, seeds=seeds, seed=seed, question_source=questions,
+            batch_size=batch_size, lr=lr,
             frames=frames, device=device, model_overrides=_overrides(set_, "--set"),
         )
         with rich_progress("ablate", quiet, log=log_messages("ablate")) as progress:

@@ -90,6 +90,11 @@ def train_command(
     frames: Annotated[
         Optional[int], typer.Option(help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
     ] = None,
+    min_steps: Annotated[
+        Optional[int], typer.Option("--min-steps", help="Fewest recognition steps of the run (default 1000): on small "
+                                                        "data the batch shrinks (not below 8) and epochs make several "
+                                                        "passes; 0 = off.")
+    ] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers.")] = None,
     set_: Annotated[
@@ -115,6 +120,7 @@ def train_command(
         "qa_weight": qa_weight,
         "qa_every": qa_every,
         "frames": frames,
+        "min_steps": min_steps,
         "amp": amp,
         "model_overrides": parse_overrides(set_) if set_ else None,
     }

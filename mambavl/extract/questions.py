@@ -1,6 +1,6 @@
 """Questions and answers: which text reaches the model, and how honest it is.
 
-Three question sources (recorded in the cache, the checkpoint and metrics.json):
+Four question sources (recorded in the cache, the checkpoint and metrics.json):
 
 * ``templates`` (default) — a fixed bank per kind (verb, noun, scene, next_verb, next_noun). Paraphrases are sampled
   in training, paraphrase 0 is asked at evaluation. No text derived from the evaluated segment reaches the model,
@@ -8,7 +8,16 @@ Three question sources (recorded in the cache, the checkpoint and metrics.json):
 * ``annotation`` — the paper's protocol: questions written from each segment's narration, the verb question with
   the noun masked and the noun question with the verb masked. Each question therefore still contains its own
   answer word; `leak_rate` measures that, and ``mambavl audit-questions`` measures what it is worth in accuracy.
-* ``file`` — user-supplied questions (e.g. LLM-written), keyed by narration_id or by action class "verb,noun".
+* ``predicted`` — self-questioning: the template question followed by the answer-text embeddings of the top-k verb
+  (noun) candidates that a video-only first pass proposes. Built in stage 2 from the cache's templates and answers/
+  tables, so nothing per segment is stored here; label-free by construction and usable on the test split.
+* ``file`` — user-supplied questions (e.g. LLM-written), keyed by narration_id, by action class "verb,noun", or
+  global (key ``*``: asked of every segment without its own entry). A class key is the segment's label: such rows are
+  flagged (`label_keyed`) and refused at evaluation, where they would hand the model the answer; they stay usable
+  for training rows.
+
+`label_keyed` marks, per source and row, a question derived from the segment's labels (the narration, or a class
+key). The audit's label-permutation check moves those rows together with the labels.
 
 Answers: natural phrases of the class keys ("put-down" -> "put down", "tap:water" -> "water tap"), embedded by the
 text tower; the QA head scores them.
@@ -40,6 +49,13 @@ class QuestionSource(str, Enum):
     TEMPLATES = "templates"
     ANNOTATION = "annotation"
     FILE = "file"
+    PREDICTED = "predicted"
+
+
+# Sources whose questions are stored per segment in the cache (questions/per_segment/<source>).
+PER_SEGMENT_SOURCES = (QuestionSource.ANNOTATION.value, QuestionSource.FILE.value)
+# The key of a question-file entry asked of every segment that has no entry of its own.
+GLOBAL_KEY = "*"
 
 
 # kind -> paraphrases; index 0 is the evaluation phrasing. None names an action or object of a segment.
@@ -147,26 +163,38 @@ def annotation_questions(segment, verbs, nouns) -> tuple[str, str]:
 
 
 def load_question_file(path: str | os.PathLike, segments) -> list[tuple[str, str]]:
-    """Per-segment (verb question, noun question) from a CSV or JSON file.
+    """Per-segment (verb question, noun question) from a CSV or JSON file (see `question_file_lookup`)."""
+    return question_file_lookup(path, segments)[0]
 
-    CSV columns: ``narration_id`` (or ``verb_class,noun_class``), ``verb_question``, ``noun_question``.
-    JSON: {"narration_id": {"verb": q, "noun": q}, ...}, {"v,n": {...}} or a list of records with the CSV columns.
-    Every segment must find its questions (by narration_id first, then by its action class)."""
+
+def question_file_lookup(path: str | os.PathLike, segments) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Per-segment (verb question, noun question) from a CSV or JSON file, and which rows were found by class.
+
+    CSV columns: ``narration_id`` (or ``verb_class,noun_class``), ``verb_question``, ``noun_question``; a
+    narration_id of ``*`` is a global entry. JSON: {"narration_id": {"verb": q, "noun": q}, ...}, {"v,n": {...}},
+    {"*": {...}} or a list of records with the CSV columns. Lookup order per segment: its narration_id, the global
+    entry, its action class "verb_class,noun_class". Returns (questions (N pairs), label_keyed (N,) bool: True where
+    the question was found by the segment's own class, i.e. by its label). A segment without questions -> InputError
+    naming the file and row."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: questions file not found")
     table: dict[str, tuple[str, str]] = {}
+    class_table: dict[str, tuple[str, str]] = {}
 
-    def add(key: str, vq, nq, where: str) -> None:
+    def add(key: str, vq, nq, where: str, by_class: bool = False) -> None:
         if not isinstance(vq, str) or not isinstance(nq, str) or not vq.strip() or not nq.strip():
             raise InputError(f"{path}: {where}: needs non-empty verb_question and noun_question")
-        table[key] = (vq.strip(), nq.strip())
+        (class_table if by_class else table)[key] = (vq.strip(), nq.strip())
 
-    def record_key(rec: dict, where: str) -> str:
+    def record_key(rec: dict, where: str) -> tuple[str, bool]:
         if rec.get("narration_id"):
-            return str(rec["narration_id"]).strip()
+            return str(rec["narration_id"]).strip(), False
         if rec.get("verb_class") not in (None, "") and rec.get("noun_class") not in (None, ""):
-            return f"{int(rec['verb_class'])},{int(rec['noun_class'])}"
+            try:
+                return f"{int(rec['verb_class'])},{int(rec['noun_class'])}", True
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: {where}: verb_class/noun_class must be integers") from None
         raise InputError(f"{path}: {where}: field 'narration_id' (or 'verb_class' and 'noun_class') missing")
 
     if path.suffix.lower() == ".json":
@@ -178,10 +206,15 @@ def load_question_file(path: str | os.PathLike, segments) -> list[tuple[str, str
             for key, value in data.items():
                 if not isinstance(value, dict):
                     raise InputError(f"{path}: entry {key!r}: expected an object with 'verb' and 'noun'")
-                add(str(key).replace(" ", ""), value.get("verb"), value.get("noun"), f"entry {key!r}")
+                compact = str(key).replace(" ", "")
+                add(compact, value.get("verb"), value.get("noun"), f"entry {key!r}",
+                    by_class=re.fullmatch(r"-?\d+,-?\d+", compact) is not None)
         elif isinstance(data, list):
             for i, rec in enumerate(data, start=1):
-                add(record_key(rec, f"record {i}"), rec.get("verb_question"), rec.get("noun_question"), f"record {i}")
+                if not isinstance(rec, dict):
+                    raise InputError(f"{path}: record {i}: expected an object")
+                key, by_class = record_key(rec, f"record {i}")
+                add(key, rec.get("verb_question"), rec.get("noun_question"), f"record {i}", by_class)
         else:
             raise InputError(f"{path}: expected a JSON object or list")
     else:
@@ -191,15 +224,36 @@ def load_question_file(path: str | os.PathLike, segments) -> list[tuple[str, str
                 if col not in (reader.fieldnames or []):
                     raise InputError(f"{path}: missing column {col!r}")
             for i, rec in enumerate(reader, start=1):
-                add(record_key(rec, f"row {i}"), rec.get("verb_question"), rec.get("noun_question"), f"row {i}")
+                key, by_class = record_key(rec, f"row {i}")
+                add(key, rec.get("verb_question"), rec.get("noun_question"), f"row {i}", by_class)
     out = []
-    for s in segments:
-        q = table.get(s.narration_id) or table.get(f"{s.verb_class},{s.noun_class}")
+    label_keyed = np.zeros(len(segments), dtype=bool)
+    for i, s in enumerate(segments):
+        q = table.get(s.narration_id) or table.get(GLOBAL_KEY)
         if q is None:
-            raise InputError(f"{path}: no questions for segment {s.narration_id} (row {s.row}) by narration_id or "
-                             f"by action class {s.verb_class},{s.noun_class}")
+            q = class_table.get(f"{s.verb_class},{s.noun_class}")
+            label_keyed[i] = q is not None
+        if q is None:
+            raise InputError(f"{path}: no questions for segment {s.narration_id} (row {s.row}) by narration_id, "
+                             f"global key {GLOBAL_KEY!r} or action class {s.verb_class},{s.noun_class}")
         out.append(q)
-    return out
+    return out, label_keyed
+
+
+def refuse_label_keyed(source: str, label_keyed: np.ndarray | None, rows: np.ndarray, question_file: str,
+                       narration_ids: Sequence[str] | None = None) -> None:
+    """At evaluation: InputError when any evaluated row's `source` question was found by the row's own class
+    (its label), naming the question file and the first such segments. label_keyed (N,) bool or None, rows (R,)."""
+    if label_keyed is None or not len(rows):
+        return
+    hit = np.asarray(rows)[np.asarray(label_keyed, dtype=bool)[np.asarray(rows)]]
+    if len(hit):
+        names = [str(narration_ids[r]) if narration_ids is not None else f"row {r}" for r in hit[:3]]
+        raise InputError(
+            f"question file {question_file or '(unknown)'}: {len(hit)} evaluated segment(s) (e.g. {', '.join(names)}) "
+            f"take their {source!r} questions by their own verb_class,noun_class, i.e. from the answer; class-keyed "
+            f"questions are for training rows only. Key them by narration_id or give a global '{GLOBAL_KEY}' entry"
+        )
 
 
 def answer_texts(verbs, nouns, pairs: Sequence[tuple[int, int]]) -> tuple[list[str], list[str], list[str]]:
@@ -221,7 +275,9 @@ def leak_rate(questions: Sequence[str], answer_forms: Sequence[Sequence[str]]) -
 def build_question_table(segments, verbs, nouns, sources: Sequence[str], question_file: str | None = None):
     """Deduplicated question texts and the indices each protocol uses.
 
-    Returns (texts, templates: kind -> (P,) int32, per_segment: source -> (N, 2) int32 with -1 where absent).
+    Returns (texts, templates: kind -> (P,) int32, per_segment: source -> (N, 2) int32 with -1 where absent,
+    label_keyed: source -> (N,) bool, True where the row's question derives from its labels: every annotation
+    question (made from the narration), and file questions found by action class). `predicted` needs no table here.
     Annotation questions are built only for segments with a narration; a split without any is refused."""
     sources = [QuestionSource(s).value for s in sources]
     texts: list[str] = []
@@ -235,6 +291,7 @@ def build_question_table(segments, verbs, nouns, sources: Sequence[str], questio
 
     templates = {kind: np.asarray([idx(t) for t in phrases], dtype=np.int32) for kind, phrases in TEMPLATES.items()}
     per_segment: dict[str, np.ndarray] = {}
+    label_keyed: dict[str, np.ndarray] = {}
     n = len(segments)
     if QuestionSource.ANNOTATION.value in sources:
         if not any(s.narration for s in segments):
@@ -246,11 +303,14 @@ def build_question_table(segments, verbs, nouns, sources: Sequence[str], questio
                 vq, nq = annotation_questions(s, verbs, nouns)
                 table[i] = (idx(vq), idx(nq))
         per_segment[QuestionSource.ANNOTATION.value] = table
+        label_keyed[QuestionSource.ANNOTATION.value] = table[:, 0] >= 0
     if QuestionSource.FILE.value in sources:
         if not question_file:
             raise InputError("--questions file needs --questions-file PATH")
         table = np.full((n, 2), -1, dtype=np.int32)
-        for i, (vq, nq) in enumerate(load_question_file(question_file, segments)):
+        questions, keyed = question_file_lookup(question_file, segments)
+        for i, (vq, nq) in enumerate(questions):
             table[i] = (idx(vq), idx(nq))
         per_segment[QuestionSource.FILE.value] = table
-    return texts, templates, per_segment
+        label_keyed[QuestionSource.FILE.value] = keyed
+    return texts, templates, per_segment, label_keyed

@@ -101,3 +101,16 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     """`cfg.to_dict()`: plain types only (enums as strings)."""
     return cfg.to_dict()
+
+
+def question_is_offset(cfg: ModelConfig) -> bool:
+    """True when the fused vector is (a function of the video alone) + (a function of the question alone).
+
+    That is the parallel layout of the Mamba fusion (the `paper` preset): each stream scans only its own tokens and
+    the pooled outputs are summed, so the question stream never sees the video. With a question that is the same for
+    every clip (template questions at evaluation) its term is one constant vector per head, and the model is
+    video-only plus a per-head bias. The joint layout (the state that read the question reads the video), the
+    transformer (video tokens attend to the question) and the concat MLP (a non-linear function of both) let the
+    question change how the video is read.
+    """
+    return cfg.use_question and cfg.fusion == FusionKind.MAMBA and cfg.scan_layout == ScanLayout.PARALLEL

@@ -6,7 +6,8 @@
 
 `forward` asks two questions per clip, the verb question and the noun question, batched as 2B in one fusion call:
 h_verb feeds the verb head, h_noun the noun head, concat(h_verb, h_noun) the action head. The QA head maps a fused
-vector into the text-embedding space (`qa_embed`) and scores answer candidates by scaled cosine (`qa_logits`).
+vector into the text-embedding space (`qa_embed`) and scores answer candidates by scaled cosine (`qa_logits`; the
+multi-label scene question adds a learnable bias, `scene_logits`, see `mambavl.fuse.qa`).
 The fusion is chosen by `ModelConfig.fusion` (mamba / transformer / concat) and, for mamba, `scan_layout`
 (joint / parallel); see docs/model.md.
 """
@@ -30,6 +31,7 @@ from mambavl.fuse.config import (  # noqa: F401
     model_config_from_dict,
     model_config_to_dict,
 )
+from mambavl.fuse.qa import scene_prior_logit
 
 
 def build_fusion(cfg: ModelConfig) -> nn.Module:
@@ -68,6 +70,9 @@ class MambaVL(nn.Module):
         # CLIP's learnable temperature: logits = exp(logit_scale) * cosine, initialised at 1/0.07, capped at 100.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_scale._no_weight_decay = True
+        # Multi-label scene answers: a bias at the prior logit, so hundreds of negatives start near p = 1/Nn, not 0.5.
+        self.scene_bias = nn.Parameter(torch.tensor(scene_prior_logit(cfg.num_nouns)))
+        self.scene_bias._no_weight_decay = True
         tag_norms_and_biases(self)
 
     # ---- inputs
@@ -150,3 +155,8 @@ class MambaVL(nn.Module):
         logits = exp(logit_scale) * cosine, the scale learned and capped at 100 (CLIP)."""
         scale = self.logit_scale.exp().clamp(max=100.0)
         return scale * emb @ F.normalize(candidates.to(emb.dtype), dim=-1).T
+
+    def scene_logits(self, emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Multi-label scene scores: `qa_logits` + the learnable scene bias. emb (B, Dt), candidates (Nn, Dt) ->
+        (B, Nn) logits; sigmoid gives p(noun present). The bias starts at the prior logit of 1 / Nn."""
+        return self.qa_logits(emb, candidates) + self.scene_bias

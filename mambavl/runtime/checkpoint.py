@@ -73,7 +73,10 @@ def config_from_checkpoint(path: str | os.PathLike) -> TrainConfig:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise InputError(f"{path}: not a mambavl checkpoint")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
+    values = {k: v for k, v in ckpt["train_config"].items() if k in known}
+    # Checkpoints from before the step floor trained without one: resuming them must keep their schedule.
+    values.setdefault("min_steps", 0)
+    return TrainConfig(**values)
 
 
 def question_tokens(cache: CacheFile) -> dict[str, int]:

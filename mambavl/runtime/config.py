@@ -43,7 +43,10 @@ class TrainConfig:
 
     `model_overrides` are ModelConfig fields applied on top of the preset (dims and class counts come from the cache).
     `frames` is the number of frame tokens the model consumes, sub-sampled from the cached F (0 = all F).
-    `batch_size` is per process under torchrun. `resume=True` continues the run in `out_dir` from last.pt.
+    `batch_size` is per process under torchrun. `min_steps` is the fewest recognition steps a run makes: on data too
+    small for it at `epochs` x ceil(rows / batch_size), the batch shrinks (not below 8) and each epoch makes several
+    passes over the training rows (`mambavl.train.plan_steps`); 0 turns this off.
+    `resume=True` continues the run in `out_dir` from last.pt.
     Presets may carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs): they replace fields left at
     their class default, never values set to something else.
     """
@@ -66,6 +69,7 @@ class TrainConfig:
     qa_weight: float = 1.0
     qa_every: int = 2
     frames: int = 8
+    min_steps: int = 1000
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -101,6 +105,7 @@ class TrainConfig:
             ("qa_weight", self.qa_weight >= 0),
             ("qa_every", self.qa_every >= 1),
             ("frames", self.frames >= 0),
+            ("min_steps", self.min_steps >= 0),
             ("num_workers", self.num_workers >= 0),
         )
         for name, ok in checks:
