@@ -172,8 +172,8 @@ def main() -> None:
     from mambavl.cache.build import resolve_question_sources
     from mambavl.extract.questions import answer_texts, build_question_table
 
-    texts, _, _ = build_question_table(segments, ann.verbs, ann.nouns,
-                                       resolve_question_sources(xcfg.questions, None), None)
+    texts = build_question_table(segments, ann.verbs, ann.nouns,
+                         resolve_question_sources(xcfg.questions, None), None)[0]
     pairs = sorted({(s.verb_class, s.noun_class) for s in segments if s.verb_class >= 0 and s.noun_class >= 0})
     answers = [xs for xs in answer_texts(ann.verbs, ann.nouns, pairs) if xs]
     n_text = len(texts) + sum(len(xs) for xs in answers)
