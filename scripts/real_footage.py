@@ -8,7 +8,7 @@
       -> mambavl predict   (a held-out clip, from the command line; and every held-out segment, in process)
       -> OUT/report.md, OUT/summary.json, OUT/contact_sheet.png (the frames each prediction saw)
 
-Usage: python scripts/real_footage.py [--media DIR] [--out OUT] [--epochs 10] [--device cpu]
+Usage: python scripts/real_footage.py [--media DIR] [--out OUT] [--epochs 10] [--min-steps 1000] [--device cpu]
 (scripts/real-footage.sh installs what this needs first). The clips come from Debian's opencv-doc package
 (`apt-get download` + `dpkg-deb -x`, about 95 MB, nothing installed) into --media, once; exit code 2 when they
 cannot be fetched.
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Folder for cup.mp4, box.mp4, tree.avi, vtest.avi (fetched there when missing).")
     ap.add_argument("--out", type=Path, default=Path("mambavl-real-footage"), help="Report folder (replaced).")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--min-steps", type=int, default=1000,
+                    help="mambavl train's --min-steps (its default, 1000; fewer for a quicker run).")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     rows = read_segments(LABELS)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     mambavl("train", "--train-cache", str(out / "train.h5"), "--val-cache", str(out / "val.h5"), "--out",
             str(out / "run"), "--epochs", str(args.epochs), "--batch-size", "8", "--device", args.device,
-            "--seed", "0", "--quiet")
+            "--min-steps", str(args.min_steps), "--seed", "0", "--quiet")
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
     mambavl("evaluate", "--checkpoint", str(out / "run" / "best.pt"), "--cache", str(out / "val.h5"), "--out",

@@ -13,6 +13,10 @@ from mambavl.cli import app
 from mambavl.data.annotations import load_annotations
 from mambavl.runtime import load_checkpoint, predict_scores
 
+# The module's first test also runs the whole `demo --quick` (several trainings, evaluation, audit, ablation): minutes
+# on two cores, more on a shared machine, so it gets more than the suite's default per-test limit.
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

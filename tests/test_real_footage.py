@@ -26,7 +26,7 @@ def _script():
 def test_real_footage_extract_train_evaluate_predict(tmp_path):
     rf = _script()
     out = tmp_path / "report"
-    assert rf.main(["--out", str(out), "--epochs", "4", "--device", "cpu"]) == 0
+    assert rf.main(["--out", str(out), "--epochs", "4", "--min-steps", "200", "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     m, n_val = summary["metrics"], summary["segments"]["val"]
     assert summary["encoder"]["model"] == "tf_efficientnet_lite0" and summary["encoder"]["feature_dim"] == 1280
