@@ -29,7 +29,7 @@ def test_receivers_satisfy_the_protocol():
 def test_training_reports_every_step_and_every_epoch(tmp_path):
     cache = make_planted_cache(tmp_path / "c.h5", n=24, seed=2)
     cfg = TrainConfig(train_cache=str(cache), val_cache=str(cache), out_dir=str(tmp_path / "run"), epochs=2,
-                      batch_size=8, frames=6, model_overrides={"d_model": 32, "n_layers": 1})
+                      batch_size=8, frames=6, min_steps=0, model_overrides={"d_model": 32, "n_layers": 1})
     rec = Recorder()
     result = train(cfg, progress=rec, stop_after_epochs=1)
     assert rec.total == 6 and rec.done == 3 and rec.finished  # 24 rows / batch 8 = 3 steps per epoch, 2 epochs

@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
 
 def _cfg(cache, out, **kw) -> TrainConfig:
     values = dict(train_cache=str(cache), val_cache=str(cache), out_dir=str(out), model_overrides=dict(TINY),
-                  epochs=3, batch_size=8, lr=3e-3, frames=6)
+                  epochs=3, batch_size=8, lr=3e-3, frames=6, min_steps=0)
     values.update(kw)
     return TrainConfig(**values)
 
