@@ -66,7 +66,7 @@ from mambavl import __version__
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import gather_frames, train_frame_indices
-from mambavl.device import resolve_device
+from mambavl.device import join_process_group, resolve_device
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.config import ModelConfig, question_is_offset
@@ -305,7 +305,6 @@ class _Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -316,11 +315,8 @@ def _dist_setup(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+    join_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass
@@ -803,12 +799,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
     Raises InputError for unusable caches, an incompatible validation cache, or an existing run without `resume`.
     """
     device = resolve_device(cfg.device)
-    d = _dist_setup(device)
-    try:
-        return _train(cfg, device, d, progress, stop_after_epochs)
-    finally:
-        if d.owns_group:
-            dist.destroy_process_group()
+    return _train(cfg, device, _dist_setup(device), progress, stop_after_epochs)
 
 
 def _build(cfg: TrainConfig, ckpt: dict | None, data: _Data, device: torch.device, d: _Dist):

@@ -123,3 +123,36 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert torch.allclose(tensor, ref[name], rtol=0, atol=ATOL_WEIGHTS), name
     assert ckpt["epoch"] == 3 and ckpt["step"] == 9
     assert torch.load(out / "last.pt", weights_only=True)["history"][0]["qa_steps"] == 3
+
+
+def test_process_group_is_joined_once_and_kept(tmp_path):
+    """A second run in the same process reuses the group (a destroyed and re-created group under one torchrun launch
+    can read its predecessor's stale gloo addresses); a group of another rank or size is refused."""
+    script = tmp_path / "join.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch.distributed as dist
+        from mambavl.device import join_process_group
+        join_process_group("gloo")
+        group = dist.group.WORLD
+        join_process_group("gloo")  # already joined: the same group
+        assert dist.group.WORLD is group and dist.get_world_size() == 1
+        try:
+            join_process_group("gloo", rank=0, world_size=2)
+        except RuntimeError as exc:
+            assert "rank 0 of 1" in str(exc)
+        else:
+            raise AssertionError("a group of another size was accepted")
+        print("ok")
+        """))
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

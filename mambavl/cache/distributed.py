@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mambavl.device import join_process_group
 from mambavl.errors import InputError
 from mambavl.extract.encoders import FrozenEncoder
 from mambavl.progress import Progress
@@ -115,45 +116,37 @@ def run_distributed_extraction(cfg: ExtractConfig, launch: Launch, progress: Pro
     if cfg.shard is not None:
         raise InputError("--shard and a torchrun launch both split the work: use one of them")
     t0 = time.perf_counter()
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world,
-                                timeout=_dt.timedelta(hours=timeout_hours))
-        owns = True
-    try:
-        out = Path(cfg.out)
-        merged_before = _gather(out.exists(), launch)[0]  # rank 0's view decides, for every rank
-        device = rank_device(cfg.encoder.device, launch.local_rank)
-        shards = [shard_path(out, i, launch.world) for i in range(launch.world)]
-        if merged_before:
-            def work():
-                if launch.main:
-                    return _summary_dict(run_extraction(replace(cfg, encoder=replace(cfg.encoder, device=device)),
-                                                        progress, encoder))
-                return None
-            outcomes = _gather(_outcome(work), launch)
-            _raise_first(outcomes)
-            result = outcomes[0][2]
-        else:
-            mine = replace(cfg, out=str(shards[launch.rank]), shard=(launch.rank, launch.world),
-                           encoder=replace(cfg.encoder, device=device))
-            outcomes = _gather(_outcome(lambda: _summary_dict(run_extraction(mine, progress, encoder))), launch)
-            _raise_first(outcomes)
-            parts = [o[2] for o in outcomes]
+    join_process_group("gloo", _dt.timedelta(hours=timeout_hours), launch.rank, launch.world)
+    out = Path(cfg.out)
+    merged_before = _gather(out.exists(), launch)[0]  # rank 0's view decides, for every rank
+    device = rank_device(cfg.encoder.device, launch.local_rank)
+    shards = [shard_path(out, i, launch.world) for i in range(launch.world)]
+    if merged_before:
+        def work():
+            if launch.main:
+                return _summary_dict(run_extraction(replace(cfg, encoder=replace(cfg.encoder, device=device)),
+                                                    progress, encoder))
+            return None
+        outcomes = _gather(_outcome(work), launch)
+        _raise_first(outcomes)
+        result = outcomes[0][2]
+    else:
+        mine = replace(cfg, out=str(shards[launch.rank]), shard=(launch.rank, launch.world),
+                       encoder=replace(cfg.encoder, device=device))
+        outcomes = _gather(_outcome(lambda: _summary_dict(run_extraction(mine, progress, encoder))), launch)
+        _raise_first(outcomes)
+        parts = [o[2] for o in outcomes]
 
-            def merge():
-                if not launch.main:
-                    return None
-                merge_caches([str(p) for p in shards], str(out))
-                for p in shards:
-                    p.unlink()
-                return _merged_summary(out, parts)
-            merged = _gather(_outcome(merge), launch)
-            _raise_first(merged)
-            result = merged[0][2]
-    finally:
-        if owns:
-            dist.destroy_process_group()
+        def merge():
+            if not launch.main:
+                return None
+            merge_caches([str(p) for p in shards], str(out))
+            for p in shards:
+                p.unlink()
+            return _merged_summary(out, parts)
+        merged = _gather(_outcome(merge), launch)
+        _raise_first(merged)
+        result = merged[0][2]
     result["seconds"] = time.perf_counter() - t0
     return ExtractSummary(**{**result, "path": Path(result["path"])})
 
