@@ -37,8 +37,9 @@ from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list,
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
+from mambavl.fuse.qa import QA_TARGET, scene_targets
 from mambavl.progress import Progress, or_none
-from mambavl.runtime import Task, load_checkpoint, predict_scores
+from mambavl.runtime import FirstPass, Task, load_checkpoint, predict_scores, qa_scores
 
 
 STAGES = ("load", "predict", "metrics", "submission", "plots")
@@ -140,6 +141,8 @@ class Scored:
     action: np.ndarray | None  # (N, A) action-head logits, None without one
     rows: np.ndarray  # (N,) cache rows
     question_fallbacks: int = 0
+    candidates: np.ndarray | None = None  # (N, 2, k) first-pass verb / noun candidates (predicted questions)
+    first_pass: dict[str, np.ndarray] | None = None  # first-pass probabilities {"verb": (N, V), "noun": (N, Nn)?}
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Loaded:
     task: str
     window: str
     labels: dict = field(default_factory=dict)
+    first_pass: FirstPass | None = None  # the checkpoint's self-questioning first pass (predicted questions)
 
 
 sha256_file = file_sha256  # the checkpoint's sha256 in metrics.json
@@ -174,12 +178,20 @@ def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: st
     window = "anticipation" if task == "anticipation" else "recognition"
     if window == "anticipation" and not cache.attrs.get("anticipation", False):
         raise InputError(f"cache {cache_path} has no anticipation window (extract it with --anticipation)")
-    return Loaded(model=model, ckpt=ckpt, cache=cache, task=task, window=window, labels=cache.labels())
+    first_pass = FirstPass.from_state(ckpt["first_pass"], resolve_device(device)) if ckpt.get("first_pass") else None
+    return Loaded(model=model, ckpt=ckpt, cache=cache, task=task, window=window, labels=cache.labels(),
+                  first_pass=first_pass)
 
 
-def check_question_source(cache: Any, source: str) -> None:
-    """InputError when the cache holds no questions of `source` (templates are always there)."""
+def check_question_source(cache: Any, source: str, loaded: Loaded | None = None) -> None:
+    """InputError when the cache holds no questions of `source` (templates are always there; `predicted` needs only
+    the answers/ tables, which every cache has, and a checkpoint that carries a first pass)."""
     available = list(cache.attrs.get("question_sources") or ["templates"])
+    if source == QuestionSource.PREDICTED.value:
+        if loaded is not None and loaded.first_pass is None:
+            raise InputError("predicted questions need the checkpoint's first pass, and this checkpoint has none "
+                             "(train with --questions predicted)")
+        return
     if source != "templates" and source not in available:
         raise InputError(
             f"cache {cache.path} has no {source!r} questions (attribute question_sources = {available}); "
@@ -193,15 +205,18 @@ def score_cache(
     batch_size: int,
     device: str,
     cache: Any | None = None,
+    allow_label_keyed: bool = False,
 ) -> Scored:
     """Scores of every valid row of the cache under question protocol `source` (`cache` overrides the handle, e.g.
-    one whose question table was shuffled by the audit)."""
+    one whose question table was shuffled or whose labels were permuted by the audit). File questions found by a
+    row's own class are refused (InputError naming the file) unless `allow_label_keyed` (the audit measures them)."""
 
     cache = cache if cache is not None else loaded.cache
     frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
     dev = str(resolve_device(device))
     out = predict_scores(loaded.model, cache, window=loaded.window, question_source=source, device=dev,
-                         batch_size=batch_size, frames=frames)
+                         batch_size=batch_size, frames=frames, first_pass=loaded.first_pass,
+                         allow_label_keyed=allow_label_keyed)
     rows = np.asarray(out["indices"], dtype=np.int64)
     fallbacks = 0
     if source != "templates":
@@ -213,7 +228,49 @@ def score_cache(
     if noun is not None and noun.shape[1] == 0:
         noun = None
     action = None if out.get("action") is None else np.asarray(out["action"], dtype=np.float32)
-    return Scored(verb=verb, noun=noun, action=action, rows=rows, question_fallbacks=fallbacks)
+    return Scored(verb=verb, noun=noun, action=action, rows=rows, question_fallbacks=fallbacks,
+                  candidates=out.get("candidates"), first_pass=out.get("first_pass"))
+
+
+def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, ckpt: dict) -> dict[str, Any]:
+    """metrics.json's "candidates" block under predicted questions: recall@k (%) of the first pass's verb / noun
+    candidates on this split, beside the recall the checkpoint recorded on its training rows (cross-fitted) and its
+    validation rows. Close train and evaluation recall mean training saw candidates as wrong as evaluation does."""
+    rows = scored.rows
+    out: dict[str, Any] = {"k": int(first_pass.k), "first_pass": first_pass.origin, "recall_at_k": {}}
+    for h, task in enumerate(("verb", "noun")):
+        lab = np.asarray(labels[f"{task}_class"], np.int64)[rows]
+        if (lab >= 0).any() and not (task == "noun" and scored.noun is None):
+            out["recall_at_k"][task] = _pct(M.recall_at_k(scored.candidates[:, h], lab))
+    recorded = ckpt.get("candidate_recall") or {}
+    for split in ("train", "val"):
+        out[f"{split}_recall_at_k"] = {t: recorded.get(f"{split}_candidate_recall_{t}") for t in ("verb", "noun")
+                                       if f"{split}_candidate_recall_{t}" in recorded}
+    return out
+
+
+def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...]) -> dict[str, Any]:
+    """QA accuracy per question kind (percent): answer top-k for verb / noun kinds (targets verb_class /
+    noun_class), mAP over nouns for the multi-label scene question (targets all_noun_classes). qa from
+    `mambavl.runtime.qa_scores`."""
+    rows = qa["indices"]
+    out: dict[str, Any] = {}
+    for kind, scores in qa.items():
+        if kind == "indices":
+            continue
+        if QA_TARGET[kind] == "scene":
+            multi = scene_targets([labels["all_noun_classes"][r] for r in rows], scores.shape[1]).numpy()
+            keep = multi.sum(axis=1) > 0
+            res = M.mean_average_precision(scores[keep], multi[keep])
+            out[kind] = {"n": int(keep.sum()), "answers": "all_noun_classes", "mAP": _pct(res["mAP"]),
+                         "classes": res["classes"]}
+            continue
+        target = QA_TARGET[kind]
+        lab = np.asarray(labels[f"{target}_class"], np.int64)[rows]
+        keep = lab >= 0
+        acc = M.topk_accuracy(scores[keep], lab[keep], ks)
+        out[kind] = {"n": int(keep.sum()), "answers": f"{target}_class", **{f"top{k}": _pct(v) for k, v in acc.items()}}
+    return out
 
 
 def infer_split(annotation_file: str) -> str | None:
@@ -662,7 +719,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
         "question_source", "templates")
     source = cfg.question_source or trained_source
-    check_question_source(loaded.cache, source)
+    check_question_source(loaded.cache, source, loaded)
     submit = submission_plan(cfg, loaded)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -704,6 +761,12 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
             result["subset_notes"] = notes
         action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
         result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
+        frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
+        qa = qa_scores(loaded.model, loaded.cache, loaded.window, str(resolve_device(cfg.device)), cfg.batch_size,
+                       frames)
+        result["qa"] = qa_metrics(qa, labels, cfg.ks)
+        if scored.candidates is not None:
+            result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.ckpt)
         vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
         tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
         buckets = bucket_metrics(tables, scored, labels, cfg.ks)

@@ -44,6 +44,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from sklearn.metrics import average_precision_score
 
 # The official action id: verb * 1000 + noun (utils/actions.py:_ACTION_VERB_MULTIPLIER).
 ACTION_VERB_MULTIPLIER = 1000
@@ -490,8 +491,6 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> dict[str,
     (a class without positives has no defined AP and is left out, as in the usual multi-label protocol),
     "classes": how many entered the mean}. NaN mAP when no class has a positive.
     """
-    from sklearn.metrics import average_precision_score
-
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets)
     if scores.shape != targets.shape or scores.ndim != 2:

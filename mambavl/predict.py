@@ -8,15 +8,18 @@ sees what it saw in training:
 
 * features: the frames of [start, stop] sampled like the training cache, encoded, sub-sampled to the checkpoint's
   `train_config["frames"]` (the evaluation sub-sampling);
-* questions: the template bank's evaluation phrasing (paraphrase 0) of each kind. A new video has no narration, so
-  the paper's `annotation` protocol cannot be run; a checkpoint trained with it is asked template questions and the
-  result says so in `notes`;
+* questions: the template bank's evaluation phrasing (paraphrase 0) of each kind. A checkpoint trained with
+  `predicted` questions carries its first pass: the clip's top-k verb and noun candidates are appended to the head
+  questions, as in training, and listed in `candidates`. A new video has no narration, so the paper's `annotation`
+  protocol cannot be run; a checkpoint trained with it is asked template questions and the result says so in
+  `notes`;
 * answers: the class names embedded by the text tower (or read from `--cache`, which holds exactly what training
   used; a cache also supplies sampling attributes a checkpoint may lack).
 
 Outputs: the top actions (verb, noun) ranked by p(verb)·p(noun) from the two heads (the EK-100 convention), top verbs
 and nouns, and the QA head's answers to every template question kind (verb, noun, scene, next_verb, next_noun):
-scores are softmax probabilities over the candidates, or per-candidate sigmoids for the multi-label scene question.
+scores are softmax probabilities over the candidates, or per-candidate sigmoids (with the learned scene bias) for
+the multi-label scene question.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind
 from mambavl.extract.questions import TEMPLATES, answer_texts
 from mambavl.metrics import rank_classes
 from mambavl.progress import Progress, Stages
-from mambavl.runtime import SAMPLING_ATTRS, load_checkpoint  # SAMPLING_ATTRS: copied into checkpoints by training
+# SAMPLING_ATTRS: copied into checkpoints by training
+from mambavl.runtime import SAMPLING_ATTRS, FirstPass, candidate_questions, load_checkpoint
+from mambavl.runtime.candidates import candidate_table
 
 
 # Question kinds the QA head is asked, and which answer table each is scored against.
@@ -272,7 +277,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
     # ---- questions and heads
     task = str(ckpt.get("task", "recognition"))
     source = str(ckpt.get("question_source", "templates"))
-    if source != "templates":
+    asked = "predicted" if source == "predicted" and ckpt.get("first_pass") else "templates"
+    if source not in ("templates", "predicted"):
         notes.append(f"the checkpoint was trained with {source!r} questions, which need a narration (or a questions "
                      "file) of the segment; a new video is asked the template questions instead")
     texts = _Texts(encoder, cache, verbs, nouns)
@@ -281,10 +287,25 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         notes.append("anticipation checkpoint: [start, stop] is the observed window; the heads predict the action "
                      "that follows it")
     tick(4, "predicting")
-    q = torch.stack([texts.questions[k][1] for k in head_kinds])[None].to(dev)  # (1, 2, T, Dt)
-    qm = torch.stack([texts.questions[k][2] for k in head_kinds])[None].to(dev)  # (1, 2, T)
+    q = torch.stack([texts.questions[k][1] for k in head_kinds])[None].to(dev).float()  # (1, 2, T, Dt)
+    qm = torch.stack([texts.questions[k][2] for k in head_kinds])[None].to(dev).bool()  # (1, 2, T)
+    candidates = None
+    if asked == "predicted":
+        # Self-questioning: the checkpoint's video-only first pass proposes k verbs and nouns; each head is asked
+        # its template question followed by the answer embeddings of those candidates.
+        first = FirstPass.from_state(ckpt["first_pass"], dev)
+        probs = {k: v.cpu().numpy() for k, v in first.probs(video, vmask, q, qm).items()}
+        cand = torch.as_tensor(candidate_table(first, probs, np.array([0]), 1))  # (1, 2, k)
+        heads = (texts.answers["verb"], texts.answers["noun"] if nouns else texts.answers["verb"])
+        parts = [candidate_questions(q[:, h], qm[:, h], heads[h], cand[:, h]) for h in range(2)]
+        q, qm = torch.stack([t for t, _ in parts], dim=1), torch.stack([m for _, m in parts], dim=1)
+        candidates = {"k": first.k, "first_pass": first.origin, "verb": [
+            {"label": verbs[i], "id": int(i), "first_pass_score": float(probs["verb"][0, i])} for i in cand[0, 0]]}
+        if nouns:
+            candidates["noun"] = [{"label": nouns[i], "id": int(i), "first_pass_score": float(probs["noun"][0, i])}
+                                  for i in cand[0, 1]]
     with torch.no_grad():
-        out = model(video, vmask, q.float(), qm.bool())
+        out = model(video, vmask, q, qm)
         verb_p = out["verb"].float().softmax(-1)[0].cpu().numpy()  # (V,)
         noun_p = out["noun"].float().softmax(-1)[0].cpu().numpy() if "noun" in out else None  # (Nn,)
         qa = {}
@@ -293,8 +314,9 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
                 continue
             text, tok, mask = texts.questions[kind]
             h = model.fuse(video, vmask, tok[None].float().to(dev), mask[None].bool().to(dev))  # (1, d)
-            logits = model.qa_logits(model.qa_embed(h), texts.answers[target].to(dev))[0].float()  # (K,)
             multi = kind in MULTI_LABEL_KINDS
+            score = model.scene_logits if multi else model.qa_logits
+            logits = score(model.qa_embed(h), texts.answers[target].to(dev))[0].float()  # (K,)
             p = (logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy()
             labels = verbs if target == "verb" else nouns
             qa[kind] = {
@@ -310,7 +332,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         "stop": stop,
         "checkpoint": str(cfg.checkpoint),
         "task": task,
-        "question_source": "templates",
+        "question_source": asked,
+        "candidates": candidates,
         "frames": {"decoded": int(len(frames)), "times": [float(t) for t in times], "model": int(video.shape[1])},
         "encoder": prov,
         "texts_from": texts.source,

@@ -43,6 +43,7 @@ checkpoints (atomically) and logs; every rank loads the checkpoint on resume.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -59,10 +60,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mambavl import __version__
+from mambavl import metrics as M
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import gather_frames, train_frame_indices
@@ -71,6 +72,7 @@ from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.config import ModelConfig, question_is_offset
 from mambavl.fuse.model import MambaVL, model_config_from_dict
+from mambavl.fuse.qa import answer_targets, qa_loss, scene_targets, single_label_loss
 from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
     CHECKPOINT_FORMAT,
@@ -85,8 +87,10 @@ from mambavl.runtime import (
     action_vocab,
     atomic_copy,
     atomic_torch_save,
+    batches,
     build_model,
     labelled_rows,
+    load_checkpoint,
     load_labels,
     loader,
     plain,
@@ -96,6 +100,8 @@ from mambavl.runtime import (
     validation_metrics,
     window_of,
 )
+from mambavl.runtime.candidates import FirstPass, fold_ids
+from mambavl.runtime.scoring import cache_candidates
 
 @dataclass
 class TrainResult:
@@ -189,25 +195,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _ce_share(logits: torch.Tensor, target: torch.Tensor, smoothing: float, global_count: int,
-              scale: float) -> torch.Tensor:
-    """This rank's share of a global batch's mean cross-entropy (targets -1 ignored): the sum over its rows divided
-    by the global batch's number of usable targets, times `scale`. DDP averages gradients over the W ranks, so with
-    scale = W the step follows the mean over the whole global batch, as one process with that batch would."""
-    if global_count == 0 or not bool((target >= 0).any()):
-        return logits.sum() * 0.0  # stays in the graph, so DDP sees every head take part
-    total = F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
-    return total * (scale / global_count)
-
-
-def _ce(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy ignoring target -1. With no usable target the loss is 0 but stays connected to the graph, so
-    DDP sees every head take part in every step."""
-    if not bool((target >= 0).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing)
-
-
 def _rng_state(generator: torch.Generator) -> dict:
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -257,6 +244,8 @@ class _Objective(nn.Module):
             out = self.model(video, video_mask, q_tokens, q_mask)
             return {k: out[k] for k in ("verb", "noun", "action") if k in out}
         h = self.model.fuse(video, video_mask, q_tokens, q_mask)  # (B, d)
+        if mode == "scene":  # multi-label: scaled cosine + the learnable prior bias
+            return self.model.scene_logits(self.model.qa_embed(h), candidates)  # (B, Nn)
         return self.model.qa_logits(self.model.qa_embed(h), candidates)  # (B, K)
 
 
@@ -382,6 +371,11 @@ class _Data:
     val_q: Questions | None
     qa_kinds: tuple[str, ...]  # question kinds a QA step may draw
     candidates: dict[str, torch.Tensor] | None  # QA target kind -> answer embeddings (K, Dt); None without QA
+    # question_source "predicted": the first pass, the training rows' candidates (N_train_cache, 2, k) and the
+    # candidates' recall@k on the training and validation rows (metrics row fields)
+    first_pass: FirstPass | None = None
+    train_candidates: np.ndarray | None = None
+    candidate_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def has_nouns(self) -> bool:
@@ -431,9 +425,24 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
     else:
         action_pairs = action_vocab(train_cache, train_rows) if nouns else []
     pair_index = {p: i for i, p in enumerate(action_pairs)}
+    train_labels = load_labels(train_cache, pair_index)
+    val_labels = load_labels(val_cache, pair_index) if val_cache is not None else None
     head_kinds = HEAD_KINDS[cfg.task]
-    train_q = Questions(train_cache, cfg.question_source, head_kinds)
-    val_q = Questions(val_cache, cfg.question_source, head_kinds) if val_cache is not None else None
+    first_pass, train_cand, val_cand, recall = None, None, None, {}
+    if cfg.question_source == QuestionSource.PREDICTED:
+        if ckpt is not None:  # resume: the first pass and the training rows' candidates travel in the checkpoint
+            first_pass = FirstPass.from_state(ckpt["first_pass"], device)
+            train_cand = ckpt["train_candidates"].numpy()
+        else:
+            first_pass, train_cand = cross_fit_candidates(cfg, train_cache, train_rows, train_labels, device)
+        recall = candidate_recall(train_cand, train_rows, train_labels, "train")
+        if val_cache is not None:
+            val_cand, _ = cache_candidates(first_pass, val_cache, window, val_rows, device, max(cfg.batch_size, 64),
+                                           cfg.frames, cfg.num_workers)
+            recall.update(candidate_recall(val_cand, val_rows, val_labels, "val"))
+    train_q = Questions(train_cache, cfg.question_source, head_kinds, candidates=train_cand)
+    val_q = (Questions(val_cache, cfg.question_source, head_kinds, candidates=val_cand, evaluation=True)
+             if val_cache is not None else None)
     qa_kinds = tuple(k for k in QA_KINDS[cfg.task] if nouns or QA_TARGET[k] == "verb")
     candidates = None
     if cfg.qa_weight > 0:
@@ -453,12 +462,15 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
         verbs=verbs,
         nouns=nouns,
         action_pairs=action_pairs,
-        train_labels=load_labels(train_cache, pair_index),
-        val_labels=load_labels(val_cache, pair_index) if val_cache is not None else None,
+        train_labels=train_labels,
+        val_labels=val_labels,
         train_q=train_q,
         val_q=val_q,
         qa_kinds=qa_kinds,
         candidates=candidates,
+        first_pass=first_pass,
+        train_candidates=train_cand,
+        candidate_metrics=recall,
     )
 
 
@@ -593,7 +605,7 @@ def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: st
     cache attributes (what the features are, for compatibility checks, and how they were sampled, so that
     `mambavl predict` can extract a new clip the same way without the cache)."""
     attrs = data.train_cache.attrs
-    return {
+    header = {
         "kind": CHECKPOINT_KIND,
         "format": CHECKPOINT_FORMAT,
         "package_version": __version__,
@@ -610,6 +622,97 @@ def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: st
         },
         "best_metric_name": metric_name,
     }
+    if data.first_pass is not None:
+        header["first_pass"] = data.first_pass.state()
+        header["train_candidates"] = torch.as_tensor(data.train_candidates)  # (N, 2, k), -1 outside training rows
+        header["candidate_recall"] = dict(data.candidate_metrics)
+    return header
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# self-questioning: the cross-fitted first pass
+
+
+def candidate_recall(table: np.ndarray, rows: np.ndarray, labels: Labels, split: str) -> dict[str, float]:
+    """Candidate recall@k (%) of the verb (and noun) candidates of `rows`: {"<split>_candidate_recall_verb": ...}.
+    table (N, 2, k) int64 from `cache_candidates` / `cross_fit_candidates`."""
+    out = {f"{split}_candidate_recall_verb": 100 * M.recall_at_k(table[rows, 0], labels.verb[rows].numpy())}
+    noun = labels.noun[rows].numpy()
+    if (noun >= 0).any():
+        out[f"{split}_candidate_recall_noun"] = 100 * M.recall_at_k(table[rows, 1], noun)
+    return out
+
+
+def _fit_video_only(model: nn.Module, cache: CacheFile, rows: np.ndarray, labels: Labels, cfg: TrainConfig,
+                    epochs: int, device: torch.device, seed: int) -> None:
+    """Train a video-only model (a first-pass fold) on `rows` in one process with the run's optimiser, schedule,
+    step floor (`plan_steps`), smoothing and frame sub-sampling, recognition loss only; seeded by `seed`."""
+    dataset = SegmentDataset(cache, window=window_of(cfg.task), indices=rows)
+    plan = plan_steps(len(rows), cfg.batch_size, epochs, cfg.min_steps)
+    per_epoch = plan.passes * math.ceil(len(rows) / plan.batch_size)
+    opt = Optimizer(model, cfg, per_epoch * epochs, int(round(cfg.warmup_epochs * per_epoch)), device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    for _ in range(epochs * plan.passes):
+        order = torch.randperm(len(rows), generator=gen).numpy()
+        for batch in loader(dataset, batches(order, plan.batch_size), cfg.num_workers):
+            idx = batch["index"].to(torch.long)  # (B,) cache rows
+            p = _Part(order, idx, batch["num_frames"].to(torch.long), slice(0, len(idx)), 1.0)  # one process
+            feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
+            frames, vmask = train_frame_indices(p.num_frames, feats.shape[1], cfg.frames, gen)  # (B, K)
+            with opt.autocast():
+                out = model(gather_frames(feats, frames.to(device)), vmask.to(device))
+            loss, _ = _rec_loss(out, idx, p, labels, cfg.label_smoothing, device)
+            opt.step(loss)
+            opt.schedule()
+    model.eval()
+
+
+def _given_first_pass(cfg: TrainConfig, cache: CacheFile, device: torch.device) -> FirstPass:
+    """The checkpoint `cfg.candidates_from` as a first pass, checked against the training cache's classes and task."""
+    model, ckpt = load_checkpoint(cfg.candidates_from, device=str(device))
+    vocab = ckpt.get("vocab", {})
+    if list(vocab.get("verbs", [])) != list(cache.verb_keys) or list(vocab.get("nouns", [])) != list(cache.noun_keys):
+        raise InputError(f"--candidates-from {cfg.candidates_from}: its verb/noun classes differ from the train "
+                         f"cache {cache.path}")
+    if ckpt.get("task", "recognition") != cfg.task.value:
+        raise InputError(f"--candidates-from {cfg.candidates_from}: trained for {ckpt.get('task')!r}, this run is "
+                         f"{cfg.task.value!r}")
+    return FirstPass([model], str(cfg.candidates_from), cfg.candidates_k)
+
+
+def cross_fit_candidates(cfg: TrainConfig, cache: CacheFile, rows: np.ndarray, labels: Labels,
+                         device: torch.device) -> tuple[FirstPass, np.ndarray]:
+    """The first pass of a `predicted` run and the training rows' candidates.
+
+    The training rows are split into `cfg.candidate_folds` folds (`fold_ids`); for each fold a video-only model of
+    the run's preset (use_question=False) is trained on the other folds for `cfg.candidate_epochs` epochs (0: the
+    run's epochs) and proposes the top-`cfg.candidates_k` verbs and nouns of its held-out fold. So every training
+    row's candidates come from a model that never saw it, as every evaluated row's will. The evaluation first pass
+    is the mean of the fold models, or the checkpoint `cfg.candidates_from` when given (then the fold models only
+    supply the training rows' candidates).
+
+    Returns (evaluation first pass, (N, 2, k) int64 candidate table over the cache rows, -1 outside `rows`).
+    """
+    given = _given_first_pass(cfg, cache, device) if cfg.candidates_from else None  # checked before the folds
+    dims = {"video_dim": int(cache.attrs["feature_dim"]), "text_dim": int(cache.attrs["text_dim"]),
+            "num_verbs": len(cache.verb_keys), "num_nouns": len(cache.noun_keys), "num_actions": 0}
+    folds = fold_ids(len(rows), cfg.candidate_folds, cfg.seed)
+    epochs = cfg.candidate_epochs or cfg.epochs
+    fold_cfg = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "use_question": False})
+    models, table = [], None
+    for f in range(cfg.candidate_folds):
+        torch.manual_seed(_mix(cfg.seed, f, 7))
+        model, _ = build_model(fold_cfg, dims)
+        model.to(device)
+        _fit_video_only(model, cache, rows[folds != f], labels, cfg, epochs, device, _mix(cfg.seed, f, 8))
+        held = rows[folds == f]
+        fold_table, _ = cache_candidates(FirstPass([model], "fold", cfg.candidates_k), cache, window_of(cfg.task),
+                                         held, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers)
+        table = fold_table if table is None else np.where(fold_table >= 0, fold_table, table)
+        models.append(model)
+    return (given or FirstPass(models, "cross-fitted", cfg.candidates_k)), table
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,31 +722,29 @@ def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: st
 def _rec_loss(out: dict, rows: torch.Tensor, p: _Part, labels: Labels, smoothing: float,
               device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     """Recognition loss: the sum of the heads' cross-entropies (unlabelled targets ignored) as this rank's share of
-    the global batch's means (`_ce_share`), and each part as its share of the global mean (they add up over ranks)."""
+    the global batch's means (`single_label_loss` over the global count, times `p.scale`), and each part as its
+    share of the global mean (they add up over ranks)."""
     parts = {}
     for head, target in (("verb", labels.verb), ("noun", labels.noun), ("action", labels.action)):
         if head in out:
-            parts[head] = _ce_share(out[head], target[rows].to(device), smoothing, int((target[p.grows] >= 0).sum()),
-                                    p.scale)
+            count = int((target[p.grows] >= 0).sum())
+            parts[head] = single_label_loss(out[head], target[rows].to(device), smoothing, count) * p.scale
     total = sum(parts.values())
     return total, {k: float(v.detach()) / p.scale if p.scale else 0.0 for k, v in parts.items()}
 
 
 def _qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor, p: _Part, labels: Labels,
              device: torch.device) -> torch.Tensor:
-    """QA loss of one question kind, as this rank's share of the global batch's mean: cross-entropy against the verb
-    or noun answer, multi-label BCE over nouns for the scene question (targets: all nouns of the segment)."""
-    target_kind = QA_TARGET[kind]
-    if target_kind in ("verb", "noun"):
-        target = labels.verb if target_kind == "verb" else labels.noun
-        return _ce_share(logits, target[rows].to(device), 0.0, int((target[p.grows] >= 0).sum()), p.scale)
-    multi = torch.zeros(logits.shape, dtype=torch.float32)  # (B, Nn) multi-hot of the segment's nouns
-    for i, r in enumerate(rows.tolist()):
-        ids = labels.all_nouns[r]
-        ids = ids[(ids >= 0) & (ids < logits.shape[1])]
-        multi[i, ids] = 1.0
-    total = F.binary_cross_entropy_with_logits(logits.float(), multi.to(device), reduction="sum")
-    return total * (p.scale / (len(p.grows) * logits.shape[1]))  # the mean over the global batch's (G, Nn)
+    """QA loss of one question kind (`mambavl.fuse.qa`) as this rank's share of the global batch's loss:
+    cross-entropy against the verb or noun answer; for the scene question the positives-normalised multi-label loss
+    over nouns (targets: all nouns of the segment). Counts (usable targets, positives) are the global batch's."""
+    if QA_TARGET[kind] == "scene":
+        target = scene_targets([labels.all_nouns[r] for r in rows.tolist()], logits.shape[1])  # (B, Nn)
+        count = float(scene_targets([labels.all_nouns[r] for r in p.grows.tolist()], logits.shape[1]).sum())
+    else:
+        target = answer_targets(kind, labels.verb[rows], labels.noun[rows])  # (B,)
+        count = int((answer_targets(kind, labels.verb[p.grows], labels.noun[p.grows]) >= 0).sum())
+    return qa_loss(kind, logits, target.to(device), count) * p.scale
 
 
 @dataclass
@@ -669,7 +770,7 @@ def _recognition_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: Tr
     video, vmask = gather_frames(feats, idx[p.part].to(device)), vmask[p.part].to(device)  # (B, K, D), (B, K)
     q = data.train_q.heads(p.grows, train=True, generator=sample_gen)[0][p.part]  # (B, 2)
     fb = data.train_q.fallbacks(rows) if p.scale else 0
-    qt, qm = data.train_q.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
+    qt, qm = data.train_q.tokens(q, rows, device)  # (B, 2, T', Dt), (B, 2, T')
     with opt.autocast():
         out = objective("rec", video, vmask, qt, qm)
     loss, parts = _rec_loss(out, rows, p, data.train_labels, cfg.label_smoothing, device)
@@ -689,7 +790,8 @@ def _qa_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: TrainConfig
     qk = data.train_q.template(kind, len(b.p.grows), train=True, generator=sample_gen)[b.p.part]  # (B,)
     qkt, qkm = data.train_q.gather(qk, device)  # (B, T, Dt), (B, T)
     with opt.autocast():
-        logits = objective("qa", b.video, b.vmask, qkt, qkm, data.candidates[QA_TARGET[kind]])  # (B, K)
+        mode = "scene" if QA_TARGET[kind] == "scene" else "qa"
+        logits = objective(mode, b.video, b.vmask, qkt, qkm, data.candidates[QA_TARGET[kind]])  # (B, K)
     lq = _qa_loss(kind, logits, b.rows, b.p, data.train_labels, device)
     opt.step(cfg.qa_weight * lq)
     return float(lq.detach()) / b.p.scale if b.p.scale else 0.0
@@ -736,6 +838,7 @@ def _epoch_row(cfg: TrainConfig, data: _Data, epoch: int, step: int, lr: float, 
         row["train_loss_action"] = float(sums[3] / max(rec_steps, 1))
     if cfg.qa_weight > 0:
         row["train_loss_qa"] = float(sums[4] / max(qa_steps, 1))
+    row.update(data.candidate_metrics)
     return row
 
 

@@ -78,6 +78,9 @@ def test_same_budget_for_every_preset(caches, tmp_path):
     tcs = {name: run_train_config(cfg, name, 0, tmp_path / name) for name in cfg.presets if preset_of(name)}
     assert set(tcs) == {n for n, v in ABLATIONS.items() if v.probe is None}
     assert tcs["full"].preset == "small" and tcs["no-qa"].qa_weight == 0.0 and tcs["full"].qa_weight > 0
+    # self-questioning joins the study: the same model and budget, asked about its first pass's candidates
+    assert "predicted" in cfg.presets and tcs["predicted"].preset == "small"
+    assert tcs["predicted"].question_source.value == "predicted" and tcs["full"].question_source.value == "templates"
     # the paper preset's own warm-up is not applied inside an ablation: one schedule for all
     for field in ("epochs", "batch_size", "lr", "frames", "min_steps", "warmup_epochs", "min_lr_ratio", "seed"):
         assert len({getattr(t, field) for t in tcs.values()}) == 1, field

@@ -96,3 +96,58 @@ def test_predict_bad_input(demo, tmp_path):
     res = CliRunner().invoke(app, ["predict", str(video), "--checkpoint", str(ckpt), "--start", "3", "--stop", "1",
                                    "--quiet"])
     assert res.exit_code == 2 and "--start" in res.output
+
+
+def test_predicted_questions_end_to_end(demo, tmp_path):
+    """Self-questioning on caches extracted from video: train (cross-fitted first pass), evaluate, audit, predict;
+    `predict` on a clip gives the probabilities evaluation gives for the same segment, and lists the candidates."""
+    out, _ = demo
+    caches = out / "caches"
+    run = tmp_path / "predicted"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--train-cache", str(caches / "train.h5"), "--val-cache", str(caches / "val.h5"),
+                              "--out", str(run), "--questions", "predicted", "--candidates-k", "3",
+                              "--candidate-folds", "2", "--candidate-epochs", "3", "--epochs", "3", "--batch-size",
+                              "8", "--lr", "3e-3", "--set", "d_model=32", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--cache", str(caches / "val.h5"),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-plots"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["question_source"] == "predicted" and metrics["candidates"]["k"] == 3
+    assert {"verb", "noun", "scene"} <= set(metrics["qa"])
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--cache", str(caches / "test.h5"),
+                              "--out", str(tmp_path / "test"), "--device", "cpu", "--no-plots", "--quiet"])
+    assert res.exit_code == 0, res.output  # the test split has no narrations: predicted questions still run
+    res = runner.invoke(app, ["audit-questions", "--checkpoint", str(run / "last.pt"), "--cache",
+                              str(caches / "val.h5"), "--out", str(tmp_path / "audit"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["protocols"]["predicted"]["label_permutation"]["identical"]
+    assert audit["protocols"]["templates"]["label_permutation"]["identical"]
+    assert not audit["protocols"]["annotation"]["label_permutation"]["identical"]
+
+    val = load_annotations(out / "data/EPIC_100_validation.csv")
+    seg = val.segments[0]
+    video = out / "data/videos" / seg.participant_id / "videos" / f"{seg.video_id}.MP4"
+    res = runner.invoke(app, ["predict", str(video), "--checkpoint", str(run / "last.pt"), "--start",
+                              str(seg.start_time), "--stop", str(seg.stop_time), "--json", str(tmp_path / "p.json"),
+                              "--device", "cpu", "--quiet", "--top", "36"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "self-questioning: verb candidates" in res.output and "Which objects are in the scene?" in res.output
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["question_source"] == "predicted" and len(result["candidates"]["verb"]) == 3
+    assert all(a["score"] >= 0 for qa in result["qa"].values() for a in qa["answers"])
+    model, ckpt = load_checkpoint(run / "last.pt")
+    from mambavl.runtime import FirstPass
+
+    cached = predict_scores(model, caches / "val.h5", question_source="predicted",
+                            frames=ckpt["train_config"]["frames"], first_pass=FirstPass.from_state(ckpt["first_pass"]))
+    row = int(np.flatnonzero(cached["indices"] == 0)[0])
+    assert [c["id"] for c in result["candidates"]["verb"]] == cached["candidates"][row, 0].tolist()
+    p_cache = np.exp(cached["verb"][row] - cached["verb"][row].max())
+    p_cache /= p_cache.sum()
+    p_pred = np.zeros_like(p_cache)
+    for v in result["verbs"]:
+        p_pred[v["id"]] = v["score"]
+    np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)

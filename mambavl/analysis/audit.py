@@ -8,8 +8,15 @@ so a question can name the answer. `audit_questions` measures that two ways, on 
   permuted across segments with a fixed seed (each segment is asked another segment's question). A model that reads
   the answer from the question collapses under shuffling and under templates; an honest one barely moves.
   Deltas are reported in percentage points against ``templates``.
+* **label permutation** — every unshuffled protocol is scored a second time on a view of the cache whose labels
+  (verb_class, noun_class, all_noun_classes, narration, and every question derived from them: annotation questions,
+  class-keyed file entries) were permuted across segments (`label_permuted_cache`). The scores must be
+  bit-identical; any changed row proves that label information reached the model. Templates and predicted
+  questions pass by construction; annotation and class-keyed file questions fail.
 * **static** — per protocol, the fraction of verb (noun) questions that contain their own answer word
-  (`mambavl.extract.questions.leak_rate` against the class instances; class keys when no class CSV is given).
+  (`mambavl.extract.questions.leak_rate` against the class instances; class keys when no class CSV is given). For
+  ``predicted`` (the checkpoint carries a first pass) a question contains its answer when the answer is among its k
+  candidates: that rate equals the first pass's top-k accuracy (both are reported), not 100 %.
 
 Outputs (``cfg.out_dir``): ``audit.json`` and ``audit.md`` (the same table in markdown).
 """
@@ -26,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mambavl import __version__
+from mambavl import metrics as M
 from mambavl.data.annotations import load_classes
 from mambavl.errors import InputError
 from mambavl.evaluate import (
@@ -46,6 +54,9 @@ from mambavl.runtime import HEAD_KINDS, Task
 
 SHUFFLED_SUFFIX = "-shuffled"
 PER_SEGMENT_SOURCES = ("annotation", "file")
+PREDICTED = "predicted"
+# Row fields that are labels: permuted together by the label-permutation check.
+LABEL_FIELDS = ("verb_class", "noun_class", "all_noun_classes", "narration")
 VERB_CLASSES_FILE = "EPIC_100_verb_classes.csv"
 NOUN_CLASSES_FILE = "EPIC_100_noun_classes.csv"
 
@@ -73,7 +84,8 @@ class AuditConfig:
             setattr(self, name, str(getattr(self, name)))
         if self.protocols is not None:
             self.protocols = tuple(self.protocols)
-            allowed = {"templates", *PER_SEGMENT_SOURCES, *(s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES)}
+            allowed = {"templates", PREDICTED, *PER_SEGMENT_SOURCES,
+                       *(s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES)}
             bad = [p for p in self.protocols if p not in allowed]
             if bad:
                 raise InputError(f"audit config: unknown protocol(s) {bad}; choose from {sorted(allowed)}")
@@ -112,6 +124,51 @@ def shuffled_cache(cache: Any, source: str, perm: np.ndarray) -> Any:
     return handle
 
 
+def label_permuted_cache(cache: Any, perm: np.ndarray) -> Any:
+    """A copy of the cache handle as if the split's labels had been dealt to other segments: row i holds the labels
+    of row perm[i] (verb_class, noun_class, all_noun_classes, narration), and every question derived from labels
+    (`QuestionBank.label_keyed`: annotation questions, class-keyed file entries) follows its labels to row i.
+    Features, narration ids and label-free questions stay. The HDF5 file is not touched.
+
+    Scoring this handle must give bit-identical scores to scoring the original: any difference proves that label
+    information reaches the model (the label-permutation check of `audit_questions`)."""
+    labels = dict(cache.labels())
+    for key in LABEL_FIELDS:
+        if key in labels:
+            value = labels[key]
+            labels[key] = (np.asarray(value)[perm] if isinstance(value, np.ndarray)
+                           else [value[int(j)] for j in perm])
+    bank = cache.questions()
+    per_segment = dict(bank.per_segment)
+    for source, table in bank.per_segment.items():
+        table = np.asarray(table)
+        keyed = bank.label_keyed.get(source)
+        if keyed is None:  # caches written before the flag: annotation questions are label-derived by definition
+            keyed = (table[:, 0] >= 0) if source == "annotation" else np.zeros(len(table), dtype=bool)
+        moved = np.asarray(keyed, dtype=bool)[perm]  # row i now holds labels whose question was label-derived
+        per_segment[source] = np.where(moved[:, None], table[perm], table)
+    new_bank = dataclasses.replace(bank, per_segment=per_segment)
+    handle = copy.copy(cache)
+    object.__setattr__(handle, "labels", lambda: labels)
+    object.__setattr__(handle, "questions", lambda: new_bank)
+    return handle
+
+
+def scores_identical(a: Any, b: Any) -> dict[str, Any]:
+    """Bitwise comparison of two `Scored` results of the same rows: {"identical", "rows_changed",
+    "max_abs_diff"} over the verb, noun and action scores."""
+    changed = np.zeros(len(a.rows), dtype=bool)
+    diff = 0.0
+    for key in ("verb", "noun", "action"):
+        x, y = getattr(a, key), getattr(b, key)
+        if x is None or y is None:
+            continue
+        changed |= (x.view(np.uint32) != y.view(np.uint32)).any(axis=1)
+        if x.size:
+            diff = max(diff, float(np.nanmax(np.abs(x.astype(np.float64) - y))))
+    return {"identical": not bool(changed.any()), "rows_changed": int(changed.sum()), "max_abs_diff": diff}
+
+
 def question_indices(bank: Any, protocol: str, rows: np.ndarray, head_kinds: tuple[str, str],
                      perm: np.ndarray | None = None) -> np.ndarray:
     """(len(rows), 2) question-table indices (verb head, noun head) asked under `protocol` — the same choice as
@@ -148,6 +205,21 @@ def _class_csv(explicit: str | None, ek100_dir: str | None, name: str) -> Path |
     if ek100_dir and (Path(ek100_dir) / name).is_file():
         return Path(ek100_dir) / name
     return None
+
+
+def candidate_leak(scored: Any, verb_labels: np.ndarray, noun_labels: np.ndarray | None) -> dict[str, Any]:
+    """Static leak of predicted questions: the fraction of verb (noun) questions whose candidates contain the answer
+    (recall@k of the first pass), beside the first pass's top-k accuracy computed from its probabilities; the two
+    agree by construction (the question holds the answer exactly when the first pass ranked it in its top k)."""
+    k = scored.candidates.shape[2]
+    out: dict[str, Any] = {"k": int(k)}
+    for h, (task, lab) in enumerate((("verb", verb_labels), ("noun", noun_labels))):
+        if lab is None or scored.first_pass.get(task) is None or not (lab >= 0).any():
+            continue
+        out[task] = M.recall_at_k(scored.candidates[:, h], lab)
+        keep = lab >= 0
+        out[f"{task}_first_pass_top{k}"] = M.topk_accuracy(scored.first_pass[task][keep], lab[keep], (k,))[k]
+    return out
 
 
 def static_leak(
@@ -194,14 +266,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     """audit.md: one row per protocol with its metrics, deltas vs templates and static leak rates."""
     protos = report["protocols"]
     metric_keys = list(next(iter(protos.values()))["metrics"].keys()) if protos else []
-    head = ["protocol"] + metric_keys + [f"Δ {k}" for k in metric_keys] + ["leak verb", "leak noun", "fallbacks"]
+    head = ["protocol"] + metric_keys + [f"Δ {k}" for k in metric_keys]
+    head += ["leak verb", "leak noun", "fallbacks", "labels permuted"]
     lines = [
         f"# Question audit — {report['checkpoint']['path']}",
         "",
         f"Cache: `{report['cache']['path']}`; trained with question_source = "
         f"**{report['trained_question_source']}**; task {report['task']}. Metrics in percent on "
         f"{report['n']} labelled segments; Δ = percentage points vs `templates`; leak = fraction of questions that "
-        f"contain their own answer word (answers: {report['answer_words']}).",
+        f"contain their own answer word (answers: {report['answer_words']}; predicted: answer among the k "
+        f"candidates); labels permuted = scores with the split's labels permuted across segments (must be identical).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -216,7 +290,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells = [f"`{name}`"] + [fmt(p["metrics"].get(k)) for k in metric_keys]
         cells += [fmt(p["delta_vs_templates"].get(k), True) for k in metric_keys]
         leak = p.get("leak", {})
-        cells += [fmt(leak.get("verb")), fmt(leak.get("noun")), str(p.get("question_fallbacks", 0))]
+        perm = p.get("label_permutation")
+        perm_cell = "–" if perm is None else ("identical" if perm["identical"] else
+                                              f"**{perm['rows_changed']} rows changed**")
+        cells += [fmt(leak.get("verb")), fmt(leak.get("noun")), str(p.get("question_fallbacks", 0)), perm_cell]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("findings"):
         lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
@@ -240,9 +317,13 @@ def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> lis
             if d is not None and d > threshold:
                 out.append(f"`{name}` beats label-free templates by {d:.1f} points of {key}; that gain is not "
                            "available on the test split.")
+        perm = p.get("label_permutation")
+        if perm is not None and not perm["identical"]:
+            out.append(f"`{name}`: scores changed on {perm['rows_changed']} segments when the labels were permuted "
+                       "across segments: label information reaches the model.")
         leak = p.get("leak", {})
         for t in ("verb", "noun"):
-            if (leak.get(t) or 0) > 0.5:
+            if name != PREDICTED and (leak.get(t) or 0) > 0.5:
                 out.append(f"`{name}`: {leak[t]:.0%} of {t} questions contain their own answer word.")
     return out
 
@@ -261,12 +342,14 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     if cfg.protocols is None:
         protocols = ["templates"] + [s for s in PER_SEGMENT_SOURCES if s in available and s in bank.per_segment]
         protocols += [s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES if s in protocols]
+        if loaded.first_pass is not None:
+            protocols.append(PREDICTED)
     else:
         protocols = list(cfg.protocols)
         if "templates" not in protocols:
             protocols.insert(0, "templates")  # the reference every delta is taken against
     for p in protocols:
-        check_question_source(cache, p.removesuffix(SHUFFLED_SUFFIX))
+        check_question_source(cache, p.removesuffix(SHUFFLED_SUFFIX), loaded)
 
     labels = loaded.labels
     rows = np.asarray(cache.valid_indices(loaded.window), dtype=np.int64)
@@ -300,6 +383,10 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
             perms[p] = shuffle_permutation(has_q, cfg.shuffle_seed)
             moved = perms[p][has_q] != np.flatnonzero(has_q)
             shuffle_info[source] = {"rows_shuffled": int(has_q.sum()), "kept_own_question": int((~moved).sum())}
+    labelled = np.zeros(cache.n, dtype=bool)
+    labelled[rows[verb_all[rows] >= 0]] = True
+    label_perm = shuffle_permutation(labelled, cfg.shuffle_seed + 1)
+    permuted = label_permuted_cache(cache, label_perm)
 
     results: dict[str, dict[str, Any]] = {}
     progress = or_none(progress)
@@ -308,13 +395,21 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         progress.advance(0, message=p, protocol=p)
         source = p.removesuffix(SHUFFLED_SUFFIX)
         handle = shuffled_cache(cache, source, perms[p]) if p in perms else None
-        scored = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=handle)
+        # The audit measures label-keyed questions rather than refusing them.
+        scored = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=handle, allow_label_keyed=True)
         res = compute_metrics(scored, labels, loaded.task, {}, (1, 5), action_pairs)
-        q = question_indices(bank, p, scored.rows, head_kinds, perms.get(p))
-        leak = static_leak(texts, q, verb_all[scored.rows], noun_all[scored.rows] if has_nouns else None,
-                           verb_inst, noun_inst)
+        vl, nl = verb_all[scored.rows], noun_all[scored.rows] if has_nouns else None
+        if p == PREDICTED:
+            leak = candidate_leak(scored, vl, nl)
+        else:
+            q = question_indices(bank, p, scored.rows, head_kinds, perms.get(p))
+            leak = static_leak(texts, q, vl, nl, verb_inst, noun_inst)
         results[p] = {"metrics": _flat(res, loaded.task), "question_fallbacks": scored.question_fallbacks,
                       "leak": leak, "n": res["n"]}
+        if p not in perms:
+            # Label permutation: the same protocol with the split's labels dealt to other segments.
+            moved = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=permuted, allow_label_keyed=True)
+            results[p]["label_permutation"] = scores_identical(scored, moved)
         progress.advance(1, message=p, protocol=p)
     progress.finish()
     base = results["templates"]["metrics"]
@@ -333,6 +428,8 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         "n": results["templates"]["n"],
         "answer_words": "verb: " + verb_src + ("; noun: " + noun_src if noun_src else ""),
         "shuffle": shuffle_info,
+        "label_permutation": {"seed": cfg.shuffle_seed + 1, "rows_permuted": int(labelled.sum()),
+                              "rows_kept_own_labels": int((label_perm[labelled] == np.flatnonzero(labelled)).sum())},
         "protocols": results,
     }
     report["findings"] = _findings(results, loaded.task)

@@ -57,14 +57,32 @@ def _audit_table(report: dict) -> Any:
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("leak v/n", justify="right")
+    table.add_column("labels permuted", justify="right")
     for name, p in protos.items():
         row = [name]
         for k in keys:
             d = p["delta_vs_templates"].get(k)
             row.append(_fmt(p["metrics"].get(k)) + ("" if d is None else f" ({d:+.1f})"))
         row.append(f"{_fmt(p['leak'].get('verb'))}/{_fmt(p['leak'].get('noun'))}")
+        perm = p.get("label_permutation")
+        row.append("–" if perm is None else "identical" if perm["identical"] else f"{perm['rows_changed']} changed")
         table.add_row(*row)
     return table
+
+
+def _qa_lines(result: dict) -> list[str]:
+    """QA accuracy per question kind, and the self-questioning candidates' recall, as short lines."""
+    lines = []
+    for kind, entry in (result.get("qa") or {}).items():
+        scores = ", ".join(f"{k} {_fmt(v)}" for k, v in entry.items() if k.startswith("top") or k == "mAP")
+        lines.append(f"QA {kind} ({entry['answers']}, {entry['n']} segments): {scores}")
+    cand = result.get("candidates")
+    if cand:
+        def fmt(d: dict) -> str:
+            return "/".join(_fmt(d.get(t)) for t in ("verb", "noun") if t in d) or "–"
+        lines.append(f"candidates recall@{cand['k']} verb/noun: this split {fmt(cand['recall_at_k'])}, training rows "
+                     f"{fmt(cand['train_recall_at_k'])} (first pass: {cand['first_pass']})")
+    return lines
 
 
 def _with_progress(label: str, quiet: bool, fn, cfg):
@@ -83,7 +101,8 @@ def evaluate_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, per_class.csv, PNGs, submission.")],
     questions: Annotated[
         Optional[QuestionSource],
-        typer.Option(help="Question protocol; default: the checkpoint's. 'annotation' is reported as leaking."),
+        typer.Option(help="Question protocol; default: the checkpoint's. 'predicted' needs a checkpoint trained with "
+                          "it (it carries the first pass); 'annotation' is reported as leaking."),
     ] = None,
     ek100_dir: Annotated[
         Optional[Path], typer.Option("--ek100-dir", help="Folder with EPIC_100_tail_*.csv / unseen-participant CSVs.")
@@ -131,6 +150,8 @@ def evaluate_command(
     console = Console()
     if result.get("metrics"):
         console.print(_metrics_table(result))
+        for line in _qa_lines(result):
+            console.print(line)
     else:
         console.print(result.get("note", "no metrics"))
     for key in ("question_source_warning", "segments_warning", "submission_note"):
@@ -152,13 +173,14 @@ def audit_command(
     ] = None,
     verb_classes: Annotated[Optional[Path], typer.Option("--verb-classes", help="Verb classes CSV.")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option("--noun-classes", help="Noun classes CSV.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the question shuffle.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the question shuffle (the label permutation uses seed + 1).")] = 0,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
-    """Measure how much accuracy comes from the question text: every protocol, shuffled questions, leak rates."""
+    """Measure how much accuracy comes from the question text: every protocol, shuffled questions, a
+    label-permutation check (scores must not change when the labels are permuted across segments), leak rates."""
     from mambavl.analysis.audit import AuditConfig, audit_questions
 
     try:

@@ -100,8 +100,8 @@ def ablate_command(
     out: Annotated[Path, typer.Option("--out", help="Folder: ablation.md, ablation.json, runs/<name>/seed<k>/.")],
     presets: Annotated[
         str, typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, transformer, "
-                               "concat, probe-concat, probe-mean (or any preset).")
-    ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,probe-concat,probe-mean",
+                               "concat, predicted, probe-concat, probe-mean (or any preset).")
+    ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,predicted,probe-concat,probe-mean",
     epochs: Annotated[int, typer.Option(help="Epochs of every run.")] = 10,
     min_steps: Annotated[
         int, typer.Option("--min-steps", help="Fewest recognition steps of every run (small data: smaller batch, "
@@ -190,6 +190,12 @@ def predict_command(
     for kind, qa in result["qa"].items():
         answers = ", ".join(f"{a['answer']} ({a['score']:.2f})" for a in qa["answers"][:3])
         console.print(f"[bold]{qa['question']}[/] -> {answers}")
+    cand = result.get("candidates")
+    if cand:
+        for head in ("verb", "noun"):
+            if head in cand:
+                listed = ", ".join(f"{c['label']} ({c['first_pass_score']:.2f})" for c in cand[head])
+                console.print(f"self-questioning: {head} candidates asked about -> {listed}")
     for note in result["notes"]:
         console.print(f"note: {note}")
     if json_out is not None:

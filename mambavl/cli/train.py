@@ -81,7 +81,24 @@ def train_command(
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation.")] = None,
     questions: Annotated[
         Optional[QuestionSource],
-        typer.Option(help="Question protocol: templates (label-free), annotation (paper's), file."),
+        typer.Option(help="Question protocol: templates (label-free), predicted (self-questioning: the template plus "
+                          "the top-k candidates of a video-only first pass; label-free), annotation (paper's), file."),
+    ] = None,
+    candidates_k: Annotated[
+        Optional[int], typer.Option("--candidates-k", help="predicted: candidates per head (default 5).")
+    ] = None,
+    candidate_folds: Annotated[
+        Optional[int],
+        typer.Option("--candidate-folds", help="predicted: cross-fitting folds for the training rows' candidates "
+                                               "(default 5)."),
+    ] = None,
+    candidate_epochs: Annotated[
+        Optional[int], typer.Option("--candidate-epochs", help="predicted: first-pass epochs (0 = --epochs).")
+    ] = None,
+    candidates_from: Annotated[
+        Optional[Path],
+        typer.Option("--candidates-from", help="predicted: a trained checkpoint used as the first pass for "
+                                               "evaluation (training rows still get cross-fitted candidates)."),
     ] = None,
     qa_weight: Annotated[Optional[float], typer.Option("--qa-weight", help="QA loss weight; 0 = no QA.")] = None,
     qa_every: Annotated[
@@ -117,6 +134,10 @@ def train_command(
         "seed": seed,
         "task": task,
         "question_source": questions,
+        "candidates_k": candidates_k,
+        "candidate_folds": candidate_folds,
+        "candidate_epochs": candidate_epochs,
+        "candidates_from": optional_path(candidates_from),
         "qa_weight": qa_weight,
         "qa_every": qa_every,
         "frames": frames,

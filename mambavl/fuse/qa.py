@@ -57,25 +57,33 @@ def scene_targets(all_nouns: Sequence[Sequence[int] | np.ndarray], num_nouns: in
     return out
 
 
-def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, positives: float | None = None) -> torch.Tensor:
     """BCE-with-logits summed over all (B, C) entries and divided by the number of positives (at least 1), the
     normalisation RetinaNet uses so that many easy negatives do not drown the few positives. logits, targets (B, C).
-    Rows without any positive still contribute their negatives."""
+    Rows without any positive still contribute their negatives. `positives`: the count to divide by (default: this
+    batch's; data-parallel training passes the global batch's so that the ranks' shares add up to its loss)."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
-    return loss / targets.sum().clamp(min=1.0)
+    count = targets.sum() if positives is None else torch.as_tensor(float(positives))
+    return loss / count.clamp(min=1.0)
 
 
-def single_label_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (B, K) vs (B,) ignoring target -1; with no usable target the loss is 0 but stays connected to
-    the graph (DistributedDataParallel expects every used head to receive a gradient)."""
-    if not bool((target >= 0).any()):
+def single_label_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
+                      count: int | None = None) -> torch.Tensor:
+    """Cross-entropy (B, K) vs (B,) ignoring target -1, with optional label smoothing: the sum over usable targets
+    divided by `count` (default: their number, i.e. PyTorch's mean; data-parallel training passes the global
+    batch's count so that the ranks' shares add up to its mean). With no usable target the loss is 0 but stays
+    connected to the graph (DistributedDataParallel expects every used head to receive a gradient)."""
+    usable = int((target >= 0).sum())
+    if usable == 0 or count == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, ignore_index=-1)
+    total = F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
+    return total / (usable if count is None else count)
 
 
-def qa_loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def qa_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, count: float | None = None) -> torch.Tensor:
     """The loss of one QA step: `multilabel_loss` for the scene kind (target (B, Nn) multi-hot), cross-entropy
-    otherwise (target (B,) class ids, -1 ignored)."""
+    otherwise (target (B,) class ids, -1 ignored). `count`: the positives (scene) or usable targets to divide by
+    (default: this batch's)."""
     if QA_TARGET.get(kind) == "scene":
-        return multilabel_loss(logits, target)
-    return single_label_loss(logits, target)
+        return multilabel_loss(logits, target, count)
+    return single_label_loss(logits, target, count=None if count is None else int(count))

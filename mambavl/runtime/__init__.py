@@ -7,6 +7,7 @@ cache (`predict_scores`) and the validation metrics. `mambavl.train` builds on i
 `mambavl.predict` and `mambavl.analysis` import it and never `mambavl.train`.
 """
 
+from mambavl.runtime.candidates import FirstPass, candidate_questions, fold_ids, topk_candidates
 from mambavl.runtime.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KIND,
@@ -29,11 +30,22 @@ from mambavl.runtime.config import (
     window_of,
 )
 from mambavl.runtime.questions import Labels, Questions, action_vocab, labelled_rows, load_labels, require_window
-from mambavl.runtime.scoring import batches, loader, predict_logits, predict_scores, validation_metrics
+from mambavl.runtime.scoring import (
+    batches,
+    cache_candidates,
+    first_pass_probs,
+    loader,
+    predict_logits,
+    predict_scores,
+    qa_scores,
+    validation_metrics,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_KIND", "DATA_FIELDS", "HEAD_KINDS", "QA_KINDS", "QA_TARGET", "SAMPLING_ATTRS",
-    "Labels", "Questions", "Task", "TrainConfig", "action_vocab", "atomic_copy", "atomic_torch_save", "batches",
-    "build_model", "config_from_checkpoint", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain",
-    "predict_logits", "predict_scores", "question_tokens", "require_window", "validation_metrics", "window_of",
+    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_vocab", "atomic_copy", "atomic_torch_save",
+    "batches", "build_model", "cache_candidates", "candidate_questions", "config_from_checkpoint", "first_pass_probs",
+    "fold_ids", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain", "predict_logits",
+    "predict_scores", "qa_scores", "question_tokens", "require_window", "topk_candidates", "validation_metrics",
+    "window_of",
 ]  # fmt: skip

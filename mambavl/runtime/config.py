@@ -15,6 +15,7 @@ from mambavl.cache import schema
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import preset_train_overrides
+from mambavl.fuse.qa import QA_TARGET  # noqa: F401 - re-exported: what each QA kind is scored against
 
 # Cache attributes describing the frame sampling, copied into checkpoints (see `mambavl.predict`).
 SAMPLING_ATTRS = ("sampling_mode", "frames_per_segment", "decoded_frames", "fps", "frame_size",
@@ -33,8 +34,6 @@ class Task(str, Enum):
 # comes next.
 HEAD_KINDS = {Task.RECOGNITION: ("verb", "noun"), Task.ANTICIPATION: ("next_verb", "next_noun")}
 QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene"), Task.ANTICIPATION: ("next_verb", "next_noun")}
-# What each QA kind is scored against: the verb or noun answer embeddings.
-QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene"}
 
 
 @dataclass
@@ -75,6 +74,12 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 0
     resume: bool = False
+    # question_source "predicted": k candidates per head, K cross-fitting folds, first-pass epochs (0 = epochs), and
+    # an optional checkpoint used as the evaluation first pass (see `mambavl.train.cross_fit_candidates`).
+    candidates_k: int = 5
+    candidate_folds: int = 5
+    candidate_epochs: int = 0
+    candidates_from: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -91,6 +96,7 @@ class TrainConfig:
         self.train_cache = str(self.train_cache)
         self.val_cache = None if self.val_cache in (None, "") else str(self.val_cache)
         self.out_dir = str(self.out_dir)
+        self.candidates_from = None if self.candidates_from in (None, "") else str(self.candidates_from)
         self.model_overrides = dict(self.model_overrides or {})
         self._apply_preset_training()
         checks = (
@@ -107,10 +113,15 @@ class TrainConfig:
             ("frames", self.frames >= 0),
             ("min_steps", self.min_steps >= 0),
             ("num_workers", self.num_workers >= 0),
+            ("candidates_k", self.candidates_k >= 1),
+            ("candidate_folds", self.candidate_folds >= 2),
+            ("candidate_epochs", self.candidate_epochs >= 0),
         )
         for name, ok in checks:
             if not ok:
                 raise InputError(f"train config: {name}={getattr(self, name)!r} is out of range")
+        if self.candidates_from and self.question_source != QuestionSource.PREDICTED:
+            raise InputError("train config: candidates_from is only used with question_source 'predicted'")
 
     def _apply_preset_training(self) -> None:
         """Some presets carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs). They replace the

@@ -10,7 +10,8 @@ import torch
 
 from mambavl.cache.reader import CacheFile
 from mambavl.errors import InputError
-from mambavl.extract.questions import QuestionSource
+from mambavl.extract.questions import QuestionSource, refuse_label_keyed
+from mambavl.runtime.candidates import candidate_questions
 
 
 class Questions:
@@ -18,9 +19,15 @@ class Questions:
 
     Holds the cache's question table (tokens (Q, T, Dt), mask (Q, T)) on the CPU — the annotation protocol can hold
     two questions per segment, too many for accelerator memory — and gathers the rows a batch needs.
+
+    `predicted` needs `candidates` (N, 2, k): the first pass's verb and noun candidates of every cache row (see
+    `mambavl.runtime.candidates`); `head_tokens` appends their answer embeddings to the template questions.
+    `evaluation=True` refuses per-segment questions found by a row's own class (`label_keyed` file entries), which
+    would hand the model its label; `allow_label_keyed` lifts that for the audit, which measures such leaks.
     """
 
-    def __init__(self, cache: CacheFile, source: QuestionSource, head_kinds: tuple[str, str]):
+    def __init__(self, cache: CacheFile, source: QuestionSource, head_kinds: tuple[str, str],
+                 candidates: np.ndarray | None = None, evaluation: bool = False, allow_label_keyed: bool = False):
         bank = cache.questions()
         self.tokens = torch.as_tensor(bank.tokens, dtype=torch.float32)  # (Q, T, Dt)
         self.mask = torch.as_tensor(bank.mask, dtype=torch.bool)  # (Q, T)
@@ -33,12 +40,30 @@ class Questions:
                 raise InputError(f"cache {cache.path} has no {kind!r} template questions (questions/templates/{kind})")
         self.source = source
         self.per_segment: torch.Tensor | None = None
-        if source != QuestionSource.TEMPLATES:
+        self.candidates: torch.Tensor | None = None
+        if source == QuestionSource.PREDICTED:
+            if candidates is None:
+                raise InputError("predicted questions need first-pass candidates (a checkpoint trained with "
+                                 "--questions predicted, or --candidates-from CKPT)")
+            answers = cache.answers()
+            verb = torch.as_tensor(answers.verb, dtype=torch.float32)  # (V, Dt)
+            noun = torch.as_tensor(answers.noun, dtype=torch.float32) if len(cache.noun_keys) else verb  # (Nn, Dt)
+            self.answers = (verb, noun)
+            self.candidates = torch.as_tensor(np.asarray(candidates), dtype=torch.long)  # (N, 2, k)
+        elif source != QuestionSource.TEMPLATES:
             table = bank.per_segment.get(source.value) if bank.per_segment else None
             if table is None:
                 hint = "--questions templates,annotation" if source == QuestionSource.ANNOTATION else "a questions file"
                 raise InputError(f"cache {cache.path} has no {source.value} questions (extract with {hint})")
             self.per_segment = torch.as_tensor(np.asarray(table), dtype=torch.long)  # (N, 2)
+            if evaluation and source == QuestionSource.FILE and not allow_label_keyed:
+                keyed = bank.label_keyed.get(source.value)
+                if keyed is None:
+                    raise InputError(f"cache {cache.path}: its file questions do not record how they were keyed "
+                                     "(extracted by an older mambavl); re-extract before evaluating with them")
+                has_q = np.flatnonzero(np.asarray(table)[:, 0] >= 0)
+                refuse_label_keyed(source.value, keyed, has_q, str(cache.attrs.get("questions_file") or "(file)"),
+                                   cache.labels()["narration_id"])
 
     def template(self, kind: str, n: int, train: bool, generator: torch.Generator | None) -> torch.Tensor:
         """(n,) question indices of `kind`: a uniform paraphrase per sample in training, paraphrase 0 otherwise."""
@@ -67,6 +92,28 @@ class Questions:
     def gather(self, q: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Question indices (...,) -> tokens (..., T, Dt) float32 and mask (..., T) bool on `device`."""
         return self.tokens[q].to(device), self.mask[q].to(device)
+
+    def head_tokens(self, rows: torch.Tensor, train: bool, generator: torch.Generator | None,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The two head questions of cache rows (B,): tokens (B, 2, T', Dt), mask (B, 2, T') on `device`, and the
+        number of template fallbacks. T' = T, or T + k under `predicted` (template + candidate answers)."""
+        q, fallbacks = self.heads(rows, train, generator)  # (B, 2)
+        qt, qm = self.tokens(q, rows, device)
+        return qt, qm, fallbacks
+
+    def tokens(self, q: torch.Tensor, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, 2, T', Dt) and mask (B, 2, T') on `device` of head questions q (B, 2) (from `heads`) asked of
+        cache rows (B,); under `predicted` each question is followed by the answer texts of the row's candidates.
+        InputError when a row has no candidates."""
+        qt, qm = self.gather(q, device)  # (B, 2, T, Dt), (B, 2, T)
+        if self.candidates is None:
+            return qt, qm
+        cand = self.candidates[rows]  # (B, 2, k)
+        if bool((cand < 0).any()):
+            raise InputError("predicted questions: some rows have no first-pass candidates")
+        vt, vm = candidate_questions(qt[:, 0], qm[:, 0], self.answers[0], cand[:, 0])  # (B, T+k, Dt), (B, T+k)
+        nt, nm = candidate_questions(qt[:, 1], qm[:, 1], self.answers[1], cand[:, 1])
+        return torch.stack([vt, nt], dim=1), torch.stack([vm, nm], dim=1)
 
 
 @dataclass
