@@ -58,6 +58,17 @@ def test_demo_refuses_a_non_empty_folder(demo):
     assert res.exit_code == 2 and "not empty" in res.output
 
 
+def _verb_probs(result: dict, cached: dict, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Verb probabilities of cache row `row`: from `predict`'s result (V,) and from the cached scores (V,)."""
+    i = int(np.flatnonzero(cached["indices"] == row)[0])
+    p_cache = np.exp(cached["verb"][i] - cached["verb"][i].max())
+    p_cache /= p_cache.sum()
+    p_pred = np.zeros_like(p_cache)
+    for v in result["verbs"]:
+        p_pred[v["id"]] = v["score"]
+    return p_pred, p_cache
+
+
 def test_predict_equals_evaluation_scores_on_the_same_segment(demo, tmp_path):
     out, _ = demo
     ckpt_path = out / "runs/templates/best.pt"
@@ -77,12 +88,7 @@ def test_predict_equals_evaluation_scores_on_the_same_segment(demo, tmp_path):
     # the same clip through the cache (features stored fp16): evaluation's probabilities
     model, ckpt = load_checkpoint(ckpt_path)
     cached = predict_scores(model, out / "caches/val.h5", frames=ckpt["train_config"]["frames"])
-    row = int(np.flatnonzero(cached["indices"] == 0)[0])
-    p_cache = np.exp(cached["verb"][row] - cached["verb"][row].max())
-    p_cache /= p_cache.sum()
-    p_pred = np.zeros_like(p_cache)
-    for v in result["verbs"]:
-        p_pred[v["id"]] = v["score"]
+    p_pred, p_cache = _verb_probs(result, cached, row=0)
     np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)
     assert int(p_pred.argmax()) == int(p_cache.argmax())
 
@@ -145,9 +151,5 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
                             frames=ckpt["train_config"]["frames"], first_pass=FirstPass.from_state(ckpt["first_pass"]))
     row = int(np.flatnonzero(cached["indices"] == 0)[0])
     assert [c["id"] for c in result["candidates"]["verb"]] == cached["candidates"][row, 0].tolist()
-    p_cache = np.exp(cached["verb"][row] - cached["verb"][row].max())
-    p_cache /= p_cache.sum()
-    p_pred = np.zeros_like(p_cache)
-    for v in result["verbs"]:
-        p_pred[v["id"]] = v["score"]
+    p_pred, p_cache = _verb_probs(result, cached, row=0)
     np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)
