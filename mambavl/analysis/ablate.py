@@ -13,7 +13,7 @@ batch size, learning rate, schedule, frames, question protocol and seeds; only w
 | disjoint-A | a separate state matrix A for question and video tokens |
 | transformer | cross-attention fusion of the same width and depth instead of the scan |
 | concat | MLP on [pooled video ; pooled question] |
-| predicted | the `small` model asked self-questions: template + the top-k candidates of a cross-fitted video-only first pass |
+| predicted | `small`, asked self-questions: template + top-k candidates of a cross-fitted video-only first pass |
 | probe-concat | logistic regression on the K ordered frame tokens, concatenated (`mambavl.analysis.probe`) |
 | probe-mean | logistic regression on the mean of the K frame tokens (order-blind) |
 

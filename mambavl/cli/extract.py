@@ -43,7 +43,9 @@ def extract(
     anticipation: Annotated[bool, typer.Option(help="Also extract the observed window before each action.")] = False,
     tau_a: Annotated[float, typer.Option(help="Anticipation gap (s) between window end and action start.")] = 1.0,
     tau_o: Annotated[float, typer.Option(help="Anticipation observed window length (s).")] = 2.0,
-    questions: Annotated[str, typer.Option(help="Question sources to embed: templates[,annotation][,file]. (predicted needs nothing extra: it is built in stage 2 from the templates and answers every cache holds.)")] = "templates,annotation",
+    questions: Annotated[str, typer.Option(
+        help="Question sources to embed: templates[,annotation][,file]. (predicted needs nothing extra: it is built "
+             "in stage 2 from the templates and answers every cache holds.)")] = "templates,annotation",
     questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions (source 'file').")] = None,
     verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations); for a generic CSV, the label list shared by all splits (class CSV or one label per line).")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
@@ -206,7 +208,9 @@ def cache_import(
     source_fps: Annotated[Optional[float], typer.Option(help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
     text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
     text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
-    questions: Annotated[str, typer.Option(help="Question sources: templates[,annotation][,file] (predicted needs nothing extra).")] = "templates,annotation",
+    questions: Annotated[str, typer.Option(
+        help="Question sources: templates[,annotation][,file] (predicted needs nothing extra).",
+    )] = "templates,annotation",
     questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions.")] = None,
     device: Annotated[str, typer.Option(help="Device of the text tower.")] = "auto",
 ) -> None:
