@@ -214,3 +214,24 @@ def test_cli_train_predicted_and_refusals(run, tmp_path):
     with pytest.raises(InputError, match="first pass"):
         evaluate(EvalConfig(checkpoint=str(plain.last_checkpoint), cache=run["val"], out_dir=str(tmp_path / "x"),
                             question_source="predicted", device="cpu", plots=False))
+
+
+def test_anticipation_candidates_come_from_the_observed_window(tmp_path):
+    """Anticipation: the first pass reads the observed window and proposes the next action's verbs and nouns; the
+    second pass's heads are asked the next_verb / next_noun templates followed by those candidates."""
+    caches = {"train": make_planted_cache(tmp_path / "t.h5", n=48, seed=0, anticipation=True),
+              "val": make_planted_cache(tmp_path / "v.h5", n=24, seed=1, anticipation=True)}
+    result = train(_train_cfg(tmp_path, caches, "ant", task="anticipation", question_source="predicted", epochs=1,
+                              candidates_k=K, candidate_folds=2))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["task"] == "anticipation" and ckpt["first_pass"]["k"] == K
+    res = evaluate(EvalConfig(checkpoint=str(result.last_checkpoint), cache=str(caches["val"]),
+                              out_dir=str(tmp_path / "e"), device="cpu", plots=False, submission=False))
+    assert res["window"] == "anticipation" and res["candidates"]["recall_at_k"]["verb"] is not None
+    assert set(res["qa"]) == {"next_verb", "next_noun"}
+    model, _ = load_checkpoint(result.last_checkpoint)
+    from mambavl.runtime import FirstPass
+
+    scores = predict_scores(model, caches["val"], window="anticipation", question_source="predicted", frames=4,
+                            first_pass=FirstPass.from_state(ckpt["first_pass"]))
+    np.testing.assert_array_equal(scores["candidates"][:, 1], topk_candidates(scores["first_pass"]["noun"], K))
