@@ -52,7 +52,6 @@ from _common import (  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mambavl import runtime as rt  # noqa: E402
 from mambavl import train as tr  # noqa: E402
@@ -60,6 +59,7 @@ from mambavl.cache import schema  # noqa: E402
 from mambavl.cache.reader import SegmentDataset, open_cache  # noqa: E402
 from mambavl.cache.synthetic import make_planted_cache  # noqa: E402
 from mambavl.data.sampling import subsample  # noqa: E402
+from mambavl.fuse.qa import answer_targets, qa_loss, scene_targets, single_label_loss  # noqa: E402
 
 VARIANTS = ("lazy_h5", "segment_in_memory", "in_memory_tensors", "lazy_h5_cached_handle")
 
@@ -134,10 +134,10 @@ class Epoch:
             q, _ = q_table.heads(rows, train=True, generator=self.sample_gen)
             qt, qm = q_table.gather(q, self.device)  # (B, 2, T, Dt), (B, 2, T)
             out = self.objective("rec", video, vmask, qt, qm)
-            loss = tr._ce(out["verb"], lab.verb[rows], cfg.label_smoothing)
-            loss = loss + tr._ce(out["noun"], lab.noun[rows], cfg.label_smoothing)
+            loss = single_label_loss(out["verb"], lab.verb[rows], cfg.label_smoothing)
+            loss = loss + single_label_loss(out["noun"], lab.noun[rows], cfg.label_smoothing)
             if "action" in out:
-                loss = loss + tr._ce(out["action"], lab.action[rows], cfg.label_smoothing)
+                loss = loss + single_label_loss(out["action"], lab.action[rows], cfg.label_smoothing)
             self._optimise(loss)
             rec_steps += 1
             total += float(loss.detach())
@@ -145,18 +145,14 @@ class Epoch:
                 kind = self.qa_kinds[int(torch.randint(len(self.qa_kinds), (1,), generator=self.sample_gen))]
                 qk = q_table.template(kind, len(rows), train=True, generator=self.sample_gen)
                 qkt, qkm = q_table.gather(qk, self.device)
-                logits = self.objective("qa", video, vmask, qkt, qkm, self.cand[rt.QA_TARGET[kind]])  # (B, K)
-                target = rt.QA_TARGET[kind]
-                if target == "verb":
-                    lq = tr._ce(logits, lab.verb[rows], 0.0)
-                elif target == "noun":
-                    lq = tr._ce(logits, lab.noun[rows], 0.0)
+                scene = rt.QA_TARGET[kind] == "scene"
+                logits = self.objective("scene" if scene else "qa", video, vmask, qkt, qkm,
+                                        self.cand[rt.QA_TARGET[kind]])  # (B, K)
+                if scene:
+                    target = scene_targets([lab.all_nouns[r] for r in rows.tolist()], logits.shape[1])
                 else:
-                    multi = torch.zeros(logits.shape, dtype=torch.float32)
-                    for i, r in enumerate(rows.tolist()):
-                        ids = lab.all_nouns[r]
-                        multi[i, ids[(ids >= 0) & (ids < logits.shape[1])]] = 1.0
-                    lq = F.binary_cross_entropy_with_logits(logits.float(), multi)
+                    target = answer_targets(kind, lab.verb[rows], lab.noun[rows])
+                lq = qa_loss(kind, logits, target)
                 self._optimise(cfg.qa_weight * lq)
             self.steps += 1
         self.epoch += 1
