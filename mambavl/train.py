@@ -770,7 +770,7 @@ def _recognition_step(objective: nn.Module, opt: Optimizer, data: _Data, cfg: Tr
     video, vmask = gather_frames(feats, idx[p.part].to(device)), vmask[p.part].to(device)  # (B, K, D), (B, K)
     q = data.train_q.heads(p.grows, train=True, generator=sample_gen)[0][p.part]  # (B, 2)
     fb = data.train_q.fallbacks(rows) if p.scale else 0
-    qt, qm = data.train_q.tokens(q, rows, device)  # (B, 2, T', Dt), (B, 2, T')
+    qt, qm = data.train_q.tokens_of(q, rows, device)  # (B, 2, T', Dt), (B, 2, T')
     with opt.autocast():
         out = objective("rec", video, vmask, qt, qm)
     loss, parts = _rec_loss(out, rows, p, data.train_labels, cfg.label_smoothing, device)

@@ -24,7 +24,7 @@ K = 2
 
 def _train_cfg(d, caches, name, **kw):
     values = dict(train_cache=str(caches["train"]), val_cache=str(caches["val"]), out_dir=str(d / name),
-                  model_overrides=TINY, epochs=3, batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, device="cpu")
+                  model_overrides=TINY, epochs=3, batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, device="cpu", min_steps=0)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -50,7 +50,7 @@ def test_folds_candidates_and_question_tokens():
     with pytest.raises(ValueError):
         fold_ids(2, 3, seed=0)
     scores = np.array([[0.1, 0.5, 0.5, 0.2], [0.9, 0.0, 0.3, 0.4]])
-    assert topk_candidates(scores, 2).tolist() == [[1, 2], [0, 3]]  # ties to the lower class id
+    assert topk_candidates(scores, 2).tolist() == [[2, 1], [0, 3]]  # ties to the higher class id (official order)
     tokens, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, False, False]])
     answers = torch.randn(4, 8)
     qt, qm = candidate_questions(tokens, mask, answers, torch.tensor([[1, 2], [0, 3]]))
@@ -89,7 +89,7 @@ def test_evaluate_reports_candidates_and_qa(run, tmp_path):
     assert res["metrics"]["all"]["verb"]["n"] == 48
     # the test split: no labels, no narration; predicted questions still run
     test = evaluate(EvalConfig(checkpoint=run["ckpt"], cache=run["test"], out_dir=str(tmp_path / "test"),
-                               device="cpu", plots=False))
+                               device="cpu", plots=False, sls_pt=1, sls_tl=3, sls_td=3, allow_incomplete=True))
     assert test["metrics"] is None and test["submission"]["segments"] == 10
 
 
@@ -181,7 +181,7 @@ def test_class_keyed_file_questions(run, tmp_path):
     # training rows may use class-keyed questions
     result = train(TrainConfig(train_cache=str(keyed), val_cache=None, out_dir=str(tmp_path / "t"),
                                question_source="file", model_overrides=TINY, epochs=1, batch_size=16, frames=4,
-                               device="cpu", qa_weight=0))
+                               min_steps=0, device="cpu", qa_weight=0))
     assert result.history[0]["question_fallbacks"] == 0
     # the audit measures them, and the label permutation proves the leak
     report = A.audit_questions(A.AuditConfig(checkpoint=run["ckpt"], cache=str(keyed), out_dir=str(tmp_path / "a"),
@@ -196,7 +196,7 @@ def test_cli_train_predicted_and_refusals(run, tmp_path):
     res = CliRunner().invoke(app, [
         "train", "--train-cache", str(run["train"]), "--val-cache", str(run["val"]), "--out", str(tmp_path / "r"),
         "--questions", "predicted", "--candidates-k", "2", "--candidate-folds", "2", "--candidate-epochs", "1",
-        "--candidates-from", run["ckpt"], "--epochs", "1", "--frames", "4", "--batch-size", "32", "--device", "cpu",
+        "--candidates-from", run["ckpt"], "--epochs", "1", "--min-steps", "0", "--frames", "4", "--batch-size", "32", "--device", "cpu",
         "--set", "d_model=16", "--set", "n_layers=1", "--quiet"])
     assert res.exit_code == 0, res.output
     ckpt = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)

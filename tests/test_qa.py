@@ -110,7 +110,7 @@ def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
     val = open_cache(make_planted_cache(tmp_path / "val.h5", n=48, seed=1))
     cfg = TrainConfig(train_cache=str(train_cache), val_cache=None, out_dir=str(tmp_path / "run"),
                       model_overrides={"d_model": 16, "n_layers": 1, "scan_impl": "chunked"}, epochs=6,
-                      batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, qa_every=1, device="cpu")
+                      batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, qa_every=1, device="cpu", min_steps=0)
     untrained, _ = create_model("small", video_dim=32, text_dim=24, num_verbs=6, num_nouns=5, num_actions=0,
                                 **cfg.model_overrides)
     before = qa_metrics(qa_scores(untrained, val, "recognition", "cpu", 64, 4), val.labels(), (1, 5))

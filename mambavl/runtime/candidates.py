@@ -46,7 +46,8 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 def topk_candidates(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """(N, C) scores (probabilities or logits) -> (N, min(k, C)) int64 class ids by descending score, ties towards
-    the lower class id (`mambavl.metrics.rank_classes`, so the candidates are exactly the top-k of top-k accuracy)."""
+    the higher class id as the official EK-100 scorer orders them (`mambavl.metrics.rank_classes`, so the
+    candidates are exactly the top-k of top-k accuracy)."""
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().numpy()
     return M.rank_classes(np.asarray(scores), int(k)).astype(np.int64)

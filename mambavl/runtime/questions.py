@@ -98,10 +98,10 @@ class Questions:
         """The two head questions of cache rows (B,): tokens (B, 2, T', Dt), mask (B, 2, T') on `device`, and the
         number of template fallbacks. T' = T, or T + k under `predicted` (template + candidate answers)."""
         q, fallbacks = self.heads(rows, train, generator)  # (B, 2)
-        qt, qm = self.tokens(q, rows, device)
+        qt, qm = self.tokens_of(q, rows, device)
         return qt, qm, fallbacks
 
-    def tokens(self, q: torch.Tensor, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens_of(self, q: torch.Tensor, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, 2, T', Dt) and mask (B, 2, T') on `device` of head questions q (B, 2) (from `heads`) asked of
         cache rows (B,); under `predicted` each question is followed by the answer texts of the row's candidates.
         InputError when a row has no candidates."""
