@@ -114,7 +114,8 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     res = runner.invoke(app, ["train", "--train-cache", str(caches / "train.h5"), "--val-cache", str(caches / "val.h5"),
                               "--out", str(run), "--questions", "predicted", "--candidates-k", "3",
                               "--candidate-folds", "2", "--candidate-epochs", "3", "--epochs", "3", "--batch-size",
-                              "8", "--lr", "3e-3", "--set", "d_model=32", "--device", "cpu", "--quiet"])
+                              "8", "--min-steps", "0", "--lr", "3e-3", "--set", "d_model=32", "--device", "cpu",
+                              "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--cache", str(caches / "val.h5"),
                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-plots"])
@@ -123,7 +124,8 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     assert metrics["question_source"] == "predicted" and metrics["candidates"]["k"] == 3
     assert {"verb", "noun", "scene"} <= set(metrics["qa"])
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--cache", str(caches / "test.h5"),
-                              "--out", str(tmp_path / "test"), "--device", "cpu", "--no-plots", "--quiet"])
+                              "--out", str(tmp_path / "test"), "--device", "cpu", "--no-plots", "--quiet",
+                              "--sls-pt", "1", "--sls-tl", "3", "--sls-td", "3"])
     assert res.exit_code == 0, res.output  # the test split has no narrations: predicted questions still run
     res = runner.invoke(app, ["audit-questions", "--checkpoint", str(run / "last.pt"), "--cache",
                               str(caches / "val.h5"), "--out", str(tmp_path / "audit"), "--device", "cpu"])
