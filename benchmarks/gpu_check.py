@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mambavl.fuse import scan as scan_mod  # noqa: E402
+from scan import GRAD_NAMES  # noqa: E402  (benchmarks/scan.py)
+from scan import make_inputs as scan_inputs  # noqa: E402
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # Shapes (batch, d_inner, d_state, length): a tiny one, the model's (d_inner 256 = 2 x d_model 128), a long one.
 SHAPES = ((1, 8, 4, 64), (2, 256, 16, 40), (2, 512, 16, 512), (2, 256, 16, 2048))
 # bf16 inputs: the kernel and `chunked` both accumulate in float32, so errors are those of the inputs' rounding.
@@ -43,20 +44,10 @@ def sync():
 
 
 def make_inputs(b, d, n, length, dtype, seed=0):
-    """mamba-ssm's test recipe: A negative, delta pre-softplus; every tensor on CUDA in `dtype` (A, D, bias fp32)."""
-    g = torch.Generator().manual_seed(seed)
-    t = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = {
-        "u": t(b, d, length),  # (B, D, L)
-        "delta": 0.5 * torch.rand(b, d, length, generator=g) - 1.0,  # (B, D, L)
-        "A": -0.5 - torch.rand(d, n, generator=g),  # (D, N)
-        "B": t(b, n, length),  # (B, N, L)
-        "C": t(b, n, length),  # (B, N, L)
-        "D": t(d),  # (D,)
-        "z": t(b, d, length),  # (B, D, L)
-        "delta_bias": 0.1 * t(d),  # (D,)
-    }
+    """`benchmarks/scan.py`'s inputs (mamba-ssm's test recipe: A negative, delta pre-softplus), on CUDA in `dtype`
+    (A, D and delta_bias stay fp32, as in a Mamba block)."""
     keep32 = {"A", "D", "delta_bias"}
+    x = scan_inputs(b, d, n, length, "cpu", seed)
     return {k: v.cuda().to(torch.float32 if k in keep32 else dtype) for k, v in x.items()}
 
 
