@@ -97,12 +97,16 @@ def test_ablate_cli(caches, tmp_path):
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, [
         "ablate", "--train-cache", str(caches[0]), "--val-cache", str(caches[1]), "--out", str(out),
-        "--presets", "no-qa,concat", "--epochs", "1", "--min-steps", "0", "--batch-size", "32", "--frames", "6",
-        "--device", "cpu",
+        "--presets", "no-qa,concat,predicted", "--epochs", "1", "--min-steps", "0", "--batch-size", "32",
+        "--frames", "6", "--device", "cpu", "--candidates-k", "2", "--candidate-folds", "2",
         "--set", "d_model=16", "--set", "n_layers=1", "--quiet",
     ])
     assert res.exit_code == 0, res.output
-    assert "| concat |" in res.output and (out / "ablation.json").is_file()
+    assert "| concat |" in res.output and "| predicted |" in res.output and (out / "ablation.json").is_file()
+    # the candidate settings reach the self-questioning run
+    ckpt = torch.load(out / "runs" / "predicted" / "seed0" / "last.pt", weights_only=True)
+    assert ckpt["train_config"]["candidates_k"] == 2 and ckpt["train_config"]["candidate_folds"] == 2
+    assert ckpt["first_pass"]["k"] == 2 and len(ckpt["first_pass"]["states"]) == 2
     # no-qa trains the same model without QA steps
     history = torch.load(out / "runs" / "no-qa" / "seed0" / "last.pt", weights_only=True)["history"]
     assert [h["qa_steps"] for h in history] == [0]

@@ -118,6 +118,13 @@ def ablate_command(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override for every run, key=value (repeatable).")
     ] = None,
+    candidates_k: Annotated[
+        int, typer.Option("--candidates-k", help="predicted: candidates per head (keep it well below the number of "
+                                                 "classes, or every clip is asked about nearly all of them).")
+    ] = 5,
+    candidate_folds: Annotated[
+        int, typer.Option("--candidate-folds", help="predicted: folds of the cross-fitted first pass.")
+    ] = 5,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train the ablation variants (and fit the linear probes) under one budget and several seeds; write a table with
@@ -130,6 +137,8 @@ def ablate_command(
             epochs=epochs, min_steps=min_steps, seeds=seeds, seed=seed, question_source=questions,
             batch_size=batch_size, lr=lr,
             frames=frames, device=device, model_overrides=_overrides(set_, "--set"),
+            train_overrides=({"candidates_k": candidates_k, "candidate_folds": candidate_folds}
+                             if "predicted" in _csv(presets, "--presets") else {}),
         )
         with rich_progress("ablate", quiet, log=log_messages("ablate")) as progress:
             result = run_ablation(cfg, progress=progress)
