@@ -101,3 +101,11 @@ def test_loader_ek100_smoke(tmp_path):
     assert not list((tmp_path / "work").glob("*.h5"))  # the cache is deleted after the run
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"lazy_h5 w0", "in_memory w2", "load_whole"} <= set(out["median_s"])
+
+
+def test_candidate_recall_smoke(tmp_path):
+    lines = run_script("candidate_recall.py", tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: cross_fitted_train_val_recall_gap=")
+    out = json.loads((tmp_path / "out.json").read_text())
+    for scheme in ("cross_fitted", "in_sample"):
+        assert {"train_candidate_recall_verb", "val_candidate_recall_verb"} <= set(out[scheme])
