@@ -762,9 +762,13 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
         result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
         frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
-        qa = qa_scores(loaded.model, loaded.cache, loaded.window, str(resolve_device(cfg.device)), cfg.batch_size,
-                       frames)
-        result["qa"] = qa_metrics(qa, labels, cfg.ks)
+        if float(loaded.ckpt.get("train_config", {}).get("qa_weight", 1.0)) > 0:
+            qa = qa_scores(loaded.model, loaded.cache, loaded.window, str(resolve_device(cfg.device)), cfg.batch_size,
+                           frames)
+            result["qa"] = qa_metrics(qa, labels, cfg.ks)
+        else:  # an untrained QA head would score at chance: say so instead of reporting it
+            result["qa"] = {}
+            result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"
         if scored.candidates is not None:
             result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.ckpt)
         vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)

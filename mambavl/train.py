@@ -72,6 +72,7 @@ from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.config import ModelConfig, question_is_offset
 from mambavl.fuse.model import MambaVL, model_config_from_dict
+from mambavl.fuse.presets import preset_model_fields
 from mambavl.fuse.qa import answer_targets, qa_loss, scene_targets, single_label_loss
 from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
@@ -413,9 +414,13 @@ def _open_caches(cfg: TrainConfig, ckpt: dict | None, run: Path) -> tuple[CacheF
     return train_cache, val_cache
 
 
-def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.device) -> _Data:
-    """Open and check the caches; the action vocabulary comes from the resumed checkpoint or the training labels."""
+def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.device, d: _Dist | None = None) -> _Data:
+    """Open and check the caches; the action vocabulary comes from the resumed checkpoint or the training labels.
+    Under `predicted`, the candidate tables: every process computes them alike (the same seeds), then rank 0's are
+    sent to all, so that no rank's candidates can differ by a nondeterministic GPU kernel."""
     window = window_of(cfg.task)
+    if cfg.question_source == QuestionSource.PREDICTED:
+        _check_self_questioning(cfg)
     train_cache, val_cache = _open_caches(cfg, ckpt, run)
     train_rows = labelled_rows(train_cache, window, "train")
     val_rows = labelled_rows(val_cache, window, "val") if val_cache is not None else None
@@ -434,11 +439,19 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
             first_pass = FirstPass.from_state(ckpt["first_pass"], device)
             train_cand = ckpt["train_candidates"].numpy()
         else:
-            first_pass, train_cand = cross_fit_candidates(cfg, train_cache, train_rows, train_labels, device)
-        recall = candidate_recall(train_cand, train_rows, train_labels, "train")
+            # each process trains the folds alone, with the global batch (batch_size is per process)
+            world = d.world if d is not None else 1
+            first_pass, train_cand = cross_fit_candidates(dataclasses.replace(cfg, batch_size=cfg.batch_size * world),
+                                                          train_cache, train_rows, train_labels, device)
         if val_cache is not None:
             val_cand, _ = cache_candidates(first_pass, val_cache, window, val_rows, device, max(cfg.batch_size, 64),
                                            cfg.frames, cfg.num_workers)
+        if d is not None and d.world > 1:
+            tables = [train_cand, val_cand]
+            dist.broadcast_object_list(tables, src=0)
+            train_cand, val_cand = tables
+        recall = candidate_recall(train_cand, train_rows, train_labels, "train")
+        if val_cache is not None:
             recall.update(candidate_recall(val_cand, val_rows, val_labels, "val"))
     train_q = Questions(train_cache, cfg.question_source, head_kinds, candidates=train_cand)
     val_q = (Questions(val_cache, cfg.question_source, head_kinds, candidates=val_cand, evaluation=True)
@@ -669,6 +682,13 @@ def _fit_video_only(model: nn.Module, cache: CacheFile, rows: np.ndarray, labels
     model.eval()
 
 
+def _check_self_questioning(cfg: TrainConfig) -> None:
+    """InputError for a `predicted` run whose model reads no question (its K first-pass models would be wasted)."""
+    if not {**preset_model_fields(cfg.preset), **cfg.model_overrides}.get("use_question", True):
+        raise InputError(f"--questions predicted: preset {cfg.preset!r} reads no question (use_question false), so "
+                         "the candidates would never reach it; use a question-reading preset or --questions templates")
+
+
 def _given_first_pass(cfg: TrainConfig, cache: CacheFile, device: torch.device) -> FirstPass:
     """The checkpoint `cfg.candidates_from` as a first pass, checked against the training cache's classes and task."""
     model, ckpt = load_checkpoint(cfg.candidates_from, device=str(device))
@@ -679,6 +699,9 @@ def _given_first_pass(cfg: TrainConfig, cache: CacheFile, device: torch.device) 
     if ckpt.get("task", "recognition") != cfg.task.value:
         raise InputError(f"--candidates-from {cfg.candidates_from}: trained for {ckpt.get('task')!r}, this run is "
                          f"{cfg.task.value!r}")
+    if ckpt.get("question_source") == QuestionSource.PREDICTED.value:
+        raise InputError(f"--candidates-from {cfg.candidates_from}: trained with --questions predicted, so it needs a "
+                         "first pass of its own; give a model trained with templates, or the video-only preset")
     return FirstPass([model], str(cfg.candidates_from), cfg.candidates_k)
 
 
@@ -941,7 +964,7 @@ def _train(
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out_dir)
     ckpt = _resume_checkpoint(cfg, out_dir / "last.pt")
-    data = _load_data(cfg, ckpt, out_dir / "last.pt", device)
+    data = _load_data(cfg, ckpt, out_dir / "last.pt", device, d)
     model, mcfg, objective = _build(cfg, ckpt, data, device, d)
     dataset = SegmentDataset(data.train_cache, window=data.window, indices=data.train_rows)
     val_part = np.array_split(data.val_rows, d.world)[d.rank] if data.val_cache is not None else []

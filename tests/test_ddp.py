@@ -83,19 +83,23 @@ def _caches(tmp_path):
     return train_cache, val_cache
 
 
+def _launch(train_cache, val_cache, out, settings: dict) -> tuple[dict, dict]:
+    """Run WORKER in 2 gloo processes under torchrun; return what ranks 0 and 1 reported."""
+    script = out.parent / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(train_cache), str(val_cache), str(out), str(PER_RANK_BATCH), json.dumps(settings)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tuple(json.loads((out.parent / f"{out.name}.rank{r}.json").read_text()) for r in (0, 1))
+
+
 @pytest.mark.timeout(1800)  # three trainings in one 2-process launch: ~2-5 min on 2 busy cores
 def test_ddp_two_processes_equal_one_process(tmp_path):
     train_cache, val_cache = _caches(tmp_path)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(train_cache), str(val_cache), str(out), str(PER_RANK_BATCH), json.dumps(SETTINGS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = json.loads((tmp_path / "ddp.rank0.json").read_text())
-    r1 = json.loads((tmp_path / "ddp.rank1.json").read_text())
+    r0, r1 = _launch(train_cache, val_cache, out, SETTINGS)
 
     # one process, the same global batch
     single = train(config(train_cache, val_cache, tmp_path / "single", 2 * PER_RANK_BATCH))
@@ -123,6 +127,29 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert torch.allclose(tensor, ref[name], rtol=0, atol=ATOL_WEIGHTS), name
     assert ckpt["epoch"] == 3 and ckpt["step"] == 9
     assert torch.load(out / "last.pt", weights_only=True)["history"][0]["qa_steps"] == 3
+
+
+@pytest.mark.timeout(1800)
+def test_ddp_self_questioning_equals_one_process(tmp_path):
+    """--questions predicted under DDP: the cross-fitted candidates (sent from rank 0) and the run equal one process
+    with the same global batch; the first pass travels in the checkpoint, so resuming replays exactly."""
+    train_cache, val_cache = _caches(tmp_path)
+    settings = dict(SETTINGS, question_source="predicted", candidates_k=2, candidate_folds=2, epochs=2)
+    out = tmp_path / "ddp"
+    r0, r1 = _launch(train_cache, val_cache, out, settings)
+    single = train(TrainConfig(train_cache=str(train_cache), val_cache=str(val_cache), out_dir=str(tmp_path / "one"),
+                               batch_size=2 * PER_RANK_BATCH, **settings))
+    assert r0["full"] == r1["full"] and r0["resumed"] == r0["full"]
+    for a, b in zip(r0["history"], single.history, strict=True):
+        for key in ("train_candidate_recall_verb", "train_candidate_recall_noun", "val_candidate_recall_verb"):
+            assert a[key] == b[key], key
+        for key in ("train_loss", "train_loss_qa", "val_verb_top1"):
+            assert np.isclose(a[key], b[key], rtol=RTOL, atol=1e-6), (key, a[key], b[key])
+    ddp_ckpt = torch.load(out / "last.pt", weights_only=True)
+    one_ckpt = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert torch.equal(ddp_ckpt["train_candidates"], one_ckpt["train_candidates"])
+    for name, tensor in ddp_ckpt["model"].items():
+        assert torch.allclose(tensor, one_ckpt["model"][name], rtol=0, atol=ATOL_WEIGHTS), name
 
 
 def test_process_group_is_joined_once_and_kept(tmp_path):

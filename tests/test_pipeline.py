@@ -214,3 +214,28 @@ def test_import_refuses_mismatch_and_writes_nothing(tmp_path, kitchen):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and ann.segments[0].narration_id in r.output
     assert not out.exists() and not (tmp_path / "imp.h5.partial").exists()
+
+
+def test_class_keyed_question_file_is_flagged_at_extraction_and_refused_at_evaluation(tmp_path, kitchen, encoder):
+    """A questions file that finds some segments by narration_id and the rest by their own action class: extraction
+    records which rows were found by class, evaluation-time question batching refuses them (naming the file), and
+    training-time batching accepts them."""
+    from mambavl.errors import InputError
+    from mambavl.extract.questions import QuestionSource
+    from mambavl.runtime import Questions
+
+    ann = load_annotations(kitchen.val_csv)
+    segs = ann.segments
+    qfile = tmp_path / "llm_questions.csv"
+    qfile.write_text("narration_id,verb_class,noun_class,verb_question,noun_question\n"
+                     f"{segs[0].narration_id},,,own v?,own n?\n"
+                     + "".join(f",{s.verb_class},{s.noun_class},class v?,class n?\n" for s in segs[1:]))
+    run_extraction(_cfg(kitchen, tmp_path / "q.h5", annotations=str(kitchen.val_csv),
+                        questions=("templates", "file"), questions_file=str(qfile), anticipation=False),
+                   encoder=encoder)
+    cache = open_cache(tmp_path / "q.h5")
+    assert cache.questions().label_keyed["file"].tolist() == [False] + [True] * (len(segs) - 1)
+    heads = ("verb", "noun")
+    Questions(cache, QuestionSource.FILE, heads)  # training rows: allowed
+    with pytest.raises(InputError, match=r"llm_questions\.csv.*training rows only"):
+        Questions(cache, QuestionSource.FILE, heads, evaluation=True)

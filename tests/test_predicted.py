@@ -193,27 +193,39 @@ def test_class_keyed_file_questions(run, tmp_path):
 
 
 def test_cli_train_predicted_and_refusals(run, tmp_path):
-    res = CliRunner().invoke(app, [
-        "train", "--train-cache", str(run["train"]), "--val-cache", str(run["val"]), "--out", str(tmp_path / "r"),
-        "--questions", "predicted", "--candidates-k", "2", "--candidate-folds", "2", "--candidate-epochs", "1",
-        "--candidates-from", run["ckpt"], "--epochs", "1", "--min-steps", "0", "--frames", "4", "--batch-size", "32", "--device", "cpu",
-        "--set", "d_model=16", "--set", "n_layers=1", "--quiet"])
+    # a templates checkpoint has no first pass: predicted evaluation is refused with a clear message
+    plain = train(_train_cfg(tmp_path, run, "plain", epochs=1, qa_weight=0))
+    # trained without QA: evaluation says so rather than scoring an untrained QA head
+    res = evaluate(EvalConfig(checkpoint=str(plain.last_checkpoint), cache=run["val"], out_dir=str(tmp_path / "p"),
+                              device="cpu", plots=False, submission=False))
+    assert res["qa"] == {} and "qa_weight 0" in res["qa_note"]
+    with pytest.raises(InputError, match="first pass"):
+        evaluate(EvalConfig(checkpoint=str(plain.last_checkpoint), cache=run["val"], out_dir=str(tmp_path / "x"),
+                            question_source="predicted", device="cpu", plots=False))
+    # ... but it can be the first pass of a predicted run (the fold models still supply the training rows')
+    args = ["train", "--train-cache", str(run["train"]), "--val-cache", str(run["val"]), "--questions", "predicted",
+            "--candidates-k", "2", "--candidate-folds", "2", "--candidate-epochs", "1", "--epochs", "1",
+            "--min-steps", "0", "--frames", "4", "--batch-size", "32", "--device", "cpu", "--set", "d_model=16",
+            "--set", "n_layers=1", "--quiet"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--candidates-from",
+                                   str(plain.last_checkpoint)])
     assert res.exit_code == 0, res.output
     ckpt = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["first_pass"]["origin"] == run["ckpt"] and len(ckpt["first_pass"]["states"]) == 1
+    assert ckpt["first_pass"]["origin"] == str(plain.last_checkpoint) and len(ckpt["first_pass"]["states"]) == 1
     res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "r" / "last.pt"), "--cache",
                                    str(run["val"]), "--out", str(tmp_path / "e"), "--device", "cpu", "--no-plots"])
     assert res.exit_code == 0, res.output
     assert "QA scene" in res.output and "candidates recall@2" in res.output
+    # a predicted checkpoint cannot be a first pass (it would be asked without candidates of its own)
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r2"), "--candidates-from", run["ckpt"]])
+    assert res.exit_code == 2 and "needs a first pass of its own" in res.output
+    # a model that reads no question cannot be asked about candidates
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r3"), "--preset", "video-only"])
+    assert res.exit_code == 2 and "reads no question" in res.output and not (tmp_path / "r3").exists()
     with pytest.raises(InputError, match="candidate_folds"):
         TrainConfig(train_cache="a", val_cache=None, out_dir="o", question_source="predicted", candidate_folds=1)
     with pytest.raises(InputError, match="candidates_from"):
         TrainConfig(train_cache="a", val_cache=None, out_dir="o", candidates_from="x.pt")
-    # a templates checkpoint has no first pass: predicted evaluation is refused with a clear message
-    plain = train(_train_cfg(tmp_path, run, "plain", epochs=1, qa_weight=0))
-    with pytest.raises(InputError, match="first pass"):
-        evaluate(EvalConfig(checkpoint=str(plain.last_checkpoint), cache=run["val"], out_dir=str(tmp_path / "x"),
-                            question_source="predicted", device="cpu", plots=False))
 
 
 def test_anticipation_candidates_come_from_the_observed_window(tmp_path):
@@ -235,3 +247,18 @@ def test_anticipation_candidates_come_from_the_observed_window(tmp_path):
     scores = predict_scores(model, caches["val"], window="anticipation", question_source="predicted", frames=4,
                             first_pass=FirstPass.from_state(ckpt["first_pass"]))
     np.testing.assert_array_equal(scores["candidates"][:, 1], topk_candidates(scores["first_pass"]["noun"], K))
+
+
+def test_audit_treats_file_questions_of_unknown_keying_as_label_derived(run, tmp_path):
+    """A cache that does not record how its file questions were keyed (written before the flag): evaluation refuses
+    them, and the audit moves them with the labels, so an unknown keying fails the check instead of hiding a leak."""
+    legacy = make_planted_cache(tmp_path / "legacy.h5", n=48, seed=1, noise=4.0)
+    _add_file_questions(legacy, class_keyed=False)
+    with h5py.File(legacy, "r+") as f:
+        del f["questions/label_keyed/file"]
+    with pytest.raises(InputError, match="re-extract"):
+        evaluate(EvalConfig(checkpoint=run["ckpt"], cache=str(legacy), out_dir=str(tmp_path / "e"), device="cpu",
+                            question_source="file", plots=False, submission=False))
+    report = A.audit_questions(A.AuditConfig(checkpoint=run["ckpt"], cache=str(legacy), out_dir=str(tmp_path / "a"),
+                                             device="cpu", protocols=("file",)))
+    assert not report["protocols"]["file"]["label_permutation"]["identical"]

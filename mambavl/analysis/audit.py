@@ -127,8 +127,9 @@ def shuffled_cache(cache: Any, source: str, perm: np.ndarray) -> Any:
 def label_permuted_cache(cache: Any, perm: np.ndarray) -> Any:
     """A copy of the cache handle as if the split's labels had been dealt to other segments: row i holds the labels
     of row perm[i] (verb_class, noun_class, all_noun_classes, narration), and every question derived from labels
-    (`QuestionBank.label_keyed`: annotation questions, class-keyed file entries) follows its labels to row i.
-    Features, narration ids and label-free questions stay. The HDF5 file is not touched.
+    (`QuestionBank.label_keyed`: annotation questions, class-keyed file entries; in a cache that does not record the
+    flag, every annotation and file question) follows its labels to row i. Features, narration ids and label-free
+    questions stay. The HDF5 file is not touched.
 
     Scoring this handle must give bit-identical scores to scoring the original: any difference proves that label
     information reaches the model (the label-permutation check of `audit_questions`)."""
@@ -143,8 +144,11 @@ def label_permuted_cache(cache: Any, perm: np.ndarray) -> Any:
     for source, table in bank.per_segment.items():
         table = np.asarray(table)
         keyed = bank.label_keyed.get(source)
-        if keyed is None:  # caches written before the flag: annotation questions are label-derived by definition
-            keyed = (table[:, 0] >= 0) if source == "annotation" else np.zeros(len(table), dtype=bool)
+        if keyed is None:
+            # Caches written before the flag. Annotation questions are label-derived by definition; file questions
+            # may be class-keyed, and nothing says which: every one is treated as label-derived, so that an unknown
+            # keying can only make the check fail (re-extract to know), never hide a leak.
+            keyed = (table[:, 0] >= 0) if source in ("annotation", "file") else np.zeros(len(table), dtype=bool)
         moved = np.asarray(keyed, dtype=bool)[perm]  # row i now holds labels whose question was label-derived
         per_segment[source] = np.where(moved[:, None], table[perm], table)
     new_bank = dataclasses.replace(bank, per_segment=per_segment)

@@ -76,6 +76,8 @@ def _qa_lines(result: dict) -> list[str]:
     for kind, entry in (result.get("qa") or {}).items():
         scores = ", ".join(f"{k} {_fmt(v)}" for k, v in entry.items() if k.startswith("top") or k == "mAP")
         lines.append(f"QA {kind} ({entry['answers']}, {entry['n']} segments): {scores}")
+    if result.get("qa_note"):
+        lines.append(f"QA {result['qa_note']}")
     cand = result.get("candidates")
     if cand:
         def fmt(d: dict) -> str:

@@ -43,8 +43,8 @@ class Questions:
         self.candidates: torch.Tensor | None = None
         if source == QuestionSource.PREDICTED:
             if candidates is None:
-                raise InputError("predicted questions need first-pass candidates (a checkpoint trained with "
-                                 "--questions predicted, or --candidates-from CKPT)")
+                raise InputError("predicted questions need first-pass candidates: a checkpoint trained with "
+                                 "--questions predicted carries its first pass")
             answers = cache.answers()
             verb = torch.as_tensor(answers.verb, dtype=torch.float32)  # (V, Dt)
             noun = torch.as_tensor(answers.noun, dtype=torch.float32) if len(cache.noun_keys) else verb  # (Nn, Dt)

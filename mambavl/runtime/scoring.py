@@ -146,7 +146,7 @@ def predict_scores(
     if source == QuestionSource.PREDICTED:
         if first_pass is None:
             raise InputError("predicted questions need a first pass: a checkpoint trained with --questions predicted "
-                             "(it carries one) or --candidates-from CKPT")
+                             "carries one (Python API: first_pass=)")
         table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
     questions = Questions(cache, source, HEAD_KINDS[task], candidates=table, evaluation=True,
                           allow_label_keyed=allow_label_keyed)
