@@ -94,11 +94,13 @@ class Epoch:
         pairs = rt.action_vocab(cache, rows)
         self.labels = rt.load_labels(cache, {p: i for i, p in enumerate(pairs)})
         self.questions = rt.Questions(cache, cfg.question_source, rt.HEAD_KINDS[cfg.task])
-        self.qa_kinds = rt.QA_KINDS[cfg.task]
         answers = cache.answers()
         self.cand = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32),
-                     "noun": torch.as_tensor(answers.noun, dtype=torch.float32)}
+                     "noun": torch.as_tensor(answers.noun, dtype=torch.float32),
+                     "action": rt.action_answers(cache, pairs)}
         self.cand["scene"] = self.cand["noun"]
+        # the kinds training draws from (action only where the cache can ask it), in the same order
+        self.qa_kinds = tuple(k for k in rt.QA_KINDS[cfg.task] if k != "action" or self.cand["action"] is not None)
         torch.manual_seed(cfg.seed)
         dims = {"video_dim": int(cache.attrs["feature_dim"]), "text_dim": int(cache.attrs["text_dim"]),
                 "num_verbs": len(verbs), "num_nouns": len(nouns), "num_actions": len(pairs)}
@@ -151,7 +153,7 @@ class Epoch:
                 if scene:
                     target = scene_targets([lab.all_nouns[r] for r in rows.tolist()], logits.shape[1])
                 else:
-                    target = answer_targets(kind, lab.verb[rows], lab.noun[rows])
+                    target = answer_targets(kind, lab.verb[rows], lab.noun[rows], lab.action[rows])
                 lq = qa_loss(kind, logits, target)
                 self._optimise(cfg.qa_weight * lq)
             self.steps += 1

@@ -249,10 +249,12 @@ def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, ckpt: 
     return out
 
 
-def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...]) -> dict[str, Any]:
+def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...],
+               action_pairs: list | None = None) -> dict[str, Any]:
     """QA accuracy per question kind (percent): answer top-k for verb / noun kinds (targets verb_class /
-    noun_class), mAP over nouns for the multi-label scene question (targets all_noun_classes). qa from
-    `mambavl.runtime.qa_scores`."""
+    noun_class) and for the action kind (target: the segment's (verb_class, noun_class) among `action_pairs`, the
+    checkpoint's action vocabulary; pairs unseen in training are left out and counted as `unseen_pairs`), mAP over
+    nouns for the multi-label scene question (targets all_noun_classes). qa from `mambavl.runtime.qa_scores`."""
     rows = qa["indices"]
     out: dict[str, Any] = {}
     for kind, scores in qa.items():
@@ -266,10 +268,21 @@ def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...]) -> 
                          "classes": res["classes"]}
             continue
         target = QA_TARGET[kind]
-        lab = np.asarray(labels[f"{target}_class"], np.int64)[rows]
+        extra: dict[str, Any] = {}
+        if target == "action":
+            index = {(int(v), int(n)): i for i, (v, n) in enumerate(action_pairs or [])}
+            verb = np.asarray(labels["verb_class"], np.int64)[rows]
+            noun = np.asarray(labels["noun_class"], np.int64)[rows]
+            lab = np.asarray([index.get((int(v), int(n)), -1) if v >= 0 and n >= 0 else -2
+                              for v, n in zip(verb, noun)], dtype=np.int64)
+            extra = {"unseen_pairs": int((lab == -1).sum())}
+            answers = "(verb_class, noun_class) among the training pairs"
+        else:
+            lab = np.asarray(labels[f"{target}_class"], np.int64)[rows]
+            answers = f"{target}_class"
         keep = lab >= 0
         acc = M.topk_accuracy(scores[keep], lab[keep], ks)
-        out[kind] = {"n": int(keep.sum()), "answers": f"{target}_class", **{f"top{k}": _pct(v) for k, v in acc.items()}}
+        out[kind] = {"n": int(keep.sum()), "answers": answers, **extra, **{f"top{k}": _pct(v) for k, v in acc.items()}}
     return out
 
 
@@ -764,8 +777,8 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
         if float(loaded.ckpt.get("train_config", {}).get("qa_weight", 1.0)) > 0:
             qa = qa_scores(loaded.model, loaded.cache, loaded.window, str(resolve_device(cfg.device)), cfg.batch_size,
-                           frames)
-            result["qa"] = qa_metrics(qa, labels, cfg.ks)
+                           frames, loaded.ckpt.get("action_answers"))
+            result["qa"] = qa_metrics(qa, labels, cfg.ks, action_pairs)
         else:  # an untrained QA head would score at chance: say so instead of reporting it
             result["qa"] = {}
             result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"

@@ -17,7 +17,8 @@ sees what it saw in training:
   used; a cache also supplies sampling attributes a checkpoint may lack).
 
 Outputs: the top actions (verb, noun) ranked by p(verb)·p(noun) from the two heads (the EK-100 convention), top verbs
-and nouns, and the QA head's answers to every template question kind (verb, noun, scene, next_verb, next_noun):
+and nouns, and the QA head's answers to every template question kind (verb, noun, scene, action, next_verb,
+next_noun; action: among the training pairs, when the checkpoint carries their answer embeddings):
 scores are softmax probabilities over the candidates, or per-candidate sigmoids (with the learned scene bias) for
 the multi-label scene question.
 """
@@ -50,7 +51,8 @@ from mambavl.runtime.candidates import candidate_table
 
 
 # Question kinds the QA head is asked, and which answer table each is scored against.
-QA_KINDS = {"verb": "verb", "noun": "noun", "scene": "noun", "next_verb": "verb", "next_noun": "noun"}
+QA_KINDS = {"verb": "verb", "noun": "noun", "scene": "noun", "action": "action", "next_verb": "verb",
+            "next_noun": "noun"}
 MULTI_LABEL_KINDS = ("scene",)
 STEPS = 5
 
@@ -282,6 +284,9 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         notes.append(f"the checkpoint was trained with {source!r} questions, which need a narration (or a questions "
                      "file) of the segment; a new video is asked the template questions instead")
     texts = _Texts(encoder, cache, verbs, nouns)
+    pairs = [tuple(p) for p in ckpt.get("vocab", {}).get("action_pairs", [])]
+    if ckpt.get("action_answers") is not None and pairs and task != "anticipation":
+        texts.answers["action"] = torch.as_tensor(ckpt["action_answers"]).float()  # (A, Dt), training pairs
     head_kinds = ("next_verb", "next_noun") if task == "anticipation" else ("verb", "noun")
     if task == "anticipation":
         notes.append("anticipation checkpoint: [start, stop] is the observed window; the heads predict the action "
@@ -310,7 +315,7 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         noun_p = out["noun"].float().softmax(-1)[0].cpu().numpy() if "noun" in out else None  # (Nn,)
         qa = {}
         for kind, target in QA_KINDS.items():
-            if kind not in texts.questions or (target == "noun" and not nouns):
+            if kind not in texts.questions or target not in texts.answers or (target == "noun" and not nouns):
                 continue
             text, tok, mask = texts.questions[kind]
             h = model.fuse(video, vmask, tok[None].float().to(dev), mask[None].bool().to(dev))  # (1, d)
@@ -318,7 +323,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
             score = model.scene_logits if multi else model.qa_logits
             logits = score(model.qa_embed(h), texts.answers[target].to(dev))[0].float()  # (K,)
             p = (logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy()
-            labels = verbs if target == "verb" else nouns
+            labels = {"verb": verbs, "noun": nouns,
+                      "action": [f"{verbs[v]} {nouns[n]}" for v, n in pairs]}[target]
             qa[kind] = {
                 "question": text,
                 "target": target,

@@ -87,6 +87,7 @@ from mambavl.runtime import (
     TrainConfig,  # also re-exported: `from mambavl.train import TrainConfig, train`
     action_vocab,
     atomic_copy,
+    action_answers,
     atomic_torch_save,
     batches,
     build_model,
@@ -460,12 +461,15 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
     candidates = None
     if cfg.qa_weight > 0:
         answers = train_cache.answers()
+        action = action_answers(train_cache, action_pairs) if "action" in qa_kinds else None  # (A, Dt)
+        if action is None:  # a cache without the action question (or its answers): the other kinds only
+            qa_kinds = tuple(k for k in qa_kinds if k != "action")
         for kind in qa_kinds:
             if kind not in train_q.templates or len(train_q.templates[kind]) == 0:
                 raise InputError(f"cache {train_cache.path} has no {kind!r} template questions for QA steps")
         noun = torch.as_tensor(answers.noun, dtype=torch.float32).to(device) if nouns else None  # (Nn, Dt)
         candidates = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32).to(device), "noun": noun,
-                      "scene": noun}  # fmt: skip
+                      "scene": noun, "action": action.to(device) if action is not None else None}  # fmt: skip
     return _Data(
         train_cache=train_cache,
         val_cache=val_cache,
@@ -635,6 +639,10 @@ def _checkpoint_header(cfg: TrainConfig, mcfg: Any, data: _Data, metric_name: st
         },
         "best_metric_name": metric_name,
     }
+    if data.candidates is not None and data.candidates.get("action") is not None:
+        # the action QA answers, in the order of vocab["action_pairs"]: evaluation scores them without the training
+        # cache (an evaluated cache's own action answers are the pairs of *its* labels)
+        header["action_answers"] = data.candidates["action"].detach().cpu()  # (A, Dt)
     if data.first_pass is not None:
         header["first_pass"] = data.first_pass.state()
         header["train_candidates"] = torch.as_tensor(data.train_candidates)  # (N, 2, k), -1 outside training rows
@@ -765,8 +773,9 @@ def _qa_loss(kind: str, logits: torch.Tensor, rows: torch.Tensor, p: _Part, labe
         target = scene_targets([labels.all_nouns[r] for r in rows.tolist()], logits.shape[1])  # (B, Nn)
         count = float(scene_targets([labels.all_nouns[r] for r in p.grows.tolist()], logits.shape[1]).sum())
     else:
-        target = answer_targets(kind, labels.verb[rows], labels.noun[rows])  # (B,)
-        count = int((answer_targets(kind, labels.verb[p.grows], labels.noun[p.grows]) >= 0).sum())
+        target = answer_targets(kind, labels.verb[rows], labels.noun[rows], labels.action[rows])  # (B,)
+        count = int((answer_targets(kind, labels.verb[p.grows], labels.noun[p.grows], labels.action[p.grows])
+                     >= 0).sum())
     return qa_loss(kind, logits, target.to(device), count) * p.scale
 
 

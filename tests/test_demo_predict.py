@@ -122,7 +122,7 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["question_source"] == "predicted" and metrics["candidates"]["k"] == 3
-    assert {"verb", "noun", "scene"} <= set(metrics["qa"])
+    assert {"verb", "noun", "scene", "action"} <= set(metrics["qa"])  # action: among the training pairs
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pt"), "--cache", str(caches / "test.h5"),
                               "--out", str(tmp_path / "test"), "--device", "cpu", "--no-plots", "--quiet",
                               "--sls-pt", "1", "--sls-tl", "3", "--sls-td", "3"])
@@ -146,6 +146,8 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["question_source"] == "predicted" and len(result["candidates"]["verb"]) == 3
     assert all(a["score"] >= 0 for qa in result["qa"].values() for a in qa["answers"])
+    pairs = load_checkpoint(run / "last.pt")[1]["vocab"]["action_pairs"]
+    assert len(result["qa"]["action"]["answers"]) == min(36, len(pairs))  # "verb noun" answers, scored
     model, ckpt = load_checkpoint(run / "last.pt")
     from mambavl.runtime import FirstPass
 

@@ -30,9 +30,31 @@ def test_answer_targets_are_the_segment_labels(planted):
         assert torch.equal(qa.answer_targets(kind, verb, noun), noun)
     with pytest.raises(ValueError, match="scene"):
         qa.answer_targets("scene", verb, noun)
+    with pytest.raises(ValueError, match="action"):
+        qa.answer_targets("action", verb, noun)
     # The answer table row of a target is that class's text: verb i answers with the i-th verb answer.
     answers = planted.answers()
     assert answers.verb.shape[0] == len(planted.verb_keys) and answers.noun.shape[0] == len(planted.noun_keys)
+
+
+def test_action_targets_and_answers_follow_the_action_vocabulary(planted):
+    """The action question is answered by the segment's (verb, noun) pair: its index in the run's action vocabulary,
+    whose answer embeddings are the cache's action answers of those pairs, in that order."""
+    from mambavl.runtime import action_answers, action_vocab, load_labels
+
+    rows = np.arange(planted.n)
+    pairs = action_vocab(planted, rows)
+    labels = load_labels(planted, {p: i for i, p in enumerate(pairs)})
+    target = qa.answer_targets("action", labels.verb, labels.noun, labels.action)
+    for r in (0, 7, 19):
+        assert pairs[int(target[r])] == (int(labels.verb[r]), int(labels.noun[r]))
+    emb = action_answers(planted, pairs)  # (A, Dt)
+    answers = planted.answers()
+    cache_row = {tuple(p): i for i, p in enumerate(answers.action_pairs.tolist())}
+    for i in (0, len(pairs) - 1):
+        assert np.array_equal(emb[i].numpy(), answers.action[cache_row[pairs[i]]])
+    # a vocabulary pair the cache has no answer for: the action question cannot be asked
+    assert action_answers(planted, [*pairs, (99, 99)]) is None
 
 
 def test_scene_targets_are_all_noun_classes(planted):
@@ -101,7 +123,8 @@ def test_recall_at_k_matches_topk_accuracy():
 
 def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
     """On a planted cache the QA head learns to answer: its loss falls over training and, on held-out segments,
-    verb / noun answer top-1 is far above chance (1/6, 1/5) and scene mAP far above an untrained model's."""
+    verb / noun / action answer top-1 is far above chance (1/6, 1/5, 1/A) and scene mAP far above an untrained
+    model's."""
     from mambavl.evaluate import qa_metrics
     from mambavl.runtime import qa_scores
     from mambavl.train import TrainConfig, train
@@ -117,7 +140,13 @@ def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
     result = train(cfg)
     losses = [row["train_loss_qa"] for row in result.history]
     assert losses[-1] < 0.5 * losses[0]
-    after = qa_metrics(qa_scores(result.model, val, "recognition", "cpu", 64, 4), val.labels(), (1, 5))
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    pairs = ckpt["vocab"]["action_pairs"]
+    assert ckpt["action_answers"].shape == (len(pairs), 24)
+    after = qa_metrics(qa_scores(result.model, val, "recognition", "cpu", 64, 4, ckpt["action_answers"]),
+                       val.labels(), (1, 5), pairs)
     assert after["verb"]["top1"] > 45 and after["noun"]["top1"] > 45  # chance: 16.7 and 20
+    assert after["action"]["top1"] > 3 * 100 / len(pairs)  # chance: 1 / A
+    assert after["action"]["n"] + after["action"]["unseen_pairs"] == 48
     assert after["scene"]["mAP"] > before["scene"]["mAP"] + 15
     assert after["verb"]["n"] == after["scene"]["n"] == 48

@@ -58,7 +58,7 @@ CLASSES = "classes"
 QUESTIONS = "questions"
 ANSWERS = "answers"
 
-TEMPLATE_KINDS = ("verb", "noun", "scene", "next_verb", "next_noun")
+TEMPLATE_KINDS = ("verb", "noun", "scene", "next_verb", "next_noun", "action")  # "action": caches from 0.x lack it
 
 REQUIRED_ATTRS = (
     "schema_version",

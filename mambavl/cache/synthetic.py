@@ -67,7 +67,11 @@ def make_planted_cache(
     drift = srng.normal(size=(num_verbs, dim))
     verb_text = _unit(srng.normal(size=(num_verbs, text_dim)))
     noun_text = _unit(srng.normal(size=(max(num_nouns, 1), text_dim)))[:num_nouns]
-    template_tokens = srng.normal(size=(len(schema.TEMPLATE_KINDS) * TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim))
+    # "action" (the last kind) came later: its tokens come from their own stream, so every other draw is unchanged
+    template_tokens = np.concatenate([
+        srng.normal(size=((len(schema.TEMPLATE_KINDS) - 1) * TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
+        np.random.default_rng([structure_seed, 1]).normal(size=(TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
+    ])
 
     # skewed class frequencies, as in EK-100 (a few head classes, a tail)
     pv = 1.0 / np.arange(1, num_verbs + 1)

@@ -90,6 +90,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Which object comes next?",
         "Which object is involved next?",
     ),
+    "action": (
+        "Which action is performed on which object?",
+        "What is done, and to which object?",
+        "Which action and object are shown?",
+    ),
 }
 
 

@@ -6,7 +6,9 @@ anticipation), maps the fused vector into the answer-text space and scores candi
 
 * verb / next_verb — the segment's ``verb_class`` among the verb answers (single label, cross-entropy);
 * noun / next_noun — its ``noun_class`` among the noun answers (single label, cross-entropy);
-* scene — a multi-hot over the noun answers from ``all_noun_classes`` (every object the narration mentions).
+* scene — a multi-hot over the noun answers from ``all_noun_classes`` (every object the narration mentions);
+* action — the segment's (verb_class, noun_class) pair among the action answers: the training split's pairs, in the
+  order of the run's action vocabulary (single label; a pair not in it is no target).
 
 The scene question has hundreds of candidates and one to three positives. A plain mean BCE over all of them is
 swamped by the negatives (each starts at p = 0.5 and their gradient dwarfs the positives'). Two remedies, as in
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 # What each QA kind is scored against: the verb or noun answer embeddings (scene: nouns, multi-label).
-QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene"}
+QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene",
+             "action": "action"}
 
 
 def scene_prior_logit(num_nouns: int) -> float:
@@ -36,14 +39,20 @@ def scene_prior_logit(num_nouns: int) -> float:
     return math.log(p / (1.0 - p))
 
 
-def answer_targets(kind: str, verb: torch.Tensor, noun: torch.Tensor) -> torch.Tensor:
-    """Single-label QA targets (B,) long for a verb / noun kind: the segment's verb_class or noun_class (-1 kept as
-    'no target'). verb, noun (B,) long. ValueError for the scene kind (see `scene_targets`) or an unknown kind."""
+def answer_targets(kind: str, verb: torch.Tensor, noun: torch.Tensor, action: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Single-label QA targets (B,) long for a verb / noun / action kind: the segment's verb_class, noun_class or
+    action index (its pair's index in the action answers) (-1 kept as 'no target'). verb, noun, action (B,) long.
+    ValueError for the scene kind (see `scene_targets`), an unknown kind, or an action kind without `action`."""
     target = QA_TARGET.get(kind)
     if target == "verb":
         return verb.long()
     if target == "noun":
         return noun.long()
+    if target == "action":
+        if action is None:
+            raise ValueError("action QA targets need the segments' action indices")
+        return action.long()
     raise ValueError(f"QA kind {kind!r} has no single-label target (kinds: {sorted(QA_TARGET)})")
 
 

@@ -29,7 +29,15 @@ from mambavl.runtime.config import (
     plain,
     window_of,
 )
-from mambavl.runtime.questions import Labels, Questions, action_vocab, labelled_rows, load_labels, require_window
+from mambavl.runtime.questions import (
+    Labels,
+    Questions,
+    action_answers,
+    action_vocab,
+    labelled_rows,
+    load_labels,
+    require_window,
+)
 from mambavl.runtime.scoring import (
     batches,
     cache_candidates,
@@ -43,7 +51,7 @@ from mambavl.runtime.scoring import (
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_KIND", "DATA_FIELDS", "HEAD_KINDS", "QA_KINDS", "QA_TARGET", "SAMPLING_ATTRS",
-    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_vocab", "atomic_copy", "atomic_torch_save",
+    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_answers", "action_vocab", "atomic_copy", "atomic_torch_save",
     "batches", "build_model", "cache_candidates", "candidate_questions", "config_from_checkpoint", "first_pass_probs",
     "fold_ids", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain", "predict_logits",
     "predict_scores", "qa_scores", "question_tokens", "require_window", "topk_candidates", "validation_metrics",

@@ -33,7 +33,7 @@ class Task(str, Enum):
 # about the segment's own objects, which the anticipation window does not show, so anticipation QA asks only what
 # comes next.
 HEAD_KINDS = {Task.RECOGNITION: ("verb", "noun"), Task.ANTICIPATION: ("next_verb", "next_noun")}
-QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene"), Task.ANTICIPATION: ("next_verb", "next_noun")}
+QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene", "action"), Task.ANTICIPATION: ("next_verb", "next_noun")}
 
 
 @dataclass

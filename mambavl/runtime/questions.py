@@ -134,6 +134,21 @@ def load_labels(cache: CacheFile, pairs: dict[tuple[int, int], int]) -> Labels:
     return Labels(verb, noun, action, all_nouns)
 
 
+def action_answers(cache: CacheFile, pairs: list[tuple[int, int]]) -> torch.Tensor | None:
+    """The cache's action answer embeddings (A, Dt) float32, in the order of `pairs` (a run's action vocabulary), for
+    the action QA question; None when the cache cannot ask it: no `action` template question (caches from before that
+    kind), no pairs, or a pair of the vocabulary without an answer embedding in the cache."""
+    bank = cache.questions()
+    if not pairs or "action" not in bank.templates or len(bank.templates["action"]) == 0:
+        return None
+    answers = cache.answers()
+    where = {(int(v), int(n)): i for i, (v, n) in enumerate(answers.action_pairs.tolist())}
+    idx = [where.get((int(v), int(n)), -1) for v, n in pairs]
+    if min(idx) < 0:
+        return None
+    return torch.as_tensor(np.asarray(answers.action, dtype=np.float32)[idx])
+
+
 def action_vocab(cache: CacheFile, rows: np.ndarray) -> list[tuple[int, int]]:
     """Sorted (verb, noun) pairs seen among the labelled training rows."""
     lab = cache.labels()

@@ -202,12 +202,16 @@ def qa_scores(
     device: str = "cpu",
     batch_size: int = 256,
     frames: int = 8,
+    action_answers: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The QA head's answers to every question kind of the task, for every valid row of `window`.
 
     Each kind's evaluation phrasing (template paraphrase 0) is fused with the clip; `MambaVL.qa_logits` scores the
-    verb or noun answers, `MambaVL.scene_logits` the nouns for the multi-label scene question. A kind whose answers
-    the cache lacks (no nouns) is left out. Returns {kind: (N, K) float32 logits, ..., "indices": (N,) int64}.
+    verb or noun answers (the cache's), or the action answers `action_answers` (A, Dt) (a checkpoint's
+    "action_answers": the training pairs, in the order of its action vocabulary); `MambaVL.scene_logits` the nouns
+    for the multi-label scene question. A kind whose answers or template question are missing (no nouns, no
+    `action_answers`, a cache without the action question) is left out.
+    Returns {kind: (N, K) float32 logits, ..., "indices": (N,) int64}.
     """
     task = Task.ANTICIPATION if window == schema.ANTICIPATION else Task.RECOGNITION
     require_window(cache, window)
@@ -219,8 +223,10 @@ def qa_scores(
     targets = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32, device=dev)}
     if len(cache.noun_keys):
         targets["noun"] = targets["scene"] = torch.as_tensor(answers.noun, dtype=torch.float32, device=dev)
-    kinds = [k for k in QA_KINDS[task] if QA_TARGET[k] in targets]
+    if action_answers is not None and len(action_answers):
+        targets["action"] = torch.as_tensor(np.asarray(action_answers), dtype=torch.float32, device=dev)
     questions = Questions(cache, QuestionSource.TEMPLATES, HEAD_KINDS[task])
+    kinds = [k for k in QA_KINDS[task] if QA_TARGET[k] in targets and len(questions.templates.get(k, ()))]
     rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
     out: dict[str, list[torch.Tensor]] = {}
     dataset = SegmentDataset(cache, window=window, indices=rows)
