@@ -101,7 +101,8 @@ METRICS = ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "a
 class AblationConfig:
     """One ablation study. `presets` are names of `ABLATIONS` or any model preset; `seeds` runs per preset with
     seeds `seed, seed+1, ...`; `model_overrides` (ModelConfig fields) and `train_overrides` (TrainConfig fields)
-    apply to every run, e.g. a smaller d_model for a quick study."""
+    apply to every run, e.g. a smaller d_model for a quick study. `candidates_k` and `candidate_folds` apply to the
+    runs asked predicted questions only (the others do not read them, so runs made without them stay reusable)."""
 
     train_cache: str
     val_cache: str
@@ -120,6 +121,8 @@ class AblationConfig:
     device: str = "auto"
     model_overrides: dict = field(default_factory=dict)
     train_overrides: dict = field(default_factory=dict)
+    candidates_k: int = 5
+    candidate_folds: int = 5
 
     def __post_init__(self) -> None:
         self.train_cache, self.val_cache, self.out_dir = str(self.train_cache), str(self.val_cache), str(self.out_dir)
@@ -192,6 +195,8 @@ def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, r
     values.update(cfg.train_overrides)
     values.update(extra)
     values.update(variant.train)
+    if QuestionSource(values["question_source"]) == QuestionSource.PREDICTED:
+        values.update(candidates_k=cfg.candidates_k, candidate_folds=cfg.candidate_folds)
     tcfg = TrainConfig(**values)
     for key in SCHEDULE_FIELDS:
         setattr(tcfg, key, cfg.train_overrides.get(key, getattr(cfg, key)))

@@ -137,8 +137,7 @@ def ablate_command(
             epochs=epochs, min_steps=min_steps, seeds=seeds, seed=seed, question_source=questions,
             batch_size=batch_size, lr=lr,
             frames=frames, device=device, model_overrides=_overrides(set_, "--set"),
-            train_overrides=({"candidates_k": candidates_k, "candidate_folds": candidate_folds}
-                             if "predicted" in _csv(presets, "--presets") else {}),
+            candidates_k=candidates_k, candidate_folds=candidate_folds,
         )
         with rich_progress("ablate", quiet, log=log_messages("ablate")) as progress:
             result = run_ablation(cfg, progress=progress)
