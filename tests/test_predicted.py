@@ -84,7 +84,7 @@ def test_evaluate_reports_candidates_and_qa(run, tmp_path):
     assert cand["k"] == K and cand["first_pass"] == "cross-fitted"
     assert cand["recall_at_k"]["verb"] == pytest.approx(cand["val_recall_at_k"]["verb"], abs=1e-3)
     assert set(cand["train_recall_at_k"]) == {"verb", "noun"}
-    assert set(saved["qa"]) == {"verb", "noun", "scene"}
+    assert set(saved["qa"]) == {"verb", "noun", "scene", "action"}
     assert {"top1", "top5"} <= set(saved["qa"]["verb"]) and saved["qa"]["scene"]["mAP"] is not None
     assert res["metrics"]["all"]["verb"]["n"] == 48
     # the test split: no labels, no narration; predicted questions still run
