@@ -17,8 +17,9 @@ sees what it saw in training:
   used; a cache also supplies sampling attributes a checkpoint may lack).
 
 Outputs: the top actions (verb, noun) ranked by p(verb)·p(noun) from the two heads (the EK-100 convention), top verbs
-and nouns, and the QA head's answers to every template question kind (verb, noun, scene, action, next_verb,
-next_noun; action: among the training pairs, when the checkpoint carries their answer embeddings):
+and nouns, and the QA head's answers to the template question kinds of the checkpoint's task (recognition: verb,
+noun, scene, action, the last among the training pairs when the checkpoint carries their answer embeddings;
+anticipation: next_verb, next_noun):
 scores are softmax probabilities over the candidates, or per-candidate sigmoids (with the learned scene bias) for
 the multi-label scene question.
 """
@@ -46,7 +47,8 @@ from mambavl.extract.questions import TEMPLATES, answer_texts
 from mambavl.metrics import rank_classes
 from mambavl.progress import Progress, Stages
 # SAMPLING_ATTRS: copied into checkpoints by training
-from mambavl.runtime import SAMPLING_ATTRS, FirstPass, candidate_questions, load_checkpoint
+from mambavl.runtime import QA_KINDS as TASK_QA_KINDS
+from mambavl.runtime import SAMPLING_ATTRS, FirstPass, Task, candidate_questions, load_checkpoint
 from mambavl.runtime.candidates import candidate_table
 
 
@@ -315,7 +317,7 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         noun_p = out["noun"].float().softmax(-1)[0].cpu().numpy() if "noun" in out else None  # (Nn,)
         qa = {}
         for kind, target in QA_KINDS.items():
-            if kind not in texts.questions or target not in texts.answers or (target == "noun" and not nouns):
+            if kind not in TASK_QA_KINDS[Task(task)] or kind not in texts.questions or target not in texts.answers or (target == "noun" and not nouns):
                 continue
             text, tok, mask = texts.questions[kind]
             h = model.fuse(video, vmask, tok[None].float().to(dev), mask[None].bool().to(dev))  # (1, d)

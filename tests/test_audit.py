@@ -60,6 +60,7 @@ def test_audit_detects_the_leak(leaky, tmp_path):
     assert protos["annotation-shuffled"]["leak"]["verb"] < 0.5
     assert report["shuffle"]["annotation"]["rows_shuffled"] == 60
     assert any("shuffled" in f for f in report["findings"])
+    assert any("class keys only" in f for f in report["findings"])  # no class CSV given: the rates undercount
 
     saved = json.loads((out / "audit.json").read_text())
     assert saved["protocols"]["annotation"]["metrics"] == ann
@@ -80,6 +81,7 @@ def test_audit_class_instances_and_refusals(leaky, tmp_path):
         verb_classes=str(d / "verbs.csv"), noun_classes=str(d / "nouns.csv"), protocols=("annotation",)))
     assert list(report["protocols"]) == ["templates", "annotation"]
     assert "verbs.csv" in report["answer_words"]
+    assert not any("class keys only" in f for f in report["findings"])
     assert report["protocols"]["annotation"]["leak"]["verb"] == 1.0
     (d / "bad.csv").write_text("id,key,instances,category\n0,take,\"['take']\",x\n")
     with pytest.raises(InputError, match="bad.csv"):

@@ -148,6 +148,7 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     assert all(a["score"] >= 0 for qa in result["qa"].values() for a in qa["answers"])
     pairs = load_checkpoint(run / "last.pt")[1]["vocab"]["action_pairs"]
     assert len(result["qa"]["action"]["answers"]) == min(36, len(pairs))  # "verb noun" answers, scored
+    assert set(result["qa"]) == {"verb", "noun", "scene", "action"}  # a recognition checkpoint's question kinds
     model, ckpt = load_checkpoint(run / "last.pt")
     from mambavl.runtime import FirstPass
 

@@ -220,8 +220,10 @@ def test_cli_train_predicted_and_refusals(run, tmp_path):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r2"), "--candidates-from", run["ckpt"]])
     assert res.exit_code == 2 and "needs a first pass of its own" in res.output
     # a model that reads no question cannot be asked about candidates
-    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r3"), "--preset", "video-only"])
+    res = CliRunner().invoke(app, [*[a for a in args if a != "--quiet"], "--out", str(tmp_path / "r3"), "--preset",
+                                   "video-only"])
     assert res.exit_code == 2 and "reads no question" in res.output and not (tmp_path / "r3").exists()
+    assert "training 2 video-only first-pass models" in res.output  # the cost is announced
     with pytest.raises(InputError, match="candidate_folds"):
         TrainConfig(train_cache="a", val_cache=None, out_dir="o", question_source="predicted", candidate_folds=1)
     with pytest.raises(InputError, match="candidates_from"):

@@ -437,6 +437,10 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         "protocols": results,
     }
     report["findings"] = _findings(results, loaded.task)
+    if "class keys" in (verb_src, noun_src):
+        report["findings"].append(
+            "answer words are the class keys only (no class CSV: pass --ek100-dir, or --verb-classes / "
+            "--noun-classes): the static leak rates undercount, since narrations name classes by their instances")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "audit.json", report)
