@@ -317,7 +317,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         noun_p = out["noun"].float().softmax(-1)[0].cpu().numpy() if "noun" in out else None  # (Nn,)
         qa = {}
         for kind, target in QA_KINDS.items():
-            if kind not in TASK_QA_KINDS[Task(task)] or kind not in texts.questions or target not in texts.answers or (target == "noun" and not nouns):
+            if (kind not in TASK_QA_KINDS[Task(task)] or kind not in texts.questions or target not in texts.answers
+                    or (target == "noun" and not nouns)):
                 continue
             text, tok, mask = texts.questions[kind]
             h = model.fuse(video, vmask, tok[None].float().to(dev), mask[None].bool().to(dev))  # (1, d)

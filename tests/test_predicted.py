@@ -24,7 +24,8 @@ K = 2
 
 def _train_cfg(d, caches, name, **kw):
     values = dict(train_cache=str(caches["train"]), val_cache=str(caches["val"]), out_dir=str(d / name),
-                  model_overrides=TINY, epochs=3, batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, device="cpu", min_steps=0)
+                  model_overrides=TINY, epochs=3, batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, device="cpu",
+                  min_steps=0)
     values.update(kw)
     return TrainConfig(**values)
 

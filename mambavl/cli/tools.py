@@ -219,8 +219,8 @@ def predict_command(
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Report folder (data, caches, runs, eval, audit, ablation).")]
     = Path("mambavl-demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller data and budgets, no anticipation run (about two minutes on 2 "
-                                               "cores).")]
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller data and budgets, no anticipation run (about two "
+                                                         "minutes on 2 cores).")]
     = False,
     ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Run the short ablation.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the data, the encoder init and the training runs.")] = 0,

@@ -51,9 +51,9 @@ from mambavl.runtime.scoring import (
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_KIND", "DATA_FIELDS", "HEAD_KINDS", "QA_KINDS", "QA_TARGET", "SAMPLING_ATTRS",
-    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_answers", "action_vocab", "atomic_copy", "atomic_torch_save",
-    "batches", "build_model", "cache_candidates", "candidate_questions", "config_from_checkpoint", "first_pass_probs",
-    "fold_ids", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain", "predict_logits",
-    "predict_scores", "qa_scores", "question_tokens", "require_window", "topk_candidates", "validation_metrics",
-    "window_of",
+    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_answers", "action_vocab", "atomic_copy",
+    "atomic_torch_save", "batches", "build_model", "cache_candidates", "candidate_questions", "config_from_checkpoint",
+    "first_pass_probs", "fold_ids", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain",
+    "predict_logits", "predict_scores", "qa_scores", "question_tokens", "require_window", "topk_candidates",
+    "validation_metrics", "window_of",
 ]  # fmt: skip
