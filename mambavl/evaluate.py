@@ -249,6 +249,13 @@ def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, ckpt: 
     return out
 
 
+def _action_index(verb: np.ndarray, noun: np.ndarray, action_pairs: list | None) -> np.ndarray:
+    """(N,) int64 index of each (verb, noun) pair in the action vocabulary `action_pairs` (the checkpoint's training
+    pairs), -1 for a pair not in it."""
+    index = {(int(v), int(n)): i for i, (v, n) in enumerate(action_pairs or [])}
+    return np.array([index.get((int(v), int(n)), -1) for v, n in zip(verb, noun)], dtype=np.int64)
+
+
 def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...],
                action_pairs: list | None = None) -> dict[str, Any]:
     """QA accuracy per question kind (percent): answer top-k for verb / noun kinds (targets verb_class /
@@ -270,11 +277,9 @@ def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...],
         target = QA_TARGET[kind]
         extra: dict[str, Any] = {}
         if target == "action":
-            index = {(int(v), int(n)): i for i, (v, n) in enumerate(action_pairs or [])}
             verb = np.asarray(labels["verb_class"], np.int64)[rows]
             noun = np.asarray(labels["noun_class"], np.int64)[rows]
-            lab = np.asarray([index.get((int(v), int(n)), -1) if v >= 0 and n >= 0 else -2
-                              for v, n in zip(verb, noun)], dtype=np.int64)
+            lab = np.where((verb >= 0) & (noun >= 0), _action_index(verb, noun, action_pairs), -2)  # -2: unlabelled
             extra = {"unseen_pairs": int((lab == -1).sum())}
             answers = "(verb_class, noun_class) among the training pairs"
         else:
@@ -445,8 +450,7 @@ def compute_metrics(
     if notes:
         out["metric_notes"] = notes
     if scored.action is not None and action_pairs and has_nouns:
-        index = {(int(v), int(n)): i for i, (v, n) in enumerate(action_pairs)}
-        al = np.array([index.get((int(v), int(n)), -1) for v, n in zip(vl, nl)], dtype=np.int64)
+        al = _action_index(vl, nl, action_pairs)
         seen = al >= 0
         acc = M.topk_accuracy(scored.action[keep][seen], al[seen], ks)
         out["action_head"] = {"n": int(seen.sum()), "coverage": _pct(seen.mean()) if len(seen) else None,

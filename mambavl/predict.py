@@ -48,8 +48,8 @@ from mambavl.metrics import rank_classes
 from mambavl.progress import Progress, Stages
 # SAMPLING_ATTRS: copied into checkpoints by training
 from mambavl.runtime import QA_KINDS as TASK_QA_KINDS
-from mambavl.runtime import SAMPLING_ATTRS, FirstPass, Task, candidate_questions, load_checkpoint
-from mambavl.runtime.candidates import candidate_table
+from mambavl.runtime import SAMPLING_ATTRS, FirstPass, Task, load_checkpoint
+from mambavl.runtime.candidates import candidate_table, head_candidate_questions
 
 
 # Question kinds the QA head is asked, and which answer table each is scored against.
@@ -304,8 +304,7 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder=
         probs = {k: v.cpu().numpy() for k, v in first.probs(video, vmask, q, qm).items()}
         cand = torch.as_tensor(candidate_table(first, probs, np.array([0]), 1))  # (1, 2, k)
         heads = (texts.answers["verb"], texts.answers["noun"] if nouns else texts.answers["verb"])
-        parts = [candidate_questions(q[:, h], qm[:, h], heads[h], cand[:, h]) for h in range(2)]
-        q, qm = torch.stack([t for t, _ in parts], dim=1), torch.stack([m for _, m in parts], dim=1)
+        q, qm = head_candidate_questions(q, qm, heads, cand)  # (1, 2, T + k, Dt), (1, 2, T + k)
         candidates = {"k": first.k, "first_pass": first.origin, "verb": [
             {"label": verbs[i], "id": int(i), "first_pass_score": float(probs["verb"][0, i])} for i in cand[0, 0]]}
         if nouns:

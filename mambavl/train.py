@@ -415,7 +415,7 @@ def _open_caches(cfg: TrainConfig, ckpt: dict | None, run: Path) -> tuple[CacheF
     return train_cache, val_cache
 
 
-def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.device, d: _Dist | None = None) -> _Data:
+def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.device, d: _Dist) -> _Data:
     """Open and check the caches; the action vocabulary comes from the resumed checkpoint or the training labels.
     Under `predicted`, the candidate tables: every process computes them alike (the same seeds), then rank 0's are
     sent to all, so that no rank's candidates can differ by a nondeterministic GPU kernel."""
@@ -441,13 +441,12 @@ def _load_data(cfg: TrainConfig, ckpt: dict | None, run: Path, device: torch.dev
             train_cand = ckpt["train_candidates"].numpy()
         else:
             # each process trains the folds alone, with the global batch (batch_size is per process)
-            world = d.world if d is not None else 1
-            first_pass, train_cand = cross_fit_candidates(dataclasses.replace(cfg, batch_size=cfg.batch_size * world),
+            first_pass, train_cand = cross_fit_candidates(dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world),
                                                           train_cache, train_rows, train_labels, device)
         if val_cache is not None:
             val_cand, _ = cache_candidates(first_pass, val_cache, window, val_rows, device, max(cfg.batch_size, 64),
                                            cfg.frames, cfg.num_workers)
-        if d is not None and d.world > 1:
+        if d.world > 1:
             tables = [train_cand, val_cand]
             dist.broadcast_object_list(tables, src=0)
             train_cand, val_cand = tables

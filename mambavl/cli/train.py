@@ -154,7 +154,7 @@ def train_command(
                 raise typer.BadParameter("--train-cache is required (unless --resume)", param_hint="--train-cache")
             extra = {} if num_workers is None else {"num_workers": num_workers}
             cfg = TrainConfig(out_dir=str(out), device=device, **{"val_cache": None, **explicit, **extra})
-            if cfg.question_source.value == "predicted" and not quiet:
+            if cfg.question_source == QuestionSource.PREDICTED and not quiet:
                 typer.echo(f"self-questioning: training {cfg.candidate_folds} video-only first-pass models (one per "
                            f"fold) before the run; this takes a while", err=True)
         result = _run(cfg, quiet)

@@ -65,6 +65,16 @@ def candidate_questions(
     return torch.cat([tokens, cand], dim=-2), torch.cat([mask.to(torch.bool), valid], dim=-1)
 
 
+def head_candidate_questions(
+    tokens: torch.Tensor, mask: torch.Tensor, answers: tuple[torch.Tensor, torch.Tensor], candidates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both heads' questions with their own candidates appended (`candidate_questions` per head): tokens
+    (B, 2, T, Dt), mask (B, 2, T), answers (verb answers (V, Dt), noun answers (Nn, Dt)), candidates (B, 2, k)
+    -> tokens (B, 2, T + k, Dt), mask (B, 2, T + k)."""
+    parts = [candidate_questions(tokens[:, h], mask[:, h], answers[h], candidates[:, h]) for h in range(2)]
+    return torch.stack([t for t, _ in parts], dim=1), torch.stack([m for _, m in parts], dim=1)
+
+
 class FirstPass:
     """The first pass of self-questioning: one or more video-only models whose mean class probabilities rank the
     candidates.

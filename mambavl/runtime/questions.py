@@ -11,7 +11,7 @@ import torch
 from mambavl.cache.reader import CacheFile
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource, refuse_label_keyed
-from mambavl.runtime.candidates import candidate_questions
+from mambavl.runtime.candidates import head_candidate_questions
 
 
 class Questions:
@@ -111,9 +111,7 @@ class Questions:
         cand = self.candidates[rows]  # (B, 2, k)
         if bool((cand < 0).any()):
             raise InputError("predicted questions: some rows have no first-pass candidates")
-        vt, vm = candidate_questions(qt[:, 0], qm[:, 0], self.answers[0], cand[:, 0])  # (B, T+k, Dt), (B, T+k)
-        nt, nm = candidate_questions(qt[:, 1], qm[:, 1], self.answers[1], cand[:, 1])
-        return torch.stack([vt, nt], dim=1), torch.stack([vm, nm], dim=1)
+        return head_candidate_questions(qt, qm, self.answers, cand)  # (B, 2, T+k, Dt), (B, 2, T+k)
 
 
 @dataclass
