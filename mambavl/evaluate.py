@@ -32,14 +32,24 @@ import numpy as np
 from mambavl import __version__, plots
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import open_cache
+from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.qa import QA_TARGET, scene_targets
 from mambavl.progress import Progress, or_none
-from mambavl.runtime import FirstPass, Task, load_checkpoint, predict_scores, qa_scores
+from mambavl.runtime import (
+    Asker,
+    FirstPass,
+    Task,
+    TaskSpec,
+    TrainedModel,
+    clip_batches,
+    predict_scores,
+    qa_logits,
+    task_spec,
+)
 
 
 STAGES = ("load", "predict", "metrics", "submission", "plots")
@@ -147,40 +157,39 @@ class Scored:
 
 @dataclass
 class Loaded:
-    """A checkpoint and a cache that were checked to belong together."""
+    """A trained run and a cache that were checked to belong together, and the task it is evaluated for."""
 
     model: Any
-    ckpt: dict
+    run: TrainedModel
     cache: Any
-    task: str
-    window: str
+    spec: TaskSpec
     labels: dict = field(default_factory=dict)
-    first_pass: FirstPass | None = None  # the checkpoint's self-questioning first pass (predicted questions)
+    first_pass: FirstPass | None = None  # the run's self-questioning first pass (predicted questions)
+
+    @property
+    def task(self) -> str:
+        return self.spec.task.value
+
+    @property
+    def window(self) -> str:
+        return self.spec.window
 
 
 sha256_file = file_sha256  # the checkpoint's sha256 in metrics.json
 
 
 def load_for_eval(checkpoint: str, cache_path: str, task: str | None, device: str) -> Loaded:
-    """Load the checkpoint and open the cache, refusing a cache made with another encoder or class vocabulary."""
-
-    model, ckpt = load_checkpoint(checkpoint, device=str(resolve_device(device)))
+    """Load the checkpoint and open the cache, refusing a cache made with other encoders or another class
+    vocabulary (naming the first differing class). `task` None: the run's own task."""
+    dev = resolve_device(device)
+    run = TrainedModel.load(checkpoint, dev)
     cache = open_cache(cache_path)
-    schema.check_compatible(ckpt.get("cache_attrs", {}), cache.attrs, f"checkpoint {checkpoint}", f"cache {cache_path}")
-    vocab = ckpt.get("vocab", {})
-    if list(vocab.get("verbs", [])) != list(cache.verb_keys) or list(vocab.get("nouns", [])) != list(cache.noun_keys):
-        raise InputError(
-            f"cache {cache_path} has other verb/noun classes (classes/verb, classes/noun) than checkpoint {checkpoint} "
-            f"({len(cache.verb_keys)}/{len(cache.noun_keys)} vs {len(vocab.get('verbs', []))}/"
-            f"{len(vocab.get('nouns', []))}); evaluate on a cache extracted with the training class CSVs"
-        )
-    task = task or ckpt.get("task") or ckpt.get("train_config", {}).get("task", "recognition")
-    window = "anticipation" if task == "anticipation" else "recognition"
-    if window == "anticipation" and not cache.attrs.get("anticipation", False):
+    run.check_cache(cache, f"checkpoint {checkpoint}")
+    spec = task_spec(task or run.task)
+    if not cache.has_window(spec.window):
         raise InputError(f"cache {cache_path} has no anticipation window (extract it with --anticipation)")
-    first_pass = FirstPass.from_state(ckpt["first_pass"], resolve_device(device)) if ckpt.get("first_pass") else None
-    return Loaded(model=model, ckpt=ckpt, cache=cache, task=task, window=window, labels=cache.labels(),
-                  first_pass=first_pass)
+    return Loaded(model=run.model(dev), run=run, cache=cache, spec=spec, labels=cache.labels(),
+                  first_pass=run.first_pass_models(dev))
 
 
 def check_question_source(cache: Any, source: str, loaded: Loaded | None = None) -> None:
@@ -204,23 +213,22 @@ def score_cache(
     source: str,
     batch_size: int,
     device: str,
-    cache: Any | None = None,
+    bank: QuestionBank | None = None,
     allow_label_keyed: bool = False,
 ) -> Scored:
-    """Scores of every valid row of the cache under question protocol `source` (`cache` overrides the handle, e.g.
-    one whose question table was shuffled or whose labels were permuted by the audit). File questions found by a
-    row's own class are refused (InputError naming the file) unless `allow_label_keyed` (the audit measures them)."""
+    """Scores of every valid row of the cache under question protocol `source`. `bank` replaces the cache's question
+    table (the audit's shuffled and label-permuted tables). File questions found by a row's own class are refused
+    (InputError naming the file) unless `allow_label_keyed` (the audit measures them)."""
 
-    cache = cache if cache is not None else loaded.cache
-    frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
+    frames = loaded.run.train_config.frames
     dev = str(resolve_device(device))
-    out = predict_scores(loaded.model, cache, window=loaded.window, question_source=source, device=dev,
+    out = predict_scores(loaded.model, loaded.cache, window=loaded.window, question_source=source, device=dev,
                          batch_size=batch_size, frames=frames, first_pass=loaded.first_pass,
-                         allow_label_keyed=allow_label_keyed)
+                         allow_label_keyed=allow_label_keyed, bank=bank)
     rows = np.asarray(out["indices"], dtype=np.int64)
     fallbacks = 0
     if source != "templates":
-        table = cache.questions().per_segment.get(source)
+        table = (bank if bank is not None else loaded.cache.questions()).per_segment.get(source)
         if table is not None and len(rows):
             fallbacks = int((np.asarray(table)[rows] < 0).any(axis=1).sum())
     verb = np.asarray(out["verb"], dtype=np.float32)
@@ -232,7 +240,18 @@ def score_cache(
                   candidates=out.get("candidates"), first_pass=out.get("first_pass"))
 
 
-def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, ckpt: dict) -> dict[str, Any]:
+def answer_cache(loaded: Loaded, batch_size: int, device: str) -> dict[str, np.ndarray]:
+    """The QA head's answers to every question kind of the task for every valid row (`qa_logits`): the cache's verb
+    and noun answers, and the run's own action answers (the training pairs, in its action vocabulary's order)."""
+    dev = resolve_device(device)
+    asker = Asker.of_cache(loaded.cache, loaded.spec, action_answers=loaded.run.action_answers)
+    rows = np.asarray(loaded.cache.valid_indices(loaded.window), dtype=np.int64)
+    clips = clip_batches(SegmentDataset(loaded.cache, window=loaded.window, indices=rows), batch_size,
+                         loaded.run.train_config.frames, dev)
+    return qa_logits(loaded.model.to(dev), clips, asker)
+
+
+def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, run: TrainedModel) -> dict[str, Any]:
     """metrics.json's "candidates" block under predicted questions: recall@k (%) of the first pass's verb / noun
     candidates on this split, beside the recall the checkpoint recorded on its training rows (cross-fitted) and its
     validation rows. Close train and evaluation recall mean training saw candidates as wrong as evaluation does."""
@@ -242,7 +261,7 @@ def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, ckpt: 
         lab = np.asarray(labels[f"{task}_class"], np.int64)[rows]
         if (lab >= 0).any() and not (task == "noun" and scored.noun is None):
             out["recall_at_k"][task] = _pct(M.recall_at_k(scored.candidates[:, h], lab))
-    recorded = ckpt.get("candidate_recall") or {}
+    recorded = run.candidate_recall
     for split in ("train", "val"):
         out[f"{split}_recall_at_k"] = {t: recorded.get(f"{split}_candidate_recall_{t}") for t in ("verb", "noun")
                                        if f"{split}_candidate_recall_{t}" in recorded}
@@ -261,7 +280,7 @@ def qa_metrics(qa: dict[str, np.ndarray], labels: dict, ks: tuple[int, ...],
     """QA accuracy per question kind (percent): answer top-k for verb / noun kinds (targets verb_class /
     noun_class) and for the action kind (target: the segment's (verb_class, noun_class) among `action_pairs`, the
     checkpoint's action vocabulary; pairs unseen in training are left out and counted as `unseen_pairs`), mAP over
-    nouns for the multi-label scene question (targets all_noun_classes). qa from `mambavl.runtime.qa_scores`."""
+    nouns for the multi-label scene question (targets all_noun_classes). qa from `answer_cache` (`mambavl.runtime.qa_logits`)."""
     rows = qa["indices"]
     out: dict[str, Any] = {}
     for kind, scores in qa.items():
@@ -347,15 +366,11 @@ def load_subsets(files: dict[str, Path | None]) -> dict[str, Any]:
 def training_counts(loaded: Loaded, cfg_train_cache: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     """Training class counts (verb (V,), noun (Nn,)) and where they came from.
 
-    Order of preference: counts stored in the checkpoint (`class_counts`), the given / recorded training cache,
-    the evaluated split's own labels (then the "head/tail" buckets describe this split, said so in metrics.json).
+    Order of preference: the given / the run's recorded training cache, the evaluated split's own labels (then the
+    "head/tail" buckets describe this split, said so in metrics.json).
     """
     nv, nn = len(loaded.cache.verb_keys), len(loaded.cache.noun_keys)
-    stored = loaded.ckpt.get("class_counts")
-    if isinstance(stored, dict) and "verb" in stored:
-        return (np.asarray(stored["verb"], np.int64), np.asarray(stored.get("noun", np.zeros(nn)), np.int64),
-                "checkpoint")
-    path = cfg_train_cache or loaded.ckpt.get("train_config", {}).get("train_cache")
+    path = cfg_train_cache or loaded.run.train_config.train_cache
     labels, rows, source = None, None, None
     if path and Path(path).is_file():
 
@@ -398,7 +413,7 @@ def _pct_tree(tree: Any) -> Any:
 def _task_metrics(task: str, vs, ns, vl, nl, ks: tuple[int, ...], subset_args: dict) -> dict[str, Any]:
     """The official metric set of `task` (percent): nested "metrics", flat "official" (and "accuracy")."""
     out: dict[str, Any] = {}
-    if task == "anticipation":
+    if task_spec(task).ranking == "class_mean_recall":
         rec = M.ek100_anticipation_metrics(vs, ns, vl, nl, k=5, **subset_args)
         out["metrics"] = _pct_tree(rec)
         out["accuracy"] = _pct_tree(M.ek100_recognition_metrics(vs, ns, vl, nl, ks=ks)["all"])
@@ -651,18 +666,20 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def checkpoint_identity(path: str, ckpt: dict) -> dict[str, Any]:
-    tc = ckpt.get("train_config", {})
+def checkpoint_identity(path: str, run: TrainedModel) -> dict[str, Any]:
+    """metrics.json's "checkpoint" block: the file, its sha256 and what the run was."""
+    tc = run.train_config
     return {
         "path": str(Path(path).resolve()),
         "sha256": sha256_file(path),
-        "epoch": ckpt.get("epoch"),
-        "preset": tc.get("preset"),
-        "task": ckpt.get("task", tc.get("task")),
-        "question_source": ckpt.get("question_source", tc.get("question_source")),
-        "train_cache": tc.get("train_cache"),
-        "best_metric": ckpt.get("best_metric"),
-        "package_version": ckpt.get("package_version"),
+        "epoch": run.progress.epoch,
+        "preset": tc.preset,
+        "task": tc.task.value,
+        "question_source": tc.question_source.value,
+        "train_cache": tc.train_cache,
+        "best_metric": run.progress.best_metric,
+        "package_version": run.package_version,
+        "format": run.format_read,
     }
 
 
@@ -733,8 +750,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     out_dir = Path(cfg.out_dir)
     step("load")
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
-    trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
-        "question_source", "templates")
+    trained_source = loaded.run.question_source.value
     source = cfg.question_source or trained_source
     check_question_source(loaded.cache, source, loaded)
     submit = submission_plan(cfg, loaded)
@@ -755,7 +771,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         **question_report(source, "override" if cfg.question_source else "checkpoint"),
         "trained_question_source": trained_source,
         "question_fallbacks": scored.question_fallbacks,
-        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.ckpt),
+        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.run),
         "cache": cache_identity(loaded.cache),
         "config": asdict(cfg),
         "segments": {"cache": int(loaded.cache.n), "evaluated": int(len(scored.rows)),
@@ -776,18 +792,15 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
         if notes:
             result["subset_notes"] = notes
-        action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
+        action_pairs = loaded.run.vocab.action_pairs
         result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
-        frames = int(loaded.ckpt.get("train_config", {}).get("frames", 8))
-        if float(loaded.ckpt.get("train_config", {}).get("qa_weight", 1.0)) > 0:
-            qa = qa_scores(loaded.model, loaded.cache, loaded.window, str(resolve_device(cfg.device)), cfg.batch_size,
-                           frames, loaded.ckpt.get("action_answers"))
-            result["qa"] = qa_metrics(qa, labels, cfg.ks, action_pairs)
+        if loaded.run.trained_with_qa:
+            result["qa"] = qa_metrics(answer_cache(loaded, cfg.batch_size, cfg.device), labels, cfg.ks, action_pairs)
         else:  # an untrained QA head would score at chance: say so instead of reporting it
             result["qa"] = {}
             result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"
         if scored.candidates is not None:
-            result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.ckpt)
+            result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.run)
         vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
         tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
         buckets = bucket_metrics(tables, scored, labels, cfg.ks)
@@ -807,7 +820,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     if submit["write"]:
         step("submission")
         nids = [str(x) for x in np.asarray(labels["narration_id"])[scored.rows]]
-        challenge = "action_anticipation" if loaded.task == "anticipation" else "action_recognition"
+        challenge = loaded.spec.challenge
         sls = {name: int(getattr(cfg, name)) for name in SLS_FIELDS}
         files.update(write_submission(out_dir, submission_text(nids, scored.verb, scored.noun, challenge, sls)))
         result["submission"] = {"challenge": challenge, "version": "0.2", **sls, "segments": len(nids),

@@ -11,7 +11,7 @@ from mambavl.analysis.efficiency import (
     SCAN_FWD_FLOPS_PER_STATE,
     EfficiencyConfig,
     count_flops,
-    build_model,
+    efficiency_model,
     make_batch,
     measure_efficiency,
     record_scans,
@@ -86,9 +86,9 @@ def test_transformer_attention_term_is_quadratic(rows):
 def test_scan_counted_once_whatever_the_implementation(impl):
     cfg = EfficiencyConfig(lengths=(24,), fusions=("mamba",), **TINY)
     batch = make_batch(cfg, 24, torch.device("cpu"))
-    base = count_flops(build_model(cfg, "mamba", 24, torch.device("cpu")), batch)
+    base = count_flops(efficiency_model(cfg, "mamba", 24, torch.device("cpu")), batch)
     cfg.extra = {"scan_impl": impl}
-    other = count_flops(build_model(cfg, "mamba", 24, torch.device("cpu")), batch)
+    other = count_flops(efficiency_model(cfg, "mamba", 24, torch.device("cpu")), batch)
     # The chunked scan is made of einsums torch would count; record_scans must route it away from the counter.
     assert other == base
 

@@ -47,13 +47,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mambavl.analysis.probe import ProbeConfig, ProbeInput, run_probe
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
 from mambavl.progress import Progress, or_none
+from mambavl.runtime import TrainedModel, plain, same_run
 from mambavl.train import TrainConfig, train
 
 
@@ -219,39 +218,25 @@ def _metrics_from_history(history: list[dict]) -> dict[str, float | None]:
 
 
 # TrainConfig fields that may differ between a stored run and this study without making the run another one.
-_FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache")
-
-
-def _same_run(saved: dict, wanted: dict) -> str | None:
-    """None when a stored run's train config is the one wanted, else the first differing field."""
-    for key, value in wanted.items():
-        if key in _FREE_FIELDS:
-            continue
-        if saved.get(key) != value:
-            return key
-    return None
-
-
 def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
     """Train (or reuse a finished / resume an interrupted) run; return its metrics, steps, params and time."""
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
     last = run_dir / "last.pt"
     tcfg = run_train_config(cfg, name, seed, run_dir, resume=last.is_file())
     if last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        wanted = json.loads(json.dumps(asdict(tcfg), default=lambda v: getattr(v, "value", str(v))))
-        differs = _same_run(ckpt.get("train_config", {}), wanted)
+        stored = TrainedModel.load(last)
+        differs = same_run(stored.train_config, tcfg)
         if differs is not None:
             raise InputError(
-                f"{run_dir} holds a run with another {differs!r} ({ckpt['train_config'].get(differs)!r}, this study "
-                f"wants {wanted[differs]!r}); choose another --out or remove that run"
+                f"{run_dir} holds a run with another {differs!r} ({plain(getattr(stored.train_config, differs))!r}, "
+                f"this study wants {plain(getattr(tcfg, differs))!r}); choose another --out or remove that run"
             )
-        if int(ckpt.get("epoch", 0)) >= cfg.epochs:
+        if stored.progress.epoch >= cfg.epochs:
             info_path = run_dir / "ablation_run.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-            history = list(ckpt.get("history", []))
+            history = list(stored.progress.history)
             return {
-                "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in ckpt["model"].values()),
+                "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in stored.weights.values()),
                 "metrics": _metrics_from_history(history), "steps": int(history[-1].get("step", 0)) if history else 0,
                 "train_time_s": info.get("train_time_s", float(sum(h.get("time_s", 0.0) for h in history))),
                 "reused": True,

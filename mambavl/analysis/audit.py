@@ -10,7 +10,7 @@ so a question can name the answer. `audit_questions` measures that two ways, on 
   Deltas are reported in percentage points against ``templates``.
 * **label permutation** — every unshuffled protocol is scored a second time on a view of the cache whose labels
   (verb_class, noun_class, all_noun_classes, narration, and every question derived from them: annotation questions,
-  class-keyed file entries) were permuted across segments (`label_permuted_cache`). The scores must be
+  class-keyed file entries) were permuted across segments (`label_permuted`). The scores must be
   bit-identical; any changed row proves that label information reached the model. Templates and predicted
   questions pass by construction; annotation and class-keyed file questions fail.
 * **static** — per protocol, the fraction of verb (noun) questions that contain their own answer word
@@ -23,7 +23,6 @@ Outputs (``cfg.out_dir``): ``audit.json`` and ``audit.md`` (the same table in ma
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from mambavl.evaluate import (
 )
 from mambavl.extract.questions import leak_rate
 from mambavl.progress import Progress, or_none
-from mambavl.runtime import HEAD_KINDS, Task
+from mambavl.cache.reader import QuestionBank
 
 
 SHUFFLED_SUFFIX = "-shuffled"
@@ -106,40 +105,29 @@ def shuffle_permutation(has_question: np.ndarray, seed: int) -> np.ndarray:
     return perm
 
 
-def shuffled_cache(cache: Any, source: str, perm: np.ndarray) -> Any:
-    """A copy of the cache handle whose `questions()` returns the bank with per_segment[source] rows permuted by
-    `perm` ((N,) row map: row i is asked row perm[i]'s questions). The HDF5 file is not touched."""
-    bank = cache.questions()
-    table = np.asarray(bank.per_segment[source])  # (N, 2)
-    new_bank = copy.copy(bank)
+def shuffled_bank(bank: QuestionBank, source: str, perm: np.ndarray) -> QuestionBank:
+    """The question table with per_segment[source] rows permuted by `perm` ((N,) row map: row i is asked row
+    perm[i]'s questions). The cache is not touched."""
     per_segment = dict(bank.per_segment)
-    per_segment[source] = table[perm]
-    if dataclasses.is_dataclass(new_bank) and not isinstance(new_bank, type):
-        new_bank = dataclasses.replace(bank, per_segment=per_segment)
-    else:
-        new_bank.per_segment = per_segment
-    handle = copy.copy(cache)
-    # An instance attribute shadows the method on this copy only; predict_scores reads questions() from it.
-    object.__setattr__(handle, "questions", lambda: new_bank)
-    return handle
+    per_segment[source] = np.asarray(bank.per_segment[source])[perm]  # (N, 2)
+    return dataclasses.replace(bank, per_segment=per_segment)
 
 
-def label_permuted_cache(cache: Any, perm: np.ndarray) -> Any:
-    """A copy of the cache handle as if the split's labels had been dealt to other segments: row i holds the labels
-    of row perm[i] (verb_class, noun_class, all_noun_classes, narration), and every question derived from labels
-    (`QuestionBank.label_keyed`: annotation questions, class-keyed file entries; in a cache that does not record the
-    flag, every annotation and file question) follows its labels to row i. Features, narration ids and label-free
-    questions stay. The HDF5 file is not touched.
+def label_permuted(labels: dict, bank: QuestionBank, perm: np.ndarray) -> tuple[dict, QuestionBank]:
+    """The split's labels and question table as if its labels had been dealt to other segments: row i holds the
+    labels of row perm[i] (verb_class, noun_class, all_noun_classes, narration), and every question derived from
+    labels (`QuestionBank.label_keyed`: annotation questions, class-keyed file entries; in a cache that does not
+    record the flag, every annotation and file question) follows its labels to row i. Features, narration ids and
+    label-free questions stay. The cache is not touched.
 
-    Scoring this handle must give bit-identical scores to scoring the original: any difference proves that label
+    Scoring with this table must give bit-identical scores to scoring the original: any difference proves that label
     information reaches the model (the label-permutation check of `audit_questions`)."""
-    labels = dict(cache.labels())
+    labels = dict(labels)
     for key in LABEL_FIELDS:
         if key in labels:
             value = labels[key]
             labels[key] = (np.asarray(value)[perm] if isinstance(value, np.ndarray)
                            else [value[int(j)] for j in perm])
-    bank = cache.questions()
     per_segment = dict(bank.per_segment)
     for source, table in bank.per_segment.items():
         table = np.asarray(table)
@@ -151,11 +139,7 @@ def label_permuted_cache(cache: Any, perm: np.ndarray) -> Any:
             keyed = (table[:, 0] >= 0) if source in ("annotation", "file") else np.zeros(len(table), dtype=bool)
         moved = np.asarray(keyed, dtype=bool)[perm]  # row i now holds labels whose question was label-derived
         per_segment[source] = np.where(moved[:, None], table[perm], table)
-    new_bank = dataclasses.replace(bank, per_segment=per_segment)
-    handle = copy.copy(cache)
-    object.__setattr__(handle, "labels", lambda: labels)
-    object.__setattr__(handle, "questions", lambda: new_bank)
-    return handle
+    return labels, dataclasses.replace(bank, per_segment=per_segment)
 
 
 def scores_identical(a: Any, b: Any) -> dict[str, Any]:
@@ -370,10 +354,9 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         noun_inst, noun_src = _class_instances(
             list(cache.noun_keys), _class_csv(cfg.noun_classes, cfg.ek100_dir, NOUN_CLASSES_FILE), "noun")
     texts = [str(t) for t in bank.texts]
-    head_kinds = HEAD_KINDS[Task(loaded.task)]
-    action_pairs = loaded.ckpt.get("vocab", {}).get("action_pairs")
-    trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
-        "question_source", "templates")
+    head_kinds = loaded.spec.head_kinds
+    action_pairs = loaded.run.vocab.action_pairs
+    trained_source = loaded.run.question_source.value
 
     perms: dict[str, np.ndarray] = {}
     shuffle_info: dict[str, Any] = {"seed": cfg.shuffle_seed}
@@ -390,7 +373,7 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     labelled = np.zeros(cache.n, dtype=bool)
     labelled[rows[verb_all[rows] >= 0]] = True
     label_perm = shuffle_permutation(labelled, cfg.shuffle_seed + 1)
-    permuted = label_permuted_cache(cache, label_perm)
+    _, permuted = label_permuted(labels, bank, label_perm)
 
     results: dict[str, dict[str, Any]] = {}
     progress = or_none(progress)
@@ -398,9 +381,9 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     for p in protocols:
         progress.advance(0, message=p, protocol=p)
         source = p.removesuffix(SHUFFLED_SUFFIX)
-        handle = shuffled_cache(cache, source, perms[p]) if p in perms else None
+        asked = shuffled_bank(bank, source, perms[p]) if p in perms else None
         # The audit measures label-keyed questions rather than refusing them.
-        scored = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=handle, allow_label_keyed=True)
+        scored = score_cache(loaded, source, cfg.batch_size, cfg.device, bank=asked, allow_label_keyed=True)
         res = compute_metrics(scored, labels, loaded.task, {}, (1, 5), action_pairs)
         vl, nl = verb_all[scored.rows], noun_all[scored.rows] if has_nouns else None
         if p == PREDICTED:
@@ -412,7 +395,7 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
                       "leak": leak, "n": res["n"]}
         if p not in perms:
             # Label permutation: the same protocol with the split's labels dealt to other segments.
-            moved = score_cache(loaded, source, cfg.batch_size, cfg.device, cache=permuted, allow_label_keyed=True)
+            moved = score_cache(loaded, source, cfg.batch_size, cfg.device, bank=permuted, allow_label_keyed=True)
             results[p]["label_permutation"] = scores_identical(scored, moved)
         progress.advance(1, message=p, protocol=p)
     progress.finish()
@@ -426,7 +409,7 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         "task": loaded.task,
         "units": "percent (metrics, deltas in percentage points); leak rates are fractions",
         "trained_question_source": trained_source,
-        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.ckpt),
+        "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.run),
         "cache": cache_identity(cache),
         "config": asdict(cfg),
         "n": results["templates"]["n"],

@@ -144,7 +144,7 @@ class EfficiencyConfig:
 # model and step
 
 
-def build_model(cfg: EfficiencyConfig, fusion: str, max_tokens: int, device: torch.device) -> torch.nn.Module:
+def efficiency_model(cfg: EfficiencyConfig, fusion: str, max_tokens: int, device: torch.device) -> torch.nn.Module:
     """The preset's model with `fusion`, a position table long enough for `max_tokens` video tokens, in train mode
     (dropout as in training) on `device`."""
 
@@ -218,44 +218,28 @@ class ScanCall:
 
 
 @contextlib.contextmanager
-def record_scans() -> Iterator[list[ScanCall]]:
-    """While active, every `selective_scan*` call made by the mambavl fusion modules is recorded (shapes) and run by
-    an implementation the FLOP counter cannot see (numba on CPU when importable, else the plain reference loop,
-    whose elementwise ops the counter ignores), so the scan's FLOPs are counted once, by formula, never twice.
-
-    The names are swapped in every loaded `mambavl.fuse.*` module that imported them, and restored on exit.
-    """
-
-    originals = {
-        name: getattr(scan_mod, name)
-        for name in ("selective_scan", "selective_scan_ref", "selective_scan_chunked", "selective_scan_cpu",
-                     "selective_scan_cuda")
-    }
+def record_scans(model: torch.nn.Module) -> Iterator[list[ScanCall]]:
+    """While active, every selective scan of `model` is recorded (shapes) and run by an implementation the FLOP
+    counter cannot see (numba on CPU when importable, else the plain reference loop, whose elementwise ops the counter
+    ignores), so the scan's FLOPs are counted once, by formula, never twice. The model's scan implementation is
+    passed to it (`MambaVL.use_scan`) and restored on exit; no module is patched."""
     invisible = scan_mod.selective_scan_ref
     if "cpu" in scan_mod.available_impls():
         invisible = scan_mod.selective_scan_cpu
     calls: list[ScanCall] = []
 
-    def counted(u, delta, A, B, C, *args, impl=None, chunk_size=None, **kwargs):
+    def counted(u, delta, A, B, C, *args, A_index=None):
         bt, din, length = u.shape
         calls.append(ScanCall(int(bt), int(din), int(length), int(A.shape[-1])))
         fn = invisible if u.device.type == "cpu" else scan_mod.selective_scan_ref
-        return fn(u, delta, A, B, C, *args, **kwargs)
+        return fn(u, delta, A, B, C, *args, A_index=A_index)
 
-    patched: list[tuple[Any, str, Any]] = []
-    ids = {id(f): name for name, f in originals.items()}
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith("mambavl.fuse"):
-            continue
-        for attr, value in list(vars(mod).items()):
-            if id(value) in ids and callable(value):
-                patched.append((mod, attr, value))
-                setattr(mod, attr, counted)
+    previous = model.use_scan(counted) if hasattr(model, "use_scan") else None
     try:
         yield calls
     finally:
-        for mod, attr, value in patched:
-            setattr(mod, attr, value)
+        if hasattr(model, "use_scan"):
+            model.use_scan(previous)
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -292,7 +276,7 @@ def count_flops(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> dict
     video, vmask, q, qmask, verb, noun = batch
     mapping = _custom_flop_mapping()
     model.zero_grad(set_to_none=True)
-    with record_scans() as calls:
+    with record_scans(model) as calls:
         with FlopCounterMode(display=False, custom_mapping=mapping) as fwd_counter:
             out = model(video, vmask, q, qmask)
             loss = F.cross_entropy(out["verb"], verb)
@@ -403,7 +387,7 @@ def _child_main(spec: dict) -> dict:
     cfg = EfficiencyConfig(**{**spec["config"], "memory": "none", "plot": False, "out_dir": None})
     dev = torch.device("cpu")
     total = int(spec["length"])
-    model = build_model(cfg, spec["kind"], total, dev)
+    model = efficiency_model(cfg, spec["kind"], total, dev)
     # Warm-up at a short length: first-call costs (numba compilation or cache load, thread pools, lazy imports) are
     # paid here, not counted; the measured step at full length then sets a new high-water mark of its own.
     train_step(model, make_batch(cfg, cfg.question_tokens + 8, dev))()
@@ -470,9 +454,9 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) 
     def tick(msg: str) -> None:
         progress.advance(1, message=msg)
 
-    models = {f: build_model(cfg, f, max_len, dev) for f in cfg.fusions}
+    models = {f: efficiency_model(cfg, f, max_len, dev) for f in cfg.fusions}
     # FLOPs are device-independent: count on a CPU copy so the scan can be routed to a kernel the counter ignores.
-    cpu_models = models if dev.type == "cpu" else {f: build_model(cfg, f, max_len, torch.device("cpu"))
+    cpu_models = models if dev.type == "cpu" else {f: efficiency_model(cfg, f, max_len, torch.device("cpu"))
                                                    for f in cfg.fusions}
     sizes = {}
     for f, m in models.items():

@@ -19,7 +19,7 @@ from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
-from mambavl.runtime import Task, config_from_checkpoint
+from mambavl.runtime import Task, TrainedModel, plain, same_run
 from mambavl.train import TrainConfig, train
 
 
@@ -39,26 +39,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers: Optional[int]) -> TrainConfig:
-    """The run's config from out/last.pt; an explicit option that disagrees with it is an error, not an override."""
-    saved = config_from_checkpoint(out / "last.pt")
-    for key, value in explicit.items():
-        current = getattr(saved, key)
-        if key == "model_overrides":
-            differing = {k: v for k, v in value.items() if current.get(k) != v}
-            if differing:
-                raise InputError(f"--set {differing} differs from the run's model overrides {current}")
-            continue
-        if key in ("train_cache", "val_cache"):
-            if current is not None and Path(value).resolve() == Path(current).resolve():
-                continue
-        cur = current.value if hasattr(current, "value") else current
-        val = value.value if hasattr(value, "value") else value
-        if cur != val:
-            option = "--" + key.replace("_", "-")
-            raise InputError(f"{option} {val!r} differs from the run being resumed ({cur!r}); drop the option")
+    """The run's config from out/last.pt; an explicit option that disagrees with it (`same_run`) is an error, not an
+    override. Cache paths may differ (a moved cache): what the caches hold is checked when the run resumes."""
+    saved = TrainedModel.load(out / "last.pt").train_config
+    if "model_overrides" in explicit:
+        explicit = {**explicit, "model_overrides": {**saved.model_overrides, **explicit["model_overrides"]}}
+    differs = same_run(saved, dataclasses.replace(saved, **explicit))
+    if differs is not None:
+        if differs == "model_overrides":
+            raise InputError(f"--set {explicit['model_overrides']} differs from the run's model overrides "
+                             f"{saved.model_overrides}")
+        option = "--" + differs.replace("_", "-")
+        raise InputError(f"{option} {plain(explicit[differs])!r} differs from the run being resumed "
+                         f"({plain(getattr(saved, differs))!r}); drop the option")
     changes: dict[str, Any] = {"resume": True, "device": device, "out_dir": str(out)}
     if num_workers is not None:
         changes["num_workers"] = num_workers
+    for key in ("train_cache", "val_cache"):
+        if explicit.get(key) is not None:
+            changes[key] = str(explicit[key])
     return dataclasses.replace(saved, **changes)
 
 

@@ -75,6 +75,17 @@ class MambaVL(nn.Module):
         self.scene_bias._no_weight_decay = True
         tag_norms_and_biases(self)
 
+    def use_scan(self, impl):
+        """Run every selective scan of the fusion with `impl` (a `ScanImpl` name, or a callable as
+        `mambavl.fuse.scan.selective_scan` takes); returns the previous setting. The config's `scan_impl` is not
+        changed: this is a runtime choice (benchmarks, FLOP counting), not part of the saved model."""
+        previous = self.cfg.scan_impl
+        for module in self.modules():
+            if hasattr(module, "scan_impl"):
+                previous = module.scan_impl
+                module.scan_impl = impl
+        return previous
+
     # ---- inputs
 
     def _check(self, video, video_mask, q_tokens, q_mask, q_dims: int):

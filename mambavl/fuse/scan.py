@@ -689,11 +689,15 @@ def selective_scan(
     A_index=None,
     impl: str | ScanImpl = "auto",
 ):
-    """Selective scan with a chosen implementation ("auto", "reference", "chunked", "cpu", "cuda").
+    """Selective scan with a chosen implementation ("auto", "reference", "chunked", "cpu", "cuda"), or a callable
+    taking `selective_scan_ref`'s arguments (positional up to return_last_state, then A_index by keyword), e.g. one
+    that records the calls (`mambavl.analysis.efficiency.record_scans`).
 
     Arguments and result as `selective_scan_ref`: u, delta (Bt, Din, L); A (Din, N) or (G, Din, N) + A_index (L,);
     B, C (Bt, N, L) or (Bt, Din, N, L); D, delta_bias (Din,); z (Bt, Din, L) -> (Bt, Din, L).
     """
+    if callable(impl):
+        return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, A_index=A_index)
     chosen = resolve_impl(impl, u.device, grouped_A=A.dim() == 3)
     return _IMPLS[chosen](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, A_index=A_index

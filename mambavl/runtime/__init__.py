@@ -1,37 +1,21 @@
 """Model runtime shared by training, evaluation, prediction and analysis.
 
-The layer between the fusion model (`mambavl.fuse`) and the stages that run it: the run configuration
-(`TrainConfig`, `Task`, the question kinds of each head), building a model from it, checkpoints (config and
-vocabularies travel with the weights; loaded with `weights_only=True`), questions and labels of a cache, scoring a
-cache (`predict_scores`) and the validation metrics. `mambavl.train` builds on it; `mambavl.evaluate`,
-`mambavl.predict` and `mambavl.analysis` import it and never `mambavl.train`.
+The layer between the fusion model (`mambavl.fuse`) and the stages that run it: the task spec (`TaskSpec`: the
+questions, window and QA kinds of a task), the run configuration (`TrainConfig`), the trained run as a typed
+artifact (`TrainedModel`: config, vocabularies, feature spec and weights, with one `save` and one `load`), building
+a model, what the model is asked (`Asker`) and scoring clips (`ClipBatch`, `present`, `head_logits`, `qa_logits`,
+`predict_scores`) and the validation metrics. `mambavl.train` builds on it; `mambavl.evaluate`, `mambavl.predict`
+and `mambavl.analysis` import it and never `mambavl.train`.
 """
 
+from mambavl.runtime.artifact import FORMAT, KIND, RunProgress, TrainedModel, TrainingState, Vocabulary, same_run
+from mambavl.runtime.build import DATA_FIELDS, build_model, cache_dims, question_tokens
 from mambavl.runtime.candidates import FirstPass, candidate_questions, fold_ids, topk_candidates
-from mambavl.runtime.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_KIND,
-    DATA_FIELDS,
-    atomic_copy,
-    atomic_torch_save,
-    build_model,
-    config_from_checkpoint,
-    load_checkpoint,
-    question_tokens,
-)
-from mambavl.runtime.config import (
-    HEAD_KINDS,
-    QA_KINDS,
-    QA_TARGET,
-    SAMPLING_ATTRS,
-    Task,
-    TrainConfig,
-    plain,
-    window_of,
-)
+from mambavl.runtime.config import TrainConfig, plain
 from mambavl.runtime.questions import (
+    AnswerTables,
+    Asker,
     Labels,
-    Questions,
     action_answers,
     action_vocab,
     labelled_rows,
@@ -39,21 +23,25 @@ from mambavl.runtime.questions import (
     require_window,
 )
 from mambavl.runtime.scoring import (
+    ClipBatch,
     batches,
     cache_candidates,
+    clip_batches,
     first_pass_probs,
+    head_logits,
     loader,
-    predict_logits,
     predict_scores,
-    qa_scores,
+    present,
+    qa_logits,
     validation_metrics,
 )
+from mambavl.runtime.task import TASKS, Task, TaskSpec, spec_of_window, task_spec
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_KIND", "DATA_FIELDS", "HEAD_KINDS", "QA_KINDS", "QA_TARGET", "SAMPLING_ATTRS",
-    "FirstPass", "Labels", "Questions", "Task", "TrainConfig", "action_answers", "action_vocab", "atomic_copy",
-    "atomic_torch_save", "batches", "build_model", "cache_candidates", "candidate_questions", "config_from_checkpoint",
-    "first_pass_probs", "fold_ids", "labelled_rows", "load_checkpoint", "load_labels", "loader", "plain",
-    "predict_logits", "predict_scores", "qa_scores", "question_tokens", "require_window", "topk_candidates",
-    "validation_metrics", "window_of",
+    "DATA_FIELDS", "FORMAT", "KIND", "TASKS", "AnswerTables", "Asker", "ClipBatch", "FirstPass", "Labels",
+    "RunProgress", "Task", "TaskSpec", "TrainConfig", "TrainedModel", "TrainingState", "Vocabulary", "action_answers",
+    "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions", "clip_batches",
+    "first_pass_probs", "fold_ids", "head_logits", "labelled_rows", "load_labels", "loader", "plain",
+    "predict_scores", "present", "qa_logits", "question_tokens", "require_window", "same_run", "spec_of_window",
+    "task_spec", "topk_candidates", "validation_metrics",
 ]  # fmt: skip

@@ -1,5 +1,5 @@
-"""Run configuration shared by training and every later stage: the task, the question kinds its heads read, the
-cache attributes a checkpoint copies, and `TrainConfig` (saved whole in every checkpoint)."""
+"""Run configuration shared by training and every later stage: `TrainConfig`, saved whole in every trained model
+(`mambavl.runtime.artifact`)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from mambavl.cache import schema
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import preset_train_overrides
-from mambavl.fuse.qa import QA_TARGET  # noqa: F401 - re-exported: what each QA kind is scored against
-
-# Cache attributes describing the frame sampling, copied into checkpoints (see `mambavl.predict`).
-SAMPLING_ATTRS = ("sampling_mode", "frames_per_segment", "decoded_frames", "fps", "frame_size",
-                  "tokens_per_frame_pooling")
-
-
-class Task(str, Enum):
-    """What the heads predict: the action in the window (recognition) or the action after it (anticipation)."""
-
-    RECOGNITION = "recognition"
-    ANTICIPATION = "anticipation"
-
-
-# Question kinds asked of the verb and noun heads, and the kinds a QA step may draw, per task. The scene question is
-# about the segment's own objects, which the anticipation window does not show, so anticipation QA asks only what
-# comes next.
-HEAD_KINDS = {Task.RECOGNITION: ("verb", "noun"), Task.ANTICIPATION: ("next_verb", "next_noun")}
-QA_KINDS = {Task.RECOGNITION: ("verb", "noun", "scene", "action"), Task.ANTICIPATION: ("next_verb", "next_noun")}
+from mambavl.runtime.task import Task
 
 
 @dataclass
@@ -132,11 +113,6 @@ class TrainConfig:
                 raise InputError(f"preset {self.preset!r} sets unknown training field {key!r}")
             if getattr(self, key) == defaults[key]:
                 setattr(self, key, value)
-
-
-def window_of(task: Task) -> str:
-    """The cache window a task reads: "anticipation" for anticipation, else "recognition"."""
-    return schema.ANTICIPATION if task == Task.ANTICIPATION else schema.RECOGNITION
 
 
 def plain(value: Any) -> Any:

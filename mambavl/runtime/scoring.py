@@ -1,24 +1,52 @@
-"""Scoring a cache with a model: logits for every valid row of a window (`predict_scores`, shared by evaluation
-and prediction; `predict_logits`, used by validation during training) and the validation metrics."""
+"""Scoring clips with a model: one batch type for cache rows and freshly encoded clips (`ClipBatch`, made by
+`present`), and the loops every inference front-end shares — the heads' logits (`head_logits`), the QA head's answers
+(`qa_logits`), the first pass's probabilities and candidates — plus `predict_scores` (every valid row of a cache
+window) and the validation metrics. Training's validation, `evaluate`, the audit and `predict` all score through
+these functions and an `Asker`."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from mambavl import metrics as M
-from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
+from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime.candidates import FirstPass, candidate_table
-from mambavl.runtime.config import HEAD_KINDS, QA_KINDS, QA_TARGET, Task
-from mambavl.runtime.questions import Labels, Questions, require_window
+from mambavl.runtime.questions import Asker, Labels, require_window
+from mambavl.runtime.task import TaskSpec, spec_of_window
+
+
+@dataclass
+class ClipBatch:
+    """Clips as the model reads them: video tokens (B, K, D) float32 and mask (B, K) on the model's device, and the
+    rows (B,) int64 they are (cache rows, or 0..B-1 for fresh clips), which index per-row questions and candidates."""
+
+    video: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def present(features: torch.Tensor, num_frames: torch.Tensor, frames: int, device: torch.device,
+            rows: torch.Tensor | None = None) -> ClipBatch:
+    """The one way clips reach the model at inference: features (B, F, D) with num_frames (B,) valid tokens each,
+    sub-sampled to `frames` tokens (0: all) as evaluation does (`mambavl.data.sampling.subsample`), on `device`.
+    Pinned, non-blocking copies when the device is a GPU."""
+    feats = features.to(device=device, dtype=torch.float32, non_blocking=True)  # (B, F, D)
+    video, mask = subsample(feats, num_frames.to(device), frames, train=False)  # (B, K, D), (B, K)
+    rows = torch.arange(len(video)) if rows is None else rows.to(torch.long)
+    return ClipBatch(video, mask, rows)
 
 
 def batches(positions: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -32,82 +60,83 @@ def loader(dataset: SegmentDataset, batches: list[list[int]], num_workers: int):
         dataset,
         batch_sampler=batches,
         num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
         # The loader's own base seed would otherwise be drawn from the global RNG.
         generator=torch.Generator().manual_seed(0),
     )
 
 
+def clip_batches(dataset: SegmentDataset, batch_size: int, frames: int, device: torch.device,
+                 num_workers: int = 0) -> Iterator[ClipBatch]:
+    """The rows of `dataset`, in order, as ClipBatches of at most `batch_size` clips."""
+    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), num_workers):
+        yield present(batch["features"], batch["num_frames"], frames, device, batch["index"])
+
+
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    dataset: SegmentDataset,
-    questions: Questions,
-    device: torch.device,
-    batch_size: int,
-    frames: int,
-    num_workers: int = 0,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Logits for `rows` of a cache, in order: {"verb": (N, V), "noun": (N, Nn)?, "action": (N, A)?, "indices": (N,)}
-    (CPU float32) for the rows of `dataset` in order, and the number of question fallbacks."""
+def head_logits(model: nn.Module, clips: Iterable[ClipBatch], asker: Asker) -> tuple[dict[str, torch.Tensor], int]:
+    """The heads' logits for `clips`, in order: {"verb": (N, V), "noun": (N, Nn)?, "action": (N, A)?, "indices":
+    (N,)} (CPU float32; evaluation phrasing of the asker's questions), and the number of question fallbacks."""
     was_training = model.training
     model.eval()
     out: dict[str, list[torch.Tensor]] = {}
     fallbacks = 0
-    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), num_workers):
-        feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
-        video, vmask = subsample(feats, batch["num_frames"].to(device), frames, train=False)  # (B, K, D), (B, K)
-        idx = batch["index"].to(torch.long)
-        qt, qm, fb = questions.head_tokens(idx, train=False, generator=None, device=device)  # (B, 2, T', Dt)
+    for clip in clips:
+        qt, qm, fb = asker.head_tokens(clip.rows, train=False, generator=None, device=clip.video.device)
         fallbacks += fb
-        res = model(video, vmask, qt, qm)
+        res = model(clip.video, clip.mask, qt, qm)
         for key in ("verb", "noun", "action"):
             if key in res:
                 out.setdefault(key, []).append(res[key].float().cpu())
-        out.setdefault("indices", []).append(idx)
+        out.setdefault("indices", []).append(clip.rows)
     model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}, fallbacks
 
 
 @torch.no_grad()
-def first_pass_probs(
-    first_pass: FirstPass,
-    dataset: SegmentDataset,
-    templates: Questions,
-    device: torch.device,
-    batch_size: int,
-    frames: int,
-    num_workers: int = 0,
-) -> dict[str, np.ndarray]:
-    """The first pass's mean class probabilities for the rows of `dataset`, in order: {"verb": (R, V), "noun":
-    (R, Nn)?} float32. Models that read questions are asked the template questions of `templates` (evaluation
-    phrasing); the video is sub-sampled to `frames` tokens like evaluation does."""
-    first_pass.to(device)
+def qa_logits(model: nn.Module, clips: Iterable[ClipBatch], asker: Asker,
+              kinds: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The QA head's answers to each question kind (default: every kind the asker can ask), for `clips` in order.
+
+    Each kind's evaluation phrasing is fused with the clip; `MambaVL.qa_logits` scores the kind's answer table,
+    `MambaVL.scene_logits` the nouns of a multi-label kind. Returns {kind: (N, K) float32 logits, "indices": (N,)}.
+    """
+    kinds = asker.qa_kinds() if kinds is None else kinds
+    was_training = model.training
+    model.eval()
     out: dict[str, list[torch.Tensor]] = {}
-    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), num_workers):
-        feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
-        video, vmask = subsample(feats, batch["num_frames"].to(device), frames, train=False)  # (B, K, D), (B, K)
-        qt, qm, _ = templates.head_tokens(batch["index"].to(torch.long), train=False, generator=None, device=device)
-        for key, p in first_pass.probs(video, vmask, qt, qm).items():
+    for clip in clips:
+        dev = clip.video.device
+        for kind in kinds:
+            qt, qm = asker.qa_question(kind, len(clip), train=False, generator=None, device=dev)
+            emb = model.qa_embed(model.fuse(clip.video, clip.mask, qt, qm))  # (B, Dt)
+            score = model.scene_logits if asker.spec.is_multi_label(kind) else model.qa_logits
+            out.setdefault(kind, []).append(score(emb, asker.answers.for_kind(kind).to(dev)).float().cpu())
+        out.setdefault("indices", []).append(clip.rows)
+    model.train(was_training)
+    return {k: torch.cat(v).numpy() for k, v in out.items()} if out else {"indices": np.zeros(0, np.int64)}
+
+
+@torch.no_grad()
+def first_pass_probs(first_pass: FirstPass, clips: Iterable[ClipBatch], templates: Asker) -> dict[str, np.ndarray]:
+    """The first pass's mean class probabilities for `clips`, in order: {"verb": (R, V), "noun": (R, Nn)?} float32.
+    Models that read questions are asked the template questions of `templates` (evaluation phrasing)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for clip in clips:
+        first_pass.to(clip.video.device)
+        qt, qm, _ = templates.head_tokens(clip.rows, train=False, generator=None, device=clip.video.device)
+        for key, p in first_pass.probs(clip.video, clip.mask, qt, qm).items():
             out.setdefault(key, []).append(p.cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def cache_candidates(
-    first_pass: FirstPass,
-    cache: CacheFile,
-    window: str,
-    rows: np.ndarray,
-    device: torch.device,
-    batch_size: int,
-    frames: int,
-    num_workers: int = 0,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def cache_candidates(first_pass: FirstPass, cache: CacheFile, window: str, rows: np.ndarray, device: torch.device,
+                     batch_size: int, frames: int, num_workers: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Candidates of `rows` of a cache: ((N, 2, k) int64 table over all N cache rows, -1 outside `rows`; the first
     pass's probabilities {"verb": (R, V), "noun": (R, Nn)?} of `rows`, in order)."""
-    task = Task.ANTICIPATION if window == schema.ANTICIPATION else Task.RECOGNITION
-    templates = Questions(cache, QuestionSource.TEMPLATES, HEAD_KINDS[task])
-    probs = first_pass_probs(first_pass, SegmentDataset(cache, window=window, indices=rows), templates, device,
-                             batch_size, frames, num_workers)
+    templates = Asker.of_cache(cache, spec_of_window(window))
+    clips = clip_batches(SegmentDataset(cache, window=window, indices=rows), batch_size, frames, device, num_workers)
+    probs = first_pass_probs(first_pass, clips, templates)
     return candidate_table(first_pass, probs, rows, cache.n), probs
 
 
@@ -121,14 +150,16 @@ def predict_scores(
     frames: int = 8,
     first_pass: FirstPass | None = None,
     allow_label_keyed: bool = False,
+    bank: QuestionBank | None = None,
 ) -> dict[str, np.ndarray | None]:
-    """Scores of every valid row of `cache` in `window` (the shared entry point of evaluation and prediction).
+    """Scores of every valid row of `cache` in `window` (the shared entry point of evaluation and the audit).
 
     Scores are the heads' logits (apply softmax for probabilities). Questions follow `question_source` with the
-    evaluation phrasing (template paraphrase 0); the anticipation window asks next_verb / next_noun. Pass the
-    checkpoint's `train_config["frames"]` as `frames` so evaluation sub-samples like training did. `predicted`
-    needs the `first_pass` (`FirstPass.from_state(ckpt["first_pass"])`); file questions found by a row's own class
-    are refused unless `allow_label_keyed` (the audit measures them).
+    evaluation phrasing (template paraphrase 0); the anticipation window asks next_verb / next_noun. Pass the run's
+    `train_config.frames` as `frames` so evaluation sub-samples like training did. `predicted` needs the
+    `first_pass` (`TrainedModel.first_pass`); file questions found by a row's own class are refused unless
+    `allow_label_keyed` (the audit measures them). `bank` replaces the cache's question table (the audit's shuffled
+    and label-permuted tables).
 
     Returns dict(verb (N, V) float32, noun (N, Nn) float32 or None without a noun head, action (N, A) float32 or None
     without an action head, indices (N,) int64 cache rows; under `predicted` also candidates (N, 2, k) int64 and
@@ -137,7 +168,7 @@ def predict_scores(
     if not isinstance(cache, CacheFile):
         cache = open_cache(cache)
     source = QuestionSource(question_source)
-    task = Task.ANTICIPATION if window == schema.ANTICIPATION else Task.RECOGNITION
+    spec: TaskSpec = spec_of_window(window)
     require_window(cache, window)
     dev = resolve_device(device)
     model.to(dev)
@@ -148,10 +179,10 @@ def predict_scores(
             raise InputError("predicted questions need a first pass: a checkpoint trained with --questions predicted "
                              "carries one (Python API: first_pass=)")
         table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
-    questions = Questions(cache, source, HEAD_KINDS[task], candidates=table, evaluation=True,
-                          allow_label_keyed=allow_label_keyed)
-    dataset = SegmentDataset(cache, window=window, indices=rows)
-    res, _ = predict_logits(model, dataset, questions, dev, batch_size, frames)
+    asker = Asker.of_cache(cache, spec, source, candidates=table, evaluation=True, allow_label_keyed=allow_label_keyed,
+                           bank=bank)
+    clips = clip_batches(SegmentDataset(cache, window=window, indices=rows), batch_size, frames, dev)
+    res, _ = head_logits(model, clips, asker)
     n = len(rows)
     out = {
         "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),
@@ -167,7 +198,7 @@ def predict_scores(
 
 def validation_metrics(scores: dict[str, torch.Tensor], labels: Labels) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) of verb, noun and action on labelled rows, computed by `mambavl.metrics` exactly as
-    the evaluation computes them (official tie order; actions from the verb and noun scores, EK-100 style);
+    the evaluation computes them (the project's tie order; actions from the verb and noun scores, EK-100 style);
     `val_action_head_top1` scores the action head on rows whose pair is in the training action vocabulary."""
     rows = scores["indices"]
     vt, nt, at = (labels.verb[rows].cpu().numpy(), labels.noun[rows].cpu().numpy(), labels.action[rows].cpu().numpy())
@@ -192,52 +223,3 @@ def validation_metrics(scores: dict[str, torch.Tensor], labels: Labels) -> dict[
         m["val_action_head_top1"] = float(M.topk_accuracy(scores["action"].float().cpu().numpy()[seen], at[seen],
                                                           (1,))[1] * 100)
     return m
-
-
-@torch.no_grad()
-def qa_scores(
-    model: nn.Module,
-    cache: CacheFile,
-    window: str,
-    device: str = "cpu",
-    batch_size: int = 256,
-    frames: int = 8,
-    action_answers: torch.Tensor | np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """The QA head's answers to every question kind of the task, for every valid row of `window`.
-
-    Each kind's evaluation phrasing (template paraphrase 0) is fused with the clip; `MambaVL.qa_logits` scores the
-    verb or noun answers (the cache's), or the action answers `action_answers` (A, Dt) (a checkpoint's
-    "action_answers": the training pairs, in the order of its action vocabulary); `MambaVL.scene_logits` the nouns
-    for the multi-label scene question. A kind whose answers or template question are missing (no nouns, no
-    `action_answers`, a cache without the action question) is left out.
-    Returns {kind: (N, K) float32 logits, ..., "indices": (N,) int64}.
-    """
-    task = Task.ANTICIPATION if window == schema.ANTICIPATION else Task.RECOGNITION
-    require_window(cache, window)
-    dev = resolve_device(device)
-    model.to(dev)
-    was_training = model.training
-    model.eval()
-    answers = cache.answers()
-    targets = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32, device=dev)}
-    if len(cache.noun_keys):
-        targets["noun"] = targets["scene"] = torch.as_tensor(answers.noun, dtype=torch.float32, device=dev)
-    if action_answers is not None and len(action_answers):
-        targets["action"] = torch.as_tensor(np.asarray(action_answers), dtype=torch.float32, device=dev)
-    questions = Questions(cache, QuestionSource.TEMPLATES, HEAD_KINDS[task])
-    kinds = [k for k in QA_KINDS[task] if QA_TARGET[k] in targets and len(questions.templates.get(k, ()))]
-    rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
-    out: dict[str, list[torch.Tensor]] = {}
-    dataset = SegmentDataset(cache, window=window, indices=rows)
-    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), 0):
-        feats = batch["features"].to(device=dev, dtype=torch.float32)  # (B, F, D)
-        video, vmask = subsample(feats, batch["num_frames"].to(dev), frames, train=False)  # (B, K, D), (B, K)
-        for kind in kinds:
-            qt, qm = questions.gather(questions.template(kind, len(video), train=False, generator=None), dev)
-            emb = model.qa_embed(model.fuse(video, vmask, qt, qm))  # (B, Dt)
-            score = model.scene_logits if QA_TARGET[kind] == "scene" else model.qa_logits
-            out.setdefault(kind, []).append(score(emb, targets[QA_TARGET[kind]]).float().cpu())
-        out.setdefault("indices", []).append(batch["index"].to(torch.long))
-    model.train(was_training)
-    return {k: torch.cat(v).numpy() for k, v in out.items()} if out else {"indices": np.zeros(0, np.int64)}

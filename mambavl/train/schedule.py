@@ -1,0 +1,136 @@
+"""The optimiser and the step schedule: AdamW with no-decay tags, warm-up + cosine, mixed precision, gradient
+clipping, and how an epoch is cut into steps (`plan_steps`, the step floor for small data)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mambavl.runtime import TrainConfig, TrainingState
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; hashing keeps streams (seed, epoch, purpose, rank) independent."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: no weight decay for parameters tagged `_no_weight_decay` (A_log, D, norms, biases, as
+    mamba-ssm tags them where they are defined) or with fewer than 2 dims; decay for the rest."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "_no_weight_decay", False) or p.ndim < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# The smallest batch `plan_steps` shrinks to: smaller batches make noisy steps without making them much cheaper.
+MIN_BATCH = 8
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How an epoch is cut into recognition steps: `passes` passes over the rows in batches of `batch_size`."""
+
+    batch_size: int
+    passes: int
+    steps_per_epoch: int
+
+
+def plan_steps(rows: int, batch_size: int, epochs: int, min_steps: int) -> StepPlan:
+    """Batch size and passes per epoch so that a run makes at least `min_steps` recognition steps.
+
+    rows: training rows per process. With `epochs * ceil(rows / batch_size) >= min_steps` (or min_steps 0) nothing
+    changes: one pass, the given batch. Otherwise the batch shrinks towards rows * epochs / min_steps, not below
+    MIN_BATCH (nor above the given batch), and when that is still short each epoch makes `passes` passes over the rows,
+    each in its own order and with its own frame draws. Measured (docs/model.md): on 72 clips the default batch of 64
+    gives 40 steps in 20 epochs and every model stays at the majority class; 1000 steps reach the linear probe.
+    """
+    steps = math.ceil(rows / batch_size)
+    if min_steps <= 0 or steps * epochs >= min_steps:
+        return StepPlan(batch_size, 1, steps)
+    batch = min(batch_size, max(MIN_BATCH, (rows * epochs) // min_steps))
+    steps = math.ceil(rows / batch)
+    passes = max(1, math.ceil(min_steps / (steps * epochs)))
+    return StepPlan(batch, passes, steps * passes)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A training loss that is NaN or inf (raised before the step; the loop adds the epoch and step)."""
+
+
+class Optimizer:
+    """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, mixed precision on
+    CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported) and gradient clipping."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device):
+        self.model, self.grad_clip, self.device_type = model, cfg.grad_clip, device.type
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+        )
+        self.use_amp = cfg.amp and device.type == "cuda"
+        # bf16 needs no loss scaling; fp16 (older GPUs) does. The dtype is irrelevant when autocast is off.
+        self.amp_dtype = torch.float16 if self.use_amp and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`).
+
+        NonFiniteLoss (before any gradient is applied) when the loss is NaN or inf on any process."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank stops together, none waits in the gradient all-reduce
+        if float(bad) > 0:
+            raise NonFiniteLoss(float(loss.detach()))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def schedule(self) -> None:
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def states(self) -> dict:
+        """The optimizer, scheduler and gradient-scaler states (`TrainingState` fields of the same names)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def restore(self, state: TrainingState) -> None:
+        """Continue from a checkpoint's training state."""
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
