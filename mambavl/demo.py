@@ -30,6 +30,7 @@ from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder
+from mambavl.files import atomic_write_text
 from mambavl.progress import Progress, Stages
 from mambavl.train import TrainConfig, train
 
@@ -90,6 +91,45 @@ def recognition_summary(metrics: dict) -> dict[str, float | None]:
     return out
 
 
+def extract_splits(cfg: DemoConfig, ds: Any, folder: Path) -> dict[str, Path]:
+    """Extract the train / val / test caches of the demo dataset with one tiny random-init CLIP (seeded: the same
+    weights every time); annotation questions for the labelled splits."""
+    encoder = build_encoder(EncoderConfig(model=TINY_MODEL, pretrained="none", device=cfg.device, pooling="grid"))
+    sampling = SamplingConfig(num_frames=cfg.sizes.frames, size=64)
+    caches = {}
+    for split, csv_path in (("train", ds.train_csv), ("val", ds.val_csv), ("test", ds.test_csv)):
+        caches[split] = folder / f"{split}.h5"
+        run_extraction(ExtractConfig(annotations=str(csv_path), videos=str(ds.videos), out=str(caches[split]),
+                                     encoder=encoder.cfg, sampling=sampling, anticipation=True, tau_a=0.5,
+                                     tau_o=1.0, questions=("templates", "annotation") if split != "test"
+                                     else ("templates",)),
+                       encoder=encoder)
+    return caches
+
+
+def _summary(cfg: DemoConfig, ds: Any, val: dict, test: dict, audit: dict, anticipation: dict | None,
+             ablation: dict | None, ckpt: str, timings: dict[str, float]) -> dict[str, Any]:
+    """summary.json of a demo run (chance levels, validation, audit, anticipation, ablation, timings)."""
+    sizes = cfg.sizes
+    return {
+        "mambavl_version": __version__,
+        "config": {**asdict(cfg), "sizes": asdict(sizes)},
+        "chance_percent": {"verb_top1": 100 / len(ds.verbs), "noun_top1": 100 / len(ds.nouns),
+                           "action_top1": 100 / (len(ds.verbs) * len(ds.nouns))},
+        "validation": recognition_summary(val),
+        "validation_official": val.get("official"),
+        "test_submission": test["files"].get("submission_json"),
+        "audit": {name: {"action_top1": p["metrics"].get("overall_action_top1", p["metrics"].get("action_top1")),
+                         "metrics": p["metrics"], "leak": p.get("leak")}
+                  for name, p in audit["protocols"].items()},
+        "audit_findings": audit.get("findings", []),
+        "anticipation": anticipation.get("official") if anticipation else None,
+        "ablation_markdown": ablation["markdown"] if ablation else None,
+        "checkpoint": ckpt,
+        "seconds": timings,
+    }
+
+
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the demo into `cfg.out_dir`; returns the summary also written to summary.json.
 
@@ -128,16 +168,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
 
     # 2. extraction: one encoder for the three splits (random init, seeded: the same weights every time)
     tick("extracting features (tiny random-init CLIP, 2x2 grid pooling)")
-    encoder = build_encoder(EncoderConfig(model=TINY_MODEL, pretrained="none", device=cfg.device, pooling="grid"))
-    sampling = SamplingConfig(num_frames=sizes.frames, size=64)
-    caches = {}
-    for split, csv_path in (("train", ds.train_csv), ("val", ds.val_csv), ("test", ds.test_csv)):
-        caches[split] = out / "caches" / f"{split}.h5"
-        run_extraction(ExtractConfig(annotations=str(csv_path), videos=str(ds.videos), out=str(caches[split]),
-                                     encoder=encoder.cfg, sampling=sampling, anticipation=True, tau_a=0.5,
-                                     tau_o=1.0, questions=("templates", "annotation") if split != "test"
-                                     else ("templates",)),
-                       encoder=encoder)
+    caches = extract_splits(cfg, ds, out / "caches")
 
     common = dict(train_cache=str(caches["train"]), val_cache=str(caches["val"]), preset="small",
                   model_overrides={"d_model": sizes.d_model}, batch_size=8, lr=3e-3, frames=sizes.model_frames,
@@ -189,26 +220,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
             train_overrides={"label_smoothing": 0.0}))
 
     tick(None)
-    summary = {
-        "mambavl_version": __version__,
-        "config": {**asdict(cfg), "sizes": asdict(sizes)},
-        "chance_percent": {"verb_top1": 100 / len(ds.verbs), "noun_top1": 100 / len(ds.nouns),
-                           "action_top1": 100 / (len(ds.verbs) * len(ds.nouns))},
-        "validation": recognition_summary(val),
-        "validation_official": val.get("official"),
-        "test_submission": test["files"].get("submission_json"),
-        "audit": {name: {"action_top1": p["metrics"].get("overall_action_top1", p["metrics"].get("action_top1")),
-                         "metrics": p["metrics"], "leak": p.get("leak")}
-                  for name, p in audit["protocols"].items()},
-        "audit_findings": audit.get("findings", []),
-        "anticipation": anticipation.get("official") if anticipation else None,
-        "ablation_markdown": ablation["markdown"] if ablation else None,
-        "checkpoint": ckpt,
-        "seconds": timings,
-    }
+    summary = _summary(cfg, ds, val, test, audit, anticipation, ablation, ckpt, timings)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "README.md").write_text(report_markdown(summary, out))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "README.md", report_markdown(summary, out))
     return summary
 
 

@@ -729,6 +729,36 @@ def question_report(source: str, origin: str) -> dict[str, Any]:
     return rep
 
 
+def labelled_metrics(cfg: EvalConfig, loaded: Loaded, scored: Scored, result: dict[str, Any]) -> tuple[dict, dict]:
+    """The metrics of a labelled split into `result` (EK-100 metrics, QA, candidates, frequency buckets); returns the
+    per-class tables and the head/mid/tail buckets (for per_class.csv and the plots)."""
+    labels = loaded.labels
+    found, notes = locate_subset_files(cfg, loaded.cache.attrs)
+    subsets = load_subsets(found)
+    result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
+    if notes:
+        result["subset_notes"] = notes
+    action_pairs = loaded.run.vocab.action_pairs
+    result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
+    if loaded.run.trained_with_qa:
+        result["qa"] = qa_metrics(answer_cache(loaded, cfg.batch_size, cfg.device), labels, cfg.ks, action_pairs)
+    else:  # an untrained QA head would score at chance: say so instead of reporting it
+        result["qa"] = {}
+        result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"
+    if scored.candidates is not None:
+        result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.run)
+    vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
+    tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
+    buckets = bucket_metrics(tables, scored, labels, cfg.ks)
+    result["frequency_buckets"] = {
+        "source": freq_source,
+        "rule": f"classes by descending training count; head = classes before {M.HEAD_SHARE:.0%} of training "
+                f"instances, mid = before {M.MID_SHARE:.0%}, tail = the rest",
+        **buckets,
+    }
+    return tables, buckets
+
+
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files").
 
@@ -787,29 +817,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
 
     step("metrics")
     if labelled:
-        found, notes = locate_subset_files(cfg, loaded.cache.attrs)
-        subsets = load_subsets(found)
-        result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
-        if notes:
-            result["subset_notes"] = notes
-        action_pairs = loaded.run.vocab.action_pairs
-        result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
-        if loaded.run.trained_with_qa:
-            result["qa"] = qa_metrics(answer_cache(loaded, cfg.batch_size, cfg.device), labels, cfg.ks, action_pairs)
-        else:  # an untrained QA head would score at chance: say so instead of reporting it
-            result["qa"] = {}
-            result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"
-        if scored.candidates is not None:
-            result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.run)
-        vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
-        tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
-        buckets = bucket_metrics(tables, scored, labels, cfg.ks)
-        result["frequency_buckets"] = {
-            "source": freq_source,
-            "rule": f"classes by descending training count; head = classes before {M.HEAD_SHARE:.0%} of training "
-                    f"instances, mid = before {M.MID_SHARE:.0%}, tail = the rest",
-            **buckets,
-        }
+        tables, buckets = labelled_metrics(cfg, loaded, scored, result)
         write_per_class_csv(out_dir / "per_class.csv", tables, names, cfg.ks)
         files["per_class_csv"] = str(out_dir / "per_class.csv")
     else:

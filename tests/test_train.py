@@ -17,7 +17,7 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.errors import InputError
 from mambavl.fuse import presets
 from mambavl.fuse.model import MambaVL
-from mambavl.runtime import load_checkpoint, predict_scores
+from mambavl.runtime import TrainedModel, predict_scores
 from mambavl.train import MIN_BATCH, StepPlan, TrainConfig, lr_factor, param_groups, plan_steps, question_warning, train
 
 # A small, fast model: the planted classes are learnable by it in a few epochs.
@@ -76,8 +76,8 @@ def test_planted_cache_is_learned_and_logged(caches, tmp_path):
     best_epoch = max(result.history, key=lambda r: r["val_action_top1"])
     assert result.best_metric == pytest.approx(best_epoch["val_action_top1"])
     assert result.best_metric_name == "val_action_top1"
-    assert torch.load(result.best_checkpoint, weights_only=True)["epoch"] == best_epoch["epoch"]
-    assert torch.load(result.last_checkpoint, weights_only=True)["epoch"] == 4
+    assert TrainedModel.load(result.best_checkpoint).progress.epoch == best_epoch["epoch"]
+    assert TrainedModel.load(result.last_checkpoint).progress.epoch == 4
 
     # QA steps alternate with recognition steps: one after every qa_every (2) recognition steps
     for row in result.history:
@@ -95,12 +95,13 @@ def test_planted_cache_is_learned_and_logged(caches, tmp_path):
     assert (out / "train_config.json").is_file()
 
     # predict_scores (the evaluation entry point) reproduces the validation of the last epoch
-    model, ckpt = load_checkpoint(result.last_checkpoint)
-    scores = predict_scores(model, caches["val"], question_source="templates", frames=ckpt["train_config"]["frames"])
+    run = TrainedModel.load(result.last_checkpoint)
+    model = run.model()
+    scores = predict_scores(model, caches["val"], question_source="templates", frames=run.train_config.frames)
     verb_top1 = 100.0 * np.mean(scores["verb"].argmax(1) == labels[scores["indices"]])
     assert verb_top1 == pytest.approx(final["val_verb_top1"], abs=1e-4)
     assert scores["noun"].shape == (80, 5)
-    assert scores["action"].shape[1] == len(ckpt["vocab"]["action_pairs"])
+    assert scores["action"].shape[1] == len(run.vocab.action_pairs)
 
 
 def make_planted_labels(path):
@@ -122,10 +123,10 @@ def test_every_preset_trains_one_step(caches, tmp_path, name):
     assert row["qa_steps"] == (0 if name == "no-qa" else 1)
     assert math.isfinite(row["train_loss"])
     assert result.best_checkpoint is None and result.best_metric is None  # no validation cache
-    ckpt = torch.load(result.last_checkpoint, weights_only=True)
-    assert ckpt["train_config"]["preset"] == name
+    run, training = TrainedModel.load_with_state(result.last_checkpoint)
+    assert run.train_config.preset == name
     # the optimizer took a step on the weights that were saved
-    assert int(ckpt["optimizer"]["state"][0]["step"]) >= 1
+    assert int(training.optimizer["state"][0]["step"]) >= 1
 
 
 def test_preset_training_settings_yield_to_explicit_values(caches, tmp_path):
@@ -141,7 +142,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(caches, tmp_path)
     full = train(_cfg(caches, tmp_path / "full", epochs=3))
     cfg = _cfg(caches, tmp_path / "split", epochs=3)
     first = train(cfg, stop_after_epochs=1)
-    assert len(first.history) == 1 and torch.load(first.last_checkpoint, weights_only=True)["epoch"] == 1
+    assert len(first.history) == 1 and TrainedModel.load(first.last_checkpoint).progress.epoch == 1
     resumed = dataclasses.replace(cfg, resume=True)
     second = train(resumed, stop_after_epochs=1)
     assert len(second.history) == 2
@@ -153,11 +154,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(caches, tmp_path)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the saved checkpoints agree too, optimizer moments included
-    ca = torch.load(full.last_checkpoint, weights_only=True)
-    cb = torch.load(final.last_checkpoint, weights_only=True)
-    for key, state in ca["optimizer"]["state"].items():
-        assert torch.equal(state["exp_avg"], cb["optimizer"]["state"][key]["exp_avg"])
-    assert ca["step"] == cb["step"] and ca["best_metric"] == cb["best_metric"]
+    ca, ta = TrainedModel.load_with_state(full.last_checkpoint)
+    cb, tb = TrainedModel.load_with_state(final.last_checkpoint)
+    for key, state in ta.optimizer["state"].items():
+        assert torch.equal(state["exp_avg"], tb.optimizer["state"][key]["exp_avg"])
+    assert ca.progress.step == cb.progress.step and ca.progress.best_metric == cb.progress.best_metric
     for ra, rb in zip(full.history, final.history):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_action_top1"] == rb["val_action_top1"]
 
@@ -204,12 +205,12 @@ def test_annotation_protocol(caches, tmp_path):
     result = train(_cfg(caches, tmp_path / "b", question_source="annotation", epochs=1))
     assert result.history[0]["question_source"] == "annotation"
     assert result.history[0]["question_fallbacks"] == 0
-    ckpt = torch.load(result.last_checkpoint, weights_only=True)
-    assert ckpt["question_source"] == "annotation" and ckpt["train_config"]["question_source"] == "annotation"
+    run = TrainedModel.load(result.last_checkpoint)
+    assert run.question_source == "annotation" and run.train_config.question_source == "annotation"
 
 
 def test_anticipation_trains_on_the_anticipation_window(caches, tmp_path, monkeypatch):
-    import mambavl.train as train_module
+    import mambavl.train.loop as train_module
 
     windows = []
     real = train_module.SegmentDataset
@@ -224,8 +225,9 @@ def test_anticipation_trains_on_the_anticipation_window(caches, tmp_path, monkey
     assert windows and set(windows) == {"anticipation"}
     assert result.history[0]["task"] == "anticipation"
     assert "val_verb_top1" in result.history[0]
-    model, ckpt = load_checkpoint(result.last_checkpoint)
-    assert ckpt["window"] == "anticipation" and ckpt["task"] == "anticipation"
+    run = TrainedModel.load(result.last_checkpoint)
+    model = run.model()
+    assert run.spec.window == "anticipation" and run.task == "anticipation"
     scores = predict_scores(model, caches["tiny"], window="anticipation", frames=6)
     assert scores["verb"].shape == (24, 6)
 
@@ -237,20 +239,25 @@ def test_anticipation_trains_on_the_anticipation_window(caches, tmp_path, monkey
 def test_checkpoint_contents_and_loading(caches, tmp_path):
     result = train(_cfg(caches, tmp_path / "run", epochs=1))
     ckpt = torch.load(result.last_checkpoint, weights_only=True)  # plain containers only
-    for key in ("format", "model_config", "train_config", "vocab", "cache_attrs", "model", "optimizer",
-                "scheduler", "epoch", "step", "rng", "best_metric", "package_version"):
+    for key in ("kind", "format", "model_config", "train_config", "vocab", "features", "weights", "progress",
+                "training", "package_version"):
         assert key in ckpt, key
-    assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generator"}
-    assert ckpt["vocab"]["verbs"] == [f"verb{i}" for i in range(6)]
-    pairs = {tuple(p) for p in ckpt["vocab"]["action_pairs"]}
+    for key in ("epoch", "step", "best_metric"):
+        assert key in ckpt["progress"], key
+    for key in ("optimizer", "scheduler", "rng"):
+        assert key in ckpt["training"], key
+    run, training = TrainedModel.load_with_state(result.last_checkpoint)
+    assert set(training.rng) >= {"torch", "numpy", "python", "generator"}
+    assert run.vocab.verbs == [f"verb{i}" for i in range(6)]
+    pairs = {tuple(p) for p in run.vocab.action_pairs}
     from mambavl.cache.reader import open_cache
 
     lab = open_cache(caches["tiny"]).labels()
     assert pairs == set(zip(lab["verb_class"].tolist(), lab["noun_class"].tolist()))
-    assert ckpt["model_config"]["num_actions"] == len(pairs)
-    assert ckpt["cache_attrs"]["encoder"] == "planted"
+    assert run.model_config.num_actions == len(pairs)
+    assert run.features.encoder == "planted"
 
-    model, loaded = load_checkpoint(result.best_checkpoint)
+    model = TrainedModel.load(result.best_checkpoint).model()
     assert not model.training
     for key, value in result.model.state_dict().items():
         assert torch.equal(value, model.state_dict()[key])
@@ -258,13 +265,13 @@ def test_checkpoint_contents_and_loading(caches, tmp_path):
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a mambavl checkpoint"):
-        load_checkpoint(bogus)
+        TrainedModel.load(bogus)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(InputError, match="not a mambavl checkpoint"):
-        load_checkpoint(foreign)
+        TrainedModel.load(foreign)
     with pytest.raises(InputError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        TrainedModel.load(tmp_path / "missing.pt")
 
 
 def test_val_cache_must_match_the_train_encoder(caches, tmp_path):
@@ -299,8 +306,8 @@ def test_cli_train_and_resume(caches, tmp_path):
     res = runner.invoke(app, ["train", *common, *tiny, "--epochs", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["train_config"]["model_overrides"] == TINY and ckpt["train_config"]["epochs"] == 1
+    run = TrainedModel.load(out / "last.pt")
+    assert run.train_config.model_overrides == TINY and run.train_config.epochs == 1
 
     # a second run into the same folder is refused; so is --resume with a conflicting option
     res = runner.invoke(app, ["train", *common, *tiny, "--epochs", "1", "--quiet"])

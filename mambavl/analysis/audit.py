@@ -316,17 +316,10 @@ def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> lis
     return out
 
 
-def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
-    their own answers; writes audit.json and audit.md and returns the report (see the module docstring).
-
-    Over 80 lines on purpose: one straight pass (load, shuffles, score each protocol, compare, write) whose steps
-    are calls into `mambavl.evaluate`; split up, the order of the audit would be scattered over helpers."""
-
-    loaded: Loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
-    cache = loaded.cache
-    available = list(cache.attrs.get("question_sources") or ["templates"])
-    bank = cache.questions()
+def _protocols(cfg: AuditConfig, loaded: Loaded, bank: QuestionBank) -> list[str]:
+    """The protocols to score: the asked ones (templates always first, the reference of every delta), or every
+    source the cache holds, their shuffled variants and, with a first pass, predicted."""
+    available = list(loaded.cache.attrs.get("question_sources") or ["templates"])
     if cfg.protocols is None:
         protocols = ["templates"] + [s for s in PER_SEGMENT_SOURCES if s in available and s in bank.per_segment]
         protocols += [s + SHUFFLED_SUFFIX for s in PER_SEGMENT_SOURCES if s in protocols]
@@ -336,6 +329,38 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
         protocols = list(cfg.protocols)
         if "templates" not in protocols:
             protocols.insert(0, "templates")  # the reference every delta is taken against
+    return protocols
+
+
+def _shuffles(cfg: AuditConfig, protocols: list[str], bank: QuestionBank, rows: np.ndarray,
+              n: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The row permutation of each shuffled protocol (seeded) and what it moved."""
+    perms: dict[str, np.ndarray] = {}
+    shuffle_info: dict[str, Any] = {"seed": cfg.shuffle_seed}
+    for p in protocols:
+        if p.endswith(SHUFFLED_SUFFIX):
+            source = p.removesuffix(SHUFFLED_SUFFIX)
+            table = np.asarray(bank.per_segment[source])
+            valid = np.zeros(n, dtype=bool)
+            valid[rows] = True
+            has_q = valid & (table >= 0).all(axis=1)
+            perms[p] = shuffle_permutation(has_q, cfg.shuffle_seed)
+            moved = perms[p][has_q] != np.flatnonzero(has_q)
+            shuffle_info[source] = {"rows_shuffled": int(has_q.sum()), "kept_own_question": int((~moved).sum())}
+    return perms, shuffle_info
+
+
+def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
+    their own answers; writes audit.json and audit.md and returns the report (see the module docstring).
+
+    Over 80 lines on purpose: one straight pass (load, shuffles, score each protocol, compare, write) whose steps
+    are calls into `mambavl.evaluate`; split up, the order of the audit would be scattered over helpers."""
+
+    loaded: Loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    cache = loaded.cache
+    bank = cache.questions()
+    protocols = _protocols(cfg, loaded, bank)
     for p in protocols:
         check_question_source(cache, p.removesuffix(SHUFFLED_SUFFIX), loaded)
 
@@ -358,18 +383,7 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     action_pairs = loaded.run.vocab.action_pairs
     trained_source = loaded.run.question_source.value
 
-    perms: dict[str, np.ndarray] = {}
-    shuffle_info: dict[str, Any] = {"seed": cfg.shuffle_seed}
-    for p in protocols:
-        if p.endswith(SHUFFLED_SUFFIX):
-            source = p.removesuffix(SHUFFLED_SUFFIX)
-            table = np.asarray(bank.per_segment[source])
-            valid = np.zeros(cache.n, dtype=bool)
-            valid[rows] = True
-            has_q = valid & (table >= 0).all(axis=1)
-            perms[p] = shuffle_permutation(has_q, cfg.shuffle_seed)
-            moved = perms[p][has_q] != np.flatnonzero(has_q)
-            shuffle_info[source] = {"rows_shuffled": int(has_q.sum()), "kept_own_question": int((~moved).sum())}
+    perms, shuffle_info = _shuffles(cfg, protocols, bank, rows, cache.n)
     labelled = np.zeros(cache.n, dtype=bool)
     labelled[rows[verb_all[rows] >= 0]] = True
     label_perm = shuffle_permutation(labelled, cfg.shuffle_seed + 1)

@@ -148,6 +148,12 @@ def check_compatible(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, wh
     for key in COMPATIBILITY_ATTRS:
         va, vb = normalise_attr(a.get(key)), normalise_attr(b.get(key))
         if va != vb:
+            if (va is None) != (vb is None):
+                older, newer = (what_a, what_b) if va is None else (what_b, what_a)
+                raise InputError(
+                    f"{older} was written by an older mambavl (it has no {key!r} attribute, which {newer} records): "
+                    "re-extract it with this version so that both describe their features alike"
+                )
             raise InputError(
                 f"{what_b} does not match {what_a}: attribute {key!r} is {vb!r} there but {va!r} in {what_a}"
             )

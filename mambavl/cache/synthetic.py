@@ -29,6 +29,64 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
+def _question_table(template_tokens, sources, verbs, nouns, verb_keys, noun_keys, verb_text, noun_text, srng):
+    """The planted question table: every template kind's paraphrases, and with the annotation source one question
+    per head and row whose tokens carry the answer's text embedding (the protocol's leak). Returns (texts, tokens,
+    templates, per_segment, label_keyed)."""
+    n, num_nouns, text_dim = len(verbs), len(noun_keys), verb_text.shape[1]
+    texts, tokens = [], []
+    templates = {}
+    for k, kind in enumerate(schema.TEMPLATE_KINDS):
+        idx = []
+        for p in range(TEMPLATE_PARAPHRASES):
+            idx.append(len(texts))
+            texts.append(f"template {kind} question {p}")
+            tokens.append(template_tokens[k * TEMPLATE_PARAPHRASES + p])
+        templates[kind] = idx
+    per_segment, label_keyed = {}, {}
+    if "annotation" in sources:
+        table = np.full((n, 2), -1, dtype=np.int32)
+        seen: dict[str, int] = {}
+        for i in range(n):
+            vq = f"What is the person doing in '{verb_keys[verbs[i]]} [MASK]'?"
+            nq = f"Which object is used in '[MASK] {noun_keys[nouns[i]]}'?" if num_nouns else None
+            for j, (q, emb) in enumerate(((vq, verb_text[verbs[i]]), (nq, noun_text[nouns[i]] if nq else None))):
+                if q is None:
+                    continue
+                if q not in seen:
+                    seen[q] = len(texts)
+                    texts.append(q)
+                    # the question's tokens carry its own answer's text embedding: the protocol's leak
+                    tok = 0.3 * srng.normal(size=(QUESTION_TOKENS, text_dim)) + 3.0 * emb[None]
+                    tokens.append(tok)
+                table[i, j] = seen[q]
+        per_segment["annotation"] = table
+        label_keyed["annotation"] = table[:, 0] >= 0  # made from each row's own narration
+    return texts, tokens, templates, per_segment, label_keyed
+
+
+def _attrs(num_nouns, structure_seed, seed, n, dim, text_dim, frames, labelled, anticipation, sources) -> dict:
+    """The planted cache's root attributes (a "planted" encoder of the given dims)."""
+    return dict(
+        dataset_kind="ek100" if num_nouns else "generic",
+        annotation_file="planted.csv",
+        annotation_sha256=f"planted-{structure_seed}-{seed}-{n}",
+        encoder="planted",
+        model=f"planted-{structure_seed}",
+        pretrained="none",
+        feature_dim=dim,
+        text_model=f"planted-text-{structure_seed}",
+        text_pretrained="none",
+        text_dim=text_dim,
+        frames_per_segment=frames,
+        frame_size=0,
+        has_labels=labelled,
+        anticipation=anticipation,
+        question_sources=sources,
+        source="mambavl.cache.synthetic.make_planted_cache",
+    )
+
+
 def make_planted_cache(
     path: str | os.PathLike,
     n: int = 200,
@@ -54,9 +112,7 @@ def make_planted_cache(
     failure, as an extraction that lost a few videos would. `verb_appearance` scales the verb's prototype: at 0 the
     verb shows only in the temporal drift, which averages to zero over the frames, so the mean of a segment's frame
     tokens says nothing about its verb (an order-only verb, like a motion).
-
-    Over 80 lines on purpose: it writes every table of the cache format in the writer's order, as one readable
-    recipe of a complete cache.
+    Over 80 lines on purpose: one readable recipe of a complete cache, every table in the writer's order.
     """
     path = Path(path)
     srng = np.random.default_rng(structure_seed)  # shared class structure and text space
@@ -74,8 +130,7 @@ def make_planted_cache(
     ])
 
     # skewed class frequencies, as in EK-100 (a few head classes, a tail)
-    pv = 1.0 / np.arange(1, num_verbs + 1)
-    pn = 1.0 / np.arange(1, max(num_nouns, 1) + 1)
+    pv, pn = 1.0 / np.arange(1, num_verbs + 1), 1.0 / np.arange(1, max(num_nouns, 1) + 1)
     verbs = rng.choice(num_verbs, size=n, p=pv / pv.sum())
     nouns = rng.choice(max(num_nouns, 1), size=n, p=pn / pn.sum()) if num_nouns else np.full(n, -1)
     parts = [participants[i % len(participants)] for i in range(n)]
@@ -93,8 +148,7 @@ def make_planted_cache(
         extra = rng.choice(max(num_nouns, 1), size=rng.integers(0, 3)) if num_nouns else []
         all_nouns.append(tuple(sorted({int(nouns[i]), *map(int, extra)})) if num_nouns else ())
 
-    verb_keys = [f"verb{v}" for v in range(num_verbs)]
-    noun_keys = [f"noun{k}" for k in range(num_nouns)]
+    verb_keys, noun_keys = [f"verb{v}" for v in range(num_verbs)], [f"noun{k}" for k in range(num_nouns)]
     rows = RowMeta(
         narration_id=[f"{parts[i]}_01_{i}" for i in range(n)],
         video_id=[f"{parts[i]}_01" for i in range(n)],
@@ -108,26 +162,8 @@ def make_planted_cache(
         stop_time=np.arange(n, dtype=np.float64) * 4.0 + 4.5,
     )
     sources = ["templates"] + (["annotation"] if annotation_questions and labelled else [])
-    attrs = dict(
-        dataset_kind="ek100" if num_nouns else "generic",
-        annotation_file="planted.csv",
-        annotation_sha256=f"planted-{structure_seed}-{seed}-{n}",
-        encoder="planted",
-        model=f"planted-{structure_seed}",
-        pretrained="none",
-        feature_dim=dim,
-        text_model=f"planted-text-{structure_seed}",
-        text_pretrained="none",
-        text_dim=text_dim,
-        frames_per_segment=frames,
-        frame_size=0,
-        has_labels=labelled,
-        anticipation=anticipation,
-        question_sources=sources,
-        source="mambavl.cache.synthetic.make_planted_cache",
-    )
-    if path.exists():
-        path.unlink()
+    attrs = _attrs(num_nouns, structure_seed, seed, n, dim, text_dim, frames, labelled, anticipation, sources)
+    path.unlink(missing_ok=True)
     with CacheWriter(path, attrs, rows, verb_keys, noun_keys) as w:
         times = rows.start_time[:, None] + np.linspace(0, 2.5, frames)[None]  # (n, F)
         for i in range(n - invalid_rows):
@@ -137,34 +173,8 @@ def make_planted_cache(
         for i in range(n - invalid_rows, n):
             w.record_failure(i, schema.RECOGNITION, "planted failure: video missing")
 
-        texts, tokens = [], []
-        templates = {}
-        for k, kind in enumerate(schema.TEMPLATE_KINDS):
-            idx = []
-            for p in range(TEMPLATE_PARAPHRASES):
-                idx.append(len(texts))
-                texts.append(f"template {kind} question {p}")
-                tokens.append(template_tokens[k * TEMPLATE_PARAPHRASES + p])
-            templates[kind] = idx
-        per_segment, label_keyed = {}, {}
-        if "annotation" in sources:
-            table = np.full((n, 2), -1, dtype=np.int32)
-            seen: dict[str, int] = {}
-            for i in range(n):
-                vq = f"What is the person doing in '{verb_keys[verbs[i]]} [MASK]'?"
-                nq = f"Which object is used in '[MASK] {noun_keys[nouns[i]]}'?" if num_nouns else None
-                for j, (q, emb) in enumerate(((vq, verb_text[verbs[i]]), (nq, noun_text[nouns[i]] if nq else None))):
-                    if q is None:
-                        continue
-                    if q not in seen:
-                        seen[q] = len(texts)
-                        texts.append(q)
-                        # the question's tokens carry its own answer's text embedding: the protocol's leak
-                        tok = 0.3 * srng.normal(size=(QUESTION_TOKENS, text_dim)) + 3.0 * emb[None]
-                        tokens.append(tok)
-                    table[i, j] = seen[q]
-            per_segment["annotation"] = table
-            label_keyed["annotation"] = table[:, 0] >= 0  # made from each row's own narration
+        texts, tokens, templates, per_segment, label_keyed = _question_table(
+            template_tokens, sources, verbs, nouns, verb_keys, noun_keys, verb_text, noun_text, srng)
         tokens_arr = np.stack(tokens).astype(np.float32)  # (Q, T, Dt)
         mask = np.ones(tokens_arr.shape[:2], dtype=bool)
         mask[:, -1] = False  # one padded token per question, so masking is exercised

@@ -61,6 +61,22 @@ def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers
     return dataclasses.replace(saved, **changes)
 
 
+def _config(out: Path, explicit: dict[str, Any], resume: bool, device: str, num_workers: Optional[int],
+            quiet: bool) -> TrainConfig:
+    """The TrainConfig of the command: the resumed run's own, or a new one from the explicit options (the config
+    dataclass owns every default)."""
+    if resume:
+        return _resume_config(out, explicit, device, num_workers)
+    if explicit.get("train_cache") is None:
+        raise typer.BadParameter("--train-cache is required (unless --resume)", param_hint="--train-cache")
+    extra = {} if num_workers is None else {"num_workers": num_workers}
+    cfg = TrainConfig(out_dir=str(out), device=device, **{"val_cache": None, **explicit, **extra})
+    if cfg.question_source == QuestionSource.PREDICTED and not quiet:
+        typer.echo(f"self-questioning: training {cfg.candidate_folds} video-only first-pass models (one per "
+                   f"fold) before the run; this takes a while", err=True)
+    return cfg
+
+
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.csv.")],
@@ -146,17 +162,7 @@ def train_command(
     }
     explicit = {k: v for k, v in options.items() if v is not None}
     try:
-        if resume:
-            cfg = _resume_config(out, explicit, device, num_workers)
-        else:
-            if train_cache is None:
-                raise typer.BadParameter("--train-cache is required (unless --resume)", param_hint="--train-cache")
-            extra = {} if num_workers is None else {"num_workers": num_workers}
-            cfg = TrainConfig(out_dir=str(out), device=device, **{"val_cache": None, **explicit, **extra})
-            if cfg.question_source == QuestionSource.PREDICTED and not quiet:
-                typer.echo(f"self-questioning: training {cfg.candidate_folds} video-only first-pass models (one per "
-                           f"fold) before the run; this takes a while", err=True)
-        result = _run(cfg, quiet)
+        result = _run(_config(out, explicit, resume, device, num_workers, quiet), quiet)
     except InputError as exc:
         raise fail(str(exc)) from None
     except TrainingStopped as exc:

@@ -68,7 +68,7 @@ class ModelConfig:
             raise InputError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
     def to_dict(self) -> dict:
-        """Plain types only (enums as their string values), loadable with torch.load(weights_only=True)."""
+        """Plain types only (enums as their string values): a checkpoint holding it loads with weights_only=True."""
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod

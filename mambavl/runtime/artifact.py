@@ -182,12 +182,14 @@ class TrainedModel:
     def check_cache(self, cache: Any, where: str, what: str = "cache") -> None:
         """InputError unless `cache` (a `CacheFile`) holds features of the same encoders and the same classes in the
         same order as this run's; the message names both files and the first difference."""
-        schema.check_compatible(self.cache_attrs(), cache.attrs, where, f"{what} {cache.path}")
+        # both sides read through FeatureSpec, so an attribute an older cache did not write means what it implied
+        theirs = {**FeatureSpec.from_attrs(cache.attrs).to_attrs(), "schema_version": cache.attrs.get("schema_version")}
+        schema.check_compatible(self.cache_attrs(), theirs, where, f"{what} {cache.path}")
         diff = self.vocab.difference(cache.verb_keys, cache.noun_keys)
         if diff is not None:
-            raise InputError(f"{what} {cache.path} has other classes (classes/verb, classes/noun) than {where}: {diff}. "
-                             "Head output i of the model means class i of the run's own class CSVs: use a cache "
-                             "extracted with those class CSVs")
+            raise InputError(f"{what} {cache.path} has other verb/noun classes (classes/verb, classes/noun) than "
+                             f"{where}: {diff}. Head output i of the model means class i of the run's own class "
+                             "CSVs: use a cache extracted with those class CSVs")
 
     # ---- I/O
     def to_state(self, training: TrainingState | None = None) -> dict[str, Any]:
