@@ -38,7 +38,8 @@ def test_checkpoints_are_read_in_one_place():
     assert loads <= {"mambavl/runtime/artifact.py", "mambavl/extract/weights.py", "mambavl/cache/importer.py"}, loads
     assert "mambavl/runtime/artifact.py" in loads
     keyed = re.compile(r"\bckpt(\[|\.get\()")
-    reads = [f"{p.relative_to(REPO)}:{i + 1}" for p in _package_sources() if p.name != "artifact.py"
+    # (fuse/scan.py's `ckpt` is the scan's own state checkpoints for the backward pass, not a model checkpoint)
+    reads = [f"{p.relative_to(REPO)}:{i + 1}" for p in _package_sources() if p.name not in ("artifact.py", "scan.py")
              for i, line in enumerate(p.read_text().splitlines()) if keyed.search(line)]
     assert not reads, reads
 

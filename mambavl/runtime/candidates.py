@@ -124,7 +124,7 @@ class FirstPass:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> FirstPass:
-        """Rebuild the first pass a checkpoint carries (`ckpt["first_pass"]`)."""
+        """Rebuild the first pass a trained run carries (`TrainedModel.first_pass`)."""
         cfg = model_config_from_dict(state["model_config"])
         models = []
         for weights in state["states"]:
