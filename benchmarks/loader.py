@@ -7,12 +7,12 @@
 A planted-structure cache (`mambavl.cache.synthetic.make_planted_cache`, written through the real cache writer:
 float16 features, one HDF5 chunk per row) is built in --workdir. One *epoch* is the recognition + QA loop of
 `mambavl.train` for the training defaults (preset "small", batch 64, 8 of the cached frames, QA step after every
-2nd recognition step, AdamW, label smoothing), built from the trainer's own pieces: batches from `_batches` over a
-seeded permutation, the trainer's `_loader` (a DataLoader with the batches as batch_sampler, num_workers 0),
-`subsample`, the question table, `_Objective`, losses, optimiser step. Only where the batches come from differs:
+2nd recognition step, AdamW, label smoothing), built from the trainer's own pieces: batches from `runtime.batches` over a
+seeded permutation, the trainer's `runtime.loader` (a DataLoader with the batches as batch_sampler, num_workers 0),
+`subsample`, the question table (`Asker`), `Objective`, `recognition_loss` / `qa_loss_share`, optimiser step. Only where the batches come from differs:
 
-  lazy_h5           SegmentDataset(in_memory=False) -> _loader: every row read from the file through h5py
-  segment_in_memory SegmentDataset(in_memory=True)  -> _loader: the whole window read into RAM at construction
+  lazy_h5           SegmentDataset(in_memory=False) -> loader: every row read from the file through h5py
+  segment_in_memory SegmentDataset(in_memory=True)  -> loader: the whole window read into RAM at construction
                     (what the trainer picks for caches below 2 GiB); rows still go item by item through collate
   in_memory_tensors the features as one float32 tensor in RAM, a batch = one index_select (no DataLoader):
                     the alternative a user would write by hand
@@ -59,7 +59,7 @@ from mambavl.cache import schema  # noqa: E402
 from mambavl.cache.reader import SegmentDataset, open_cache  # noqa: E402
 from mambavl.cache.synthetic import make_planted_cache  # noqa: E402
 from mambavl.data.sampling import subsample  # noqa: E402
-from mambavl.fuse.qa import answer_targets, qa_loss, scene_targets, single_label_loss  # noqa: E402
+from mambavl.train.schedule import mix_seed  # noqa: E402
 
 VARIANTS = ("lazy_h5", "segment_in_memory", "in_memory_tensors", "lazy_h5_cached_handle")
 
@@ -93,27 +93,26 @@ class Epoch:
         verbs, nouns = list(cache.verb_keys), list(cache.noun_keys)
         pairs = rt.action_vocab(cache, rows)
         self.labels = rt.load_labels(cache, {p: i for i, p in enumerate(pairs)})
-        self.questions = rt.Questions(cache, cfg.question_source, rt.HEAD_KINDS[cfg.task])
-        answers = cache.answers()
-        self.cand = {"verb": torch.as_tensor(answers.verb, dtype=torch.float32),
-                     "noun": torch.as_tensor(answers.noun, dtype=torch.float32),
-                     "action": rt.action_answers(cache, pairs)}
-        self.cand["scene"] = self.cand["noun"]
+        spec = rt.task_spec(cfg.task)
+        self.questions = rt.Asker.of_cache(cache, spec, cfg.question_source,
+                                           action_answers=rt.action_answers(cache, pairs))
+        self.answers = self.questions.answers.to(self.device)
         # the kinds training draws from (action only where the cache can ask it), in the same order
-        self.qa_kinds = tuple(k for k in rt.QA_KINDS[cfg.task] if k != "action" or self.cand["action"] is not None)
+        self.qa_kinds = self.questions.qa_kinds()
+        self.spec = spec
         torch.manual_seed(cfg.seed)
         dims = {"video_dim": int(cache.attrs["feature_dim"]), "text_dim": int(cache.attrs["text_dim"]),
                 "num_verbs": len(verbs), "num_nouns": len(nouns), "num_actions": len(pairs)}
         self.model, _ = rt.build_model(cfg, dims)
-        self.objective = tr._Objective(self.model).train()
+        self.objective = tr.Objective(self.model).train()
         self.optimizer = torch.optim.AdamW(tr.param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.sample_gen = torch.Generator()
         self.epoch = 0
         self.steps = 0
 
     def positions(self) -> np.ndarray:
-        """The seeded permutation of the epoch (as `_train` draws it), positions into `rows`."""
-        g = torch.Generator().manual_seed(tr._mix(self.cfg.seed, self.epoch, 0))
+        """The seeded permutation of the epoch (as the trainer draws it), positions into `rows`."""
+        g = torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.epoch, 0))
         return torch.randperm(len(self.rows), generator=g).numpy()
 
     def _optimise(self, loss: torch.Tensor) -> None:
@@ -126,35 +125,28 @@ class Epoch:
     def run(self, batches) -> float:
         """One epoch over an iterable of batches dict(index (B,), features (B, F, D), num_frames (B,))."""
         cfg, lab, q_table = self.cfg, self.labels, self.questions
-        torch.manual_seed(tr._mix(cfg.seed, self.epoch, 1, 0))
-        self.sample_gen.manual_seed(tr._mix(cfg.seed, self.epoch, 2, 0))
+        torch.manual_seed(mix_seed(cfg.seed, self.epoch, 1, 0))
+        self.sample_gen.manual_seed(mix_seed(cfg.seed, self.epoch, 2, 0))
         total, rec_steps = 0.0, 0
         for batch in batches:
             rows = batch["index"].to(torch.long)
+            part = tr.StepPart.whole(rows.numpy(), rows, batch["num_frames"])  # one process: the batch whole
             feats = batch["features"].to(device=self.device, dtype=torch.float32)  # (B, F, D)
             video, vmask = subsample(feats, batch["num_frames"], cfg.frames, train=True, generator=self.sample_gen)
             q, _ = q_table.heads(rows, train=True, generator=self.sample_gen)
-            qt, qm = q_table.gather(q, self.device)  # (B, 2, T, Dt), (B, 2, T)
+            qt, qm = q_table.tokens_of(q, rows, self.device)  # (B, 2, T, Dt), (B, 2, T)
             out = self.objective("rec", video, vmask, qt, qm)
-            loss = single_label_loss(out["verb"], lab.verb[rows], cfg.label_smoothing)
-            loss = loss + single_label_loss(out["noun"], lab.noun[rows], cfg.label_smoothing)
-            if "action" in out:
-                loss = loss + single_label_loss(out["action"], lab.action[rows], cfg.label_smoothing)
+            loss = tr.recognition_loss(out, rows, part, lab, cfg.label_smoothing, self.device).total
             self._optimise(loss)
             rec_steps += 1
             total += float(loss.detach())
             if cfg.qa_weight > 0 and rec_steps % cfg.qa_every == 0:
                 kind = self.qa_kinds[int(torch.randint(len(self.qa_kinds), (1,), generator=self.sample_gen))]
-                qk = q_table.template(kind, len(rows), train=True, generator=self.sample_gen)
-                qkt, qkm = q_table.gather(qk, self.device)
-                scene = rt.QA_TARGET[kind] == "scene"
-                logits = self.objective("scene" if scene else "qa", video, vmask, qkt, qkm,
-                                        self.cand[rt.QA_TARGET[kind]])  # (B, K)
-                if scene:
-                    target = scene_targets([lab.all_nouns[r] for r in rows.tolist()], logits.shape[1])
-                else:
-                    target = answer_targets(kind, lab.verb[rows], lab.noun[rows], lab.action[rows])
-                lq = qa_loss(kind, logits, target)
+                qkt, qkm = q_table.qa_question(kind, len(rows), train=True, generator=self.sample_gen,
+                                               device=self.device)
+                mode = "scene" if self.spec.is_multi_label(kind) else "qa"
+                logits = self.objective(mode, video, vmask, qkt, qkm, self.answers.for_kind(kind))  # (B, K)
+                lq = tr.qa_loss_share(kind, logits, rows, part, lab, self.device)
                 self._optimise(cfg.qa_weight * lq)
             self.steps += 1
         self.epoch += 1
@@ -163,7 +155,7 @@ class Epoch:
 
 def tensor_batches(features: torch.Tensor, num_frames: torch.Tensor, rows: np.ndarray, positions: np.ndarray,
                    batch_size: int):
-    """The same batches as `_loader(SegmentDataset, _batches(positions))`, indexed from in-memory tensors."""
+    """The same batches as `loader(SegmentDataset, batches(positions))`, indexed from in-memory tensors."""
     for b in rt.batches(positions, batch_size):
         idx = torch.as_tensor(rows[b], dtype=torch.long)  # (B,) cache rows
         yield {"index": idx, "features": features.index_select(0, idx), "num_frames": num_frames.index_select(0, idx)}

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mambavl.analysis.ablate import (
@@ -22,6 +21,7 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import InputError
 from mambavl.progress import Recorder
+from mambavl.runtime import TrainedModel
 
 TINY = {"d_model": 16, "n_layers": 1}
 
@@ -57,7 +57,7 @@ def test_ablation_table_over_seeds_and_restart(caches, tmp_path):
         assert r["metrics"]["verb_top5"]["mean"] >= r["metrics"]["verb_top1"]["mean"]
     # video-only builds no question modules: fewer parameters than the full model
     assert rows["video-only"]["params"] < rows["full"]["params"]
-    history = torch.load(rows["full"]["runs"][0]["run_dir"] + "/last.pt", weights_only=True)["history"]
+    history = TrainedModel.load(rows["full"]["runs"][0]["run_dir"] + "/last.pt").progress.history
     assert sum(h["qa_steps"] for h in history) > 0
     md = (tmp_path / "ablation.md").read_text()
     assert "| full |" in md and "±" in md and "2 epochs" in md
@@ -104,11 +104,11 @@ def test_ablate_cli(caches, tmp_path):
     assert res.exit_code == 0, res.output
     assert "| concat |" in res.output and "| predicted |" in res.output and (out / "ablation.json").is_file()
     # the candidate settings reach the self-questioning run
-    ckpt = torch.load(out / "runs" / "predicted" / "seed0" / "last.pt", weights_only=True)
-    assert ckpt["train_config"]["candidates_k"] == 2 and ckpt["train_config"]["candidate_folds"] == 2
-    assert ckpt["first_pass"]["k"] == 2 and len(ckpt["first_pass"]["states"]) == 2
+    run = TrainedModel.load(out / "runs" / "predicted" / "seed0" / "last.pt")
+    assert run.train_config.candidates_k == 2 and run.train_config.candidate_folds == 2
+    assert run.first_pass["k"] == 2 and len(run.first_pass["states"]) == 2
     # no-qa trains the same model without QA steps
-    history = torch.load(out / "runs" / "no-qa" / "seed0" / "last.pt", weights_only=True)["history"]
+    history = TrainedModel.load(out / "runs" / "no-qa" / "seed0" / "last.pt").progress.history
     assert [h["qa_steps"] for h in history] == [0]
     bad = CliRunner().invoke(app, [
         "ablate", "--train-cache", str(caches[0]), "--val-cache", str(caches[1]), "--out", str(out),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mambavl.cache.synthetic import make_planted_cache
-from mambavl.runtime import load_checkpoint
+from mambavl.runtime import TrainedModel
 from mambavl.train import TrainConfig, train
 
 # Tolerance of the comparison with one process: the same arithmetic, with the gradient of a global batch summed
@@ -121,12 +121,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert a["val_question_fallbacks"] == b["val_question_fallbacks"] == 3
         assert a["question_fallbacks"] == b["question_fallbacks"] == 3
 
-    model, ckpt = load_checkpoint(out / "last.pt")
+    run = TrainedModel.load(out / "last.pt")
+    model = run.model()
     ref = single.model.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.allclose(tensor, ref[name], rtol=0, atol=ATOL_WEIGHTS), name
-    assert ckpt["epoch"] == 3 and ckpt["step"] == 9
-    assert torch.load(out / "last.pt", weights_only=True)["history"][0]["qa_steps"] == 3
+    assert run.progress.epoch == 3 and run.progress.step == 9
+    assert run.progress.history[0]["qa_steps"] == 3
 
 
 @pytest.mark.timeout(1800)
@@ -145,11 +146,11 @@ def test_ddp_self_questioning_equals_one_process(tmp_path):
             assert a[key] == b[key], key
         for key in ("train_loss", "train_loss_qa", "val_verb_top1"):
             assert np.isclose(a[key], b[key], rtol=RTOL, atol=1e-6), (key, a[key], b[key])
-    ddp_ckpt = torch.load(out / "last.pt", weights_only=True)
-    one_ckpt = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    assert torch.equal(ddp_ckpt["train_candidates"], one_ckpt["train_candidates"])
-    for name, tensor in ddp_ckpt["model"].items():
-        assert torch.allclose(tensor, one_ckpt["model"][name], rtol=0, atol=ATOL_WEIGHTS), name
+    ddp_run = TrainedModel.load(out / "last.pt")
+    one_run = TrainedModel.load(tmp_path / "one" / "last.pt")
+    assert torch.equal(ddp_run.train_candidates, one_run.train_candidates)
+    for name, tensor in ddp_run.weights.items():
+        assert torch.allclose(tensor, one_run.weights[name], rtol=0, atol=ATOL_WEIGHTS), name
 
 
 def test_process_group_is_joined_once_and_kept(tmp_path):

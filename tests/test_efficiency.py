@@ -93,13 +93,26 @@ def test_scan_counted_once_whatever_the_implementation(impl):
     assert other == base
 
 
-def test_record_scans_restores_the_modules():
+def test_record_scans_restores_the_models_scan_implementation():
     from mambavl.fuse import block, scan
 
-    before = block.selective_scan
-    with record_scans():
-        assert block.selective_scan is not before
-    assert block.selective_scan is before is scan.selective_scan
+    cfg = EfficiencyConfig(lengths=(24,), fusions=("mamba",), **TINY)
+    cfg.extra = {"scan_impl": "chunked"}
+    model = efficiency_model(cfg, "mamba", 24, torch.device("cpu"))
+
+    def impls():
+        return [m.scan_impl for m in model.modules() if hasattr(m, "scan_impl")]
+
+    before, module_scan = impls(), block.selective_scan
+    assert before and set(before) == {"chunked"}
+    with record_scans(model) as calls:
+        assert all(impl != "chunked" and callable(impl) for impl in impls())  # every scan of the model is routed
+        with torch.no_grad():
+            model(*make_batch(cfg, 24, torch.device("cpu"))[:4])
+        assert calls  # ... and recorded
+    assert impls() == before  # the model's own implementation is back
+    assert model.cfg.scan_impl == "chunked"
+    assert block.selective_scan is module_scan is scan.selective_scan  # no module was patched
 
 
 def test_rss_memory_in_a_fresh_process(tmp_path):

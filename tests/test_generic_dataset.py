@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mambavl.cache.reader import open_cache
 from mambavl.cli import app
 from mambavl.data.synthetic import make_kitchen_dataset
-from mambavl.runtime import load_checkpoint
+from mambavl.runtime import TrainedModel
 
 TINY = ["--model", "mambavl-tiny-clip", "--pretrained", "none", "--pooling", "grid", "--frames", "6", "--size", "64",
         "--questions", "templates", "--device", "cpu", "--quiet"]
@@ -34,12 +34,12 @@ def test_generic_clips_extract_train_evaluate(tmp_path):
                            "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "8", "--device", "cpu",
                            "--set", "d_model=32", "--min-steps", "20", "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    model, ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert ckpt["vocab"]["verbs"] == labels and ckpt["vocab"]["nouns"] == []
+    best = TrainedModel.load(tmp_path / "run" / "best.pt")
+    assert best.vocab.verbs == labels and best.vocab.nouns == []
     # 24 clips at batch 8: 3 steps per pass, 6 in 2 epochs; the step floor of 20 makes each epoch 4 passes
-    history = load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]
+    history = TrainedModel.load(tmp_path / "run" / "last.pt").progress.history
     assert [(h["passes"], h["rec_steps"]) for h in history] == [(4, 12), (4, 12)]
-    assert ckpt["best_metric_name"] == "val_verb_top1"
+    assert best.selection_metric == "val_verb_top1"
 
     res = run.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cache",
                            str(tmp_path / "val.h5"), "--out", str(tmp_path / "eval"), "--device", "cpu", "--quiet"])
@@ -47,7 +47,7 @@ def test_generic_clips_extract_train_evaluate(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     overall = metrics["metrics"]["all"]
     assert metrics["n"] == 12 and 0 <= overall["verb"]["top1"] <= 100 and "noun" not in overall
-    history = ckpt["history"][-1]
+    history = best.progress.history[-1]
     assert overall["verb"]["top1"] == history["val_verb_top1"] or abs(overall["verb"]["top1"]
                                                                         - history["val_verb_top1"]) < 1e-3
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_class.csv")))

@@ -222,7 +222,7 @@ def test_class_keyed_question_file_is_flagged_at_extraction_and_refused_at_evalu
     training-time batching accepts them."""
     from mambavl.errors import InputError
     from mambavl.extract.questions import QuestionSource
-    from mambavl.runtime import Questions
+    from mambavl.runtime import Asker, task_spec
 
     ann = load_annotations(kitchen.val_csv)
     segs = ann.segments
@@ -235,7 +235,7 @@ def test_class_keyed_question_file_is_flagged_at_extraction_and_refused_at_evalu
                    encoder=encoder)
     cache = open_cache(tmp_path / "q.h5")
     assert cache.questions().label_keyed["file"].tolist() == [False] + [True] * (len(segs) - 1)
-    heads = ("verb", "noun")
-    Questions(cache, QuestionSource.FILE, heads)  # training rows: allowed
+    spec = task_spec("recognition")  # the heads ask verb and noun questions
+    Asker.of_cache(cache, spec, QuestionSource.FILE)  # training rows: allowed
     with pytest.raises(InputError, match=r"llm_questions\.csv.*training rows only"):
-        Questions(cache, QuestionSource.FILE, heads, evaluation=True)
+        Asker.of_cache(cache, spec, QuestionSource.FILE, evaluation=True)

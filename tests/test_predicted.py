@@ -15,7 +15,7 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
-from mambavl.runtime import candidate_questions, fold_ids, load_checkpoint, predict_scores, topk_candidates
+from mambavl.runtime import TrainedModel, candidate_questions, fold_ids, predict_scores, topk_candidates
 from mambavl.train import TrainConfig, train
 
 TINY = {"d_model": 16, "n_layers": 1, "scan_impl": "chunked"}
@@ -60,11 +60,11 @@ def test_folds_candidates_and_question_tokens():
 
 
 def test_training_records_cross_fitted_candidates(run):
-    ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
-    first = ckpt["first_pass"]
+    trained = TrainedModel.load(run["ckpt"])
+    first = trained.first_pass
     assert first["origin"] == "cross-fitted" and len(first["states"]) == 2 and first["k"] == K
     assert first["model_config"]["use_question"] is False
-    table = ckpt["train_candidates"].numpy()
+    table = trained.train_candidates.numpy()
     assert table.shape == (96, 2, K) and (table >= 0).all()
     row = run["history"][-1]
     for split in ("train", "val"):
@@ -95,10 +95,9 @@ def test_evaluate_reports_candidates_and_qa(run, tmp_path):
 
 
 def test_predicted_scores_depend_on_the_candidates(run):
-    model, ckpt = load_checkpoint(run["ckpt"])
-    from mambavl.runtime import FirstPass
-
-    first = FirstPass.from_state(ckpt["first_pass"])
+    trained = TrainedModel.load(run["ckpt"])
+    model = trained.model()
+    first = trained.first_pass_models()
     a = predict_scores(model, run["val"], question_source="predicted", frames=4, first_pass=first)
     assert a["candidates"].shape == (48, 2, K)
     np.testing.assert_array_equal(a["candidates"][:, 0], topk_candidates(a["first_pass"]["verb"], K))
@@ -211,8 +210,8 @@ def test_cli_train_predicted_and_refusals(run, tmp_path):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--candidates-from",
                                    str(plain.last_checkpoint)])
     assert res.exit_code == 0, res.output
-    ckpt = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["first_pass"]["origin"] == str(plain.last_checkpoint) and len(ckpt["first_pass"]["states"]) == 1
+    first = TrainedModel.load(tmp_path / "r" / "last.pt").first_pass
+    assert first["origin"] == str(plain.last_checkpoint) and len(first["states"]) == 1
     res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "r" / "last.pt"), "--cache",
                                    str(run["val"]), "--out", str(tmp_path / "e"), "--device", "cpu", "--no-plots"])
     assert res.exit_code == 0, res.output
@@ -238,17 +237,15 @@ def test_anticipation_candidates_come_from_the_observed_window(tmp_path):
               "val": make_planted_cache(tmp_path / "v.h5", n=24, seed=1, anticipation=True)}
     result = train(_train_cfg(tmp_path, caches, "ant", task="anticipation", question_source="predicted", epochs=1,
                               candidates_k=K, candidate_folds=2))
-    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
-    assert ckpt["task"] == "anticipation" and ckpt["first_pass"]["k"] == K
+    trained = TrainedModel.load(result.last_checkpoint)
+    assert trained.task == "anticipation" and trained.first_pass["k"] == K
     res = evaluate(EvalConfig(checkpoint=str(result.last_checkpoint), cache=str(caches["val"]),
                               out_dir=str(tmp_path / "e"), device="cpu", plots=False, submission=False))
     assert res["window"] == "anticipation" and res["candidates"]["recall_at_k"]["verb"] is not None
     assert set(res["qa"]) == {"next_verb", "next_noun"}
-    model, _ = load_checkpoint(result.last_checkpoint)
-    from mambavl.runtime import FirstPass
-
+    model = trained.model()
     scores = predict_scores(model, caches["val"], window="anticipation", question_source="predicted", frames=4,
-                            first_pass=FirstPass.from_state(ckpt["first_pass"]))
+                            first_pass=trained.first_pass_models())
     np.testing.assert_array_equal(scores["candidates"][:, 1], topk_candidates(scores["first_pass"]["noun"], K))
 
 

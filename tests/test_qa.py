@@ -126,8 +126,14 @@ def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
     verb / noun / action answer top-1 is far above chance (1/6, 1/5, 1/A) and scene mAP far above an untrained
     model's."""
     from mambavl.evaluate import qa_metrics
-    from mambavl.runtime import qa_scores
+    from mambavl.cache.reader import SegmentDataset
+    from mambavl.runtime import Asker, TrainedModel, clip_batches, qa_logits, task_spec
     from mambavl.train import TrainConfig, train
+
+    def qa_scores(model, cache, action_answers=None):  # every valid recognition row, batches of 64, 4 frames
+        rows = np.asarray(cache.valid_indices("recognition"), dtype=np.int64)
+        clips = clip_batches(SegmentDataset(cache, window="recognition", indices=rows), 64, 4, torch.device("cpu"))
+        return qa_logits(model, clips, Asker.of_cache(cache, task_spec("recognition"), action_answers=action_answers))
 
     train_cache = make_planted_cache(tmp_path / "train.h5", n=96, seed=0)
     val = open_cache(make_planted_cache(tmp_path / "val.h5", n=48, seed=1))
@@ -136,14 +142,14 @@ def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
                       batch_size=16, lr=1e-2, warmup_epochs=0, frames=4, qa_every=1, device="cpu", min_steps=0)
     untrained, _ = create_model("small", video_dim=32, text_dim=24, num_verbs=6, num_nouns=5, num_actions=0,
                                 **cfg.model_overrides)
-    before = qa_metrics(qa_scores(untrained, val, "recognition", "cpu", 64, 4), val.labels(), (1, 5))
+    before = qa_metrics(qa_scores(untrained, val), val.labels(), (1, 5))
     result = train(cfg)
     losses = [row["train_loss_qa"] for row in result.history]
     assert losses[-1] < 0.5 * losses[0]
-    ckpt = torch.load(result.last_checkpoint, weights_only=True)
-    pairs = ckpt["vocab"]["action_pairs"]
-    assert ckpt["action_answers"].shape == (len(pairs), 24)
-    after = qa_metrics(qa_scores(result.model, val, "recognition", "cpu", 64, 4, ckpt["action_answers"]),
+    run = TrainedModel.load(result.last_checkpoint)
+    pairs = run.vocab.action_pairs
+    assert run.action_answers.shape == (len(pairs), 24)
+    after = qa_metrics(qa_scores(result.model, val, run.action_answers),
                        val.labels(), (1, 5), pairs)
     assert after["verb"]["top1"] > 45 and after["noun"]["top1"] > 45  # chance: 16.7 and 20
     assert after["action"]["top1"] > 3 * 100 / len(pairs)  # chance: 1 / A

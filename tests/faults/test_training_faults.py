@@ -15,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mambavl import train as T
+from mambavl import files as F
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import TrainingStopped
-from mambavl.runtime import checkpoint as C
+from mambavl.runtime import TrainedModel
 from mambavl.train import TrainConfig, train
+from mambavl.train import loop as T
 
 TINY = {"d_model": 32, "n_layers": 1}
 
@@ -37,24 +38,24 @@ def _cfg(cache, out, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path) -> TrainedModel:
+    return TrainedModel.load(path)
 
 
-def _finite(ckpt: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+def _finite(run: TrainedModel) -> bool:
+    return all(torch.isfinite(v).all() for v in run.weights.values() if v.is_floating_point())
 
 
 def _nan_at(monkeypatch, call: int) -> None:
     """Make the `call`-th recognition loss NaN (an injected divergence)."""
-    real, calls = T._rec_loss, [0]
+    real, calls = T.recognition_loss, [0]
 
     def rec_loss(*args, **kwargs):
-        loss, parts = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls[0] += 1
-        return (loss * float("nan"), parts) if calls[0] == call else (loss, parts)
+        return dataclasses.replace(loss, total=loss.total * float("nan")) if calls[0] == call else loss
 
-    monkeypatch.setattr(T, "_rec_loss", rec_loss)
+    monkeypatch.setattr(T, "recognition_loss", rec_loss)
 
 
 def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(cache, tmp_path, monkeypatch):
@@ -63,7 +64,7 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(cac
                                               r"checkpoint .*last.pt is kept"):
         train(_cfg(cache, tmp_path / "run"))
     last, best = _load(tmp_path / "run" / "last.pt"), _load(tmp_path / "run" / "best.pt")
-    assert last["epoch"] == 1 and _finite(last) and _finite(best)
+    assert last.progress.epoch == 1 and _finite(last) and _finite(best)
     _nan_at(monkeypatch, 2)
     r = CliRunner().invoke(app, ["train", "--train-cache", str(cache), "--out", str(tmp_path / "cli"), "--epochs",
                                  "2", "--batch-size", "8", "--frames", "6", "--set", "d_model=32", "--set",
@@ -83,13 +84,13 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(cache, tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(C.torch, "save", full_disk)
+    monkeypatch.setattr(F.torch, "save", full_disk)
     with pytest.raises(TrainingStopped, match=r"could not write .*last.pt \(No space left on device\); .*last.pt "
                                               r"is unchanged"):
         train(_cfg(cache, tmp_path / "run"))
     monkeypatch.undo()
     last = _load(tmp_path / "run" / "last.pt")
-    assert last["epoch"] == 1 and _finite(last)
+    assert last.progress.epoch == 1 and _finite(last)
     assert not list((tmp_path / "run").glob("*.tmp"))
     resumed = train(dataclasses.replace(_cfg(cache, tmp_path / "run"), resume=True))  # and the run goes on
     assert resumed.history[-1]["epoch"] == 3
@@ -98,8 +99,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(cache, tmp_path,
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    from mambavl import train as T
-    from mambavl.runtime import checkpoint as C
+    from mambavl import files as F
+    from mambavl import train
+    from mambavl.train import loop as T
 
     cfg, where, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)  # as the test process (conftest): the same reduction order, so the same bits
@@ -119,10 +121,10 @@ CHILD = textwrap.dedent("""
         return wrapper
 
     if where == "step":
-        T._recognition_step = die_on_nth(T._recognition_step)
+        T.recognition_step = die_on_nth(T.recognition_step)
     else:
-        C.torch.save = die_on_nth(torch.save)
-    T.train(T.TrainConfig(**cfg))
+        F.torch.save = die_on_nth(torch.save)
+    train.train(train.TrainConfig(**cfg))
 """)
 
 
@@ -136,10 +138,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(cache, tmp_path):
         child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args), where, str(n)], capture_output=True,
                                text=True, timeout=300)
         assert child.returncode == -9, child.stderr[-2000:]
-        assert _load(tmp_path / "run" / "last.pt")["epoch"] == 1  # the last good checkpoint, intact
+        assert _load(tmp_path / "run" / "last.pt").progress.epoch == 1  # the last good checkpoint, intact
     resumed = train(dataclasses.replace(cfg, resume=True))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     want, got = reference.model.state_dict(), resumed.model.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert _load(tmp_path / "run" / "last.pt")["model"].keys() == want.keys()
+    assert _load(tmp_path / "run" / "last.pt").weights.keys() == want.keys()
