@@ -35,7 +35,7 @@ from mambavl.cache import schema
 from mambavl.cache.reader import open_cache
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import resolve_device
-from mambavl.errors import InputError
+from mambavl.errors import InputError, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.qa import QA_TARGET, scene_targets
 from mambavl.progress import Progress, or_none
@@ -731,6 +731,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         reported = index
 
     out_dir = Path(cfg.out_dir)
+    check_writable(out_dir, "--out")
     step("load")
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
     trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(

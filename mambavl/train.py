@@ -68,7 +68,7 @@ from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import join_process_group, resolve_device
-from mambavl.errors import InputError, TrainingStopped
+from mambavl.errors import InputError, TrainingStopped, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.config import ModelConfig, question_is_offset
 from mambavl.fuse.model import MambaVL, model_config_from_dict
@@ -971,6 +971,7 @@ def _train(
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out_dir)
+    check_writable(out_dir, "run folder (--out)")
     ckpt = _resume_checkpoint(cfg, out_dir / "last.pt")
     data = _load_data(cfg, ckpt, out_dir / "last.pt", device, d)
     model, mcfg, objective = _build(cfg, ckpt, data, device, d)

@@ -35,7 +35,7 @@ import numpy as np
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.errors import InputError
+from mambavl.errors import InputError, check_writable
 
 STR = h5py.string_dtype("utf-8")
 VLEN_INT = h5py.vlen_dtype(np.int32)
@@ -174,6 +174,7 @@ class CacheWriter:
         if self.frames <= 0 or self.dim <= 0:
             raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
+        check_writable(self.path, "cache")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._failures: dict[tuple[int, str], dict[str, Any]] = {}
         self._failures_dirty = False

@@ -1,0 +1,265 @@
+"""Storage faults: caches that point outside themselves (external raw storage, external links, virtual datasets),
+caches whose tail is zero-filled or cut off, outputs on a read-only file system, and a merge of more shards than the
+open-files limit (`ulimit -n`) allows at once.
+
+Real read-only mounts are made in a private mount namespace (`unshare -rm`, no root needed where user namespaces
+are allowed); where that is impossible those tests skip and the simulated ones (patched OS calls) still run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mambavl.cache import schema
+from mambavl.cache.build import ExtractConfig, merge_caches, run_extraction
+from mambavl.cache.reader import open_cache
+from mambavl.cache.synthetic import make_planted_cache
+from mambavl.cli import app
+from mambavl.data.synthetic import make_kitchen_dataset
+from mambavl.errors import InputError, check_writable
+from mambavl.extract.decode import SamplingConfig
+from mambavl.extract.encoders import EncoderConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_FAST = ["--epochs", "1", "--min-steps", "0", "--batch-size", "8", "--device", "cpu", "--quiet",
+              "--set", "d_model=32", "--set", "n_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    make_planted_cache(root / "val.h5", n=20, seed=1)
+    return make_planted_cache(root / "clean.h5", n=40, seed=0)
+
+
+def _variant(clean: Path, path: Path, edit) -> Path:
+    shutil.copy(clean, path)
+    with h5py.File(path, "r+") as f:
+        edit(f, path.parent)
+    return path
+
+
+def _external_storage(f, root):
+    shape, dtype = f["features"].shape, f["features"].dtype
+    secret = (np.arange(int(np.prod(shape))) % 1000 + 1000).astype(np.float16)
+    secret.tofile(root / "secret.bin")
+    del f["features"]
+    f.create_dataset("features", shape=shape, dtype=dtype, external=[(str(root / "secret.bin"), 0, secret.nbytes)])
+
+
+def _external_storage_in_group(f, root):  # the anticipation-less kind, in a nested group
+    np.zeros(8, np.float16).tofile(root / "other.bin")
+    del f["answers"]["verb"]
+    f["answers"].create_dataset("verb", shape=(8,), dtype=np.float16, external=[("other.bin", 0, 16)])
+
+
+def _external_link(f, root):
+    with h5py.File(root / "private.h5", "w") as o:
+        o["v"] = np.asarray([b"secret"], dtype=object)
+    del f["classes"]["verb"]
+    f["classes"]["verb"] = h5py.ExternalLink(str(root / "private.h5"), "/v")
+
+
+def _virtual(f, root):
+    shape, dtype = f["features"].shape, f["features"].dtype
+    with h5py.File(root / "source.h5", "w") as o:
+        o["x"] = np.ones(shape, dtype)
+    del f["features"]
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    layout[:] = h5py.VirtualSource(str(root / "source.h5"), "x", shape=shape)
+    f.create_virtual_dataset("features", layout)
+
+
+@pytest.mark.parametrize("edit, dataset, target", [
+    (_external_storage, "features", "secret.bin"),
+    (_external_storage_in_group, "answers/verb", "other.bin"),
+    (_external_link, "classes/verb", "private.h5"),
+    (_virtual, "features", "source.h5"),
+])
+def test_cache_pointing_outside_itself_is_refused_by_every_command(tmp_path, clean, edit, dataset, target):
+    bad = _variant(clean, tmp_path / "shared.h5", edit)
+    with pytest.raises(InputError) as info:
+        open_cache(bad)
+    assert dataset in str(info.value) and target in str(info.value) and "outside the file" in str(info.value)
+    for args in (["cache", "inspect", str(bad)],
+                 ["train", "--train-cache", str(bad), "--val-cache", str(clean.parent / "val.h5"),
+                  "--out", str(tmp_path / "run"), *TRAIN_FAST],
+                 ["train", "--train-cache", str(clean), "--val-cache", str(bad), "--out", str(tmp_path / "run2"),
+                  *TRAIN_FAST]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert dataset in res.output and target in res.output
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run2" / "last.pt").exists()
+    # the writer refuses to resume into such a file as well (it would read its done-flags from elsewhere)
+    with pytest.raises(InputError, match="outside the file"):
+        schema.open_h5(bad, "r+")
+
+
+def test_virtual_dataset_inside_the_file_is_accepted(tmp_path, clean):
+    def inside(f, root):
+        layout = h5py.VirtualLayout(shape=f["valid"].shape, dtype=bool)
+        layout[:] = h5py.VirtualSource(".", "valid", shape=f["valid"].shape)
+        f.create_virtual_dataset("valid_view", layout)
+
+    ok = _variant(clean, tmp_path / "inside.h5", inside)
+    assert open_cache(ok).n == 40
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7, 0.9, 0.97])
+def test_zero_filled_tail_is_reported_as_damaged(tmp_path, clean, fraction):
+    data = clean.read_bytes()
+    cut = int(len(data) * fraction)
+    bad = tmp_path / "val_zerotail.h5"
+    bad.write_bytes(data[:cut] + bytes(len(data) - cut))
+    with pytest.raises(InputError) as info:
+        c = open_cache(bad)
+        c.labels(), c.questions(), c.answers(), c.failures()
+    assert "damaged" in str(info.value) and str(bad) in str(info.value)
+    res = CliRunner().invoke(app, ["train", "--train-cache", str(clean), "--val-cache", str(bad),
+                                   "--out", str(tmp_path / "run"), *TRAIN_FAST])
+    assert res.exit_code == 2 and "damaged" in res.output and "val_zerotail.h5" in res.output, res.output
+
+
+def test_truncated_cache_says_damaged_not_move_a_healthy_file(tmp_path, clean):
+    bad = tmp_path / "trunc.h5"
+    bad.write_bytes(clean.read_bytes()[: len(clean.read_bytes()) // 2])
+    with pytest.raises(InputError, match="damaged"):
+        open_cache(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- read-only
+
+
+def _readonly_mount(src: Path, mnt: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with `src` bind-mounted read-only at `mnt` in a private mount namespace; skip where the system
+    does not allow it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not available")
+    mnt.mkdir(exist_ok=True)
+    q = shlex.quote
+    script = (f"mount --bind {q(str(src))} {q(str(mnt))} && mount -o remount,ro,bind {q(str(mnt))} || exit 97; "
+              f"exec {' '.join(q(c) for c in command)}")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    if p.returncode == 97 or "unshare:" in p.stderr[:200]:
+        pytest.skip(f"cannot make a read-only mount here: {p.stderr.strip()[:200]}")
+    return p
+
+
+def test_outputs_on_a_read_only_file_system(tmp_path, clean):
+    src = tmp_path / "share"
+    src.mkdir()
+    shutil.copy(clean, src / "train.h5")
+    shutil.copy(clean.parent / "val.h5", src / "val.h5")
+    ro = tmp_path / "ro"
+    code = textwrap.dedent(f"""
+        import sys
+        from mambavl.cli import main
+        commands = [
+            ["train", "--train-cache", "{ro}/train.h5", "--val-cache", "{ro}/val.h5", "--out", "{ro}/run2",
+             {", ".join(repr(a) for a in TRAIN_FAST)}],
+            ["cache", "merge", "{ro}/merged.h5", "{ro}/train.h5"],
+            ["cache", "inspect", "{ro}/train.h5"],
+        ]
+        for args in commands:
+            sys.argv = ["mambavl", *args]
+            try:
+                main()
+                print("RC 0")
+            except SystemExit as exc:
+                print("RC", exc.code, flush=True)
+    """)
+    p = _readonly_mount(src, ro, [sys.executable, "-c", code])
+    rcs = [line.split()[1] for line in p.stdout.splitlines() if line.startswith("RC ")]
+    assert rcs == ["2", "2", "0"], p.stdout + p.stderr
+    assert p.stderr.count("read-only file system") == 2, p.stderr
+    assert f"{ro}/run2" in p.stderr and f"{ro}/merged.h5" in p.stderr
+    assert "move it away" not in p.stderr and "Traceback" not in p.stderr
+    assert not (src / "run2").exists()
+
+
+def test_resume_of_a_finished_cache_on_a_read_only_file_system_is_not_called_damaged(tmp_path, clean, monkeypatch):
+    # simulated (works everywhere): the file system reports read-only
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+    with pytest.raises(InputError) as info:
+        check_writable(clean, "cache")
+    assert "read-only file system" in str(info.value) and str(clean) in str(info.value)
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Unable to synchronously open file (unable to open file: errno = 30, error "
+                                   "message = 'Read-only file system')")
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    with pytest.raises(InputError) as info:
+        schema.open_h5(clean, "r+")
+    assert "read-only file system" in str(info.value) and "move it away" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ open-files limit
+
+
+def test_open_files_limit_is_named_never_damage(clean, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Unable to synchronously open file (unable to open file: errno = 24, error "
+                                    "message = 'Too many open files')")
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    with pytest.raises(InputError) as info:
+        open_cache(clean)
+    text = str(info.value)
+    assert "ulimit -n" in text and "too many open files" in text and "move it away" not in text
+    assert "damaged" not in text
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_encoder):
+    root = tmp_path_factory.mktemp("shards")
+    kitchen = make_kitchen_dataset(root / "data", n_train=24, n_val=0, n_test=0, size=32, segments_per_video=6)
+    enc_cfg = EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu")
+    paths = []
+    for i in range(24):
+        out = root / f"train.shard{i:03d}.h5"
+        run_extraction(ExtractConfig(annotations=str(kitchen.train_csv), videos=str(kitchen.videos), out=str(out),
+                                     encoder=enc_cfg, sampling=SamplingConfig(num_frames=2, size=32), shard=(i, 24),
+                                     decode_workers=1), None, tiny_encoder)
+        paths.append(out)
+    whole = root / "whole.h5"
+    merge_caches([str(p) for p in paths], str(whole))
+    return paths, whole
+
+
+def test_merge_of_more_shards_than_the_open_files_limit(tmp_path, shards):
+    """24 shards merged under an open-files limit a dozen descriptors above what the interpreter holds: the merge
+    opens shards a few at a time and gives the same cache as without the limit."""
+    paths, whole = shards
+    out = tmp_path / "merged.h5"
+    code = textwrap.dedent(f"""
+        import os, resource
+        from mambavl.cache.build import merge_caches
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        merge_caches({[str(p) for p in paths]!r}, {str(out)!r})
+        print("merged")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.returncode == 0 and "merged" in p.stdout, p.stderr[-3000:]
+    with h5py.File(out, "r") as a, h5py.File(whole, "r") as b:
+        for name in ("features", "valid", "frame_times", "narration_id", "source_row"):
+            assert np.array_equal(a[name][()], b[name][()], equal_nan=name == "frame_times"), name
