@@ -32,7 +32,7 @@ import numpy as np
 from mambavl import __version__, plots
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import open_cache
+from mambavl.cache.reader import open_cache, require_complete
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import resolve_device
 from mambavl.errors import InputError, check_writable
@@ -97,7 +97,7 @@ class EvalConfig:
     sls_pt: int | None = None
     sls_tl: int | None = None
     sls_td: int | None = None
-    allow_incomplete: bool = False  # write a submission that lacks the cache's failed / unextracted rows
+    allow_incomplete: bool = False  # evaluate an unfinished cache; write a submission lacking failed / missing rows
 
     def __post_init__(self) -> None:
 
@@ -734,6 +734,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     check_writable(out_dir, "--out")
     step("load")
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    completeness = require_complete(loaded.cache, loaded.window, cfg.allow_incomplete, "evaluated")
     trained_source = loaded.ckpt.get("question_source") or loaded.ckpt.get("train_config", {}).get(
         "question_source", "templates")
     source = cfg.question_source or trained_source
@@ -758,6 +759,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "question_fallbacks": scored.question_fallbacks,
         "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.ckpt),
         "cache": cache_identity(loaded.cache),
+        "cache_completeness": completeness,
         "config": asdict(cfg),
         "segments": {"cache": int(loaded.cache.n), "evaluated": int(len(scored.rows)),
                      "invalid_or_failed": int(loaded.cache.n - len(scored.rows))},

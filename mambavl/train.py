@@ -65,7 +65,7 @@ from torch import nn
 from mambavl import __version__
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
+from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache, require_complete
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import join_process_group, resolve_device
 from mambavl.errors import InputError, TrainingStopped, check_writable
@@ -399,6 +399,7 @@ def _open_caches(cfg: TrainConfig, ckpt: dict | None, run: Path) -> tuple[CacheF
     window = window_of(cfg.task)
     train_cache = open_cache(cfg.train_cache)
     require_window(train_cache, window)
+    require_complete(train_cache, window, cfg.allow_incomplete, "train")
     if ckpt is not None:
         schema.check_compatible(ckpt["cache_attrs"], train_cache.attrs, f"run {run}", f"train cache {train_cache.path}")
     if cfg.val_cache is None:
@@ -412,6 +413,7 @@ def _open_caches(cfg: TrainConfig, ckpt: dict | None, run: Path) -> tuple[CacheF
     ):
         raise InputError(f"val cache {val_cache.path} has other verb/noun classes than train cache {train_cache.path}")
     require_window(val_cache, window)
+    require_complete(val_cache, window, cfg.allow_incomplete, "val")
     return train_cache, val_cache
 
 

@@ -299,3 +299,38 @@ class SegmentDataset(Dataset):
             "num_frames": torch.tensor(int(self.num_frames[row]), dtype=torch.long),
             "index": torch.tensor(row, dtype=torch.long),
         }
+
+
+def require_complete(cache: CacheFile, window: str = schema.RECOGNITION, allow_incomplete: bool = False,
+                     role: str = "") -> dict[str, Any]:
+    """Refuse a cache whose extraction did not finish (killed, or still being written where HDF5 file locking is
+    off), unless `allow_incomplete`; return what to record in the run / metrics.json.
+
+    A cache is finished when its `complete` attribute is set (every row valid or a recorded failure: a finished
+    extraction with failures is finished), or when every row of `window` is valid or has a recorded failure anyway
+    (killed after its last row). Otherwise InputError: "<role> cache X is incomplete: 16 of 150 rows extracted
+    (recognition window) ...", with how to finish it (re-run the same extract command: it resumes) and the option
+    that uses the done rows anyway (`--allow-incomplete`).
+
+    Returns {"complete": bool, "rows_done": int, "rows_total": int, "allow_incomplete": bool} (rows of `window`).
+    """
+    valid = np.zeros(cache.n, dtype=bool)
+    valid[cache.valid_indices(window)] = True
+    settled = valid.copy()
+    for failure in cache.failures():
+        if failure["window"] == window and 0 <= failure["index"] < cache.n:
+            settled[failure["index"]] = True
+    with schema.reading(cache.path):
+        flagged = bool(schema.normalise_attr(cache.h5().attrs.get("complete", False)))
+    complete = flagged or bool(settled.all())
+    report = {"complete": complete, "rows_done": int(valid.sum()), "rows_total": int(cache.n),
+              "allow_incomplete": bool(allow_incomplete)}
+    if not complete and not allow_incomplete:
+        who = f"{role} cache" if role else "cache"
+        raise InputError(
+            f"{who} {cache.path} is incomplete: {report['rows_done']} of {cache.n} rows extracted ({window} window) "
+            "and its extraction did not finish (it was stopped, or is still running). Finish it first: run the same "
+            "`mambavl extract` command again (it resumes and keeps the finished rows), then this command; or pass "
+            f"--allow-incomplete to use the {report['rows_done']} finished rows (recorded in the run)"
+        )
+    return report

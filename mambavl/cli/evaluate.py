@@ -128,7 +128,7 @@ def evaluate_command(
     sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
     sls_tl: Annotated[Optional[int], typer.Option("--sls-tl", help="Submission: your training-label supervision level 0-5.")] = None,
     sls_td: Annotated[Optional[int], typer.Option("--sls-td", help="Submission: your training-data level 0-5.")] = None,
-    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""

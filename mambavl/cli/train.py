@@ -117,6 +117,9 @@ def train_command(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override key=value (repeatable), e.g. d_model=128.")
     ] = None,
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete", help="Train (and validate) on the finished rows of a cache whose extraction did not "
+                                   "finish; recorded in train_config.json.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or per-epoch lines.")] = False,
 ) -> None:
     """Train the MambaVL fusion on a feature cache."""
@@ -144,6 +147,7 @@ def train_command(
         "min_steps": min_steps,
         "amp": amp,
         "model_overrides": parse_overrides(set_) if set_ else None,
+        "allow_incomplete": allow_incomplete or None,
     }
     explicit = {k: v for k, v in options.items() if v is not None}
     try:

@@ -263,3 +263,62 @@ def test_merge_of_more_shards_than_the_open_files_limit(tmp_path, shards):
     with h5py.File(out, "r") as a, h5py.File(whole, "r") as b:
         for name in ("features", "valid", "frame_times", "narration_id", "source_row"):
             assert np.array_equal(a[name][()], b[name][()], equal_nan=name == "frame_times"), name
+
+
+# ------------------------------------------------------------------------------------------------ incomplete cache
+
+
+def _unfinished(clean: Path, path: Path, done: int) -> Path:
+    """A copy of `clean` as an extraction killed after `done` rows leaves it: later rows not flagged, not complete."""
+    shutil.copy(clean, path)
+    with h5py.File(path, "r+") as f:
+        valid = f["valid"][()]
+        valid[done:] = False
+        f["valid"][...] = valid
+        f.attrs["complete"] = False
+    return path
+
+
+def test_incomplete_cache_is_refused_for_training_and_evaluation_unless_allowed(tmp_path, clean):
+    import json
+
+    partial = _unfinished(clean, tmp_path / "train.h5", 16)
+    val = clean.parent / "val.h5"
+    res = CliRunner().invoke(app, ["train", "--train-cache", str(partial), "--val-cache", str(val),
+                                   "--out", str(tmp_path / "refused"), *TRAIN_FAST])
+    assert res.exit_code == 2, res.output
+    assert "16 of 40 rows" in res.output and "train.h5" in res.output and "--allow-incomplete" in res.output
+    assert "mambavl extract" in res.output  # how to finish it
+    assert not (tmp_path / "refused" / "last.pt").exists()
+    # asked for explicitly: trains on the 16 finished rows and records the choice in the run
+    res = CliRunner().invoke(app, ["train", "--train-cache", str(partial), "--val-cache", str(val),
+                                   "--out", str(tmp_path / "run"), "--allow-incomplete", *TRAIN_FAST])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["allow_incomplete"] is True
+    # a finished extraction with recorded failures is complete: trained on as before
+    failed = make_planted_cache(tmp_path / "failed.h5", n=40, seed=0, invalid_rows=3)
+    res = CliRunner().invoke(app, ["train", "--train-cache", str(failed), "--val-cache", str(val),
+                                   "--out", str(tmp_path / "run_failed"), *TRAIN_FAST])
+    assert res.exit_code == 0, res.output
+    # evaluation: refused on an unfinished cache, allowed explicitly and recorded in metrics.json
+    partial_val = _unfinished(val, tmp_path / "val.h5", 7)
+    ckpt = str(tmp_path / "run_failed" / "last.pt")
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", ckpt, "--cache", str(partial_val), "--out",
+                                   str(tmp_path / "eval"), "--device", "cpu", "--no-plots", "--quiet"])
+    assert res.exit_code == 2 and "7 of 20 rows" in res.output, res.output
+    assert not (tmp_path / "eval").exists()
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", ckpt, "--cache", str(partial_val), "--out",
+                                   str(tmp_path / "eval"), "--device", "cpu", "--no-plots", "--quiet",
+                                   "--allow-incomplete"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["cache_completeness"] == {"complete": False, "rows_done": 7, "rows_total": 20,
+                                             "allow_incomplete": True}
+    assert metrics["config"]["allow_incomplete"] is True
+
+
+def test_cache_killed_after_its_last_row_is_complete(tmp_path, clean):
+    from mambavl.cache.reader import require_complete
+
+    whole = _unfinished(clean, tmp_path / "killed_late.h5", 40)  # every row flagged, `complete` never written
+    assert require_complete(open_cache(whole))["complete"] is True
