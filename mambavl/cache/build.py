@@ -501,6 +501,21 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
     tmp = out_path.with_name(out_path.name + ".partial")
     if tmp.exists():
         tmp.unlink()
+    try:
+        _write_merged(tmp, attrs, meta, caches, allrows, order, windows)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed merge (a full disk) leaves nothing behind; the shards are untouched
+        raise
+    for c in caches:
+        c.close()
+    tmp.replace(out_path)
+    return out_path
+
+
+def _write_merged(tmp: Path, attrs: dict, meta: RowMeta, caches, allrows: np.ndarray, order: np.ndarray,
+                  windows: list[str]) -> None:
+    """Write the merged cache `tmp`: rows block by block in merged order, failures, question and answer tables."""
+    first = caches[0]
     with CacheWriter(tmp, attrs, meta, first.verb_keys, first.noun_keys) as w:
         w.f.create_dataset("source_row", data=allrows[order].astype(np.int64))
         # merged position -> (shard, row in the shard); a shard's rows keep their order, so the rows of one shard
@@ -540,10 +555,6 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
             offset += c.n
         _copy_text_tables(caches, w, order, allrows)
         w.finalize()
-    for c in caches:
-        c.close()
-    tmp.replace(out_path)
-    return out_path
 
 
 def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.ndarray) -> None:

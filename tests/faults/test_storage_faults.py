@@ -322,3 +322,107 @@ def test_cache_killed_after_its_last_row_is_complete(tmp_path, clean):
 
     whole = _unfinished(clean, tmp_path / "killed_late.h5", 40)  # every row flagged, `complete` never written
     assert require_complete(open_cache(whole))["complete"] is True
+
+
+# ------------------------------------------------------------------------------------------------------ disk full
+
+
+def _rows(n: int):
+    from mambavl.cache.writer import RowMeta
+
+    return RowMeta([f"P01_01_{i}" for i in range(n)], ["P01_01"] * n, ["P01"] * n, [""] * n, np.zeros(n, np.int32),
+                   np.zeros(n, np.int32), [()] * n, np.arange(n, dtype=float), np.arange(n, dtype=float) + 1)
+
+
+ATTRS = dict(frames_per_segment=16, feature_dim=64)
+
+
+def test_full_disk_refused_before_the_cache_is_created(tmp_path, monkeypatch):
+    from mambavl.cache import writer as W
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=300_000))
+    with pytest.raises(InputError) as info:
+        W.CacheWriter(tmp_path / "c.h5", ATTRS, _rows(400), ["a"], ["b"])
+    text = str(info.value)
+    assert "no space left on" in text and "need ~" in text and "MB" in text and "c.h5" in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_during_creation_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from mambavl.cache import writer as W
+
+    real, calls = W._early, []
+
+    def early(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(W, "_early", early)
+    with pytest.raises(InputError, match="no space left on"):
+        W.CacheWriter(tmp_path / "c.h5", ATTRS, _rows(10), ["a"], ["b"])
+    assert list(tmp_path.iterdir()) == []  # neither the cache nor its *.creating-PID file
+
+
+def test_disk_full_while_rows_are_written_keeps_finished_rows(tmp_path, monkeypatch):
+    from mambavl.cache import writer as W
+
+    path = tmp_path / "c.h5"
+    feats = np.ones((16, 64))
+    with pytest.raises(InputError, match="no space left on"):
+        with W.CacheWriter(path, ATTRS, _rows(10), ["a"], ["b"]) as w:
+            for i in range(10):
+                if i == 6:
+                    monkeypatch.setattr(h5py.File, "flush", lambda self: (_ for _ in ()).throw(
+                        OSError(errno.ENOSPC, "No space left on device")))
+                w.write_row(i, feats * i, np.arange(16))
+    monkeypatch.undo()
+    with W.CacheWriter(path, ATTRS, _rows(10), ["a"], ["b"]) as w:  # resumes: the 6 finished rows are kept
+        assert w.pending_rows() == [6, 7, 8, 9]
+        for i in w.pending_rows():
+            w.write_row(i, feats * i, np.arange(16))
+        assert w.finalize()
+    c = open_cache(path)
+    assert c.valid_indices().tolist() == list(range(10))
+    assert np.array_equal(c.h5()["features"][3, 0, :3], np.full(3, 3, np.float16))
+
+
+RACE = """
+import collections, sys
+import numpy as np
+from mambavl.cache import writer as W
+from mambavl.errors import InputError
+if sys.argv[1] == "race":  # the free space looked sufficient, then HDF5 ran out of it
+    W.shutil = type("S", (), {{"disk_usage": staticmethod(
+        lambda p: collections.namedtuple("U", "total used free")(1 << 40, 0, 1 << 40))}})
+try:
+    n = 400
+    rows = W.RowMeta([f"P01_01_{{i}}" for i in range(n)], ["P01_01"] * n, ["P01"] * n, [""] * n,
+                     np.zeros(n, np.int32), np.zeros(n, np.int32), [()] * n, np.zeros(n), np.ones(n))
+    W.CacheWriter({out!r}, dict(frames_per_segment=16, feature_dim=64), rows, ["a"], ["b"]).close()
+    print("created")
+except InputError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["check", "race"])
+def test_full_tmpfs_real(tmp_path, mode):
+    """A real 200 KiB tmpfs (private mount namespace); the 400-row cache needs ~1.9 MB. Without the check HDF5
+    segfaulted on close and left `c.h5.creating-PID` filling the disk."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not available")
+    small = tmp_path / "small"
+    small.mkdir()
+    code = RACE.format(out=str(small / "c.h5"))
+    script = (f"mount -t tmpfs -o size=200k tmpfs {shlex.quote(str(small))} || exit 97; "
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} {mode}; echo rc=$?; ls -A {shlex.quote(str(small))}")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if p.returncode == 97 or "unshare:" in p.stderr[:200]:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()[:200]}")
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith("refused: no space left on") and str(small) in lines[0], p.stdout + p.stderr
+    assert lines[1] == "rc=0" and len(lines) == 2, p.stdout + p.stderr  # no crash, nothing left in the tmpfs
