@@ -60,6 +60,14 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def positive(value: float | None) -> float | None:
+    """Option callback for numbers that must be > 0 (a rate, a duration, a learning rate); None = not given.
+    Anything else (0, negative, nan) stops with exit 2 naming the option and its range."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not in the range x>0 (a positive number)")
+    return value
+
+
 def optional_path(path: os.PathLike | None) -> str | None:
     """A path option as the str the config dataclasses take; None stays None (option not given)."""
     return None if path is None else str(path)
