@@ -441,6 +441,8 @@ def compute_metrics(
     vl, nl, pid = verb_l[keep], (noun_l[keep] if has_nouns else None), part[keep]
     args = dict(participant_ids=list(pid), unseen_ids=subsets.get("unseen_ids"), tail_verbs=subsets.get("tail_verbs"),
                 tail_nouns=subsets.get("tail_nouns") if has_nouns else None)
+    if task == "anticipation" and has_nouns and action_pairs:  # headline action recall: the training actions
+        args["training_actions"] = np.asarray(action_pairs, dtype=np.int64).reshape(-1, 2)
     out: dict[str, Any] = {"n": int(keep.sum()), "n_unlabelled": int((~keep).sum())}
     # The metrics warn (as the official code does) when a subset is empty; that belongs in metrics.json.
     with warnings.catch_warnings(record=True) as caught:

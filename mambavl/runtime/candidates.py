@@ -49,7 +49,7 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 def topk_candidates(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """(N, C) scores (probabilities or logits) -> (N, min(k, C)) int64 class ids by descending score, ties towards
-    the higher class id as the official EK-100 scorer orders them (`mambavl.metrics.rank_classes`, so the
+    the higher class id (the project's tie rule, `mambavl.metrics.rank_classes`, so the
     candidates are exactly the top-k of top-k accuracy)."""
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().numpy()
