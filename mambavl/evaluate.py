@@ -32,10 +32,10 @@ import numpy as np
 from mambavl import __version__, plots
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache
+from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache, require_complete
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import resolve_device
-from mambavl.errors import InputError
+from mambavl.errors import InputError, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.qa import QA_TARGET, scene_targets
 from mambavl.progress import Progress, or_none
@@ -107,7 +107,7 @@ class EvalConfig:
     sls_pt: int | None = None
     sls_tl: int | None = None
     sls_td: int | None = None
-    allow_incomplete: bool = False  # write a submission that lacks the cache's failed / unextracted rows
+    allow_incomplete: bool = False  # evaluate an unfinished cache; write a submission lacking failed / missing rows
 
     def __post_init__(self) -> None:
 
@@ -456,6 +456,8 @@ def compute_metrics(
     vl, nl, pid = verb_l[keep], (noun_l[keep] if has_nouns else None), part[keep]
     args = dict(participant_ids=list(pid), unseen_ids=subsets.get("unseen_ids"), tail_verbs=subsets.get("tail_verbs"),
                 tail_nouns=subsets.get("tail_nouns") if has_nouns else None)
+    if task_spec(task).ranking == "class_mean_recall" and has_nouns and action_pairs:  # headline action recall: the training actions
+        args["training_actions"] = np.asarray(action_pairs, dtype=np.int64).reshape(-1, 2)
     out: dict[str, Any] = {"n": int(keep.sum()), "n_unlabelled": int((~keep).sum())}
     # The metrics warn (as the official code does) when a subset is empty; that belongs in metrics.json.
     with warnings.catch_warnings(record=True) as caught:
@@ -778,8 +780,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         reported = index
 
     out_dir = Path(cfg.out_dir)
+    check_writable(out_dir, "--out")
     step("load")
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    completeness = require_complete(loaded.cache, loaded.window, cfg.allow_incomplete, "evaluated")
     trained_source = loaded.run.question_source.value
     source = cfg.question_source or trained_source
     check_question_source(loaded.cache, source, loaded)
@@ -803,6 +807,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "question_fallbacks": scored.question_fallbacks,
         "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.run),
         "cache": cache_identity(loaded.cache),
+        "cache_completeness": completeness,
         "config": asdict(cfg),
         "segments": {"cache": int(loaded.cache.n), "evaluated": int(len(scored.rows)),
                      "invalid_or_failed": int(loaded.cache.n - len(scored.rows))},

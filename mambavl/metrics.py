@@ -7,18 +7,22 @@ What the official code does, and what we follow (re-implemented, not copied):
 
 * ``epic-kitchens/C1-Action-Recognition`` ``utils/metrics.py:topk_accuracy`` — ranks classes by descending score
   (``utils/scoring.py:_scores_array_to_ranks``: ``scores.argsort()[:, ::-1]``) and counts a hit when the label is
-  among the first k ranks. Ties: the official ascending argsort keeps equal scores in class order and the reversal
-  puts the **higher class index first**; we do the same, deterministically (a stable sort, reversed). Compared with
-  the official scorers on all 9,668 EK-100 validation rows, this is the one rule where a difference could arise.
-  k larger than the number of classes means "all classes" (the official slice ``rankings[:, :k]`` does the same).
+  among the first k ranks. k larger than the number of classes means "all classes" (the official slice
+  ``rankings[:, :k]`` does the same).
+* **Ties (this project's rule).** Among equal scores the **higher class index ranks first**: a stable ascending sort,
+  reversed, so the order is the same on every machine and numpy version. The official code has no tie rule: its
+  ``argsort()`` is numpy's default (unstable) sort, whose order of equal keys depends on the numpy version and the
+  CPU's sort kernels (on rounded scores, 0 of 3,000 tied rows ranked alike under numpy 1.23 and 2.4). Numbers on
+  scores without ties equal the official ones; on tied scores they can differ from the official script's by the
+  tied rows, in either direction, as two runs of the official script on two numpy versions do.
 * ``utils/scoring.py:compute_action_scores`` — action scores from verb and noun scores: keep the top-100 verb and
   top-100 noun scores of each segment, softmax each, take the outer product and keep the 100 best (verb, noun)
   pairs. Inputs are **logits** (the softmax is applied here). The official code calls
   ``scipy.special.softmax`` without an axis, which normalises over the whole batch; that rescales every segment's
   scores by one batch-wide constant and never changes a segment's ranking. We normalise per segment so the pair
   scores are per-segment probabilities p(verb) * p(noun); rankings (hence accuracies) are identical. Tied pair
-  scores follow the official order too: the flattened (verb position, noun position) matrix is argsorted and
-  reversed, so among equal products the later position in the top-verb list (then the top-noun list) comes first.
+  scores follow the project's rule applied to the flattened (verb position, noun position) matrix (stable sort,
+  reversed): among equal products the later position in the top-verb list (then the top-noun list) comes first.
 * ``utils/actions.py:action_id_from_verb_noun`` — the action class of a (verb, noun) pair is ``verb * 1000 + noun``.
 * ``utils/metrics.py:compute_metrics`` — subsets: ``all`` (every segment, top-1 and top-5), ``unseen`` (segments
   whose participant is in ``EPIC_100_unseen_participant_ids_*.csv``, top-1 only; omitted with a warning when
@@ -67,11 +71,11 @@ def _check_scores(scores: np.ndarray, labels: np.ndarray, what: str = "scores") 
 
 
 def rank_classes(scores: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Class indices by descending score, ties ranking the **higher** class index first (the official order).
+    """Class indices by descending score, ties ranking the **higher** class index first (the project's rule).
 
     scores (N, C) -> ranks (N, min(k, C)) int64 (all C when k is None). Row i, column r holds the class ranked r-th.
-    The official ``_scores_array_to_ranks`` is ``scores.argsort()[:, ::-1]``: an ascending sort keeps equal scores in
-    class order, the reversal puts the higher index first; a stable sort makes that deterministic here. NaN ranks
+    A stable ascending sort, reversed (the official ``_scores_array_to_ranks`` is ``scores.argsort()[:, ::-1]`` with
+    numpy's unstable default sort, whose order of equal scores is not defined; see the module docstring). NaN ranks
     last (never a top guess). Every top-k of the package (metrics, training validation, predictions) goes through it.
     """
     scores = np.asarray(scores)
@@ -96,7 +100,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1
     """Top-k accuracy (fraction in [0, 1]) for each k, as the official ``utils/metrics.py:topk_accuracy``.
 
     scores (N, C) any real scores (logits or probabilities: only the order matters), labels (N,) class ids.
-    Returns {k: accuracy}; NaN for every k when N == 0. Ties rank the higher class index first (official); k > C
+    Returns {k: accuracy}; NaN for every k when N == 0. Ties rank the higher class index first (`rank_classes`); k > C
     counts all classes. A label outside [0, C) is never a hit.
     """
     scores, labels = _check_scores(scores, labels)
@@ -125,8 +129,8 @@ def action_scores_from_verb_noun(
     whose noun is not among the `top` best nouns has at least `top` better pairs.
 
     Returns pairs (N, K, 2) int64 [verb, noun] in rank order and scores (N, K) float64, K = min(top, V * Nn).
-    Tied pair scores rank as the official reversed argsort of the flattened (verb position, noun position) matrix
-    does: the later verb position first, then the later noun position.
+    Tied pair scores rank by the project's rule on the flattened (verb position, noun position) matrix: the later
+    verb position first, then the later noun position.
     """
     verb_scores = np.asarray(verb_scores)
     noun_scores = np.asarray(noun_scores)
@@ -138,7 +142,7 @@ def action_scores_from_verb_noun(
     if n == 0 or k == 0:
         return np.zeros((n, k, 2), np.int64), np.zeros((n, k), np.float64)
     kv, kn = min(int(top), nv), min(int(top), nn)
-    top_v = rank_classes(verb_scores, kv)  # (N, kv) the official top lists, ties: higher class first
+    top_v = rank_classes(verb_scores, kv)  # (N, kv) the top lists, ties: higher class first
     top_n = rank_classes(noun_scores, kn)  # (N, kn)
     rows = np.arange(n)[:, None]
     pv = _softmax(verb_scores[rows, top_v])  # (N, kv), non-increasing along the row
@@ -149,7 +153,7 @@ def action_scores_from_verb_noun(
     # gigabytes. Rows with tied probabilities (where an equal product may sit outside) take the full matrix.
     ci, cj = _candidate_positions(kv, kn, k)  # (M,), (M,)
     prod = pv[:, ci] * pn[:, cj]  # (N, M)
-    # the official order: product descending, ties by flattened position descending (verb position, then noun)
+    # product descending, ties by flattened position descending (verb position, then noun)
     order = np.lexsort((np.broadcast_to(-cj, prod.shape), np.broadcast_to(-ci, prod.shape), -prod), axis=-1)[:, :k]
     pi, pj = ci[order], cj[order]  # (N, K) positions
     scores = prod[rows, order]
@@ -161,6 +165,37 @@ def action_scores_from_verb_noun(
         scores[r] = full[flat]
     pairs = np.stack([top_v[rows, pi], top_n[rows, pj]], axis=-1).astype(np.int64)  # (N, K, 2)
     return pairs, scores
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (N, C) in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def action_pairs_in_vocabulary(
+    verb_scores: np.ndarray, noun_scores: np.ndarray, vocabulary: np.ndarray, k: int = 5, chunk: int = 1024
+) -> np.ndarray:
+    """The best `k` actions of each segment among a given action vocabulary (the "training actions" ranking).
+
+    verb_scores (N, V), noun_scores (N, Nn) logits; vocabulary (A, 2) [verb, noun] pairs, e.g. the actions seen in
+    training (RULSTM's EK-100 anticipation model scores only its 3,806 training actions, so published anticipation
+    numbers rank those). A pair's score is p(verb) * p(noun) (softmax over all classes), compared in log space; ties
+    rank the later vocabulary entry first (`rank_classes`). Rows are processed `chunk` at a time (N x A scores would
+    not fit for a whole split). Returns (N, min(k, A), 2) int64 [verb, noun] in rank order.
+    """
+    vocabulary = np.asarray(vocabulary, dtype=np.int64).reshape(-1, 2)
+    verb_scores, noun_scores = np.asarray(verb_scores), np.asarray(noun_scores)
+    n, kk = verb_scores.shape[0], min(int(k), len(vocabulary))
+    out = np.zeros((n, kk, 2), dtype=np.int64)
+    if kk == 0:
+        return out
+    for lo in range(0, n, chunk):
+        lv = _log_softmax(verb_scores[lo:lo + chunk])[:, vocabulary[:, 0]]  # (n', A)
+        ln = _log_softmax(noun_scores[lo:lo + chunk])[:, vocabulary[:, 1]]
+        out[lo:lo + chunk] = vocabulary[rank_classes(lv + ln, kk)]
+    return out
 
 
 def _candidate_positions(kv: int, kn: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -415,6 +450,7 @@ def ek100_anticipation_metrics(
     tail_verbs: Iterable[int] | None = None,
     tail_nouns: Iterable[int] | None = None,
     k: int = 5,
+    training_actions: np.ndarray | Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, dict[str, dict]]:
     """EK-100 action anticipation metrics: class-mean top-k recall (k = 5) per subset, fractions in [0, 1].
 
@@ -422,6 +458,14 @@ def ek100_anticipation_metrics(
     classes present in each subset. Action classes are (verb, noun) pairs ranked by p(verb) * p(noun) (the top-100
     pairs of `action_scores_from_verb_noun`). Subsets as `ek100_recognition_metrics` (tail action = tail verb or
     tail noun: the EK-100 ``validation_tail_actions_ids.csv`` shipped with RULSTM is exactly that union).
+
+    Action recall is computed over two action vocabularies when `training_actions` (A, 2) is given:
+    ``action`` (the headline) ranks only the training actions, as RULSTM does and as published EK-100 anticipation
+    numbers are computed (on EK-100 validation this roughly doubles the number: 17.3 % over all pairs vs 34.1 % over
+    RULSTM's 3,806 training actions for the same scores); ``action_all_pairs`` ranks all V x Nn pairs. A segment
+    whose action never occurs in training cannot be ranked among the training actions: it counts as a miss and its
+    class stays in the mean. Without `training_actions`, ``action`` ranks all pairs (as before). With it, each action
+    entry names its ``vocabulary`` ("training actions" / "all pairs") and ``vocabulary_size``.
 
     Returns {subset: {task: {"n": segments, "classes": classes averaged, "recall@k": ...}}}.
     """
@@ -436,8 +480,18 @@ def ek100_anticipation_metrics(
         hits["noun"] = topk_hits(rank_classes(noun_scores, k), noun_labels, k)
         labels["noun"] = noun_labels
         pairs, _ = action_scores_from_verb_noun(verb_scores, noun_scores, ACTION_TOP_N)
-        hits["action"] = action_topk_hits(pairs, verb_labels, noun_labels, k)
-        labels["action"] = verb_labels * (int(noun_scores.shape[1]) + 1) + noun_labels  # unique pair id
+        all_pairs = action_topk_hits(pairs, verb_labels, noun_labels, k)
+        action_id = verb_labels * (int(noun_scores.shape[1]) + 1) + noun_labels  # unique pair id
+        vocab_size = {"all pairs": int(verb_scores.shape[1]) * int(noun_scores.shape[1])}
+        if training_actions is not None:
+            vocab = np.asarray(training_actions, dtype=np.int64).reshape(-1, 2)
+            ranked = action_pairs_in_vocabulary(verb_scores, noun_scores, vocab, k)
+            hits["action"], vocabulary = action_topk_hits(ranked, verb_labels, noun_labels, k), "training actions"
+            hits["action_all_pairs"], labels["action_all_pairs"] = all_pairs, action_id
+            vocab_size["training actions"] = len(vocab)
+        else:
+            hits["action"], vocabulary = all_pairs, "all pairs"
+        labels["action"] = action_id
     masks = _subset_masks(verb_labels, noun_labels if has_nouns else None, participant_ids, unseen_ids,
                           tail_verbs, tail_nouns)
     if "unseen" in masks and not masks["unseen"]["verb"].any():
@@ -448,13 +502,16 @@ def ek100_anticipation_metrics(
     for subset, by_task in masks.items():
         out[subset] = {}
         for task in hits:
-            m = by_task[task]
+            m = by_task["action" if task == "action_all_pairs" else task]
             lab = labels[task][m]
             out[subset][task] = {
                 "n": int(m.sum()),
                 "classes": int(len(np.unique(lab))),
                 key: class_mean_recall(hits[task][m], lab),
             }
+            if task.startswith("action") and training_actions is not None:
+                name = "all pairs" if task == "action_all_pairs" else vocabulary
+                out[subset][task].update(vocabulary=name, vocabulary_size=vocab_size[name])
     return out
 
 

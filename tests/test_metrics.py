@@ -28,8 +28,8 @@ def test_topk_accuracy_official_cases():
     assert acc == {1: 0.5, 2: 0.75, 3: 1.0, 5: 1.0}
 
 
-def test_topk_ties_rank_higher_class_first_as_the_official_scorers():
-    # C1 utils/scoring.py: scores.argsort()[:, ::-1] puts the higher class index first among equal scores
+def test_topk_ties_rank_higher_class_first():
+    # the project's tie rule: among equal scores the higher class index first (a stable sort, reversed)
     assert M.topk_accuracy(np.array([[1.0, 1.0, 0.0]]), np.array([1]), ks=(1,)) == {1: 1.0}
     scores = np.array([[0.3, 0.3, 0.3, 0.1], [0.0, 0.5, 0.5, 0.5]])
     assert M.rank_classes(scores).tolist() == [[2, 1, 0, 3], [3, 2, 1, 0]]
@@ -322,3 +322,67 @@ def test_real_constant_scores_predict_the_last_class(ek100_val):
     assert m["unseen"]["verb"]["top1"] == pytest.approx(np.mean(verb[un] == 96))
     tv = np.isin(verb, list(tail_v))
     assert m["tail"]["verb"]["top1"] == pytest.approx(np.mean(verb[tv] == 96))
+
+
+def test_tie_rule_is_stated_as_the_projects_without_claiming_the_official_order():
+    doc = M.__doc__
+    assert "keeps equal scores in class order" not in doc and "keeps equal scores" not in M.rank_classes.__doc__
+    assert "Ties (this project's rule)" in doc and "higher class index ranks first" in doc
+    assert "numpy version" in doc  # why the official script has no defined tie order
+
+
+def test_rulstm_frame_offset_is_documented_with_its_size():
+    from pathlib import Path
+
+    from mambavl.cache import importer
+    from mambavl.data.annotations import frame_window
+
+    # the window's first key is the frame displayed at the start time: one key after floor(start * 30)
+    assert frame_window(1.02, 2.0, 30.0)[0] == int(1.02 * 30) + 1
+    text = (Path(__file__).resolve().parents[1] / "docs" / "extract.md").read_text()
+    assert "one frame (33 ms) later" in text and "9,639 of the 9,668" in text
+    assert "33 ms" in importer.__doc__
+
+
+def _pairs_bruteforce(verb, noun, vocab, k):
+    """Independent reference: p(verb) * p(noun) for each vocabulary pair, best first (ties: later entry first)."""
+    pv = np.exp(verb - verb.max(1, keepdims=True))
+    pv /= pv.sum(1, keepdims=True)
+    pn = np.exp(noun - noun.max(1, keepdims=True))
+    pn /= pn.sum(1, keepdims=True)
+    out = []
+    for r in range(len(verb)):
+        s = [(pv[r, v] * pn[r, n], i) for i, (v, n) in enumerate(vocab)]
+        out.append([vocab[i] for _, i in sorted(s, reverse=True)[:k]])
+    return np.asarray(out)
+
+
+def test_anticipation_action_recall_over_training_actions_and_all_pairs():
+    # planted: 5 verbs x 5 nouns; training saw only 5 pairs. Every segment's labelled pair is a training action that
+    # is built from its row's second-worst verb and noun: weak among all 25 pairs, yet one of the 5 training actions.
+    rng = np.random.default_rng(0)
+    vocab = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]
+    n = 40
+    verb = rng.normal(size=(n, 5))
+    noun = rng.normal(size=(n, 5))
+    vl = rng.integers(0, 5, n)
+    nl = vl.copy()
+    for r in range(n):  # make the labelled pair weak: the second-worst verb and noun of the row
+        verb[r, vl[r]] = np.sort(verb[r])[1] - 1e-3
+        noun[r, nl[r]] = np.sort(noun[r])[1] - 1e-3
+    ranked = M.action_pairs_in_vocabulary(verb, noun, np.asarray(vocab), k=5)
+    np.testing.assert_array_equal(ranked, _pairs_bruteforce(verb, noun, vocab, 5))
+    m = M.ek100_anticipation_metrics(verb, noun, vl, nl, training_actions=vocab)["all"]
+    assert m["action"]["vocabulary"] == "training actions" and m["action"]["vocabulary_size"] == 5
+    assert m["action_all_pairs"]["vocabulary"] == "all pairs" and m["action_all_pairs"]["vocabulary_size"] == 25
+    assert m["action"]["recall@5"] == 1.0  # 5 training actions: a labelled one is always in the top 5 ...
+    assert m["action_all_pairs"]["recall@5"] < 0.5  # ... but rarely among the top 5 of 25 pairs
+    # without a vocabulary the headline is the all-pairs number, as before
+    plain = M.ek100_anticipation_metrics(verb, noun, vl, nl)["all"]
+    assert plain["action"]["recall@5"] == m["action_all_pairs"]["recall@5"] and "action_all_pairs" not in plain
+    assert "vocabulary" not in plain["action"]
+    # a labelled action never seen in training is a miss among the training actions, and its class counts
+    vl2, nl2 = vl.copy(), nl.copy()
+    vl2[0], nl2[0] = 4, 0
+    m2 = M.ek100_anticipation_metrics(verb, noun, vl2, nl2, training_actions=vocab)["all"]["action"]
+    assert m2["classes"] == len(np.unique(vl2 * 6 + nl2)) and m2["recall@5"] < 1.0

@@ -122,3 +122,75 @@ def test_class_keyed_questions_are_flagged_and_refused_at_evaluation(tmp_path, v
     questions, keyed = question_file_lookup(glob, segs)
     # a global entry is label-free and wins over the class key; a row's own narration_id wins over both
     assert [q[0] for q in questions] == ["g v?", "g v?", "o v?", "g v?"] and not keyed.any()
+
+
+def _good(segs) -> dict:
+    return {s.narration_id: {"verb": f"What happens in {s.narration_id}?", "noun": "Which object?"} for s in segs}
+
+
+def test_question_files_in_other_encodings_and_shapes_are_refused_naming_file_entry_and_problem(tmp_path, val):
+    segs = val.segments[:3]
+    first = segs[0].narration_id
+    good = _good(segs)
+    csv_text = "narration_id,verb_question,noun_question\n" + "".join(
+        f"{s.narration_id},What is happening?,Which object?\n" for s in segs)
+    surrogate = json.dumps({**good, first: {"verb": "What is happening X here?", "noun": "n?"}}).replace("X", "\\ud83d")
+    cases = {
+        "deep.json": ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        "deep_objects.json": ('{"a":' * 50000 + "1" + "}" * 50000, "nested too deeply"),
+        "utf16.json": (json.dumps(good).encode("utf-16"), "not UTF-8 \\(looks UTF-16 LE"),
+        "utf16be.json": (b"\xfe\xff" + json.dumps(good).encode("utf-16-be"), "not UTF-8 \\(looks UTF-16 BE"),
+        "utf16_nobom.json": (json.dumps(good).encode("utf-16-le"), "not UTF-8 \\(looks UTF-16 or UTF-32"),
+        "utf32.json": (json.dumps(good).encode("utf-32"), "not UTF-8 \\(looks UTF-32 LE"),
+        "utf16.csv": (csv_text.encode("utf-16"), "not UTF-8 \\(looks UTF-16 LE"),
+        "latin1.csv": (csv_text.replace("Which", "Qu\u00e9").encode("latin-1"),
+                       r"byte 0xe9 at offset \d+ \(line 2, column \d+\)"),
+        "surrogate.json": (surrogate, f"entry '{first}', field verb: invalid character U\\+D83D at position 19"),
+        "nul.json": (json.dumps({**good, first: {"verb": "v?", "noun": "Which\u0000 object?"}}),
+                     f"entry '{first}', field noun: NUL character"),
+        "nul.csv": (csv_text.replace("Which object", "Which\u0000object", 1), "row 1, field noun: NUL character"),
+        "records.json": (json.dumps([{"narration_id": first, "verb_question": "a\u0000", "noun_question": "b"}]),
+                         "record 1, field verb: NUL"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        with pytest.raises(InputError, match=message) as info:
+            load_question_file(path, segs)
+        assert str(path) in str(info.value), name
+
+
+def test_question_files_that_work_keep_working(tmp_path, val):
+    segs = val.segments[:3]
+    good = _good(segs)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode())
+    assert load_question_file(bom, segs)[0] == ("What happens in %s?" % segs[0].narration_id, "Which object?")
+    uni = tmp_path / "unicode.json"
+    uni.write_text(json.dumps({s.narration_id: {"verb": "这个人在做什么？ 🍳 ما الذي", "noun": "Welches? 🥄"}
+                               for s in segs}, ensure_ascii=False), encoding="utf-8")
+    assert load_question_file(uni, segs)[1] == ("这个人在做什么？ 🍳 ما الذي", "Welches? 🥄")
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({**good, segs[0].narration_id: {"verb": "very " * 40000 + "?", "noun": "n?"}}))
+    assert len(load_question_file(huge, segs)[0][0]) == 200001
+    pair = tmp_path / "pair.json"  # an escaped surrogate pair is one emoji, not a lone surrogate
+    pair.write_text(json.dumps({"*": {"verb": "What is cooked \U0001F373?", "noun": "n?"}}))
+    assert load_question_file(pair, segs)[0][0] == "What is cooked \U0001F373?"
+
+
+def test_bad_question_file_refused_before_any_cache_file(tmp_path, ek100_dir):
+    from typer.testing import CliRunner
+
+    from mambavl.cli import app
+
+    bad = tmp_path / "q.json"
+    bad.write_text("[" * 100000 + "]" * 100000)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["extract", str(ek100_dir / "EPIC_100_validation.csv"), "--videos", str(videos),
+                                   "--out", str(out / "c.h5"), "--model", "mambavl-tiny-clip", "--pretrained",
+                                   "none", "--device", "cpu", "--limit", "3", "--questions", "templates,file",
+                                   "--questions-file", str(bad), "--quiet"])
+    assert res.exit_code == 2 and "nested too deeply" in res.output and "q.json" in res.output, res.output
+    assert not out.exists()

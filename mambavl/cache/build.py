@@ -12,10 +12,13 @@ reason, and the run goes on.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from mambavl.cache import schema
 from mambavl.cache.reader import open_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
-from mambavl.errors import InputError
+from mambavl.errors import InputError, check_writable
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
@@ -104,14 +107,14 @@ def _stored_shard_rows(out: str, shard: tuple[int, int], n: int) -> np.ndarray |
     if not path.is_file():
         return None
     try:
-        with h5py.File(path, "r") as f:
+        with schema.open_h5(path, "r") as f:
             if schema.normalise_attr(f.attrs.get("shard")) != f"{shard[0]}/{shard[1]}" or "source_row" not in f:
                 return None
             if schema.normalise_attr(f.attrs.get("annotation_rows", -1)) != n:
                 return None
             rows = f["source_row"][()].astype(np.int64)
-    except OSError:
-        return None  # not an HDF5 file: the writer refuses it with a clear message
+    except (OSError, InputError):
+        return None  # not a usable HDF5 file: the writer refuses it with a clear message
     return rows if len(rows) and rows.min() >= 0 and rows.max() < n else None
 
 
@@ -350,7 +353,7 @@ def check_shards(caches, expected_rows: np.ndarray | None = None) -> np.ndarray:
     """
     first = caches[0]
     for c in caches:
-        with h5py.File(c.path, "r") as f:
+        with schema.open_h5(c.path, "r", "shard") as f:
             if not bool(f.attrs.get("complete", False)):
                 windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if c.attrs.get("anticipation") else [])
                 counts = ", ".join(f"{w}: {int(f[schema.window_prefix(w) + 'valid'][()].sum())}/{c.n} valid"
@@ -383,7 +386,7 @@ def check_shards(caches, expected_rows: np.ndarray | None = None) -> np.ndarray:
             raise InputError(f"shard(s) {', '.join(missing)} missing from the merge (got {len(seen)} of {n})")
     rows = []
     for c in caches:
-        with h5py.File(c.path, "r") as f:
+        with schema.open_h5(c.path, "r", "shard") as f:
             rows.append(f["source_row"][()].astype(np.int64) if "source_row" in f else np.arange(c.n))
     allrows = np.concatenate(rows)
     uniq, counts = np.unique(allrows, return_counts=True)
@@ -391,7 +394,7 @@ def check_shards(caches, expected_rows: np.ndarray | None = None) -> np.ndarray:
         row = int(uniq[counts > 1][0])
         holders = [str(c.path) for c, r in zip(caches, rows) if row in set(r.tolist())]
         raise InputError(f"shards overlap: annotation row {row} is in {', '.join(holders)}")
-    ids = np.concatenate([np.asarray(c.labels()["narration_id"]) for c in caches])
+    ids = np.concatenate([np.asarray(_closed_after(c, c.labels)["narration_id"]) for c in caches])
     ids_u, ids_c = np.unique(ids, return_counts=True)
     if (ids_c > 1).any():
         raise InputError(f"shards overlap: narration_id {ids_u[ids_c > 1][0]!r} is in more than one shard")
@@ -410,6 +413,59 @@ def check_shards(caches, expected_rows: np.ndarray | None = None) -> np.ndarray:
     return allrows
 
 
+def _closed_after(cache, read):
+    """`read()` (a method of `cache` that opens its file), then close the file: a merge of many shards keeps at most
+    one shard open for its tables (the open-files limit, `ulimit -n`, is often 1024 or less)."""
+    try:
+        return read()
+    finally:
+        cache.close()
+
+
+class _ShardFiles:
+    """The shards' HDF5 files, opened on demand and kept open while the open-files limit (`ulimit -n`) allows.
+
+    At most `max_open` at once (from the limit, less the descriptors already in use and a reserve); when opening one
+    fails with "too many open files" anyway, the least recently used is closed and the open retried. Only when not
+    even one shard can be opened is it an error, naming the limit."""
+
+    RESERVE = 16  # descriptors left for the output file, HDF5, Python's own imports and the progress display
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in paths]
+        self.open: OrderedDict[int, h5py.File] = OrderedDict()
+        limit = schema.open_files_limit()
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 32
+        self.max_open = max(1, limit - in_use - self.RESERVE) if limit > 0 else len(self.paths)
+
+    def get(self, s: int) -> h5py.File:
+        if s in self.open:
+            self.open.move_to_end(s)
+            return self.open[s]
+        while len(self.open) >= self.max_open:
+            self.open.popitem(last=False)[1].close()
+        while True:
+            try:
+                f = h5py.File(self.paths[s], "r")  # validated by open_cache (check_contained) before the merge
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.open:
+                    self.open.popitem(last=False)[1].close()
+                    self.max_open = max(1, len(self.open))
+                    continue
+                raise InputError(schema.os_error_message(exc, self.paths[s], "shard", need=len(self.paths) + 20)
+                                 or schema.damaged_message(self.paths[s], exc, "shard")) from exc
+        self.open[s] = f
+        return f
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem(last=False)[1].close()
+
+
 def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = None) -> Path:
     """Join shard caches (from --shard i/N) into one cache `out` in annotation row order, after `check_shards`.
 
@@ -420,6 +476,7 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
     out_path = Path(out)
     if out_path.exists():
         raise InputError(f"{out_path} exists; merge writes a new file")
+    check_writable(out_path, "merged cache")
     caches = [open_cache(p) for p in paths]
     first = caches[0]
     allrows = check_shards(caches, expected_rows)
@@ -444,13 +501,28 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
     tmp = out_path.with_name(out_path.name + ".partial")
     if tmp.exists():
         tmp.unlink()
+    try:
+        _write_merged(tmp, attrs, meta, caches, allrows, order, windows)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed merge (a full disk) leaves nothing behind; the shards are untouched
+        raise
+    for c in caches:
+        c.close()
+    tmp.replace(out_path)
+    return out_path
+
+
+def _write_merged(tmp: Path, attrs: dict, meta: RowMeta, caches, allrows: np.ndarray, order: np.ndarray,
+                  windows: list[str]) -> None:
+    """Write the merged cache `tmp`: rows block by block in merged order, failures, question and answer tables."""
+    first = caches[0]
     with CacheWriter(tmp, attrs, meta, first.verb_keys, first.noun_keys) as w:
         w.f.create_dataset("source_row", data=allrows[order].astype(np.int64))
         # merged position -> (shard, row in the shard); a shard's rows keep their order, so the rows of one shard
         # that land in a block of merged positions are one slice of that shard
         which = np.concatenate([np.full(c.n, s, dtype=np.int64) for s, c in enumerate(caches)])[order]
         local = np.concatenate([np.arange(c.n) for c in caches])[order]
-        files = [h5py.File(c.path, "r") for c in caches]
+        files = _ShardFiles([c.path for c in caches])
         try:
             for window in windows:
                 p = schema.window_prefix(window)
@@ -460,10 +532,11 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
                     times = np.full((hi - lo, w.frames), np.nan, dtype=np.float32)
                     nf = np.zeros(hi - lo, dtype=np.int16)
                     valid = np.zeros(hi - lo, dtype=bool)
-                    for s, f in enumerate(files):
+                    for s in range(len(caches)):
                         sel = which[lo:hi] == s
                         if not sel.any():
                             continue
+                        f = files.get(s)
                         rows = local[lo:hi][sel]
                         src = slice(int(rows[0]), int(rows[-1]) + 1)  # contiguous: rows == arange(start, stop)
                         feats[sel] = f[p + "features"][src]
@@ -472,21 +545,16 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
                         valid[sel] = f[p + "valid"][src]
                     w.write_block(lo, feats, times, nf, valid, window)
         finally:
-            for f in files:
-                f.close()
+            files.close()
         position = np.empty(len(allrows), dtype=np.int64)
         position[order] = np.arange(len(allrows))
         offset = 0
         for c in caches:
-            for fail in c.failures():
+            for fail in _closed_after(c, c.failures):
                 w.record_failure(int(position[offset + fail["index"]]), fail["window"], fail["reason"])
             offset += c.n
         _copy_text_tables(caches, w, order, allrows)
         w.finalize()
-    for c in caches:
-        c.close()
-    tmp.replace(out_path)
-    return out_path
 
 
 def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.ndarray) -> None:
@@ -499,7 +567,7 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
     templates = None
     pairs: dict[tuple[int, int], np.ndarray] = {}
     for c in caches:
-        bank = c.questions()
+        bank = _closed_after(c, c.questions)
         remap = np.empty(len(bank.texts), dtype=np.int64)
         for j, t in enumerate(bank.texts):
             if t not in index:
@@ -515,7 +583,7 @@ def _copy_text_tables(caches, w: CacheWriter, order: np.ndarray, allrows: np.nda
             per_segment_parts.setdefault(source, []).append(np.where(table >= 0, remap[np.maximum(table, 0)], -1))
             keyed_parts.setdefault(source, []).append(
                 bank.label_keyed.get(source, np.zeros(len(table), dtype=bool)))
-        answers = c.answers()
+        answers = _closed_after(c, c.answers)
         for (v, n), e in zip(answers.action_pairs, answers.action):
             pairs.setdefault((int(v), int(n)), e)
     per_segment = {s: np.concatenate(parts)[order] for s, parts in per_segment_parts.items()

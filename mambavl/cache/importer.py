@@ -10,7 +10,9 @@ Two input forms:
   number frames at the rate of the video the features were extracted from (`source_fps`, required: RULSTM re-encoded
   EK videos at 30 fps), which is not the annotation CSV's frame numbering (~60 fps); so each segment's window is
   taken from its timestamps, every key of the window must exist (up to END_TOLERANCE_FRAMES missing at the end), and
-  `frames` keys are read uniformly over it, at the times `frame_times` records.
+  `frames` keys are read uniformly over it, at the times `frame_times` records. The window starts at the key displayed
+  at the start time, floor(start * fps) + 1; RULSTM's own CSVs start one key earlier, so at 30 fps an imported
+  window starts one frame (33 ms) later than RULSTM's in 9,639 of 9,668 EK-100 validation rows (docs/extract.md).
 
 Everything is validated before the output file is created — a missing segment or key, an unreadable file, a shape
 that disagrees, or a value the float16 cache cannot hold (NaN, inf, |x| > 65504) raises InputError naming the file

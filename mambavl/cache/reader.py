@@ -7,6 +7,7 @@ HDF5 file is opened lazily, once per process, so DataLoader workers never share 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -46,6 +47,18 @@ def available_memory_bytes() -> int:
 def fits_in_memory(nbytes: int) -> bool:
     """Whether an array of `nbytes` should be loaded whole: at most IN_MEMORY_FRACTION of the available memory."""
     return nbytes <= IN_MEMORY_FRACTION * available_memory_bytes()
+
+
+def _reads_cache(method):
+    """A CacheFile method whose HDF5 errors become an InputError naming the file (damaged, or what the system said:
+    `schema.reading`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with schema.reading(self.path):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -120,6 +133,7 @@ class CacheFile:
     def has_window(self, window: str) -> bool:
         return (schema.window_prefix(window) + "features") in self.h5()
 
+    @_reads_cache
     def valid_indices(self, window: str = schema.RECOGNITION) -> np.ndarray:
         """(M,) int64 rows whose `valid` done-flag is set in `window`."""
         prefix = schema.window_prefix(window)
@@ -127,6 +141,7 @@ class CacheFile:
             raise InputError(f"cache {self.path} has no {window} window (extract with --anticipation)")
         return np.flatnonzero(self.h5()[prefix + "valid"][()]).astype(np.int64)
 
+    @_reads_cache
     def labels(self) -> dict[str, Any]:
         """Row metadata as numpy arrays / lists: verb_class, noun_class (N,) int64, all_noun_classes (N lists),
         narration_id, video_id, participant_id, narration (N,) str, start_time, stop_time (N,) float64."""
@@ -143,6 +158,7 @@ class CacheFile:
             self._labels = out
         return self._labels
 
+    @_reads_cache
     def questions(self) -> QuestionBank:
         """The question table (see QuestionBank); raises InputError when the cache has none."""
         if getattr(self, "_questions", None) is None:
@@ -168,6 +184,7 @@ class CacheFile:
             )
         return self._questions
 
+    @_reads_cache
     def answers(self) -> AnswerBank:
         """The answer candidates (see AnswerBank); raises InputError when the cache has none."""
         if getattr(self, "_answers", None) is None:
@@ -186,6 +203,7 @@ class CacheFile:
             )
         return self._answers
 
+    @_reads_cache
     def failures(self) -> list[dict[str, Any]]:
         """Recorded failures: dicts with index, narration_id, window, reason."""
         f = self.h5()
@@ -206,7 +224,7 @@ def open_cache(path: str | os.PathLike, expect: dict[str, Any] | None = None, wh
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cache {path} does not exist")
-    with schema.open_h5(path, "r") as f:
+    with schema.open_h5(path, "r") as f, schema.reading(path):
         attrs = schema.read_attrs(f.attrs)
         schema.validate_attrs(attrs, str(path))
         for name in ("features", "valid", *schema.ROW_STRING_DATASETS, *schema.ROW_INT_DATASETS):
@@ -245,7 +263,8 @@ class SegmentDataset(Dataset):
         self.num_frames = f[self.prefix + "num_frames"][()].astype(np.int64)  # (N,)
         nbytes = int(np.prod(feats.shape)) * feats.dtype.itemsize
         self.in_memory = fits_in_memory(nbytes) if in_memory is None else bool(in_memory)
-        self._features: np.ndarray | None = feats[()] if self.in_memory else None  # (N, F, D) float16
+        with schema.reading(cache.path):
+            self._features: np.ndarray | None = feats[()] if self.in_memory else None  # (N, F, D) float16
         self._lazy: tuple[int, h5py.Dataset] | None = None  # (pid, dataset) of the lazy path
 
     def __getstate__(self) -> dict:
@@ -280,3 +299,38 @@ class SegmentDataset(Dataset):
             "num_frames": torch.tensor(int(self.num_frames[row]), dtype=torch.long),
             "index": torch.tensor(row, dtype=torch.long),
         }
+
+
+def require_complete(cache: CacheFile, window: str = schema.RECOGNITION, allow_incomplete: bool = False,
+                     role: str = "") -> dict[str, Any]:
+    """Refuse a cache whose extraction did not finish (killed, or still being written where HDF5 file locking is
+    off), unless `allow_incomplete`; return what to record in the run / metrics.json.
+
+    A cache is finished when its `complete` attribute is set (every row valid or a recorded failure: a finished
+    extraction with failures is finished), or when every row of `window` is valid or has a recorded failure anyway
+    (killed after its last row). Otherwise InputError: "<role> cache X is incomplete: 16 of 150 rows extracted
+    (recognition window) ...", with how to finish it (re-run the same extract command: it resumes) and the option
+    that uses the done rows anyway (`--allow-incomplete`).
+
+    Returns {"complete": bool, "rows_done": int, "rows_total": int, "allow_incomplete": bool} (rows of `window`).
+    """
+    valid = np.zeros(cache.n, dtype=bool)
+    valid[cache.valid_indices(window)] = True
+    settled = valid.copy()
+    for failure in cache.failures():
+        if failure["window"] == window and 0 <= failure["index"] < cache.n:
+            settled[failure["index"]] = True
+    with schema.reading(cache.path):
+        flagged = bool(schema.normalise_attr(cache.h5().attrs.get("complete", False)))
+    complete = flagged or bool(settled.all())
+    report = {"complete": complete, "rows_done": int(valid.sum()), "rows_total": int(cache.n),
+              "allow_incomplete": bool(allow_incomplete)}
+    if not complete and not allow_incomplete:
+        who = f"{role} cache" if role else "cache"
+        raise InputError(
+            f"{who} {cache.path} is incomplete: {report['rows_done']} of {cache.n} rows extracted ({window} window) "
+            "and its extraction did not finish (it was stopped, or is still running). Finish it first: run the same "
+            "`mambavl extract` command again (it resumes and keeps the finished rows), then this command; or pass "
+            f"--allow-incomplete to use the {report['rows_done']} finished rows (recorded in the run)"
+        )
+    return report

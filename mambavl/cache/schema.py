@@ -28,12 +28,14 @@ import errno
 import json
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from mambavl.errors import InputError
+from mambavl.errors import InputError, open_files_limit, os_error_message
 
 SCHEMA_VERSION = 1
 
@@ -171,11 +173,116 @@ def nonfinite_report(features: np.ndarray) -> str:
     return ", ".join(parts)
 
 
-def open_h5(path: str | os.PathLike, mode: str, what: str = "cache") -> h5py.File:
-    """h5py.File(path, mode), with an InputError that tells apart a file another process holds (HDF5's file lock,
-    errno 11: a running extraction, an open notebook) from one that is not a usable HDF5 file."""
+# HDF5 messages of a file whose bytes are not a (whole) HDF5 file: cut short, zero-filled, overwritten.
+_DAMAGE_MARKERS = ("truncated file", "signature", "file signature not found", "bad object header", "bad heap",
+                   "bad symbol table", "bad local heap", "bad global heap", "unable to load", "checksum",
+                   "incorrect metadata", "addr overflow", "address overflow", "wrong b-tree", "bad b-tree",
+                   "unable to deserialize", "can't decode", "unable to get group info", "unable to read")
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether an HDF5 error says the file's bytes are damaged (truncated, zero-filled, overwritten)."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _DAMAGE_MARKERS)
+
+
+def damaged_message(path: str | os.PathLike, exc: BaseException, what: str = "cache") -> str:
+    """A damaged file, named, with what to do about it."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"{what} {path} is damaged: HDF5 cannot read its structure ({detail}); it was probably cut short or "
+            "zero-filled by an interrupted copy or download or a full disk. Copy it again from its source, or "
+            "re-extract it (move the damaged file away first)")
+
+
+@contextmanager
+def reading(path: str | os.PathLike, what: str = "cache"):
+    """Turn an HDF5 error raised while reading `path` into an InputError naming the file: a damaged file as
+    damaged (`damaged_message`), an environment error (`os_error_message`) as what it is."""
     try:
-        return h5py.File(path, mode)
+        yield
+    except InputError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        if isinstance(exc, OSError):
+            message = os_error_message(exc, path, what)
+            if message:
+                raise InputError(message) from exc
+        if isinstance(exc, (OSError, RuntimeError)) or is_damage(exc):
+            raise InputError(damaged_message(path, exc, what)) from exc
+        raise
+
+
+def check_contained(f: h5py.File, path: str | os.PathLike, what: str = "cache") -> None:
+    """Refuse a file whose data would be read from outside it, and detect a damaged structure.
+
+    Every link is visited (H5Lvisit over the hard-linked groups): an external link or any other link type but
+    hard and soft is refused; every dataset's creation properties are read: external raw storage
+    (H5Pset_external) and virtual datasets with a source in another file are refused, naming the dataset and the
+    target. A chunked dataset's chunk index is walked too, so that a file whose tail is zero-filled or overwritten
+    is reported as damaged here (InputError naming the file), not halfway through training.
+    Cost: one pass over the file's metadata (about a millisecond per thousand chunks), no raw data read.
+    """
+    refused: list[str] = []
+    errors: list[BaseException] = []
+
+    def visit(name: bytes, info) -> int | None:
+        try:
+            return look(name, info)
+        except Exception as exc:  # an exception must not cross HDF5's C callback: keep it, stop the walk
+            errors.append(exc)
+            return 1
+
+    def look(name: bytes, info) -> None:
+        text = name.decode("utf-8", "replace")
+        if info.type == h5py.h5l.TYPE_EXTERNAL:
+            target, obj = f.id.links.get_val(name)
+            refused.append(f"{text!r} is an external link to {obj.decode('utf-8', 'replace')!r} in "
+                           f"{target.decode('utf-8', 'replace')!r}")
+            return None
+        if info.type == h5py.h5l.TYPE_SOFT:
+            return None
+        if info.type != h5py.h5l.TYPE_HARD:
+            refused.append(f"{text!r} is a user-defined link (type {int(info.type)}), which may point elsewhere")
+            return None
+        obj = h5py.h5o.open(f.id, name)
+        if isinstance(obj, h5py.h5d.DatasetID):
+            dcpl = obj.get_create_plist()
+            for i in range(dcpl.get_external_count()):
+                target = dcpl.get_external(i)[0]
+                target = target.decode("utf-8", "replace") if isinstance(target, bytes) else str(target)
+                refused.append(f"dataset {text!r} keeps its data in the external file {target!r}")
+            if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+                for i in range(dcpl.get_virtual_count()):
+                    source = dcpl.get_virtual_filename(i)
+                    if source != ".":
+                        refused.append(f"virtual dataset {text!r} reads {dcpl.get_virtual_dsetname(i)!r} from the "
+                                       f"file {source!r}")
+            elif dcpl.get_layout() == h5py.h5d.CHUNKED:
+                obj.get_num_chunks()  # walks the chunk index: a damaged one raises here
+        return None
+
+    with reading(path, what):
+        f.id.links.visit(visit, info=True)
+        if errors:
+            raise errors[0]
+    if refused:
+        raise InputError(
+            f"{what} {path} refers to data outside the file ({'; '.join(refused[:5])}"
+            f"{f'; and {len(refused) - 5} more' if len(refused) > 5 else ''}); mambavl reads only what a cache "
+            "file holds itself. Refused: rebuild the cache from its source (extract or import)"
+        )
+
+
+def open_h5(path: str | os.PathLike, mode: str, what: str = "cache", need_files: int | None = None) -> h5py.File:
+    """h5py.File(path, mode), with an InputError that tells apart a file another process holds (HDF5's file lock,
+    errno 11: a running extraction, an open notebook), a place that cannot be written or opened (read-only file
+    system, permissions, the open-files limit; `need_files` = descriptors the command needs, for that message) and
+    a file that is not a usable HDF5 file (damaged).
+
+    An existing file (modes "r" and "r+") is checked with `check_contained`: a file that points outside itself is
+    refused and a damaged structure is reported as such."""
+    try:
+        f = h5py.File(path, mode)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
             raise InputError(
@@ -184,6 +291,18 @@ def open_h5(path: str | os.PathLike, mode: str, what: str = "cache") -> h5py.Fil
             ) from None
         if isinstance(exc, FileExistsError):
             raise
+        message = os_error_message(exc, path, what, need_files)
+        if message:
+            raise InputError(message) from exc
+        if is_damage(exc):
+            raise InputError(damaged_message(path, exc, what)) from exc
         access = "writable" if mode != "r" else "readable"
-        raise InputError(f"{what} {path} is not a {access} HDF5 file ({exc}); if it is damaged, move it away and "
-                         "run again") from exc
+        raise InputError(f"{what} {path} is not a {access} HDF5 file ({exc}); if it is damaged or not a cache, "
+                         "move it away and run again") from exc
+    if mode in ("r", "r+", "a") and f.mode in ("r", "r+"):
+        try:
+            check_contained(f, path, what)
+        except BaseException:
+            f.close()
+            raise
+    return f

@@ -22,9 +22,12 @@ writing is refused as "in use" (HDF5's file lock).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ import numpy as np
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.errors import InputError
+from mambavl.errors import InputError, check_writable
 
 STR = h5py.string_dtype("utf-8")
 VLEN_INT = h5py.vlen_dtype(np.int32)
@@ -151,6 +154,30 @@ def _early(f: h5py.File, name: str, shape: tuple, dtype: Any, fill: Any, chunks:
     f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=fill, dcpl=dcpl)
 
 
+def is_no_space(exc: BaseException) -> bool:
+    """Whether an error (OSError, or HDF5's RuntimeError around one) says the disk or quota is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc) or "errno = 28" in str(exc)
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system that holds `path` (an existing file or folder)."""
+    p = Path(os.path.abspath(path))
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def no_space_message(path: Path, need: int, free: int) -> str:
+    """'no space left on DEVICE (need ~N MB, M MB free)' for the cache `path`, and what to do."""
+    mb = lambda b: f"{b / 1e6:.1f}" if b < 1e7 else f"{b / 1e6:.0f}"  # noqa: E731
+    need_text = f"need ~{mb(need)} MB, " if need > 0 else ""
+    return (f"no space left on {mount_point(path.parent)} for cache {path} ({need_text}{mb(free)} MB free); free "
+            "space or choose another --out, then run the same command again (it resumes: finished rows are kept, "
+            "no temporary file is left)")
+
+
 def _h5_attr(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(list(value) if isinstance(value, tuple) else value)
@@ -174,9 +201,11 @@ class CacheWriter:
         if self.frames <= 0 or self.dim <= 0:
             raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
+        check_writable(self.path, "cache")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._failures: dict[tuple[int, str], dict[str, Any]] = {}
         self._failures_dirty = False
+        self._no_space = False
         if self.path.exists() or not self._create(rows, verb_keys, noun_keys, on_create):
             self.f = self._resume(rows)
             self.resumed = True
@@ -196,36 +225,27 @@ class CacheWriter:
                 stale.unlink(missing_ok=True)
         tmp = self.path.with_name(f"{prefix}{os.getpid()}")
         tmp.unlink(missing_ok=True)
+        need = self.estimated_bytes(rows)
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise InputError(no_space_message(self.path, need, free))
         f = self.f = schema.open_h5(tmp, "x")
         try:
-            for key, value in self.attrs.items():
-                f.attrs[key] = _h5_attr(value)
-            f.attrs["complete"] = False
-            n, F, D = self.n, self.frames, self.dim
-            for window in self.windows:
-                p = schema.window_prefix(window)
-                # allocated now (and filled), so that writing a row later touches raw data only, never metadata
-                _early(f, p + "features", (n, F, D), np.float16, 0, chunks=(1, F, D) if n else None)
-                _early(f, p + "num_frames", (n,), np.int16, 0)
-                _early(f, p + "frame_times", (n, F), np.float32, np.nan)
-                _early(f, p + "valid", (n,), bool, False)
-            for name in schema.ROW_STRING_DATASETS:
-                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
-            for name in schema.ROW_INT_DATASETS:
-                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
-            for name in schema.ROW_FLOAT_DATASETS:
-                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
-            nouns = f.create_dataset(schema.ALL_NOUNS, shape=(n,), dtype=VLEN_INT)
-            for i, ids in enumerate(rows.all_noun_classes):
-                nouns[i] = np.asarray(ids, dtype=np.int32)
-            g = f.create_group(schema.CLASSES)
-            g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
-            g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
-            self._write_failures()
-            if on_create is not None:
-                on_create(self)
-        finally:
-            f.close()
+            self._build(f, rows, verb_keys, noun_keys, on_create)
+        except BaseException as exc:
+            if not is_no_space(exc):
+                f.close()
+                tmp.unlink(missing_ok=True)
+                raise
+            # The disk filled up under HDF5 (another writer took the space after the check above). HDF5 cannot
+            # flush its metadata and may crash on close; empty the temporary file first so that the close has room,
+            # then remove it: nothing is left behind filling the disk.
+            with contextlib.suppress(OSError):
+                os.truncate(tmp, 0)
+            with contextlib.suppress(Exception):
+                f.close()
+            tmp.unlink(missing_ok=True)
+            raise InputError(no_space_message(self.path, need, shutil.disk_usage(self.path.parent).free)) from exc
         try:
             os.link(tmp, self.path)  # exclusive: fails when the name exists
         except FileExistsError:
@@ -233,6 +253,45 @@ class CacheWriter:
         finally:
             tmp.unlink(missing_ok=True)
         return True
+
+    def estimated_bytes(self, rows: RowMeta) -> int:
+        """Bytes the new file takes before its first row (the row datasets are allocated at creation): features,
+        frame times, counts and flags of every window, row metadata, plus 1 MiB for the question/answer tables."""
+        per_row = self.frames * self.dim * 2 + self.frames * 4 + 2 + 1
+        meta = sum(len(getattr(rows, name)[i]) + 16 for name in schema.ROW_STRING_DATASETS for i in range(self.n))
+        return int(self.n * per_row * len(self.windows) + meta + self.n * 64 + (1 << 20))
+
+    def _build(self, f: h5py.File, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str],
+               on_create: Callable[["CacheWriter"], None] | None) -> None:
+        """Write every table of a new cache into the open temporary file `f` and close it."""
+        for key, value in self.attrs.items():
+            f.attrs[key] = _h5_attr(value)
+        f.attrs["complete"] = False
+        n, F, D = self.n, self.frames, self.dim
+        for window in self.windows:
+            p = schema.window_prefix(window)
+            # allocated now (and filled), so that writing a row later touches raw data only, never metadata
+            _early(f, p + "features", (n, F, D), np.float16, 0, chunks=(1, F, D) if n else None)
+            _early(f, p + "num_frames", (n,), np.int16, 0)
+            _early(f, p + "frame_times", (n, F), np.float32, np.nan)
+            _early(f, p + "valid", (n,), bool, False)
+        for name in schema.ROW_STRING_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
+        for name in schema.ROW_INT_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.int32))
+        for name in schema.ROW_FLOAT_DATASETS:
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=np.float64))
+        nouns = f.create_dataset(schema.ALL_NOUNS, shape=(n,), dtype=VLEN_INT)
+        for i, ids in enumerate(rows.all_noun_classes):
+            nouns[i] = np.asarray(ids, dtype=np.int32)
+        g = f.create_group(schema.CLASSES)
+        g.create_dataset("verb", data=np.asarray(list(verb_keys), dtype=object), dtype=STR)
+        g.create_dataset("noun", data=np.asarray(list(noun_keys), dtype=object), dtype=STR)
+        self._write_failures()
+        if on_create is not None:
+            on_create(self)
+        f.flush()
+        f.close()
 
     def _resume(self, rows: RowMeta) -> h5py.File:
         f = schema.open_h5(self.path, "r+")
@@ -287,15 +346,28 @@ class CacheWriter:
         padded[:k] = features.astype(np.float16)
         times = np.full(self.frames, np.nan, dtype=np.float32)
         times[:k] = np.asarray(frame_times, dtype=np.float32)[:k]
-        self.f[p + "features"][row] = padded
-        self.f[p + "frame_times"][row] = times
-        self.f[p + "num_frames"][row] = k
-        self.f.flush()
-        # the done-flag goes last: a crash before this line leaves the row uncounted, to be redone on resume
-        self.f[p + "valid"][row] = True
-        self.f.flush()
+        with self._space_checked():
+            self.f[p + "features"][row] = padded
+            self.f[p + "frame_times"][row] = times
+            self.f[p + "num_frames"][row] = k
+            self.f.flush()
+            # the done-flag goes last: a crash before this line leaves the row uncounted, to be redone on resume
+            self.f[p + "valid"][row] = True
+            self.f.flush()
         if self._failures.pop((row, window), None) is not None:
             self._failures_dirty = True
+
+    @contextlib.contextmanager
+    def _space_checked(self):
+        """A full disk while rows are written (the rows are allocated at creation, so only a file system that
+        copies on write, or a quota, can do this): InputError with `no_space_message`; finished rows stay valid."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            if not is_no_space(exc):
+                raise
+            self._no_space = True
+            raise InputError(no_space_message(self.path, 0, shutil.disk_usage(self.path.parent).free)) from exc
 
     def write_block(self, start: int, features: np.ndarray, frame_times: np.ndarray, num_frames: np.ndarray,
                     valid: np.ndarray, window: str = schema.RECOGNITION) -> None:
@@ -417,16 +489,21 @@ class CacheWriter:
                     ok[row] = True
             settled &= ok
         complete = bool(settled.all())
-        self._write_failures()
-        self.f.attrs["complete"] = complete
-        self.f.flush()
+        with self._space_checked():
+            self._write_failures()
+            self.f.attrs["complete"] = complete
+            self.f.flush()
         return complete
 
     def close(self) -> None:
         if self.f.id.valid:
-            if self._failures_dirty and self.f.mode == "r+":
+            if self._failures_dirty and self.f.mode == "r+" and not self._no_space:
                 self._write_failures()  # a run stopped by an exception keeps its failure records
-            self.f.close()
+            if self._no_space:  # the failure records are retried anyway; a close that cannot flush must not crash
+                with contextlib.suppress(Exception):
+                    self.f.close()
+            else:
+                self.f.close()
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -23,7 +23,7 @@ import sys
 import typer
 
 from mambavl import __version__
-from mambavl.errors import InputError, TrainingStopped
+from mambavl.errors import InputError, TrainingStopped, os_error_message
 
 app = typer.Typer(
     name="mambavl",
@@ -60,6 +60,14 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def positive(value: float | None) -> float | None:
+    """Option callback for numbers that must be > 0 (a rate, a duration, a learning rate); None = not given.
+    Anything else (0, negative, nan) stops with exit 2 naming the option and its range."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not in the range x>0 (a positive number)")
+    return value
+
+
 def optional_path(path: os.PathLike | None) -> str | None:
     """A path option as the str the config dataclasses take; None stays None (option not given)."""
     return None if path is None else str(path)
@@ -73,7 +81,8 @@ from mambavl.cli import tools as _tools  # noqa: E402,F401
 
 
 def main() -> None:
-    """Console-script entry point: InputError anywhere below a command becomes exit code 2, TrainingStopped 4."""
+    """Console-script entry point: InputError anywhere below a command becomes exit code 2, TrainingStopped 4; an
+    OSError about the place a file lives (read-only file system, permissions, full disk, open-files limit) 2."""
     try:
         app()
     except InputError as exc:
@@ -82,3 +91,9 @@ def main() -> None:
     except TrainingStopped as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_TRAINING_STOPPED)
+    except OSError as exc:  # a read-only file system, permissions, a full disk, the open-files limit: exit 2
+        message = os_error_message(exc, exc.filename or "(unnamed)")
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(EXIT_BAD_INPUT)

@@ -121,14 +121,14 @@ def evaluate_command(
                                                            "checkpoint's, when it still exists).")
     ] = None,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Segments per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
     submission: Annotated[bool, typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = True,
-    sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
-    sls_tl: Annotated[Optional[int], typer.Option("--sls-tl", help="Submission: your training-label supervision level 0-5.")] = None,
-    sls_td: Annotated[Optional[int], typer.Option("--sls-td", help="Submission: your training-data level 0-5.")] = None,
-    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
+    sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", min=0, max=5, help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
+    sls_tl: Annotated[Optional[int], typer.Option("--sls-tl", min=0, max=5, help="Submission: your training-label supervision level 0-5.")] = None,
+    sls_td: Annotated[Optional[int], typer.Option("--sls-td", min=0, max=5, help="Submission: your training-data level 0-5.")] = None,
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
@@ -175,9 +175,9 @@ def audit_command(
     ] = None,
     verb_classes: Annotated[Optional[Path], typer.Option("--verb-classes", help="Verb classes CSV.")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option("--noun-classes", help="Noun classes CSV.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the question shuffle (the label permutation uses seed + 1).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the question shuffle (the label permutation uses seed + 1).")] = 0,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Segments per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:

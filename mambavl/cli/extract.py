@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path
+from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path, positive
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode
@@ -37,12 +37,12 @@ def extract(
     text_encoder: Annotated[TextEncoderKind, typer.Option(help="Text encoder family for questions and answers: clip (open_clip text tower) or hf (Hugging Face encoder, e.g. MiniLM).")] = TextEncoderKind.CLIP,
     text_model: Annotated[Optional[str], typer.Option(help="clip: open_clip model (default: the image CLIP itself, else ViT-B-32); hf: a Hugging Face name or local folder, or pkg:all-minilm-l6-v2.")] = None,
     text_pretrained: Annotated[Optional[str], typer.Option(help="Text weights. clip: tag, local file or none; hf: unset (the folder's weights), a weights file, or none.")] = None,
-    frames: Annotated[int, typer.Option(help="Frames per segment (uniform), or the cap with --fps.")] = 16,
-    fps: Annotated[Optional[float], typer.Option(help="Sample at this rate instead of --frames uniform frames.")] = None,
-    size: Annotated[int, typer.Option(help="Frame size after ffmpeg's scale + centre crop.")] = 224,
+    frames: Annotated[int, typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = 16,
+    fps: Annotated[Optional[float], typer.Option(callback=positive, help="Sample at this rate instead of --frames uniform frames.")] = None,
+    size: Annotated[int, typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = 224,
     anticipation: Annotated[bool, typer.Option(help="Also extract the observed window before each action.")] = False,
-    tau_a: Annotated[float, typer.Option(help="Anticipation gap (s) between window end and action start.")] = 1.0,
-    tau_o: Annotated[float, typer.Option(help="Anticipation observed window length (s).")] = 2.0,
+    tau_a: Annotated[float, typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = 1.0,
+    tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
     questions: Annotated[str, typer.Option(
         help="Question sources to embed: templates[,annotation][,file]. (predicted needs nothing extra: it is built "
              "in stage 2 from the templates and answers every cache holds.)")] = "templates,annotation",
@@ -50,12 +50,12 @@ def extract(
     verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations); for a generic CSV, the label list shared by all splits (class CSV or one label per line).")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
     video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
-    frame_rate: Annotated[Optional[float], typer.Option(help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
+    frame_rate: Annotated[Optional[float], typer.Option(callback=positive, help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 64,
-    decode_workers: Annotated[int, typer.Option(help="Parallel ffmpeg decodes.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Frames per encoder batch.")] = 64,
+    decode_workers: Annotated[int, typer.Option(min=1, help="Parallel ffmpeg decodes.")] = 2,
     decode_threads: Annotated[int, typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N segments (of this shard).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N segments (of this shard).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts shard i of N of a plan balanced by decoding cost (frames x pixels), into its own --out; join them with `cache merge`. Not needed under torchrun.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -204,8 +204,8 @@ def cache_import(
     out: Annotated[Path, typer.Option("--out", help="Cache file to write.")],
     name: Annotated[str, typer.Option("--name", help="Name of the source features, e.g. avion-vitl.")],
     key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
-    frames: Annotated[int, typer.Option(help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
-    source_fps: Annotated[Optional[float], typer.Option(help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
+    frames: Annotated[int, typer.Option(min=1, help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
+    source_fps: Annotated[Optional[float], typer.Option(callback=positive, help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
     text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
     text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
     questions: Annotated[str, typer.Option(

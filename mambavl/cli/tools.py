@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mambavl.cli import app, fail, optional_path
+from mambavl.cli import app, fail, optional_path, positive
 from mambavl.cli.progress import log_messages, rich_progress
 from mambavl.errors import InputError
 
@@ -58,16 +58,16 @@ def efficiency_command(
     fusions: Annotated[str, typer.Option(help="Fusion kinds, comma-separated: mamba, transformer, concat.")]
     = "mamba,transformer,concat",
     preset: Annotated[str, typer.Option(help="Model preset the fusions are built from.")] = "small",
-    d_model: Annotated[Optional[int], typer.Option("--d-model", help="Model width (default: the preset's).")] = None,
-    n_layers: Annotated[Optional[int], typer.Option("--n-layers", help="Fusion depth (default: the preset's).")]
+    d_model: Annotated[Optional[int], typer.Option("--d-model", min=1, help="Model width (default: the preset's).")] = None,
+    n_layers: Annotated[Optional[int], typer.Option("--n-layers", min=1, help="Fusion depth (default: the preset's).")]
     = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 2,
-    question_tokens: Annotated[int, typer.Option("--question-tokens", help="Question tokens in each sequence.")]
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per step.")] = 2,
+    question_tokens: Annotated[int, typer.Option("--question-tokens", min=1, help="Question tokens in each sequence.")]
     = 32,
-    video_dim: Annotated[int, typer.Option("--video-dim", help="Feature dim of the video tokens.")] = 512,
-    text_dim: Annotated[int, typer.Option("--text-dim", help="Embedding dim of the question tokens.")] = 512,
+    video_dim: Annotated[int, typer.Option("--video-dim", min=1, help="Feature dim of the video tokens.")] = 512,
+    text_dim: Annotated[int, typer.Option("--text-dim", min=1, help="Embedding dim of the question tokens.")] = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, auto.")] = "cpu",
-    repeats: Annotated[int, typer.Option(help="Timed repeats per configuration (median reported).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per configuration (median reported).")] = 3,
     memory: Annotated[str, typer.Option(help="Peak memory: auto, rss (CPU), cuda, none.")] = "auto",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write efficiency.png.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -102,28 +102,28 @@ def ablate_command(
         str, typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, transformer, "
                                "concat, predicted, probe-concat, probe-mean (or any preset).")
     ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,predicted,probe-concat,probe-mean",
-    epochs: Annotated[int, typer.Option(help="Epochs of every run.")] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of every run.")] = 10,
     min_steps: Annotated[
-        int, typer.Option("--min-steps", help="Fewest recognition steps of every run (small data: smaller batch, "
+        int, typer.Option("--min-steps", min=0, help="Fewest recognition steps of every run (small data: smaller batch, "
                                               "several passes per epoch); 0 = off.")
     ] = 1000,
-    seeds: Annotated[int, typer.Option(help="Runs per variant (seeds seed, seed+1, ...); >1 gives mean ± sd and "
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per variant (seeds seed, seed+1, ...); >1 gives mean ± sd and "
                                             "paired differences to video-only.")] = 1,
-    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="First seed.")] = 0,
     questions: Annotated[str, typer.Option(help="Question protocol: templates, annotation, file.")] = "templates",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of every run.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of every run.")] = 1e-3,
-    frames: Annotated[int, typer.Option(help="Frame tokens per clip, sub-sampled from the cache.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of every run.")] = 64,
+    lr: Annotated[float, typer.Option(callback=positive, help="Peak learning rate of every run.")] = 1e-3,
+    frames: Annotated[int, typer.Option(min=0, help="Frame tokens per clip, sub-sampled from the cache.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override for every run, key=value (repeatable).")
     ] = None,
     candidates_k: Annotated[
-        int, typer.Option("--candidates-k", help="predicted: candidates per head (keep it well below the number of "
+        int, typer.Option("--candidates-k", min=1, help="predicted: candidates per head (keep it well below the number of "
                                                  "classes, or every clip is asked about nearly all of them).")
     ] = 5,
     candidate_folds: Annotated[
-        int, typer.Option("--candidate-folds", help="predicted: folds of the cross-fitted first pass.")
+        int, typer.Option("--candidate-folds", min=2, help="predicted: folds of the cross-fitted first pass.")
     ] = 5,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -155,8 +155,8 @@ def ablate_command(
 def predict_command(
     video: Annotated[Path, typer.Argument(help="Video file (any format ffmpeg reads).")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Trained checkpoint (best.pt / last.pt).")],
-    start: Annotated[Optional[float], typer.Option(help="Segment start in seconds (default: 0).")] = None,
-    stop: Annotated[Optional[float], typer.Option(help="Segment stop in seconds (default: the end).")] = None,
+    start: Annotated[Optional[float], typer.Option(min=0.0, help="Segment start in seconds (default: 0).")] = None,
+    stop: Annotated[Optional[float], typer.Option(callback=positive, help="Segment stop in seconds (default: the end).")] = None,
     cache: Annotated[
         Optional[Path], typer.Option("--cache", help="A cache from the same encoder: its question/answer tables are "
                                                      "reused instead of re-embedding them.")
@@ -170,7 +170,7 @@ def predict_command(
                                                             "folder), when the training cache used them (sha256 "
                                                             "checked). Not needed for pkg:NAME weights.")
     ] = None,
-    top: Annotated[int, typer.Option(help="How many actions / answers to list.")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="How many actions / answers to list.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON here.")]
     = None,
@@ -223,7 +223,7 @@ def demo_command(
                                                          "minutes on 2 cores).")]
     = False,
     ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Run the short ablation.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the data, the encoder init and the training runs.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the data, the encoder init and the training runs.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results in a non-empty --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path
+from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path, positive
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
@@ -85,14 +85,14 @@ def train_command(
         Optional[Path], typer.Option("--val-cache", help="Validation cache (.h5); best.pt is chosen on it.")
     ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Model preset (small, base, paper, ...).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 20).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per process.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up epochs.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default 20).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size per process.")] = None,
+    lr: Annotated[Optional[float], typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up epochs.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Random seed.")] = None,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation.")] = None,
     questions: Annotated[
         Optional[QuestionSource],
@@ -100,38 +100,41 @@ def train_command(
                           "the top-k candidates of a video-only first pass; label-free), annotation (paper's), file."),
     ] = None,
     candidates_k: Annotated[
-        Optional[int], typer.Option("--candidates-k", help="predicted: candidates per head (default 5).")
+        Optional[int], typer.Option("--candidates-k", min=1, help="predicted: candidates per head (default 5).")
     ] = None,
     candidate_folds: Annotated[
         Optional[int],
-        typer.Option("--candidate-folds", help="predicted: cross-fitting folds for the training rows' candidates "
+        typer.Option("--candidate-folds", min=2, help="predicted: cross-fitting folds for the training rows' candidates "
                                                "(default 5)."),
     ] = None,
     candidate_epochs: Annotated[
-        Optional[int], typer.Option("--candidate-epochs", help="predicted: first-pass epochs (0 = --epochs).")
+        Optional[int], typer.Option("--candidate-epochs", min=0, help="predicted: first-pass epochs (0 = --epochs).")
     ] = None,
     candidates_from: Annotated[
         Optional[Path],
         typer.Option("--candidates-from", help="predicted: a trained checkpoint used as the first pass for "
                                                "evaluation (training rows still get cross-fitted candidates)."),
     ] = None,
-    qa_weight: Annotated[Optional[float], typer.Option("--qa-weight", help="QA loss weight; 0 = no QA.")] = None,
+    qa_weight: Annotated[Optional[float], typer.Option("--qa-weight", min=0.0, help="QA loss weight; 0 = no QA.")] = None,
     qa_every: Annotated[
-        Optional[int], typer.Option("--qa-every", help="One QA step after every N recognition steps.")
+        Optional[int], typer.Option("--qa-every", min=1, help="One QA step after every N recognition steps.")
     ] = None,
     frames: Annotated[
-        Optional[int], typer.Option(help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
+        Optional[int], typer.Option(min=0, help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
     ] = None,
     min_steps: Annotated[
-        Optional[int], typer.Option("--min-steps", help="Fewest recognition steps of the run (default 1000): on small "
+        Optional[int], typer.Option("--min-steps", min=0, help="Fewest recognition steps of the run (default 1000): on small "
                                                         "data the batch shrinks (not below 8) and epochs make several "
                                                         "passes; 0 = off.")
     ] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="DataLoader workers.")] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override key=value (repeatable), e.g. d_model=128.")
     ] = None,
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete", help="Train (and validate) on the finished rows of a cache whose extraction did not "
+                                   "finish; recorded in train_config.json.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or per-epoch lines.")] = False,
 ) -> None:
     """Train the MambaVL fusion on a feature cache."""
@@ -159,6 +162,7 @@ def train_command(
         "min_steps": min_steps,
         "amp": amp,
         "model_overrides": parse_overrides(set_) if set_ else None,
+        "allow_incomplete": allow_incomplete or None,
     }
     explicit = {k: v for k, v in options.items() if v is not None}
     try:

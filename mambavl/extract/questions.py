@@ -26,6 +26,7 @@ text tower; the QA head scores them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -167,6 +168,83 @@ def annotation_questions(segment, verbs, nouns) -> tuple[str, str]:
     return (f"What is the person doing in '{without_noun}'?", f"Which object is used in '{without_verb}'?")
 
 
+# Limits of a questions file (docs/extract.md). EK-100's 90k segments with two 200-character questions each take
+# ~40 MB; a question may be of any length (the text tower reads its first tokens).
+MAX_QUESTION_FILE_BYTES = 512 * 1024 * 1024
+# JSON nesting deeper than this is refused before parsing (a questions file is 3 levels deep at most).
+MAX_JSON_DEPTH = 64
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"), (b"\xff\xfe", "UTF-16 LE"),
+         (b"\xfe\xff", "UTF-16 BE"))
+
+
+def read_question_text(path: Path) -> str:
+    """The text of a questions file: UTF-8 (a UTF-8 byte-order mark is allowed), at most MAX_QUESTION_FILE_BYTES.
+    InputError naming the file and the problem: too large, UTF-16/32 (by byte-order mark or by its NUL bytes),
+    or a byte that is not UTF-8 (with its offset, line and column)."""
+    size = path.stat().st_size
+    if size > MAX_QUESTION_FILE_BYTES:
+        raise InputError(f"{path}: questions file of {size / 2**20:.0f} MiB, more than the "
+                         f"{MAX_QUESTION_FILE_BYTES // 2**20} MiB allowed")
+    data = path.read_bytes()
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            raise InputError(f"{path}: not UTF-8 (looks {name}: it starts with that byte-order mark, as Windows "
+                             f"editors and PowerShell write 'Unicode'); save it as UTF-8")
+    head = data[:4096]
+    if head and head.count(0) >= len(head) // 4:
+        raise InputError(f"{path}: not UTF-8 (looks UTF-16 or UTF-32: {head.count(0)} of its first {len(head)} "
+                         "bytes are NUL); save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputError(f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}, "
+                         f"column {column}) is not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside strings (a linear scan over the brackets, quotes and backslashes only)."""
+    depth = deepest = 0
+    in_string = False
+    skip_at = -1  # the character after a backslash inside a string is escaped
+    for match in re.finditer(r'[\[\]{}"\\]', text):
+        if match.start() == skip_at:
+            continue
+        ch = match.group()
+        if in_string:
+            if ch == "\\":
+                skip_at = match.end()
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_question_text(path: Path, text: str, where: str) -> None:
+    """InputError naming the file, entry/field and position of a character a question cannot hold: NUL (HDF5
+    strings end at it) and lone surrogates (U+D800-U+DFFF: half of a UTF-16 pair, e.g. an emoji cut in half,
+    which no UTF-8 text can hold)."""
+    bad = _UNSTORABLE.search(text)
+    if bad is not None:
+        i, code = bad.start(), ord(bad.group())
+        if code == 0:
+            raise InputError(f"{path}: {where}: NUL character (U+0000) at position {i + 1}; questions are stored "
+                             "as text, which cannot hold it")
+        if 0xD800 <= code <= 0xDFFF:
+            raise InputError(f"{path}: {where}: invalid character U+{code:04X} at position {i + 1} (a lone "
+                             "surrogate: half of a UTF-16 pair, e.g. an emoji cut in half)")
+
+
 def load_question_file(path: str | os.PathLike, segments) -> list[tuple[str, str]]:
     """Per-segment (verb question, noun question) from a CSV or JSON file (see `question_file_lookup`)."""
     return question_file_lookup(path, segments)[0]
@@ -190,6 +268,9 @@ def question_file_lookup(path: str | os.PathLike, segments) -> tuple[list[tuple[
     def add(key: str, vq, nq, where: str, by_class: bool = False) -> None:
         if not isinstance(vq, str) or not isinstance(nq, str) or not vq.strip() or not nq.strip():
             raise InputError(f"{path}: {where}: needs non-empty verb_question and noun_question")
+        check_question_text(path, key, f"{where}, its key")
+        check_question_text(path, vq, f"{where}, field verb")
+        check_question_text(path, nq, f"{where}, field noun")
         (class_table if by_class else table)[key] = (vq.strip(), nq.strip())
 
     def record_key(rec: dict, where: str) -> tuple[str, bool]:
@@ -202,11 +283,18 @@ def question_file_lookup(path: str | os.PathLike, segments) -> tuple[list[tuple[
                 raise InputError(f"{path}: {where}: verb_class/noun_class must be integers") from None
         raise InputError(f"{path}: {where}: field 'narration_id' (or 'verb_class' and 'noun_class') missing")
 
+    text = read_question_text(path)
     if path.suffix.lower() == ".json":
+        depth = _json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise InputError(f"{path}: JSON nested too deeply ({depth} levels; at most {MAX_JSON_DEPTH} are read, "
+                             "a questions file needs 3)")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise InputError(f"{path}: JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
         if isinstance(data, dict):
             for key, value in data.items():
                 if not isinstance(value, dict):
@@ -223,14 +311,16 @@ def question_file_lookup(path: str | os.PathLike, segments) -> tuple[list[tuple[
         else:
             raise InputError(f"{path}: expected a JSON object or list")
     else:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             for col in ("verb_question", "noun_question"):
                 if col not in (reader.fieldnames or []):
                     raise InputError(f"{path}: missing column {col!r}")
             for i, rec in enumerate(reader, start=1):
                 key, by_class = record_key(rec, f"row {i}")
                 add(key, rec.get("verb_question"), rec.get("noun_question"), f"row {i}", by_class)
+        except csv.Error as exc:
+            raise InputError(f"{path}: line {reader.line_num}: not a readable CSV row ({exc})") from None
     out = []
     label_keyed = np.zeros(len(segments), dtype=bool)
     for i, s in enumerate(segments):

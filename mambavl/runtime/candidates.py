@@ -29,16 +29,19 @@ import torch
 from torch import nn
 
 from mambavl import metrics as M
+from mambavl.errors import InputError
 from mambavl.fuse.model import MambaVL, model_config_from_dict
 
 
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     """(n,) int64 fold of each of n rows: a seeded permutation dealt round-robin, so fold sizes differ by <= 1.
-    ValueError when folds < 2 or n < folds (every fold must hold a row and leave rows to train on)."""
+    InputError (a ValueError) naming --candidate-folds when folds < 2 or n < folds (every fold must hold a row and leave rows to train on)."""
     if folds < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+        raise InputError(f"--candidate-folds {folds}: cross-fitting needs 2 to {max(n, 2)} folds (at least 2, at "
+                         f"most the {n} labelled training rows)")
     if n < folds:
-        raise ValueError(f"{n} training rows cannot be split into {folds} folds")
+        raise InputError(f"--candidate-folds {folds}: {n} labelled training rows cannot be split into {folds} folds; "
+                         f"choose 2 to {n}")
     out = np.empty(n, dtype=np.int64)
     out[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
     return out
@@ -46,7 +49,7 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 def topk_candidates(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """(N, C) scores (probabilities or logits) -> (N, min(k, C)) int64 class ids by descending score, ties towards
-    the higher class id as the official EK-100 scorer orders them (`mambavl.metrics.rank_classes`, so the
+    the higher class id (the project's tie rule, `mambavl.metrics.rank_classes`, so the
     candidates are exactly the top-k of top-k accuracy)."""
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().numpy()

@@ -61,6 +61,7 @@ class TrainConfig:
     candidate_folds: int = 5
     candidate_epochs: int = 0
     candidates_from: str | None = None
+    allow_incomplete: bool = False  # train / validate on the finished rows of a cache whose extraction did not finish
 
     def __post_init__(self) -> None:
         try:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, open_cache
+from mambavl.cache.reader import CacheFile, open_cache, require_complete
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime import (
@@ -79,6 +79,7 @@ def open_caches(cfg: TrainConfig, resumed: TrainedModel | None, run: Path) -> tu
     window = task_spec(cfg.task).window
     train_cache = open_cache(cfg.train_cache)
     require_window(train_cache, window)
+    require_complete(train_cache, window, cfg.allow_incomplete, "train")
     if resumed is not None:
         check_resumed_cache(resumed, train_cache, run)
     if cfg.val_cache is None:
@@ -92,6 +93,7 @@ def open_caches(cfg: TrainConfig, resumed: TrainedModel | None, run: Path) -> tu
     ):
         raise InputError(f"val cache {val_cache.path} has other verb/noun classes than train cache {train_cache.path}")
     require_window(val_cache, window)
+    require_complete(val_cache, window, cfg.allow_incomplete, "val")
     return train_cache, val_cache
 
 

@@ -22,7 +22,7 @@ from mambavl import __version__
 from mambavl.cache.reader import SegmentDataset
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
-from mambavl.errors import TrainingStopped
+from mambavl.errors import TrainingStopped, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.extract.spec import FeatureSpec
 from mambavl.fuse.config import ModelConfig, question_is_offset
@@ -269,6 +269,7 @@ class _Run:
 def _set_up(cfg: TrainConfig, device: torch.device, layout: ProcessLayout) -> _Run:
     """Caches, model, optimiser, schedule and checkpointer of a fresh or resumed run."""
     out_dir = Path(cfg.out_dir)
+    check_writable(out_dir, "run folder (--out)")
     resume = resume_point(cfg, out_dir / "last.pt")
     resumed, training = resume if resume is not None else (None, None)
     data = load_data(cfg, resumed, out_dir / "last.pt", device, layout)
