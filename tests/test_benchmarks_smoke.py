@@ -89,10 +89,12 @@ def test_gpu_check_runs_its_training_section_on_cpu(tmp_path):
 
 def test_decode_1080p_smoke(tmp_path):
     lines = run_script("decode_1080p.py", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
-    assert lines[-1].startswith("headline: project_decode_vs_bare_ffmpeg_1080p=")
+    assert lines[-1].startswith("headline: planned_vs_plain_decode_bframes_gop60=")
     assert any(ln.startswith("seek cost:") for ln in lines)
+    assert any(ln.startswith("project_decode_vs_bare_ffmpeg_1080p=") for ln in lines)
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"bare_ffmpeg, threads 1", "project, threads auto", "pyav, threads 1"} <= set(out["cpu_per_segment"])
+    assert {"bframes_gop60", "all_p_gop60"} <= set(out["plan"])
 
 
 def test_loader_ek100_smoke(tmp_path):
