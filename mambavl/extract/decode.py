@@ -310,8 +310,16 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
                 f"{path}: truncated or corrupt: decoding stopped after {len(got)} of {len(ticks)} frames, "
                 f"before t={missing_t:.3f}s although the video is {probe.end:.3f}s long")
         inverse = np.minimum(inverse, len(got) - 1)  # the missing tail ticks show the last frame decoded
+    if not isinstance(got, np.ndarray):  # a torch tensor on the decoder's device
+        inverse = _as_index(inverse, got)
     frames = got[inverse]  # (F, S, S, 3), a copy (fancy indexing), so writable
     return frames, _displayed_frame_start(grid.times, probe)
+
+
+def _as_index(index: np.ndarray, like):
+    import torch
+
+    return torch.as_tensor(index, dtype=torch.long, device=like.device)
 
 
 def _displayed_frame_start(times: np.ndarray, probe: VideoProbe) -> np.ndarray:

@@ -516,9 +516,15 @@ class FrozenEncoder:
         return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast(
             "cpu", enabled=False)
 
-    def encode_segments(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU."""
-        frames_t = torch.from_numpy(np.ascontiguousarray(frames))
+    def encode_segments(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU. Frames may be a numpy array or a
+        tensor already on the device (a GPU decoder's); host frames go to a CUDA device through pinned memory."""
+        if isinstance(frames, torch.Tensor):
+            frames_t = frames
+        else:
+            frames_t = torch.from_numpy(np.ascontiguousarray(frames))
+            if self.device.type == "cuda":
+                frames_t = frames_t.pin_memory().to(self.device, non_blocking=True)
         s, f = frames_t.shape[:2]
         with torch.inference_mode(), self._autocast():
             if self.kind != EncoderKind.VIDEOMAE:
