@@ -111,3 +111,13 @@ def test_candidate_recall_smoke(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     for scheme in ("cross_fitted", "in_sample"):
         assert {"train_candidate_recall_verb", "val_candidate_recall_verb"} <= set(out[scheme])
+
+
+def test_extraction_gpu_branch_skips_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU branch runs instead of skipping")
+    lines = run_script("extraction.py", "--gpu", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
+    assert any(ln.startswith("GPU branch skipped") for ln in lines)
+    assert lines[-1].startswith("headline: end_to_end_vs_slowest_stage=")
