@@ -121,3 +121,18 @@ def test_extraction_gpu_branch_skips_without_gpu(tmp_path):
     lines = run_script("extraction.py", "--gpu", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
     assert any(ln.startswith("GPU branch skipped") for ln in lines)
     assert lines[-1].startswith("headline: end_to_end_vs_slowest_stage=")
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """scripts/gpu-check.sh --smoke: on CPU, tiny; writes both reports under $OUT with every section present."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--smoke"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
+    assert report["smoke"] and report["exit_codes"]["workstation"] == 0
+    ws = report["workstation"]
+    assert ws["decode"]["decoders"]["ffmpeg"]["window_frames_per_s"] > 0
+    assert {"ffmpeg", "auto"} <= set(ws["end_to_end"]) and ws["end_to_end"]["ffmpeg"]["failed"] == 0
+    assert ws["encode"]
+    assert "GPU-marked tests" in (tmp_path / "out" / "gpu-report.md").read_text()

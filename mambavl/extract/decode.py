@@ -255,7 +255,8 @@ class FfmpegDecoder:
         if drop:
             options["bsf:v"] = f"noise=drop='{drop}'"
         stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
-        stream = stream.filter("fps", fps=repr(1.0 / req.step), start_time=repr(req.first - ss), round="up")
+        stream = stream.filter("fps", fps=repr(float(1.0 / req.step)), start_time=repr(float(req.first - ss)),
+                               round="up")  # float(): numpy scalars repr as np.float64(...)
         if not np.array_equal(req.ticks, np.arange(len(req.ticks))):
             stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
         stream = _scale_crop(stream, req.size)
