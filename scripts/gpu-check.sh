@@ -136,7 +136,8 @@ md = [f"# GPU check{' (smoke run, CPU, tiny sizes: no figure here means anything
 dec = (ws.get("decode") or {}).get("decoders", {})
 if dec:
     md += [f"## Decode ({ws['decode']['clip']}; 16 frames per 2 s window)", "",
-           "| decoder | window frames/s | sampled frames/s | frame-exact | mean abs diff vs ffmpeg |", "|---|---|---|---|---|"]
+           "| decoder | window frames/s | sampled frames/s | frame-exact | mean abs diff vs ffmpeg |",
+           "|---|---|---|---|---|"]
     for name, r in dec.items():
         md.append(f"| {name} | skipped: {r['skipped']} | | | |" if "skipped" in r else
                   f"| {name} | {r['window_frames_per_s']:.0f} | {r['sampled_frames_per_s']:.0f} | "
