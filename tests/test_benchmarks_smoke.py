@@ -89,10 +89,12 @@ def test_gpu_check_runs_its_training_section_on_cpu(tmp_path):
 
 def test_decode_1080p_smoke(tmp_path):
     lines = run_script("decode_1080p.py", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
-    assert lines[-1].startswith("headline: project_decode_vs_bare_ffmpeg_1080p=")
+    assert lines[-1].startswith("headline: planned_vs_plain_decode_bframes_gop60=")
     assert any(ln.startswith("seek cost:") for ln in lines)
+    assert any(ln.startswith("project_decode_vs_bare_ffmpeg_1080p=") for ln in lines)
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"bare_ffmpeg, threads 1", "project, threads auto", "pyav, threads 1"} <= set(out["cpu_per_segment"])
+    assert {"bframes_gop60", "all_p_gop60"} <= set(out["plan"])
 
 
 def test_loader_ek100_smoke(tmp_path):
@@ -109,3 +111,28 @@ def test_candidate_recall_smoke(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     for scheme in ("cross_fitted", "in_sample"):
         assert {"train_candidate_recall_verb", "val_candidate_recall_verb"} <= set(out[scheme])
+
+
+def test_extraction_gpu_branch_skips_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU branch runs instead of skipping")
+    lines = run_script("extraction.py", "--gpu", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
+    assert any(ln.startswith("GPU branch skipped") for ln in lines)
+    assert lines[-1].startswith("headline: end_to_end_vs_slowest_stage=")
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """scripts/gpu-check.sh --smoke: on CPU, tiny; writes both reports under $OUT with every section present."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--smoke"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
+    assert report["smoke"] and report["exit_codes"]["workstation"] == 0
+    ws = report["workstation"]
+    assert ws["decode"]["decoders"]["ffmpeg"]["window_frames_per_s"] > 0
+    assert {"ffmpeg", "auto"} <= set(ws["end_to_end"]) and ws["end_to_end"]["ffmpeg"]["failed"] == 0
+    assert ws["encode"]
+    assert "GPU-marked tests" in (tmp_path / "out" / "gpu-report.md").read_text()

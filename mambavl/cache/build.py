@@ -31,6 +31,7 @@ from mambavl.cache.reader import open_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError, check_writable
+from mambavl.extract.backends import DecoderKind, build_decoder
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
@@ -62,6 +63,7 @@ class ExtractConfig:
     decode_workers: int = 2
     decode_threads: int = 0  # ffmpeg's -threads per decode; 0 = its default (one per core)
     segments_per_batch: int = 8
+    decoder: str = DecoderKind.FFMPEG.value  # ffmpeg | torchcodec | torchcodec-cuda | auto (mambavl.extract.backends)
 
 
 @dataclass
@@ -170,6 +172,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
     texts, templates, per_segment, label_keyed = build_question_table(segments, ann.verbs, ann.nouns, sources,
                                                                       cfg.questions_file)
 
+    decoder = build_decoder(cfg.decoder)
     enc = encoder or build_encoder(cfg.encoder)
     frames_per_segment = cfg.sampling.num_frames
     tokens = enc.tokens_per_segment(frames_per_segment)
@@ -193,6 +196,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         shard=f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
         annotation_rows=len(ann.segments),
         limit=int(cfg.limit) if cfg.limit is not None else -1,
+        decoder=decoder.name,
     )
     meta = RowMeta.from_segments(segments)
 
@@ -211,7 +215,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         progress = or_none(progress)
         progress.start(len(segments))  # one unit per segment: extracted, skipped (done before) or failed
         progress.advance(skipped, skipped=skipped, failed=0)
-        _overlap(cfg, enc, w, segments, pending, ann, stats, progress)
+        _overlap(cfg, enc, w, segments, pending, ann, stats, progress, decoder)
         w.finalize()
         failures = w.failures()
         progress.finish()
@@ -234,8 +238,9 @@ def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_
 
 
 def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, pending: list[int],
-             ann: AnnotationSet, stats: dict, progress: Progress) -> None:
-    """decode (thread pool) -> encode (this thread) -> write (writer thread)."""
+             ann: AnnotationSet, stats: dict, progress: Progress, decoder=None) -> None:
+    """decode (thread pool) -> encode (this thread) -> write (writer thread). A GPU decoder's frames stay on the
+    GPU (resized there) and reach the encoder without a host copy."""
     windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if cfg.anticipation else [])
     tasks = [(row, window) for row in pending for window in windows if not w.done(window)[row]]
     done_rows = {window: w.done(window).copy() for window in windows}
@@ -249,7 +254,7 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
             else:
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
             return decode_segment(videos, seg, start, stop, cfg.sampling, ann.frame_rate(seg.video_id, cfg.frame_rate),
-                                  cfg.decode_threads)
+                                  cfg.decode_threads, decoder)
         except DecodeError as exc:
             return exc
 
@@ -322,9 +327,20 @@ def _encode_batch(enc: FrozenEncoder, batch):
     for item in batch:
         by_len.setdefault(len(item[2]), []).append(item)
     for items in by_len.values():
-        feats = enc.encode_segments(np.stack([it[2] for it in items])).numpy()  # (S, F', D)
+        frames = [it[2] for it in items]
+        stacked = np.stack(frames) if isinstance(frames[0], np.ndarray) else _stack_tensors(frames)
+        feats = enc.encode_segments(stacked).numpy()  # (S, F', D)
         for (row, window, _frames, times), f in zip(items, feats):
             yield row, window, f, _token_times(np.asarray(times), f.shape[0])
+
+
+def _stack_tensors(frames):
+    """Frames as torch tensors (a GPU decoder's; frame folders still come as numpy) -> one (S, F, H, W, 3) tensor on
+    the first one's device."""
+    import torch
+
+    dev = next((f.device for f in frames if isinstance(f, torch.Tensor)), torch.device("cpu"))
+    return torch.stack([torch.as_tensor(f).to(dev) for f in frames])
 
 
 # Attributes that may differ between the shards of one extraction (everything else must agree).

@@ -46,6 +46,7 @@ import numpy as np
 from mambavl.data.annotations import Segment, frame_start, frame_window
 from mambavl.data.media import ffmpeg_binary
 from mambavl.errors import InputError
+from mambavl.extract import packet_plan
 
 VIDEO_EXTENSIONS = (".MP4", ".mp4")
 FRAME_PATTERN = "frame_{:010d}.jpg"  # EK-100 rgb_frames naming, 1-based
@@ -213,14 +214,71 @@ def _frames(raw: bytes, size: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, count=n * per).reshape(n, size, size, 3)  # (n, S, S, 3)
 
 
+@dataclass(frozen=True)
+class FrameRequest:
+    """What a video decoder is asked for, the same for every decoder (`mambavl.extract.backends`): the frames
+    displayed at times `first + step * ticks` of the file `path`, scaled (short side to `size`) and centre-cropped
+    to size x size. The window has been checked against `probe` already; `threads`: decoder threads (0: default)."""
+
+    path: Path
+    probe: VideoProbe
+    first: float        # seconds, container timeline
+    step: float         # seconds between ticks (> 0)
+    ticks: np.ndarray   # (U,) int, strictly increasing tick numbers
+    size: int
+    threads: int = 0
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.first + self.step * self.ticks.astype(np.float64)  # (U,)
+
+
+class FfmpegDecoder:
+    """The reference decoder: one ffmpeg process per request (seek, ``fps`` filter picking the frames, scale + crop,
+    raw RGB over a pipe). `skip_unneeded`: leave out the packets no requested frame needs
+    (`mambavl.extract.packet_plan`; bit-identical frames, less CPU); False decodes the whole window."""
+
+    name = "ffmpeg"
+    device = "cpu"
+
+    def __init__(self, skip_unneeded: bool = True):
+        self.skip_unneeded = skip_unneeded
+
+    def frames(self, req: FrameRequest) -> np.ndarray:
+        """uint8 (M, size, size, 3) RGB, M <= U: the frames at req.times in order, fewer when the stream ends first.
+        DecodeError when ffmpeg fails."""
+        path, probe = req.path, req.probe
+        # One nominal frame of margin: some demuxers land a little after the requested seek point.
+        ss = round(max(0.0, req.first - 1.0 / probe.fps), 6)  # ffmpeg parses -ss to microseconds
+        options = {"threads": int(req.threads)} if req.threads else {}
+        drop = packet_plan.drop_expression(path, ss, req.times) if self.skip_unneeded else None
+        if drop:
+            options["bsf:v"] = f"noise=drop='{drop}'"
+        stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
+        stream = stream.filter("fps", fps=repr(float(1.0 / req.step)), start_time=repr(float(req.first - ss)),
+                               round="up")  # float(): numpy scalars repr as np.float64(...)
+        if not np.array_equal(req.ticks, np.arange(len(req.ticks))):
+            stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
+        stream = _scale_crop(stream, req.size)
+        out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
+                            **{"frames:v": len(req.ticks)})
+        return _frames(_run(out, path), req.size)  # (M, S, S, 3), M <= U
+
+
+DEFAULT_DECODER = FfmpegDecoder()
+
+
 def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
-                         cfg: SamplingConfig, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                         cfg: SamplingConfig, threads: int = 0, decoder=None) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] (seconds) of a video file.
 
     `threads`: ffmpeg's decoder threads (``-threads``); 0 leaves ffmpeg's default (one per core). Several decodes
     running side by side (the extraction's thread pool) fill the cores anyway; see benchmarks/decode_1080p.py.
+    `decoder`: who decodes the frames of a `FrameRequest` (`FfmpegDecoder` by default; see
+    `mambavl.extract.backends` for the others); every check here applies to all of them.
 
-    Returns frames uint8 (F, size, size, 3) RGB and times float64 (F,): the start times of the returned frames.
+    Returns frames uint8 (F, size, size, 3) RGB — a numpy array, or a torch tensor on the decoder's device for
+    decoders that keep frames there — and times float64 (F,): the start times of the returned frames.
     A window reaching at most END_TOLERANCE_FRAMES frames past the end of the video is clamped to it; one reaching
     further or starting after the end, a missing, empty, truncated or corrupt file raise DecodeError naming the
     file and the reason.
@@ -242,18 +300,8 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
         # a zero-length window: one tick, repeated (the fps filter needs a finite rate)
         grid = _Grid(grid.first, 1.0, 1, np.zeros(len(grid.picks), dtype=np.int64))
     ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
-
-    # One nominal frame of margin: some demuxers land a little after the requested seek point.
-    ss = round(max(0.0, grid.first - 1.0 / probe.fps), 6)  # ffmpeg parses -ss to microseconds
-    stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None,
-                          **({"threads": int(threads)} if threads else {}))
-    stream = stream.filter("fps", fps=repr(1.0 / grid.step), start_time=repr(grid.first - ss), round="up")
-    if not np.array_equal(ticks, np.arange(len(ticks))):
-        stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in ticks))
-    stream = _scale_crop(stream, cfg.size)
-    out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
-                        **{"frames:v": len(ticks)})
-    got = _frames(_run(out, path), cfg.size)  # (M, S, S, 3), M <= U
+    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads)
+    got = (decoder or DEFAULT_DECODER).frames(request)  # (M, S, S, 3), M <= U
 
     if len(got) < len(ticks):
         missing_t = grid.first + grid.step * float(ticks[len(got)])
@@ -262,9 +310,17 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
             raise DecodeError(
                 f"{path}: truncated or corrupt: decoding stopped after {len(got)} of {len(ticks)} frames, "
                 f"before t={missing_t:.3f}s although the video is {probe.end:.3f}s long")
-        got = np.concatenate([got, np.repeat(got[-1:], len(ticks) - len(got), axis=0)])
+        inverse = np.minimum(inverse, len(got) - 1)  # the missing tail ticks show the last frame decoded
+    if not isinstance(got, np.ndarray):  # a torch tensor on the decoder's device
+        inverse = _as_index(inverse, got)
     frames = got[inverse]  # (F, S, S, 3), a copy (fancy indexing), so writable
     return frames, _displayed_frame_start(grid.times, probe)
+
+
+def _as_index(index: np.ndarray, like):
+    import torch
+
+    return torch.as_tensor(index, dtype=torch.long, device=like.device)
 
 
 def _displayed_frame_start(times: np.ndarray, probe: VideoProbe) -> np.ndarray:
@@ -370,18 +426,19 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
 
 
 def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop: float, cfg: SamplingConfig,
-                   frame_rate: float | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   frame_rate: float | None = None, threads: int = 0, decoder=None) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] seconds of `segment`'s video, from whichever layout `root` holds.
 
     A video file is decoded by its own timestamps. A JPEG folder needs its numbering rate `frame_rate` (frames/s;
     `AnnotationSet.frame_rate` gives it): the annotated start/stop frames are used as they are when the window is
     the segment itself, other windows (anticipation) map seconds to frames at that rate. Returns frames uint8
     (F, size, size, 3) and times float64 (F,) in seconds. `threads`: ffmpeg's decoder threads for video files (0 =
-    ffmpeg's default).
+    ffmpeg's default). `decoder`: the video decoder (`decode_video_segment`); frame folders are always read by
+    ffmpeg on the CPU.
     """
     kind, path = locate_source(root, segment)
     if kind is SourceKind.VIDEO:
-        return decode_video_segment(path, start, stop, cfg, threads)
+        return decode_video_segment(path, start, stop, cfg, threads, decoder)
     if frame_rate is None:
         raise DecodeError(f"{path}: frame folder needs its frame numbering rate, but none is known for "
                           f"{segment.video_id!r} (no frame/timestamp pairs in the annotations; pass --frame-rate)")

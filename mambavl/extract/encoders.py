@@ -78,8 +78,11 @@ class EncoderConfig:
     max_question_tokens: int = 16
     pooling: str = "cls"  # "cls" (pooled image feature) or "grid" (2x2 grid of spatial-token means)
     text_encoder: TextEncoderKind = TextEncoderKind.CLIP
+    autocast: str = "fp16"  # CUDA autocast dtype of the image/video tower: fp16, bf16 (where supported) or off
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("fp16", "bf16", "off"):
+            raise InputError(f"encoder autocast {self.autocast!r} is not one of fp16, bf16, off")
         self.kind = EncoderKind(self.kind)
         self.text_encoder = TextEncoderKind(self.text_encoder)
         if self.pooling not in POOLINGS:
@@ -513,12 +516,19 @@ class FrozenEncoder:
         return F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2).flatten(1)  # (N, GRID*GRID*E)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast(
-            "cpu", enabled=False)
+        if self.device.type != "cuda" or self.cfg.autocast == "off":
+            return torch.autocast(self.device.type if self.device.type in ("cpu", "cuda") else "cpu", enabled=False)
+        return torch.autocast("cuda", dtype=torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16)
 
-    def encode_segments(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU."""
-        frames_t = torch.from_numpy(np.ascontiguousarray(frames))
+    def encode_segments(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU. Frames may be a numpy array or a
+        tensor already on the device (a GPU decoder's); host frames go to a CUDA device through pinned memory."""
+        if isinstance(frames, torch.Tensor):
+            frames_t = frames
+        else:
+            frames_t = torch.from_numpy(np.ascontiguousarray(frames))
+            if self.device.type == "cuda":
+                frames_t = frames_t.pin_memory().to(self.device, non_blocking=True)
         s, f = frames_t.shape[:2]
         with torch.inference_mode(), self._autocast():
             if self.kind != EncoderKind.VIDEOMAE:

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one run on a CUDA machine (about 8 minutes on one H200) writes gpu-report.json and
+# gpu-report.md under $OUT (or the current folder) with the GPU-marked tests, decode frames/s per decoder on 1080p
+# H.264 59.94 fps clips and NVDEC's frame-exactness against the CPU decoder, encoder images/s (ViT-B-16, ViT-L-14,
+# random init, 224, bf16), end-to-end extraction segments/s, and the training and scan figures of
+# benchmarks/gpu_check.py when that script is present.
+#
+#   scripts/gpu-check.sh [--smoke] [--wheelhouse DIR]      run from the repository root (any copy of it)
+#   scripts/gpu-check.sh --make-wheelhouse DIR              on a machine with network: the wheels the check needs
+#
+# The machine it runs on may have no network: it starts from a Python with PyTorch and Triton, installs the
+# project's other dependencies from --wheelhouse DIR (or $WHEELHOUSE) with `pip --no-index`, and otherwise uses
+# what is installed; the project itself runs from this folder (PYTHONPATH), nothing is built. ffmpeg comes from the
+# imageio-ffmpeg wheel; torchcodec finds FFmpeg's shared libraries in PyAV's wheel when the system has none.
+# --smoke: tiny sizes on the CPU, under a minute (tests/test_benchmarks_smoke.py runs it).
+set -uo pipefail
+
+SMOKE=0
+WHEELHOUSE="${WHEELHOUSE:-}"
+MAKE_WHEELHOUSE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --wheelhouse) WHEELHOUSE="$2"; shift ;;
+    --make-wheelhouse) MAKE_WHEELHOUSE="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-python}"
+
+if [ -n "$MAKE_WHEELHOUSE" ]; then
+  # every dependency of the project and its decoders/dev extras except torch itself, as wheels
+  mkdir -p "$MAKE_WHEELHOUSE"
+  "$PY" -m pip wheel --wheel-dir "$MAKE_WHEELHOUSE" "$REPO[decoders,dev]" && \
+    rm -f "$MAKE_WHEELHOUSE"/torch-*.whl "$MAKE_WHEELHOUSE"/triton-*.whl "$MAKE_WHEELHOUSE"/nvidia_*.whl \
+          "$MAKE_WHEELHOUSE"/mambavl-*.whl
+  exit $?
+fi
+
+OUT="${OUT:-$PWD}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
+LOG="$OUT/gpu-check.log"
+: > "$LOG"
+say() { echo "gpu-check: $*" | tee -a "$LOG"; }
+START=$(date +%s)
+
+if [ "$SMOKE" = 0 ]; then
+  if [ -n "$WHEELHOUSE" ] && [ -d "$WHEELHOUSE" ]; then
+    say "installing the project's dependencies from $WHEELHOUSE (no network)"
+    # the dependency list of pyproject.toml, without torch (already there), read by Python's own toml parser
+    "$PY" - "$REPO/pyproject.toml" > "$WORK/requirements.txt" <<'EOF'
+import sys, tomllib
+meta = tomllib.load(open(sys.argv[1], "rb"))["project"]
+reqs = list(meta["dependencies"]) + meta["optional-dependencies"].get("decoders", []) + ["pytest", "pytest-timeout"]
+print("\n".join(r for r in reqs if not r.replace(" ", "").lower().startswith(("torch>", "torch=", "torch<", "torch;"))
+                and r.split(">")[0].split("=")[0].strip().lower() != "torch"))
+EOF
+    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" -r "$WORK/requirements.txt" >> "$LOG" 2>&1 \
+      || say "pip install from the wheelhouse failed (see the log); going on with what is installed"
+  else
+    say "no wheelhouse given: using what is installed"
+  fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# torchcodec needs FFmpeg's shared libraries: PyAV's bundled copy serves where the system has none
+if ! "$PY" -c "from mambavl.extract.backends import torchcodec_problem as p; import sys; sys.exit(bool(p()))" \
+    >> "$LOG" 2>&1; then
+  LIBS="$("$PY" -m mambavl.extract.backends ffmpeg-libs "$WORK/ffmpeg-libs" 2>> "$LOG")" && \
+    export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" && say "torchcodec: FFmpeg libraries from PyAV"
+fi
+
+# 1. the GPU-marked tests (on a CPU machine they skip with their reason), beside the figures of step 2: the tests
+# load the CPU cores little and the GPU briefly
+say "GPU-marked tests"
+"$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$WORK/gpu-tests.xml" "$REPO/tests/test_decoders.py" \
+  $( [ "$SMOKE" = 0 ] && echo "$REPO/tests" ) > "$WORK/tests.log" 2>&1 &
+TESTS_PID=$!
+
+# 2. decode, encoders, end to end
+say "decode / encoder / end-to-end figures"
+SMOKE_ARG=$( [ "$SMOKE" = 1 ] && echo "--smoke" )
+"$PY" "$REPO/benchmarks/gpu_workstation.py" $SMOKE_ARG --workdir "$WORK/gw" --json "$WORK/workstation.json" \
+  >> "$LOG" 2>&1
+WS_RC=$?
+
+wait "$TESTS_PID"
+TESTS_RC=$?
+cat "$WORK/tests.log" >> "$LOG"
+
+# 3. the training and scan figures (benchmarks/gpu_check.py), when the script is there
+GC_RC=-1
+if [ -f "$REPO/benchmarks/gpu_check.py" ]; then
+  say "training and scan figures (benchmarks/gpu_check.py)"
+  if [ "$SMOKE" = 1 ]; then
+    "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train --steps 2 --epochs 1 --smoke \
+      --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
+  else
+    "$PY" "$REPO/benchmarks/gpu_check.py" --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
+  fi
+  GC_RC=$?
+else
+  say "benchmarks/gpu_check.py not present: training and scan figures left out"
+fi
+
+"$PY" - "$WORK" "$OUT" "$TESTS_RC" "$WS_RC" "$GC_RC" "$SMOKE" "$(( $(date +%s) - START ))" <<'EOF'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+work, out, tests_rc, ws_rc, gc_rc, smoke, seconds = Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:])
+report = {"smoke": bool(smoke), "seconds": seconds, "exit_codes": {"tests": tests_rc, "workstation": ws_rc,
+          "gpu_check": gc_rc}}
+tests = {"passed": 0, "failed": 0, "skipped": 0, "cases": []}
+if (work / "gpu-tests.xml").is_file():
+    for case in ET.parse(work / "gpu-tests.xml").iter("testcase"):
+        kind = "failed" if case.find("failure") is not None or case.find("error") is not None else \
+            "skipped" if case.find("skipped") is not None else "passed"
+        reason = case.find("skipped").get("message", "") if kind == "skipped" else ""
+        tests[kind] += 1
+        tests["cases"].append({"name": f"{case.get('classname')}::{case.get('name')}", "result": kind,
+                               "reason": reason})
+report["gpu_tests"] = tests
+for key, name in (("workstation", "workstation.json"), ("train_and_scan", "gpu_check.json")):
+    p = work / name
+    report[key] = json.loads(p.read_text()) if p.is_file() else None
+(out / "gpu-report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+ws = report["workstation"] or {}
+md = [f"# GPU check{' (smoke run, CPU, tiny sizes: no figure here means anything)' if smoke else ''}", "",
+      f"- machine: {ws.get('machine', '?')}; GPU: {ws.get('gpu', '?')}; {seconds} s in all",
+      f"- GPU-marked tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped", ""]
+dec = (ws.get("decode") or {}).get("decoders", {})
+if dec:
+    md += [f"## Decode ({ws['decode']['clip']}; 16 frames per 2 s window)", "",
+           "| decoder | window frames/s | sampled frames/s | frame-exact | mean abs diff vs ffmpeg |",
+           "|---|---|---|---|---|"]
+    for name, r in dec.items():
+        md.append(f"| {name} | skipped: {r['skipped']} | | | |" if "skipped" in r else
+                  f"| {name} | {r['window_frames_per_s']:.0f} | {r['sampled_frames_per_s']:.0f} | "
+                  f"{r.get('frame_exact', 'reference')} | {r.get('mean_abs_diff_vs_ffmpeg', 0):.2f} |")
+    md.append("")
+if ws.get("encode"):
+    md += ["## Encoders (random init)", "", "| model | images/s | dtype | batch |", "|---|---|---|---|"]
+    md += [f"| {k} | {v['images_per_s']:.0f} | {v['dtype']} | {v['batch']} |" for k, v in ws["encode"].items()]
+    md.append("")
+if ws.get("end_to_end"):
+    e = ws["end_to_end"]
+    md += ["## End-to-end extraction", "", f"encoder {e['encoder']}", "",
+           f"- CPU decode (ffmpeg): {e['ffmpeg']['segments_per_s']:.2f} segments/s",
+           f"- auto ({e['auto']['decoder_used']}): {e['auto']['segments_per_s']:.2f} segments/s "
+           f"({e['auto_vs_ffmpeg']:.2f}x)", ""]
+gc = report["train_and_scan"]
+md += ["## Training and scan (benchmarks/gpu_check.py)", "",
+       "not run (script absent)" if gc_rc == -1 else f"exit {gc_rc}; figures in gpu-report.json", ""]
+(out / "gpu-report.md").write_text("\n".join(md))
+print(f"gpu-check: wrote {out / 'gpu-report.json'} and {out / 'gpu-report.md'}")
+EOF
+REPORT_RC=$?
+rm -rf "$WORK"
+# pytest's 5: no test collected (none marked gpu in the files given) is not a failure
+if [ "$REPORT_RC" != 0 ] || [ "$WS_RC" != 0 ] || { [ "$TESTS_RC" != 0 ] && [ "$TESTS_RC" != 5 ]; }; then
+  say "done with failures (tests $TESTS_RC, workstation $WS_RC, report $REPORT_RC); see $LOG"
+  exit 1
+fi
+say "done"
