@@ -55,7 +55,10 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Frames per encoder batch.")] = 64,
     decode_workers: Annotated[int, typer.Option(min=1, help="Parallel ffmpeg decodes.")] = 2,
     decode_threads: Annotated[int, typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = 0,
-    decoder: Annotated[str, typer.Option(help="Video decoder: ffmpeg (CPU processes), torchcodec (in-process, CPU), torchcodec-cuda (the GPU's NVDEC; frames stay on the GPU), auto (torchcodec-cuda when present and verified at start-up, else ffmpeg). Same frames, pixels within a stated tolerance (docs/extract.md).")] = "ffmpeg",
+    decoder: Annotated[str, typer.Option(
+        help="Video decoder: ffmpeg (CPU processes), torchcodec (in-process, CPU), torchcodec-cuda (the GPU's NVDEC; "
+             "frames stay on the GPU), auto (torchcodec-cuda when present and verified at start-up, else ffmpeg). "
+             "Same frames, pixels within a stated tolerance (docs/extract.md).")] = "ffmpeg",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N segments (of this shard).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts shard i of N of a plan balanced by decoding cost (frames x pixels), into its own --out; join them with `cache merge`. Not needed under torchrun.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
