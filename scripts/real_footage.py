@@ -132,16 +132,15 @@ def contact_sheet(path: Path, rows: list[dict]) -> None:
 def predict_held_out(out: Path, media: Path, rows: list[dict[str, str]], device: str) -> list[dict]:
     """`predict_video` on every held-out segment, with one encoder rebuilt from the checkpoint's attributes (and the
     question / answer tables of the validation cache, which hold exactly what training used)."""
-    import torch
-
     from mambavl.extract.decode import decode_video_segment
     from mambavl.extract.encoders import build_encoder
-    from mambavl.predict import PredictConfig, encoder_config_from_attrs, predict_video, sampling_from_attrs
+    from mambavl.predict import PredictConfig, predict_video
+    from mambavl.runtime import TrainedModel
 
     ckpt = out / "run" / "best.pt"
-    attrs = dict(torch.load(ckpt, map_location="cpu", weights_only=True)["cache_attrs"])
-    encoder = build_encoder(encoder_config_from_attrs(attrs, device, attrs.get("question_tokens")))
-    sampling = sampling_from_attrs(attrs, str(ckpt))
+    spec = TrainedModel.load(ckpt).features
+    encoder = build_encoder(spec.encoder_config(device))
+    sampling = spec.sampling(str(ckpt))
     results = []
     for r in rows:
         if r["split"] != "val":

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mambavl.cli import app
 from mambavl.data.annotations import load_annotations
-from mambavl.runtime import load_checkpoint, predict_scores
+from mambavl.runtime import TrainedModel, predict_scores
 
 # The module's first test also runs the whole `demo --quick` (several trainings, evaluation, audit, ablation): minutes
 # on two cores, more on a shared machine, so it gets more than the suite's default per-test limit.
@@ -86,8 +86,8 @@ def test_predict_equals_evaluation_scores_on_the_same_segment(demo, tmp_path):
     assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
 
     # the same clip through the cache (features stored fp16): evaluation's probabilities
-    model, ckpt = load_checkpoint(ckpt_path)
-    cached = predict_scores(model, out / "caches/val.h5", frames=ckpt["train_config"]["frames"])
+    run = TrainedModel.load(ckpt_path)
+    cached = predict_scores(run.model(), out / "caches/val.h5", frames=run.train_config.frames)
     p_pred, p_cache = _verb_probs(result, cached, row=0)
     np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)
     assert int(p_pred.argmax()) == int(p_cache.argmax())
@@ -146,14 +146,12 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["question_source"] == "predicted" and len(result["candidates"]["verb"]) == 3
     assert all(a["score"] >= 0 for qa in result["qa"].values() for a in qa["answers"])
-    pairs = load_checkpoint(run / "last.pt")[1]["vocab"]["action_pairs"]
+    trained = TrainedModel.load(run / "last.pt")
+    pairs = trained.vocab.action_pairs
     assert len(result["qa"]["action"]["answers"]) == min(36, len(pairs))  # "verb noun" answers, scored
     assert set(result["qa"]) == {"verb", "noun", "scene", "action"}  # a recognition checkpoint's question kinds
-    model, ckpt = load_checkpoint(run / "last.pt")
-    from mambavl.runtime import FirstPass
-
-    cached = predict_scores(model, caches / "val.h5", question_source="predicted",
-                            frames=ckpt["train_config"]["frames"], first_pass=FirstPass.from_state(ckpt["first_pass"]))
+    cached = predict_scores(trained.model(), caches / "val.h5", question_source="predicted",
+                            frames=trained.train_config.frames, first_pass=trained.first_pass_models())
     row = int(np.flatnonzero(cached["indices"] == 0)[0])
     assert [c["id"] for c in result["candidates"]["verb"]] == cached["candidates"][row, 0].tolist()
     p_pred, p_cache = _verb_probs(result, cached, row=0)

@@ -15,7 +15,7 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
-from mambavl.runtime import TrainedModel, candidate_questions, fold_ids, predict_scores, topk_candidates
+from mambavl.runtime import FirstPass, TrainedModel, candidate_questions, fold_ids, predict_scores, topk_candidates
 from mambavl.train import TrainConfig, train
 
 TINY = {"d_model": 16, "n_layers": 1, "scan_impl": "chunked"}

@@ -16,7 +16,7 @@ from mambavl.extract import weights as W
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder, file_sha256
 from mambavl.cache.build import ExtractConfig, run_extraction
-from mambavl.predict import encoder_config_from_attrs
+from mambavl.extract.spec import FeatureSpec
 
 LITE0 = dict(kind="timm", model="tf_efficientnet_lite0", pretrained="pkg:efficientnet-lite0", device="cpu")
 MINILM = dict(text_encoder="hf", text_model="pkg:all-minilm-l6-v2")
@@ -134,7 +134,7 @@ def test_cache_records_both_encoders_and_predict_rebuilds_them(lite0, tmp_path):
     q = cache.questions()
     assert q.tokens.shape[1:] == (16, 384) and q.mask.shape == q.tokens.shape[:2]
     assert q.mask[:, 0].all() and np.allclose(q.tokens[~q.mask], 0)
-    rebuilt = encoder_config_from_attrs(dict(a), "cpu", 16)
+    rebuilt = FeatureSpec.from_attrs(a).encoder_config("cpu")
     assert (rebuilt.kind.value, rebuilt.model, rebuilt.pretrained) == ("timm", "tf_efficientnet_lite0",
                                                                      "pkg:efficientnet-lite0")
     assert (rebuilt.text_encoder.value, rebuilt.text_model, rebuilt.text_pretrained) == (
@@ -143,5 +143,5 @@ def test_cache_records_both_encoders_and_predict_rebuilds_them(lite0, tmp_path):
     assert enc.provenance() == lite0.provenance()
     tampered = dict(a, checkpoint_sha256="0" * 64)
     with pytest.raises(InputError, match="sha256 differs"):
-        encoder_config_from_attrs(tampered, "cpu", 16)
+        FeatureSpec.from_attrs(tampered).encoder_config("cpu")
     cache.close()

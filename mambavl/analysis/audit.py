@@ -8,9 +8,10 @@ so a question can name the answer. `audit_questions` measures that two ways, on 
   permuted across segments with a fixed seed (each segment is asked another segment's question). A model that reads
   the answer from the question collapses under shuffling and under templates; an honest one barely moves.
   Deltas are reported in percentage points against ``templates``.
-* **label permutation** — every unshuffled protocol is scored a second time on a view of the cache whose labels
-  (verb_class, noun_class, all_noun_classes, narration, and every question derived from them: annotation questions,
-  class-keyed file entries) were permuted across segments (`label_permuted`). The scores must be
+* **label permutation** — every unshuffled protocol is scored a second time on a view of the cache
+  (`CacheFile.view`) whose labels (verb_class, noun_class, all_noun_classes, narration, and every question derived
+  from them: annotation questions, class-keyed file entries) were permuted across segments (`label_permuted`).
+  Whatever on the scoring path reads the cache's labels or questions reads the permuted ones. The scores must be
   bit-identical; any changed row proves that label information reached the model. Templates and predicted
   questions pass by construction; annotation and class-keyed file questions fail.
 * **static** — per protocol, the fraction of verb (noun) questions that contain their own answer word
@@ -387,7 +388,11 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     labelled = np.zeros(cache.n, dtype=bool)
     labelled[rows[verb_all[rows] >= 0]] = True
     label_perm = shuffle_permutation(labelled, cfg.shuffle_seed + 1)
-    _, permuted = label_permuted(labels, bank, label_perm)
+    # The label-permuted view: every reader of the cache's labels or questions on the scoring path sees the split
+    # with its labels dealt to other segments.
+    permuted_labels, permuted_bank = label_permuted(labels, bank, label_perm)
+    permuted = dataclasses.replace(loaded, cache=cache.view(labels=permuted_labels, questions=permuted_bank),
+                                   labels=permuted_labels)
 
     results: dict[str, dict[str, Any]] = {}
     progress = or_none(progress)
@@ -409,7 +414,7 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
                       "leak": leak, "n": res["n"]}
         if p not in perms:
             # Label permutation: the same protocol with the split's labels dealt to other segments.
-            moved = score_cache(loaded, source, cfg.batch_size, cfg.device, bank=permuted, allow_label_keyed=True)
+            moved = score_cache(permuted, source, cfg.batch_size, cfg.device, allow_label_keyed=True)
             results[p]["label_permutation"] = scores_identical(scored, moved)
         progress.advance(1, message=p, protocol=p)
     progress.finish()

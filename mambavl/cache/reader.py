@@ -109,6 +109,17 @@ class CacheFile:
         self.n = n
         self._h5: h5py.File | None = None
         self._pid: int | None = None
+        self._replaced: dict[str, Any] = {}  # tables of a `view`, served instead of the file's
+
+    def view(self, labels: dict[str, Any] | None = None, questions: QuestionBank | None = None) -> CacheFile:
+        """A handle on the same file whose `labels()` / `questions()` return the given tables instead of the file's
+        (the audit's label-permuted view: what any reader of labels or questions sees is the permuted split);
+        features, validity and attributes are the file's. The file is not touched; the view pickles with its
+        tables."""
+        other = CacheFile(self.path, self.attrs, self.verb_keys, self.noun_keys, self.n)
+        other._replaced = {**self._replaced, **{k: v for k, v in (("labels", labels), ("questions", questions))
+                                                if v is not None}}
+        return other
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -145,6 +156,8 @@ class CacheFile:
     def labels(self) -> dict[str, Any]:
         """Row metadata as numpy arrays / lists: verb_class, noun_class (N,) int64, all_noun_classes (N lists),
         narration_id, video_id, participant_id, narration (N,) str, start_time, stop_time (N,) float64."""
+        if "labels" in self._replaced:
+            return self._replaced["labels"]
         if getattr(self, "_labels", None) is None:
             f = self.h5()
             out: dict[str, Any] = {}
@@ -161,6 +174,8 @@ class CacheFile:
     @_reads_cache
     def questions(self) -> QuestionBank:
         """The question table (see QuestionBank); raises InputError when the cache has none."""
+        if "questions" in self._replaced:
+            return self._replaced["questions"]
         if getattr(self, "_questions", None) is None:
             f = self.h5()
             if schema.QUESTIONS not in f or "texts" not in f[schema.QUESTIONS]:
