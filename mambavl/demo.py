@@ -32,6 +32,7 @@ from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder
 from mambavl.files import atomic_write_text
 from mambavl.progress import Progress, Stages
+from mambavl.runtime import Task
 from mambavl.train import TrainConfig, train
 
 TINY_MODEL = "mambavl-tiny-clip"
@@ -204,7 +205,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     anticipation = None
     if sizes.anticipation_epochs:
         ant = train(TrainConfig(out_dir=str(out / "runs" / "anticipation"), epochs=sizes.anticipation_epochs,
-                                task="anticipation", **common))
+                                task=Task.ANTICIPATION, **common))
         anticipation = evaluate(EvalConfig(checkpoint=str(ant.best_checkpoint or ant.last_checkpoint),
                                            cache=str(caches["val"]), out_dir=str(out / "eval" / "anticipation"),
                                            ek100_dir=str(ds.root), device=cfg.device, plots=False))

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 
 def _figure(width: float, height: float):
     # A Figure with its own Agg canvas: no pyplot state, no GUI backend, safe in worker processes and CI.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -72,8 +72,6 @@ def per_class_accuracy_plot(
     ax2.set_yscale("log")
     ax2.set_ylabel("training segments (log)")
     if buckets is not None:
-        from matplotlib.patches import Patch
-
         ax.legend(handles=[Patch(color=v, label=k) for k, v in colours.items()], loc="upper right", fontsize=8)
     return _save(fig, path)
 

@@ -47,8 +47,9 @@ from mambavl.evaluate import (
     score_cache,
     write_json,
 )
-from mambavl.extract.questions import leak_rate
+from mambavl.extract.questions import QuestionSource, leak_rate
 from mambavl.progress import Progress, or_none
+from mambavl.runtime import task_spec
 from mambavl.cache.reader import QuestionBank
 
 
@@ -165,7 +166,7 @@ def question_indices(bank: Any, protocol: str, rows: np.ndarray, head_kinds: tup
     templates = [int(np.asarray(bank.templates[k])[0]) for k in head_kinds]
     q = np.tile(np.asarray(templates, dtype=np.int64), (len(rows), 1))  # (R, 2)
     source = protocol.removesuffix(SHUFFLED_SUFFIX)
-    if source == "templates":
+    if source == QuestionSource.TEMPLATES.value:
         return q
     table = np.asarray(bank.per_segment[source], dtype=np.int64)  # (N, 2)
     if perm is not None:
@@ -291,7 +292,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def _findings(protos: dict[str, dict], task: str, threshold: float = 5.0) -> list[str]:
     """Plain-language reading of the table: large drops under shuffling / templates mean the text carries answers."""
-    key = "verb_top1" if task != "anticipation" else "verb_recall@5"
+    key = task_spec(task).headline("verb")
     out = []
     for name, p in protos.items():
         if name.endswith(SHUFFLED_SUFFIX):

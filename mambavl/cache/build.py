@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from mambavl.cache import schema
 from mambavl.cache.reader import open_cache
@@ -337,8 +338,6 @@ def _encode_batch(enc: FrozenEncoder, batch):
 def _stack_tensors(frames):
     """Frames as torch tensors (a GPU decoder's; frame folders still come as numpy) -> one (S, F, H, W, 3) tensor on
     the first one's device."""
-    import torch
-
     dev = next((f.device for f in frames if isinstance(f, torch.Tensor)), torch.device("cpu"))
     return torch.stack([torch.as_tensor(f).to(dev) for f in frames])
 

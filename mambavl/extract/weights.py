@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from mambavl.errors import InputError
 
@@ -144,9 +146,6 @@ def _read_object(path: Path):
     if path.stat().st_size == 0:
         raise InputError(f"weights {path}: the file is empty")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:

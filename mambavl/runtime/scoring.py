@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mambavl import metrics as M
+from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
@@ -143,7 +144,7 @@ def cache_candidates(first_pass: FirstPass, cache: CacheFile, window: str, rows:
 def predict_scores(
     model: nn.Module,
     cache: CacheFile | str | os.PathLike,
-    window: str = "recognition",
+    window: str = schema.RECOGNITION,
     question_source: QuestionSource | str = QuestionSource.TEMPLATES,
     device: str = "cpu",
     batch_size: int = 256,

@@ -58,6 +58,11 @@ class TaskSpec:
         with one label set."""
         return "val_action_top1" if has_nouns else "val_verb_top1"
 
+    def headline(self, head: str) -> str:
+        """The name of `head`'s headline number in a flat metrics table (the audit's): top-1 accuracy, or the mean
+        top-5 recall of class-mean-recall tasks (e.g. "verb_top1", "verb_recall@5")."""
+        return f"{head}_top1" if self.ranking == "accuracy" else f"{head}_recall@5"
+
     def is_multi_label(self, kind: str) -> bool:
         return kind in self.multi_label_kinds
 
