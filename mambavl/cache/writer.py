@@ -147,7 +147,8 @@ def _pid_alive(text: str) -> bool:
     return True
 
 
-def _early(f: h5py.File, name: str, shape: tuple, dtype: Any, fill: Any, chunks: tuple | None = None) -> None:
+def allocate_early(f: h5py.File, name: str, shape: tuple, dtype: Any, fill: Any,
+                   chunks: tuple | None = None) -> None:
     """A dataset whose file space is allocated (and filled with `fill`) at creation (H5D_ALLOC_TIME_EARLY)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -271,10 +272,10 @@ class CacheWriter:
         for window in self.windows:
             p = schema.window_prefix(window)
             # allocated now (and filled), so that writing a row later touches raw data only, never metadata
-            _early(f, p + "features", (n, F, D), np.float16, 0, chunks=(1, F, D) if n else None)
-            _early(f, p + "num_frames", (n,), np.int16, 0)
-            _early(f, p + "frame_times", (n, F), np.float32, np.nan)
-            _early(f, p + "valid", (n,), bool, False)
+            allocate_early(f, p + "features", (n, F, D), np.float16, 0, chunks=(1, F, D) if n else None)
+            allocate_early(f, p + "num_frames", (n,), np.int16, 0)
+            allocate_early(f, p + "frame_times", (n, F), np.float32, np.nan)
+            allocate_early(f, p + "valid", (n,), bool, False)
         for name in schema.ROW_STRING_DATASETS:
             f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
         for name in schema.ROW_INT_DATASETS:

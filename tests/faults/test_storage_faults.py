@@ -352,7 +352,7 @@ def test_full_disk_refused_before_the_cache_is_created(tmp_path, monkeypatch):
 def test_disk_filling_up_during_creation_leaves_no_temporary_file(tmp_path, monkeypatch):
     from mambavl.cache import writer as W
 
-    real, calls = W._early, []
+    real, calls = W.allocate_early, []
 
     def early(*args, **kwargs):
         calls.append(args[1])
@@ -360,7 +360,7 @@ def test_disk_filling_up_during_creation_leaves_no_temporary_file(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(W, "_early", early)
+    monkeypatch.setattr(W, "allocate_early", early)
     with pytest.raises(InputError, match="no space left on"):
         W.CacheWriter(tmp_path / "c.h5", ATTRS, _rows(10), ["a"], ["b"])
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its *.creating-PID file
