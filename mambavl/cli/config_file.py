@@ -54,7 +54,8 @@ def check_keys(data: dict[str, Any], cls: type, where: str, prefix: str = "") ->
         if key not in types_:
             near = difflib.get_close_matches(str(key), list(types_), n=1, cutoff=0.5)
             hint = f"; did you mean {prefix + near[0]!r}?" if near else ""
-            raise InputError(f"{where}: unknown key {name!r}{hint} (valid keys: {', '.join(prefix + k for k in types_)})")
+            valid = ", ".join(prefix + k for k in types_)
+            raise InputError(f"{where}: unknown key {name!r}{hint} (valid keys: {valid})")
         inner = _dataclass_of(types_[key])
         if inner is not None and isinstance(value, dict):
             check_keys(value, inner, where, prefix=f"{name}.")
