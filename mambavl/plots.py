@@ -127,3 +127,24 @@ def confusion_plot(path: str | os.PathLike, matrix: np.ndarray, names: Sequence[
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
+
+
+def training_curves_plot(path: str | os.PathLike, history: Sequence[Mapping[str, float]]) -> Path:
+    """A run's curves per epoch: training losses (left) and validation top-1 accuracies in percent (right).
+
+    history: a run's metrics rows (`metrics.csv`), each with "epoch" and any of train_loss, train_loss_qa and
+    val_{verb,noun,action}_top1; missing values are left out."""
+    fig = _figure(10.0, 3.6)
+    panels = ((fig.add_subplot(1, 2, 1), ("train_loss", "train_loss_qa"), "loss"),
+              (fig.add_subplot(1, 2, 2), ("val_verb_top1", "val_noun_top1", "val_action_top1"), "validation top-1 (%)"))
+    for ax, keys, label in panels:
+        for key in keys:
+            points = [(row["epoch"], row[key]) for row in history if isinstance(row.get(key), (int, float))]
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path)

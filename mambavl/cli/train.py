@@ -19,8 +19,9 @@ from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path, positiv
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
-from mambavl.runtime import Task, TrainedModel, plain, same_run
+from mambavl.runtime import RunLogger, Task, TrainedModel, plain, same_run
 from mambavl.train import TrainConfig, train
+from mambavl.train.logs import epoch_line
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers
     changes: dict[str, Any] = {"resume": True, "device": device, "out_dir": str(out)}
     if num_workers is not None:
         changes["num_workers"] = num_workers
-    for key in ("train_cache", "val_cache"):
+    for key in ("train_cache", "val_cache", "logger"):
         if explicit.get(key) is not None:
             changes[key] = str(explicit[key])
     return dataclasses.replace(saved, **changes)
@@ -128,6 +129,9 @@ def train_command(
                                                         "passes; 0 = off.")
     ] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    logger: Annotated[Optional[RunLogger], typer.Option(
+        help="Live scalars besides metrics.csv: tensorboard (default), wandb (WANDB_MODE=offline works without "
+             "network), none.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="DataLoader workers.")] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override key=value (repeatable), e.g. d_model=128.")
@@ -140,30 +144,14 @@ def train_command(
     """Train the MambaVL fusion on a feature cache."""
     # Under torchrun only rank 0 talks.
     quiet = quiet or int(os.environ.get("RANK", "0")) != 0
-    options = {
-        "train_cache": optional_path(train_cache),
-        "val_cache": optional_path(val_cache),
-        "preset": preset,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "warmup_epochs": warmup_epochs,
-        "seed": seed,
-        "task": task,
-        "question_source": questions,
-        "candidates_k": candidates_k,
-        "candidate_folds": candidate_folds,
-        "candidate_epochs": candidate_epochs,
-        "candidates_from": optional_path(candidates_from),
-        "qa_weight": qa_weight,
-        "qa_every": qa_every,
-        "frames": frames,
-        "min_steps": min_steps,
-        "amp": amp,
-        "model_overrides": parse_overrides(set_) if set_ else None,
-        "allow_incomplete": allow_incomplete or None,
-    }
+    options = dict(
+        train_cache=optional_path(train_cache), val_cache=optional_path(val_cache), preset=preset, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, task=task,
+        question_source=questions, candidates_k=candidates_k, candidate_folds=candidate_folds,
+        candidate_epochs=candidate_epochs, candidates_from=optional_path(candidates_from), qa_weight=qa_weight,
+        qa_every=qa_every, frames=frames, min_steps=min_steps, amp=amp, logger=logger,
+        model_overrides=parse_overrides(set_) if set_ else None, allow_incomplete=allow_incomplete or None,
+    )
     explicit = {k: v for k, v in options.items() if v is not None}
     try:
         result = _run(_config(out, explicit, resume, device, num_workers, quiet), quiet)
@@ -179,21 +167,12 @@ def train_command(
             typer.echo(f"best checkpoint: {result.best_checkpoint}")
 
 
-def _epoch_line(row: dict) -> str:
-    parts = [f"epoch {row['epoch']}", f"loss {row.get('train_loss', float('nan')):.4f}"]
-    for key in ("train_loss_qa", "val_verb_top1", "val_noun_top1", "val_action_top1"):
-        if key in row:
-            parts.append(f"{key.removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
-    parts.append(f"{row.get('time_s', 0):.1f}s")
-    return "  ".join(parts)
-
-
 def _epoch_status(fields: dict) -> str | None:
     return f"epoch {fields['epoch']}/{fields['epochs']}" if "epoch" in fields else None
 
 
 def _epoch_report(fields: dict) -> str | None:
-    return _epoch_line(fields["metrics"]) if "metrics" in fields else None
+    return epoch_line(fields["metrics"]) if "metrics" in fields else None
 
 
 def _run(cfg: TrainConfig, quiet: bool):

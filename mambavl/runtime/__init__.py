@@ -11,7 +11,7 @@ and `mambavl.analysis` import it and never `mambavl.train`.
 from mambavl.runtime.artifact import FORMAT, KIND, RunProgress, TrainedModel, TrainingState, Vocabulary, same_run
 from mambavl.runtime.build import DATA_FIELDS, build_model, cache_dims, question_tokens
 from mambavl.runtime.candidates import FirstPass, candidate_questions, fold_ids, topk_candidates
-from mambavl.runtime.config import TrainConfig, plain
+from mambavl.runtime.config import RunLogger, TrainConfig, plain
 from mambavl.runtime.questions import (
     AnswerTables,
     Asker,
@@ -39,8 +39,8 @@ from mambavl.runtime.task import TASKS, Task, TaskSpec, spec_of_window, task_spe
 
 __all__ = [
     "DATA_FIELDS", "FORMAT", "KIND", "TASKS", "AnswerTables", "Asker", "ClipBatch", "FirstPass", "Labels",
-    "RunProgress", "Task", "TaskSpec", "TrainConfig", "TrainedModel", "TrainingState", "Vocabulary", "action_answers",
-    "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions", "clip_batches",
+    "RunLogger", "RunProgress", "Task", "TaskSpec", "TrainConfig", "TrainedModel", "TrainingState", "Vocabulary",
+    "action_answers", "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions", "clip_batches",
     "first_pass_probs", "fold_ids", "head_logits", "labelled_rows", "load_labels", "loader", "plain",
     "predict_scores", "present", "qa_logits", "question_tokens", "require_window", "same_run", "spec_of_window",
     "task_spec", "topk_candidates", "validation_metrics",

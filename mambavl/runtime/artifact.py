@@ -60,9 +60,9 @@ KIND = "mambavl-checkpoint"
 FORMAT = 2
 
 # TrainConfig fields a run may change without changing what it computes: where it writes, how it is resumed and on
-# which device, how many loader workers, and where its caches lie (what the caches hold is checked separately:
+# which device, how many loader workers, where its live scalars go, and where its caches lie (what the caches hold is checked separately:
 # `TrainedModel.check_cache`).
-FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache")
+FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache", "logger")
 
 
 @dataclass

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -15,6 +16,15 @@ from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import preset_train_overrides
 from mambavl.runtime.task import Task
+
+
+class RunLogger(str, Enum):
+    """Where a run's scalars go live, besides metrics.csv (always written): TensorBoard event files in
+    out_dir/tensorboard, Weights & Biases (honours WANDB_MODE, e.g. offline), or nowhere else."""
+
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+    NONE = "none"
 
 
 @dataclass
@@ -62,6 +72,7 @@ class TrainConfig:
     candidate_epochs: int = 0
     candidates_from: str | None = None
     allow_incomplete: bool = False  # train / validate on the finished rows of a cache whose extraction did not finish
+    logger: RunLogger = RunLogger.TENSORBOARD  # live scalars (mambavl.train.logs); not part of what the run is
 
     def __post_init__(self) -> None:
         try:
@@ -75,6 +86,14 @@ class TrainConfig:
                 f"train config: question_source {self.question_source!r} is not one of "
                 f"{[q.value for q in QuestionSource]}"
             ) from None
+        try:
+            self.logger = RunLogger(self.logger)
+        except ValueError:
+            raise InputError(f"train config: logger {self.logger!r} is not one of {[x.value for x in RunLogger]}"
+                             ) from None
+        if self.logger is RunLogger.WANDB and importlib.util.find_spec("wandb") is None:
+            raise InputError("train config: logger 'wandb' needs the wandb package (pip install wandb); or log to "
+                             "tensorboard or none")
         self.train_cache = str(self.train_cache)
         self.val_cache = None if self.val_cache in (None, "") else str(self.val_cache)
         self.out_dir = str(self.out_dir)

@@ -297,7 +297,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
     """Train MambaVL on `cfg.train_cache`, validating on `cfg.val_cache` after every epoch.
 
     Writes into `cfg.out_dir`: last.pt (every epoch), best.pt (best validation action top-1 — verb and noun both
-    right — or verb top-1 when the data has no nouns), metrics.csv, train_config.json, tensorboard/ (if installed).
+    right — or verb top-1 when the data has no nouns), metrics.csv, train_config.json and the live logs of
+    `cfg.logger` (`mambavl.train.logs`: tensorboard/ or a W&B run, curves.png, train.log).
     `stop_after_epochs=k` returns after k epochs of this call (the run can be continued with `resume=True`).
     Progress (rank 0 only): one unit per recognition step (fields epoch, epochs, loss), and once per epoch a report
     with its metrics row (`metrics`); a resumed run first reports the steps already taken (`resumed=True`).
@@ -320,7 +321,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
         if stop_after_epochs is not None and epoch - first_epoch >= stop_after_epochs:
             break
         _epoch(run, cfg, epoch, device, layout, progress)
-    run.saver.close()
+    best = "n/a" if run.state.best_metric is None else f"{run.state.best_metric:.2f}"
+    run.saver.close(f"best {run.metric_name}: {best}")
     progress.finish()
     if layout.world > 1:
         dist.barrier()

@@ -1,5 +1,5 @@
-"""A run's files: the checkpoints (`TrainedModel` with its `TrainingState`), metrics.csv, train_config.json and
-TensorBoard scalars, written by rank 0; resuming a run (checked against the configuration and the caches it was
+"""A run's files: the checkpoints (`TrainedModel` with its `TrainingState`), metrics.csv, train_config.json and the
+live logs (`mambavl.train.logs`: TensorBoard or W&B, curves.png, train.log), written by rank 0; resuming a run (checked against the configuration and the caches it was
 started with); the RNG states that make a resumed run replay exactly."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mambavl.cache.reader import CacheFile
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.files import atomic_copy, atomic_write_text
 from mambavl.runtime import RunProgress, TrainConfig, TrainedModel, TrainingState, plain, same_run
+from mambavl.train.logs import RunLog
 from mambavl.train.schedule import Optimizer
 
 
@@ -76,31 +77,20 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def summary_writer(out_dir: Path):
-    """A TensorBoard writer into out_dir/tensorboard, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; metrics.csv is always written
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
-
-
 class Checkpointer:
     """Writes the run folder on rank 0: train_config.json, last.pt every epoch (atomic, with the training state),
-    best.pt when the selection metric improves, metrics.csv and tensorboard scalars (when tensorboard is installed).
+    best.pt when the selection metric improves, metrics.csv and the live logs (`RunLog`).
     `artifact` is the run's TrainedModel; each save stores the model's current weights and the run's progress in it."""
 
     def __init__(self, out_dir: Path, artifact: TrainedModel, cfg: TrainConfig, main: bool):
         self.out_dir, self.artifact, self.main = out_dir, artifact, main
         self.last, self.best = out_dir / "last.pt", out_dir / "best.pt"
-        self.writer = None
+        self.log: RunLog | None = None
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "train_config.json",
                               json.dumps(plain(dataclasses.asdict(cfg)), indent=2, sort_keys=True) + "\n")
-            self.writer = summary_writer(out_dir)
+            self.log = RunLog(out_dir, cfg)
 
     def save(self, model: nn.Module, opt: Optimizer, progress: RunProgress, sample_gen: torch.Generator,
              improved: bool) -> None:
@@ -115,15 +105,15 @@ class Checkpointer:
         if improved:
             _written(self.best, lambda: atomic_copy(self.last, self.best))
         write_metrics_csv(progress.history, self.out_dir / "metrics.csv")
-        if self.writer is not None:
-            for key, value in progress.history[-1].items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(key, value, progress.epoch)
-            self.writer.flush()
+        if self.log is not None:
+            self.log.epoch(progress.history)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, outcome: str | None = None) -> None:
+        """Close the live logs, with `outcome` (e.g. the best validation metric) as train.log's last line."""
+        if self.log is not None:
+            if outcome:
+                self.log.note(outcome)
+            self.log.close()
 
 
 def _written(path: Path, write) -> None:
