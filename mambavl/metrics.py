@@ -48,7 +48,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 # The official action id: verb * 1000 + noun (utils/actions.py:_ACTION_VERB_MULTIPLIER).
 ACTION_VERB_MULTIPLIER = 1000
@@ -555,6 +554,10 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> dict[str,
     present = np.flatnonzero(targets.sum(axis=0) > 0)
     if not len(present):
         return {"mAP": math.nan, "classes": 0}
+    # Imported here, not at the top: scikit-learn takes about 1 s to import, and this leaf module is on the import
+    # path of every command's --help (docs/architecture.md, "Imports").
+    from sklearn.metrics import average_precision_score
+
     ap = average_precision_score(targets[:, present], scores[:, present], average=None)
     return {"mAP": float(np.mean(ap)), "classes": int(len(present))}
 
