@@ -555,7 +555,7 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> dict[str,
     if not len(present):
         return {"mAP": math.nan, "classes": 0}
     # Imported here, not at the top: scikit-learn takes about 1 s to import, and this leaf module is on the import
-    # path of every command's --help (docs/architecture.md, "Imports").
+    # path of every command's --help (docs/architecture.md lists the exceptions to imports at the top).
     from sklearn.metrics import average_precision_score
 
     ap = average_precision_score(targets[:, present], scores[:, present], average=None)
