@@ -178,3 +178,27 @@ def test_cut_window_uses_nearest_feature_in_window():
     assert cut_window(tl, 1.2, 1.3, 2).tolist() == [1, 1]
     with pytest.raises(ValueError, match="reaches outside"):
         cut_window(tl, 2.9, 4.5, 2)
+
+
+@pytest.mark.parametrize("container", ["npz", "pt", "pkl", "h5"])
+def test_per_video_containers(tmp_path, container):
+    """The same fixed-rate features in each container give the same rows (.pt: weights_only; .pkl: arrays only)."""
+    import h5py
+    import torch
+
+    src = _case(tmp_path, [("P07_01", 1.0, 2.0)])
+    a = _feats(40, (np.arange(40) + 0.5) / 10)
+    if container == "npz":
+        np.savez(src / "P07_01.npz", feats=a)
+    elif container == "pt":
+        torch.save(torch.from_numpy(a), src / "P07_01.pt")
+    elif container == "pkl":
+        with open(src / "P07_01.pkl", "wb") as f:
+            pickle.dump(a, f)
+    else:
+        with h5py.File(src / "P07_01.h5", "w") as f:
+            f["features"] = a
+    r = _import(tmp_path, "--feature-fps", "10")
+    assert r.exit_code == 0, r.output
+    idx, times, _, _ = _rows(tmp_path)
+    assert idx == [[11, 13, 16, 18]]  # samples 1.125, 1.375, 1.625, 1.875 over centres 1.05 .. 1.95
