@@ -4,7 +4,7 @@ Most EK-100 users start from features the field's tools wrote per video, not fro
 a feature sits in time; the importer turns that into one time per feature (its *centre*) and one interval per feature
 (what it covers), then cuts every annotation window by time:
 
-* ``fixed-rate`` (TeSTra / video-mamba-suite, ActionFormer): ``<video_id>.npy`` (L, D); feature i covers
+* ``fixed-rate`` (TeSTra / video-mamba-suite, ActionFormer): ``<video_id>.npy|.npz`` (L, D); feature i covers
   [i*stride/fps, (i*stride + window)/fps) and sits at its centre, (i*stride + window/2)/fps;
 * ``tim`` (Time Interval Machine): ``<video_id>.npy`` (L, D) or (L, A, D) and a feature-times table; feature i covers
   [start_sec_i, stop_sec_i] and sits at its centre;
@@ -15,11 +15,13 @@ a feature sits in time; the importer turns that into one time per feature (its *
 The conventions and where they come from:
 
 * fixed-rate: ``--feature-fps`` (frames/s the stride and window count), ``--stride`` (frames between features,
-  default 1) and ``--window`` (frames a feature sees, default the stride). ActionFormer's EPIC-KITCHENS loader maps a
-  time t to the feature grid as (t*fps - 0.5*num_frames) / feat_stride, i.e. feature i is centred at
-  (i*feat_stride + num_frames/2)/fps (its SlowFast features: fps 30, feat_stride 16, num_frames 32). TeSTra's EK-100
-  features (converted from RULSTM's frame features, per its README) hold one feature per step: their rate as
-  --feature-fps with stride 1 and window 1 puts feature i at (i + 0.5)/fps, the middle of the frame it encodes.
+  default 1) and ``--window`` (frames a feature sees, default the stride). ActionFormer's EPIC-KITCHENS loader
+  (libs/datasets/epic_kitchens.py) maps a time t to the feature grid as (t*fps - 0.5*num_frames) / feat_stride, i.e.
+  feature i is centred at (i*feat_stride + num_frames/2)/fps (its SlowFast features, ``<video_id>.npz`` key
+  ``feats``: fps 30, feat_stride 16, num_frames 32, configs/epic_slowfast_verb.yaml). TeSTra's EK-100
+  features (converted from RULSTM's, per its README) run at 4 per second (its data/data_info.json, "fps": 4), and
+  its loaders map a time t to step int(t * 4) (start_f / 30 * FPS): step i covers [i/4, (i+1)/4), i.e.
+  --feature-fps 4 with stride 1 and window 1, time (i + 0.5)/4.
 * tim: TIM's loader sorts a video's rows of the feature-times table by start_sec and pairs them with the rows of
   ``<video_id>.npy`` in that order; so does this importer. A (L, A, D) array holds A augmented views per interval
   (TIM's test features have A = 1): view 0 is taken. TIM ships the times as a pandas DataFrame pickle, which cannot
@@ -339,7 +341,7 @@ class DensePlan:
                              f"(expected e.g. {self._expected(vids[0])})")
         self.dim = self._load(found[0])[0].shape[1]
         wanted = set(vids)
-        self.unused = sum(1 for stem in self.files if stem not in wanted and stem.split("_" + STAMPS)[0] not in wanted
+        self.unused = sum(1 for stem in self.files if stem not in wanted and "feature_times" not in stem
                           and not any(stem.startswith(v + "_") for v in wanted))
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if dcfg.anticipation else [])
 
@@ -399,6 +401,9 @@ class DensePlan:
             if isinstance(loaded, dict):
                 raise InputError(f"{stamps_path}: expected an array of {STAMPS}, found keys {', '.join(loaded)}")
             stamps = np.asarray(loaded, dtype=np.float64).reshape(-1)
+            if fps is None and f"{vid}_{FPS_KEY}" in self.files:  # the tool's <vid>_fps file: one feature's hop
+                fps_file = self.files[f"{vid}_{FPS_KEY}"]
+                fps = float(np.asarray(_load_any(fps_file), dtype=np.float64).reshape(-1)[0])
         if stamps is None or len(stamps) != n or not np.all(np.isfinite(stamps)) or np.any(np.diff(stamps) < 0):
             raise InputError(f"{stamps_path or path}: {STAMPS} must hold {n} finite, non-decreasing times (one per "
                              f"feature), found {None if stamps is None else stamps.shape}")
