@@ -14,9 +14,13 @@ Two input forms:
   at the start time, floor(start * fps) + 1; RULSTM's own CSVs start one key earlier, so at 30 fps an imported
   window starts one frame (33 ms) later than RULSTM's in 9,639 of 9,668 EK-100 validation rows (docs/extract.md).
 
+Per-video (dense) features — TIM, TeSTra, ActionFormer, video_features — are cut per segment by time in
+`mambavl.cache.dense`, which hands its rows to `import_features` (`rows`); `dense.run_import` chooses the form.
+
 Everything is validated before the output file is created — a missing segment or key, an unreadable file, a shape
 that disagrees, or a value the float16 cache cannot hold (NaN, inf, |x| > 65504) raises InputError naming the file
-(or key), and nothing is written. Question and answer texts still need a text tower, which `text` (an EncoderConfig)
+(or key), and nothing is written (a dense import reads video by video while writing: bad input found there removes
+the partial file). Question and answer texts still need a text tower, which `text` (an EncoderConfig)
 chooses; the cache records encoder "imported", the source's name and path.
 """
 
@@ -249,4 +253,5 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None, rows=No
         tmp.unlink(missing_ok=True)  # a dense import finds bad input while writing: leave nothing behind
         raise
     tmp.replace(out)  # the cache appears whole or not at all
-    return ImportSummary(out, len(ann.segments) - len({f["index"] for f in failures}), unused, failures)
+    imported = len(ann.segments) - len({f["index"] for f in failures if f["window"] == "recognition"})
+    return ImportSummary(out, imported, unused, failures)
