@@ -76,6 +76,8 @@ def test_fixed_rate_actionformer_grid_cuts_exact_rows(tmp_path):
     assert "P01_02" in reasons[4] and "P01_02.npy" in reasons[4]
     assert attrs["import_format"] == "fixed-rate" and "stride=16" in attrs["feature_times"]
     assert attrs["frames_per_segment"] == 4 and "P01_02_4" in r.output
+    r = CliRunner().invoke(app, ["cache", "inspect", str(tmp_path / "imp.h5"), "--json"])
+    assert r.exit_code == 0 and '"failed": 2' in r.output and "reaches outside the features" in r.output
 
 
 def test_fixed_rate_testra_rate_and_anticipation(tmp_path):
