@@ -14,9 +14,13 @@ Two input forms:
   at the start time, floor(start * fps) + 1; RULSTM's own CSVs start one key earlier, so at 30 fps an imported
   window starts one frame (33 ms) later than RULSTM's in 9,639 of 9,668 EK-100 validation rows (docs/extract.md).
 
+Per-video (dense) features — TIM, TeSTra, ActionFormer, video_features — are cut per segment by time in
+`mambavl.cache.dense`, which hands its rows to `import_features` (`rows`); `dense.run_import` chooses the form.
+
 Everything is validated before the output file is created — a missing segment or key, an unreadable file, a shape
 that disagrees, or a value the float16 cache cannot hold (NaN, inf, |x| > 65504) raises InputError naming the file
-(or key), and nothing is written. Question and answer texts still need a text tower, which `text` (an EncoderConfig)
+(or key), and nothing is written (a dense import reads video by video while writing: bad input found there removes
+the partial file). Question and answer texts still need a text tower, which `text` (an EncoderConfig)
 chooses; the cache records encoder "imported", the source's name and path.
 """
 
@@ -48,6 +52,11 @@ class ImportSummary:
     path: Path
     rows: int             # segments imported (= annotation rows)
     unused_files: int     # feature files in the folder that no annotation row names (other splits)
+    failures: list[dict] = field(default_factory=list)  # rows/windows not imported (dense features), with reasons
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
 
 @dataclass
@@ -180,8 +189,10 @@ def _check_finite(src: Path, segments, arrays: list[np.ndarray], key: str) -> No
                          + (" ..." if len(bad) > 5 else ""))
 
 
-def import_features(cfg: ImportConfig, progress: Progress | None = None) -> ImportSummary:
-    """Write `cfg.out` from external features (see module docstring)."""
+def import_features(cfg: ImportConfig, progress: Progress | None = None, rows=None) -> ImportSummary:
+    """Write `cfg.out` from external features (see module docstring). `rows`, when given, supplies the rows instead
+    (`mambavl.cache.dense.DensePlan`: per-video features cut by time): its `dim`, `frames`, `unused`, `attrs` and
+    `write(writer, progress)`."""
 
     ann = load_annotations(cfg.annotations)
     out = Path(cfg.out)
@@ -190,18 +201,20 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Impo
     if cfg.key not in ("narration_id", "index"):
         raise InputError(f"--key {cfg.key!r}: expected narration_id or index")
     src = Path(cfg.features)
-    if _is_lmdb(src):
+    if rows is not None:
+        arrays, times, unused = [], [], rows.unused
+    elif _is_lmdb(src):
         arrays, times = _from_lmdb(src, ann.segments, cfg.frames, cfg.source_fps)
         unused = 0
     else:
         arrays, unused = _from_folder(src, ann.segments, cfg.key)
         times = [np.linspace(s.start_time, s.stop_time, a.shape[0]) for s, a in zip(ann.segments, arrays)]
     _check_finite(src, ann.segments, arrays, cfg.key)
-    dims = {a.shape[1] for a in arrays}
+    dims = {a.shape[1] for a in arrays} if rows is None else {rows.dim}
     if len(dims) != 1:
         raise InputError(f"{src}: feature dimensions disagree across segments: {sorted(dims)}")
     dim = dims.pop()
-    frames = max(a.shape[0] for a in arrays)
+    frames = max(a.shape[0] for a in arrays) if rows is None else rows.frames
     requested = list(cfg.questions)
     if not any(s.narration for s in ann.segments) and "annotation" in requested:
         requested.remove("annotation")
@@ -220,16 +233,25 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None) -> Impo
         questions_file=Path(cfg.questions_file).name if cfg.questions_file else "",
         source=f"{cfg.name} features from {src}" + (f" (keys at {cfg.source_fps:g} fps)" if _is_lmdb(src) else ""),
     )
+    attrs.update(rows.attrs if rows is not None else {})
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         tmp.unlink()
     progress = or_none(progress)
-    progress.start(len(arrays))  # one unit per segment written
-    with CacheWriter(tmp, attrs, RowMeta.from_segments(ann.segments), ann.verbs.keys, ann.nouns.keys) as w:
-        for i, (a, t) in enumerate(zip(arrays, times)):
-            w.write_row(i, a, t)
-            progress.advance(1)
-        write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments, label_keyed)
-        w.finalize()
+    progress.start(len(ann.segments))  # one unit per segment written (or failed)
+    try:
+        with CacheWriter(tmp, attrs, RowMeta.from_segments(ann.segments), ann.verbs.keys, ann.nouns.keys) as w:
+            for i, (a, t) in enumerate(zip(arrays, times)):
+                w.write_row(i, a, t)
+                progress.advance(1)
+            if rows is not None:
+                rows.write(w, progress)
+            write_text_tables(w, text, texts, templates, per_segment, ann, ann.segments, label_keyed)
+            w.finalize()
+            failures = w.failures()
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a dense import finds bad input while writing: leave nothing behind
+        raise
     tmp.replace(out)  # the cache appears whole or not at all
-    return ImportSummary(out, len(arrays), unused)
+    imported = len(ann.segments) - len({f["index"] for f in failures if f["window"] == "recognition"})
+    return ImportSummary(out, imported, unused, failures)

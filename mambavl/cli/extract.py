@@ -217,9 +217,20 @@ def cache_import(
     )] = "templates,annotation",
     questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions.")] = None,
     device: Annotated[str, typer.Option(help="Device of the text tower.")] = "auto",
+    # ---- per-video (dense) features: the time axis of each format (docs/extract.md, mambavl/cache/dense.py)
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Layout and time convention of --features: per-segment, lmdb, tim, fixed-rate, video-features. Default: detected from the files; refused (exit 2) when several fit.")] = None,
+    times: Annotated[Optional[Path], typer.Option("--times", help="tim: the feature-times table (CSV video_id,start_sec,stop_sec, or {video_id: (L, 2)} .pkl/.npz).")] = None,
+    feature_fps: Annotated[Optional[float], typer.Option(callback=positive, help="fixed-rate: the frame rate --stride and --window count (TeSTra, ActionFormer).")] = None,
+    stride: Annotated[float, typer.Option(callback=positive, help="fixed-rate: frames between consecutive features.")] = 1.0,
+    window: Annotated[Optional[float], typer.Option(callback=positive, help="fixed-rate: frames one feature sees (default: the stride); feature i covers [i*stride, i*stride+window) frames, its time is the centre.")] = None,
+    anticipation: Annotated[bool, typer.Option(help="Per-video features: also cut the observed window before each action.")] = False,
+    tau_a: Annotated[float, typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = 1.0,
+    tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
 ) -> None:
-    """Turn features from another extractor (AVION, EgoVLP, TSN, RULSTM LMDB...) into a mambavl cache."""
-    from mambavl.cache.importer import ImportConfig, import_features
+    """Turn features from another extractor (AVION, EgoVLP, TSN, RULSTM LMDB, TIM, TeSTra, ActionFormer,
+    video_features...) into a mambavl cache. Exit 3 when some windows could not be cut (see `cache inspect`)."""
+    from mambavl.cache.dense import DenseConfig, run_import
+    from mambavl.cache.importer import ImportConfig
 
     try:
         cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
@@ -227,10 +238,17 @@ def cache_import(
                            text=EncoderConfig(model=text_model, pretrained=text_pretrained, device=device),
                            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
                            questions_file=optional_path(questions_file))
-        summary = import_features(cfg)
+        dense = DenseConfig(format=fmt, times=optional_path(times), feature_fps=feature_fps, stride=stride,
+                            window=window, anticipation=anticipation, tau_a=tau_a, tau_o=tau_o)
+        summary = run_import(cfg, dense)
     except InputError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"imported {summary.rows} segments from {features} into {summary.path}")
     if summary.unused_files:
         typer.echo(f"{summary.unused_files} feature files in {features} are not in {annotations.name} and were not "
                    "used (other splits)")
+    if summary.failed:
+        typer.echo(f"{summary.failed} window(s) not imported:", err=True)
+        for f in summary.failures[:10]:
+            typer.echo(f"  failed row {f['index']} {f['narration_id']} [{f['window']}]: {f['reason']}", err=True)
+        raise typer.Exit(EXIT_FAILURES)
