@@ -98,9 +98,16 @@ def _with_progress(label: str, quiet: bool, fn, cfg):
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (best.pt / last.pt).")],
     cache: Annotated[Path, typer.Option("--cache", help="Feature cache to evaluate (.h5).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, per_class.csv, PNGs, submission.")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="Checkpoint (best.pt / last.pt), a model folder "
+                                                          "(`mambavl export`) or hf://ORG/NAME[@REV].")
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="No checkpoint: score each segment's mean feature against the "
+                                               "cache's answer-text embeddings (cosine).")
+    ] = False,
     questions: Annotated[
         Optional[QuestionSource],
         typer.Option(help="Question protocol; default: the checkpoint's. 'predicted' needs a checkpoint trained with "
@@ -134,6 +141,10 @@ def evaluate_command(
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
     from mambavl.evaluate import EvalConfig, evaluate
 
+    if zero_shot or checkpoint is None:
+        _zero_shot(zero_shot, checkpoint, cache, out, ek100_dir, split, unseen_ids, tail_verbs, tail_nouns,
+                   allow_incomplete, quiet)
+        return
     try:
         cfg = EvalConfig(
             checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out),
@@ -161,6 +172,35 @@ def evaluate_command(
             console.print(f"[yellow]warning:[/] {result[key]}")
     for note in result.get("subset_notes", []) + result.get("metric_notes", []):
         console.print(f"note: {note}")
+    console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
+
+
+def _zero_shot(zero_shot: bool, checkpoint: Optional[Path], cache: Path, out: Path, ek100_dir: Optional[Path],
+               split: Optional[str], unseen_ids: Optional[Path], tail_verbs: Optional[Path],
+               tail_nouns: Optional[Path], allow_incomplete: bool, quiet: bool) -> None:
+    """`mambavl evaluate --zero-shot` (`mambavl.analysis.zeroshot`); refuses --checkpoint with it, or neither."""
+    if not zero_shot:
+        raise fail("--checkpoint is required (or --zero-shot, to score the cache against its answer texts)")
+    if checkpoint is not None:
+        raise fail("--zero-shot evaluates the cache's own features and answer texts: drop --checkpoint")
+    from mambavl.analysis.zeroshot import ZeroShotConfig, zero_shot_evaluate
+
+    try:
+        cfg = ZeroShotConfig(cache=str(cache), out_dir=str(out), ek100_dir=optional_path(ek100_dir), split=split,
+                             unseen_ids=optional_path(unseen_ids), tail_verbs=optional_path(tail_verbs),
+                             tail_nouns=optional_path(tail_nouns), allow_incomplete=allow_incomplete)
+        result = _with_progress("zero-shot", quiet, zero_shot_evaluate, cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if "towers_warning" in result:  # said even with --quiet: it changes what the number means
+        typer.echo(f"warning: {result['towers_warning']}", err=True)
+    if quiet:
+        return
+    console = Console()
+    console.print(_metrics_table(result))
+    console.print(f"note: {result['protocol']}")
+    if result.get("action_head"):
+        console.print(f"action prompts (answers/action) top-1: {_fmt(result['action_head'].get('top1'))}")
     console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
 
 
