@@ -1,8 +1,8 @@
 """Real footage end to end (scripts/real-footage.sh's pipeline) — the slowest test of the suite, marked
 `real_footage` (deselect with `-m "not real_footage"`). Needs apt-get to reach Debian once: OpenCV's sample clips
 are fetched from the opencv-doc package into the user cache and reused afterwards. Where they cannot be fetched (no
-apt-get, no network) the test skips with the reason, except under CI (CI=true), where it fails. Real weights come from the
-packaged EfficientNet-Lite0 and all-MiniLM-L6-v2 (dev extras)."""
+apt-get, no network) the test skips with the reason, except under CI (CI=true), where it fails. Real weights come
+from the packaged EfficientNet-Lite0 and all-MiniLM-L6-v2 (dev extras)."""
 
 from __future__ import annotations
 

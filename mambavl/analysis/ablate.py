@@ -16,7 +16,7 @@ batch size, learning rate, schedule, frames, question protocol and seeds; only w
 | predicted | `small`, asked self-questions: template + top-k candidates of a cross-fitted video-only first pass |
 | probe-concat | logistic regression on the K ordered frame tokens, concatenated (`mambavl.analysis.probe`) |
 | probe-mean | logistic regression on the mean of the K frame tokens (order-blind) |
-| zero-shot | no training: mean frame feature vs the answer texts, cosine (`mambavl.analysis.zeroshot`; not in the default study, ask for it with `--presets`) |
+| zero-shot | no training: mean frame feature vs the answer texts, cosine (`mambavl.analysis.zeroshot`; by name) |
 
 Presets may carry training fields (`mambavl.fuse.presets`, "train" part). Only the fields that *define* an
 ablation (`ABLATION_TRAIN_FIELDS`: the QA objective's weight and cadence) are applied; schedule fields such as the
@@ -88,8 +88,9 @@ ABLATIONS: dict[str, Variant] = {
                                                                  "concatenated"),
     "probe-mean": Variant(probe=ProbeInput.MEAN, description="logistic regression on the mean of the K frame tokens "
                                                              "(order-blind)"),
-    "zero-shot": Variant(zero_shot=True, description="no training: each segment's mean frame feature against the "
-                                                     "answer texts (cosine); a floor unless the towers are a CLIP pair"),
+    "zero-shot": Variant(zero_shot=True, description="no training: each segment's mean frame feature against "
+                                                     "the answer texts (cosine); a floor unless the towers are a "
+                                                     "CLIP pair"),
 }
 # zero-shot is asked for by name: it needs image and text towers of one width, which most caches do not have
 DEFAULT_ABLATIONS: tuple[str, ...] = tuple(k for k in ABLATIONS if k != "zero-shot")

@@ -1,6 +1,8 @@
 """CLI commands of the evaluate stage (registered on `mambavl.cli.app`).
 
 * ``mambavl evaluate`` — metrics, per-class table, plots and challenge submission (`mambavl.evaluate.evaluate`);
+  with ``--zero-shot`` and no checkpoint, the cache's features against its answer texts
+  (`mambavl.analysis.zeroshot.zero_shot_evaluate`);
 * ``mambavl audit-questions`` — the same checkpoint under every question protocol, shuffled questions and the
   static leak check (`mambavl.analysis.audit.audit_questions`).
 
@@ -138,7 +140,8 @@ def evaluate_command(
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
-    """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
+    """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission (or, with
+    --zero-shot, the cache's features against its own answer texts)."""
     from mambavl.evaluate import EvalConfig, evaluate
 
     if zero_shot or checkpoint is None:

@@ -214,7 +214,8 @@ def model_card(run: TrainedModel, config: dict[str, Any], metrics: dict[str, Any
     intro = ("MambaVL fuses frozen video features with question tokens by selective state-space scans that share "
              "their state matrix between modalities, trained with an auxiliary question-answering objective "
              "(the mambavl package).")
-    licence = EK100_NOTE if ek100 else OTHER_NOTE.format(name=run.annotation.get("file") or "not recorded in the checkpoint")
+    licence = EK100_NOTE if ek100 else OTHER_NOTE.format(
+        name=run.annotation.get("file") or "not recorded in the checkpoint")
     parts = [header, title, "", intro, "", *model_section(run, config), *data_section(run),
              *metrics_section(metrics), "## Licence", "", licence, "", *usage_section(repo)]
     return "\n".join(parts).rstrip() + "\n"

@@ -4,8 +4,10 @@ The folder holds the checkpoint's own description, split by kind of value, and n
 
 | file | what |
 |---|---|
-| config.json | `TrainedModel.to_state()` with every tensor replaced by ``{"$tensor": NAME}``, plus ``"export"``: the layout version and the byte count and sha256 of every data file |
-| model.safetensors | every tensor of that state under its NAME: the weights (``weights/<key>``), the first-pass fold models (``first_pass/states/<i>/<key>``), the action answer embeddings (``action_answers``), the training rows' candidates (``train_candidates``) |
+| config.json | `TrainedModel.to_state()`, every tensor replaced by ``{"$tensor": NAME}``; ``"export"``: layout, |
+| | byte count and sha256 of every data file |
+| model.safetensors | every tensor of that state under its NAME: the weights (``weights/<key>``), the first-pass fold |
+| | models (``first_pass/states/<i>/<key>``), ``action_answers``, ``train_candidates`` |
 | README.md | the model card (`mambavl.runtime.export`; informational, not read back) |
 
 NAME is the path of the value inside the state, joined by "/" (list items by their index), so the two files
