@@ -39,6 +39,7 @@ from mambavl.errors import InputError, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.qa import QA_TARGET, scene_targets
 from mambavl.progress import Progress, or_none
+from mambavl.runtime import hub
 from mambavl.runtime import (
     Asker,
     FirstPass,
@@ -669,11 +670,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def checkpoint_identity(path: str, run: TrainedModel) -> dict[str, Any]:
-    """metrics.json's "checkpoint" block: the file, its sha256 and what the run was."""
+    """metrics.json's "checkpoint" block: the file (or model folder, or hf:// reference), its sha256 and what the
+    run was."""
     tc = run.train_config
     return {
-        "path": str(Path(path).resolve()),
-        "sha256": sha256_file(path),
+        **hub.fingerprint(path),
         "epoch": run.progress.epoch,
         "preset": tc.preset,
         "task": tc.task.value,

@@ -76,7 +76,7 @@ def test_ablation_table_over_seeds_and_restart(caches, tmp_path):
 def test_same_budget_for_every_preset(caches, tmp_path):
     cfg = _cfg(caches, tmp_path, min_steps=50)
     tcs = {name: run_train_config(cfg, name, 0, tmp_path / name) for name in cfg.presets if preset_of(name)}
-    assert set(tcs) == {n for n, v in ABLATIONS.items() if v.probe is None}
+    assert set(tcs) == {n for n, v in ABLATIONS.items() if v.preset is not None}
     assert tcs["full"].preset == "small" and tcs["no-qa"].qa_weight == 0.0 and tcs["full"].qa_weight > 0
     # self-questioning joins the study: the same model and budget, asked about its first pass's candidates
     assert "predicted" in cfg.presets and tcs["predicted"].preset == "small"

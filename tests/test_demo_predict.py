@@ -156,3 +156,35 @@ def test_predicted_questions_end_to_end(demo, tmp_path):
     assert [c["id"] for c in result["candidates"]["verb"]] == cached["candidates"][row, 0].tolist()
     p_pred, p_cache = _verb_probs(result, cached, row=0)
     np.testing.assert_allclose(p_pred, p_cache, atol=2e-2)
+
+
+def test_predict_and_audit_from_an_exported_model(demo, tmp_path, monkeypatch):
+    """The demo's checkpoint exported (`mambavl export`) and read back from a Hugging Face cache as hf://: `predict`
+    gives the clip exactly the scores the checkpoint gives, and `audit-questions` reads the same reference."""
+    out, _ = demo
+    ckpt = out / "runs/templates/best.pt"
+    folder = tmp_path / "hub" / "models--org--demo" / "snapshots" / ("0" * 40)
+    res = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(folder), "--metrics",
+                                   str(out / "eval" / "val")])
+    assert res.exit_code == 0, res.output
+    (folder.parents[1] / "refs").mkdir()
+    (folder.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    val = load_annotations(out / "data/EPIC_100_validation.csv")
+    seg = val.segments[0]
+    video = out / "data/videos" / seg.participant_id / "videos" / f"{seg.video_id}.MP4"
+    results = []
+    for ref in (str(ckpt), "hf://org/demo"):
+        res = CliRunner().invoke(app, ["predict", str(video), "--checkpoint", ref, "--start", str(seg.start_time),
+                                       "--stop", str(seg.stop_time), "--json", str(tmp_path / "p.json"), "--device",
+                                       "cpu", "--quiet"])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        results.append(json.loads((tmp_path / "p.json").read_text()))
+    assert results[0]["actions"] == results[1]["actions"] and results[0]["qa"] == results[1]["qa"]
+    res = CliRunner().invoke(app, ["audit-questions", "--checkpoint", "hf://org/demo", "--cache",
+                                   str(out / "caches/val.h5"), "--out", str(tmp_path / "audit"), "--device", "cpu",
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["checkpoint"]["path"] == "hf://org/demo"

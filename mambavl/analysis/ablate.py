@@ -16,6 +16,7 @@ batch size, learning rate, schedule, frames, question protocol and seeds; only w
 | predicted | `small`, asked self-questions: template + top-k candidates of a cross-fitted video-only first pass |
 | probe-concat | logistic regression on the K ordered frame tokens, concatenated (`mambavl.analysis.probe`) |
 | probe-mean | logistic regression on the mean of the K frame tokens (order-blind) |
+| zero-shot | no training: mean frame feature vs the answer texts, cosine (`mambavl.analysis.zeroshot`; by name) |
 
 Presets may carry training fields (`mambavl.fuse.presets`, "train" part). Only the fields that *define* an
 ablation (`ABLATION_TRAIN_FIELDS`: the QA objective's weight and cadence) are applied; schedule fields such as the
@@ -48,7 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from mambavl.analysis.probe import ProbeConfig, ProbeInput, run_probe
+from mambavl.analysis.zeroshot import zero_shot_scores
+from mambavl.cache.reader import open_cache
 from mambavl.errors import InputError
+from mambavl.evaluate import compute_metrics
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
 from mambavl.progress import Progress, or_none
@@ -65,6 +69,7 @@ class Variant:
     train: dict = field(default_factory=dict)
     probe: ProbeInput | None = None
     description: str | None = None
+    zero_shot: bool = False  # no training: the validation cache scored against its answer texts
 
 
 # Ablation name -> what it trains. "full" is our default model; "video-only" is the reference of paired differences.
@@ -83,8 +88,12 @@ ABLATIONS: dict[str, Variant] = {
                                                                  "concatenated"),
     "probe-mean": Variant(probe=ProbeInput.MEAN, description="logistic regression on the mean of the K frame tokens "
                                                              "(order-blind)"),
+    "zero-shot": Variant(zero_shot=True, description="no training: each segment's mean frame feature against "
+                                                     "the answer texts (cosine); a floor unless the towers are a "
+                                                     "CLIP pair"),
 }
-DEFAULT_ABLATIONS: tuple[str, ...] = tuple(ABLATIONS)
+# zero-shot is asked for by name: it needs image and text towers of one width, which most caches do not have
+DEFAULT_ABLATIONS: tuple[str, ...] = tuple(k for k in ABLATIONS if k != "zero-shot")
 # The variant every other is compared with, seed by seed.
 REFERENCE = "video-only"
 # TrainConfig fields a preset's "train" part may set inside an ablation: they define the ablation (no-qa).
@@ -264,6 +273,20 @@ def _run_probe(cfg: AblationConfig, name: str) -> dict:
             "train_time_s": res["train_time_s"], "reused": False}
 
 
+def _run_zero_shot(cfg: AblationConfig) -> dict:
+    """Score the validation cache zero-shot (deterministic, no parameters); the result stands for every seed."""
+    t0 = time.perf_counter()
+    cache = open_cache(cfg.val_cache)
+    scored, pairs, _ = zero_shot_scores(cache)
+    found = compute_metrics(scored, cache.labels(), "recognition", {}, (1, 5), [tuple(p) for p in pairs.tolist()])
+    metrics: dict[str, float | None] = {}
+    for m in METRICS:
+        task, k = m.split("_")
+        metrics[m] = found["metrics"]["all"].get(task, {}).get(k)
+    return {"run_dir": None, "params": 0, "metrics": metrics, "steps": None,
+            "train_time_s": time.perf_counter() - t0, "reused": False}
+
+
 def mean_std(values: list[float | None]) -> dict[str, float | None]:
     """{"mean", "std", "n"} of the values that are not None: sample standard deviation (n - 1), 0 for one value;
     mean and std None when there is no value."""
@@ -305,6 +328,7 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
     for name in cfg.presets:
         runs = []
         probe = _run_probe(cfg, name) if variant_of(name).probe is not None else None
+        probe = _run_zero_shot(cfg) if variant_of(name).zero_shot else probe
         for seed in seeds:
             progress.advance(0, message=f"{'fitting' if probe else 'training'} {name} (seed {seed})")
             runs.append({**probe, "seed": seed} if probe else _run_one(cfg, name, seed))

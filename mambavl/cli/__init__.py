@@ -78,6 +78,7 @@ from mambavl.cli import extract as _extract  # noqa: E402,F401
 from mambavl.cli import train as _train  # noqa: E402,F401
 from mambavl.cli import evaluate as _evaluate  # noqa: E402,F401
 from mambavl.cli import tools as _tools  # noqa: E402,F401
+from mambavl.cli import share as _share  # noqa: E402,F401
 
 
 def main() -> None:

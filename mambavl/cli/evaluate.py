@@ -1,6 +1,8 @@
 """CLI commands of the evaluate stage (registered on `mambavl.cli.app`).
 
 * ``mambavl evaluate`` — metrics, per-class table, plots and challenge submission (`mambavl.evaluate.evaluate`);
+  with ``--zero-shot`` and no checkpoint, the cache's features against its answer texts
+  (`mambavl.analysis.zeroshot.zero_shot_evaluate`);
 * ``mambavl audit-questions`` — the same checkpoint under every question protocol, shuffled questions and the
   static leak check (`mambavl.analysis.audit.audit_questions`).
 
@@ -98,9 +100,16 @@ def _with_progress(label: str, quiet: bool, fn, cfg):
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (best.pt / last.pt).")],
     cache: Annotated[Path, typer.Option("--cache", help="Feature cache to evaluate (.h5).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, per_class.csv, PNGs, submission.")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="Checkpoint (best.pt / last.pt), a model folder "
+                                                          "(`mambavl export`) or hf://ORG/NAME[@REV].")
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="No checkpoint: score each segment's mean feature against the "
+                                               "cache's answer-text embeddings (cosine).")
+    ] = False,
     questions: Annotated[
         Optional[QuestionSource],
         typer.Option(help="Question protocol; default: the checkpoint's. 'predicted' needs a checkpoint trained with "
@@ -131,9 +140,14 @@ def evaluate_command(
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
-    """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission."""
+    """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission (or, with
+    --zero-shot, the cache's features against its own answer texts)."""
     from mambavl.evaluate import EvalConfig, evaluate
 
+    if zero_shot or checkpoint is None:
+        _zero_shot(zero_shot, checkpoint, cache, out, ek100_dir, split, unseen_ids, tail_verbs, tail_nouns,
+                   allow_incomplete, quiet)
+        return
     try:
         cfg = EvalConfig(
             checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out),
@@ -161,6 +175,35 @@ def evaluate_command(
             console.print(f"[yellow]warning:[/] {result[key]}")
     for note in result.get("subset_notes", []) + result.get("metric_notes", []):
         console.print(f"note: {note}")
+    console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
+
+
+def _zero_shot(zero_shot: bool, checkpoint: Optional[Path], cache: Path, out: Path, ek100_dir: Optional[Path],
+               split: Optional[str], unseen_ids: Optional[Path], tail_verbs: Optional[Path],
+               tail_nouns: Optional[Path], allow_incomplete: bool, quiet: bool) -> None:
+    """`mambavl evaluate --zero-shot` (`mambavl.analysis.zeroshot`); refuses --checkpoint with it, or neither."""
+    if not zero_shot:
+        raise fail("--checkpoint is required (or --zero-shot, to score the cache against its answer texts)")
+    if checkpoint is not None:
+        raise fail("--zero-shot evaluates the cache's own features and answer texts: drop --checkpoint")
+    from mambavl.analysis.zeroshot import ZeroShotConfig, zero_shot_evaluate
+
+    try:
+        cfg = ZeroShotConfig(cache=str(cache), out_dir=str(out), ek100_dir=optional_path(ek100_dir), split=split,
+                             unseen_ids=optional_path(unseen_ids), tail_verbs=optional_path(tail_verbs),
+                             tail_nouns=optional_path(tail_nouns), allow_incomplete=allow_incomplete)
+        result = _with_progress("zero-shot", quiet, zero_shot_evaluate, cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    if "towers_warning" in result:  # said even with --quiet: it changes what the number means
+        typer.echo(f"warning: {result['towers_warning']}", err=True)
+    if quiet:
+        return
+    console = Console()
+    console.print(_metrics_table(result))
+    console.print(f"note: {result['protocol']}")
+    if result.get("action_head"):
+        console.print(f"action prompts (answers/action) top-1: {_fmt(result['action_head'].get('top1'))}")
     console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
 
 

@@ -100,7 +100,7 @@ def ablate_command(
     out: Annotated[Path, typer.Option("--out", help="Folder: ablation.md, ablation.json, runs/<name>/seed<k>/.")],
     presets: Annotated[
         str, typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, transformer, "
-                               "concat, predicted, probe-concat, probe-mean (or any preset).")
+                               "concat, predicted, probe-concat, probe-mean, zero-shot (or any preset).")
     ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,predicted,probe-concat,probe-mean",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of every run.")] = 10,
     min_steps: Annotated[

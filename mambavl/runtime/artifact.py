@@ -23,6 +23,10 @@ nowhere else in the package. Format 2 (this version) holds:
 | progress | dict | epoch (completed), step, qa_steps, best_metric, history (one metrics row per epoch) |
 | training | dict or None | optimizer, scheduler, scaler and RNG states, to resume (`TrainingState`) |
 
+`mambavl export` writes the same state as a folder in the Hugging Face model layout (config.json holds it with
+each tensor replaced by a reference into model.safetensors; `mambavl.runtime.hub`), and `load` reads such a folder
+or an ``hf://ORG/NAME`` reference to one as it reads a file.
+
 Migrations (`_migrate`): format 1 — every checkpoint mambavl wrote before this contract, one flat dict with
 "model", "cache_attrs", "optimizer" ... at the top — is read and rewritten in memory as format 2. Fields added to
 format 1 over its life get the value the writing version implied: no `scene_bias` weight (the scene logits had no
@@ -52,6 +56,7 @@ from mambavl.extract.spec import FeatureSpec
 from mambavl.files import atomic_torch_save
 from mambavl.fuse.config import ModelConfig
 from mambavl.fuse.model import MambaVL, model_config_from_dict
+from mambavl.runtime import hub
 from mambavl.runtime.candidates import FirstPass
 from mambavl.runtime.config import TrainConfig, plain
 from mambavl.runtime.task import Task, TaskSpec, task_spec
@@ -250,16 +255,22 @@ class TrainedModel:
                         ) -> tuple[TrainedModel, TrainingState | None]:
         """Read a checkpoint and its training state (None in a checkpoint saved without one). The one
         `torch.load` of mambavl checkpoints, always `weights_only=True`. InputError for a missing file, a file that
-        is not a mambavl checkpoint (truncated, another program's) or one of a newer format."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: checkpoint not found")
+        is not a mambavl checkpoint (truncated, another program's) or one of a newer format.
+
+        `path` may also be a model folder (`mambavl export`: config.json + model.safetensors, checked against the
+        sha256 it records) or ``hf://ORG/NAME[@REV]`` (`mambavl.runtime.hub.resolve_checkpoint`)."""
+        path = hub.resolve_checkpoint(path)
         dev = resolve_device(str(device)) if isinstance(device, str) else device
-        try:
-            state = torch.load(path, map_location=dev, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
-            raise InputError(f"{path}: not a mambavl checkpoint, or damaged ({type(exc).__name__}: "
-                             f"{str(exc)[:200]})") from None
+        if hub.is_model_folder(path):
+            state = hub.read_folder(path, dev)
+        elif not path.is_file():
+            raise InputError(f"{path}: checkpoint not found")
+        else:
+            try:
+                state = torch.load(path, map_location=dev, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
+                raise InputError(f"{path}: not a mambavl checkpoint, or damaged ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})") from None
         if not isinstance(state, dict) or state.get("kind") != KIND:
             raise InputError(f"{path}: not a mambavl checkpoint (no 'kind': {KIND!r} entry)")
         read = state.get("format")
