@@ -31,7 +31,7 @@ from mambavl.evaluate import EvalConfig, evaluate
 from mambavl.extract.decode import SamplingConfig
 from mambavl.extract.encoders import EncoderConfig, build_encoder
 from mambavl.files import atomic_write_text
-from mambavl.progress import Progress, Stages
+from mambavl.progress import Progress, Stages, part
 from mambavl.runtime import Task
 from mambavl.train import TrainConfig, train
 
@@ -92,9 +92,9 @@ def recognition_summary(metrics: dict) -> dict[str, float | None]:
     return out
 
 
-def extract_splits(cfg: DemoConfig, ds: Any, folder: Path) -> dict[str, Path]:
+def extract_splits(cfg: DemoConfig, ds: Any, folder: Path, progress: Progress | None = None) -> dict[str, Path]:
     """Extract the train / val / test caches of the demo dataset with one tiny random-init CLIP (seeded: the same
-    weights every time); annotation questions for the labelled splits."""
+    weights every time); annotation questions for the labelled splits. Each split reports as a part of `progress`."""
     encoder = build_encoder(EncoderConfig(model=TINY_MODEL, pretrained="none", device=cfg.device, pooling="grid"))
     sampling = SamplingConfig(num_frames=cfg.sizes.frames, size=64)
     caches = {}
@@ -104,7 +104,7 @@ def extract_splits(cfg: DemoConfig, ds: Any, folder: Path) -> dict[str, Path]:
                                      encoder=encoder.cfg, sampling=sampling, anticipation=True, tau_a=0.5,
                                      tau_o=1.0, questions=("templates", "annotation") if split != "test"
                                      else ("templates",)),
-                       encoder=encoder)
+                       progress=part(progress, f"{split} segments"), encoder=encoder)
     return caches
 
 
@@ -165,11 +165,11 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     # 1. data
     tick("generating synthetic kitchen clips")
     ds = make_kitchen_dataset(out / "data", n_train=sizes.n_train, n_val=sizes.n_val, n_test=sizes.n_test,
-                              seed=cfg.seed)
+                              seed=cfg.seed, progress=stages.part("clips"))
 
     # 2. extraction: one encoder for the three splits (random init, seeded: the same weights every time)
     tick("extracting features (tiny random-init CLIP, 2x2 grid pooling)")
-    caches = extract_splits(cfg, ds, out / "caches")
+    caches = extract_splits(cfg, ds, out / "caches", stages.progress)
 
     common = dict(train_cache=str(caches["train"]), val_cache=str(caches["val"]), preset="small",
                   model_overrides={"d_model": sizes.d_model}, batch_size=8, lr=3e-3, frames=sizes.model_frames,
@@ -180,35 +180,39 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
 
     # 3. the main model: template questions (no label of the evaluated clip reaches the model)
     tick("training MambaVL (template questions)")
-    main = train(TrainConfig(out_dir=str(out / "runs" / "templates"), epochs=sizes.epochs, **common))
+    main = train(TrainConfig(out_dir=str(out / "runs" / "templates"), epochs=sizes.epochs, **common),
+                 progress=stages.part("steps"))
 
     # 4. evaluation: validation metrics + plots; test split: submission only
     tick("evaluating")
     ckpt = str(main.best_checkpoint or main.last_checkpoint)
     val = evaluate(EvalConfig(checkpoint=ckpt, cache=str(caches["val"]), out_dir=str(out / "eval" / "val"),
-                              ek100_dir=str(ds.root), device=cfg.device, train_cache=str(caches["train"])))
+                              ek100_dir=str(ds.root), device=cfg.device, train_cache=str(caches["train"])),
+                   progress=stages.part("validation"))
     # the submission's supervision levels are the submitter's declaration; the demo's: no pre-training (random
     # encoder weights), the levels of the official baselines for labels and data
     test = evaluate(EvalConfig(checkpoint=ckpt, cache=str(caches["test"]), out_dir=str(out / "eval" / "test"),
-                               ek100_dir=str(ds.root), device=cfg.device, plots=False, sls_pt=0, sls_tl=3, sls_td=3))
+                               ek100_dir=str(ds.root), device=cfg.device, plots=False, sls_pt=0, sls_tl=3, sls_td=3),
+                    progress=stages.part("test"))
 
     # 5. the paper's protocol and the leak audit
     tick("training with the paper's annotation questions, auditing questions")
     paper = train(TrainConfig(out_dir=str(out / "runs" / "annotation"), epochs=sizes.epochs,
-                              question_source="annotation", **common))
+                              question_source="annotation", **common), progress=stages.part("steps"))
     audit = audit_questions(AuditConfig(checkpoint=str(paper.best_checkpoint or paper.last_checkpoint),
                                         cache=str(caches["val"]), out_dir=str(out / "audit"), ek100_dir=str(ds.root),
-                                        device=cfg.device))
+                                        device=cfg.device), progress=stages.part("audit"))
 
     # 6. anticipation (full demo only)
     tick("anticipation")
     anticipation = None
     if sizes.anticipation_epochs:
         ant = train(TrainConfig(out_dir=str(out / "runs" / "anticipation"), epochs=sizes.anticipation_epochs,
-                                task=Task.ANTICIPATION, **common))
+                                task=Task.ANTICIPATION, **common), progress=stages.part("steps"))
         anticipation = evaluate(EvalConfig(checkpoint=str(ant.best_checkpoint or ant.last_checkpoint),
                                            cache=str(caches["val"]), out_dir=str(out / "eval" / "anticipation"),
-                                           ek100_dir=str(ds.root), device=cfg.device, plots=False))
+                                           ek100_dir=str(ds.root), device=cfg.device, plots=False),
+                                progress=stages.part("evaluation"))
 
     # 7. ablation
     tick("ablation")
@@ -218,7 +222,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
             train_cache=str(caches["train"]), val_cache=str(caches["val"]), out_dir=str(out / "ablation"),
             presets=ABLATIONS, epochs=sizes.ablation_epochs, seed=cfg.seed, batch_size=8, lr=3e-3,
             frames=sizes.model_frames, min_steps=0, device=cfg.device, model_overrides={"d_model": sizes.d_model},
-            train_overrides={"label_smoothing": 0.0}))
+            train_overrides={"label_smoothing": 0.0}), progress=stages.part("ablation"))
 
     tick(None)
     summary = _summary(cfg, ds, val, test, audit, anticipation, ablation, ckpt, timings)

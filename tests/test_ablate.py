@@ -159,3 +159,13 @@ def test_ablation_with_probes_and_paired_differences(caches, tmp_path):
     assert "| video-only | " in md and "+0.0 ± 0.0" in md
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["rows"][2]["paired"]["verb_top1"]["n"] == 2
+
+
+def test_ablation_reports_each_runs_steps_as_a_part(caches, tmp_path):
+    """The trainings inside an ablation report their steps (a `Part`), so a log never goes silent during a run."""
+    rec = Recorder()
+    run_ablation(_cfg(caches, tmp_path, presets=("video-only",), epochs=1), progress=rec)
+    parts = [e[2] for e in rec.events if "part" in e[2]]
+    assert parts and {p["part"] for p in parts} == {"video-only seed 0 steps"}
+    assert parts[0]["part_done"] == 0 and parts[-1]["part_done"] == parts[-1]["part_total"] == 2  # 64 rows / 32
+    assert rec.done == rec.total == 1  # the parts never advance the ablation's own units

@@ -55,7 +55,7 @@ from mambavl.errors import InputError
 from mambavl.evaluate import compute_metrics
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
-from mambavl.progress import Progress, or_none
+from mambavl.progress import Progress, or_none, part
 from mambavl.runtime import TrainedModel, plain, same_run
 from mambavl.train import TrainConfig, train
 
@@ -227,7 +227,7 @@ def _metrics_from_history(history: list[dict]) -> dict[str, float | None]:
 
 
 # TrainConfig fields that may differ between a stored run and this study without making the run another one.
-def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
+def _run_one(cfg: AblationConfig, name: str, seed: int, progress: Progress | None = None) -> dict:
     """Train (or reuse a finished / resume an interrupted) run; return its metrics, steps, params and time."""
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
     last = run_dir / "last.pt"
@@ -251,7 +251,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
                 "reused": True,
             }
     t0 = time.perf_counter()
-    result = train(tcfg)
+    result = train(tcfg, progress=progress)
     elapsed = time.perf_counter() - t0
     if tcfg.resume:
         # Part of the run happened earlier: count the epochs' own timings instead of this call's wall time.
@@ -331,7 +331,8 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
         probe = _run_zero_shot(cfg) if variant_of(name).zero_shot else probe
         for seed in seeds:
             progress.advance(0, message=f"{'fitting' if probe else 'training'} {name} (seed {seed})")
-            runs.append({**probe, "seed": seed} if probe else _run_one(cfg, name, seed))
+            steps = part(progress, f"{name} seed {seed} steps")
+            runs.append({**probe, "seed": seed} if probe else _run_one(cfg, name, seed, steps))
             m = runs[-1]["metrics"]
             summary = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k.endswith("top1") and v is not None)
             progress.advance(1, message=f"{name} (seed {seed}) done: {summary}")

@@ -34,7 +34,7 @@ from mambavl.data.annotations import AnnotationSet, check_frame_times, load_anno
 from mambavl.errors import InputError, check_writable
 from mambavl.extract.backends import DecoderKind, build_decoder
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
-from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, build_encoder
+from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, TextEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
 from mambavl.extract.shards import segment_costs, shard_rows
 from mambavl.progress import Progress, or_none
@@ -224,8 +224,8 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
                           time.perf_counter() - t0)
 
 
-def write_text_tables(w: CacheWriter, enc: FrozenEncoder, texts, templates, per_segment, ann, segments,
-                      label_keyed=None) -> None:
+def write_text_tables(w: CacheWriter, enc: FrozenEncoder | TextEncoder, texts, templates, per_segment, ann,
+                      segments, label_keyed=None) -> None:
     """Encode the question texts and the answer candidates (verb, noun and seen (verb, noun) pair names) with the
     text tower `enc` and write the cache's questions/ and answers/ tables (used by extraction and by import);
     `label_keyed` source -> (N,) bool marks questions derived from a row's labels (`build_question_table`)."""

@@ -20,8 +20,9 @@ Per-video (dense) features — TIM, TeSTra, ActionFormer, video_features — are
 Everything is validated before the output file is created — a missing segment or key, an unreadable file, a shape
 that disagrees, or a value the float16 cache cannot hold (NaN, inf, |x| > 65504) raises InputError naming the file
 (or key), and nothing is written (a dense import reads video by video while writing: bad input found there removes
-the partial file). Question and answer texts still need a text tower, which `text` (an EncoderConfig)
-chooses; the cache records encoder "imported", the source's name and path.
+the partial file). Question and answer texts still need a text tower, which the text fields of `text` (an
+EncoderConfig: `text_encoder`, `text_model`, `text_pretrained`) choose — only that tower is loaded; the cache
+records encoder "imported", the source's name and path.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import frame_at, frame_start, frame_window, load_annotations
 from mambavl.errors import InputError
 from mambavl.extract.decode import END_TOLERANCE_FRAMES, SamplingConfig, sample_times
-from mambavl.extract.encoders import EncoderConfig, build_encoder
+from mambavl.extract.encoders import EncoderConfig, TextEncoder
 from mambavl.extract.questions import build_question_table
 from mambavl.progress import Progress, or_none
 
@@ -221,7 +222,7 @@ def import_features(cfg: ImportConfig, progress: Progress | None = None, rows=No
     sources = resolve_question_sources(requested, cfg.questions_file)
     texts, templates, per_segment, label_keyed = build_question_table(ann.segments, ann.verbs, ann.nouns, sources,
                                                                       cfg.questions_file)
-    text = build_encoder(cfg.text)
+    text = TextEncoder(cfg.text)  # the text tower alone: no image model is loaded
     prov = text.provenance()
     attrs = dict(
         dataset_kind=ann.kind, annotation_file=ann.path.name, annotation_sha256=ann.sha256,

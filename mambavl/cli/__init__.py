@@ -17,10 +17,15 @@ reports.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
+import typing
+from enum import Enum
 
 import typer
+from typer.models import OptionInfo
 
 from mambavl import __version__
 from mambavl.errors import InputError, TrainingStopped, os_error_message
@@ -31,8 +36,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-cache_app = typer.Typer(help="Inspect, merge and import feature caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, merge and import feature caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
 EXIT_OK = 0
@@ -66,6 +72,50 @@ def positive(value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise typer.BadParameter(f"{value} is not in the range x>0 (a positive number)")
     return value
+
+
+def shown_default(value: typing.Any, flag: str = "") -> str:
+    """How help shows a default value: an Enum by its value, a float compactly (0.001, 20), a bool as the flag's own
+    spelling when `flag` is a "--on/--off" pair (else on/off), anything else as str."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        on, _, off = flag.partition("/")
+        return (on if value else off).strip().lstrip("-") if off else ("on" if value else "off")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def defaults_from(config: type, **renamed: str) -> typing.Callable:
+    """Decorator of a command whose options default to None so that the config dataclass `config` owns the default
+    (an option given overrides it, one left out keeps the dataclass's): help shows the dataclass's default for each
+    such option, read from the dataclass, never restated. `renamed`: option parameter -> field name where they
+    differ (e.g. ``questions="question_source"``). Goes below ``@app.command``."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+
+    def apply(command: typing.Callable) -> typing.Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        for name, parameter in inspect.signature(command).parameters.items():
+            field = fields.get(renamed.get(name, name))
+            if parameter.default is not None or field is None:
+                continue
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                continue
+            info = next((m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, OptionInfo)), None)
+            if info is None or value is None or value == {}:
+                continue
+            # in Annotated[..., typer.Option("--amp/--no-amp")] the declaration arrives as the default
+            decls = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
+            info.show_default = shown_default(value, next((d for d in decls if "/" in d), ""))
+            command.__annotations__[name] = hints[name]  # the evaluated hint, carrying show_default, for typer
+        return command
+
+    return apply
 
 
 def optional_path(path: os.PathLike | None) -> str | None:

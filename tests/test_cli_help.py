@@ -1,0 +1,86 @@
+"""Every command's --help is readable at 80 columns: lines fit, option names are whole, every option with a default
+shows it — for options whose default a config dataclass owns, the dataclass's value."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mambavl.cli import app, shown_default
+from mambavl.train import TrainConfig
+
+
+def _commands(group, path: tuple[str, ...] = ()):
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):  # a group (typer's own click classes: checked by shape)
+            yield from _commands(command, path + (name,))
+        else:
+            yield path + (name,), command
+
+
+COMMANDS = list(_commands(typer.main.get_command(app)))
+
+
+def _help(path: tuple[str, ...]) -> str:
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _option_blocks(text: str) -> list[tuple[str, str]]:
+    """(the names part of an option's first line, its whole entry with the lines joined) in the Options section."""
+    blocks: list[tuple[str, list[str]]] = []
+    for line in text.split("\nOptions:\n", 1)[1].splitlines():
+        if re.match(r"^  -", line):
+            names = re.split(r"\s{2,}", line.strip())[0]
+            blocks.append((names, [line.strip()]))
+        elif blocks and line.strip():
+            blocks[-1][1].append(line.strip())
+    return [(names, " ".join(lines)) for names, lines in blocks]
+
+
+def _options(command) -> list:
+    return [p for p in command.params if p.param_type_name == "option" and not p.hidden]
+
+
+def _shows_default(option) -> bool:
+    """Options whose help must show a default: every one with a default, except presence flags (off unless given)."""
+    if option.default is None or option.hidden or option.name == "help":
+        return False
+    return not (option.is_flag and not option.secondary_opts and option.default is False)
+
+
+@pytest.mark.parametrize("path,command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_help_is_whole_at_80_columns(path, command):
+    text = _help(path)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    blocks = _option_blocks(text)
+    options = _options(command)
+    assert options
+    for option in options:
+        names = option.opts + option.secondary_opts
+        entry = next((e for n, e in blocks if all(re.search(rf"(?<![\w-]){re.escape(x)}(?![\w-])", n)
+                                                 for x in names)), None)
+        assert entry is not None, f"{' '.join(path)}: {'/'.join(names)} is not shown whole:\n{text}"
+        if _shows_default(option):
+            assert "[default: " in entry, f"{' '.join(path)} {names[0]}: no default shown in {entry!r}"
+
+
+def test_train_shows_the_config_dataclass_defaults():
+    """`train`'s options default to None (the dataclass owns the default): help shows the dataclass's value."""
+    entries = {n.split()[0].split(",")[-1]: e for n, e in _option_blocks(_help(("train",)))}
+    renamed = {"questions": "question_source"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shown = 0
+    for option in _options(next(c for p, c in COMMANDS if p == ("train",))):
+        field = fields.get(renamed.get(option.name, option.name))
+        if option.default is not None or field is None or field.default in (dataclasses.MISSING, None):
+            continue
+        expected = shown_default(field.default, "/".join(option.opts + option.secondary_opts))
+        assert f"[default: ({expected})" in entries[option.opts[0]], (option.name, entries[option.opts[0]])
+        shown += 1
+    assert shown >= 15 and "[default: (20)" in entries["--epochs"] and "[default: (0.001)" in entries["--lr"]
