@@ -239,3 +239,24 @@ def test_class_keyed_question_file_is_flagged_at_extraction_and_refused_at_evalu
     Asker.of_cache(cache, spec, QuestionSource.FILE)  # training rows: allowed
     with pytest.raises(InputError, match=r"llm_questions\.csv.*training rows only"):
         Asker.of_cache(cache, spec, QuestionSource.FILE, evaluation=True)
+
+
+def test_cli_extract_config_file_under_options(tmp_path, kitchen):
+    """`extract --config`: nested encoder/sampling settings from YAML; an option given overrides the file; the
+    rest keeps ExtractConfig's defaults; an unknown key is exit 2 naming it and the nearest valid key."""
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text("encoder: {model: mambavl-tiny-clip, pretrained: none}\nsampling: {num_frames: 3, size: 64}\n"
+                   "questions: [templates]\n")
+    out = tmp_path / "c.h5"
+    r = CliRunner().invoke(app, ["extract", str(kitchen.val_csv), "--videos", str(kitchen.videos), "--out", str(out),
+                                 "--config", str(cfg), "--frames", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    cache = open_cache(out)
+    assert (cache.attrs["frames_per_segment"], cache.attrs["frame_size"]) == (2, 64)  # option over file
+    assert cache.attrs["model"] == "mambavl-tiny-clip" and list(cache.questions().per_segment) == []
+    cache.close()
+    cfg.write_text("encoder: {model: mambavl-tiny-clip, pretrainde: none}\n")
+    r = CliRunner().invoke(app, ["extract", str(kitchen.val_csv), "--videos", str(kitchen.videos), "--out",
+                                 str(tmp_path / "d.h5"), "--config", str(cfg), "--quiet"])
+    assert r.exit_code == 2 and "'encoder.pretrainde'" in r.output and "'encoder.pretrained'" in r.output
+    assert not (tmp_path / "d.h5").exists()

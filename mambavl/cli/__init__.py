@@ -84,27 +84,41 @@ def shown_default(value: typing.Any, flag: str = "") -> str:
         return (on if value else off).strip().lstrip("-") if off else ("on" if value else "off")
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(shown_default(v) for v in value)
     return str(value)
+
+
+def config_default(config: type, dotted: str) -> typing.Any:
+    """The default of field `dotted` of dataclass `config` ("epochs", or "sampling.num_frames" through a nested
+    dataclass field's default instance); `dataclasses.MISSING` when there is no such field or it has no default."""
+    head, _, rest = dotted.partition(".")
+    field = {f.name: f for f in dataclasses.fields(config)}.get(head)
+    if field is None:
+        return dataclasses.MISSING
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return dataclasses.MISSING
+    for part in rest.split(".") if rest else ():
+        value = getattr(value, part, dataclasses.MISSING)
+    return value
 
 
 def defaults_from(config: type, **renamed: str) -> typing.Callable:
     """Decorator of a command whose options default to None so that the config dataclass `config` owns the default
     (an option given overrides it, one left out keeps the dataclass's): help shows the dataclass's default for each
     such option, read from the dataclass, never restated. `renamed`: option parameter -> field name where they
-    differ (e.g. ``questions="question_source"``). Goes below ``@app.command``."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
+    differ (e.g. ``questions="question_source"``, or a nested field ``frames="sampling.num_frames"``). Goes below
+    ``@app.command``."""
 
     def apply(command: typing.Callable) -> typing.Callable:
         hints = typing.get_type_hints(command, include_extras=True)
         for name, parameter in inspect.signature(command).parameters.items():
-            field = fields.get(renamed.get(name, name))
-            if parameter.default is not None or field is None:
-                continue
-            if field.default is not dataclasses.MISSING:
-                value = field.default
-            elif field.default_factory is not dataclasses.MISSING:
-                value = field.default_factory()
-            else:
+            value = config_default(config, renamed.get(name, name))
+            if parameter.default is not None or value is dataclasses.MISSING:
                 continue
             info = next((m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, OptionInfo)), None)
             if info is None or value is None or value == {}:
@@ -121,6 +135,11 @@ def defaults_from(config: type, **renamed: str) -> typing.Callable:
 def optional_path(path: os.PathLike | None) -> str | None:
     """A path option as the str the config dataclasses take; None stays None (option not given)."""
     return None if path is None else str(path)
+
+
+def question_sources(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list option ("templates,annotation") as a tuple; None stays None (option not given)."""
+    return None if text is None else tuple(q.strip() for q in text.split(",") if q.strip())
 
 
 # Registration happens on import of each command module (they decorate `app` / `cache_app`).

@@ -19,14 +19,20 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
+import typer
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from mambavl.errors import InputError
 
 C = TypeVar("C")
+
+# The `--config` option of train, extract, evaluate and ablate.
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", help="YAML or JSON file of the command's settings (its config dataclass's fields; a run's "
+                     "train_config.json works for train). Options given on the command line override it.")]
 
 
 def _dataclass_of(tp: Any) -> type | None:

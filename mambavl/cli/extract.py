@@ -13,15 +13,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mambavl.cli import EXIT_FAILURES, app, cache_app, fail, optional_path, positive
+from mambavl.cache.build import ExtractConfig
+from mambavl.cache.dense import DenseConfig
+from mambavl.cache.importer import ImportConfig
+from mambavl.cli import (
+    EXIT_FAILURES,
+    app,
+    cache_app,
+    defaults_from,
+    fail,
+    optional_path,
+    positive,
+    question_sources,
+)
+from mambavl.cli.config_file import ConfigOption, build_config
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
-from mambavl.extract.decode import SamplingConfig, SamplingMode
-from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind
+from mambavl.extract.decode import SamplingMode
+from mambavl.extract.encoders import EncoderKind, TextEncoderKind
 
 
 # The text encoder's options, shared by `extract` and `cache import` (one definition, the same choices and help).
-TextEncoderOption = Annotated[TextEncoderKind, typer.Option(
+TextEncoderOption = Annotated[Optional[TextEncoderKind], typer.Option(
     "--text-encoder", help="Text encoder family for questions and answers: clip (open_clip text tower) or hf "
                            "(Hugging Face encoder, e.g. MiniLM).")]
 TextModelOption = Annotated[Optional[str], typer.Option(
@@ -40,41 +53,45 @@ def _extract_status(fields: dict) -> str | None:
 
 
 @app.command()
+@defaults_from(ExtractConfig, encoder="encoder.kind", model="encoder.model", pretrained="encoder.pretrained",
+               pooling="encoder.pooling", text_encoder="encoder.text_encoder", device="encoder.device",
+               batch_size="encoder.batch_size", frames="sampling.num_frames", size="sampling.size")
 def extract(
     annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
     videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4 or P01/rgb_frames/P01_01/.")],
     out: Annotated[Path, typer.Option("--out", help="Cache file to write (or resume).")],
-    encoder: Annotated[EncoderKind, typer.Option(help="Frozen image/video encoder family: clip (open_clip), timm (any timm image model), videomae.")] = EncoderKind.CLIP,
-    model: Annotated[str, typer.Option(help="open_clip model name (clip), timm model name (timm, e.g. tf_efficientnet_lite0), or VideoMAE name/folder (videomae).")] = "ViT-B-32",
-    pretrained: Annotated[str, typer.Option(help="Weights: a local file or folder (.pt/.pth/.bin/.safetensors, wrapped or DDP state dicts, TorchScript), pkg:NAME (weights of an installed package, e.g. pkg:efficientnet-lite0), a hub tag (open_clip 'openai', timm 'default'/'in1k'; online), or 'none' (seeded random init).")] = "openai",
-    pooling: Annotated[str, typer.Option(help="Per-frame feature of an image tower: 'cls' (CLIP image embedding / timm pooled feature) or 'grid' (2x2 grid of spatial-token means, 4x the dim).")] = "cls",
-    text_encoder: TextEncoderOption = TextEncoderKind.CLIP,
+    encoder: Annotated[Optional[EncoderKind], typer.Option(help="Frozen image/video encoder family: clip (open_clip), timm (any timm image model), videomae.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="open_clip model name (clip), timm model name (timm, e.g. tf_efficientnet_lite0), or VideoMAE name/folder (videomae).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights: a local file or folder (.pt/.pth/.bin/.safetensors, wrapped or DDP state dicts, TorchScript), pkg:NAME (weights of an installed package, e.g. pkg:efficientnet-lite0), a hub tag (open_clip 'openai', timm 'default'/'in1k'; online), or 'none' (seeded random init).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Per-frame feature of an image tower: 'cls' (CLIP image embedding / timm pooled feature) or 'grid' (2x2 grid of spatial-token means, 4x the dim).")] = None,
+    text_encoder: TextEncoderOption = None,
     text_model: TextModelOption = None,
     text_pretrained: TextPretrainedOption = None,
-    frames: Annotated[int, typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = 16,
+    frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = None,
     fps: Annotated[Optional[float], typer.Option(callback=positive, help="Sample at this rate instead of --frames uniform frames.")] = None,
-    size: Annotated[int, typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = 224,
-    anticipation: Annotated[bool, typer.Option(help="Also extract the observed window before each action.")] = False,
-    tau_a: Annotated[float, typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = 1.0,
-    tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
-    questions: Annotated[str, typer.Option(
+    size: Annotated[Optional[int], typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = None,
+    anticipation: Annotated[Optional[bool], typer.Option("--anticipation/--no-anticipation", help="Also extract the observed window before each action.")] = None,
+    tau_a: Annotated[Optional[float], typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = None,
+    tau_o: Annotated[Optional[float], typer.Option(callback=positive, help="Anticipation observed window length (s).")] = None,
+    questions: Annotated[Optional[str], typer.Option(
         help="Question sources to embed: templates[,annotation][,file]. (predicted needs nothing extra: it is built "
-             "in stage 2 from the templates and answers every cache holds.)")] = "templates,annotation",
+             "in stage 2 from the templates and answers every cache holds.)")] = None,
     questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions (source 'file').")] = None,
     verb_classes: Annotated[Optional[Path], typer.Option(help="Verb class CSV (default: beside the annotations); for a generic CSV, the label list shared by all splits (class CSV or one label per line).")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
     video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
     frame_rate: Annotated[Optional[float], typer.Option(callback=positive, help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Frames per encoder batch.")] = 64,
-    decode_workers: Annotated[int, typer.Option(min=1, help="Parallel ffmpeg decodes.")] = 2,
-    decode_threads: Annotated[int, typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = 0,
-    decoder: Annotated[str, typer.Option(
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per encoder batch.")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(min=1, help="Parallel ffmpeg decodes.")] = None,
+    decode_threads: Annotated[Optional[int], typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = None,
+    decoder: Annotated[Optional[str], typer.Option(
         help="Video decoder: ffmpeg (CPU processes), torchcodec (in-process, CPU), torchcodec-cuda (the GPU's NVDEC; "
              "frames stay on the GPU), auto (torchcodec-cuda when present and verified at start-up, else ffmpeg). "
-             "Same frames, pixels within a stated tolerance (docs/extract.md).")] = "ffmpeg",
+             "Same frames, pixels within a stated tolerance (docs/extract.md).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N segments (of this shard).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/N: this process extracts shard i of N of a plan balanced by decoding cost (frames x pixels), into its own --out; join them with `cache merge`. Not needed under torchrun.")] = None,
+    config: ConfigOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Decode segments, run the frozen encoder, and write (or resume) a feature cache.
@@ -82,26 +99,22 @@ def extract(
     Under torchrun (WORLD_SIZE > 1) each process extracts its shard of the plan on its own GPU into a shard file
     beside --out, and rank 0 merges them into --out when all are done; re-running resumes every shard.
     """
-    from mambavl.cache.build import ExtractConfig, parse_shard, run_extraction
+    from mambavl.cache.build import parse_shard, run_extraction
     from mambavl.cache.distributed import launch_from_env, run_distributed_extraction
 
     try:
-        cfg = ExtractConfig(
-            annotations=str(annotations), videos=str(videos), out=str(out),
-            encoder=EncoderConfig(kind=encoder, model=model, pretrained=pretrained, text_encoder=text_encoder,
-                                  text_model=text_model, text_pretrained=text_pretrained, device=device,
-                                  batch_size=batch_size, pooling=pooling),
-            sampling=SamplingConfig(mode=SamplingMode.FPS if fps else SamplingMode.UNIFORM, num_frames=frames,
-                                    fps=fps or 4.0, size=size),
-            anticipation=anticipation, tau_a=tau_a, tau_o=tau_o,
-            questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
-            questions_file=optional_path(questions_file),
-            verb_classes=optional_path(verb_classes),
-            noun_classes=optional_path(noun_classes),
-            video_info=optional_path(video_info), frame_rate=frame_rate,
-            limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
-            decode_threads=decode_threads, decoder=decoder,
-        )
+        sampled = {} if fps is None else {"sampling.mode": SamplingMode.FPS, "sampling.fps": fps}
+        cfg = build_config(ExtractConfig, config, {
+            "annotations": str(annotations), "videos": str(videos), "out": str(out), "encoder.kind": encoder,
+            "encoder.model": model, "encoder.pretrained": pretrained, "encoder.pooling": pooling,
+            "encoder.text_encoder": text_encoder, "encoder.text_model": text_model,
+            "encoder.text_pretrained": text_pretrained, "encoder.device": device, "encoder.batch_size": batch_size,
+            "sampling.num_frames": frames, "sampling.size": size, **sampled, "anticipation": anticipation,
+            "tau_a": tau_a, "tau_o": tau_o, "questions": question_sources(questions),
+            "questions_file": optional_path(questions_file), "verb_classes": optional_path(verb_classes),
+            "noun_classes": optional_path(noun_classes), "video_info": optional_path(video_info),
+            "frame_rate": frame_rate, "limit": limit, "shard": parse_shard(shard), "decode_workers": decode_workers,
+            "decode_threads": decode_threads, "decoder": decoder})
         launch = launch_from_env()
         label = f"extract {annotations.name}"
         if launch is not None:
@@ -216,49 +229,50 @@ def cache_merge(
 
 
 @cache_app.command("import")
+@defaults_from(ImportConfig, text_encoder="text.text_encoder", device="text.device")
+@defaults_from(DenseConfig, fmt="format")
 def cache_import(
     features: Annotated[Path, typer.Option("--features", help="Folder of per-segment .npy/.pt/.pkl, or an LMDB.")],
     annotations: Annotated[Path, typer.Option("--annotations", help="Annotation CSV the features belong to.")],
     out: Annotated[Path, typer.Option("--out", help="Cache file to write.")],
     name: Annotated[str, typer.Option("--name", help="Name of the source features, e.g. avion-vitl.")],
-    key: Annotated[str, typer.Option(help="Files named by narration_id or by row index.")] = "narration_id",
-    frames: Annotated[int, typer.Option(min=1, help="Frames per segment read from an LMDB (uniform over the segment).")] = 16,
+    key: Annotated[Optional[str], typer.Option(help="Files named by narration_id or by row index.")] = None,
+    frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per segment read from an LMDB or per-video features (uniform over the segment).")] = None,
     source_fps: Annotated[Optional[float], typer.Option(callback=positive, help="LMDB: the frame rate its keys count (RULSTM's EPIC-KITCHENS features: 30). Required for an LMDB: the annotation CSV's frame numbers are at another rate.")] = None,
-    text_encoder: TextEncoderOption = TextEncoderKind.CLIP,
+    text_encoder: TextEncoderOption = None,
     text_model: TextModelOption = None,
     text_pretrained: TextPretrainedOption = None,
-    questions: Annotated[str, typer.Option(
+    questions: Annotated[Optional[str], typer.Option(
         help="Question sources: templates[,annotation][,file] (predicted needs nothing extra).",
-    )] = "templates,annotation",
+    )] = None,
     questions_file: Annotated[Optional[Path], typer.Option(help="CSV/JSON of per-segment questions.")] = None,
-    device: Annotated[str, typer.Option(help="Device of the text tower.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="Device of the text tower.")] = None,
     # ---- per-video (dense) features: the time axis of each format (docs/extract.md, mambavl/cache/dense.py)
     fmt: Annotated[Optional[str], typer.Option("--format", help="Layout and time convention of --features: per-segment, lmdb, tim, fixed-rate, video-features. Default: detected from the files; refused (exit 2) when several fit.")] = None,
     times: Annotated[Optional[Path], typer.Option("--times", help="tim: the feature-times table (CSV video_id,start_sec,stop_sec, or {video_id: (L, 2)} .pkl/.npz).")] = None,
     feature_fps: Annotated[Optional[float], typer.Option(callback=positive, help="fixed-rate: the frame rate --stride and --window count (TeSTra, ActionFormer).")] = None,
-    stride: Annotated[float, typer.Option(callback=positive, help="fixed-rate: frames between consecutive features.")] = 1.0,
+    stride: Annotated[Optional[float], typer.Option(callback=positive, help="fixed-rate: frames between consecutive features.")] = None,
     window: Annotated[Optional[float], typer.Option(callback=positive, help="fixed-rate: frames one feature sees (default: the stride); feature i covers [i*stride, i*stride+window) frames, its time is the centre.")] = None,
-    anticipation: Annotated[bool, typer.Option(help="Per-video features: also cut the observed window before each action.")] = False,
-    tau_a: Annotated[float, typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = 1.0,
-    tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
+    anticipation: Annotated[Optional[bool], typer.Option("--anticipation/--no-anticipation", help="Per-video features: also cut the observed window before each action.")] = None,
+    tau_a: Annotated[Optional[float], typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = None,
+    tau_o: Annotated[Optional[float], typer.Option(callback=positive, help="Anticipation observed window length (s).")] = None,
 ) -> None:
     """Turn features from another extractor (AVION, EgoVLP, TSN, RULSTM LMDB, TIM, TeSTra, ActionFormer,
     video_features...) into a mambavl cache. Exit 3 when some windows could not be cut (see `cache inspect`).
 
     Questions and answers are embedded with the text encoder chosen as in `extract` (only the text tower is loaded;
     offline, use --text-encoder hf --text-model pkg:all-minilm-l6-v2, or --text-pretrained PATH / none)."""
-    from mambavl.cache.dense import DenseConfig, run_import
-    from mambavl.cache.importer import ImportConfig
+    from mambavl.cache.dense import run_import
 
     try:
-        cfg = ImportConfig(features=str(features), annotations=str(annotations), out=str(out), name=name, key=key,
-                           frames=frames, source_fps=source_fps,
-                           text=EncoderConfig(text_encoder=text_encoder, text_model=text_model,
-                                              text_pretrained=text_pretrained, device=device),
-                           questions=tuple(q.strip() for q in questions.split(",") if q.strip()),
-                           questions_file=optional_path(questions_file))
-        dense = DenseConfig(format=fmt, times=optional_path(times), feature_fps=feature_fps, stride=stride,
-                            window=window, anticipation=anticipation, tau_a=tau_a, tau_o=tau_o)
+        cfg = build_config(ImportConfig, None, {
+            "features": str(features), "annotations": str(annotations), "out": str(out), "name": name, "key": key,
+            "frames": frames, "source_fps": source_fps, "text.text_encoder": text_encoder,
+            "text.text_model": text_model, "text.text_pretrained": text_pretrained, "text.device": device,
+            "questions": question_sources(questions), "questions_file": optional_path(questions_file)})
+        dense = build_config(DenseConfig, None, {
+            "format": fmt, "times": optional_path(times), "feature_fps": feature_fps, "stride": stride,
+            "window": window, "anticipation": anticipation, "tau_a": tau_a, "tau_o": tau_o})
         summary = run_import(cfg, dense)
     except InputError as exc:
         raise fail(str(exc)) from None
