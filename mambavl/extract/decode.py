@@ -416,6 +416,8 @@ class FfmpegDecoder:
                                round="up")  # float(): numpy scalars repr as np.float64(...)
         if not np.array_equal(req.ticks, np.arange(len(req.ticks))):
             stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
+        if req.step == SINGLE_TICK_STEP:  # the fine rate repeats a frame many times: end the stream after the tick
+            stream = stream.filter("trim", end_frame=1)
         stream = _scale_crop(stream, req.size, probe.sar)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
