@@ -1,8 +1,10 @@
 """Video decoders behind one contract: `mambavl extract --decoder ffmpeg|torchcodec|torchcodec-cuda|auto`.
 
 Every decoder answers the same `mambavl.extract.decode.FrameRequest` (the frames displayed at the requested times,
-scaled so the short side is `size`, centre-cropped to size x size) and `decode_video_segment` applies the same checks
-to all of them (window range, truncation, the end tolerance), so failures are recorded the same way.
+scaled to square pixels with the short side `size`, centre-cropped to size x size) with a
+`mambavl.extract.decode.DecodedFrames` (the frames and their own timestamps), and `decode_video_segment` applies the
+same checks to all of them (window range, truncation, the end tolerance, no frame later than its time), so failures
+are recorded the same way.
 
 * ``ffmpeg`` — the reference: an ffmpeg process per segment (`FfmpegDecoder`), only the packets the samples need.
 * ``torchcodec`` — torchcodec's in-process FFmpeg decoder on the CPU (``seek_mode="exact"``,

@@ -16,11 +16,27 @@ Seeking uses input ``-ss`` with ``-noaccurate_seek``: ffmpeg jumps to the keyfra
 never trimmed away, whatever its distance to the tick.
 
 Times are seconds on the video's own timeline (0 = the container start, as ffmpeg's ``-ss``). The times returned
-with the frames are the start times of the displayed frames on the nominal frame grid (exact for constant frame
-rate, the nearest grid point for variable rate).
+with the frames are the presentation timestamps of the frames returned, as the decoder reports them (ffmpeg: a
+``showinfo`` filter before the ``fps`` filter logs every decoded frame; torchcodec: the frames' own pts), so
+variable-frame-rate files get their true times.
+
+Damaged data. A frame is stored only if it is the one displayed at its time: a decoder error reported while the
+window is decoded (from the keyframe before it; missing-reference reports at an open-GOP start excepted), or a
+returned frame that starts after its requested time (ffmpeg fills ticks it could not decode with the next frame
+it can), is a DecodeError naming the file, the time and the decoder's messages — a recorded failure, never a row.
+
+Non-square pixels. A stream whose sample aspect ratio (SAR) is not 1 (DV, DVD, broadcast captures) is scaled to
+square pixels in the same step that scales the short side, so the centre crop covers what a player shows; square
+pixels keep the original filter chain (bit-identical frames).
+
+Windows at the ends. A window inside the video, however short (zero length, inside the last frame), yields the
+frames displayed at its times: ffmpeg's ``fps`` filter rounds the end of the stream onto its tick grid and can
+drop a tick inside the last frame, so such ticks are asked again one at a time at a fine rate.
 
 Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based);
-also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Frame number <-> time: a video file by its own
+also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Annotation fields that build these paths
+(video / video_id, participant / participant_id) may not leave ROOT: absolute paths and ``..`` components are
+refused (`check_source_paths`); symbolic links the user placed under ROOT are followed. Frame number <-> time: a video file by its own
 timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
 ``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
 see `mambavl.data.annotations`), or one given explicitly.
