@@ -36,7 +36,8 @@ drop a tick inside the last frame, so such ticks are asked again one at a time a
 Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based);
 also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Annotation fields that build these paths
 (video / video_id, participant / participant_id) may not leave ROOT: absolute paths and ``..`` components are
-refused (`check_source_paths`); symbolic links the user placed under ROOT are followed. Frame number <-> time: a video file by its own
+refused (`check_source_paths`); symbolic links the user placed under ROOT are followed.
+Frame number <-> time: a video file by its own
 timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
 ``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
 see `mambavl.data.annotations`), or one given explicitly.
@@ -53,6 +54,7 @@ import functools
 import math
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -293,13 +295,13 @@ _TIME_BASE = re.compile(r"Parsed_showinfo.*config in time_base:\s*(\d+)/(\d+)")
 _LOG_ERROR = re.compile(r"\[(?:error|fatal|panic)\]\s*(.*)")
 _SEEK_START_ERRORS = re.compile(r"mmco: |reference picture|POCs unavailable", re.IGNORECASE)
 _PICK_EPS = 1e-6  # seconds: a frame starting this close after a requested time is the one displayed then
-SINGLE_TICK_STEP = 2.0 ** -20  # seconds (~1 us, exact in binary): the fps filter's tick spacing for a single requested time (a zero-length window)
+# seconds (~1 us, exact in binary): the fps filter's tick spacing for a single requested time (a zero-length window)
+SINGLE_TICK_STEP = 2.0 ** -20
 
 
 @functools.lru_cache(maxsize=4)
 def _ffmpeg_help(binary: str) -> str:
-    import subprocess
-
+    """The showinfo filter's help as `binary` prints it with ``-loglevel level+error`` ("" when that fails)."""
     try:
         proc = subprocess.run([binary, "-hide_banner", "-loglevel", "level+error", "-h", "filter=showinfo"],
                               capture_output=True, timeout=60)
