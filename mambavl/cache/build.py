@@ -33,7 +33,9 @@ from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError, check_writable
 from mambavl.extract.backends import DecoderKind, build_decoder
-from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, anticipation_window, decode_segment
+from mambavl.extract.decode import (
+    DecodeError, SamplingConfig, SamplingMode, anticipation_window, check_source_paths, decode_segment,
+)
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, TextEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
 from mambavl.extract.shards import segment_costs, shard_rows
@@ -151,6 +153,8 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
     videos = Path(cfg.videos)
     if not videos.is_dir():
         raise InputError(f"--videos {videos}: not a directory")
+    # every row, before anything is probed, decoded or written: a row naming a file outside --videos stops the run
+    check_source_paths(ann.path, ann.segments, ann.kind, videos)
     if cfg.frame_rate is not None:
         if not (math.isfinite(cfg.frame_rate) and cfg.frame_rate > 0):
             raise InputError(f"--frame-rate {cfg.frame_rate}: must be a positive number of frames/s")

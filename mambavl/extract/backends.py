@@ -1,8 +1,10 @@
 """Video decoders behind one contract: `mambavl extract --decoder ffmpeg|torchcodec|torchcodec-cuda|auto`.
 
 Every decoder answers the same `mambavl.extract.decode.FrameRequest` (the frames displayed at the requested times,
-scaled so the short side is `size`, centre-cropped to size x size) and `decode_video_segment` applies the same checks
-to all of them (window range, truncation, the end tolerance), so failures are recorded the same way.
+scaled to square pixels with the short side `size`, centre-cropped to size x size) with a
+`mambavl.extract.decode.DecodedFrames` (the frames and their own timestamps), and `decode_video_segment` applies the
+same checks to all of them (window range, truncation, the end tolerance, no frame later than its time), so failures
+are recorded the same way.
 
 * ``ffmpeg`` — the reference: an ffmpeg process per segment (`FfmpegDecoder`), only the packets the samples need.
 * ``torchcodec`` — torchcodec's in-process FFmpeg decoder on the CPU (``seek_mode="exact"``,
@@ -42,7 +44,9 @@ import torch.nn.functional as F
 
 from mambavl.data.media import ffmpeg_binary
 from mambavl.errors import InputError
-from mambavl.extract.decode import DecodeError, FfmpegDecoder, FrameRequest, SamplingConfig, decode_video_segment
+from mambavl.extract.decode import (
+    DecodedFrames, DecodeError, FfmpegDecoder, FrameRequest, SamplingConfig, decode_video_segment,
+)
 
 PIXEL_TOLERANCE = 8.0  # mean |difference| in grey levels between decoders' frames for the same request
 
@@ -81,14 +85,23 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     return sw, sh, x, y
 
 
-def resize_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) on any device -> uint8 (N, size, size, 3): ffmpeg's geometry (`crop_box`), bicubic
-    antialiased resize in float32, on the frames' own device."""
+def resize_crop(frames: torch.Tensor, size: int, sar: float = 1.0) -> torch.Tensor:
+    """uint8 (N, 3, H, W) on any device -> uint8 (N, size, size, 3): ffmpeg's geometry (`crop_box`) on the displayed
+    picture (width W * `sar`: non-square pixels are scaled to square ones in the same resize), bicubic antialiased
+    resize in float32, on the frames' own device."""
     n, _, h, w = frames.shape
-    sw, sh, x, y = crop_box(w, h, size)
+    sw, sh, x, y = crop_box(w * sar if abs(sar - 1.0) >= 1e-9 else w, h, size)
     out = F.interpolate(frames.float(), size=(sh, sw), mode="bicubic", align_corners=False, antialias=True)
     out = out[..., y:y + size, x:x + size].round_().clamp_(0, 255).to(torch.uint8)
     return out.permute(0, 2, 3, 1).contiguous()  # (N, S, S, 3)
+
+
+def frame_sar(probe_sar: float, probe_wh: tuple[int, int], frame_wh: tuple[int, int]) -> float:
+    """The pixel aspect ratio of decoded frames of size `frame_wh`: the probed one, inverted when the decoder
+    rotated the picture by 90 degrees (the frames' width and height are the stream's swapped)."""
+    if frame_wh != probe_wh and frame_wh == probe_wh[::-1]:
+        return 1.0 / probe_sar
+    return probe_sar
 
 
 class TorchcodecDecoder:
@@ -122,8 +135,9 @@ class TorchcodecDecoder:
             cache.popitem(last=False)
         return dec
 
-    def frames(self, req: FrameRequest) -> torch.Tensor:
-        """uint8 (M, size, size, 3) on this decoder's device, M <= U (fewer when the stream ends first)."""
+    def frames(self, req: FrameRequest) -> DecodedFrames:
+        """uint8 (M, size, size, 3) on this decoder's device, M <= U (fewer when the stream ends first), with the
+        timestamps torchcodec reports for the frames it returned (container timeline)."""
         try:
             dec = self._decoder(req.path, req.threads)
             meta = dec.metadata
@@ -134,12 +148,16 @@ class TorchcodecDecoder:
             seconds = req.times - req.probe.start + begin + 1e-6
             seconds = seconds[seconds < end]  # increasing: the decodable ones are a prefix
             if not len(seconds):
-                return torch.zeros((0, req.size, req.size, 3), dtype=torch.uint8, device=self.device)
+                empty = torch.zeros((0, req.size, req.size, 3), dtype=torch.uint8, device=self.device)
+                return DecodedFrames(empty, np.zeros(0))
             batch = dec.get_frames_played_at(seconds=seconds.tolist())
         except (RuntimeError, ValueError, IndexError) as exc:
             raise DecodeError(f"{req.path}: {self.name} failed (corrupt or unsupported file): "
                               f"{str(exc).strip()[:300]}") from None
-        return resize_crop(batch.data, req.size)
+        pts = batch.pts_seconds.double().cpu().numpy() - begin + req.probe.start  # (M,) container timeline
+        h, w = batch.data.shape[-2:]
+        sar = frame_sar(req.probe.sar, (req.probe.width, req.probe.height), (int(w), int(h)))
+        return DecodedFrames(resize_crop(batch.data, req.size, sar), pts)
 
 
 def build_decoder(kind: DecoderKind | str):

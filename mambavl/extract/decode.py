@@ -16,11 +16,28 @@ Seeking uses input ``-ss`` with ``-noaccurate_seek``: ffmpeg jumps to the keyfra
 never trimmed away, whatever its distance to the tick.
 
 Times are seconds on the video's own timeline (0 = the container start, as ffmpeg's ``-ss``). The times returned
-with the frames are the start times of the displayed frames on the nominal frame grid (exact for constant frame
-rate, the nearest grid point for variable rate).
+with the frames are the presentation timestamps of the frames returned, as the decoder reports them (ffmpeg: a
+``showinfo`` filter before the ``fps`` filter logs every decoded frame; torchcodec: the frames' own pts), so
+variable-frame-rate files get their true times.
+
+Damaged data. A frame is stored only if it is the one displayed at its time: a decoder error reported while the
+window is decoded (from the keyframe before it; missing-reference reports at an open-GOP start excepted), or a
+returned frame that starts after its requested time (ffmpeg fills ticks it could not decode with the next frame
+it can), is a DecodeError naming the file, the time and the decoder's messages — a recorded failure, never a row.
+
+Non-square pixels. A stream whose sample aspect ratio (SAR) is not 1 (DV, DVD, broadcast captures) is scaled to
+square pixels in the same step that scales the short side, so the centre crop covers what a player shows; square
+pixels keep the original filter chain (bit-identical frames).
+
+Windows at the ends. A window inside the video, however short (zero length, inside the last frame), yields the
+frames displayed at its times: ffmpeg's ``fps`` filter rounds the end of the stream onto its tick grid and can
+drop a tick inside the last frame, so such ticks are asked again one at a time at a fine rate.
 
 Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based);
-also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Frame number <-> time: a video file by its own
+also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Annotation fields that build these paths
+(video / video_id, participant / participant_id) may not leave ROOT: absolute paths and ``..`` components are
+refused (`check_source_paths`); symbolic links the user placed under ROOT are followed.
+Frame number <-> time: a video file by its own
 timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
 ``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
 see `mambavl.data.annotations`), or one given explicitly.
@@ -32,9 +49,12 @@ DecodeError naming the file, the window and how much is missing, recorded as a f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
+import re
+import subprocess
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -98,6 +118,7 @@ class VideoProbe:
     width: int
     height: int
     start: float = 0.0    # first frame's time on the container timeline (usually 0)
+    sar: float = 1.0      # sample (pixel) aspect ratio, width / height of one stored pixel (2.0: anamorphic 2:1)
 
     @property
     def end(self) -> float:
@@ -147,11 +168,25 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> VideoProbe:
             container_start = (container.start_time or 0) / av.time_base
             first = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             width, height = stream.codec_context.width, stream.codec_context.height
+            sar = _sample_aspect_ratio(stream)
     except av.FFmpegError as exc:
         raise DecodeError(f"{path}: corrupt or truncated video, cannot be opened ({exc})") from None
     if duration <= 0 or width <= 0 or height <= 0:
         raise DecodeError(f"{path}: corrupt video (duration {duration:.3f}s, size {width}x{height})")
-    return VideoProbe(duration=duration, fps=fps, width=width, height=height, start=first - container_start)
+    return VideoProbe(duration=duration, fps=fps, width=width, height=height, start=first - container_start, sar=sar)
+
+
+def _sample_aspect_ratio(stream) -> float:
+    """The stream's pixel aspect ratio as ffmpeg applies it (av_guess_sample_aspect_ratio: the container's value when
+    set, else the codec's); 1.0 when unknown or invalid."""
+    for value in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        try:
+            sar = float(value) if value is not None else 0.0
+        except (TypeError, ZeroDivisionError):
+            sar = 0.0
+        if math.isfinite(sar) and sar > 0:
+            return sar
+    return 1.0
 
 
 @dataclass(frozen=True)
@@ -192,20 +227,31 @@ def sample_times(start: float, stop: float, cfg: SamplingConfig) -> np.ndarray:
     return _grid(start, stop, cfg).times
 
 
-def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int) -> ffmpeg.nodes.FilterableStream:
-    """Scale the short side to `size` (aspect kept), then take the centre size x size square."""
-    stream = stream.filter("scale", w=f"if(gt(iw,ih),-1,{size})", h=f"if(gt(iw,ih),{size},-1)")
+def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int, sar: float = 1.0) -> ffmpeg.nodes.FilterableStream:
+    """Scale the short side to `size` (aspect kept), then take the centre size x size square.
+
+    `sar` != 1 (non-square pixels, as probed): the picture is scaled to square pixels in the same step, from the
+    filter's own `sar` (rotation already applied), so the crop keeps the part of the picture a player shows.
+    Square pixels keep the original expression, so their frames stay bit-identical."""
+    if abs(sar - 1.0) < 1e-9:
+        stream = stream.filter("scale", w=f"if(gt(iw,ih),-1,{size})", h=f"if(gt(iw,ih),{size},-1)")
+    else:  # the display size rounded as `crop_box` does (mambavl.extract.backends)
+        stream = stream.filter("scale", w=f"if(gt(iw*sar,ih),floor(iw*sar*{size}/ih+0.5),{size})",
+                               h=f"if(gt(iw*sar,ih),{size},floor(ih*{size}/(iw*sar)+0.5))")
     return stream.filter("crop", size, size)
 
 
-def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = None) -> bytes:
+def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = None,
+         loglevel: str = "error") -> tuple[bytes, str]:
+    """Run ffmpeg; (stdout, stderr text). DecodeError naming `path` when it fails."""
     try:
-        out, _ = stream.global_args("-nostdin", "-loglevel", "error").run(
+        out, err = stream.global_args("-nostdin", "-hide_banner", "-loglevel", loglevel).run(
             cmd=ffmpeg_binary(), input=stdin, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as exc:
-        tail = (exc.stderr or b"").decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+        text = (exc.stderr or b"").decode("utf-8", "replace")
+        tail = decoder_errors(text) or text.strip()[-_STDERR_TAIL:]  # level-tagged logs: the error lines only
         raise DecodeError(f"{path}: ffmpeg failed (corrupt or unsupported file): {tail}") from None
-    return out
+    return out, (err or b"").decode("utf-8", "replace")
 
 
 def _frames(raw: bytes, size: int) -> np.ndarray:
@@ -233,6 +279,111 @@ class FrameRequest:
         return self.first + self.step * self.ticks.astype(np.float64)  # (U,)
 
 
+@dataclass(frozen=True)
+class DecodedFrames:
+    """What a decoder returns for a `FrameRequest`: M <= U frames (fewer when the stream ends first) for the first M
+    requested times, and the presentation timestamp of each (seconds, container timeline: when the decoded frame
+    it is starts being displayed; NaN where the decoder cannot tell)."""
+
+    frames: np.ndarray  # uint8 (M, size, size, 3): numpy, or a torch tensor on the decoder's device
+    pts: np.ndarray     # (M,) float64
+
+
+_SHOWINFO_OPTIONS = {"checksum": 0}  # no per-frame checksums: they would cost as much as decoding
+_SHOWINFO = re.compile(r"Parsed_showinfo.*\bn:\s*\d+\s+pts:\s*(-?\d+)\s+pts_time:\s*(\S+)")
+_TIME_BASE = re.compile(r"Parsed_showinfo.*config in time_base:\s*(\d+)/(\d+)")
+_LOG_ERROR = re.compile(r"\[(?:error|fatal|panic)\]\s*(.*)")
+_SEEK_START_ERRORS = re.compile(r"mmco: |reference picture|POCs unavailable", re.IGNORECASE)
+_PICK_EPS = 1e-6  # seconds: a frame starting this close after a requested time is the one displayed then
+# seconds (~1 us, exact in binary): the fps filter's tick spacing for a single requested time (a zero-length window)
+SINGLE_TICK_STEP = 2.0 ** -20
+
+
+@functools.lru_cache(maxsize=4)
+def _ffmpeg_help(binary: str) -> str:
+    """The showinfo filter's help as `binary` prints it with ``-loglevel level+error`` ("" when that fails)."""
+    try:
+        proc = subprocess.run([binary, "-hide_banner", "-loglevel", "level+error", "-h", "filter=showinfo"],
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else ""
+
+
+def _showinfo_checksum_option() -> bool:
+    return "checksum" in _ffmpeg_help(ffmpeg_binary())
+
+
+def _video_loglevel() -> str:
+    """``level+info``: showinfo's lines are info, decoder errors tagged ``[error]``. An ffmpeg too old for the
+    ``level`` flag (before 4.3) is refused: without it decoder errors could not be told apart."""
+    if not _ffmpeg_help(ffmpeg_binary()):
+        raise InputError(f"{ffmpeg_binary()}: this ffmpeg does not support `-loglevel level+error` or the showinfo "
+                         "filter (ffmpeg 4.3 or newer is needed); put a newer ffmpeg first on PATH, or remove it "
+                         "from PATH to use the one imageio-ffmpeg ships")
+    return "level+info"
+
+
+def parse_showinfo(log: str, offset: float) -> np.ndarray:
+    """Timestamps (seconds, (D,) float64, in output order) of the frames showinfo saw, put back onto the container
+    timeline: ffmpeg subtracted the input's ``-ss`` `offset` after rescaling it (in microseconds) to the stream's time
+    base, rounding half away from zero, so the same integer is added back (exact when the container starts at 0)."""
+    tb: tuple[int, int] | None = None
+    pts = []
+    for line in log.splitlines():
+        m = _TIME_BASE.search(line)
+        if m and tb is None and int(m.group(1)) > 0 and int(m.group(2)) > 0:
+            tb = int(m.group(1)), int(m.group(2))
+            continue
+        m = _SHOWINFO.search(line)
+        if m:
+            pts.append(int(m.group(1)) if tb else float(m.group(2)))
+    if not tb:
+        return np.asarray(pts, dtype=np.float64) + offset
+    num, den = tb
+    offset_us = int(round(offset * 1e6))
+    shift = (2 * offset_us * den + 10**6 * num) // (2 * 10**6 * num)  # av_rescale_q, AV_ROUND_NEAR_INF (offset >= 0)
+    return (np.asarray(pts, dtype=np.int64) + shift).astype(np.float64) * num / den
+
+
+def decoder_errors(log: str, most: int = 3) -> str:
+    """The distinct error messages in an ffmpeg log written with ``-loglevel level+...`` ("" when none), at most
+    `most` of them and how many there were.
+
+    Not counted: missing-reference messages before the first decoded frame reaches showinfo. Decoding starts at the
+    keyframe before the window, and in an open GOP (a keyframe that is not an IDR picture) the pictures around it
+    refer to the previous GOP; the decoder reports them and does not output them, and they lie before the window."""
+    seen: list[str] = []
+    total = 0
+    started = False
+    for line in log.splitlines():
+        if not started and _SHOWINFO.search(line):
+            started = True
+        m = _LOG_ERROR.search(line)
+        if not m or (not started and _SEEK_START_ERRORS.search(m.group(1))):
+            continue
+        total += 1
+        where = re.sub(r" @ 0x[0-9a-fA-F]+", "", line[:m.start()].strip())
+        text = f"{where} {m.group(1).strip()}".strip()
+        if text not in seen:
+            seen.append(text)
+    if not seen:
+        return ""
+    shown = "; ".join(seen[:most])
+    return shown + (f" (and {total - min(most, len(seen))} more error lines)" if total > most else "")
+
+
+def fps_filter_picks(decoded: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Which decoded frame ffmpeg's ``fps`` filter (round=up) returned for each of `times` (M,): the last one starting
+    at or before the time, or the first one when none does (the filter fills ticks before its first frame with it).
+    `decoded`: (D,) timestamps of the frames the filter saw. Returns their timestamps (M,); NaN when none was seen."""
+    pts = np.sort(decoded)
+    if not len(pts):
+        return np.full(len(times), np.nan)
+    k = np.searchsorted(pts, np.asarray(times, dtype=np.float64) + _PICK_EPS, side="right") - 1  # (M,)
+    return pts[np.maximum(k, 0)]
+
+
 class FfmpegDecoder:
     """The reference decoder: one ffmpeg process per request (seek, ``fps`` filter picking the frames, scale + crop,
     raw RGB over a pipe). `skip_unneeded`: leave out the packets no requested frame needs
@@ -244,25 +395,58 @@ class FfmpegDecoder:
     def __init__(self, skip_unneeded: bool = True):
         self.skip_unneeded = skip_unneeded
 
-    def frames(self, req: FrameRequest) -> np.ndarray:
-        """uint8 (M, size, size, 3) RGB, M <= U: the frames at req.times in order, fewer when the stream ends first.
-        DecodeError when ffmpeg fails."""
+    def frames(self, req: FrameRequest) -> DecodedFrames:
+        """The frames at req.times in order (M <= U: fewer when the stream ends first) with the timestamps of the
+        decoded frames the fps filter picked. DecodeError when ffmpeg fails or its decoder reports an error.
+
+        At the end of the stream the fps filter rounds its end-of-stream time onto its own tick grid and may drop a
+        tick that lies inside the last frame; such ticks are asked again one by one at a fine rate, which puts the
+        end of the stream at least one tick after them."""
+        got = self._decode(req)
+        for margin in (0.5, 2.0, 8.0):
+            # the first frame decoded is after the first requested time: the seek landed on a keyframe presented
+            # after it (an open-GOP keyframe, decoded before the frames it precedes): seek further back
+            landed = float(got.pts[0]) if len(got.pts) else math.nan
+            if not landed > max(req.times[0], req.probe.start) + _TIME_EPS or req.first - 1.0 / req.probe.fps <= 0:
+                break
+            got = self._decode(req, ss=max(0.0, min(landed, req.first) - margin))
+        while len(got.frames) < len(req.ticks):
+            t = float(req.times[len(got.frames)])
+            one = self._decode(dataclasses.replace(req, first=t, step=SINGLE_TICK_STEP, ticks=np.zeros(1, np.int64)))
+            if not len(one.frames):
+                break
+            got = DecodedFrames(np.concatenate([got.frames, one.frames[:1]]), np.append(got.pts, one.pts[:1]))
+        return got
+
+    def _decode(self, req: FrameRequest, ss: float | None = None) -> DecodedFrames:
         path, probe = req.path, req.probe
         # One nominal frame of margin: some demuxers land a little after the requested seek point.
-        ss = round(max(0.0, req.first - 1.0 / probe.fps), 6)  # ffmpeg parses -ss to microseconds
+        ss = round(max(0.0, req.first - 1.0 / probe.fps) if ss is None else ss, 6)  # ffmpeg parses -ss to us
         options = {"threads": int(req.threads)} if req.threads else {}
         drop = packet_plan.drop_expression(path, ss, req.times) if self.skip_unneeded else None
         if drop:
             options["bsf:v"] = f"noise=drop='{drop}'"
         stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
+        # showinfo logs the timestamp of every decoded frame: which frames the fps filter could pick
+        stream = stream.filter("showinfo", **_SHOWINFO_OPTIONS) if _showinfo_checksum_option() else \
+            stream.filter("showinfo")
         stream = stream.filter("fps", fps=repr(float(1.0 / req.step)), start_time=repr(float(req.first - ss)),
                                round="up")  # float(): numpy scalars repr as np.float64(...)
         if not np.array_equal(req.ticks, np.arange(len(req.ticks))):
             stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
-        stream = _scale_crop(stream, req.size)
+        if req.step == SINGLE_TICK_STEP:  # the fine rate repeats a frame many times: end the stream after the tick
+            stream = stream.filter("trim", end_frame=1)
+        stream = _scale_crop(stream, req.size, probe.sar)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
-        return _frames(_run(out, path), req.size)  # (M, S, S, 3), M <= U
+        raw, log = _run(out, path, loglevel=_video_loglevel())
+        frames = _frames(raw, req.size)  # (M, S, S, 3), M <= U
+        decoded = parse_showinfo(log, ss)
+        errors = decoder_errors(log)
+        if errors:
+            raise DecodeError(f"{path}: damaged video data: the decoder reported errors while decoding the window "
+                              f"[{req.times[0]:.3f}, {req.times[-1]:.3f}] s (from the keyframe before it): {errors}")
+        return DecodedFrames(frames, fps_filter_picks(decoded, req.times[:len(frames)]))
 
 
 DEFAULT_DECODER = FfmpegDecoder()
@@ -297,24 +481,54 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
     start, stop = max(start, 0.0), min(stop, probe.end)
     grid = _grid(start, stop, cfg)
     if grid.step <= 1e-9:
-        # a zero-length window: one tick, repeated (the fps filter needs a finite rate)
-        grid = _Grid(grid.first, 1.0, 1, np.zeros(len(grid.picks), dtype=np.int64))
+        # a zero-length window: one tick, repeated (the fps filter needs a finite rate; a fine one, so that a tick
+        # inside the last frame still lies a whole tick before the end of the stream)
+        grid = _Grid(grid.first, SINGLE_TICK_STEP, 1, np.zeros(len(grid.picks), dtype=np.int64))
     ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
     request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads)
-    got = (decoder or DEFAULT_DECODER).frames(request)  # (M, S, S, 3), M <= U
+    decoded = (decoder or DEFAULT_DECODER).frames(request)
+    got = decoded.frames  # (M, S, S, 3), M <= U
+    tick_times = request.times  # (U,)
+    pts = check_displayed(path, tick_times, decoded, probe)  # (M,)
 
     if len(got) < len(ticks):
-        missing_t = grid.first + grid.step * float(ticks[len(got)])
+        missing_t = float(tick_times[len(got)])
+        if len(got) == 0:
+            raise DecodeError(f"{path}: truncated or corrupt: decoding stopped after 0 of {len(ticks)} frames, "
+                              f"before t={missing_t:.3f}s although the video is {probe.end:.3f}s long")
         # the fps filter stops at the end of the stream; a tick within the last frame is rounding, not damage
-        if len(got) == 0 or missing_t < probe.end - 1.5 / probe.fps:
+        if missing_t < probe.end - 1.5 / probe.fps:
             raise DecodeError(
                 f"{path}: truncated or corrupt: decoding stopped after {len(got)} of {len(ticks)} frames, "
                 f"before t={missing_t:.3f}s although the video is {probe.end:.3f}s long")
         inverse = np.minimum(inverse, len(got) - 1)  # the missing tail ticks show the last frame decoded
+        pts = np.concatenate([pts, np.full(len(ticks) - len(got), pts[-1])])
     if not isinstance(got, np.ndarray):  # a torch tensor on the decoder's device
-        inverse = _as_index(inverse, got)
-    frames = got[inverse]  # (F, S, S, 3), a copy (fancy indexing), so writable
-    return frames, _displayed_frame_start(grid.times, probe)
+        frames = got[_as_index(inverse, got)]
+    else:
+        frames = got[inverse]  # (F, S, S, 3), a copy (fancy indexing), so writable
+    times = np.where(np.isfinite(pts[inverse]), pts[inverse], _displayed_frame_start(grid.times, probe))  # (F,)
+    return frames, times
+
+
+_TIME_EPS = 1e-4  # seconds: timestamp comparisons (far below any frame's duration, above timebase rounding)
+
+
+def check_displayed(path: Path, times: np.ndarray, decoded: DecodedFrames, probe: VideoProbe) -> np.ndarray:
+    """The decoded frames' timestamps (M,), after checking that no returned frame starts after its requested time
+    (a later frame standing in for frames that could not be decoded: ffmpeg's fps filter fills the ticks before the
+    first frame it gets with that frame). DecodeError naming the time and the frame; NaN timestamps (unknown) are
+    not checked, nor times before the video's first frame (which shows it). An earlier frame standing in for a lost
+    one is caught by the decoder's own error report."""
+    m = len(decoded.frames)
+    pts = np.asarray(decoded.pts, dtype=np.float64)[:m]
+    t = np.asarray(times, dtype=np.float64)[:m]
+    later = np.flatnonzero((pts > t + _TIME_EPS) & (pts > probe.start + _TIME_EPS))
+    if len(later):
+        i = int(later[0])
+        raise DecodeError(f"{path}: damaged video data: the frame decoded for t={t[i]:.3f}s is the frame of "
+                          f"{pts[i]:.3f}s (a later one): the frames displayed at {t[i]:.3f}s could not be decoded")
+    return pts
 
 
 def _as_index(index: np.ndarray, like):
@@ -395,11 +609,47 @@ def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, sto
     # The JPEGs go to ffmpeg concatenated on stdin (image2pipe), so only the picked files are read and decoded.
     stream = ffmpeg.input("pipe:", format="image2pipe", vcodec="mjpeg")
     out = _scale_crop(stream, cfg.size).output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
-    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs)), cfg.size)  # (U, S, S, 3)
+    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs))[0], cfg.size)  # (U, S, S, 3)
     if len(got) != len(unique):
         raise DecodeError(f"{frame_dir}: corrupt JPEG among frames {unique.tolist()}: ffmpeg returned "
                           f"{len(got)} of {len(unique)} frames")
     return got[inverse], frame_start(unique[inverse], rate)
+
+
+# The annotation fields each layout builds source paths from, by annotation kind: (Segment attribute, CSV column).
+PATH_FIELDS = {"ek100": (("video_id", "video_id"), ("participant_id", "participant_id")),
+               "generic": (("video_id", "video"), ("participant_id", "participant"))}
+
+
+def path_fragment_problem(value: str) -> str | None:
+    """Why a path fragment from an annotation field could lead outside the video root (None: it cannot).
+
+    Checked on the text, so nothing on the disk is touched: an absolute path, a ``..`` component, a NUL. Both ``/``
+    and ``\\`` count as separators. Symbolic links under the root are not looked at (see `check_source_paths`)."""
+    if "\0" in value:
+        return "it holds a NUL character"
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        return "it is an absolute path"
+    if ".." in parts:
+        return "it has a '..' component"
+    return None
+
+
+def check_source_paths(annotations: str | os.PathLike, segments, kind: str, root: str | os.PathLike) -> None:
+    """Refuse (InputError, naming file, row and field) any segment whose path fields could name a file outside
+    `root`: absolute paths, ``..`` components. Run before anything is decoded or written.
+
+    The rule is on the names the annotation file gives, not on where the file system leads: a symbolic link the
+    user placed under the root (videos spread over several disks) is followed wherever it points."""
+    for s in segments:
+        for attr, column in PATH_FIELDS.get(kind, PATH_FIELDS["generic"]):
+            value = getattr(s, attr)
+            problem = path_fragment_problem(value) if value else None
+            if problem:
+                raise InputError(f"{annotations}: row {s.row}, field {column!r}: {value!r} would be read from outside "
+                                 f"--videos {root} ({problem}); paths in an annotation file must stay under the "
+                                 "video root")
 
 
 def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind, Path]:
@@ -407,9 +657,15 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
 
     ``root/P01/videos/P01_01.MP4`` (or .mp4), ``root/P01/rgb_frames/P01_01/``, ``root/P01_01.MP4`` (or .mp4),
     ``root/<video_id>`` (a file: video; a folder: JPEG frames) — the last one is how generic CSVs name videos.
+    A video_id or participant_id that could lead outside `root` (`path_fragment_problem`) is an InputError.
     """
     root = Path(root)
     vid = segment.video_id
+    for name, value in (("video_id", vid), ("participant_id", segment.participant_id)):
+        problem = path_fragment_problem(value) if value else None
+        if problem:
+            raise InputError(f"{segment.narration_id}: {name} {value!r} would be read from outside {root} "
+                             f"({problem})")
     candidates: list[tuple[SourceKind, Path]] = []
     if "/" not in vid and os.sep not in vid:
         participant = segment.participant_id or vid.split("_")[0]
