@@ -18,6 +18,7 @@ from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode
 from mambavl.extract.encoders import EncoderConfig, EncoderKind, TextEncoderKind
+from mambavl.extract.views import ViewConfig
 
 
 def _extract_status(fields: dict) -> str | None:
@@ -40,6 +41,8 @@ def extract(
     frames: Annotated[int, typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = 16,
     fps: Annotated[Optional[float], typer.Option(callback=positive, help="Sample at this rate instead of --frames uniform frames.")] = None,
     size: Annotated[int, typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = 224,
+    temporal_views: Annotated[int, typer.Option(min=1, help="Temporal clips per segment for multi-view testing: the uniform grid shifted by (t+1/2)/T of a step (docs/extract.md); evaluation averages the views.")] = 1,
+    spatial_crops: Annotated[int, typer.Option(min=1, max=3, help="Spatial crops per segment: 1 (centre) or 3 (centre, left/top, right/bottom squares; ffmpeg decoder).")] = 1,
     anticipation: Annotated[bool, typer.Option(help="Also extract the observed window before each action.")] = False,
     tau_a: Annotated[float, typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = 1.0,
     tau_o: Annotated[float, typer.Option(callback=positive, help="Anticipation observed window length (s).")] = 2.0,
@@ -86,7 +89,7 @@ def extract(
             noun_classes=optional_path(noun_classes),
             video_info=optional_path(video_info), frame_rate=frame_rate,
             limit=limit, shard=parse_shard(shard), decode_workers=decode_workers,
-            decode_threads=decode_threads, decoder=decoder,
+            decode_threads=decode_threads, decoder=decoder, views=ViewConfig(temporal_views, spatial_crops),
         )
         launch = launch_from_env()
         label = f"extract {annotations.name}"
@@ -124,6 +127,8 @@ def describe_cache(path: Path) -> dict:
             valid = f[p + "valid"][()]
             windows[window] = {"rows": int(len(valid)), "valid": int(valid.sum()),
                                "tokens_shape": list(f[p + "features"].shape)}
+            if window == schema.RECOGNITION and schema.VIEW_FEATURES in f:
+                windows[window]["views"] = 1 + int(f[schema.VIEW_FEATURES].shape[1])
     failures = cache.failures()
     q = f.get(schema.QUESTIONS)
     a = f.get(schema.ANSWERS)

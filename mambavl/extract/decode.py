@@ -75,6 +75,7 @@ class SamplingConfig:
     num_frames: int = 16    # UNIFORM: frames per segment. FPS: the cap (most frames stored)
     fps: float = 4.0        # FPS mode only
     size: int = 224         # output H = W = size: ffmpeg scales the short side to `size`, then centre-crops
+    spatial_crops: int = 1  # 3: centre, left/top, right/bottom squares, frames (F, 3, S, S, 3) (mambavl.extract.views)
 
     def __post_init__(self) -> None:
         try:
@@ -88,7 +89,10 @@ class SamplingConfig:
             raise InputError(f"sampling fps: must be > 0, got {self.fps}")
         if int(self.size) < 1:
             raise InputError(f"sampling size: must be >= 1, got {self.size}")
+        if int(self.spatial_crops) not in (1, 3):
+            raise InputError(f"sampling spatial_crops: must be 1 or 3, got {self.spatial_crops}")
         self.num_frames, self.size, self.fps = int(self.num_frames), int(self.size), float(self.fps)
+        self.spatial_crops = int(self.spatial_crops)
 
 
 @dataclass(frozen=True)
@@ -192,10 +196,20 @@ def sample_times(start: float, stop: float, cfg: SamplingConfig) -> np.ndarray:
     return _grid(start, stop, cfg).times
 
 
-def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int) -> ffmpeg.nodes.FilterableStream:
-    """Scale the short side to `size` (aspect kept), then take the centre size x size square."""
+def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int, crops: int = 1) -> ffmpeg.nodes.FilterableStream:
+    """Scale the short side to `size` (aspect kept), then take the centre size x size square; with `crops` = 3 also
+    the squares at the start and the end of the long side (left/right, top/bottom: `mambavl.extract.views`)."""
     stream = stream.filter("scale", w=f"if(gt(iw,ih),-1,{size})", h=f"if(gt(iw,ih),{size},-1)")
-    return stream.filter("crop", size, size)
+    if crops == 1:
+        return stream.filter("crop", size, size)
+    # the centre square exactly as above (crop's default x, y), then the long side's start and end; the scaled frame
+    # is landscape when in_w > in_h (the scale's own test). Side by side in one (size, crops * size) frame.
+    along = (("if(gt(in_w,in_h),0,(in_w-out_w)/2)", "if(gt(in_w,in_h),(in_h-out_h)/2,0)"),
+             ("if(gt(in_w,in_h),in_w-out_w,(in_w-out_w)/2)", "if(gt(in_w,in_h),(in_h-out_h)/2,in_h-out_h)"))
+    branches = stream.filter_multi_output("split", crops)
+    parts = [branches[0].filter("crop", size, size)] + [branches[s].filter("crop", size, size, *along[s - 1])
+                                                         for s in range(1, crops)]
+    return ffmpeg.filter(parts, "hstack", inputs=crops)
 
 
 def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = None) -> bytes:
@@ -208,10 +222,13 @@ def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = No
     return out
 
 
-def _frames(raw: bytes, size: int) -> np.ndarray:
-    per = size * size * 3
+def _frames(raw: bytes, size: int, crops: int = 1) -> np.ndarray:
+    per = size * size * 3 * crops
     n = len(raw) // per
-    return np.frombuffer(raw, dtype=np.uint8, count=n * per).reshape(n, size, size, 3)  # (n, S, S, 3)
+    frames = np.frombuffer(raw, dtype=np.uint8, count=n * per)
+    if crops == 1:
+        return frames.reshape(n, size, size, 3)  # (n, S, S, 3)
+    return frames.reshape(n, size, crops, size, 3).transpose(0, 2, 1, 3, 4)  # crops side by side -> (n, C, S, S, 3)
 
 
 @dataclass(frozen=True)
@@ -227,6 +244,7 @@ class FrameRequest:
     ticks: np.ndarray   # (U,) int, strictly increasing tick numbers
     size: int
     threads: int = 0
+    crops: int = 1      # 3: also the squares at both ends of the long side; frames (U, 3, size, size, 3)
 
     @property
     def times(self) -> np.ndarray:
@@ -259,10 +277,10 @@ class FfmpegDecoder:
                                round="up")  # float(): numpy scalars repr as np.float64(...)
         if not np.array_equal(req.ticks, np.arange(len(req.ticks))):
             stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
-        stream = _scale_crop(stream, req.size)
+        stream = _scale_crop(stream, req.size, req.crops)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
-        return _frames(_run(out, path), req.size)  # (M, S, S, 3), M <= U
+        return _frames(_run(out, path), req.size, req.crops)  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
 
 
 DEFAULT_DECODER = FfmpegDecoder()
@@ -300,7 +318,7 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
         # a zero-length window: one tick, repeated (the fps filter needs a finite rate)
         grid = _Grid(grid.first, 1.0, 1, np.zeros(len(grid.picks), dtype=np.int64))
     ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
-    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads)
+    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads, cfg.spatial_crops)
     got = (decoder or DEFAULT_DECODER).frames(request)  # (M, S, S, 3), M <= U
 
     if len(got) < len(ticks):
@@ -394,8 +412,9 @@ def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, sto
         blobs.append(data)
     # The JPEGs go to ffmpeg concatenated on stdin (image2pipe), so only the picked files are read and decoded.
     stream = ffmpeg.input("pipe:", format="image2pipe", vcodec="mjpeg")
-    out = _scale_crop(stream, cfg.size).output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
-    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs)), cfg.size)  # (U, S, S, 3)
+    out = _scale_crop(stream, cfg.size, cfg.spatial_crops).output("pipe:", format="rawvideo", pix_fmt="rgb24",
+                                                                  fps_mode="passthrough")
+    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs)), cfg.size, cfg.spatial_crops)  # (U, [C,] S, S, 3)
     if len(got) != len(unique):
         raise DecodeError(f"{frame_dir}: corrupt JPEG among frames {unique.tolist()}: ffmpeg returned "
                           f"{len(got)} of {len(unique)} frames")

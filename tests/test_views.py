@@ -1,0 +1,142 @@
+"""Multi-view testing: the frames of each temporal clip and spatial crop, the cache layout of views, softmax-mean
+averaging in the shared scoring path, and extraction -> training -> evaluation of a multi-view cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mambavl.cache import schema
+from mambavl.cache.reader import SegmentDataset, open_cache
+from mambavl.cache.synthetic import make_planted_cache, make_planted_views
+from mambavl.data.synthetic import encode_frames, make_timestamp_video, read_timestamp_code
+from mambavl.errors import InputError
+from mambavl.extract.decode import SamplingConfig, SamplingMode, decode_video_segment
+from mambavl.extract.views import ViewConfig, split_views, view_sampling
+from mambavl.fuse.presets import create_model
+from mambavl.runtime import average_views, predict_scores, view_protocol
+
+FPS = 25.0
+
+
+@pytest.fixture(scope="module")
+def ts_video(tmp_path_factory):
+    return make_timestamp_video(tmp_path_factory.mktemp("v") / "ts.mp4", duration=4.0, fps=FPS)
+
+
+def _decode_views(path, start, stop, sampling, views):
+    frames, times = decode_video_segment(path, start, stop, view_sampling(sampling, views))
+    return split_views(frames, times, views)
+
+
+@pytest.mark.parametrize("temporal", [1, 2, 3])
+def test_temporal_views_are_the_shifted_grids(ts_video, temporal):
+    start, stop, n = 1.03, 2.71, 4
+    sampling, views = SamplingConfig(num_frames=n, size=32), ViewConfig(temporal, 1)
+    frames, times = _decode_views(ts_video, start, stop, sampling, views)
+    assert frames.shape == (temporal, n, 32, 32, 3) and times.shape == (temporal, n)
+    step = (stop - start) / n
+    for t in range(temporal):
+        # view t samples each of the n bins at the centre of its t-th sub-bin: start + (i + (t + 1/2) / T) * step
+        want = start + (np.arange(n) + (t + 0.5) / temporal) * step
+        codes = [read_timestamp_code(f) for f in frames[t]]
+        assert codes == np.floor(want * FPS + 1e-6).astype(int).tolist()
+        assert np.all(np.abs(times[t] - want) < 1.0 / FPS)
+    if temporal == 1:  # 1 x 1 is today's decode, bit for bit
+        single, single_times = decode_video_segment(ts_video, start, stop, sampling)
+        assert np.array_equal(frames[0], single) and np.array_equal(times[0], single_times)
+
+
+@pytest.mark.parametrize("portrait", [False, True])
+def test_spatial_crops_are_the_expected_pixel_columns(tmp_path, portrait):
+    # a grey ramp along the long side (96 px), short side 48 = size: no scaling, so crops are plain pixel ranges
+    ramp = (40 + 2 * np.arange(96)).astype(np.uint8)
+    frames = np.broadcast_to(ramp[None, None, :, None], (10, 48, 96, 3)).copy()  # (N, H, W, 3)
+    if portrait:
+        frames = np.ascontiguousarray(frames.transpose(0, 2, 1, 3))  # (N, 96, 48, 3)
+    video = encode_frames(tmp_path / "ramp.mp4", frames, 10, lossless=True)
+    sampling, views = SamplingConfig(num_frames=2, size=48), ViewConfig(2, 3)
+    got, times = _decode_views(video, 0.1, 0.8, sampling, views)
+    assert got.shape == (6, 2, 48, 48, 3)
+    assert np.array_equal(times[0], times[1]) and np.array_equal(times[0], times[2])  # crops share their clip
+    for s, first in enumerate((24, 0, 48)):  # centre, left/top, right/bottom
+        profile = got[s, 0, 0, :, 0] if not portrait else got[s, 0, :, 0, 0]  # along the long side
+        expected = ramp[first:first + 48].astype(int)
+        assert np.abs(profile.astype(int) - expected).max() <= 2, (s, profile[:4], expected[:4])
+    # the centre crop of a 3-crop decode is the single-view frame, bit for bit
+    single, _ = decode_video_segment(video, 0.1, 0.8, SamplingConfig(num_frames=4, size=48))
+    assert np.array_equal(got[0], single[0::2]) and np.array_equal(got[3], single[1::2])
+
+
+def test_view_options_refused_where_they_cannot_apply():
+    with pytest.raises(InputError, match="spatial-crops"):
+        ViewConfig(1, 2)
+    with pytest.raises(InputError, match="temporal-views"):
+        ViewConfig(0, 1)
+    with pytest.raises(InputError, match="uniform sampling"):
+        ViewConfig(2, 1).check(SamplingConfig(mode=SamplingMode.FPS, num_frames=8), "ffmpeg")
+    with pytest.raises(InputError, match="--decoder ffmpeg"):
+        ViewConfig(1, 3).check(SamplingConfig(), "torchcodec")
+    ViewConfig(2, 3).check(SamplingConfig(), "ffmpeg")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("views")
+    single = make_planted_cache(d / "single.h5", n=40, frames=6, dim=16, text_dim=12, seed=3)
+    multi = make_planted_views(single, d / "multi.h5", temporal=2, spatial=3, signal_views=(2,), seed=5)
+    return single, multi
+
+
+def test_multiview_cache_layout_and_dataset(planted):
+    single, multi = planted
+    cache = open_cache(multi)
+    assert schema.view_counts(cache.attrs) == (2, 3) and "view_definition" in cache.attrs
+    f = cache.h5()
+    n, frames, dim = f["features"].shape
+    assert f[schema.VIEW_FEATURES].shape == (n, 5, frames, dim)
+    assert f[schema.VIEW_FRAME_TIMES].shape == (n, 5, frames)
+    assert schema.view_counts(open_cache(single).attrs) == (1, 1)  # a cache from before views: one view
+    for in_memory in (True, False):
+        ds = SegmentDataset(cache, in_memory=in_memory)
+        assert ds.num_views == 6 and SegmentDataset(open_cache(single)).num_views == 1
+        ds.view = 2
+        assert torch.equal(ds[1]["features"], torch.from_numpy(f[schema.VIEW_FEATURES][int(ds.indices[1]), 1]
+                                                               .astype(np.float32)))
+        ds.view = 0
+        assert torch.equal(ds[1]["features"], torch.from_numpy(f["features"][int(ds.indices[1])].astype(np.float32)))
+    ds = SegmentDataset(cache)
+    ds.draw_views(torch.Generator().manual_seed(7))
+    first = ds.view_of.copy()
+    ds.draw_views(torch.Generator().manual_seed(7))
+    assert np.array_equal(first, ds.view_of) and set(first.tolist()) <= set(range(6)) and len(set(first)) > 1
+    single_ds = SegmentDataset(open_cache(single))
+    single_ds.draw_views(torch.Generator().manual_seed(7))
+    assert single_ds.view_of is None  # nothing drawn: single-view training replays as before
+
+
+def test_scores_average_the_views_softmax(planted):
+    _, multi = planted
+    cache = open_cache(multi)
+    torch.manual_seed(0)
+    model, _ = create_model("small", video_dim=16, text_dim=12, num_verbs=len(cache.verb_keys),
+                            num_nouns=len(cache.noun_keys), num_actions=4, d_model=32, n_layers=1)
+    per_view = [predict_scores(model, cache, frames=6, views=[v]) for v in range(6)]
+    both = predict_scores(model, cache, frames=6)
+    for key in ("verb", "noun"):
+        by_hand = np.mean([torch.softmax(torch.from_numpy(p[key]).double(), -1).numpy() for p in per_view], axis=0)
+        got = torch.softmax(torch.from_numpy(both[key]).double(), -1).numpy()
+        assert np.allclose(got, by_hand, atol=1e-6)
+        # the views differ (only view 2 carries the planted features), so the average is not any single view
+        assert not np.allclose(per_view[2][key], per_view[0][key])
+    # one view: its logits untouched
+    assert np.array_equal(predict_scores(model, cache, frames=6, views=[2])["verb"], per_view[2]["verb"])
+    one = {"verb": torch.randn(3, 4)}
+    assert average_views([one]) is one
+    assert view_protocol(cache) == {"temporal": 2, "spatial": 3, "scored": [0, 1, 2, 3, 4, 5],
+                                    "aggregation": "softmax mean", "definition": cache.attrs["view_definition"]}
+    with pytest.raises(InputError, match="views 0..5"):
+        predict_scores(model, cache, frames=6, views=[6])
