@@ -175,7 +175,8 @@ def cache_inspect(
         t.add_row(k, str(v))
     console.print(t)
     for window, w in info["windows"].items():
-        console.print(f"{window}: {w['valid']}/{w['rows']} valid, tokens {w['tokens_shape']}")
+        views = f", {w['views']} views" if w.get("views") else ""
+        console.print(f"{window}: {w['valid']}/{w['rows']} valid, tokens {w['tokens_shape']}{views}")
     console.print(f"complete: {info['complete']}  classes: {info['classes']}  questions: {info['questions']}  "
                   f"answers: {info['answers']}")
     console.print(f"failures: {info['failed']}")
