@@ -11,8 +11,9 @@ What the views are (`ViewConfig.definition` writes this into the cache attribute
   T = 1 the grid is today's. This is TSM's ``twice_sample`` test protocol (two clips, the grid at offsets 0 and 1/2
   of a step; Lin et al., TSM, ``ops/dataset.py``) generalised to T symmetric offsets; SlowFast's
   ``TEST.NUM_ENSEMBLE_VIEWS`` instead places T fixed-length clips at evenly spaced starts over a long video
-  (``get_start_end_idx``: start = delta * t / (T - 1)), which for segment-based sampling of a short action segment is
-  the same idea: T clips that together cover the segment evenly. fps sampling keeps T = 1 (its grid count depends on
+  (``slowfast/datasets/decoder.py`` ``get_start_end_idx``: start = delta * t / T, delta = video length - clip length;
+  t * delta / (T - 1) with ``USE_OFFSET_SAMPLING``): the same idea, T clips shifted by t/T of what is left over, for
+  dense clips; for segment-based sampling of a short action segment the shift is a fraction of the grid's step. fps sampling keeps T = 1 (its grid count depends on
   the window length; shifting it would change what is sampled at the segment ends).
 * spatial crop s of S (S = 1 or 3): after scaling the short side to `size`, the centre square (s = 0), then the
   square at the start of the long side (left, or top for portrait video; s = 1) and at its end (right or bottom;
