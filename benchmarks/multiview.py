@@ -25,7 +25,6 @@ from pathlib import Path
 from _common import base_parser, fmt_s, headline, interleaved, machine_line, median, print_table, setup_threads
 from _common import write_json
 import h5py
-import numpy as np
 
 from mambavl import metrics as M
 from mambavl.cache import schema
