@@ -50,6 +50,7 @@ from mambavl.runtime import (
     predict_scores,
     qa_logits,
     task_spec,
+    view_protocol,
 )
 
 
@@ -805,6 +806,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         "window": loaded.window,
         **question_report(source, "override" if cfg.question_source else "checkpoint"),
         "trained_question_source": trained_source,
+        "views": view_protocol(loaded.cache, window=loaded.window),
         "question_fallbacks": scored.question_fallbacks,
         "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.run),
         "cache": cache_identity(loaded.cache),

@@ -136,3 +136,9 @@ def test_gpu_check_script_smoke(tmp_path):
     assert {"ffmpeg", "auto"} <= set(ws["end_to_end"]) and ws["end_to_end"]["ffmpeg"]["failed"] == 0
     assert ws["encode"]
     assert "GPU-marked tests" in (tmp_path / "out" / "gpu-report.md").read_text()
+
+
+def test_multiview_smoke(tmp_path):
+    lines = run_script("multiview.py", tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: multiview_action_top1_gain_6_vs_1_view=")
+    assert any("2 x 3" in line for line in lines)

@@ -39,6 +39,7 @@ from mambavl.extract.decode import (
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, TextEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
 from mambavl.extract.shards import segment_costs, shard_rows
+from mambavl.extract.views import ViewConfig, decode_views
 from mambavl.progress import Progress, or_none
 
 
@@ -67,6 +68,7 @@ class ExtractConfig:
     decode_threads: int = 0  # ffmpeg's -threads per decode; 0 = its default (one per core)
     segments_per_batch: int = 8
     decoder: str = DecoderKind.FFMPEG.value  # ffmpeg | torchcodec | torchcodec-cuda | auto (mambavl.extract.backends)
+    views: ViewConfig = field(default_factory=ViewConfig)  # T temporal x S spatial views (mambavl.extract.views)
 
 
 @dataclass
@@ -178,6 +180,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
                                                                       cfg.questions_file)
 
     decoder = build_decoder(cfg.decoder)
+    cfg.views.check(cfg.sampling, decoder.name)
     enc = encoder or build_encoder(cfg.encoder)
     frames_per_segment = cfg.sampling.num_frames
     tokens = enc.tokens_per_segment(frames_per_segment)
@@ -202,6 +205,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         annotation_rows=len(ann.segments),
         limit=int(cfg.limit) if cfg.limit is not None else -1,
         decoder=decoder.name,
+        **cfg.views.attrs(),
     )
     meta = RowMeta.from_segments(segments)
 
@@ -258,6 +262,9 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 start, stop = seg.start_time, seg.stop_time
             else:
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
+            if window == schema.RECOGNITION and cfg.views.count > 1:  # frames (V, F, H, W, 3), times (V, F)
+                return decode_views(videos, seg, start, stop, cfg.sampling, cfg.views,
+                                    ann.frame_rate(seg.video_id, cfg.frame_rate), cfg.decode_threads, decoder)
             return decode_segment(videos, seg, start, stop, cfg.sampling, ann.frame_rate(seg.video_id, cfg.frame_rate),
                                   cfg.decode_threads, decoder)
         except DecodeError as exc:
@@ -327,16 +334,25 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
 
 
 def _encode_batch(enc: FrozenEncoder, batch):
-    """Encode decoded segments together: frames of equal count share one call; others go one by one."""
-    by_len: dict[int, list] = {}
+    """Encode decoded segments together: frames of equal count (and views) share one call; others go one by one.
+    Multi-view frames (V, F, H, W, 3) are encoded as V clips and yield features (V, F', D), times (V, F')."""
+    by_len: dict[tuple, list] = {}
     for item in batch:
-        by_len.setdefault(len(item[2]), []).append(item)
-    for items in by_len.values():
+        by_len.setdefault(tuple(item[2].shape[:-3]), []).append(item)
+    for key, items in by_len.items():
         frames = [it[2] for it in items]
         stacked = np.stack(frames) if isinstance(frames[0], np.ndarray) else _stack_tensors(frames)
-        feats = enc.encode_segments(stacked).numpy()  # (S, F', D)
+        views = key[0] if len(key) == 2 else 0
+        if views:
+            stacked = stacked.reshape(len(items) * views, *stacked.shape[2:])  # (B * V, F, H, W, 3)
+        feats = enc.encode_segments(stacked).numpy()  # (B [* V], F', D)
+        if views:
+            feats = feats.reshape(len(items), views, *feats.shape[1:])  # (B, V, F', D)
         for (row, window, _frames, times), f in zip(items, feats):
-            yield row, window, f, _token_times(np.asarray(times), f.shape[0])
+            if views:
+                yield row, window, f, np.stack([_token_times(np.asarray(t), f.shape[1]) for t in times])
+            else:
+                yield row, window, f, _token_times(np.asarray(times), f.shape[0])
 
 
 def _stack_tensors(frames):
@@ -531,6 +547,20 @@ def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = 
     return out_path
 
 
+def _merge_views(w: CacheWriter, files, which: np.ndarray, local: np.ndarray, lo: int) -> None:
+    """Views 1..V-1 of merged rows lo.. (shard `which`, row `local` in it), written before the block's done-flags."""
+    k = len(which)
+    feats = np.zeros((k, w.extra_views, w.frames, w.dim), dtype=np.float16)
+    times = np.full((k, w.extra_views, w.frames), np.nan, dtype=np.float32)
+    for s in np.unique(which):
+        sel = which == s
+        rows = local[sel]
+        src = slice(int(rows[0]), int(rows[-1]) + 1)
+        feats[sel] = files.get(int(s))[schema.VIEW_FEATURES][src]
+        times[sel] = files.get(int(s))[schema.VIEW_FRAME_TIMES][src]
+    w.write_view_block(lo, feats, times)
+
+
 def _write_merged(tmp: Path, attrs: dict, meta: RowMeta, caches, allrows: np.ndarray, order: np.ndarray,
                   windows: list[str]) -> None:
     """Write the merged cache `tmp`: rows block by block in merged order, failures, question and answer tables."""
@@ -562,6 +592,8 @@ def _write_merged(tmp: Path, attrs: dict, meta: RowMeta, caches, allrows: np.nda
                         times[sel] = f[p + "frame_times"][src]
                         nf[sel] = f[p + "num_frames"][src]
                         valid[sel] = f[p + "valid"][src]
+                    if w.extra_views and window == schema.RECOGNITION:
+                        _merge_views(w, files, which[lo:hi], local[lo:hi], lo)
                     w.write_block(lo, feats, times, nf, valid, window)
         finally:
             files.close()

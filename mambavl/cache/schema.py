@@ -10,6 +10,8 @@ Layout (N segments, F tokens per segment, D feature dim, Dt text dim, T question
     num_frames        (N,)       int16     valid tokens per row (< F only in fps sampling; padding is zeros)
     frame_times       (N, F)     float32   absolute seconds in the video
     valid             (N,)       bool      done-flag, written after the row's data
+    view_features     (N, V-1, F, D) float16  chunk = one segment  views 1..V-1 of a multi-view cache (optional)
+    view_frame_times  (N, V-1, F)    float32                      their frame times (view 0 is features/frame_times)
     narration_id, video_id, participant_id, narration     (N,) utf-8
     verb_class, noun_class (N,) int32 (-1 = unlabelled);  all_noun_classes (N,) vlen int32
     start_time, stop_time  (N,) float64
@@ -19,7 +21,15 @@ Layout (N segments, F tokens per segment, D feature dim, Dt text dim, T question
     questions/        texts (Q,), tokens (Q, T, Dt) f16, mask (Q, T) bool, pooled (Q, Dt) f16,
                       templates/<kind> (P,) int32, per_segment/<source> (N, 2) int32,
                       label_keyed/<source> (N,) bool (question derived from the row's labels; absent = none)
-    answers/          verb (V, Dt), noun (Nn, Dt), action_pairs (A, 2) int32, action (A, Dt), action_text (A,)
+    answers/          verb (Vv, Dt), noun (Nn, Dt), action_pairs (A, 2) int32, action (A, Dt), action_text (A,)
+
+Views (multi-view testing, `mambavl extract --temporal-views T --spatial-crops S`, `mambavl.extract.views`): the
+recognition window may hold V = T x S views of each segment. View 0 (the centre crop of the first temporal clip)
+lives where a single-view cache keeps its only view (`features`, `frame_times`), views 1..V-1 in `view_features` /
+`view_frame_times`; all views share `num_frames` and `valid` (a row is written whole). The root attributes
+`temporal_views`, `spatial_crops` and `view_definition` say what the views are. A cache without them (every cache
+written before views existed) is a 1 x 1 cache, and a reader that knows nothing of views reads view 0: that is why
+the schema version stayed 1. The anticipation window always has one view.
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ WINDOWS = (RECOGNITION, ANTICIPATION)
 
 # Per-window datasets live at the root (recognition) or inside the `anticipation/` group.
 WINDOW_DATASETS = ("features", "num_frames", "frame_times", "valid")
+# Views 1..V-1 of the recognition window of a multi-view cache (see the module docstring).
+VIEW_FEATURES = "view_features"
+VIEW_FRAME_TIMES = "view_frame_times"
 ROW_STRING_DATASETS = ("narration_id", "video_id", "participant_id", "narration")
 ROW_INT_DATASETS = ("verb_class", "noun_class")
 ROW_FLOAT_DATASETS = ("start_time", "stop_time")
@@ -103,6 +116,12 @@ COMPATIBILITY_ATTRS = (
     "text_checkpoint_sha256",
     "text_dim",
 )
+
+
+def view_counts(attrs: Mapping[str, Any]) -> tuple[int, int]:
+    """(temporal_views, spatial_crops) a cache's attributes record; (1, 1) for a cache written before views."""
+    return (int(normalise_attr(attrs.get("temporal_views", 1)) or 1),
+            int(normalise_attr(attrs.get("spatial_crops", 1)) or 1))
 
 
 def window_prefix(window: str) -> str:

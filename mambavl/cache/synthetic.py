@@ -186,3 +186,41 @@ def make_planted_cache(
                         verb_keys, noun_keys, [f"{verb_keys[v]} {noun_keys[k]}" for v, k in pairs])
         w.finalize()
     return path
+
+
+def make_planted_views(source: str | os.PathLike, path: str | os.PathLike, temporal: int = 2, spatial: int = 3,
+                       signal_views: tuple[int, ...] = (2,), noise: float = 0.5, seed: int = 0) -> Path:
+    """A multi-view copy (T x S views, `mambavl.extract.views`) of the planted cache `source` at `path`: the views in
+    `signal_views` hold `source`'s features plus fresh noise of scale `noise`, every other view noise only, as if
+    the action were visible in those crops / clips alone. Rows, labels, questions and answers are `source`'s."""
+    path, rng = Path(path), np.random.default_rng(seed)
+    with schema.open_h5(source, "r") as src:
+        attrs = schema.read_attrs(src.attrs)
+        feats = src["features"][()].astype(np.float32)  # (n, F, D)
+        times, valid = src["frame_times"][()], src["valid"][()]
+        text = lambda name: [s.decode() if isinstance(s, bytes) else str(s) for s in src[name][()]]  # noqa: E731
+        rows = RowMeta(narration_id=text("narration_id"), video_id=text("video_id"),
+                       participant_id=text("participant_id"), narration=text("narration"),
+                       verb_class=src["verb_class"][()], noun_class=src["noun_class"][()],
+                       all_noun_classes=[tuple(a) for a in src[schema.ALL_NOUNS][()]],
+                       start_time=src["start_time"][()], stop_time=src["stop_time"][()])
+        verb_keys, noun_keys = text("classes/verb"), text("classes/noun")
+
+        def tables(w: CacheWriter) -> None:
+            for group in (schema.QUESTIONS, schema.ANSWERS):
+                src.copy(src[group], w.f, name=group)
+
+        views = temporal * spatial
+        attrs.update(temporal_views=temporal, spatial_crops=spatial, anticipation=False,
+                     view_definition=f"planted: views {list(signal_views)} carry the signal, the others noise only",
+                     source="mambavl.cache.synthetic.make_planted_views")
+        for key in ("schema_version", "package_version", "created", "complete"):
+            attrs.pop(key, None)
+        path.unlink(missing_ok=True)
+        with CacheWriter(path, attrs, rows, verb_keys, noun_keys, on_create=tables) as w:
+            for i in np.flatnonzero(valid):
+                x = noise * rng.normal(size=(views, *feats.shape[1:]))  # (V, F, D)
+                x[list(signal_views)] += feats[i]
+                w.write_row(int(i), x, np.broadcast_to(times[i], (views, times.shape[1])))
+            w.finalize()
+    return path

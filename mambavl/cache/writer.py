@@ -54,6 +54,8 @@ RESUME_ATTRS = (
     "tokens_per_frame_pooling",
     "anticipation",
     "shard",
+    "temporal_views",
+    "spatial_crops",
 )
 
 
@@ -202,6 +204,8 @@ class CacheWriter:
         if self.frames <= 0 or self.dim <= 0:
             raise InputError("cache attributes frames_per_segment and feature_dim must be positive")
         self.windows = [schema.RECOGNITION] + ([schema.ANTICIPATION] if self.attrs["anticipation"] else [])
+        temporal, spatial = schema.view_counts(self.attrs)
+        self.extra_views = temporal * spatial - 1  # views 1..V-1 of the recognition window
         check_writable(self.path, "cache")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._failures: dict[tuple[int, str], dict[str, Any]] = {}
@@ -260,7 +264,8 @@ class CacheWriter:
         frame times, counts and flags of every window, row metadata, plus 1 MiB for the question/answer tables."""
         per_row = self.frames * self.dim * 2 + self.frames * 4 + 2 + 1
         meta = sum(len(getattr(rows, name)[i]) + 16 for name in schema.ROW_STRING_DATASETS for i in range(self.n))
-        return int(self.n * per_row * len(self.windows) + meta + self.n * 64 + (1 << 20))
+        views = self.extra_views * self.frames * (self.dim * 2 + 4)
+        return int(self.n * (per_row * len(self.windows) + views) + meta + self.n * 64 + (1 << 20))
 
     def _build(self, f: h5py.File, rows: RowMeta, verb_keys: Sequence[str], noun_keys: Sequence[str],
                on_create: Callable[["CacheWriter"], None] | None) -> None:
@@ -276,6 +281,10 @@ class CacheWriter:
             allocate_early(f, p + "num_frames", (n,), np.int16, 0)
             allocate_early(f, p + "frame_times", (n, F), np.float32, np.nan)
             allocate_early(f, p + "valid", (n,), bool, False)
+        if self.extra_views:
+            k = self.extra_views
+            allocate_early(f, schema.VIEW_FEATURES, (n, k, F, D), np.float16, 0, chunks=(1, k, F, D) if n else None)
+            allocate_early(f, schema.VIEW_FRAME_TIMES, (n, k, F), np.float32, np.nan)
         for name in schema.ROW_STRING_DATASETS:
             f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=object), dtype=STR)
         for name in schema.ROW_INT_DATASETS:
@@ -303,6 +312,8 @@ class CacheWriter:
                 a, b = schema.normalise_attr(old.get(key)), schema.normalise_attr(_h5_attr(self.attrs.get(key)))
                 if key == "anticipation":
                     a, b = bool(a), bool(b)
+                if key in ("temporal_views", "spatial_crops"):  # absent: a cache from before views, 1 x 1
+                    a, b = int(a or 1), int(b or 1)
                 if a != b:
                     raise InputError(
                         f"{self.path} exists with attribute {key!r} = {a!r}, this run has {b!r}; "
@@ -332,22 +343,30 @@ class CacheWriter:
 
     def write_row(self, row: int, features: np.ndarray, frame_times: np.ndarray,
                   window: str = schema.RECOGNITION) -> None:
-        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag.
+        """Store one row: features (F', D) with F' <= F (zero-padded), frame_times (F',); then its done-flag. In a
+        multi-view cache the recognition window takes every view at once: features (V, F', D), frame_times (V, F').
 
         ValueError for a wrong shape or values float16 cannot hold finite (NaN, inf, |x| > 65504)."""
         p = schema.window_prefix(window)
         features = np.asarray(features)
-        if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] > self.frames:
-            raise ValueError(f"row {row}: features of shape {features.shape}, expected (<= {self.frames}, {self.dim})")
+        views = self.extra_views + 1 if window == schema.RECOGNITION else 1
+        want = (views,) if views > 1 else ()
+        if features.shape[:-2] != want or features.shape[-1] != self.dim or features.shape[-2] > self.frames:
+            raise ValueError(f"row {row}: features of shape {features.shape}, expected "
+                             f"({', '.join(map(str, want + (f'<= {self.frames}', self.dim)))})")
         bad = schema.nonfinite_report(features)
         if bad:
             raise ValueError(f"row {row} ({window}): features the float16 cache cannot hold: {bad}")
-        k = features.shape[0]
-        padded = np.zeros((self.frames, self.dim), dtype=np.float16)
-        padded[:k] = features.astype(np.float16)
-        times = np.full(self.frames, np.nan, dtype=np.float32)
-        times[:k] = np.asarray(frame_times, dtype=np.float32)[:k]
+        k = features.shape[-2]
+        padded = np.zeros((*want, self.frames, self.dim), dtype=np.float16)  # ([V,] F, D)
+        padded[..., :k, :] = features.astype(np.float16)
+        times = np.full((*want, self.frames), np.nan, dtype=np.float32)
+        times[..., :k] = np.asarray(frame_times, dtype=np.float32)[..., :k]
         with self._space_checked():
+            if views > 1:
+                self.f[schema.VIEW_FEATURES][row] = padded[1:]
+                self.f[schema.VIEW_FRAME_TIMES][row] = times[1:]
+                padded, times = padded[0], times[0]
             self.f[p + "features"][row] = padded
             self.f[p + "frame_times"][row] = times
             self.f[p + "num_frames"][row] = k
@@ -397,6 +416,13 @@ class CacheWriter:
         if stale:
             self._failures_dirty = True  # written by finalize / close, as for single rows
         self.f.flush()
+
+    def write_view_block(self, start: int, features: np.ndarray, frame_times: np.ndarray) -> None:
+        """Store views 1..V-1 of rows start .. start+K-1 (a merge): features (K, V-1, F, D), frame_times
+        (K, V-1, F). Call before `write_block` of the same rows, which sets their done-flags."""
+        sl = slice(int(start), int(start) + len(features))
+        self.f[schema.VIEW_FEATURES][sl] = np.asarray(features, dtype=np.float16)
+        self.f[schema.VIEW_FRAME_TIMES][sl] = np.asarray(frame_times, dtype=np.float32)
 
     def record_failure(self, row: int, window: str, reason: str) -> None:
         """Record why a row could not be written (it stays invalid; a resumed run retries it). Kept in memory and

@@ -55,7 +55,8 @@ def _extract_status(fields: dict) -> str | None:
 @app.command()
 @defaults_from(ExtractConfig, encoder="encoder.kind", model="encoder.model", pretrained="encoder.pretrained",
                pooling="encoder.pooling", text_encoder="encoder.text_encoder", device="encoder.device",
-               batch_size="encoder.batch_size", frames="sampling.num_frames", size="sampling.size")
+               batch_size="encoder.batch_size", frames="sampling.num_frames", size="sampling.size",
+               temporal_views="views.temporal", spatial_crops="views.spatial")
 def extract(
     annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
     videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4 or P01/rgb_frames/P01_01/.")],
@@ -70,6 +71,8 @@ def extract(
     frames: Annotated[Optional[int], typer.Option(min=1, help="Frames per segment (uniform), or the cap with --fps.")] = None,
     fps: Annotated[Optional[float], typer.Option(callback=positive, help="Sample at this rate instead of --frames uniform frames.")] = None,
     size: Annotated[Optional[int], typer.Option(min=1, help="Frame size after ffmpeg's scale + centre crop.")] = None,
+    temporal_views: Annotated[Optional[int], typer.Option(min=1, help="Temporal clips per segment for multi-view testing: the uniform grid shifted by (t+1/2)/T of a step (docs/extract.md); evaluation averages the views.")] = None,
+    spatial_crops: Annotated[Optional[int], typer.Option(min=1, max=3, help="Spatial crops per segment: 1 (centre) or 3 (centre, left/top, right/bottom squares; ffmpeg decoder).")] = None,
     anticipation: Annotated[Optional[bool], typer.Option("--anticipation/--no-anticipation", help="Also extract the observed window before each action.")] = None,
     tau_a: Annotated[Optional[float], typer.Option(min=0.0, help="Anticipation gap (s) between window end and action start.")] = None,
     tau_o: Annotated[Optional[float], typer.Option(callback=positive, help="Anticipation observed window length (s).")] = None,
@@ -114,7 +117,8 @@ def extract(
             "questions_file": optional_path(questions_file), "verb_classes": optional_path(verb_classes),
             "noun_classes": optional_path(noun_classes), "video_info": optional_path(video_info),
             "frame_rate": frame_rate, "limit": limit, "shard": parse_shard(shard), "decode_workers": decode_workers,
-            "decode_threads": decode_threads, "decoder": decoder})
+            "decode_threads": decode_threads, "decoder": decoder, "views.temporal": temporal_views,
+            "views.spatial": spatial_crops})
         launch = launch_from_env()
         label = f"extract {annotations.name}"
         if launch is not None:
@@ -151,6 +155,8 @@ def describe_cache(path: Path) -> dict:
             valid = f[p + "valid"][()]
             windows[window] = {"rows": int(len(valid)), "valid": int(valid.sum()),
                                "tokens_shape": list(f[p + "features"].shape)}
+            if window == schema.RECOGNITION and schema.VIEW_FEATURES in f:
+                windows[window]["views"] = 1 + int(f[schema.VIEW_FEATURES].shape[1])
     failures = cache.failures()
     q = f.get(schema.QUESTIONS)
     a = f.get(schema.ANSWERS)
@@ -197,7 +203,8 @@ def cache_inspect(
         t.add_row(k, str(v))
     console.print(t)
     for window, w in info["windows"].items():
-        console.print(f"{window}: {w['valid']}/{w['rows']} valid, tokens {w['tokens_shape']}")
+        views = f", {w['views']} views" if w.get("views") else ""
+        console.print(f"{window}: {w['valid']}/{w['rows']} valid, tokens {w['tokens_shape']}{views}")
     console.print(f"complete: {info['complete']}  classes: {info['classes']}  questions: {info['questions']}  "
                   f"answers: {info['answers']}")
     console.print(f"failures: {info['failed']}")

@@ -95,6 +95,7 @@ class SamplingConfig:
     num_frames: int = 16    # UNIFORM: frames per segment. FPS: the cap (most frames stored)
     fps: float = 4.0        # FPS mode only
     size: int = 224         # output H = W = size: ffmpeg scales the short side to `size`, then centre-crops
+    spatial_crops: int = 1  # 3: centre, left/top, right/bottom squares, frames (F, 3, S, S, 3) (mambavl.extract.views)
 
     def __post_init__(self) -> None:
         try:
@@ -108,7 +109,10 @@ class SamplingConfig:
             raise InputError(f"sampling fps: must be > 0, got {self.fps}")
         if int(self.size) < 1:
             raise InputError(f"sampling size: must be >= 1, got {self.size}")
+        if int(self.spatial_crops) not in (1, 3):
+            raise InputError(f"sampling spatial_crops: must be 1 or 3, got {self.spatial_crops}")
         self.num_frames, self.size, self.fps = int(self.num_frames), int(self.size), float(self.fps)
+        self.spatial_crops = int(self.spatial_crops)
 
 
 @dataclass(frozen=True)
@@ -227,8 +231,10 @@ def sample_times(start: float, stop: float, cfg: SamplingConfig) -> np.ndarray:
     return _grid(start, stop, cfg).times
 
 
-def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int, sar: float = 1.0) -> ffmpeg.nodes.FilterableStream:
-    """Scale the short side to `size` (aspect kept), then take the centre size x size square.
+def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int, sar: float = 1.0,
+                crops: int = 1) -> ffmpeg.nodes.FilterableStream:
+    """Scale the short side to `size` (aspect kept), then take the centre size x size square; with `crops` = 3 also
+    the squares at the start and the end of the long side (left/right, top/bottom: `mambavl.extract.views`).
 
     `sar` != 1 (non-square pixels, as probed): the picture is scaled to square pixels in the same step, from the
     filter's own `sar` (rotation already applied), so the crop keeps the part of the picture a player shows.
@@ -238,7 +244,16 @@ def _scale_crop(stream: ffmpeg.nodes.FilterableStream, size: int, sar: float = 1
     else:  # the display size rounded as `crop_box` does (mambavl.extract.backends)
         stream = stream.filter("scale", w=f"if(gt(iw*sar,ih),floor(iw*sar*{size}/ih+0.5),{size})",
                                h=f"if(gt(iw*sar,ih),{size},floor(ih*{size}/(iw*sar)+0.5))")
-    return stream.filter("crop", size, size)
+    if crops == 1:
+        return stream.filter("crop", size, size)
+    # the centre square exactly as above (crop's default x, y), then the long side's start and end; the scaled frame
+    # is landscape when in_w > in_h (the scale's own test). Side by side in one (size, crops * size) frame.
+    along = (("if(gt(in_w,in_h),0,(in_w-out_w)/2)", "if(gt(in_w,in_h),(in_h-out_h)/2,0)"),
+             ("if(gt(in_w,in_h),in_w-out_w,(in_w-out_w)/2)", "if(gt(in_w,in_h),(in_h-out_h)/2,in_h-out_h)"))
+    branches = stream.filter_multi_output("split", crops)
+    parts = [branches[0].filter("crop", size, size)] + [branches[s].filter("crop", size, size, *along[s - 1])
+                                                         for s in range(1, crops)]
+    return ffmpeg.filter(parts, "hstack", inputs=crops)
 
 
 def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = None,
@@ -254,10 +269,13 @@ def _run(stream: ffmpeg.nodes.OutputStream, path: Path, stdin: bytes | None = No
     return out, (err or b"").decode("utf-8", "replace")
 
 
-def _frames(raw: bytes, size: int) -> np.ndarray:
-    per = size * size * 3
+def _frames(raw: bytes, size: int, crops: int = 1) -> np.ndarray:
+    per = size * size * 3 * crops
     n = len(raw) // per
-    return np.frombuffer(raw, dtype=np.uint8, count=n * per).reshape(n, size, size, 3)  # (n, S, S, 3)
+    frames = np.frombuffer(raw, dtype=np.uint8, count=n * per)
+    if crops == 1:
+        return frames.reshape(n, size, size, 3)  # (n, S, S, 3)
+    return frames.reshape(n, size, crops, size, 3).transpose(0, 2, 1, 3, 4)  # crops side by side -> (n, C, S, S, 3)
 
 
 @dataclass(frozen=True)
@@ -273,6 +291,7 @@ class FrameRequest:
     ticks: np.ndarray   # (U,) int, strictly increasing tick numbers
     size: int
     threads: int = 0
+    crops: int = 1      # 3: also the squares at both ends of the long side; frames (U, 3, size, size, 3)
 
     @property
     def times(self) -> np.ndarray:
@@ -436,11 +455,11 @@ class FfmpegDecoder:
             stream = stream.filter("select", "+".join(f"eq(n,{int(k)})" for k in req.ticks))
         if req.step == SINGLE_TICK_STEP:  # the fine rate repeats a frame many times: end the stream after the tick
             stream = stream.filter("trim", end_frame=1)
-        stream = _scale_crop(stream, req.size, probe.sar)
+        stream = _scale_crop(stream, req.size, probe.sar, req.crops)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
         raw, log = _run(out, path, loglevel=_video_loglevel())
-        frames = _frames(raw, req.size)  # (M, S, S, 3), M <= U
+        frames = _frames(raw, req.size, req.crops)  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
         decoded = parse_showinfo(log, ss)
         errors = decoder_errors(log)
         if errors:
@@ -485,9 +504,9 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
         # inside the last frame still lies a whole tick before the end of the stream)
         grid = _Grid(grid.first, SINGLE_TICK_STEP, 1, np.zeros(len(grid.picks), dtype=np.int64))
     ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
-    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads)
+    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads, cfg.spatial_crops)
     decoded = (decoder or DEFAULT_DECODER).frames(request)
-    got = decoded.frames  # (M, S, S, 3), M <= U
+    got = decoded.frames  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
     tick_times = request.times  # (U,)
     pts = check_displayed(path, tick_times, decoded, probe)  # (M,)
 
@@ -608,8 +627,9 @@ def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, sto
         blobs.append(data)
     # The JPEGs go to ffmpeg concatenated on stdin (image2pipe), so only the picked files are read and decoded.
     stream = ffmpeg.input("pipe:", format="image2pipe", vcodec="mjpeg")
-    out = _scale_crop(stream, cfg.size).output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
-    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs))[0], cfg.size)  # (U, S, S, 3)
+    out = _scale_crop(stream, cfg.size, crops=cfg.spatial_crops).output("pipe:", format="rawvideo", pix_fmt="rgb24",
+                                                                        fps_mode="passthrough")
+    got = _frames(_run(out, frame_dir, stdin=b"".join(blobs))[0], cfg.size, cfg.spatial_crops)  # (U, [C,] S, S, 3)
     if len(got) != len(unique):
         raise DecodeError(f"{frame_dir}: corrupt JPEG among frames {unique.tolist()}: ffmpeg returned "
                           f"{len(got)} of {len(unique)} frames")

@@ -29,11 +29,13 @@ from mambavl.runtime.scoring import (
     clip_batches,
     first_pass_probs,
     head_logits,
+    average_views,
     loader,
     predict_scores,
     present,
     qa_logits,
     validation_metrics,
+    view_protocol,
 )
 from mambavl.runtime.task import TASKS, Task, TaskSpec, spec_of_window, task_spec
 
@@ -43,5 +45,5 @@ __all__ = [
     "action_answers", "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions", "clip_batches",
     "first_pass_probs", "fold_ids", "head_logits", "labelled_rows", "load_labels", "loader", "plain",
     "predict_scores", "present", "qa_logits", "question_tokens", "require_window", "same_run", "spec_of_window",
-    "task_spec", "topk_candidates", "validation_metrics",
+    "task_spec", "topk_candidates", "validation_metrics", "average_views", "view_protocol",
 ]  # fmt: skip

@@ -6,8 +6,9 @@ these functions and an `Asker`."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from mambavl.data.sampling import subsample
 from mambavl.device import resolve_device
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
+from mambavl.extract.views import AGGREGATION
 from mambavl.runtime.candidates import FirstPass, candidate_table
 from mambavl.runtime.questions import Asker, Labels, require_window
 from mambavl.runtime.task import TaskSpec, spec_of_window
@@ -141,6 +143,42 @@ def cache_candidates(first_pass: FirstPass, cache: CacheFile, window: str, rows:
     return candidate_table(first_pass, probs, rows, cache.n), probs
 
 
+def chosen_views(available: int, views: Sequence[int] | None) -> list[int]:
+    """The view indices to score: `views` (checked against the `available` ones), or all of them."""
+    if views is None:
+        return list(range(available))
+    chosen = [int(v) for v in views]
+    bad = [v for v in chosen if not 0 <= v < available]
+    if bad or not chosen:
+        raise InputError(f"views {chosen}: the cache holds views 0..{available - 1}")
+    return chosen
+
+
+def average_views(per_view: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Combine the `head_logits` of the same rows seen through several views: for each head, the log of the mean of
+    the views' softmax probabilities, (N, C) -- softmax of it is that mean exactly (it sums to 1), and its ranking is
+    the mean probability's. One view: returned as it is (its logits)."""
+    if len(per_view) == 1:
+        return per_view[0]
+    out = dict(per_view[0])
+    for key in ("verb", "noun", "action"):
+        if key in out:
+            logp = torch.stack([torch.log_softmax(v[key].double(), dim=-1) for v in per_view])  # (V, N, C)
+            # log(mean_v p_v) in log space: no probability underflows to log(0)
+            out[key] = (torch.logsumexp(logp, dim=0) - math.log(len(per_view))).float()
+    return out
+
+
+def view_protocol(cache: CacheFile, views: Sequence[int] | None = None, window: str = schema.RECOGNITION) -> dict:
+    """metrics.json's "views" block: {"temporal": T, "spatial": S, "scored": [view indices], "aggregation": ...,
+    "definition": ...} of `cache` scored with `views` (default all; the anticipation window has one view)."""
+    temporal, spatial = schema.view_counts(cache.attrs) if window == schema.RECOGNITION else (1, 1)
+    scored = chosen_views(temporal * spatial, views)
+    return {"temporal": temporal, "spatial": spatial, "scored": scored,
+            "aggregation": AGGREGATION if len(scored) > 1 else "none (one view)",
+            "definition": str(cache.attrs.get("view_definition", "one view: the centre crop of the uniform grid"))}
+
+
 def predict_scores(
     model: nn.Module,
     cache: CacheFile | str | os.PathLike,
@@ -152,6 +190,7 @@ def predict_scores(
     first_pass: FirstPass | None = None,
     allow_label_keyed: bool = False,
     bank: QuestionBank | None = None,
+    views: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray | None]:
     """Scores of every valid row of `cache` in `window` (the shared entry point of evaluation and the audit).
 
@@ -161,6 +200,11 @@ def predict_scores(
     `first_pass` (`TrainedModel.first_pass`); file questions found by a row's own class are refused unless
     `allow_label_keyed` (the audit measures them). `bank` replaces the cache's question table (the audit's shuffled
     and label-permuted tables).
+
+    Views: a multi-view cache (`mambavl.extract.views`) is scored view by view and the views are averaged
+    (`average_views`: the mean of their softmax probabilities, returned as its log, so that a softmax of the scores
+    gives that mean exactly); `views` picks view indices (default: all; `view_protocol` describes the choice).
+    A single view's scores are its logits, untouched. Predicted questions' candidates come from view 0.
 
     Returns dict(verb (N, V) float32, noun (N, Nn) float32 or None without a noun head, action (N, A) float32 or None
     without an action head, indices (N,) int64 cache rows; under `predicted` also candidates (N, 2, k) int64 and
@@ -182,8 +226,12 @@ def predict_scores(
         table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
     asker = Asker.of_cache(cache, spec, source, candidates=table, evaluation=True, allow_label_keyed=allow_label_keyed,
                            bank=bank)
-    clips = clip_batches(SegmentDataset(cache, window=window, indices=rows), batch_size, frames, dev)
-    res, _ = head_logits(model, clips, asker)
+    dataset = SegmentDataset(cache, window=window, indices=rows)
+    per_view = []
+    for view in chosen_views(dataset.num_views, views):
+        dataset.view = view
+        per_view.append(head_logits(model, clip_batches(dataset, batch_size, frames, dev), asker)[0])
+    res = average_views(per_view)
     n = len(rows)
     out = {
         "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),

@@ -350,6 +350,7 @@ def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout
         perm = torch.randperm(len(data.train_rows), generator=torch.Generator().manual_seed(order))
         parts += global_batches(perm.numpy(), data.train_rows, run.dataset.num_frames, run.plan.batch_size, layout)
     answers = data.train_q.answers.to(device) if data.qa_kinds else None
+    run.dataset.draw_views(torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 3)))  # multi-view: a view per row
     stats = EpochStats()
     rec_steps = qa_steps = 0
     local = [p.positions[p.part].tolist() for p in parts]
