@@ -125,7 +125,8 @@ def cut_into_chunks(video: str | Path, folder: str | Path, chunk_seconds: int = 
     cmd = [ffmpeg_binary(), "-y", "-nostdin", "-loglevel", "error", "-i", str(video), "-map", "0:v:0", "-c:v",
            "libx264", "-preset", "veryfast", *quality, "-pix_fmt", "yuv420p",
            "-force_key_frames", f"expr:gte(t,n_forced*{chunk_seconds})", "-f", "segment",
-           "-segment_time", str(chunk_seconds), "-reset_timestamps", "1", str(folder / "%d.part.MP4")]
+           "-segment_time", str(chunk_seconds), "-segment_time_delta", "0.01", "-reset_timestamps", "1",
+           str(folder / "%d.part.MP4")]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg could not cut {video}: {proc.stderr.decode(errors='replace')[-300:]}")

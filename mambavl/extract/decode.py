@@ -645,9 +645,9 @@ _CHUNK_NAME = re.compile(r"(\d+)(\.mp4)", re.IGNORECASE)  # <start second>.MP4
 class ChunkedVideo:
     """One video stored as consecutive chunks, the layout AVION and LaViLa re-encode EK-100 and Ego4D into:
     ``P01_01.MP4/0.MP4, 15.MP4, 30.MP4 …``, a folder named like the original file, each chunk named by the second of
-    the original timeline it starts at (all but the last `chunk_seconds` long; each chunk's own timestamps start at
-    0). Time t of the video lies in the chunk starting at floor(t / chunk_seconds) * chunk_seconds, at local time
-    t - that start. Any resolution and frame rate: each chunk is probed on its own."""
+    the original timeline it starts at (all but the last `chunk_seconds` long). Time t of the video lies in the chunk
+    starting at s = floor(t / chunk_seconds) * chunk_seconds, t - s after the chunk's first frame (whose timestamp is
+    usually 0). Any resolution and frame rate: each chunk is probed on its own."""
 
     folder: Path
     chunk_seconds: int | None   # None: a single chunk (0.MP4), whose length one name cannot tell
@@ -731,7 +731,7 @@ def decode_chunked_segment(folder: str | os.PathLike, start: float, stop: float,
     video = scan_chunks(folder, chunk_seconds)
     last = video.path(video.starts[-1])
     last_probe = probe_video(last)
-    whole = dataclasses.replace(last_probe, start=0.0, duration=video.starts[-1] + last_probe.end)
+    whole = dataclasses.replace(last_probe, start=0.0, duration=video.starts[-1] + last_probe.duration)
     start, stop = _check_window(video.folder, start, stop, whole, f"last chunk ({last.name})")
     grid = _window_grid(start, stop, cfg)
     owner = video.chunk_start(grid.times)  # (F,) non-decreasing, as the picks are
@@ -740,17 +740,20 @@ def decode_chunked_segment(folder: str | os.PathLike, start: float, stop: float,
         chunk_start = int(chunk_start)
         path = video.path(chunk_start)
         probe = probe_video(path)
-        sub = _Grid(grid.first - chunk_start, grid.step, grid.count, grid.picks[owner == chunk_start])
+        # the chunk's first frame is shown at its start second (as AVION reads chunks, by frame index); its own
+        # timestamps may start a little later (the B-frame delay of a first chunk cut without an edit list)
+        shift = probe.start - chunk_start
+        sub = _Grid(grid.first + shift, grid.step, grid.count, grid.picks[owner == chunk_start])
         if sub.times[-1] > probe.end + END_TOLERANCE_FRAMES / probe.fps:
-            raise DecodeError(f"{path}: chunk ends at {probe.end:.3f}s of its own timeline, but the frame at "
-                              f"{sub.times[-1] + chunk_start:.3f}s of the video lies {sub.times[-1]:.3f}s into it: "
-                              f"{video.describe()} with a short chunk (or the wrong chunk length)")
+            raise DecodeError(f"{path}: chunk is {probe.duration:.3f}s long, but the frame at "
+                              f"{sub.times[-1] - shift:.3f}s of the video lies {sub.times[-1] - probe.start:.3f}s "
+                              f"into it: {video.describe()} with a short chunk (or the wrong chunk length)")
         try:
             frames, local = _decode_grid(path, probe, sub, cfg.size, threads, decoder)
         except DecodeError as exc:
             raise DecodeError(f"{exc} [chunk at {chunk_start}s of the {video.describe()}]") from None
         parts.append(frames)
-        times.append(local + chunk_start)
+        times.append(local - shift)
     if len(parts) == 1:
         return parts[0], times[0]
     if isinstance(parts[0], np.ndarray):
