@@ -114,8 +114,8 @@ def extract(
             "tau_a": tau_a, "tau_o": tau_o, "questions": question_sources(questions),
             "questions_file": optional_path(questions_file), "verb_classes": optional_path(verb_classes),
             "noun_classes": optional_path(noun_classes), "video_info": optional_path(video_info),
-            "frame_rate": frame_rate, "chunk_seconds": chunk_seconds, "limit": limit, "shard": parse_shard(shard), "decode_workers": decode_workers,
-            "decode_threads": decode_threads, "decoder": decoder})
+            "frame_rate": frame_rate, "limit": limit, "shard": parse_shard(shard), "decode_workers": decode_workers,
+            "decode_threads": decode_threads, "decoder": decoder, "chunk_seconds": chunk_seconds})
         launch = launch_from_env()
         label = f"extract {annotations.name}"
         if launch is not None:

@@ -37,9 +37,9 @@ Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/f
 also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``; and chunked videos as AVION / LaViLa re-encode
 them, ``ROOT/P01/P01_01.MP4/0.MP4, 15.MP4, …`` (or ``ROOT/P01_01.MP4/…``, ``ROOT/<video>/…``): a folder named like
 the video file holding consecutive chunks, each named by its start second (see `ChunkedVideo`).
-Annotation fields that build these paths (video / video_id, participant / participant_id) may not leave ROOT: absolute paths and ``..`` components are
-refused (`check_source_paths`); symbolic links the user placed under ROOT are followed.
-Frame number <-> time: a video file by its own
+Annotation fields that build these paths (video / video_id, participant / participant_id) may not leave ROOT:
+absolute paths and ``..`` components are refused (`check_source_paths`); symbolic links the user placed under ROOT
+are followed. Frame number <-> time: a video file by its own
 timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
 ``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
 see `mambavl.data.annotations`), or one given explicitly.

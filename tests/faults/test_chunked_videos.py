@@ -88,6 +88,19 @@ def test_frames_are_those_of_the_original_timeline(any_chunked, decoder, cfg, st
     assert np.allclose(times, want / FPS, atol=1e-4)  # start times of the frames shown, on the original timeline
 
 
+def test_chunks_at_another_rate_and_size(tmp_path):
+    """As AVION re-encodes: a 50-fps original cut into 25-fps chunks with the short side scaled (B-frames, crf).
+    The chunk frame shown at t is its frame floor(25 t), which ffmpeg's fps filter took from original frame
+    2 floor(25 t)."""
+    original = make_timestamp_video(tmp_path / "original.mp4", duration=5.0, fps=50.0, width=128, height=96)
+    cut_into_chunks(original, tmp_path / "root" / "P01_01.MP4", CHUNK, lossless=False, fps=25, short_side=64)
+    assert scan_chunks(tmp_path / "root" / "P01_01.MP4").starts == (0, 2, 4)
+    for start, stop in [(0.0, 5.0), (1.7, 2.3), (3.9, 4.1), (4.8, 5.0)]:
+        frames, times = decode_segment(tmp_path / "root", seg(), start, stop, CONFIGS[0])
+        assert codes(frames) == [2 * k for k in expected(start, stop, CONFIGS[0])], (start, stop)
+        assert np.allclose(times, expected(start, stop, CONFIGS[0]) / FPS, atol=1e-4)
+
+
 def test_window_past_the_end_is_a_failure_naming_the_last_chunk(chunked):
     with pytest.raises(DecodeError, match=r"P01_01\.MP4: out of range: .*past the end of the last chunk \(6\.MP4\)"):
         decode_segment(chunked, seg(), 6.5, 7.5, CONFIGS[0])
