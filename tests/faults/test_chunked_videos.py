@@ -151,3 +151,22 @@ def test_extract_from_a_chunked_root(chunked, tmp_path):
     r = CliRunner().invoke(app, ["extract", str(ann), "--out", str(bad), "--chunk-seconds", "3", *args])
     assert r.exit_code == 2 and "P01_01.MP4" in r.output and "--chunk-seconds 3" in r.output, r.output
     assert not bad.exists()
+
+
+def test_a_short_middle_chunk_is_a_failure_where_a_time_falls_in_the_gap(chunked, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(chunked, root)
+    folder = root / "P01" / "P01_01.MP4"
+    shutil.copy(folder / "6.MP4", folder / "2.MP4")  # a 1 s chunk where a 2 s one belongs
+    decode_segment(root, seg(), 2.2, 2.8, CONFIGS[0])  # inside the part that is there
+    with pytest.raises(DecodeError, match=r"P01_01\.MP4/2\.MP4: chunk is 1\.000s long, but the frame at 3\.\d+s"):
+        decode_segment(root, seg(), 2.5, 3.9, CONFIGS[0])
+
+
+def test_generic_csv_names_the_chunk_folder(chunked, tmp_path):
+    """A generic CSV's `video` may name the folder itself (as Ego4D's ``<uid>.mp4/0.mp4``)."""
+    generic = Segment("g", "", "P01/P01_01.MP4", 1.5, 2.5, None, None, "", "", "", -1, -1, (), 1)
+    kind, path = locate_source(chunked, generic)
+    assert kind is SourceKind.CHUNKS and path == chunked / "P01" / "P01_01.MP4"
+    frames, _ = decode_segment(chunked, generic, 1.5, 2.5, CONFIGS[0])
+    assert codes(frames) == list(expected(1.5, 2.5, CONFIGS[0]))
