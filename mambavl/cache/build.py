@@ -34,7 +34,8 @@ from mambavl.data.annotations import AnnotationSet, check_frame_times, load_anno
 from mambavl.errors import InputError, check_writable
 from mambavl.extract.backends import DecoderKind, build_decoder
 from mambavl.extract.decode import (
-    DecodeError, SamplingConfig, SamplingMode, anticipation_window, check_source_paths, decode_segment,
+    DecodeError, SamplingConfig, SamplingMode, anticipation_window, check_chunked_sources, check_source_paths,
+    decode_segment,
 )
 from mambavl.extract.encoders import EncoderConfig, FrozenEncoder, TextEncoder, build_encoder
 from mambavl.extract.questions import QuestionSource, answer_texts, build_question_table
@@ -62,6 +63,7 @@ class ExtractConfig:
     noun_classes: str | None = None
     video_info: str | None = None
     frame_rate: float | None = None  # numbering rate of rgb_frames folders (frames/s); None: from the annotations
+    chunk_seconds: int | None = None  # length of chunked videos' chunks (s); None: read from the chunk names
     limit: int | None = None
     shard: tuple[int, int] | None = None
     decode_workers: int = 2
@@ -163,6 +165,9 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         # the given rate must agree with the rows' own frame numbers and timestamps
         check_frame_times(ann.path, ann.segments, {s.video_id: cfg.frame_rate for s in ann.segments},
                           origin="--frame-rate")
+    if cfg.chunk_seconds is not None and cfg.chunk_seconds < 1:
+        raise InputError(f"--chunk-seconds {cfg.chunk_seconds}: must be a positive whole number of seconds")
+    check_chunked_sources(videos, ann.segments, cfg.chunk_seconds)  # chunk names that disagree: bad input, exit 2
     rows = _stored_shard_rows(cfg.out, cfg.shard, len(ann.segments)) if cfg.shard else None
     if rows is None:
         costs = segment_costs(videos, ann.segments, cfg.sampling, ann.video_info, cfg.anticipation, cfg.tau_a,
@@ -206,6 +211,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None,
         limit=int(cfg.limit) if cfg.limit is not None else -1,
         decoder=decoder.name,
         **cfg.views.attrs(),
+        chunk_seconds=int(cfg.chunk_seconds or 0),  # chunked videos' chunk length as given; 0: from the names
     )
     meta = RowMeta.from_segments(segments)
 
@@ -264,9 +270,10 @@ def _overlap(cfg: ExtractConfig, enc: FrozenEncoder, w: CacheWriter, segments, p
                 start, stop = anticipation_window(seg.start_time, cfg.tau_a, cfg.tau_o)
             if window == schema.RECOGNITION and cfg.views.count > 1:  # frames (V, F, H, W, 3), times (V, F)
                 return decode_views(videos, seg, start, stop, cfg.sampling, cfg.views,
-                                    ann.frame_rate(seg.video_id, cfg.frame_rate), cfg.decode_threads, decoder)
+                                    ann.frame_rate(seg.video_id, cfg.frame_rate), cfg.decode_threads, decoder,
+                                    cfg.chunk_seconds)
             return decode_segment(videos, seg, start, stop, cfg.sampling, ann.frame_rate(seg.video_id, cfg.frame_rate),
-                                  cfg.decode_threads, decoder)
+                                  cfg.decode_threads, decoder, cfg.chunk_seconds)
         except DecodeError as exc:
             return exc
 

@@ -59,7 +59,7 @@ def _extract_status(fields: dict) -> str | None:
                temporal_views="views.temporal", spatial_crops="views.spatial")
 def extract(
     annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
-    videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4 or P01/rgb_frames/P01_01/.")],
+    videos: Annotated[Path, typer.Option("--videos", help="Video root: P01/videos/P01_01.MP4, P01/rgb_frames/P01_01/ or chunks P01/P01_01.MP4/0.MP4.")],
     out: Annotated[Path, typer.Option("--out", help="Cache file to write (or resume).")],
     encoder: Annotated[Optional[EncoderKind], typer.Option(help="Frozen image/video encoder family: clip (open_clip), timm (any timm image model), videomae.")] = None,
     model: Annotated[Optional[str], typer.Option(help="open_clip model name (clip), timm model name (timm, e.g. tf_efficientnet_lite0), or VideoMAE name/folder (videomae).")] = None,
@@ -84,6 +84,7 @@ def extract(
     noun_classes: Annotated[Optional[Path], typer.Option(help="Noun class CSV (default: beside the annotations).")] = None,
     video_info: Annotated[Optional[Path], typer.Option(help="EPIC_100_video_info.csv (default: beside the annotations).")] = None,
     frame_rate: Annotated[Optional[float], typer.Option(callback=positive, help="Numbering rate (frames/s) of rgb_frames folders. Default: the rate the annotation rows' frame/timestamp pairs imply per video (EK-100: ~60 for EK-55 videos, 50 for the extension; not the native fps of the video info).")] = None,
+    chunk_seconds: Annotated[Optional[int], typer.Option(min=1, show_default="read from the chunk names", help="Length (s) of the chunks of chunked videos (AVION/LaViLa: P01/P01_01.MP4/0.MP4, 15.MP4, ...). Chunk names that disagree with it are refused.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per encoder batch.")] = None,
     decode_workers: Annotated[Optional[int], typer.Option(min=1, help="Parallel ffmpeg decodes.")] = None,
@@ -118,7 +119,7 @@ def extract(
             "noun_classes": optional_path(noun_classes), "video_info": optional_path(video_info),
             "frame_rate": frame_rate, "limit": limit, "shard": parse_shard(shard), "decode_workers": decode_workers,
             "decode_threads": decode_threads, "decoder": decoder, "views.temporal": temporal_views,
-            "views.spatial": spatial_crops})
+            "views.spatial": spatial_crops, "chunk_seconds": chunk_seconds})
         launch = launch_from_env()
         label = f"extract {annotations.name}"
         if launch is not None:

@@ -115,6 +115,31 @@ def make_timestamp_video(path: str | Path, duration: float = 4.0, fps: float = 2
     return encode_frames(path, timestamp_frames(n, width, height), fps, lossless=True, gop=gop)
 
 
+def cut_into_chunks(video: str | Path, folder: str | Path, chunk_seconds: int = 15, lossless: bool = True,
+                    fps: float | None = None, short_side: int | None = None) -> Path:
+    """Cut `video` into the chunked layout of AVION / LaViLa: `folder`/0.MP4, <chunk_seconds>.MP4, … (each chunk
+    named by its start second, its timestamps starting at 0), with ffmpeg's segment muxer and keyframes forced at
+    the cut points, as docs/extract.md shows. Re-encoded losslessly (``-qp 0``) unless `lossless` is False; at
+    `fps` and with the short side scaled to `short_side` when given (AVION: 30 fps, 320 px)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    quality = ["-qp", "0"] if lossless else ["-crf", "18"]
+    filters = ([f"fps={fps}"] if fps else []) + (
+        [f"scale=w='if(gt(iw,ih),-2,{short_side})':h='if(gt(iw,ih),{short_side},-2)'"] if short_side else [])
+    cmd = [ffmpeg_binary(), "-y", "-nostdin", "-loglevel", "error", "-i", str(video), "-map", "0:v:0", "-c:v",
+           "libx264", "-preset", "veryfast", *quality, "-pix_fmt", "yuv420p",
+           *(["-vf", ",".join(filters)] if filters else []),
+           "-force_key_frames", f"expr:gte(t,n_forced*{chunk_seconds})", "-f", "segment",
+           "-segment_time", str(chunk_seconds), "-segment_time_delta", "0.01", "-reset_timestamps", "1",
+           str(folder / "%d.part.MP4")]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not cut {video}: {proc.stderr.decode(errors='replace')[-300:]}")
+    for part in folder.glob("*.part.MP4"):  # chunk i starts at i * chunk_seconds
+        part.rename(folder / f"{int(part.name.split('.')[0]) * chunk_seconds}.MP4")
+    return folder
+
+
 def make_frame_dir(directory: str | Path, n: int, width: int = 64, height: int = 48, quality: int = 2) -> Path:
     """An EK-100 rgb_frames folder (frame_0000000001.jpg ...) whose 1-based frame number k codes k - 1."""
     directory = Path(directory)

@@ -34,10 +34,12 @@ frames displayed at its times: ffmpeg's ``fps`` filter rounds the end of the str
 drop a tick inside the last frame, so such ticks are asked again one at a time at a fine rate.
 
 Layouts: EK-100 ``ROOT/P01/videos/P01_01.MP4`` or ``ROOT/P01/rgb_frames/P01_01/frame_0000000001.jpg`` (1-based);
-also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``. Annotation fields that build these paths
-(video / video_id, participant / participant_id) may not leave ROOT: absolute paths and ``..`` components are
-refused (`check_source_paths`); symbolic links the user placed under ROOT are followed.
-Frame number <-> time: a video file by its own
+also ``ROOT/P01_01.MP4`` and, for generic CSVs, ``ROOT/<video>``; and chunked videos as AVION / LaViLa re-encode
+them, ``ROOT/P01/P01_01.MP4/0.MP4, 15.MP4, …`` (or ``ROOT/P01_01.MP4/…``, ``ROOT/<video>/…``): a folder named like
+the video file holding consecutive chunks, each named by its start second (see `ChunkedVideo`).
+Annotation fields that build these paths (video / video_id, participant / participant_id) may not leave ROOT:
+absolute paths and ``..`` components are refused (`check_source_paths`); symbolic links the user placed under ROOT
+are followed. Frame number <-> time: a video file by its own
 timestamps; a frame folder by its *numbering rate* (frames/s), which for EK-100 is not the native fps of
 ``EPIC_100_video_info.csv`` but the rate the annotation rows imply (~60 for EK-55 videos, 50 for the extension;
 see `mambavl.data.annotations`), or one given explicitly.
@@ -87,6 +89,7 @@ class SamplingMode(str, Enum):
 class SourceKind(str, Enum):
     VIDEO = "video"
     FRAMES = "frames"
+    CHUNKS = "chunked"  # a folder of fixed-length chunks of one video (AVION / LaViLa), see `ChunkedVideo`
 
 
 @dataclass
@@ -488,23 +491,42 @@ def decode_video_segment(path: str | os.PathLike, start: float, stop: float,
     """
     path = Path(path)
     probe = probe_video(path)
+    start, stop = _check_window(path, start, stop, probe, "video")
+    return _decode_grid(path, probe, _window_grid(start, stop, cfg), cfg.size, threads, decoder, cfg.spatial_crops)
+
+
+def _check_window(path: Path, start: float, stop: float, probe: VideoProbe, what: str) -> tuple[float, float]:
+    """[start, stop] clamped to the source (`probe`: its end and frame rate); DecodeError when the window is invalid,
+    starts at or after the end, or reaches more than END_TOLERANCE_FRAMES frames past it."""
     if not (math.isfinite(start) and math.isfinite(stop)) or stop < start:
         raise DecodeError(f"{path}: invalid window [{start}, {stop}] s")
     if start >= probe.end:
-        raise DecodeError(f"{path}: out of range: segment starts at {start:.3f}s, the video ends at "
+        raise DecodeError(f"{path}: out of range: segment starts at {start:.3f}s, the {what} ends at "
                           f"{probe.end:.3f}s")
     if stop > probe.end + END_TOLERANCE_FRAMES / probe.fps:
         raise DecodeError(f"{path}: out of range: segment [{start:.3f}, {stop:.3f}]s ends {stop - probe.end:.3f}s "
-                          f"({(stop - probe.end) * probe.fps:.0f} frames) past the end of the video at "
+                          f"({(stop - probe.end) * probe.fps:.0f} frames) past the end of the {what} at "
                           f"{probe.end:.3f}s (tolerance {END_TOLERANCE_FRAMES} frames)")
-    start, stop = max(start, 0.0), min(stop, probe.end)
+    return max(start, 0.0), min(stop, probe.end)
+
+
+def _window_grid(start: float, stop: float, cfg: SamplingConfig) -> _Grid:
+    """The sample grid of a window already clamped to its source."""
     grid = _grid(start, stop, cfg)
     if grid.step <= 1e-9:
         # a zero-length window: one tick, repeated (the fps filter needs a finite rate; a fine one, so that a tick
         # inside the last frame still lies a whole tick before the end of the stream)
         grid = _Grid(grid.first, SINGLE_TICK_STEP, 1, np.zeros(len(grid.picks), dtype=np.int64))
+    return grid
+
+
+def _decode_grid(path: Path, probe: VideoProbe, grid: _Grid, size: int, threads: int = 0,
+                 decoder=None, crops: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The frames displayed at `grid.times` (seconds on the file's own timeline) of the video file `path`, and their
+    start times: frames (F, size, size, 3) — (F, crops, size, size, 3) with 3 spatial crops — and times (F,). The
+    window has been checked against `probe`."""
     ticks, inverse = np.unique(grid.picks, return_inverse=True)  # ticks (U,) sorted; picks = ticks[inverse]
-    request = FrameRequest(path, probe, grid.first, grid.step, ticks, cfg.size, threads, cfg.spatial_crops)
+    request = FrameRequest(path, probe, grid.first, grid.step, ticks, size, threads, crops)
     decoded = (decoder or DEFAULT_DECODER).frames(request)
     got = decoded.frames  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
     tick_times = request.times  # (U,)
@@ -636,6 +658,149 @@ def decode_frame_dir_segment(frame_dir: str | os.PathLike, start_frame: int, sto
     return got[inverse], frame_start(unique[inverse], rate)
 
 
+# ------------------------------------------------------------------------------------------------ chunked videos
+_CHUNK_NAME = re.compile(r"(\d+)(\.mp4)", re.IGNORECASE)  # <start second>.MP4
+
+
+@dataclass(frozen=True)
+class ChunkedVideo:
+    """One video stored as consecutive chunks, the layout AVION and LaViLa re-encode EK-100 and Ego4D into:
+    ``P01_01.MP4/0.MP4, 15.MP4, 30.MP4 …``, a folder named like the original file, each chunk named by the second of
+    the original timeline it starts at (all but the last `chunk_seconds` long). Time t of the video lies in the chunk
+    starting at s = floor(t / chunk_seconds) * chunk_seconds, t - s after the chunk's first frame (whose timestamp is
+    usually 0). Any resolution and frame rate: each chunk is probed on its own."""
+
+    folder: Path
+    chunk_seconds: int | None   # None: a single chunk (0.MP4), whose length one name cannot tell
+    starts: tuple[int, ...]     # start seconds of the chunks present, increasing
+    names: tuple[str, ...]      # their file names, in the same order
+
+    def describe(self) -> str:
+        length = f"{self.chunk_seconds} s chunks" if self.chunk_seconds else "a single chunk"
+        return f"chunked video {self.folder} ({length}, {len(self.starts)} present)"
+
+    def chunk_start(self, times: np.ndarray) -> np.ndarray:
+        """Start second of the chunk each time (seconds, original timeline) lies in. (F,) -> (F,) int"""
+        if not self.chunk_seconds:
+            return np.zeros(len(times), dtype=np.int64)
+        # a time on a chunk boundary (up to float rounding) is the first frame of the later chunk
+        return (np.floor(np.asarray(times, dtype=np.float64) / self.chunk_seconds + 1e-9).astype(np.int64)
+                * self.chunk_seconds)
+
+    def path(self, start: int) -> Path:
+        """The chunk starting at `start` seconds; DecodeError naming the file when it is missing."""
+        if start in self.starts:
+            return self.folder / self.names[self.starts.index(start)]
+        ext = Path(self.names[-1]).suffix
+        raise DecodeError(f"{self.folder / f'{start}{ext}'}: missing chunk (the {self.describe()} has no chunk "
+                          f"starting at {start}s; chunks present start at {_list_seconds(self.starts)})")
+
+
+def _list_seconds(starts: tuple[int, ...], most: int = 8) -> str:
+    shown = ", ".join(f"{s}s" for s in starts[:most])
+    return shown + (f" … {starts[-1]}s" if len(starts) > most else "")
+
+
+def scan_chunks(folder: str | os.PathLike, chunk_seconds: int | None = None) -> ChunkedVideo:
+    """The chunks of a chunked video folder and their length: `chunk_seconds` when given, else read from the names
+    (the smallest gap between start seconds). InputError naming the folder when the names are irregular (a start
+    that is not a multiple of the chunk length) or disagree with `chunk_seconds`; DecodeError when the folder is
+    missing or holds no chunk (a recorded failure). Cached per folder version."""
+    folder = Path(folder)
+    try:
+        mtime = folder.stat().st_mtime_ns
+    except OSError as exc:
+        raise DecodeError(f"{folder}: missing chunked video folder ({exc.strerror})") from None
+    return _scan_cached(str(folder), mtime, chunk_seconds)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scan_cached(folder: str, mtime_ns: int, chunk_seconds: int | None) -> ChunkedVideo:
+    found: dict[int, str] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            m = _CHUNK_NAME.fullmatch(entry.name)
+            if m and entry.is_file():
+                start = int(m.group(1))
+                if start in found:
+                    raise InputError(f"{folder}: two chunks start at {start}s ({found[start]}, {entry.name})")
+                found[start] = entry.name
+    if not found:
+        raise DecodeError(f"{folder}: chunked video folder without chunks (no files named <start second>.MP4)")
+    starts = tuple(sorted(found))
+    named = int(min(np.diff(starts))) if len(starts) > 1 else None
+    length = chunk_seconds if chunk_seconds is not None else named
+    if length is not None and (length <= 0 or any(s % length for s in starts) or (named and named != length)):
+        given = f"--chunk-seconds {chunk_seconds}" if chunk_seconds is not None else "chunk length"
+        raise InputError(f"{folder}: chunk names (starting at {_list_seconds(starts)}) do not fit {given}"
+                         + (f"; the names imply {named} s chunks" if named else "")
+                         + ": chunks must be named by their start second, every chunk_seconds seconds")
+    return ChunkedVideo(Path(folder), length, starts, tuple(found[s] for s in starts))
+
+
+def decode_chunked_segment(folder: str | os.PathLike, start: float, stop: float, cfg: SamplingConfig,
+                           chunk_seconds: int | None = None, threads: int = 0,
+                           decoder=None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames of [start, stop] (seconds of the original video) of a chunked video folder (`ChunkedVideo`).
+
+    The sample times are those of the whole window (as for one file); they are split by chunk, each part is decoded
+    from its chunk at local times (same grid, shifted by the chunk's start) and the parts are joined in order, so a
+    window across a boundary gets the same frames as from the original timeline. The video ends where the last chunk
+    ends; a window past it (beyond END_TOLERANCE_FRAMES), a missing chunk, or a chunk ending before a time asked of
+    it is a DecodeError naming the chunk. Returns frames (F, size, size, 3) and times (F,) on the original timeline.
+    """
+    video = scan_chunks(folder, chunk_seconds)
+    last = video.path(video.starts[-1])
+    last_probe = probe_video(last)
+    whole = dataclasses.replace(last_probe, start=0.0, duration=video.starts[-1] + last_probe.duration)
+    start, stop = _check_window(video.folder, start, stop, whole, f"last chunk ({last.name})")
+    grid = _window_grid(start, stop, cfg)
+    owner = video.chunk_start(grid.times)  # (F,) non-decreasing, as the picks are
+    parts, times = [], []
+    for chunk_start in np.unique(owner):
+        chunk_start = int(chunk_start)
+        path = video.path(chunk_start)
+        probe = probe_video(path)
+        # the chunk's first frame is shown at its start second (as AVION reads chunks, by frame index); its own
+        # timestamps may start a little later (the B-frame delay of a first chunk cut without an edit list)
+        shift = probe.start - chunk_start
+        sub = _Grid(grid.first + shift, grid.step, grid.count, grid.picks[owner == chunk_start])
+        if sub.times[-1] > probe.end + END_TOLERANCE_FRAMES / probe.fps:
+            raise DecodeError(f"{path}: chunk is {probe.duration:.3f}s long, but the frame at "
+                              f"{sub.times[-1] - shift:.3f}s of the video lies {sub.times[-1] - probe.start:.3f}s "
+                              f"into it: {video.describe()} with a short chunk (or the wrong chunk length)")
+        try:
+            frames, local = _decode_grid(path, probe, sub, cfg.size, threads, decoder, cfg.spatial_crops)
+        except DecodeError as exc:
+            raise DecodeError(f"{exc} [chunk at {chunk_start}s of the {video.describe()}]") from None
+        parts.append(frames)
+        times.append(local - shift)
+    if len(parts) == 1:
+        return parts[0], times[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts), np.concatenate(times)
+    import torch
+
+    return torch.cat(parts), np.concatenate(times)
+
+
+def check_chunked_sources(root: str | os.PathLike, segments, chunk_seconds: int | None = None) -> None:
+    """Read the chunk names of every chunked video the segments use, before anything is decoded: names that are
+    irregular or disagree with `chunk_seconds` are an InputError naming the folder (bad input, not a row's failure).
+    Missing videos are left to the rows' own recorded failures."""
+    seen: set[str] = set()
+    for s in segments:
+        if s.video_id in seen:
+            continue
+        seen.add(s.video_id)
+        try:
+            kind, path = locate_source(root, s)
+            if kind is SourceKind.CHUNKS:
+                scan_chunks(path, chunk_seconds)
+        except DecodeError:
+            continue
+
+
 # The annotation fields each layout builds source paths from, by annotation kind: (Segment attribute, CSV column).
 PATH_FIELDS = {"ek100": (("video_id", "video_id"), ("participant_id", "participant_id")),
                "generic": (("video_id", "video"), ("participant_id", "participant"))}
@@ -676,7 +841,9 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
     """Where a segment's pixels live under `root`; the first existing of:
 
     ``root/P01/videos/P01_01.MP4`` (or .mp4), ``root/P01/rgb_frames/P01_01/``, ``root/P01_01.MP4`` (or .mp4),
-    ``root/<video_id>`` (a file: video; a folder: JPEG frames) — the last one is how generic CSVs name videos.
+    the chunk folders ``root/P01/P01_01.MP4/`` and ``root/P01_01.MP4/`` (AVION / LaViLa, `ChunkedVideo`),
+    ``root/<video_id>`` (a file: video; a folder named like a video file: chunks; another folder: JPEG frames) —
+    the last one is how generic CSVs name videos.
     A video_id or participant_id that could lead outside `root` (`path_fragment_problem`) is an InputError.
     """
     root = Path(root)
@@ -692,17 +859,24 @@ def locate_source(root: str | os.PathLike, segment: Segment) -> tuple[SourceKind
         candidates += [(SourceKind.VIDEO, root / participant / "videos" / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
         candidates.append((SourceKind.FRAMES, root / participant / "rgb_frames" / vid))
         candidates += [(SourceKind.VIDEO, root / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
+        candidates += [(SourceKind.CHUNKS, root / participant / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
+        candidates += [(SourceKind.CHUNKS, root / f"{vid}{ext}") for ext in VIDEO_EXTENSIONS]
     direct = root / vid
-    candidates.append((SourceKind.FRAMES if direct.is_dir() else SourceKind.VIDEO, direct))
+    if not direct.is_dir():
+        candidates.append((SourceKind.VIDEO, direct))
+    else:  # a folder named like a video file holds its chunks; any other folder, JPEG frames
+        chunked = direct.suffix.lower() in {e.lower() for e in VIDEO_EXTENSIONS}
+        candidates.append((SourceKind.CHUNKS if chunked else SourceKind.FRAMES, direct))
     for kind, path in candidates:
-        if (kind is SourceKind.FRAMES and path.is_dir()) or (kind is SourceKind.VIDEO and path.is_file()):
+        if (kind is SourceKind.VIDEO and path.is_file()) or (kind is not SourceKind.VIDEO and path.is_dir()):
             return kind, path
     tried = ", ".join(str(p) for _, p in candidates)
     raise DecodeError(f"{direct}: missing: no video or frame folder for {vid!r} (looked for {tried})")
 
 
 def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop: float, cfg: SamplingConfig,
-                   frame_rate: float | None = None, threads: int = 0, decoder=None) -> tuple[np.ndarray, np.ndarray]:
+                   frame_rate: float | None = None, threads: int = 0, decoder=None,
+                   chunk_seconds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Frames of [start, stop] seconds of `segment`'s video, from whichever layout `root` holds.
 
     A video file is decoded by its own timestamps. A JPEG folder needs its numbering rate `frame_rate` (frames/s;
@@ -710,11 +884,14 @@ def decode_segment(root: str | os.PathLike, segment: Segment, start: float, stop
     the segment itself, other windows (anticipation) map seconds to frames at that rate. Returns frames uint8
     (F, size, size, 3) and times float64 (F,) in seconds. `threads`: ffmpeg's decoder threads for video files (0 =
     ffmpeg's default). `decoder`: the video decoder (`decode_video_segment`); frame folders are always read by
-    ffmpeg on the CPU.
+    ffmpeg on the CPU. A chunk folder is read by `decode_chunked_segment`, with chunks `chunk_seconds` long (None:
+    read from the chunk names).
     """
     kind, path = locate_source(root, segment)
     if kind is SourceKind.VIDEO:
         return decode_video_segment(path, start, stop, cfg, threads, decoder)
+    if kind is SourceKind.CHUNKS:
+        return decode_chunked_segment(path, start, stop, cfg, chunk_seconds, threads, decoder)
     if frame_rate is None:
         raise DecodeError(f"{path}: frame folder needs its frame numbering rate, but none is known for "
                           f"{segment.video_id!r} (no frame/timestamp pairs in the annotations; pass --frame-rate)")

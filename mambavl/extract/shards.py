@@ -15,6 +15,7 @@ Cost of a row (arbitrary units, only ratios matter):
   height. fps and resolution come from the video info (``EPIC_100_video_info.csv``) when it names the video, else
   from probing the file (PyAV); a video that cannot be probed (missing, corrupt: it will land in the failures table
   at once) costs its seconds x the median rate of the others.
+* chunked video folder (AVION / LaViLa): as a video file, at the rate and size of its first chunk.
 * JPEG frame folder (``rgb_frames``): only the sampled frames are read and decoded, so frames per segment x pixels.
 """
 
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mambavl.data.annotations import Segment, VideoInfo
+from mambavl.errors import InputError
 from mambavl.extract.decode import (
     DecodeError,
     SamplingConfig,
@@ -34,6 +36,7 @@ from mambavl.extract.decode import (
     anticipation_window,
     locate_source,
     probe_video,
+    scan_chunks,
 )
 
 __all__ = ["imbalance", "lpt_assign", "plan_shards", "segment_costs", "shard_rows"]
@@ -61,8 +64,11 @@ def _rate(root, segment: Segment, video_info: dict[str, VideoInfo]) -> tuple[Sou
     if info is not None and res is not None and info.fps > 0:
         return kind, float(info.fps) * res[0] * res[1]
     try:
+        if kind is SourceKind.CHUNKS:  # chunks share one encoding: the first stands for all
+            chunks = scan_chunks(path)
+            path = chunks.path(chunks.starts[0])
         p = probe_video(path)
-    except DecodeError:
+    except (DecodeError, InputError):
         return kind, None
     return kind, p.fps * p.width * p.height
 

@@ -108,9 +108,9 @@ def split_views(frames, times: np.ndarray, views: ViewConfig):
 
 
 def decode_views(root, segment, start: float, stop: float, sampling: SamplingConfig, views: ViewConfig,
-                 frame_rate: float | None = None, threads: int = 0, decoder=None):
+                 frame_rate: float | None = None, threads: int = 0, decoder=None, chunk_seconds: int | None = None):
     """Every view of [start, stop] of `segment` from one decode (`decode_segment` with `view_sampling`): frames
     uint8 (V, N, size, size, 3), times float64 (V, N)."""
     frames, times = decode_segment(root, segment, start, stop, view_sampling(sampling, views), frame_rate, threads,
-                                   decoder)
+                                   decoder, chunk_seconds)
     return split_views(frames, times, views)
