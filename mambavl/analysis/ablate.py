@@ -1,7 +1,8 @@
 """Ablation study: train several variants under one budget and several seeds, and compare them in one table.
 
-Every trained run uses `mambavl.train.train` on the same caches, with the same epochs, step floor (`min_steps`),
-batch size, learning rate, schedule, frames, question protocol and seeds; only what the variant names differs.
+Every trained run uses `mambavl.train.train` on the same caches, with the same epochs (early stopping off), step
+floor (`min_steps`), batch size, learning rate, schedule, frames, question protocol and seeds; only what the
+variant names differs.
 `ABLATIONS` maps each name to a `Variant` (a preset to train, or a linear probe):
 
 | name | what changes against `full` |
@@ -190,6 +191,7 @@ def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, r
         model_overrides=dict(cfg.model_overrides), question_source=cfg.question_source, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.lr, frames=cfg.frames, min_steps=cfg.min_steps, seed=seed,
         device=cfg.device, resume=resume,
+        patience=0,  # every run trains the whole budget: the table reports the last epoch, not a selected one
     )
     values.update(cfg.train_overrides)
     values.update(extra)
@@ -231,7 +233,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
                 f"{run_dir} holds a run with another {differs!r} ({plain(getattr(stored.train_config, differs))!r}, "
                 f"this study wants {plain(getattr(tcfg, differs))!r}); choose another --out or remove that run"
             )
-        if stored.progress.epoch >= cfg.epochs:
+        if stored.progress.epoch >= cfg.epochs or stored.progress.stopped_early is not None:
             info_path = run_dir / "ablation_run.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
             history = list(stored.progress.history)
