@@ -189,15 +189,21 @@ def predict_command(
     except InputError as exc:
         raise fail(str(exc)) from None
     console = Console(width=120)
-    table = Table(title=f"{video.name} [{result['start']:.2f}, {result['stop']:.2f}] s — top actions")
-    for col in ("rank", "verb", "noun", "score"):
+    heads = result["dataset"]["heads"]
+    has_nouns = any(a["noun"] for a in result["actions"])
+    table = Table(title=f"{video.name} [{result['start']:.2f}, {result['stop']:.2f}] s — top "
+                        f"{'actions' if has_nouns else heads['verb'] + 's'}, from the recognition heads")
+    for col in ("rank", heads["verb"], *([heads["noun"]] if has_nouns else []), "score"):
         table.add_column(col)
     for i, a in enumerate(result["actions"], 1):
-        table.add_row(str(i), a["verb"], a["noun"] or "", f"{a['score']:.3f}")
+        table.add_row(str(i), a["verb"], *([a["noun"] or ""] if has_nouns else []), f"{a['score']:.3f}")
     console.print(table)
+    if result["qa"]:
+        console.print("QA head answers (answer texts scored by the QA head, a separate output trained by the QA "
+                      "objective: they can differ from the table above):")
     for kind, qa in result["qa"].items():
         answers = ", ".join(f"{a['answer']} ({a['score']:.2f})" for a in qa["answers"][:3])
-        console.print(f"[bold]{qa['question']}[/] -> {answers}")
+        console.print(f"  QA head, [bold]{qa['question']}[/] -> {answers}")
     cand = result.get("candidates")
     if cand:
         for head in ("verb", "noun"):

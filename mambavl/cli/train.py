@@ -190,7 +190,7 @@ def train_command(
         for line in _run_notes(result):
             typer.echo(line)
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
-        typer.echo(f"best {result.best_metric_name}: {best}")
+        typer.echo(f"best {_in_terms(result.best_metric_name, result.heads)}: {best}")
         typer.echo(f"last checkpoint: {result.last_checkpoint}")
         if result.best_checkpoint is not None:
             typer.echo(f"best checkpoint: {result.best_checkpoint}")
@@ -207,17 +207,24 @@ def _run_notes(result) -> list[str]:
                                            else "") + " (recorded in last.pt)")
     stop = result.stopped_early
     if stop is not None:
-        lines.append(f"stopped early after epoch {stop['epoch']}: {stop['metric']} did not rise by more than "
+        metric = _in_terms(stop["metric"], result.heads)
+        lines.append(f"stopped early after epoch {stop['epoch']}: {metric} did not rise by more than "
                      f"{stop['min_delta']:g} for {stop['epochs_without_improvement']} epochs (--patience "
                      f"{stop['patience']}); best at epoch {stop['best_epoch']}")
     return lines
 
 
-def _epoch_line(row: dict) -> str:
+def _in_terms(key: str, heads: dict | None) -> str:
+    """A metric name with the heads named as the dataset names them (val_verb_top1 -> val_label_top1 for a generic
+    clip CSV; metrics.csv keeps the internal names)."""
+    return "_".join((heads or {}).get(p, p) for p in key.split("_"))
+
+
+def _epoch_line(row: dict, heads: dict | None = None) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row.get('train_loss', float('nan')):.4f}"]
     for key in ("train_loss_qa", "val_verb_top1", "val_noun_top1", "val_action_top1"):
         if key in row:
-            parts.append(f"{key.removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
+            parts.append(f"{_in_terms(key, heads).removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
     parts.append(f"{row.get('time_s', 0):.1f}s")
     return "  ".join(parts)
 
@@ -227,7 +234,7 @@ def _epoch_status(fields: dict) -> str | None:
 
 
 def _epoch_report(fields: dict) -> str | None:
-    return _epoch_line(fields["metrics"]) if "metrics" in fields else None
+    return _epoch_line(fields["metrics"], fields.get("heads")) if "metrics" in fields else None
 
 
 def _run(cfg: TrainConfig, quiet: bool):

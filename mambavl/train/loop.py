@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mambavl import __version__
+from mambavl.cache import schema
 from mambavl.cache.reader import SegmentDataset
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
@@ -53,8 +54,9 @@ class TrainResult:
     """Outcome of `train`: best validation metric (action top-1, or verb top-1 without nouns; None without a
     validation cache), checkpoint paths (None where not written, e.g. on ranks > 0 or without validation for best),
     one metrics dict per epoch (the rows of metrics.csv), the name of the selection metric, the trained model
-    (unwrapped, on its device), the early stop (None, or `RunProgress.stopped_early`) and the settings resumes
-    changed (`RunProgress.changes`)."""
+    (unwrapped, on its device), the early stop (None, or `RunProgress.stopped_early`), the settings resumes
+    changed (`RunProgress.changes`) and what the dataset calls the heads (`schema.head_names`: "label" for the verb
+    head of a generic clip CSV)."""
 
     best_metric: float | None
     last_checkpoint: Path | None
@@ -64,6 +66,7 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)
     stopped_early: dict | None = None
     changes: list[dict] = field(default_factory=list)
+    heads: dict[str, str] = field(default_factory=lambda: schema.head_names("ek100"))
 
 
 def question_warning(mcfg: ModelConfig, source: QuestionSource) -> str | None:
@@ -218,7 +221,8 @@ def new_artifact(cfg: TrainConfig, mcfg: ModelConfig, data: RunData) -> TrainedM
         model_config=mcfg, train_config=dataclasses.replace(cfg), weights={},
         vocab=Vocabulary(list(data.verbs), list(data.nouns), list(data.action_pairs)),
         features=features, cache_schema_version=int(attrs.get("schema_version", 1)),
-        annotation={"file": str(attrs.get("annotation_file", "")), "sha256": str(attrs.get("annotation_sha256", ""))},
+        annotation={"file": str(attrs.get("annotation_file", "")), "sha256": str(attrs.get("annotation_sha256", "")),
+                    "kind": str(attrs.get("dataset_kind", "ek100"))},
         # the action QA answers, in the order of vocab.action_pairs: evaluation scores them without the training
         # cache (an evaluated cache's own action answers are the pairs of *its* labels)
         action_answers=answers.action.detach().cpu() if data.qa_kinds and answers.action is not None else None,
@@ -367,7 +371,12 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
         model=run.model,
         stopped_early=run.state.stopped_early,
         changes=list(run.state.changes),
+        heads=_heads(run.data),
     )
+
+
+def _heads(data: RunData) -> dict[str, str]:
+    return schema.head_names(str(data.train_cache.attrs.get("dataset_kind", "ek100")))
 
 
 def _stop_decision(run: _Run, cfg: TrainConfig, layout: ProcessLayout) -> dict | None:
@@ -428,4 +437,4 @@ def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout
     state.stopped_early = _stop_decision(run, cfg, layout)
     _check_weights(run.model, epoch, state.step, run.saver)
     run.saver.save(run.model, opt, state, run.sample_gen, improved)
-    progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row))
+    progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row), heads=_heads(data))
