@@ -159,3 +159,18 @@ def test_ablation_with_probes_and_paired_differences(caches, tmp_path):
     assert "| video-only | " in md and "+0.0 ± 0.0" in md
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["rows"][2]["paired"]["verb_top1"]["n"] == 2
+
+
+def test_table_labels_runs_with_their_real_settings_and_marks_noise(caches, tmp_path):
+    from mambavl.analysis.ablate import describe, noise_flag
+
+    # the preset says d_model 128; a study that overrides it must not print 128
+    assert "d_model 128" in describe("full") and "d_model 64" in describe("full", {"d_model": 64})
+    assert noise_flag({"mean": 1.0, "std": 0.0, "n": 1}, 1) == "1 seed"
+    assert noise_flag({"mean": 1.0, "std": 2.0, "n": 3}, 3) == "within noise"  # 2 * 2 / sqrt(3) = 2.3 > 1
+    assert noise_flag({"mean": 5.0, "std": 1.0, "n": 3}, 3) == ""
+    result = run_ablation(_cfg(caches, tmp_path, presets=("full", "video-only"), seeds=1))
+    md = result["markdown"]
+    assert "d_model 16, 1 layer(s), d_state 16" in md and "d_model 128" not in md
+    assert "(1 seed)" in md and "**One seed**" in md
+    assert result["rows"][0]["settings"]["d_model"] == 16

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,14 +169,29 @@ def preset_of(name: str) -> str | None:
     return variant_of(name).preset
 
 
-def describe(name: str) -> str:
-    """One line on what an ablation (or preset) is."""
+def describe(name: str, model_overrides: dict | None = None) -> str:
+    """One line on what an ablation (or preset) is; sizes the study overrides (`model_overrides`, e.g. d_model 64)
+    are written with the study's values, not the preset's."""
     variant = variant_of(name)
     if variant.description:
-        return variant.description
-    if name == "full":
-        return "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
-    return PRESET_DESCRIPTIONS.get(variant.preset, variant.preset)
+        text = variant.description
+    elif name == "full":
+        text = "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
+    else:
+        text = PRESET_DESCRIPTIONS.get(variant.preset, variant.preset)
+    for key, value in (model_overrides or {}).items():
+        text = re.sub(rf"\b{re.escape(str(key))} \d+", f"{key} {value}", text)
+    return text
+
+
+def noise_flag(stat: dict | None, seeds: int) -> str:
+    """How far a difference (`mean_std` over seeds) can be read: "1 seed" (no spread measured), "within noise"
+    (|mean| <= 2 standard errors, 2 * sd / sqrt(n): zero is inside the rough 95 % interval) or "" (outside it)."""
+    if stat is None or stat.get("mean") is None:
+        return ""
+    if seeds < 2 or stat.get("n", 0) < 2:
+        return "1 seed"
+    return "within noise" if abs(stat["mean"]) <= 2 * stat["std"] / math.sqrt(stat["n"]) else ""
 
 
 def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, resume: bool = False):
@@ -220,6 +236,29 @@ def _metrics_from_history(history: list[dict]) -> dict[str, float | None]:
 
 
 # TrainConfig fields that may differ between a stored run and this study without making the run another one.
+def run_settings(run: TrainedModel) -> dict[str, Any]:
+    """The settings a trained run really had (from its checkpoint, not from its preset's description): width, depth,
+    state size, expansion, layout and A sharing, question use, QA weight."""
+    mc, tc = run.model_config, run.train_config
+    return {"d_model": mc.d_model, "n_layers": mc.n_layers, "d_state": mc.d_state, "expand": mc.expand,
+            "fusion": plain(mc.fusion), "scan_layout": plain(mc.scan_layout), "shared_A": bool(mc.shared_A),
+            "use_question": bool(mc.use_question), "qa_weight": tc.qa_weight}
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    """"d_model 64, 1 layer(s), d_state 16, expand 2, ..." from `run_settings` (what the table says a row was)."""
+    if not settings:
+        return "-"
+    parts = [f"d_model {settings['d_model']}", f"{settings['n_layers']} layer(s)", f"d_state {settings['d_state']}",
+             f"expand {settings['expand']}", f"fusion {settings['fusion']}"]
+    if settings["fusion"] == "mamba":
+        parts += [f"{settings['scan_layout']} scan", "shared A" if settings["shared_A"] else "separate A"]
+    if not settings["use_question"]:
+        parts.append("no question")
+    parts.append(f"QA weight {settings['qa_weight']:g}")
+    return ", ".join(parts)
+
+
 def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
     """Train (or reuse a finished / resume an interrupted) run; return its metrics, steps, params and time."""
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
@@ -241,10 +280,11 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
                 "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in stored.weights.values()),
                 "metrics": _metrics_from_history(history), "steps": int(history[-1].get("step", 0)) if history else 0,
                 "train_time_s": info.get("train_time_s", float(sum(h.get("time_s", 0.0) for h in history))),
-                "reused": True,
+                "reused": True, "settings": run_settings(stored),
             }
     t0 = time.perf_counter()
     result = train(tcfg)
+    settings = run_settings(TrainedModel.load(last)) if last.is_file() else {}
     elapsed = time.perf_counter() - t0
     if tcfg.resume:
         # Part of the run happened earlier: count the epochs' own timings instead of this call's wall time.
@@ -252,7 +292,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int) -> dict:
     params = sum(p.numel() for p in result.model.parameters())
     (run_dir / "ablation_run.json").write_text(json.dumps({"train_time_s": elapsed, "params": params}) + "\n")
     return {"seed": seed, "run_dir": str(run_dir), "params": params, "metrics": _metrics_from_history(result.history),
-            "steps": int(result.history[-1]["step"]), "train_time_s": elapsed, "reused": False}
+            "steps": int(result.history[-1]["step"]), "train_time_s": elapsed, "reused": False, "settings": settings}
 
 
 def _run_probe(cfg: AblationConfig, name: str) -> dict:
@@ -317,7 +357,8 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
         rows.append({
             "name": name,
             "preset": preset_of(name),
-            "description": describe(name),
+            "description": describe(name, cfg.model_overrides),
+            "settings": runs[0].get("settings") or {},
             "params": runs[0]["params"],
             "steps": runs[0]["steps"],
             "train_time_s": mean_std([r["train_time_s"] for r in runs]),
@@ -378,9 +419,23 @@ def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
         cells = [r["name"], f"{r['params'] / 1e6:.3f} M", "-" if r["steps"] is None else str(r["steps"])]
         cells += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
         if paired:
-            cells.append(_cell(r["paired"][key] if r.get("paired") else None, cfg.seeds, sign=True))
+            stat = r["paired"][key] if r.get("paired") else None
+            flag = noise_flag(stat, cfg.seeds) if r["name"] != REFERENCE else ""  # the reference: 0 by definition
+            cells.append(_cell(stat, cfg.seeds, sign=True) + (f" ({flag})" if flag else ""))
         cells.append(_cell(r["train_time_s"], cfg.seeds))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| name | what it is |", "|---|---|"]
-    lines += [f"| {r['name']} | {r['description']} |" for r in rows]
+    lines += ["", _noise_note(cfg.seeds, paired)]
+    lines += ["", "| name | what it is | settings of its runs |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['description']} | {settings_text(r.get('settings') or {})} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _noise_note(seeds: int, paired: bool) -> str:
+    """The sentence under the table on how far its differences can be read."""
+    if seeds < 2:
+        return ("**One seed**: no seed-to-seed spread was measured, so a difference of a few points between rows may "
+                "be noise (on small validation sets one clip is several points); run `--seeds 3` or more before "
+                "reading a difference as an effect.")
+    return (f"Spread over {seeds} seeds: ± is the sample standard deviation."
+            + (" A paired Δ marked *within noise* is within 2 standard errors of zero (2 sd / √seeds): not "
+               "distinguishable from no effect at this number of seeds." if paired else ""))
