@@ -70,6 +70,10 @@ def efficiency_command(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per configuration (median reported).")] = 3,
     memory: Annotated[str, typer.Option(help="Peak memory: auto, rss (CPU), cuda, none.")] = "auto",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write efficiency.png.")] = True,
+    memory_budget: Annotated[Optional[float], typer.Option(
+        "--memory-budget", min=0.0, help="GiB the run may use (default: 80 % of the memory available now). A run "
+                                         "whose estimated peak exceeds it is refused (exit 2) before it starts.")]
+    = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Parameters, FLOPs, latency and peak memory of the fusion kinds against sequence length."""
@@ -80,6 +84,7 @@ def efficiency_command(
             out_dir=str(out), lengths=_csv(lengths, "--lengths", int), fusions=_csv(fusions, "--fusions"),
             preset=preset, d_model=d_model, n_layers=n_layers, batch_size=batch_size, question_tokens=question_tokens,
             video_dim=video_dim, text_dim=text_dim, device=device, repeats=repeats, memory=memory, plot=plot,
+            memory_budget=None if memory_budget is None else int(memory_budget * 2**30),
         )
         with rich_progress("efficiency", quiet, log=log_messages("efficiency")) as progress:
             rows = measure_efficiency(cfg, progress=progress)
