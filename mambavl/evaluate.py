@@ -697,6 +697,11 @@ def checkpoint_identity(path: str, run: TrainedModel) -> dict[str, Any]:
         "question_source": tc.question_source.value,
         "train_cache": tc.train_cache,
         "best_metric": run.progress.best_metric,
+        "best_epoch": run.progress.best_epoch,
+        "epochs": tc.epochs,  # the run's budget (a resume may have changed it: `budget_changes`)
+        "patience": tc.patience,
+        "stopped_early": run.progress.stopped_early,
+        "budget_changes": run.progress.changes,
         "package_version": run.package_version,
         "format": run.format_read,
     }

@@ -199,12 +199,17 @@ def train_command(
 def _run_notes(result) -> list[str]:
     """What a resume changed (the latest resume's changes) and how the run stopped early, as lines."""
     lines = []
+    done = result.history[-1]["epoch"] if result.history else 0
     if result.changes:
         at = result.changes[-1]["step"]
-        for c in (c for c in result.changes if c["step"] == at):
+        latest = [c for c in result.changes if c["step"] == at]
+        trained = done > latest[0]["epoch"]  # an epoch after the change was saved, and the change with it
+        for c in latest:
             lines.append(f"resumed after epoch {c['epoch']} (step {c['step']}) with {c['field']} {c['to']} instead of "
                          f"{c['from']}" + ("; learning-rate schedule re-planned from there" if c["field"] == "epochs"
-                                           else "") + " (recorded in last.pt)")
+                                           else "") + (" (recorded in last.pt)" if trained else ""))
+        if not trained and result.stopped_early is None:
+            lines.append(f"nothing to train: the run has done {done} epochs already (last.pt unchanged)")
     stop = result.stopped_early
     if stop is not None:
         metric = _in_terms(stop["metric"], result.heads)

@@ -40,7 +40,8 @@ from mambavl.runtime.scoring import (
 from mambavl.runtime.task import TASKS, Task, TaskSpec, spec_of_window, task_spec
 
 __all__ = [
-    "DATA_FIELDS", "FORMAT", "KIND", "RESUME_FIELDS", "TASKS", "AnswerTables", "Asker", "ClipBatch", "FirstPass", "Labels",
+    "DATA_FIELDS", "FORMAT", "KIND", "RESUME_FIELDS", "TASKS",
+    "AnswerTables", "Asker", "ClipBatch", "FirstPass", "Labels",
     "RunProgress", "Task", "TaskSpec", "TrainConfig", "TrainedModel", "TrainingState", "Vocabulary", "action_answers",
     "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions", "clip_batches",
     "first_pass_probs", "fold_ids", "head_logits", "labelled_rows", "load_labels", "loader", "plain",

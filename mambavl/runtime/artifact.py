@@ -26,8 +26,8 @@ nowhere else in the package. Format 2 (this version) holds:
 Migrations (`_migrate`): format 1 — every checkpoint mambavl wrote before this contract, one flat dict with
 "model", "cache_attrs", "optimizer" ... at the top — is read and rewritten in memory as format 2. Fields added to
 format 1 over its life get the value the writing version implied: no `scene_bias` weight (the scene logits had no
-bias: 0), no `min_steps` (no step floor: 0), no `patience` (no early stopping: 0; format 2 too), no text-encoder attribute (the CLIP text tower), no action answers or
-first pass (none). tests/test_artifact.py loads a checkpoint of each generation (tests/data/checkpoints) and checks
+bias: 0), no `min_steps` (no step floor: 0), no `patience` (no early stopping: 0; format 2 too), no text-encoder
+attribute (the CLIP text tower), no action answers or first pass (none). tests/test_artifact.py loads a checkpoint of each generation (tests/data/checkpoints) and checks
 its logits against those the writing version computed. A file of a newer format, or not a mambavl checkpoint, is
 refused with InputError naming the file and what to do.
 """
