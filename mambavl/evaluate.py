@@ -10,7 +10,10 @@ a labelled cache, computes the official EK-100 metrics (`mambavl.metrics`) and w
   official format of the action recognition (or anticipation) challenge;
 * PNG plots (per-class accuracy by training frequency, head/mid/tail bars, confusion of the most frequent classes).
 
-A cache without labels (the test split) gets the submission only; metrics.json says so.
+metrics.json carries each head's chance level (`chance`: k / classes). A cache of a generic clip CSV is reported in
+its own terms (the verb head is "label", `schema.head_names`), without the EK-100-only parts (unseen / tail subsets,
+head/mid/tail buckets, the challenge-submission note). A cache without labels (the test split) gets the submission
+only; metrics.json says so.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -478,9 +482,11 @@ def compute_metrics(
 
 
 def per_class_tables(
-    scored: Scored, labels: dict, verb_counts: np.ndarray, noun_counts: np.ndarray, ks: tuple[int, ...]
+    scored: Scored, labels: dict, verb_counts: np.ndarray, noun_counts: np.ndarray, ks: tuple[int, ...],
+    buckets: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """{task: {"support", "train_count", "bucket", "top1", "top5", ...}} per verb / noun class (accuracies 0..1)."""
+    """{task: {"support", "train_count", "bucket", "top1", "top5", ...}} per verb / noun class (accuracies 0..1);
+    no "bucket" without `buckets` (the EK-100 head/mid/tail analysis, made for EK-100 data only)."""
     rows = scored.rows
     out = {}
     for task, s, counts in (("verb", scored.verb, verb_counts), ("noun", scored.noun, noun_counts)):
@@ -490,7 +496,8 @@ def per_class_tables(
         keep = lab >= 0
         table = M.per_class_accuracy(s[keep], lab[keep], num_classes=s.shape[1], ks=ks)
         table["train_count"] = counts
-        table["bucket"] = M.frequency_buckets(counts)
+        if buckets:
+            table["bucket"] = M.frequency_buckets(counts)
         out[task] = table
     return out
 
@@ -507,14 +514,21 @@ def bucket_metrics(tables: dict, scored: Scored, labels: dict, ks: tuple[int, ..
     return out
 
 
-def write_per_class_csv(path: Path, tables: dict, names: dict[str, list[str]], ks: tuple[int, ...]) -> None:
+def write_per_class_csv(path: Path, tables: dict, names: dict[str, list[str]], ks: tuple[int, ...],
+                        display: dict[str, str] | None = None) -> None:
+    """per_class.csv; `display` names the heads in the dataset's terms (task column), the bucket column only where
+    the tables have buckets (EK-100 data)."""
+    display = display or {}
+    bucketed = any("bucket" in t for t in tables.values())
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "class_id", "class_key", "train_count", "bucket", "support"] + [f"top{k}" for k in ks])
+    w.writerow(["task", "class_id", "class_key", "train_count", *(["bucket"] if bucketed else []), "support"]
+               + [f"top{k}" for k in ks])
     for task, table in tables.items():
         for c in range(len(table["support"])):
             accs = [table[f"top{k}"][c] for k in ks]
-            w.writerow([task, c, names[task][c], int(table["train_count"][c]), table["bucket"][c],
+            w.writerow([display.get(task, task), c, names[task][c], int(table["train_count"][c]),
+                        *([table["bucket"][c]] if bucketed else []),
                         int(table["support"][c])] + ["" if math.isnan(a) else f"{a * 100:.4f}" for a in accs])
     atomic_write_text(path, buf.getvalue())
 
@@ -596,16 +610,19 @@ def write_submission(out_dir: Path, text: str) -> dict[str, str]:
 
 
 def write_plots(out_dir: Path, tables: dict, buckets: dict, scored: Scored, labels: dict, names: dict,
-                top: int) -> dict[str, str]:
-    """Per-class accuracy, head/mid/tail bars and confusion matrices as PNGs; returns {name: path}."""
+                top: int, display: dict[str, str] | None = None) -> dict[str, str]:
+    """Per-class accuracy, head/mid/tail bars (EK-100 data) and confusion matrices as PNGs; returns {name: path}.
+    `display` names the heads in the dataset's terms (file names and titles)."""
 
     files: dict[str, str] = {}
     for task, table in tables.items():
+        shown = (display or {}).get(task, task)
+        coloured = " (bars coloured by training-frequency bucket)" if "bucket" in table else ""
         p = plots.per_class_accuracy_plot(
-            out_dir / f"{task}_per_class.png", table["top1"] * 100, table["train_count"], names[task],
-            f"{task} top-1 accuracy per class (bars coloured by training-frequency bucket)", table["bucket"],
+            out_dir / f"{shown}_per_class.png", table["top1"] * 100, table["train_count"], names[task],
+            f"{shown} top-1 accuracy per class{coloured}", table.get("bucket"),
         )
-        files[f"{task}_per_class_png"] = str(p)
+        files[f"{shown}_per_class_png"] = str(p)
         s = scored.verb if task == "verb" else scored.noun
         lab = np.asarray(labels[f"{task}_class"], np.int64)[scored.rows]
         keep = lab >= 0
@@ -617,10 +634,10 @@ def write_plots(out_dir: Path, tables: dict, buckets: dict, scored: Scored, labe
             remap = np.full(s.shape[1], len(chosen), dtype=np.int64)
             remap[chosen] = np.arange(len(chosen))
             cm = M.confusion_matrix(remap[pred], remap[lab[keep]], len(chosen) + 1)
-            p = plots.confusion_plot(out_dir / f"{task}_confusion.png", cm,
+            p = plots.confusion_plot(out_dir / f"{shown}_confusion.png", cm,
                                      [names[task][c] for c in chosen] + ["(other)"],
-                                     f"{task} confusion, {len(chosen)} most frequent classes (row-normalised)")
-            files[f"{task}_confusion_png"] = str(p)
+                                     f"{shown} confusion, {len(chosen)} most frequent classes (row-normalised)")
+            files[f"{shown}_confusion_png"] = str(p)
     if buckets:
         p = plots.bucket_bars_plot(out_dir / "head_tail.png", buckets,
                                    "top-1 accuracy by training-frequency bucket")
@@ -682,6 +699,11 @@ def checkpoint_identity(path: str, run: TrainedModel) -> dict[str, Any]:
         "question_source": tc.question_source.value,
         "train_cache": tc.train_cache,
         "best_metric": run.progress.best_metric,
+        "best_epoch": run.progress.best_epoch,
+        "epochs": tc.epochs,  # the run's budget (a resume may have changed it: `budget_changes`)
+        "patience": tc.patience,
+        "stopped_early": run.progress.stopped_early,
+        "budget_changes": run.progress.changes,
         "package_version": run.package_version,
         "format": run.format_read,
     }
@@ -702,6 +724,8 @@ def submission_plan(cfg: EvalConfig, loaded: Loaded) -> dict[str, Any]:
         return {"write": False, "note": "", "missing": []}
     labelled = bool(loaded.cache.attrs.get("has_labels", True))
     absent = [name for name in SLS_FIELDS if getattr(cfg, name) is None]
+    if absent and labelled and not schema.is_ek100(loaded.cache.attrs):
+        return {"write": False, "note": "", "missing": []}  # the EK-100 challenge format: not asked, not mentioned
     if absent:
         flags = ", ".join("--" + name.replace("_", "-") for name in absent)
         if not labelled:
@@ -733,17 +757,58 @@ def question_report(source: str, origin: str) -> dict[str, Any]:
     return rep
 
 
+CHANCE_NOTE = ("expected accuracy of a uniform random ranking: top-k = k / classes, also the expected class-mean "
+               "top-k recall; action (verb and noun both right): k / (verbs x nouns); action_head: k / its classes")
+
+
+def chance_report(scored: Scored, action_pairs: list | None, ks: tuple[int, ...]) -> dict[str, Any]:
+    """metrics.json's "chance" block: the chance level of every head's top-k (`metrics.chance_levels`)."""
+    counts = {"verb": scored.verb.shape[1]}
+    if scored.noun is not None:
+        counts.update(noun=scored.noun.shape[1], action=scored.verb.shape[1] * scored.noun.shape[1])
+    if action_pairs:
+        counts["action_head"] = len(action_pairs)
+    return {**M.chance_levels(counts, ks), "note": CHANCE_NOTE}
+
+
+def in_dataset_terms(result: dict[str, Any], display: dict[str, str]) -> dict[str, Any]:
+    """`result` with the heads named as the dataset names them (a generic CSV's "label" for the verb head) in the
+    per-head blocks of metrics.json ("metrics", "accuracy", "chance", "official")."""
+    if all(k == v for k, v in display.items()):
+        return result
+
+    def words(text: str) -> str:  # "verb" as a word or between underscores: val_verb_top1, next_verb, verb_class
+        return re.sub(r"(?<![A-Za-z])(verb|noun)(?![A-Za-z])", lambda m: display.get(m.group(1), m.group(1)), text)
+
+    def rename(block: Any) -> Any:
+        return {words(k): v for k, v in block.items()} if isinstance(block, dict) else block
+
+    out = dict(result)
+    if isinstance(out.get("metrics"), dict):  # {subset: {head: ...}}
+        out["metrics"] = {subset: rename(by_head) for subset, by_head in out["metrics"].items()}
+    for key in ("accuracy", "chance", "official"):  # {head: ...}, official {subset_head_...: value}
+        if isinstance(out.get(key), dict):
+            out[key] = rename(out[key])
+    if isinstance(out.get("qa"), dict):  # {question kind: {..., "answers": "verb_class"}}
+        out["qa"] = {words(kind): {**e, "answers": words(str(e.get("answers", "")))} for kind, e in out["qa"].items()}
+    return out
+
+
 def labelled_metrics(cfg: EvalConfig, loaded: Loaded, scored: Scored, result: dict[str, Any]) -> tuple[dict, dict]:
     """The metrics of a labelled split into `result` (EK-100 metrics, QA, candidates, frequency buckets); returns the
     per-class tables and the head/mid/tail buckets (for per_class.csv and the plots)."""
     labels = loaded.labels
-    found, notes = locate_subset_files(cfg, loaded.cache.attrs)
-    subsets = load_subsets(found)
-    result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
-    if notes:
-        result["subset_notes"] = notes
+    ek100 = schema.is_ek100(loaded.cache.attrs)
+    subsets: dict[str, Any] = {"unseen_ids": None, "tail_verbs": None, "tail_nouns": None}
+    if ek100:  # the EK-100 subset files (and the notes on missing ones) mean nothing for other data
+        found, notes = locate_subset_files(cfg, loaded.cache.attrs)
+        subsets = load_subsets(found)
+        result["subset_files"] = {k: (str(v) if v else None) for k, v in found.items()}
+        if notes:
+            result["subset_notes"] = notes
     action_pairs = loaded.run.vocab.action_pairs
     result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
+    result["chance"] = chance_report(scored, action_pairs if "action_head" in result else None, cfg.ks)
     if loaded.run.trained_with_qa:
         result["qa"] = qa_metrics(answer_cache(loaded, cfg.batch_size, cfg.device), labels, cfg.ks, action_pairs)
     else:  # an untrained QA head would score at chance: say so instead of reporting it
@@ -752,7 +817,9 @@ def labelled_metrics(cfg: EvalConfig, loaded: Loaded, scored: Scored, result: di
     if scored.candidates is not None:
         result["candidates"] = candidate_report(scored, labels, loaded.first_pass, loaded.run)
     vcount, ncount, freq_source = training_counts(loaded, cfg.train_cache)
-    tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks)
+    tables = per_class_tables(scored, labels, vcount, ncount, cfg.ks, buckets=ek100)
+    if not ek100:
+        return tables, {}
     buckets = bucket_metrics(tables, scored, labels, cfg.ks)
     result["frequency_buckets"] = {
         "source": freq_source,
@@ -799,7 +866,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     labelled = bool(loaded.cache.attrs.get("has_labels", True)) and bool((verb_rows >= 0).any())
 
     names = {"verb": list(loaded.cache.verb_keys), "noun": list(loaded.cache.noun_keys)}
+    kind = "ek100" if schema.is_ek100(loaded.cache.attrs) else "generic"
+    display = schema.head_names(kind)
     result: dict[str, Any] = {
+        "dataset": {"kind": kind, "heads": display},
         "mambavl_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "task": loaded.task,
@@ -826,7 +896,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     step("metrics")
     if labelled:
         tables, buckets = labelled_metrics(cfg, loaded, scored, result)
-        write_per_class_csv(out_dir / "per_class.csv", tables, names, cfg.ks)
+        write_per_class_csv(out_dir / "per_class.csv", tables, names, cfg.ks, display)
         files["per_class_csv"] = str(out_dir / "per_class.csv")
     else:
         result["metrics"] = None
@@ -846,9 +916,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
 
     if cfg.plots and tables:
         step("plots")
-        files.update(write_plots(out_dir, tables, buckets, scored, labels, names, cfg.confusion_classes))
+        files.update(write_plots(out_dir, tables, buckets, scored, labels, names, cfg.confusion_classes, display))
 
     files["metrics_json"] = str(out_dir / "metrics.json")
+    result = in_dataset_terms(result, display)
     result["files"] = files
     write_json(out_dir / "metrics.json", result)
     progress.advance(len(STAGES) - reported, message="done")

@@ -573,3 +573,21 @@ def recall_at_k(candidates: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(f"{candidates.shape[0]} candidate rows for {labels.shape[0]} labels")
     keep = labels >= 0
     return _mean((candidates[keep] == labels[keep, None]).any(axis=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chance levels
+
+
+def chance_levels(num_classes: dict[str, int], ks: tuple[int, ...] = (1, 5)) -> dict[str, dict[str, float | int]]:
+    """Expected accuracy of a uniform random ranking, in percent, per head: top-k chance = min(k, C) / C for C
+    classes. The same number is the expected *class-mean* top-k recall (each class is recalled with probability
+    min(k, C) / C), so it is the chance level of mean per-class accuracy and of EK-100 anticipation's class-mean
+    recall@5 too. `num_classes`: head -> C (EK-100 actions, verb and noun both right: C = verbs x nouns).
+    Example: 6 classes -> top-1 16.7 %, top-5 83.3 %; with few classes top-5 says little."""
+    out: dict[str, dict[str, float | int]] = {}
+    for head, c in num_classes.items():
+        if c <= 0:
+            continue
+        out[head] = {"classes": int(c), **{f"top{k}": round(100.0 * min(k, c) / c, 4) for k in ks}}
+    return out

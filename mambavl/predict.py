@@ -21,7 +21,9 @@ and nouns, and the QA head's answers to the template question kinds of the check
 noun, scene, action, the last among the training pairs when the checkpoint carries their answer embeddings;
 anticipation: next_verb, next_noun):
 scores are softmax probabilities over the candidates, or per-candidate sigmoids (with the learned scene bias) for
-the multi-label scene question.
+the multi-label scene question. The result says which part of the model each output comes from (`sources`): the
+recognition heads and the QA head are separate outputs, so the top action and a QA answer may disagree. `dataset`
+names the heads as the training data does ("label" for a generic clip CSV).
 """
 
 from __future__ import annotations
@@ -261,6 +263,22 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder:
                    encoder.provenance(), texts_from)
 
 
+# Which part of the model each output comes from: the recognition heads and the QA head are trained on different
+# objectives and read different questions, so the top action and a QA answer may disagree.
+SOURCES = {
+    "actions": "recognition heads (verb and noun classifiers; actions ranked by p(verb)·p(noun))",
+    "verbs": "recognition head (verb classifier)",
+    "nouns": "recognition head (noun classifier)",
+    "qa": "QA head (the fused clip+question vector scored against the answer texts; trained by the QA objective, "
+          "separately from the recognition heads)",
+}
+
+
+def _dataset_kind(run: TrainedModel) -> str:
+    """"ek100" or "generic" (checkpoints written before it was recorded: generic when they have no nouns)."""
+    return run.annotation.get("kind") or ("ek100" if run.has_nouns else "generic")
+
+
 def _result(cfg: PredictConfig, run: TrainedModel, clip: Clip, batch: ClipBatch, heads: dict, qa: dict,
             candidates: dict | None, asker: Asker, encoder: dict, texts_from: str) -> dict[str, Any]:
     """predict_video's result (see its docstring) from the heads' logits and the QA answers."""
@@ -272,6 +290,8 @@ def _result(cfg: PredictConfig, run: TrainedModel, clip: Clip, batch: ClipBatch,
         "frames": {"decoded": clip.decoded, "times": clip.times, "model": int(batch.video.shape[1])},
         "encoder": encoder, "texts_from": texts_from, "notes": _notes(run, asker.source.value),
         "verbs": _ranked(verb_p, verbs, cfg.top), "nouns": [], "actions": [], "qa": qa,
+        "dataset": {"kind": _dataset_kind(run), "heads": schema.head_names(_dataset_kind(run))},
+        "sources": dict(SOURCES),
     }
     if "noun" in heads:
         noun_p = heads["noun"].softmax(-1)[0].numpy()  # (Nn,)

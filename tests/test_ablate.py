@@ -169,3 +169,18 @@ def test_ablation_reports_each_runs_steps_as_a_part(caches, tmp_path):
     assert parts and {p["part"] for p in parts} == {"video-only seed 0 steps"}
     assert parts[0]["part_done"] == 0 and parts[-1]["part_done"] == parts[-1]["part_total"] == 2  # 64 rows / 32
     assert rec.done == rec.total == 1  # the parts never advance the ablation's own units
+
+
+def test_table_labels_runs_with_their_real_settings_and_marks_noise(caches, tmp_path):
+    from mambavl.analysis.ablate import describe, noise_flag
+
+    # the preset says d_model 128; a study that overrides it must not print 128
+    assert "d_model 128" in describe("full") and "d_model 64" in describe("full", {"d_model": 64})
+    assert noise_flag({"mean": 1.0, "std": 0.0, "n": 1}, 1) == "1 seed"
+    assert noise_flag({"mean": 1.0, "std": 2.0, "n": 3}, 3) == "within noise"  # 2 * 2 / sqrt(3) = 2.3 > 1
+    assert noise_flag({"mean": 5.0, "std": 1.0, "n": 3}, 3) == ""
+    result = run_ablation(_cfg(caches, tmp_path, presets=("full", "video-only"), seeds=1))
+    md = result["markdown"]
+    assert "d_model 16, 1 layer(s), d_state 16" in md and "d_model 128" not in md
+    assert "(1 seed)" in md and "**One seed**" in md
+    assert result["rows"][0]["settings"]["d_model"] == 16

@@ -109,6 +109,9 @@ def test_same_run_names_the_first_differing_field():
     assert same_run(a, free) is None and set(FREE_FIELDS) >= {"out_dir", "device", "num_workers", "resume"}
     assert same_run(a, dataclasses.replace(a, lr=2e-3)) == "lr"
     assert same_run(a, dataclasses.replace(a, epochs=3, lr=2e-3)) == "epochs"  # declaration order
+    # a resumed run may change its budget and early stopping, nothing else
+    assert same_run(a, dataclasses.replace(a, epochs=3, patience=0, min_delta=1.0), resuming=True) is None
+    assert same_run(a, dataclasses.replace(a, epochs=3, lr=2e-3), resuming=True) == "lr"
     assert same_run(a, dataclasses.replace(a, model_overrides={"d_model": 64})) == "model_overrides"
 
 

@@ -132,3 +132,46 @@ def test_bad_config_is_input_error():
         EfficiencyConfig(fusions=("lstm",), **TINY)
     with pytest.raises(InputError, match="memory"):
         EfficiencyConfig(**{**TINY, "memory": "psutil"})
+
+
+def test_memory_guard_refuses_before_running(monkeypatch, tmp_path):
+    """A run whose estimated peak exceeds the memory available is refused (exit 2) naming the options to lower,
+    before any model runs; the estimate grows with the square of the length for the transformer only."""
+    import mambavl.analysis.efficiency as E
+    from typer.testing import CliRunner
+
+    from mambavl.cli import app
+
+    ran = []
+    monkeypatch.setattr(E, "count_flops", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(E, "available_memory", lambda device: 10 * 2**20)  # a machine with 10 MiB free
+    with pytest.raises(InputError, match="--lengths") as err:
+        measure_efficiency(EfficiencyConfig(lengths=(1024,), **TINY))
+    assert "8.0 MiB this run may use (80% of the 10.0 MiB available)" in str(err.value) and not ran
+    res = CliRunner().invoke(app, ["efficiency", "--out", str(tmp_path / "e"), "--lengths", "4096",
+                                   "--memory-budget", "0.5", "--quiet"])
+    assert res.exit_code == 2 and "transformer at 4096 tokens" in res.output and "--batch-size" in res.output
+    assert not (tmp_path / "e").exists()
+    # the estimate: linear in length for mamba and concat, quadratic for the transformer
+    for fusion, power in (("mamba", 1), ("concat", 1), ("transformer", 2)):
+        small, large = (E.estimate_step_bytes(fusion, 2, n, 128, 2, 16, 2, 4, 512) for n in (4096, 8192))
+        assert 2 ** power * 0.9 < large / small <= 2 ** power + 1e-9, fusion
+
+
+def test_latency_noise_is_flagged():
+    from mambavl.analysis.efficiency import flag_noise, markdown_table
+
+    def row(fusion, n, runs):
+        return {"fusion": fusion, "total_tokens": n, "question_tokens": 4, "video_tokens": n - 4, "params": 1,
+                "flops_forward": 1, "flops_train_step": 2, "flops_scan_forward": 0, "latency_s": sorted(runs)[1],
+                "latency_runs": runs, "peak_memory_bytes": None}
+
+    rows = [row("mamba", 100, [1.0, 1.1, 1.2]), row("mamba", 200, [2.0, 2.1, 2.2]),  # clean: +1 s, spread 0.2
+            row("concat", 100, [0.1, 1.2, 1.3]), row("concat", 200, [0.1, 0.15, 0.2]),  # fell with length
+            row("transformer", 100, [1.0, 1.5, 2.0]), row("transformer", 200, [1.5, 1.8, 2.5])]  # spread > change
+    flag_noise(rows)
+    flags = {(r["fusion"], r["total_tokens"]): r["latency_noise"] for r in rows}
+    assert flags[("mamba", 200)] is None and flags[("mamba", 100)] is None
+    assert "fell" in flags[("concat", 200)] and "spread" in flags[("transformer", 200)]
+    md = markdown_table(rows)
+    assert md.count("(noisy)") == 3 and "concat at 200 tokens: latency fell" in md  # 2 cells + the legend line

@@ -201,6 +201,9 @@ def test_evaluate_labelled_split(setup, tmp_path):
     assert {r["bucket"] for r in rows} <= {"head", "mid", "tail"}
     assert saved["frequency_buckets"]["source"].startswith("training cache")
     assert sum(b["n"] for b in saved["frequency_buckets"]["verb"].values()) == 58
+    # chance levels beside the numbers (planted: 6 verbs, 5 nouns; actions = verb and noun both right)
+    assert saved["chance"]["verb"]["top5"] == pytest.approx(500 / 6, abs=1e-3)
+    assert saved["chance"]["action"]["classes"] == 30 and saved["dataset"]["kind"] == "ek100"
 
     for name in ("verb_per_class", "noun_per_class", "head_tail", "verb_confusion", "noun_confusion"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -386,3 +386,11 @@ def test_anticipation_action_recall_over_training_actions_and_all_pairs():
     vl2[0], nl2[0] = 4, 0
     m2 = M.ek100_anticipation_metrics(verb, noun, vl2, nl2, training_actions=vocab)["all"]["action"]
     assert m2["classes"] == len(np.unique(vl2 * 6 + nl2)) and m2["recall@5"] < 1.0
+
+
+def test_chance_levels_are_k_over_classes():
+    levels = M.chance_levels({"verb": 6, "noun": 300, "action": 6 * 300, "tiny": 3, "none": 0}, ks=(1, 5))
+    assert levels["verb"] == {"classes": 6, "top1": 16.6667, "top5": 83.3333}
+    assert levels["noun"]["top5"] == pytest.approx(500 / 300, abs=1e-4)
+    assert levels["tiny"]["top5"] == 100.0  # k >= C: every class is in the top k
+    assert "none" not in levels

@@ -1,7 +1,8 @@
 """Ablation study: train several variants under one budget and several seeds, and compare them in one table.
 
-Every trained run uses `mambavl.train.train` on the same caches, with the same epochs, step floor (`min_steps`),
-batch size, learning rate, schedule, frames, question protocol and seeds; only what the variant names differs.
+Every trained run uses `mambavl.train.train` on the same caches, with the same epochs (early stopping off), step
+floor (`min_steps`), batch size, learning rate, schedule, frames, question protocol and seeds; only what the
+variant names differs.
 `ABLATIONS` maps each name to a `Variant` (a preset to train, or a linear probe):
 
 | name | what changes against `full` |
@@ -42,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,14 +178,29 @@ def preset_of(name: str) -> str | None:
     return variant_of(name).preset
 
 
-def describe(name: str) -> str:
-    """One line on what an ablation (or preset) is."""
+def describe(name: str, model_overrides: dict | None = None) -> str:
+    """One line on what an ablation (or preset) is; sizes the study overrides (`model_overrides`, e.g. d_model 64)
+    are written with the study's values, not the preset's."""
     variant = variant_of(name)
     if variant.description:
-        return variant.description
-    if name == "full":
-        return "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
-    return PRESET_DESCRIPTIONS.get(variant.preset, variant.preset)
+        text = variant.description
+    elif name == "full":
+        text = "our default: " + PRESET_DESCRIPTIONS.get("small", "small preset")
+    else:
+        text = PRESET_DESCRIPTIONS.get(variant.preset, variant.preset)
+    for key, value in (model_overrides or {}).items():
+        text = re.sub(rf"\b{re.escape(str(key))} \d+", f"{key} {value}", text)
+    return text
+
+
+def noise_flag(stat: dict | None, seeds: int) -> str:
+    """How far a difference (`mean_std` over seeds) can be read: "1 seed" (no spread measured), "within noise"
+    (|mean| <= 2 standard errors, 2 * sd / sqrt(n): zero is inside the rough 95 % interval) or "" (outside it)."""
+    if stat is None or stat.get("mean") is None:
+        return ""
+    if seeds < 2 or stat.get("n", 0) < 2:
+        return "1 seed"
+    return "within noise" if abs(stat["mean"]) <= 2 * stat["std"] / math.sqrt(stat["n"]) else ""
 
 
 def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, resume: bool = False):
@@ -199,6 +216,7 @@ def run_train_config(cfg: AblationConfig, name: str, seed: int, run_dir: Path, r
         model_overrides=dict(cfg.model_overrides), question_source=cfg.question_source, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.lr, frames=cfg.frames, min_steps=cfg.min_steps, seed=seed,
         device=cfg.device, resume=resume,
+        patience=0,  # every run trains the whole budget: the table reports the last epoch, not a selected one
     )
     values.update(cfg.train_overrides)
     values.update(extra)
@@ -227,6 +245,29 @@ def _metrics_from_history(history: list[dict]) -> dict[str, float | None]:
 
 
 # TrainConfig fields that may differ between a stored run and this study without making the run another one.
+def run_settings(run: TrainedModel) -> dict[str, Any]:
+    """The settings a trained run really had (from its checkpoint, not from its preset's description): width, depth,
+    state size, expansion, layout and A sharing, question use, QA weight."""
+    mc, tc = run.model_config, run.train_config
+    return {"d_model": mc.d_model, "n_layers": mc.n_layers, "d_state": mc.d_state, "expand": mc.expand,
+            "fusion": plain(mc.fusion), "scan_layout": plain(mc.scan_layout), "shared_A": bool(mc.shared_A),
+            "use_question": bool(mc.use_question), "qa_weight": tc.qa_weight}
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    """"d_model 64, 1 layer(s), d_state 16, expand 2, ..." from `run_settings` (what the table says a row was)."""
+    if not settings:
+        return "-"
+    parts = [f"d_model {settings['d_model']}", f"{settings['n_layers']} layer(s)", f"d_state {settings['d_state']}",
+             f"expand {settings['expand']}", f"fusion {settings['fusion']}"]
+    if settings["fusion"] == "mamba":
+        parts += [f"{settings['scan_layout']} scan", "shared A" if settings["shared_A"] else "separate A"]
+    if not settings["use_question"]:
+        parts.append("no question")
+    parts.append(f"QA weight {settings['qa_weight']:g}")
+    return ", ".join(parts)
+
+
 def _run_one(cfg: AblationConfig, name: str, seed: int, progress: Progress | None = None) -> dict:
     """Train (or reuse a finished / resume an interrupted) run; return its metrics, steps, params and time."""
     run_dir = Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
@@ -240,7 +281,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int, progress: Progress | Non
                 f"{run_dir} holds a run with another {differs!r} ({plain(getattr(stored.train_config, differs))!r}, "
                 f"this study wants {plain(getattr(tcfg, differs))!r}); choose another --out or remove that run"
             )
-        if stored.progress.epoch >= cfg.epochs:
+        if stored.progress.epoch >= cfg.epochs or stored.progress.stopped_early is not None:
             info_path = run_dir / "ablation_run.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
             history = list(stored.progress.history)
@@ -248,10 +289,11 @@ def _run_one(cfg: AblationConfig, name: str, seed: int, progress: Progress | Non
                 "seed": seed, "run_dir": str(run_dir), "params": sum(int(t.numel()) for t in stored.weights.values()),
                 "metrics": _metrics_from_history(history), "steps": int(history[-1].get("step", 0)) if history else 0,
                 "train_time_s": info.get("train_time_s", float(sum(h.get("time_s", 0.0) for h in history))),
-                "reused": True,
+                "reused": True, "settings": run_settings(stored),
             }
     t0 = time.perf_counter()
     result = train(tcfg, progress=progress)
+    settings = run_settings(TrainedModel.load(last)) if last.is_file() else {}
     elapsed = time.perf_counter() - t0
     if tcfg.resume:
         # Part of the run happened earlier: count the epochs' own timings instead of this call's wall time.
@@ -259,7 +301,7 @@ def _run_one(cfg: AblationConfig, name: str, seed: int, progress: Progress | Non
     params = sum(p.numel() for p in result.model.parameters())
     (run_dir / "ablation_run.json").write_text(json.dumps({"train_time_s": elapsed, "params": params}) + "\n")
     return {"seed": seed, "run_dir": str(run_dir), "params": params, "metrics": _metrics_from_history(result.history),
-            "steps": int(result.history[-1]["step"]), "train_time_s": elapsed, "reused": False}
+            "steps": int(result.history[-1]["step"]), "train_time_s": elapsed, "reused": False, "settings": settings}
 
 
 def _run_probe(cfg: AblationConfig, name: str) -> dict:
@@ -340,7 +382,8 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
         rows.append({
             "name": name,
             "preset": preset_of(name),
-            "description": describe(name),
+            "description": describe(name, cfg.model_overrides),
+            "settings": runs[0].get("settings") or {},
             "params": runs[0]["params"],
             "steps": runs[0]["steps"],
             "train_time_s": mean_std([r["train_time_s"] for r in runs]),
@@ -401,9 +444,23 @@ def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
         cells = [r["name"], f"{r['params'] / 1e6:.3f} M", "-" if r["steps"] is None else str(r["steps"])]
         cells += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
         if paired:
-            cells.append(_cell(r["paired"][key] if r.get("paired") else None, cfg.seeds, sign=True))
+            stat = r["paired"][key] if r.get("paired") else None
+            flag = noise_flag(stat, cfg.seeds) if r["name"] != REFERENCE else ""  # the reference: 0 by definition
+            cells.append(_cell(stat, cfg.seeds, sign=True) + (f" ({flag})" if flag else ""))
         cells.append(_cell(r["train_time_s"], cfg.seeds))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| name | what it is |", "|---|---|"]
-    lines += [f"| {r['name']} | {r['description']} |" for r in rows]
+    lines += ["", _noise_note(cfg.seeds, paired)]
+    lines += ["", "| name | what it is | settings of its runs |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['description']} | {settings_text(r.get('settings') or {})} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _noise_note(seeds: int, paired: bool) -> str:
+    """The sentence under the table on how far its differences can be read."""
+    if seeds < 2:
+        return ("**One seed**: no seed-to-seed spread was measured, so a difference of a few points between rows may "
+                "be noise (on small validation sets one clip is several points); run `--seeds 3` or more before "
+                "reading a difference as an effect.")
+    return (f"Spread over {seeds} seeds: ± is the sample standard deviation."
+            + (" A paired Δ marked *within noise* is within 2 standard errors of zero (2 sd / √seeds): not "
+               "distinguishable from no effect at this number of seeds." if paired else ""))

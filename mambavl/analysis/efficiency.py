@@ -110,6 +110,9 @@ class EfficiencyConfig:
     plot: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)  # further ModelConfig overrides (e.g. scan_layout)
+    # Memory the run may use, bytes; None = MEMORY_SHARE of what the device has available now (`available_memory`).
+    # The run is refused before it starts when its estimated peak (`estimate_step_bytes`) exceeds it.
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         self.lengths = tuple(int(n) for n in self.lengths)
@@ -138,6 +141,104 @@ class EfficiencyConfig:
         for name in ("batch_size", "question_tokens", "repeats", "video_dim", "text_dim", "num_verbs"):
             if getattr(self, name) < 1:
                 raise InputError(f"efficiency: {name}={getattr(self, name)!r} must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory guard: estimate before running, refuse what cannot fit
+
+# Share of the available memory a run may plan to use (the rest: the OS, other jobs, the estimate's error).
+MEMORY_SHARE = 0.8
+# Bytes of one float32 element (the steps run in float32).
+BYTES_PER_ELEMENT = 4
+
+
+def estimate_step_bytes(fusion: str, batch_size: int, total: int, d_model: int, n_layers: int, d_state: int,
+                        expand: int, n_heads: int, video_dim: int, bytes_per_element: int = BYTES_PER_ELEMENT) -> int:
+    """Estimated peak memory growth of one training step (activations and gradients kept for the backward), bytes.
+
+    Bt = 2 x batch sequences (each clip is fused with the verb and the noun question) of L = `total` tokens:
+    inputs and projections Bt·L·(2·video_dim + 2·d_model) elements; per layer, mamba Bt·L·(22·d_inner + 4·d_state)
+    (projections, conv, Δ/B/C, gate, output and their gradients; the CPU scan checkpoints its states), transformer
+    Bt·L·16·d_model plus 4·Bt·heads·L² for self-attention (scores, probabilities, dropout mask and their gradient:
+    the quadratic term), concat nothing more. Calibrated on this machine's RSS measurements (docs/benchmarks.md:
+    mamba / transformer / concat at 2080 tokens, batch 2, d_model 128: measured 330 / 1978 / 43 MiB, estimated
+    402 / 2283 / 41 MiB), so it errs on the high side by up to ~25 %."""
+    bt, length, d_inner = 2 * batch_size, total, expand * d_model
+    elements = bt * length * (2 * video_dim + 2 * d_model)
+    if fusion == "mamba":
+        elements += n_layers * bt * length * (22 * d_inner + 4 * d_state)
+    elif fusion == "transformer":
+        elements += n_layers * (bt * length * 16 * d_model + 4 * bt * n_heads * length * length)
+    return int(elements * bytes_per_element)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device can give now: CUDA's free memory, else MemAvailable of /proc/meminfo (Linux), else the
+    physical pages the OS reports free."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def memory_plan(cfg: EfficiencyConfig, device: torch.device) -> dict[str, Any]:
+    """The estimated peak of the run (its largest step, `estimate_step_bytes`) against its budget; InputError naming
+    the options to lower when it does not fit. Returns {"estimates": {(fusion, length): bytes}, "peak", "budget",
+    "available"}."""
+    configs = {f: efficiency_model(cfg, f, 64, torch.device("cpu")).cfg for f in cfg.fusions}
+    estimates = {
+        (f, n): estimate_step_bytes(f, cfg.batch_size, n, int(mc.d_model), int(mc.n_layers), int(mc.d_state),
+                                    int(mc.expand), int(mc.n_heads), cfg.video_dim)
+        for f, mc in configs.items() for n in cfg.lengths
+    }
+    available = available_memory(device)
+    budget = cfg.memory_budget if cfg.memory_budget is not None else int(MEMORY_SHARE * available)
+    (fusion, length), peak = max(estimates.items(), key=lambda kv: kv[1])
+    if peak > budget:
+        raise InputError(
+            f"efficiency: one training step of {fusion} at {length} tokens needs about {_fmt_bytes(peak)} "
+            f"(estimated from batch {cfg.batch_size}, {length} tokens, d_model {configs[fusion].d_model}, "
+            f"{configs[fusion].n_layers} layers), more than the {_fmt_bytes(budget)} this run may use "
+            + ("(--memory-budget)" if cfg.memory_budget is not None else
+               f"({MEMORY_SHARE:.0%} of the {_fmt_bytes(available)} available)")
+            + ". Lower --lengths (the longest sets the peak"
+            + (", and the transformer's grows with its square" if fusion == "transformer" else "")
+            + "), --batch-size or --d-model, or leave that fusion out of --fusions")
+    return {"estimates": estimates, "peak": peak, "budget": budget, "available": available}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def flag_noise(rows: list[dict]) -> None:
+    """Mark latencies whose noise is as large as what they report. For each fusion, from one length to the next
+    the table reports a change of median latency; when the spread (max - min over repeats) of either length is at
+    least that change, or latency *fell* with length (more work cannot take less time: load noise), the longer
+    row gets `latency_noise` (a reason), else None. `latency_spread_s`: the row's spread (None with one run)."""
+    for r in rows:
+        runs = r.get("latency_runs") or []
+        r["latency_spread_s"] = float(max(runs) - min(runs)) if len(runs) > 1 else None
+        r["latency_noise"] = None
+    for fusion in dict.fromkeys(r["fusion"] for r in rows):
+        mine = sorted((r for r in rows if r["fusion"] == fusion), key=lambda r: r["total_tokens"])
+        for a, b in zip(mine, mine[1:]):
+            change = b["latency_s"] - a["latency_s"]
+            spreads = [x["latency_spread_s"] for x in (a, b) if x["latency_spread_s"] is not None]
+            if change <= 0:
+                b["latency_noise"] = (f"latency fell from {a['total_tokens']} to {b['total_tokens']} tokens: "
+                                      "load noise (more work cannot take less time)")
+            elif spreads and max(spreads) >= change:
+                b["latency_noise"] = (f"spread over repeats {max(spreads):.3g} s >= the change {change:.3g} s from "
+                                      f"{a['total_tokens']} tokens")
+            elif not spreads:
+                b["latency_noise"] = "one run per length: spread unknown (use --repeats 3 or more)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,6 +546,7 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) 
         method = MemoryMethod.CUDA if dev.type == "cuda" else MemoryMethod.RSS
     if method == MemoryMethod.CUDA and dev.type != "cuda":
         raise InputError("efficiency: memory=cuda needs a CUDA device (--device cuda)")
+    plan = memory_plan(cfg, dev)  # before anything is built or run: refuse what cannot fit
     lengths = sorted(set(cfg.lengths))
     max_len = max(lengths)
     progress = or_none(progress)
@@ -485,6 +587,7 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) 
                 "memory_method": method.value,
                 "peak_memory_bytes": None,
                 "memory_trusted": None,
+                "estimated_memory_bytes": plan["estimates"][(f, total)],
             }
         tick(f"FLOPs at {total} tokens")
         batch = cpu_batch if dev.type == "cpu" else make_batch(cfg, total, dev)
@@ -507,6 +610,7 @@ def measure_efficiency(cfg: EfficiencyConfig, progress: Progress | None = None) 
     del models, cpu_models
 
     result = [rows[(f, n)] for n in lengths for f in cfg.fusions]
+    flag_noise(result)
     if cfg.out_dir is not None:
         calibration = rss_calibration() if method == MemoryMethod.RSS else None
         write_report(cfg, result, Path(cfg.out_dir), calibration)
@@ -529,6 +633,18 @@ def _fmt_s(s: float) -> str:
     return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
 
 
+def _fmt_latency(row: dict) -> str:
+    spread = row.get("latency_spread_s")
+    text = _fmt_s(row["latency_s"]) + (f" ± {_fmt_s(spread / 2)}" if spread is not None else "")
+    return text + (" (noisy)" if row.get("latency_noise") else "")
+
+
+def noise_notes(rows: list[dict]) -> list[str]:
+    """One line per latency flagged by `flag_noise`."""
+    return [f"{r['fusion']} at {r['total_tokens']} tokens: {r['latency_noise']}" for r in rows
+            if r.get("latency_noise")]
+
+
 def _fmt_mem(row: dict) -> str:
     b = row.get("peak_memory_bytes")
     if b is None:
@@ -545,8 +661,13 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['fusion']} | {r['total_tokens']} ({r['question_tokens']}+{r['video_tokens']}) | "
             f"{r['params'] / 1e6:.2f} M | {_fmt_flops(r['flops_forward'])} | {_fmt_flops(r['flops_train_step'])} | "
-            f"{_fmt_flops(r['flops_scan_forward'])} | {_fmt_s(r['latency_s'])} | {_fmt_mem(r)} |"
+            f"{_fmt_flops(r['flops_scan_forward'])} | {_fmt_latency(r)} | {_fmt_mem(r)} |"
         )
+    notes = noise_notes(rows)
+    if notes:
+        lines += ["", "(noisy): the latency's spread over repeats is as large as the change it reports, or it fell "
+                      "with length; compare these rows only after a quieter or longer run (--repeats):"]
+        lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -589,7 +710,8 @@ def write_report(cfg: EfficiencyConfig, rows: list[dict], out: Path, calibration
         markdown_table(rows),
         "FLOPs: torch's FlopCounterMode (matmuls, convolutions, attention incl. the CPU flash kernel) plus the "
         f"selective scan by formula ({payload['scan_flops_formula']}). Latency: median of {cfg.repeats} runs, "
-        "fusion kinds interleaved. Memory: peak growth during the step above the memory allocated before it "
+        "fusion kinds interleaved; ± half the range over repeats. Memory: peak growth during the step above the "
+        "memory allocated before it "
         f"(method `{rows[0]['memory_method']}`; `(?)` = the step did not set the process's high-water mark).",
     ]
     if calibration is not None:

@@ -124,6 +124,21 @@ def view_counts(attrs: Mapping[str, Any]) -> tuple[int, int]:
             int(normalise_attr(attrs.get("spatial_crops", 1)) or 1))
 
 
+def is_ek100(attrs: Mapping[str, Any]) -> bool:
+    """Whether a cache (its attrs) holds EPIC-KITCHENS-100 annotations (`dataset_kind` "ek100", the default of caches
+    written before the attribute) rather than a generic clip CSV: EK-100-only outputs (unseen-participant and tail
+    subsets, head/mid/tail frequency buckets, the EK-100 subset-file notes) are made for EK-100 data only."""
+    return str(normalise_attr(attrs.get("dataset_kind", "ek100")) or "ek100") == "ek100"
+
+
+def head_names(dataset_kind: str) -> dict[str, str]:
+    """What the verb and noun heads are called in the dataset's own terms: EK-100 "verb" / "noun"; a generic clip CSV
+    "label" (its `label` column) / "noun" (its optional `noun` column). Internal keys stay "verb" / "noun"."""
+    if str(dataset_kind) == "generic":
+        return {"verb": "label", "noun": "noun", "action": "action"}
+    return {"verb": "verb", "noun": "noun", "action": "action"}
+
+
 def window_prefix(window: str) -> str:
     """HDF5 path prefix of a window's datasets: '' for recognition, 'anticipation/' for anticipation."""
     if window == RECOGNITION:

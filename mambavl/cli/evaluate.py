@@ -11,6 +11,7 @@ Each command builds a config and calls the library; the rest of this module is p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -47,6 +48,14 @@ def _metrics_table(result: dict) -> Any:
         for i, (task, entry) in enumerate(by_task.items()):
             table.add_row(subset if i == 0 else "", task, str(entry["n"]), *(_fmt(entry.get(k)) for k in keys),
                           end_section=i == len(by_task) - 1)
+    # chance (uniform random ranking) under each head's numbers: with 6 classes top-5 chance is 83 %
+    chance = {h: c for h, c in (result.get("chance") or {}).items() if h in metrics["all"]}
+    for i, (task, entry) in enumerate(chance.items()):
+        cells = []
+        for k in keys:
+            m = re.search(r"(?:top|@)(\d+)$", k)
+            cells.append(_fmt(entry.get(f"top{m.group(1)}")) if m else "")
+        table.add_row("chance" if i == 0 else "", task, f"{entry['classes']} cl.", *cells)
     return table
 
 

@@ -70,6 +70,10 @@ def efficiency_command(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per configuration (median reported).")] = 3,
     memory: Annotated[str, typer.Option(help="Peak memory: auto, rss (CPU), cuda, none.")] = "auto",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write efficiency.png.")] = True,
+    memory_budget: Annotated[Optional[float], typer.Option(
+        "--memory-budget", min=0.0, help="GiB the run may use (default: 80 % of the memory available now). A run "
+                                         "whose estimated peak exceeds it is refused (exit 2) before it starts.")]
+    = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Parameters, FLOPs, latency and peak memory of the fusion kinds against sequence length."""
@@ -80,6 +84,7 @@ def efficiency_command(
             out_dir=str(out), lengths=_csv(lengths, "--lengths", int), fusions=_csv(fusions, "--fusions"),
             preset=preset, d_model=d_model, n_layers=n_layers, batch_size=batch_size, question_tokens=question_tokens,
             video_dim=video_dim, text_dim=text_dim, device=device, repeats=repeats, memory=memory, plot=plot,
+            memory_budget=None if memory_budget is None else int(memory_budget * 2**30),
         )
         with rich_progress("efficiency", quiet, log=log_messages("efficiency")) as progress:
             rows = measure_efficiency(cfg, progress=progress)
@@ -189,15 +194,21 @@ def predict_command(
     except InputError as exc:
         raise fail(str(exc)) from None
     console = Console(width=120)
-    table = Table(title=f"{video.name} [{result['start']:.2f}, {result['stop']:.2f}] s — top actions")
-    for col in ("rank", "verb", "noun", "score"):
+    heads = result["dataset"]["heads"]
+    has_nouns = any(a["noun"] for a in result["actions"])
+    table = Table(title=f"{video.name} [{result['start']:.2f}, {result['stop']:.2f}] s — top "
+                        f"{'actions' if has_nouns else heads['verb'] + 's'}, from the recognition heads")
+    for col in ("rank", heads["verb"], *([heads["noun"]] if has_nouns else []), "score"):
         table.add_column(col)
     for i, a in enumerate(result["actions"], 1):
-        table.add_row(str(i), a["verb"], a["noun"] or "", f"{a['score']:.3f}")
+        table.add_row(str(i), a["verb"], *([a["noun"] or ""] if has_nouns else []), f"{a['score']:.3f}")
     console.print(table)
+    if result["qa"]:
+        console.print("QA head answers (answer texts scored by the QA head, a separate output trained by the QA "
+                      "objective: they can differ from the table above):")
     for kind, qa in result["qa"].items():
         answers = ", ".join(f"{a['answer']} ({a['score']:.2f})" for a in qa["answers"][:3])
-        console.print(f"[bold]{qa['question']}[/] -> {answers}")
+        console.print(f"  QA head, [bold]{qa['question']}[/] -> {answers}")
     cand = result.get("candidates")
     if cand:
         for head in ("verb", "noun"):

@@ -19,9 +19,9 @@ from mambavl.cli import EXIT_TRAINING_STOPPED, app, defaults_from, fail, optiona
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
-from mambavl.runtime import RunLogger, Task, TrainedModel, plain, same_run
+from mambavl.runtime import RESUME_FIELDS, RunLogger, Task, TrainedModel, plain, same_run
 from mambavl.train import TrainConfig, train
-from mambavl.train.logs import epoch_line
+from mambavl.train.logs import epoch_line, in_terms
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers
     saved = TrainedModel.load(out / "last.pt").train_config
     if "model_overrides" in explicit:
         explicit = {**explicit, "model_overrides": {**saved.model_overrides, **explicit["model_overrides"]}}
-    differs = same_run(saved, dataclasses.replace(saved, **explicit))
+    differs = same_run(saved, dataclasses.replace(saved, **explicit), resuming=True)
     if differs is not None:
         if differs == "model_overrides":
             raise InputError(f"--set {explicit['model_overrides']} differs from the run's model overrides "
@@ -54,6 +54,8 @@ def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers
         raise InputError(f"{option} {plain(explicit[differs])!r} differs from the run being resumed "
                          f"({plain(getattr(saved, differs))!r}); drop the option")
     changes: dict[str, Any] = {"resume": True, "device": device, "out_dir": str(out)}
+    # a resume may change the budget and the early stopping (recorded in the run; the schedule is re-planned)
+    changes.update({k: explicit[k] for k in RESUME_FIELDS if k in explicit})
     if num_workers is not None:
         changes["num_workers"] = num_workers
     for key in ("train_cache", "val_cache", "logger"):
@@ -78,6 +80,21 @@ def _config(out: Path, explicit: dict[str, Any], resume: bool, device: str, num_
     return cfg
 
 
+# The options of the run's length (the budget, the step floor and early stopping), shared help texts.
+EpochsOption = Annotated[Optional[int], typer.Option(
+    min=1, help="Epochs (default 20). With --resume: a new budget; the learning-rate schedule is re-planned from the "
+                "current step and the change is recorded in last.pt.")]
+PatienceOption = Annotated[Optional[int], typer.Option(
+    min=0, help="Early stopping: stop after this many epochs in a row without improvement of the validation "
+                "selection metric (default 5; 0 = off; needs --val-cache).")]
+MinDeltaOption = Annotated[Optional[float], typer.Option(
+    "--min-delta", min=0.0, help="Early stopping: the rise (percentage points) that counts as an improvement "
+                                 "(default 0).")]
+MinStepsOption = Annotated[Optional[int], typer.Option(
+    "--min-steps", min=0, help="Fewest recognition steps of the run (default 1000): on small data the batch shrinks "
+                               "(not below 8) and epochs make several passes; 0 = off.")]
+
+
 @app.command("train")
 @defaults_from(TrainConfig, questions="question_source", set_="model_overrides")
 def train_command(
@@ -87,7 +104,9 @@ def train_command(
         Optional[Path], typer.Option("--val-cache", help="Validation cache (.h5); best.pt is chosen on it.")
     ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Model preset (small, base, paper, ...).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs.")] = None,
+    epochs: EpochsOption = None,
+    patience: PatienceOption = None,
+    min_delta: MinDeltaOption = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size per process.")] = None,
     lr: Annotated[Optional[float], typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = None,
@@ -123,11 +142,7 @@ def train_command(
     frames: Annotated[
         Optional[int], typer.Option(min=0, help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
     ] = None,
-    min_steps: Annotated[
-        Optional[int], typer.Option("--min-steps", min=0, help="Fewest recognition steps of the run: on small "
-                                                        "data the batch shrinks (not below 8) and epochs make several "
-                                                        "passes; 0 = off.")
-    ] = None,
+    min_steps: MinStepsOption = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
     logger: Annotated[Optional[RunLogger], typer.Option(
         help="Live scalars besides metrics.csv: tensorboard, wandb (WANDB_MODE=offline works without "
@@ -146,11 +161,12 @@ def train_command(
     quiet = quiet or int(os.environ.get("RANK", "0")) != 0
     options = dict(
         train_cache=optional_path(train_cache), val_cache=optional_path(val_cache), preset=preset, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, task=task,
-        question_source=questions, candidates_k=candidates_k, candidate_folds=candidate_folds,
-        candidate_epochs=candidate_epochs, candidates_from=optional_path(candidates_from), qa_weight=qa_weight,
-        qa_every=qa_every, frames=frames, min_steps=min_steps, amp=amp, logger=logger,
-        model_overrides=parse_overrides(set_) if set_ else None, allow_incomplete=allow_incomplete or None,
+        patience=patience, min_delta=min_delta, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, seed=seed, task=task, question_source=questions, candidates_k=candidates_k,
+        candidate_folds=candidate_folds, candidate_epochs=candidate_epochs,
+        candidates_from=optional_path(candidates_from), qa_weight=qa_weight, qa_every=qa_every, frames=frames,
+        min_steps=min_steps, amp=amp, logger=logger, model_overrides=parse_overrides(set_) if set_ else None,
+        allow_incomplete=allow_incomplete or None,
     )
     explicit = {k: v for k, v in options.items() if v is not None}
     try:
@@ -160,11 +176,36 @@ def train_command(
     except TrainingStopped as exc:
         raise fail(str(exc), EXIT_TRAINING_STOPPED) from None
     if not quiet:
+        for line in _run_notes(result):
+            typer.echo(line)
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
-        typer.echo(f"best {result.best_metric_name}: {best}")
+        typer.echo(f"best {in_terms(result.best_metric_name, result.heads)}: {best}")
         typer.echo(f"last checkpoint: {result.last_checkpoint}")
         if result.best_checkpoint is not None:
             typer.echo(f"best checkpoint: {result.best_checkpoint}")
+
+
+def _run_notes(result) -> list[str]:
+    """What a resume changed (the latest resume's changes) and how the run stopped early, as lines."""
+    lines = []
+    done = result.history[-1]["epoch"] if result.history else 0
+    if result.changes:
+        at = result.changes[-1]["step"]
+        latest = [c for c in result.changes if c["step"] == at]
+        trained = done > latest[0]["epoch"]  # an epoch after the change was saved, and the change with it
+        for c in latest:
+            lines.append(f"resumed after epoch {c['epoch']} (step {c['step']}) with {c['field']} {c['to']} instead of "
+                         f"{c['from']}" + ("; learning-rate schedule re-planned from there" if c["field"] == "epochs"
+                                           else "") + (" (recorded in last.pt)" if trained else ""))
+        if not trained and result.stopped_early is None:
+            lines.append(f"nothing to train: the run has done {done} epochs already (last.pt unchanged)")
+    stop = result.stopped_early
+    if stop is not None:
+        metric = in_terms(stop["metric"], result.heads)
+        lines.append(f"stopped early after epoch {stop['epoch']}: {metric} did not rise by more than "
+                     f"{stop['min_delta']:g} for {stop['epochs_without_improvement']} epochs (--patience "
+                     f"{stop['patience']}); best at epoch {stop['best_epoch']}")
+    return lines
 
 
 def _epoch_status(fields: dict) -> str | None:
@@ -172,7 +213,7 @@ def _epoch_status(fields: dict) -> str | None:
 
 
 def _epoch_report(fields: dict) -> str | None:
-    return epoch_line(fields["metrics"]) if "metrics" in fields else None
+    return epoch_line(fields["metrics"], fields.get("heads")) if "metrics" in fields else None
 
 
 def _run(cfg: TrainConfig, quiet: bool):

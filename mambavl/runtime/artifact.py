@@ -20,7 +20,7 @@ nowhere else in the package. Format 2 (this version) holds:
 | first_pass | dict or None | self-questioning's first pass (`FirstPass.state()`) |
 | train_candidates | Tensor (N, 2, k) or None | the training rows' cross-fitted candidates (-1 outside training rows) |
 | candidate_recall | dict[str, float] | candidate recall@k (%) on training and validation rows |
-| progress | dict | epoch (completed), step, qa_steps, best_metric, history (one metrics row per epoch) |
+| progress | dict | `RunProgress`: epoch (completed), step, history (one metrics row per epoch), early stop, ... |
 | training | dict or None | optimizer, scheduler, scaler and RNG states, to resume (`TrainingState`) |
 
 `mambavl export` writes the same state as a folder in the Hugging Face model layout (config.json holds it with
@@ -30,8 +30,8 @@ or an ``hf://ORG/NAME`` reference to one as it reads a file.
 Migrations (`_migrate`): format 1 — every checkpoint mambavl wrote before this contract, one flat dict with
 "model", "cache_attrs", "optimizer" ... at the top — is read and rewritten in memory as format 2. Fields added to
 format 1 over its life get the value the writing version implied: no `scene_bias` weight (the scene logits had no
-bias: 0), no `min_steps` (no step floor: 0), no text-encoder attribute (the CLIP text tower), no action answers or
-first pass (none). tests/test_artifact.py loads a checkpoint of each generation (tests/data/checkpoints) and checks
+bias: 0), no `min_steps` (no step floor: 0), no `patience` (no early stopping: 0; format 2 too), no text-encoder
+attribute (the CLIP text tower), no action answers or first pass (none). tests/test_artifact.py loads a checkpoint of each generation (tests/data/checkpoints) and checks
 its logits against those the writing version computed. A file of a newer format, or not a mambavl checkpoint, is
 refused with InputError naming the file and what to do.
 """
@@ -68,6 +68,9 @@ FORMAT = 2
 # which device, how many loader workers, where its live scalars go, and where its caches lie (what the caches hold is checked separately:
 # `TrainedModel.check_cache`).
 FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache", "logger")
+# ... and the fields a *resumed* run may change besides: its budget of epochs and when it stops early. They change
+# how long the run goes on, not what a step computes; `mambavl.train` records each change in `RunProgress.changes`.
+RESUME_FIELDS = ("epochs", "patience", "min_delta")
 
 
 @dataclass
@@ -102,14 +105,23 @@ class Vocabulary:
 
 @dataclass
 class RunProgress:
-    """Where a run stands: epochs completed, recognition and QA steps taken, the best selection metric so far and
-    one metrics row per epoch (the rows of metrics.csv)."""
+    """Where a run stands: epochs completed, recognition and QA steps taken, the best selection metric so far (and
+    its epoch, 1-based) and one metrics row per epoch (the rows of metrics.csv).
+
+    `stopped_early`: None, or how the run stopped early (epoch, best_epoch, metric, patience, min_delta).
+    `changes`: the settings a resume changed (`RESUME_FIELDS`), one dict each: epoch and step at the change, field,
+    from, to. `lr_replan`: None, or where the learning-rate schedule was re-planned after a change of epochs (step,
+    factor of the peak rate there, total steps of the new plan; `mambavl.train.schedule.LrPlan`)."""
 
     epoch: int = 0
     step: int = 0
     qa_steps: int = 0
     best_metric: float | None = None
     history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: dict | None = None
+    changes: list[dict] = field(default_factory=list)
+    lr_replan: dict | None = None
 
 
 @dataclass
@@ -285,20 +297,24 @@ class TrainedModel:
         return artifact, (TrainingState(**training) if training else None)
 
 
-def same_run(saved: TrainConfig, wanted: TrainConfig) -> str | None:
+def same_run(saved: TrainConfig, wanted: TrainConfig, resuming: bool = False) -> str | None:
     """None when `wanted` continues the run `saved` describes, else the first TrainConfig field (in declaration
-    order) that differs, outside `FREE_FIELDS`. The one rule for "is this the same run?" (resume, ablation reuse)."""
+    order) that differs, outside `FREE_FIELDS` (and `RESUME_FIELDS` when `resuming`: a resumed run may change its
+    budget of epochs and its early stopping). The one rule for "is this the same run?" (resume, ablation reuse)."""
     a, b = plain(dataclasses.asdict(saved)), plain(dataclasses.asdict(wanted))
+    free = FREE_FIELDS + RESUME_FIELDS if resuming else FREE_FIELDS
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in FREE_FIELDS and a.get(f.name) != b.get(f.name):
+        if f.name not in free and a.get(f.name) != b.get(f.name):
             return f.name
     return None
 
 
 def _train_config(values: dict) -> TrainConfig:
     """TrainConfig from a checkpoint's plain values (fields this version does not know are dropped). Presets'
-    training settings are not re-applied: the saved values are the run's."""
+    training settings are not re-applied: the saved values are the run's. A run saved before early stopping
+    existed had none (patience 0)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {"patience": 0, **values}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in known and k != "preset"})
     cfg.preset = str(values.get("preset", cfg.preset))
     return cfg

@@ -36,7 +36,11 @@ class TrainConfig:
     `batch_size` is per process under torchrun. `min_steps` is the fewest recognition steps a run makes: on data too
     small for it at `epochs` x ceil(rows / batch_size), the batch shrinks (not below 8) and each epoch makes several
     passes over the training rows (`mambavl.train.plan_steps`); 0 turns this off.
-    `resume=True` continues the run in `out_dir` from last.pt.
+    `patience` (epochs) and `min_delta` (percentage points) stop a run early: after `patience` epochs in a row in
+    which the validation selection metric did not rise by more than `min_delta` above its best so far, the run stops
+    (0 = off; without a validation cache there is nothing to stop on). `resume=True` continues the run in `out_dir`
+    from last.pt; a resumed run may change `epochs`, `patience` and `min_delta` (recorded in the run, see
+    `mambavl.train.train`).
     Presets may carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs): they replace fields left at
     their class default, never values set to something else.
     """
@@ -49,6 +53,8 @@ class TrainConfig:
     task: Task = Task.RECOGNITION
     question_source: QuestionSource = QuestionSource.TEMPLATES
     epochs: int = 20
+    patience: int = 5
+    min_delta: float = 0.0
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -102,6 +108,8 @@ class TrainConfig:
         self._apply_preset_training()
         checks = (
             ("epochs", self.epochs >= 1),
+            ("patience", self.patience >= 0),
+            ("min_delta", self.min_delta >= 0),
             ("batch_size", self.batch_size >= 1),
             ("lr", self.lr > 0),
             ("weight_decay", self.weight_decay >= 0),

@@ -29,12 +29,19 @@ from mambavl.runtime import RunLogger, TrainConfig, plain
 NOT_SCALARS = ("epoch", "step")
 
 
-def epoch_line(row: dict[str, Any]) -> str:
-    """One epoch's console line: "epoch 3  loss 1.2345  qa 0.5000  verb_top1 50.00 ... 12.3s"."""
+def in_terms(key: str, heads: dict[str, str] | None) -> str:
+    """A metric name with the heads named as the dataset names them (`mambavl.cache.schema.head_names`:
+    val_verb_top1 -> val_label_top1 for a generic clip CSV; metrics.csv keeps the internal names)."""
+    return "_".join((heads or {}).get(p, p) for p in key.split("_"))
+
+
+def epoch_line(row: dict[str, Any], heads: dict[str, str] | None = None) -> str:
+    """One epoch's console line: "epoch 3  loss 1.2345  loss_qa 0.5000  verb_top1 50.00 ... 12.3s" (heads named by
+    `heads`, see `in_terms`)."""
     parts = [f"epoch {row['epoch']}", f"loss {row.get('train_loss', float('nan')):.4f}"]
     for key in ("train_loss_qa", "val_verb_top1", "val_noun_top1", "val_action_top1"):
         if key in row:
-            parts.append(f"{key.removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
+            parts.append(f"{in_terms(key, heads).removeprefix('train_').removeprefix('val_')} {row[key]:.2f}")
     parts.append(f"{row.get('time_s', 0):.1f}s")
     return "  ".join(parts)
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mambavl import __version__
+from mambavl.cache import schema
 from mambavl.cache.reader import SegmentDataset
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
@@ -43,7 +44,8 @@ from mambavl.runtime import (
 from mambavl.train.data import RunData, load_data
 from mambavl.train.distributed import EpochStats, ProcessLayout, StepPart, gather_parts, global_batches
 from mambavl.train.objective import Objective, qa_loss_share, recognition_loss
-from mambavl.train.schedule import NonFiniteLoss, Optimizer, StepPlan, mix_seed, plan_steps
+from mambavl.train.schedule import NonFiniteLoss, Optimizer, StepPlan, mix_seed, plan_steps, replan
+from mambavl.train.stopping import early_stop, epochs_without_improvement
 from mambavl.train.state import Checkpointer, resume_point, set_rng_state
 
 
@@ -51,8 +53,10 @@ from mambavl.train.state import Checkpointer, resume_point, set_rng_state
 class TrainResult:
     """Outcome of `train`: best validation metric (action top-1, or verb top-1 without nouns; None without a
     validation cache), checkpoint paths (None where not written, e.g. on ranks > 0 or without validation for best),
-    one metrics dict per epoch (the rows of metrics.csv), the name of the selection metric, and the trained model
-    (unwrapped, on its device)."""
+    one metrics dict per epoch (the rows of metrics.csv), the name of the selection metric, the trained model
+    (unwrapped, on its device), the early stop (None, or `RunProgress.stopped_early`), the settings resumes
+    changed (`RunProgress.changes`) and what the dataset calls the heads (`schema.head_names`: "label" for the verb
+    head of a generic clip CSV)."""
 
     best_metric: float | None
     last_checkpoint: Path | None
@@ -60,6 +64,9 @@ class TrainResult:
     history: list[dict]
     best_metric_name: str = "val_action_top1"
     model: nn.Module | None = field(default=None, repr=False)
+    stopped_early: dict | None = None
+    changes: list[dict] = field(default_factory=list)
+    heads: dict[str, str] = field(default_factory=lambda: schema.head_names("ek100"))
 
 
 def question_warning(mcfg: ModelConfig, source: QuestionSource) -> str | None:
@@ -214,7 +221,8 @@ def new_artifact(cfg: TrainConfig, mcfg: ModelConfig, data: RunData) -> TrainedM
         model_config=mcfg, train_config=dataclasses.replace(cfg), weights={},
         vocab=Vocabulary(list(data.verbs), list(data.nouns), list(data.action_pairs)),
         features=features, cache_schema_version=int(attrs.get("schema_version", 1)),
-        annotation={"file": str(attrs.get("annotation_file", "")), "sha256": str(attrs.get("annotation_sha256", ""))},
+        annotation={"file": str(attrs.get("annotation_file", "")), "sha256": str(attrs.get("annotation_sha256", "")),
+                    "kind": str(attrs.get("dataset_kind", "ek100"))},
         # the action QA answers, in the order of vocab.action_pairs: evaluation scores them without the training
         # cache (an evaluated cache's own action answers are the pairs of *its* labels)
         action_answers=answers.action.detach().cpu() if data.qa_kinds and answers.action is not None else None,
@@ -266,6 +274,26 @@ class _Run:
     metric_name: str
 
 
+def planned_epochs(resumed: TrainedModel) -> int:
+    """The epochs a resumed run's step plan was made for: those it was started with (before any change)."""
+    first = next((c for c in resumed.progress.changes if c["field"] == "epochs"), None)
+    return int(first["from"]) if first is not None else int(resumed.train_config.epochs)
+
+
+def resumed_progress(resumed: TrainedModel, cfg: TrainConfig, steps_per_epoch: int, warmup_steps: int) -> RunProgress:
+    """The resumed run's progress, with the settings this resume changes (`RESUME_FIELDS`) recorded and, for a new
+    budget of epochs, the learning-rate schedule re-planned from the current step (`schedule.replan`)."""
+    old = resumed.progress
+    state = dataclasses.replace(old, history=list(old.history), changes=list(old.changes))
+    for name in ("epochs", "patience", "min_delta"):
+        before, now = getattr(resumed.train_config, name), getattr(cfg, name)
+        if before != now:
+            state.changes.append({"epoch": state.epoch, "step": state.step, "field": name, "from": before, "to": now})
+    state.lr_replan = replan(state.step, steps_per_epoch * resumed.train_config.epochs, steps_per_epoch * cfg.epochs,
+                             warmup_steps, cfg.min_lr_ratio, old.lr_replan)
+    return state
+
+
 def _set_up(cfg: TrainConfig, device: torch.device, layout: ProcessLayout) -> _Run:
     """Caches, model, optimiser, schedule and checkpointer of a fresh or resumed run."""
     out_dir = Path(cfg.out_dir)
@@ -278,15 +306,18 @@ def _set_up(cfg: TrainConfig, device: torch.device, layout: ProcessLayout) -> _R
     val_part = np.array_split(data.val_rows, layout.world)[layout.rank] if data.val_cache is not None else []
     val_dataset = (SegmentDataset(data.val_cache, window=data.window, indices=val_part)
                    if len(val_part) else None)  # fmt: skip
-    plan = plan_steps(math.ceil(len(data.train_rows) / layout.world), cfg.batch_size, cfg.epochs, cfg.min_steps)
+    # the step plan (batch, passes per epoch) is the one the run was started with, whatever a resume does to epochs
+    planned = planned_epochs(resumed) if resumed is not None else cfg.epochs
+    plan = plan_steps(math.ceil(len(data.train_rows) / layout.world), cfg.batch_size, planned, cfg.min_steps)
     steps_per_epoch = plan.passes * math.ceil(len(data.train_rows) / (plan.batch_size * layout.world))
-    total_steps = steps_per_epoch * cfg.epochs
-    opt = Optimizer(model, cfg, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)), device)
-    sample_gen = torch.Generator()
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     state = RunProgress()
     if resumed is not None:
+        state = resumed_progress(resumed, cfg, steps_per_epoch, warmup_steps)
+    opt = Optimizer(model, cfg, steps_per_epoch * cfg.epochs, warmup_steps, device, state.lr_replan)
+    sample_gen = torch.Generator()
+    if resumed is not None:
         opt.restore(training)
-        state = dataclasses.replace(resumed.progress, history=list(resumed.progress.history))
         set_rng_state(training.rng, sample_gen)
     metric_name = data.spec.selection_metric(data.has_nouns)
     saver = Checkpointer(out_dir, new_artifact(cfg, mcfg, data), cfg, layout.main)
@@ -300,6 +331,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
     right — or verb top-1 when the data has no nouns), metrics.csv, train_config.json and the live logs of
     `cfg.logger` (`mambavl.train.logs`: tensorboard/ or a W&B run, curves.png, train.log).
     `stop_after_epochs=k` returns after k epochs of this call (the run can be continued with `resume=True`).
+    With a validation cache the run stops early after `cfg.patience` epochs without a rise of the selection metric
+    by more than `cfg.min_delta` (`mambavl.train.stopping`; recorded in the progress and the result). A resumed run
+    may change `epochs` (the step plan stays the run's, the learning-rate schedule is re-planned from the current
+    step: `schedule.replan`), `patience` and `min_delta`; each change is recorded in `RunProgress.changes`.
     Progress (rank 0 only): one unit per recognition step (fields epoch, epochs, loss), and once per epoch a report
     with its metrics row (`metrics`); a resumed run first reports the steps already taken (`resumed=True`).
     Raises InputError for unusable caches, an incompatible validation cache, or an existing run without `resume`.
@@ -317,8 +352,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
         progress.advance(run.state.step, resumed=True)
     run.objective.train()
     first_epoch = run.state.epoch
+    # a resumed run that had stopped early goes on only when its (new) patience lets it
+    run.state.stopped_early = _stop_decision(run, cfg, layout)
     for epoch in range(first_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epoch - first_epoch >= stop_after_epochs:
+        if run.state.stopped_early is not None or (
+                stop_after_epochs is not None and epoch - first_epoch >= stop_after_epochs):
             break
         _epoch(run, cfg, epoch, device, layout, progress)
     best = "n/a" if run.state.best_metric is None else f"{run.state.best_metric:.2f}"
@@ -333,7 +371,23 @@ def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs:
         history=run.state.history,
         best_metric_name=run.metric_name,
         model=run.model,
+        stopped_early=run.state.stopped_early,
+        changes=list(run.state.changes),
+        heads=_heads(run.data),
     )
+
+
+def _heads(data: RunData) -> dict[str, str]:
+    return schema.head_names(str(data.train_cache.attrs.get("dataset_kind", "ek100")))
+
+
+def _stop_decision(run: _Run, cfg: TrainConfig, layout: ProcessLayout) -> dict | None:
+    """Whether the run stops early now (`stopping.early_stop` over the history). Every rank computes the validation
+    metrics from the same gathered scores of the whole split; rank 0's decision is still sent to all, so that the
+    ranks stop together even if their float arithmetic ever differed."""
+    decision = (early_stop(run.state.history, run.metric_name, cfg.patience, cfg.min_delta)
+                if run.data.val_cache is not None else None)
+    return gather_parts(decision, layout)[0]
 
 
 def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout: ProcessLayout,
@@ -377,9 +431,13 @@ def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout
         state.best_metric is None or metrics[run.metric_name] > state.best_metric
     )
     if improved:
-        state.best_metric = float(metrics[run.metric_name])
+        state.best_metric, state.best_epoch = float(metrics[run.metric_name]), epoch + 1
+    if metrics:
+        values = [r.get(run.metric_name) for r in state.history] + [metrics[run.metric_name]]
+        row["epochs_without_improvement"] = epochs_without_improvement(values, cfg.min_delta)
     state.history.append(plain(row))
     state.epoch = epoch + 1
+    state.stopped_early = _stop_decision(run, cfg, layout)
     _check_weights(run.model, epoch, state.step, run.saver)
     run.saver.save(run.model, opt, state, run.sample_gen, improved)
-    progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row))
+    progress.advance(0, epoch=epoch + 1, epochs=cfg.epochs, metrics=dict(row), heads=_heads(data))

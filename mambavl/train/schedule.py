@@ -74,6 +74,29 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def replanned_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                     replan: dict | None) -> float:
+    """`lr_factor`, or after a re-plan (`replan`: step, factor, total_steps; a resumed run that changed its epochs)
+    a cosine from the factor the old plan had reached at that step down to `min_lr_ratio` at the new last step, so
+    the rate goes on from where it was instead of jumping to the new plan's value."""
+    if replan is None or step < int(replan["step"]):
+        return lr_factor(step, total_steps, warmup_steps, min_lr_ratio)
+    start, f0, total = int(replan["step"]), float(replan["factor"]), int(replan["total_steps"])
+    progress = min(max((step - start) / max(1, total - start), 0.0), 1.0)
+    return min_lr_ratio + (f0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def replan(step: int, old_total: int, new_total: int, warmup_steps: int, min_lr_ratio: float,
+           previous: dict | None) -> dict | None:
+    """The re-plan of a schedule whose length changes from `old_total` to `new_total` steps at `step` (steps
+    taken): None when nothing changes for the steps ahead (same length, or still warming up: the warm-up does not
+    depend on the length), else the `replanned_factor` record."""
+    if new_total == old_total or (previous is None and step < warmup_steps):
+        return previous
+    factor = replanned_factor(step, old_total, warmup_steps, min_lr_ratio, previous)
+    return {"step": int(step), "factor": float(factor), "total_steps": int(new_total)}
+
+
 class NonFiniteLoss(ArithmeticError):
     """A training loss that is NaN or inf (raised before the step; the loop adds the epoch and step)."""
 
@@ -82,11 +105,12 @@ class Optimizer:
     """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, mixed precision on
     CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported) and gradient clipping."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device,
+                 lr_replan: dict | None = None):
         self.model, self.grad_clip, self.device_type = model, cfg.grad_clip, device.type
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+            self.optimizer, lambda s: replanned_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio, lr_replan)
         )
         self.use_amp = cfg.amp and device.type == "cuda"
         # bf16 needs no loss scaling; fp16 (older GPUs) does. The dtype is irrelevant when autocast is off.

@@ -61,7 +61,7 @@ METRIC_COLUMNS = (
     "rec_steps", "qa_steps", "batch_size", "passes", "question_fallbacks",
     "val_verb_top1", "val_verb_top5", "val_noun_top1", "val_noun_top5",
     "val_action_top1", "val_action_top5", "val_action_head_top1", "val_question_fallbacks",
-    "time_s",
+    "epochs_without_improvement", "time_s",
 )  # fmt: skip
 
 
@@ -128,7 +128,8 @@ def _written(path: Path, write) -> None:
 
 
 def resume_point(cfg: TrainConfig, last_path: Path) -> tuple[TrainedModel, TrainingState] | None:
-    """The run to continue (its last.pt, checked against `cfg` by `same_run`), or None for a fresh run. InputError
+    """The run to continue (its last.pt, checked against `cfg` by `same_run`: epochs, patience and min_delta may
+    change), or None for a fresh run. InputError
     when a fresh run would overwrite an existing one, when there is nothing to resume, or when `cfg` is not the
     run's own configuration (naming the first differing field)."""
     if not cfg.resume:
@@ -142,7 +143,7 @@ def resume_point(cfg: TrainConfig, last_path: Path) -> tuple[TrainedModel, Train
     artifact, training = TrainedModel.load_with_state(last_path)
     if training is None:
         raise InputError(f"cannot resume: {last_path} holds no training state (optimizer, schedule); train a new run")
-    differs = same_run(artifact.train_config, cfg)
+    differs = same_run(artifact.train_config, cfg, resuming=True)
     if differs is not None:
         raise InputError(
             f"cannot resume {last_path}: {differs} is {plain(getattr(cfg, differs))!r} but the run was started with "
