@@ -87,3 +87,57 @@ def test_bad_files_are_named(tmp_path, text, match):
         build_config(TrainConfig, f, REQUIRED)
     with pytest.raises(InputError, match="not found"):
         build_config(TrainConfig, tmp_path / "missing.yaml", REQUIRED)
+
+
+def test_train_config_json_reruns_the_run(tmp_path):
+    """`train --config RUN/train_config.json --out OTHER` trains the same run again: the same metrics (fixed seed),
+    and options given on the command line still win."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from mambavl.cache.synthetic import make_planted_cache
+    from mambavl.cli import app
+
+    cache = make_planted_cache(tmp_path / "tiny.h5", n=24, seed=2)
+    args = ["--train-cache", str(cache), "--val-cache", str(cache), "--epochs", "2", "--batch-size", "8",
+            "--lr", "3e-3", "--frames", "4", "--min-steps", "0", "--seed", "3", "--set", "d_model=16",
+            "--set", "n_layers=1", "--device", "cpu", "--logger", "none", "--quiet"]
+    first = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "a"), *args])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "b"), "--config",
+                                     str(tmp_path / "a" / "train_config.json"), "--quiet"])
+    assert again.exit_code == 0, again.output
+
+    def curve(run):
+        rows = list(csv.DictReader(open(tmp_path / run / "metrics.csv")))
+        return [{k: v for k, v in r.items() if k.startswith(("val_", "train_loss", "step", "lr"))} for r in rows]
+
+    assert curve("a") == curve("b") and len(curve("a")) == 2
+    a = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    b = json.loads((tmp_path / "b" / "train_config.json").read_text())
+    assert {k: v for k, v in a.items() if k != "out_dir"} == {k: v for k, v in b.items() if k != "out_dir"}
+    # the command line over the file
+    third = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "c"), "--config",
+                                     str(tmp_path / "a" / "train_config.json"), "--epochs", "1", "--quiet"])
+    assert third.exit_code == 0, third.output
+    assert json.loads((tmp_path / "c" / "train_config.json").read_text())["epochs"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"train_cache: {cache}\nwarmup_epoch: 2\n")
+    res = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "d"), "--config", str(bad), "--quiet"])
+    assert res.exit_code == 2 and "'warmup_epoch'" in res.output and "did you mean 'warmup_epochs'" in res.output
+    # evaluate and ablate take --config files too
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(f"checkpoint: {tmp_path / 'a' / 'last.pt'}\nplots: false\nsubmission: false\nbatch_size: 5\n")
+    res = CliRunner().invoke(app, ["evaluate", "--config", str(ev), "--cache", str(cache), "--out",
+                                   str(tmp_path / "e"), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["config"]["batch_size"] == 5 and metrics["config"]["plots"] is False
+    ab = tmp_path / "ablate.yaml"
+    ab.write_text(f"train_cache: {cache}\nval_cache: {cache}\npresets: [video-only]\nepochs: 1\nmin_steps: 0\n"
+                  "batch_size: 8\nframes: 4\nmodel_overrides: {d_model: 16, n_layers: 1}\n")
+    res = CliRunner().invoke(app, ["ablate", "--config", str(ab), "--out", str(tmp_path / "ab"), "--device", "cpu",
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "video-only" in (tmp_path / "ab" / "ablation.md").read_text()

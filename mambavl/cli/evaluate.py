@@ -19,11 +19,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mambavl.cli import app, cache_app, fail, optional_path  # noqa: F401
+from mambavl.analysis.audit import AuditConfig
+from mambavl.cli import app, cache_app, defaults_from, fail, optional_path  # noqa: F401
+from mambavl.cli.config_file import ConfigOption, build_config
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
+from mambavl.evaluate import EvalConfig
 from mambavl.extract.questions import QuestionSource
 from mambavl.runtime import Task
+
+# Options of both commands here, whose defaults (the same in EvalConfig and AuditConfig) help shows from the configs.
+BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Segments per forward pass.")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 
 # ----------------------------------------------------------------------------------------------------------------
 # presentation
@@ -108,6 +115,7 @@ def _with_progress(label: str, quiet: bool, fn, cfg):
 
 
 @app.command("evaluate")
+@defaults_from(EvalConfig)
 def evaluate_command(
     cache: Annotated[Path, typer.Option("--cache", help="Feature cache to evaluate (.h5).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, per_class.csv, PNGs, submission.")],
@@ -139,33 +147,36 @@ def evaluate_command(
                                                            "checkpoint's, when it still exists).")
     ] = None,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Segments per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
-    submission: Annotated[bool, typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = True,
+    batch_size: BatchSizeOption = None,
+    device: DeviceOption = None,
+    plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots.")] = None,
+    submission: Annotated[Optional[bool], typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = None,
     sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", min=0, max=5, help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
     sls_tl: Annotated[Optional[int], typer.Option("--sls-tl", min=0, max=5, help="Submission: your training-label supervision level 0-5.")] = None,
     sls_td: Annotated[Optional[int], typer.Option("--sls-td", min=0, max=5, help="Submission: your training-data level 0-5.")] = None,
-    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = False,
+    allow_incomplete: Annotated[Optional[bool], typer.Option("--allow-incomplete", help="Evaluate a cache whose extraction did not finish (its finished rows; recorded in metrics.json as cache_completeness), and write the submission even though some segments failed or were not extracted (the challenge server rejects it).")] = None,
+    config: ConfigOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a cache: EK-100 metrics, per-class accuracy, plots, challenge submission (or, with
     --zero-shot, the cache's features against its own answer texts)."""
-    from mambavl.evaluate import EvalConfig, evaluate
+    from mambavl.evaluate import evaluate
 
-    if zero_shot or checkpoint is None:
-        _zero_shot(zero_shot, checkpoint, cache, out, ek100_dir, split, unseen_ids, tail_verbs, tail_nouns,
-                   allow_incomplete, quiet)
+    if zero_shot:
+        _zero_shot(checkpoint, cache, out, ek100_dir, split, unseen_ids, tail_verbs, tail_nouns,
+                   bool(allow_incomplete), quiet)
         return
+    if checkpoint is None and config is None:
+        raise fail("--checkpoint is required (or --zero-shot, to score the cache against its answer texts)")
     try:
-        cfg = EvalConfig(
-            checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out),
-            question_source=questions.value if questions else None, task=task.value if task else None,
-            batch_size=batch_size, device=device, ek100_dir=optional_path(ek100_dir), unseen_ids=optional_path(unseen_ids),
-            tail_verbs=optional_path(tail_verbs), tail_nouns=optional_path(tail_nouns), split=split, train_cache=optional_path(train_cache),
-            plots=plots, submission=submission, sls_pt=sls_pt, sls_tl=sls_tl, sls_td=sls_td,
-            allow_incomplete=allow_incomplete,
-        )
+        cfg = build_config(EvalConfig, config, {
+            "checkpoint": optional_path(checkpoint), "cache": str(cache), "out_dir": str(out),
+            "question_source": questions.value if questions else None, "task": task.value if task else None,
+            "batch_size": batch_size, "device": device, "ek100_dir": optional_path(ek100_dir),
+            "unseen_ids": optional_path(unseen_ids), "tail_verbs": optional_path(tail_verbs),
+            "tail_nouns": optional_path(tail_nouns), "split": split, "train_cache": optional_path(train_cache),
+            "plots": plots, "submission": submission, "sls_pt": sls_pt, "sls_tl": sls_tl, "sls_td": sls_td,
+            "allow_incomplete": allow_incomplete})
         result = _with_progress("evaluate", quiet, evaluate, cfg)
     except InputError as exc:
         raise fail(str(exc)) from None
@@ -187,12 +198,10 @@ def evaluate_command(
     console.print(f"wrote {Path(result['files']['metrics_json']).parent}")
 
 
-def _zero_shot(zero_shot: bool, checkpoint: Optional[Path], cache: Path, out: Path, ek100_dir: Optional[Path],
+def _zero_shot(checkpoint: Optional[Path], cache: Path, out: Path, ek100_dir: Optional[Path],
                split: Optional[str], unseen_ids: Optional[Path], tail_verbs: Optional[Path],
                tail_nouns: Optional[Path], allow_incomplete: bool, quiet: bool) -> None:
-    """`mambavl evaluate --zero-shot` (`mambavl.analysis.zeroshot`); refuses --checkpoint with it, or neither."""
-    if not zero_shot:
-        raise fail("--checkpoint is required (or --zero-shot, to score the cache against its answer texts)")
+    """`mambavl evaluate --zero-shot` (`mambavl.analysis.zeroshot`); refuses --checkpoint with it."""
     if checkpoint is not None:
         raise fail("--zero-shot evaluates the cache's own features and answer texts: drop --checkpoint")
     from mambavl.analysis.zeroshot import ZeroShotConfig, zero_shot_evaluate
@@ -217,6 +226,7 @@ def _zero_shot(zero_shot: bool, checkpoint: Optional[Path], cache: Path, out: Pa
 
 
 @app.command("audit-questions")
+@defaults_from(AuditConfig, seed="shuffle_seed")
 def audit_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint to audit.")],
     cache: Annotated[Path, typer.Option("--cache", help="Labelled feature cache (.h5), e.g. the validation split.")],
@@ -227,22 +237,21 @@ def audit_command(
     ] = None,
     verb_classes: Annotated[Optional[Path], typer.Option("--verb-classes", help="Verb classes CSV.")] = None,
     noun_classes: Annotated[Optional[Path], typer.Option("--noun-classes", help="Noun classes CSV.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the question shuffle (the label permutation uses seed + 1).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the question shuffle (the label permutation uses seed + 1).")] = None,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Segments per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: BatchSizeOption = None,
+    device: DeviceOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
     """Measure how much accuracy comes from the question text: every protocol, shuffled questions, a
     label-permutation check (scores must not change when the labels are permuted across segments), leak rates."""
-    from mambavl.analysis.audit import AuditConfig, audit_questions
+    from mambavl.analysis.audit import audit_questions
 
     try:
-        cfg = AuditConfig(
-            checkpoint=str(checkpoint), cache=str(cache), out_dir=str(out), task=task.value if task else None,
-            batch_size=batch_size, device=device, shuffle_seed=seed, ek100_dir=optional_path(ek100_dir),
-            verb_classes=optional_path(verb_classes), noun_classes=optional_path(noun_classes),
-        )
+        cfg = build_config(AuditConfig, None, {
+            "checkpoint": str(checkpoint), "cache": str(cache), "out_dir": str(out), "task": task.value if task else None,
+            "batch_size": batch_size, "device": device, "shuffle_seed": seed, "ek100_dir": optional_path(ek100_dir),
+            "verb_classes": optional_path(verb_classes), "noun_classes": optional_path(noun_classes)})
         report = _with_progress("audit", quiet, audit_questions, cfg)
     except InputError as exc:
         raise fail(str(exc)) from None

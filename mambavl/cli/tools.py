@@ -16,13 +16,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mambavl.cli import app, fail, optional_path, positive
+from mambavl.analysis.ablate import AblationConfig
+from mambavl.analysis.efficiency import EfficiencyConfig
+from mambavl.cli import app, defaults_from, fail, optional_path, positive
+from mambavl.cli.config_file import ConfigOption, build_config
 from mambavl.cli.progress import log_messages, rich_progress
+from mambavl.demo import DemoConfig
 from mambavl.errors import InputError
+from mambavl.predict import PredictConfig
 
 
-def _csv(value: str, what: str, cast: Callable[[str], Any] = str) -> tuple:
-    """'a,b,c' -> ('a', 'b', 'c') (cast each); a bad item is a BadParameter naming the option."""
+def _csv(value: str | None, what: str, cast: Callable[[str], Any] = str) -> tuple | None:
+    """'a,b,c' -> ('a', 'b', 'c') (cast each); None stays None (option not given); a bad item is a BadParameter
+    naming the option."""
+    if value is None:
+        return None
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
         raise typer.BadParameter(f"expected a comma-separated list, got {value!r}", param_hint=what)
@@ -51,25 +59,26 @@ def _overrides(items: Optional[list[str]], option: str) -> dict[str, Any]:
 
 
 @app.command("efficiency")
+@defaults_from(EfficiencyConfig)
 def efficiency_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for efficiency.md / .json / .png.")],
-    lengths: Annotated[str, typer.Option(help="Total tokens per fused sequence (question + video), comma-separated.")]
-    = "256,1024,4096",
-    fusions: Annotated[str, typer.Option(help="Fusion kinds, comma-separated: mamba, transformer, concat.")]
-    = "mamba,transformer,concat",
-    preset: Annotated[str, typer.Option(help="Model preset the fusions are built from.")] = "small",
+    lengths: Annotated[Optional[str], typer.Option(
+        help="Total tokens per fused sequence (question + video), comma-separated.")] = None,
+    fusions: Annotated[Optional[str], typer.Option(
+        help="Fusion kinds, comma-separated: mamba, transformer, concat.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Model preset the fusions are built from.")] = None,
     d_model: Annotated[Optional[int], typer.Option("--d-model", min=1, help="Model width (default: the preset's).")] = None,
     n_layers: Annotated[Optional[int], typer.Option("--n-layers", min=1, help="Fusion depth (default: the preset's).")]
     = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per step.")] = 2,
-    question_tokens: Annotated[int, typer.Option("--question-tokens", min=1, help="Question tokens in each sequence.")]
-    = 32,
-    video_dim: Annotated[int, typer.Option("--video-dim", min=1, help="Feature dim of the video tokens.")] = 512,
-    text_dim: Annotated[int, typer.Option("--text-dim", min=1, help="Embedding dim of the question tokens.")] = 512,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, auto.")] = "cpu",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per configuration (median reported).")] = 3,
-    memory: Annotated[str, typer.Option(help="Peak memory: auto, rss (CPU), cuda, none.")] = "auto",
-    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write efficiency.png.")] = True,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Clips per step.")] = None,
+    question_tokens: Annotated[Optional[int], typer.Option(
+        "--question-tokens", min=1, help="Question tokens in each sequence.")] = None,
+    video_dim: Annotated[Optional[int], typer.Option("--video-dim", min=1, help="Feature dim of the video tokens.")] = None,
+    text_dim: Annotated[Optional[int], typer.Option("--text-dim", min=1, help="Embedding dim of the question tokens.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, auto.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per configuration (median reported).")] = None,
+    memory: Annotated[Optional[str], typer.Option(help="Peak memory: auto, rss (CPU), cuda, none.")] = None,
+    plot: Annotated[Optional[bool], typer.Option("--plot/--no-plot", help="Write efficiency.png.")] = None,
     memory_budget: Annotated[Optional[float], typer.Option(
         "--memory-budget", min=0.0, help="GiB the run may use (default: 80 % of the memory available now). A run "
                                          "whose estimated peak exceeds it is refused (exit 2) before it starts.")]
@@ -77,15 +86,15 @@ def efficiency_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Parameters, FLOPs, latency and peak memory of the fusion kinds against sequence length."""
-    from mambavl.analysis.efficiency import EfficiencyConfig, markdown_table, measure_efficiency
+    from mambavl.analysis.efficiency import markdown_table, measure_efficiency
 
     try:
-        cfg = EfficiencyConfig(
-            out_dir=str(out), lengths=_csv(lengths, "--lengths", int), fusions=_csv(fusions, "--fusions"),
-            preset=preset, d_model=d_model, n_layers=n_layers, batch_size=batch_size, question_tokens=question_tokens,
-            video_dim=video_dim, text_dim=text_dim, device=device, repeats=repeats, memory=memory, plot=plot,
-            memory_budget=None if memory_budget is None else int(memory_budget * 2**30),
-        )
+        cfg = build_config(EfficiencyConfig, None, {
+            "out_dir": str(out), "lengths": _csv(lengths, "--lengths", int), "fusions": _csv(fusions, "--fusions"),
+            "preset": preset, "d_model": d_model, "n_layers": n_layers, "batch_size": batch_size,
+            "question_tokens": question_tokens, "video_dim": video_dim, "text_dim": text_dim, "device": device,
+            "repeats": repeats, "memory": memory, "plot": plot,
+            "memory_budget": None if memory_budget is None else int(memory_budget * 2**30)})
         with rich_progress("efficiency", quiet, log=log_messages("efficiency")) as progress:
             rows = measure_efficiency(cfg, progress=progress)
     except InputError as exc:
@@ -99,51 +108,57 @@ def efficiency_command(
 
 
 @app.command("ablate")
+@defaults_from(AblationConfig, questions="question_source", set_="model_overrides")
 def ablate_command(
-    train_cache: Annotated[Path, typer.Option("--train-cache", help="Training feature cache (.h5).")],
-    val_cache: Annotated[Path, typer.Option("--val-cache", help="Validation cache (.h5) the runs are compared on.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder: ablation.md, ablation.json, runs/<name>/seed<k>/.")],
+    train_cache: Annotated[Optional[Path], typer.Option("--train-cache", help="Training feature cache (.h5).")] = None,
+    val_cache: Annotated[Optional[Path], typer.Option(
+        "--val-cache", help="Validation cache (.h5) the runs are compared on.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder: ablation.md, ablation.json, runs/<name>/seed<k>/.")] = None,
     presets: Annotated[
-        str, typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, transformer, "
-                               "concat, predicted, probe-concat, probe-mean, zero-shot (or any preset).")
-    ] = "full,paper,video-only,no-qa,disjoint-A,transformer,concat,predicted,probe-concat,probe-mean",
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs of every run.")] = 10,
+        Optional[str], typer.Option(help="Variants, comma-separated: full, paper, video-only, no-qa, disjoint-A, "
+                                         "transformer, concat, predicted, probe-concat, probe-mean, zero-shot (or any "
+                                         "preset).")
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs of every run.")] = None,
     min_steps: Annotated[
-        int, typer.Option("--min-steps", min=0, help="Fewest recognition steps of every run (small data: smaller batch, "
-                                              "several passes per epoch); 0 = off.")
-    ] = 1000,
-    seeds: Annotated[int, typer.Option(min=1, help="Runs per variant (seeds seed, seed+1, ...); >1 gives mean ± sd and "
-                                            "paired differences to video-only.")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="First seed.")] = 0,
-    questions: Annotated[str, typer.Option(help="Question protocol: templates, annotation, file.")] = "templates",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of every run.")] = 64,
-    lr: Annotated[float, typer.Option(callback=positive, help="Peak learning rate of every run.")] = 1e-3,
-    frames: Annotated[int, typer.Option(min=0, help="Frame tokens per clip, sub-sampled from the cache.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+        Optional[int], typer.Option("--min-steps", min=0, help="Fewest recognition steps of every run (small data: "
+                                                               "smaller batch, several passes per epoch); 0 = off.")
+    ] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Runs per variant (seeds seed, seed+1, ...); >1 gives "
+                                                             "mean ± sd and paired differences to video-only.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="First seed.")] = None,
+    questions: Annotated[Optional[str], typer.Option(help="Question protocol: templates, annotation, file.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size of every run.")] = None,
+    lr: Annotated[Optional[float], typer.Option(callback=positive, help="Peak learning rate of every run.")] = None,
+    frames: Annotated[Optional[int], typer.Option(min=0, help="Frame tokens per clip, sub-sampled from the cache.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...")] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override for every run, key=value (repeatable).")
     ] = None,
     candidates_k: Annotated[
-        int, typer.Option("--candidates-k", min=1, help="predicted: candidates per head (keep it well below the number of "
-                                                 "classes, or every clip is asked about nearly all of them).")
-    ] = 5,
+        Optional[int], typer.Option("--candidates-k", min=1, help="predicted: candidates per head (keep it well below "
+                                                                  "the number of classes, or every clip is asked "
+                                                                  "about nearly all of them).")
+    ] = None,
     candidate_folds: Annotated[
-        int, typer.Option("--candidate-folds", min=2, help="predicted: folds of the cross-fitted first pass.")
-    ] = 5,
+        Optional[int], typer.Option("--candidate-folds", min=2, help="predicted: folds of the cross-fitted first pass.")
+    ] = None,
+    config: ConfigOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train the ablation variants (and fit the linear probes) under one budget and several seeds; write a table with
     mean ± sd and paired differences to video-only."""
-    from mambavl.analysis.ablate import AblationConfig, run_ablation
+    from mambavl.analysis.ablate import run_ablation
 
     try:
-        cfg = AblationConfig(
-            train_cache=str(train_cache), val_cache=str(val_cache), out_dir=str(out), presets=_csv(presets, "--presets"),
-            epochs=epochs, min_steps=min_steps, seeds=seeds, seed=seed, question_source=questions,
-            batch_size=batch_size, lr=lr,
-            frames=frames, device=device, model_overrides=_overrides(set_, "--set"),
-            candidates_k=candidates_k, candidate_folds=candidate_folds,
-        )
+        cfg = build_config(AblationConfig, config, {
+            "train_cache": optional_path(train_cache), "val_cache": optional_path(val_cache),
+            "out_dir": optional_path(out), "presets": _csv(presets, "--presets"), "epochs": epochs,
+            "min_steps": min_steps, "seeds": seeds, "seed": seed, "question_source": questions,
+            "batch_size": batch_size, "lr": lr, "frames": frames, "device": device,
+            "model_overrides": _overrides(set_, "--set") or None, "candidates_k": candidates_k,
+            "candidate_folds": candidate_folds})
         with rich_progress("ablate", quiet, log=log_messages("ablate")) as progress:
             result = run_ablation(cfg, progress=progress)
     except InputError as exc:
@@ -157,6 +172,7 @@ def ablate_command(
 
 
 @app.command("predict")
+@defaults_from(PredictConfig)
 def predict_command(
     video: Annotated[Path, typer.Argument(help="Video file (any format ffmpeg reads).")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Trained checkpoint (best.pt / last.pt).")],
@@ -175,20 +191,20 @@ def predict_command(
                                                             "folder), when the training cache used them (sha256 "
                                                             "checked). Not needed for pkg:NAME weights.")
     ] = None,
-    top: Annotated[int, typer.Option(min=1, help="How many actions / answers to list.")] = 5,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    top: Annotated[Optional[int], typer.Option(min=1, help="How many actions / answers to list.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON here.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Top actions and the answers to the question bank for one clip, extracting features on the fly."""
-    from mambavl.predict import PredictConfig, predict_video
+    from mambavl.predict import predict_video
 
     try:
-        cfg = PredictConfig(video=str(video), checkpoint=str(checkpoint), cache=optional_path(cache),
-                            start=start, stop=stop, top=top, device=device,
-                            encoder_weights=optional_path(encoder_weights),
-                            text_weights=optional_path(text_weights))
+        cfg = build_config(PredictConfig, None, {
+            "video": str(video), "checkpoint": str(checkpoint), "cache": optional_path(cache), "start": start,
+            "stop": stop, "top": top, "device": device, "encoder_weights": optional_path(encoder_weights),
+            "text_weights": optional_path(text_weights)})
         with rich_progress("predict", quiet, log=log_messages("predict")) as progress:
             result = predict_video(cfg, progress=progress)
     except InputError as exc:
@@ -227,24 +243,27 @@ def predict_command(
 
 
 @app.command("demo")
+@defaults_from(DemoConfig, out="out_dir")
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", help="Report folder (data, caches, runs, eval, audit, ablation).")]
-    = Path("mambavl-demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller data and budgets, no anticipation run (about two "
-                                                         "minutes on 2 cores).")]
-    = False,
-    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Run the short ablation.")] = True,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the data, the encoder init and the training runs.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "cpu",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results in a non-empty --out.")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Report folder (data, caches, runs, eval, audit, ablation).")] = None,
+    quick: Annotated[Optional[bool], typer.Option(
+        "--quick", help="Smaller data and budgets, no anticipation run (about two minutes on 2 idle cores).")] = None,
+    ablation: Annotated[Optional[bool], typer.Option("--ablation/--no-ablation", help="Run the short ablation.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, help="Seed of the data, the encoder init and the training runs.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, auto.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option(
+        "--overwrite", help="Replace the results in a non-empty --out.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """The whole pipeline on generated kitchen clips, no downloads: extract, train, evaluate, audit, ablate."""
-    from mambavl.demo import DemoConfig, report_markdown, run_demo
+    from mambavl.demo import report_markdown, run_demo
 
     try:
-        cfg = DemoConfig(out_dir=str(out), quick=quick, seed=seed, device=device, ablation=ablation,
-                         overwrite=overwrite)
+        cfg = build_config(DemoConfig, None, {"out_dir": optional_path(out), "quick": quick, "seed": seed,
+                                              "device": device, "ablation": ablation, "overwrite": overwrite})
+        out = Path(cfg.out_dir)
         with rich_progress("demo", quiet, log=log_messages("demo")) as progress:
             summary = run_demo(cfg, progress=progress)
     except InputError as exc:

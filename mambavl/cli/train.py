@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mambavl.cli import EXIT_TRAINING_STOPPED, app, defaults_from, fail, optional_path, positive
+from mambavl.cli.config_file import ConfigOption, build_config, read_config_file
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
@@ -39,10 +40,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers: Optional[int]) -> TrainConfig:
+def _resume_config(out: Path, explicit: dict[str, Any]) -> TrainConfig:
     """The run's config from out/last.pt; an explicit option that disagrees with it (`same_run`) is an error, not an
     override. Cache paths may differ (a moved cache): what the caches hold is checked when the run resumes."""
     saved = TrainedModel.load(out / "last.pt").train_config
+    device, num_workers = explicit.pop("device", TrainConfig.device), explicit.pop("num_workers", None)
     if "model_overrides" in explicit:
         explicit = {**explicit, "model_overrides": {**saved.model_overrides, **explicit["model_overrides"]}}
     differs = same_run(saved, dataclasses.replace(saved, **explicit), resuming=True)
@@ -64,16 +66,18 @@ def _resume_config(out: Path, explicit: dict[str, Any], device: str, num_workers
     return dataclasses.replace(saved, **changes)
 
 
-def _config(out: Path, explicit: dict[str, Any], resume: bool, device: str, num_workers: Optional[int],
-            quiet: bool) -> TrainConfig:
-    """The TrainConfig of the command: the resumed run's own, or a new one from the explicit options (the config
-    dataclass owns every default)."""
+def _config(out: Path, explicit: dict[str, Any], resume: bool, config: Optional[Path], quiet: bool) -> TrainConfig:
+    """The TrainConfig of the command: the resumed run's own, or a new one from the explicit options over the
+    `--config` file over the dataclass's defaults (the config dataclass owns every default). Under --resume the
+    file's settings count as options: they must be the run's own."""
+    from_file = read_config_file(config, TrainConfig) if config is not None else {}
     if resume:
-        return _resume_config(out, explicit, device, num_workers)
-    if explicit.get("train_cache") is None:
+        where = {k: v for k, v in from_file.items() if k not in ("out_dir", "resume", "device", "num_workers")}
+        return _resume_config(out, {**where, **explicit})
+    if explicit.get("train_cache") is None and from_file.get("train_cache") is None:
         raise typer.BadParameter("--train-cache is required (unless --resume)", param_hint="--train-cache")
-    extra = {} if num_workers is None else {"num_workers": num_workers}
-    cfg = TrainConfig(out_dir=str(out), device=device, **{"val_cache": None, **explicit, **extra})
+    cfg = build_config(TrainConfig, config, {**explicit, "out_dir": str(out), "resume": False},
+                       unset={"val_cache": None})
     if cfg.question_source == QuestionSource.PREDICTED and not quiet:
         typer.echo(f"self-questioning: training {cfg.candidate_folds} video-only first-pass models (one per "
                    f"fold) before the run; this takes a while", err=True)
@@ -82,16 +86,16 @@ def _config(out: Path, explicit: dict[str, Any], resume: bool, device: str, num_
 
 # The options of the run's length (the budget, the step floor and early stopping), shared help texts.
 EpochsOption = Annotated[Optional[int], typer.Option(
-    min=1, help="Epochs (default 20). With --resume: a new budget; the learning-rate schedule is re-planned from the "
+    min=1, help="Epochs. With --resume: a new budget; the learning-rate schedule is re-planned from the "
                 "current step and the change is recorded in last.pt.")]
 PatienceOption = Annotated[Optional[int], typer.Option(
     min=0, help="Early stopping: stop after this many epochs in a row without improvement of the validation "
-                "selection metric (default 5; 0 = off; needs --val-cache).")]
+                "selection metric (0 = off; needs --val-cache).")]
 MinDeltaOption = Annotated[Optional[float], typer.Option(
-    "--min-delta", min=0.0, help="Early stopping: the rise (percentage points) that counts as an improvement "
-                                 "(default 0).")]
+    "--min-delta", min=0.0, help="Early stopping: the rise (percentage points) that counts as an "
+                                 "improvement.")]
 MinStepsOption = Annotated[Optional[int], typer.Option(
-    "--min-steps", min=0, help="Fewest recognition steps of the run (default 1000): on small data the batch shrinks "
+    "--min-steps", min=0, help="Fewest recognition steps of the run: on small data the batch shrinks "
                                "(not below 8) and epochs make several passes; 0 = off.")]
 
 
@@ -111,7 +115,7 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up epochs.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Random seed.")] = None,
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation.")] = None,
@@ -151,9 +155,10 @@ def train_command(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Model override key=value (repeatable), e.g. d_model=128.")
     ] = None,
-    allow_incomplete: Annotated[bool, typer.Option(
+    allow_incomplete: Annotated[Optional[bool], typer.Option(
         "--allow-incomplete", help="Train (and validate) on the finished rows of a cache whose extraction did not "
-                                   "finish; recorded in train_config.json.")] = False,
+                                   "finish; recorded in train_config.json.")] = None,
+    config: ConfigOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or per-epoch lines.")] = False,
 ) -> None:
     """Train the MambaVL fusion on a feature cache."""
@@ -166,11 +171,11 @@ def train_command(
         candidate_folds=candidate_folds, candidate_epochs=candidate_epochs,
         candidates_from=optional_path(candidates_from), qa_weight=qa_weight, qa_every=qa_every, frames=frames,
         min_steps=min_steps, amp=amp, logger=logger, model_overrides=parse_overrides(set_) if set_ else None,
-        allow_incomplete=allow_incomplete or None,
+        allow_incomplete=allow_incomplete, device=device, num_workers=num_workers,
     )
     explicit = {k: v for k, v in options.items() if v is not None}
     try:
-        result = _run(_config(out, explicit, resume, device, num_workers, quiet), quiet)
+        result = _run(_config(out, explicit, resume, config, quiet), quiet)
     except InputError as exc:
         raise fail(str(exc)) from None
     except TrainingStopped as exc:
