@@ -159,7 +159,7 @@ def test_memory_guard_refuses_before_running(monkeypatch, tmp_path):
 
 
 def test_latency_noise_is_flagged():
-    from mambavl.analysis.efficiency import flag_noise, markdown_table
+    from mambavl.analysis.efficiency import efficiency_markdown, flag_noise
 
     def row(fusion, n, runs):
         return {"fusion": fusion, "total_tokens": n, "question_tokens": 4, "video_tokens": n - 4, "params": 1,
@@ -173,5 +173,5 @@ def test_latency_noise_is_flagged():
     flags = {(r["fusion"], r["total_tokens"]): r["latency_noise"] for r in rows}
     assert flags[("mamba", 200)] is None and flags[("mamba", 100)] is None
     assert "fell" in flags[("concat", 200)] and "spread" in flags[("transformer", 200)]
-    md = markdown_table(rows)
+    md = efficiency_markdown(rows)
     assert md.count("(noisy)") == 3 and "concat at 200 tokens: latency fell" in md  # 2 cells + the legend line

@@ -59,6 +59,7 @@ from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import PRESETS, PRESET_DESCRIPTIONS, preset_train_overrides
 from mambavl.progress import Progress, or_none, part
 from mambavl.runtime import TrainedModel, plain, same_run
+from mambavl.tables import markdown_table
 from mambavl.train import TrainConfig, train
 
 
@@ -393,7 +394,7 @@ def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
     reference = next((r for r in rows if r["name"] == REFERENCE), None)
     for r in rows:
         r["paired"] = paired_differences(r["runs"], reference["runs"]) if reference is not None else None
-    md = markdown_table(cfg, rows)
+    md = ablation_markdown(cfg, rows)
     config = asdict(cfg)
     config["question_source"] = cfg.question_source.value
     payload = {"config": config, "reference": REFERENCE if reference is not None else None, "rows": rows}
@@ -413,7 +414,7 @@ def _cell(stat: dict | None, seeds: int, digits: int = 1, sign: bool = False) ->
     return f"{stat['mean']:{fmt}}"
 
 
-def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
+def ablation_markdown(cfg: AblationConfig, rows: list[dict]) -> str:
     """The ablation table in markdown (with a header saying what was compared and how)."""
     has_nouns = any(r["metrics"]["noun_top1"]["mean"] is not None for r in rows)
     shown = [m for m in METRICS if has_nouns or m.startswith("verb")]
@@ -437,21 +438,21 @@ def markdown_table(cfg: AblationConfig, rows: list[dict]) -> str:
         + (f"; Δ: per seed, variant minus {REFERENCE} of the same seed" + (", mean ± sd" if cfg.seeds > 1 else "")
            if paired else "") + ".",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
     ]
-    for r in rows:
-        cells = [r["name"], f"{r['params'] / 1e6:.3f} M", "-" if r["steps"] is None else str(r["steps"])]
-        cells += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
+
+    def cells(r: dict) -> list[str]:
+        out = [r["name"], f"{r['params'] / 1e6:.3f} M", "-" if r["steps"] is None else str(r["steps"])]
+        out += [_cell(r["metrics"][m], cfg.seeds) for m in shown]
         if paired:
             stat = r["paired"][key] if r.get("paired") else None
             flag = noise_flag(stat, cfg.seeds) if r["name"] != REFERENCE else ""  # the reference: 0 by definition
-            cells.append(_cell(stat, cfg.seeds, sign=True) + (f" ({flag})" if flag else ""))
-        cells.append(_cell(r["train_time_s"], cfg.seeds))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _noise_note(cfg.seeds, paired)]
-    lines += ["", "| name | what it is | settings of its runs |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {r['description']} | {settings_text(r.get('settings') or {})} |" for r in rows]
+            out.append(_cell(stat, cfg.seeds, sign=True) + (f" ({flag})" if flag else ""))
+        return out + [_cell(r["train_time_s"], cfg.seeds)]
+
+    lines += markdown_table(head, (cells(r) for r in rows))
+    lines += ["", _noise_note(cfg.seeds, paired), ""]
+    lines += markdown_table(("name", "what it is", "settings of its runs"),
+                            ((r["name"], r["description"], settings_text(r.get("settings") or {})) for r in rows))
     return "\n".join(lines) + "\n"
 
 

@@ -50,6 +50,7 @@ from mambavl.evaluate import (
 from mambavl.extract.questions import QuestionSource, leak_rate
 from mambavl.progress import Progress, or_none
 from mambavl.runtime import task_spec
+from mambavl.tables import markdown_table
 from mambavl.cache.reader import QuestionBank
 
 
@@ -252,7 +253,7 @@ def _delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, 
     return {k: (None if a.get(k) is None or b.get(k) is None else round(a[k] - b[k], 4)) for k in a}
 
 
-def markdown_table(report: dict[str, Any]) -> str:
+def audit_markdown(report: dict[str, Any]) -> str:
     """audit.md: one row per protocol with its metrics, deltas vs templates and static leak rates."""
     protos = report["protocols"]
     metric_keys = list(next(iter(protos.values()))["metrics"].keys()) if protos else []
@@ -267,8 +268,6 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"contain their own answer word (answers: {report['answer_words']}; predicted: answer among the k "
         f"candidates); labels permuted = scores with the split's labels permuted across segments (must be identical).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
     ]
 
     def fmt(v: Any, signed: bool = False) -> str:
@@ -276,15 +275,16 @@ def markdown_table(report: dict[str, Any]) -> str:
             return "–"
         return f"{v:+.2f}" if signed else f"{v:.2f}"
 
-    for name, p in protos.items():
-        cells = [f"`{name}`"] + [fmt(p["metrics"].get(k)) for k in metric_keys]
-        cells += [fmt(p["delta_vs_templates"].get(k), True) for k in metric_keys]
+    def cells(name: str, p: dict[str, Any]) -> list[str]:
+        out = [f"`{name}`"] + [fmt(p["metrics"].get(k)) for k in metric_keys]
+        out += [fmt(p["delta_vs_templates"].get(k), True) for k in metric_keys]
         leak = p.get("leak", {})
         perm = p.get("label_permutation")
         perm_cell = "–" if perm is None else ("identical" if perm["identical"] else
                                               f"**{perm['rows_changed']} rows changed**")
-        cells += [fmt(leak.get("verb")), fmt(leak.get("noun")), str(p.get("question_fallbacks", 0)), perm_cell]
-        lines.append("| " + " | ".join(cells) + " |")
+        return out + [fmt(leak.get("verb")), fmt(leak.get("noun")), str(p.get("question_fallbacks", 0)), perm_cell]
+
+    lines += markdown_table(head, (cells(name, p) for name, p in protos.items()))
     if report.get("findings"):
         lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
     return "\n".join(lines) + "\n"
@@ -447,6 +447,6 @@ def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "audit.json", report)
-    atomic_write_text(out_dir / "audit.md", markdown_table(report))
+    atomic_write_text(out_dir / "audit.md", audit_markdown(report))
     report["files"] = {"audit_json": str(out_dir / "audit.json"), "audit_md": str(out_dir / "audit.md")}
     return report

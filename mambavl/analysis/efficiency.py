@@ -66,6 +66,7 @@ from mambavl.fuse import scan as scan_mod
 from mambavl.fuse.model import FusionKind
 from mambavl.fuse.presets import create_model
 from mambavl.progress import Progress, or_none
+from mambavl.tables import markdown_table
 
 
 # FLOPs of the scan recurrence per (batch row, channel, position, state), derived in the module docstring.
@@ -652,17 +653,14 @@ def _fmt_mem(row: dict) -> str:
     return f"{b / 2**20:.1f} MiB" + ("" if row.get("memory_trusted") else " (?)")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The result rows as a markdown table."""
-    head = ("| fusion | tokens (q+video) | params | FLOPs fwd | FLOPs train step | of which scan (fwd) | "
-            "latency fwd+bwd | peak memory |")
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['fusion']} | {r['total_tokens']} ({r['question_tokens']}+{r['video_tokens']}) | "
-            f"{r['params'] / 1e6:.2f} M | {_fmt_flops(r['flops_forward'])} | {_fmt_flops(r['flops_train_step'])} | "
-            f"{_fmt_flops(r['flops_scan_forward'])} | {_fmt_latency(r)} | {_fmt_mem(r)} |"
-        )
+def efficiency_markdown(rows: list[dict]) -> str:
+    """The result rows as a markdown table (with the noise notes)."""
+    head = ("fusion", "tokens (q+video)", "params", "FLOPs fwd", "FLOPs train step", "of which scan (fwd)",
+            "latency fwd+bwd", "peak memory")
+    lines = markdown_table(head, ((
+        r["fusion"], f"{r['total_tokens']} ({r['question_tokens']}+{r['video_tokens']})", f"{r['params'] / 1e6:.2f} M",
+        _fmt_flops(r["flops_forward"]), _fmt_flops(r["flops_train_step"]), _fmt_flops(r["flops_scan_forward"]),
+        _fmt_latency(r), _fmt_mem(r)) for r in rows))
     notes = noise_notes(rows)
     if notes:
         lines += ["", "(noisy): the latency's spread over repeats is as large as the change it reports, or it fell "
@@ -707,7 +705,7 @@ def write_report(cfg: EfficiencyConfig, rows: list[dict], out: Path, calibration
         f"batch {cfg.batch_size} clips, {cfg.question_tokens} question tokens, device `{rows[0]['device']}`, "
         f"torch {m['torch']}, {m['torch_threads']} threads, load average {m['load_average_1min']}.",
         "",
-        markdown_table(rows),
+        efficiency_markdown(rows),
         "FLOPs: torch's FlopCounterMode (matmuls, convolutions, attention incl. the CPU flash kernel) plus the "
         f"selective scan by formula ({payload['scan_flops_formula']}). Latency: median of {cfg.repeats} runs, "
         "fusion kinds interleaved; ± half the range over repeats. Memory: peak growth during the step above the "

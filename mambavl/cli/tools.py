@@ -86,7 +86,7 @@ def efficiency_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Parameters, FLOPs, latency and peak memory of the fusion kinds against sequence length."""
-    from mambavl.analysis.efficiency import markdown_table, measure_efficiency
+    from mambavl.analysis.efficiency import efficiency_markdown, measure_efficiency
 
     try:
         cfg = build_config(EfficiencyConfig, None, {
@@ -99,7 +99,7 @@ def efficiency_command(
             rows = measure_efficiency(cfg, progress=progress)
     except InputError as exc:
         raise fail(str(exc)) from None
-    typer.echo(markdown_table(rows), nl=False)
+    typer.echo(efficiency_markdown(rows), nl=False)
     typer.echo(f"wrote {out / 'efficiency.md'}")
 
 

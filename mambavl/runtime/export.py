@@ -22,6 +22,7 @@ from mambavl.errors import InputError
 from mambavl.files import atomic_write_text
 from mambavl.runtime import hub
 from mambavl.runtime.artifact import TrainedModel
+from mambavl.tables import markdown_table
 
 PATH_FIELDS = ("out_dir", "train_cache", "val_cache")
 EK100_LICENSE = "cc-by-nc-4.0"
@@ -99,10 +100,6 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, metrics:
 # the model card
 
 
-def _row(*cells: Any) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
@@ -137,7 +134,7 @@ def model_section(run: TrainedModel, config: dict[str, Any]) -> list[str]:
                        f"mambavl {__version__}"),
         (hub.WEIGHTS, f"{files['bytes']:,} bytes, sha256 {files['sha256']}"),
     ]
-    return ["## Model", "", _row("field", "value"), _row("---", "---"), *(_row(k, v) for k, v in rows), ""]
+    return ["## Model", "", *markdown_table(("field", "value"), rows), ""]
 
 
 def data_section(run: TrainedModel) -> list[str]:
@@ -156,7 +153,7 @@ def data_section(run: TrainedModel) -> list[str]:
     return ["## Features and training data", "",
             "The model reads cached features of exactly these encoders (`mambavl evaluate` refuses a cache of "
             "others, naming the first difference):", "",
-            _row("field", "value"), _row("---", "---"), *(_row(k, v) for k, v in rows), ""]
+            *markdown_table(("field", "value"), rows), ""]
 
 
 def metrics_section(metrics: dict[str, Any] | None) -> list[str]:
@@ -177,10 +174,9 @@ def metrics_section(metrics: dict[str, Any] | None) -> list[str]:
              f"{attrs.get('annotation_sha256', '?')}); mambavl {metrics.get('mambavl_version', '?')}.", ""]
     if metrics.get("question_source_warning"):
         lines += [f"> {metrics['question_source_warning']}", ""]
-    lines += [_row("subset", "task", "segments", *keys), _row(*["---"] * (3 + len(keys)))]
-    for subset, by_task in tree.items():
-        for task, entry in by_task.items():
-            lines.append(_row(subset, task, entry.get("n", ""), *(_fmt(entry.get(k)) for k in keys)))
+    lines += markdown_table(("subset", "task", "segments", *keys),
+                            ((subset, task, entry.get("n", ""), *(_fmt(entry.get(k)) for k in keys))
+                             for subset, by_task in tree.items() for task, entry in by_task.items()))
     lines += ["", "Percent. Subsets: all segments, unseen participants, tail classes (EK-100 conventions); "
                   "action = verb and noun both right.", ""]
     return lines
