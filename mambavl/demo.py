@@ -34,6 +34,7 @@ from mambavl.extract.encoders import EncoderConfig, build_encoder
 from mambavl.files import atomic_write_text
 from mambavl.progress import Progress, Stages, part
 from mambavl.runtime import Task
+from mambavl.runtime.export import export_model
 from mambavl.train import TrainConfig, train
 
 TINY_MODEL = "mambavl-tiny-clip"
@@ -144,7 +145,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise InputError(f"demo output folder {out} is not empty; choose another --out or pass --overwrite")
-        for name in ("data", "caches", "runs", "eval", "ablation", "audit", "anticipation"):
+        for name in ("data", "caches", "runs", "eval", "ablation", "audit", "anticipation", "model"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -196,6 +197,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     test = evaluate(EvalConfig(checkpoint=ckpt, cache=str(caches["test"]), out_dir=str(out / "eval" / "test"),
                                ek100_dir=str(ds.root), device=cfg.device, plots=False, sls_pt=0, sls_tl=3, sls_td=3),
                     progress=stages.part("test"))
+    # the trained model as others would receive it: the Hugging Face layout with its model card
+    export_model(ckpt, out / "model", metrics=out / "eval" / "val")
 
     # 5. the paper's protocol and the leak audit
     tick("training with the paper's annotation questions, auditing questions")
@@ -265,7 +268,10 @@ def report_markdown(summary: dict[str, Any], out: Path) -> str:
         "",
         "Full metrics (unseen participants, tail classes, per class) in `eval/val/metrics.json` and "
         "`eval/val/per_class.csv`; plots in `eval/val/`. The test split has no labels: "
-        "`eval/test/submission.json` is its challenge-format submission.",
+        "`eval/test/submission.json` is its challenge-format submission. The run's curves (loss and validation "
+        "top-1 per epoch) are `runs/templates/curves.png`, its log `runs/templates/train.log`; `model/` is the "
+        "trained model exported for sharing (`config.json`, `model.safetensors`, the model card `README.md`): "
+        "`mambavl evaluate --checkpoint model ...` and `mambavl push model --repo ORG/NAME` take it.",
         "",
         "## Question audit",
         "",

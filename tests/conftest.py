@@ -50,3 +50,24 @@ def tiny_extract_config():
         return ExtractConfig(**base)
 
     return make
+
+
+# Every video decoder, for tests that must hold for each (`mambavl extract --decoder`); the CUDA one is GPU-marked.
+DECODERS = [
+    pytest.param("ffmpeg", id="ffmpeg"),
+    pytest.param("torchcodec", id="torchcodec"),
+    pytest.param("torchcodec-cuda", id="torchcodec-cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request):
+    """Each decoder in turn (a test using it runs once per decoder); skipped with the reason where one is unusable."""
+    from mambavl.extract.backends import build_decoder, torchcodec_problem
+
+    name = request.param
+    if name != "ffmpeg":
+        problem = torchcodec_problem("cuda" if name.endswith("cuda") else "cpu")
+        if problem:
+            pytest.skip(f"decoder {name}: {problem}")
+    return build_decoder(name)

@@ -17,28 +17,11 @@ import torch
 from mambavl.data.media import ffmpeg_binary
 from mambavl.data.synthetic import make_timestamp_video, read_timestamp_code
 from mambavl.extract.backends import (
-    PIXEL_TOLERANCE, DecoderKind, build_decoder, crop_box, resize_crop, torchcodec_problem,
+    PIXEL_TOLERANCE, DecoderKind, build_decoder, crop_box, resize_crop,
 )
 from mambavl.extract.decode import DecodeError, SamplingConfig, SamplingMode, decode_video_segment, sample_times
 
 FPS = 25.0
-DECODERS = [
-    pytest.param("ffmpeg", id="ffmpeg"),
-    pytest.param("torchcodec", id="torchcodec"),
-    pytest.param("torchcodec-cuda", id="torchcodec-cuda", marks=pytest.mark.gpu),
-]
-
-
-@pytest.fixture(params=DECODERS)
-def decoder(request):
-    name = request.param
-    if name != "ffmpeg":
-        problem = torchcodec_problem("cuda" if name.endswith("cuda") else "cpu")
-        if problem:
-            pytest.skip(f"decoder {name}: {problem}")
-    return build_decoder(name)
-
-
 def as_numpy(frames):
     return frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames
 

@@ -29,7 +29,9 @@ def demo(tmp_path_factory):
 def test_demo_report_and_accuracy_far_above_chance(demo):
     out, printed = demo
     for rel in ("README.md", "summary.json", "eval/val/metrics.json", "eval/val/per_class.csv",
-                "eval/test/submission.json", "audit/audit.md", "ablation/ablation.md", "runs/templates/best.pt"):
+                "eval/test/submission.json", "audit/audit.md", "ablation/ablation.md", "runs/templates/best.pt",
+                "runs/templates/curves.png", "runs/templates/train.log", "model/config.json",
+                "model/model.safetensors", "model/README.md"):
         assert (out / rel).is_file(), rel
     summary = json.loads((out / "summary.json").read_text())
     val, chance = summary["validation"], summary["chance_percent"]

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mambavl.device import resolve_device
+from mambavl.device import available_memory_bytes, resolve_device
 from mambavl.errors import InputError
 from mambavl.fuse import scan as scan_mod
 from mambavl.fuse.model import FusionKind
@@ -178,14 +178,7 @@ def available_memory(device: torch.device) -> int:
     physical pages the OS reports free."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available_memory_bytes()
 
 
 def memory_plan(cfg: EfficiencyConfig, device: torch.device) -> dict[str, Any]:

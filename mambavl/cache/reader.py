@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mambavl.cache import schema
+from mambavl.device import available_memory_bytes
 from mambavl.errors import InputError
 
 # Load a window's features into RAM (one read of the file; epochs then never touch HDF5) when they take at most this
@@ -27,21 +28,6 @@ from mambavl.errors import InputError
 # (67,217 x 16 x 512) is 1.1 GB: whole on any machine with 2.2 GB free. DataLoader workers forked afterwards share
 # the array (copy-on-write, never written), so workers do not multiply it.
 IN_MEMORY_FRACTION = 0.5
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now (Linux MemAvailable; elsewhere the free physical pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def fits_in_memory(nbytes: int) -> bool:

@@ -17,7 +17,6 @@ from mambavl.cli import app
 from mambavl.data.annotations import Segment
 from mambavl.data.synthetic import cut_into_chunks, make_timestamp_video, read_timestamp_code
 from mambavl.errors import InputError
-from mambavl.extract.backends import build_decoder, torchcodec_problem
 from mambavl.extract.decode import (
     DecodeError, SamplingConfig, SamplingMode, SourceKind, decode_chunked_segment, decode_segment, locate_source,
     sample_times, scan_chunks,
@@ -27,15 +26,6 @@ FPS = 25.0
 CHUNK = 2
 DURATION = 7.0  # chunks 0, 2, 4 (2 s each) and 6 (1 s)
 CONFIGS = [SamplingConfig(num_frames=8, size=16), SamplingConfig(mode=SamplingMode.FPS, fps=10, num_frames=12, size=16)]
-
-
-@pytest.fixture(params=["ffmpeg", "torchcodec", pytest.param("torchcodec-cuda", marks=pytest.mark.gpu)])
-def decoder(request):
-    if request.param != "ffmpeg":
-        problem = torchcodec_problem("cuda" if request.param.endswith("cuda") else "cpu")
-        if problem:
-            pytest.skip(f"decoder {request.param}: {problem}")
-    return build_decoder(request.param)
 
 
 def codes(frames) -> list[int]:

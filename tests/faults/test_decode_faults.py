@@ -22,7 +22,6 @@ from mambavl.data.synthetic import (
     encode_frames, make_frame_dir, make_timestamp_video, read_timestamp_code, timestamp_frames,
 )
 from mambavl.errors import InputError
-from mambavl.extract.backends import build_decoder, torchcodec_problem
 from mambavl.extract.decode import (
     DecodedFrames, DecodeError, SamplingConfig, SamplingMode, decode_segment, decode_video_segment, decoder_errors,
     probe_video, sample_times,
@@ -31,20 +30,6 @@ from mambavl.extract.encoders import EncoderConfig
 
 FPS = 25.0
 TINY = EncoderConfig(model="mambavl-tiny-clip", pretrained="none", device="cpu")
-DECODERS = [pytest.param("ffmpeg", id="ffmpeg"), pytest.param("torchcodec", id="torchcodec"),
-            pytest.param("torchcodec-cuda", id="torchcodec-cuda", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=DECODERS)
-def decoder(request):
-    name = request.param
-    if name != "ffmpeg":
-        problem = torchcodec_problem("cuda" if name.endswith("cuda") else "cpu")
-        if problem:
-            pytest.skip(f"decoder {name}: {problem}")
-    return build_decoder(name)
-
-
 def as_numpy(frames):
     return frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
 
