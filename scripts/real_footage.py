@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds["predict"] = time.perf_counter() - t
     contact_sheet(out / "contact_sheet.png", preds)
 
-    overall = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]["all"]  # percentages
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    heads = evaluated["dataset"]["heads"]  # a generic CSV's verb head is its "label" (the dataset's own term)
+    overall = {task: evaluated["metrics"]["all"][heads[task]] for task in ("verb", "noun", "action")}  # percentages
     cli = json.loads((out / "predict.json").read_text())
     import h5py
 

@@ -315,7 +315,8 @@ _SHOWINFO_OPTIONS = {"checksum": 0}  # no per-frame checksums: they would cost a
 _SHOWINFO = re.compile(r"Parsed_showinfo.*\bn:\s*\d+\s+pts:\s*(-?\d+)\s+pts_time:\s*(\S+)")
 _TIME_BASE = re.compile(r"Parsed_showinfo.*config in time_base:\s*(\d+)/(\d+)")
 _LOG_ERROR = re.compile(r"\[(?:error|fatal|panic)\]\s*(.*)")
-_SEEK_START_ERRORS = re.compile(r"mmco: |reference picture|POCs unavailable", re.IGNORECASE)
+# Messages about the pictures decoding starts with, before the first frame reaches showinfo: see `decoder_errors`.
+_SEEK_START_ERRORS = re.compile(r"mmco: |reference picture|POCs unavailable|non-intra slice in an IDR", re.IGNORECASE)
 _PICK_EPS = 1e-6  # seconds: a frame starting this close after a requested time is the one displayed then
 # seconds (~1 us, exact in binary): the fps filter's tick spacing for a single requested time (a zero-length window)
 SINGLE_TICK_STEP = 2.0 ** -20
@@ -372,9 +373,12 @@ def decoder_errors(log: str, most: int = 3) -> str:
     """The distinct error messages in an ffmpeg log written with ``-loglevel level+...`` ("" when none), at most
     `most` of them and how many there were.
 
-    Not counted: missing-reference messages before the first decoded frame reaches showinfo. Decoding starts at the
+    Not counted, before the first decoded frame reaches showinfo: missing-reference messages (decoding starts at the
     keyframe before the window, and in an open GOP (a keyframe that is not an IDR picture) the pictures around it
-    refer to the previous GOP; the decoder reports them and does not output them, and they lie before the window."""
+    refer to the previous GOP; the decoder reports them and does not output them, and they lie before the window),
+    and H.264's "A non-intra slice in an IDR NAL unit" (an extra slice some encoders write into a stream's first IDR
+    picture, e.g. OpenCV's sample clip box.mp4; the decoder drops that slice and the picture decodes whole from the
+    others, so players show the video as intact)."""
     seen: list[str] = []
     total = 0
     started = False
