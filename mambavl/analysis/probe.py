@@ -27,10 +27,6 @@ from enum import Enum
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
 from mambavl.cache.schema import RECOGNITION, check_compatible
@@ -85,6 +81,13 @@ def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, cl
                  ) -> np.ndarray:
     """Logistic regression on standardised inputs -> (N_val, classes) log-probabilities; classes absent from the
     training labels get -inf (never predicted)."""
+    # Imported here: scikit-learn takes 0.7-1 s to import, and this module is on the import path of `mambavl --help`
+    # (through `ablate`; docs/architecture.md lists the exceptions to imports at the top).
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     keep = y_train >= 0
     seen = np.unique(y_train[keep])
     out = np.full((len(x_val), classes), -np.inf, dtype=np.float32)
