@@ -134,13 +134,9 @@ def _summary(cfg: DemoConfig, ds: Any, val: dict, test: dict, audit: dict, antic
     }
 
 
-def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the demo into `cfg.out_dir`; returns the summary also written to summary.json.
-
-    Over 80 lines on purpose: the demo is a script of seven stages (data, extraction, training, evaluation, audit,
-    anticipation, ablation), each a few library calls; it reads best as the one sequence a user would type."""
-
-    sizes = cfg.sizes
+def prepare_out(cfg: DemoConfig) -> Path:
+    """The report folder, created; InputError when it holds anything and `cfg.overwrite` is off (with it, the
+    demo's own folders are removed first)."""
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
@@ -148,6 +144,17 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
         for name in ("data", "caches", "runs", "eval", "ablation", "audit", "anticipation", "model"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the demo into `cfg.out_dir`; returns the summary also written to summary.json.
+
+    Over 80 lines on purpose: the demo is a script of seven stages (data, extraction, training, evaluation, audit,
+    anticipation, ablation), each a few library calls; it reads best as the one sequence a user would type."""
+
+    sizes = cfg.sizes
+    out = prepare_out(cfg)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     current: str | None = None

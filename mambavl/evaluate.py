@@ -96,8 +96,8 @@ class EvalConfig:
     checkpoint: str
     cache: str
     out_dir: str
-    question_source: str | None = None
-    task: str | None = None
+    question_source: QuestionSource | None = None
+    task: Task | None = None
     batch_size: int = 256
     device: str = "auto"
     ek100_dir: str | None = None
@@ -116,12 +116,11 @@ class EvalConfig:
     allow_incomplete: bool = False  # evaluate an unfinished cache; write a submission lacking failed / missing rows
 
     def __post_init__(self) -> None:
-
         for name in ("checkpoint", "cache", "out_dir"):
             setattr(self, name, str(getattr(self, name)))
         if self.question_source is not None:
             try:
-                self.question_source = QuestionSource(self.question_source).value
+                self.question_source = QuestionSource(self.question_source)
             except ValueError:
                 raise InputError(
                     f"eval config: question_source {self.question_source!r} is not one of "
@@ -129,7 +128,7 @@ class EvalConfig:
                 ) from None
         if self.task is not None:
             try:
-                self.task = Task(self.task).value
+                self.task = Task(self.task)
             except ValueError:
                 raise InputError(f"eval config: task {self.task!r} is not one of {[t.value for t in Task]}") from None
         self.ks = tuple(sorted({int(k) for k in self.ks}))
@@ -854,7 +853,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
     completeness = require_complete(loaded.cache, loaded.window, cfg.allow_incomplete, "evaluated")
     trained_source = loaded.run.question_source.value
-    source = cfg.question_source or trained_source
+    source = cfg.question_source.value if cfg.question_source else trained_source
     check_question_source(loaded.cache, source, loaded)
     submit = submission_plan(cfg, loaded)
     out_dir.mkdir(parents=True, exist_ok=True)

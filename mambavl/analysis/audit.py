@@ -49,7 +49,7 @@ from mambavl.evaluate import (
 )
 from mambavl.extract.questions import QuestionSource, leak_rate
 from mambavl.progress import Progress, or_none
-from mambavl.runtime import task_spec
+from mambavl.runtime import Task, task_spec
 from mambavl.tables import markdown_table
 from mambavl.cache.reader import QuestionBank
 
@@ -72,7 +72,7 @@ class AuditConfig:
     checkpoint: str
     cache: str
     out_dir: str
-    task: str | None = None
+    task: Task | None = None
     batch_size: int = 256
     device: str = "auto"
     shuffle_seed: int = 0
@@ -84,6 +84,11 @@ class AuditConfig:
     def __post_init__(self) -> None:
         for name in ("checkpoint", "cache", "out_dir"):
             setattr(self, name, str(getattr(self, name)))
+        if self.task is not None:
+            try:
+                self.task = Task(self.task)
+            except ValueError:
+                raise InputError(f"audit config: task {self.task!r} is not one of {[t.value for t in Task]}") from None
         if self.protocols is not None:
             self.protocols = tuple(self.protocols)
             allowed = {"templates", PREDICTED, *PER_SEGMENT_SOURCES,

@@ -171,7 +171,7 @@ def evaluate_command(
     try:
         cfg = build_config(EvalConfig, config, {
             "checkpoint": optional_path(checkpoint), "cache": str(cache), "out_dir": str(out),
-            "question_source": questions.value if questions else None, "task": task.value if task else None,
+            "question_source": questions, "task": task,
             "batch_size": batch_size, "device": device, "ek100_dir": optional_path(ek100_dir),
             "unseen_ids": optional_path(unseen_ids), "tail_verbs": optional_path(tail_verbs),
             "tail_nouns": optional_path(tail_nouns), "split": split, "train_cache": optional_path(train_cache),
@@ -249,7 +249,7 @@ def audit_command(
 
     try:
         cfg = build_config(AuditConfig, None, {
-            "checkpoint": str(checkpoint), "cache": str(cache), "out_dir": str(out), "task": task.value if task else None,
+            "checkpoint": str(checkpoint), "cache": str(cache), "out_dir": str(out), "task": task,
             "batch_size": batch_size, "device": device, "shuffle_seed": seed, "ek100_dir": optional_path(ek100_dir),
             "verb_classes": optional_path(verb_classes), "noun_classes": optional_path(noun_classes)})
         report = _with_progress("audit", quiet, audit_questions, cfg)
