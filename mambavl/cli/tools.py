@@ -248,7 +248,7 @@ def demo_command(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Report folder (data, caches, runs, eval, audit, ablation).")] = None,
     quick: Annotated[Optional[bool], typer.Option(
-        "--quick", help="Smaller data and budgets, no anticipation run (about two minutes on 2 idle cores).")] = None,
+        "--quick", help="Smaller data and budgets, no anticipation run (about a minute on 2 cores).")] = None,
     ablation: Annotated[Optional[bool], typer.Option("--ablation/--no-ablation", help="Run the short ablation.")] = None,
     seed: Annotated[Optional[int], typer.Option(
         min=0, help="Seed of the data, the encoder init and the training runs.")] = None,
