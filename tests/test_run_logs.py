@@ -96,3 +96,13 @@ def test_scalars_add_the_step_time():
            "task": "recognition", "amp": True}
     assert scalars(row) == {"lr": 1e-3, "train_loss": 1.5, "rec_steps": 8.0, "qa_steps": 2.0, "time_s": 5.0,
                             "step_time_s": 0.5}
+
+
+def test_resume_may_switch_the_logger(cache, tmp_path):
+    """The logger is not part of what a run computes: `train --resume --logger none` continues without new events."""
+    out = tmp_path / "run"
+    train(_cfg(cache, out), stop_after_epochs=1)
+    res = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--logger", "none", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert [s for s, _ in _event_scalars(out / "tensorboard")["val_verb_top1"]] == [1]  # epoch 2 not logged there
+    assert "epoch 2  " in (out / "train.log").read_text()

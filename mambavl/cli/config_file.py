@@ -92,10 +92,7 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     """data[a][b] = value for dotted key "a.b" (creating the inner mapping)."""
     *outer, last = dotted.split(".")
     for key in outer:
-        inner = data.get(key)
-        if dataclasses.is_dataclass(inner):
-            inner = dataclasses.asdict(inner)
-        data[key] = inner = dict(inner or {})
+        data[key] = inner = dict(data.get(key) or {})
         data = inner
     data[last] = value
 

@@ -60,9 +60,11 @@ def _resume_config(out: Path, explicit: dict[str, Any]) -> TrainConfig:
     changes.update({k: explicit[k] for k in RESUME_FIELDS if k in explicit})
     if num_workers is not None:
         changes["num_workers"] = num_workers
-    for key in ("train_cache", "val_cache", "logger"):
+    for key in ("train_cache", "val_cache"):
         if explicit.get(key) is not None:
             changes[key] = str(explicit[key])
+    if explicit.get("logger") is not None:
+        changes["logger"] = RunLogger(explicit["logger"])
     return dataclasses.replace(saved, **changes)
 
 
