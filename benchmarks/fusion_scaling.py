@@ -6,7 +6,7 @@
 
 One training step of the fusion alone: `model.fuse(video, video_mask, q_tokens, q_mask)` on a batch, a scalar loss
 on the fused vector, backward. The models come from the package factory
-(`mambavl.fuse.presets.create_model("small", fusion=..., d_model=..., n_layers=...)`, identical d_model / n_layers /
+(`mambavl.fuse.model.create_model("small", fusion=..., d_model=..., n_layers=...)`, identical d_model / n_layers /
 input dims, a position table long enough for the longest video); only `fusion` differs. Both are in training mode
 with the preset's dropout (0.1) unless --dropout says otherwise: torch's attention then runs its math path, which
 materialises the L x L attention matrix; with --dropout 0 the transformer gets the fused (flash) CPU kernel, the
@@ -56,7 +56,7 @@ KINDS = ("mamba", "transformer")
 
 
 def build(kind: str, args) -> torch.nn.Module:
-    from mambavl.fuse.presets import create_model
+    from mambavl.fuse.model import create_model
 
     torch.manual_seed(0)
     model, _ = create_model(

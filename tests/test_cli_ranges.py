@@ -12,22 +12,11 @@ import typer
 from typer.testing import CliRunner
 
 from mambavl.cache.synthetic import make_planted_cache
-from mambavl.cli import app
-
-
-def _commands():
-    root = typer.main.get_command(app)
-    stack = [((), root)]
-    while stack:
-        prefix, cmd = stack.pop()
-        if hasattr(cmd, "commands"):
-            stack.extend(((*prefix, name), sub) for name, sub in cmd.commands.items())
-        else:
-            yield prefix, cmd
+from mambavl.cli import app, command_tree
 
 
 def _numeric_options():
-    for prefix, cmd in _commands():
+    for prefix, cmd in command_tree():
         for param in cmd.params:
             name = param.bare_type() if callable(getattr(param, "bare_type", None)) else None  # "int", "float"
             kind = {"int": int, "float": float}.get(str(name))
@@ -58,7 +47,7 @@ def _bad_values(param, kind):
                                   for p, c, o, k in _numeric_options() for v in _bad_values(o, k)])
 def test_out_of_range_value_exits_2_naming_the_option_before_any_output(tmp_path, case):
     prefix, option, value = case
-    cmd = dict(_commands())[prefix]
+    cmd = dict(command_tree())[prefix]
     args = [*prefix, f"{option}={value}"]
     for param in cmd.params:  # every other required parameter gets a placeholder (never reached)
         if param.required:

@@ -12,7 +12,8 @@ import torch
 from mambavl.errors import InputError
 from mambavl.fuse.block import MambaVLMixer
 from mambavl.fuse.model import FusionKind, MambaVL, ModelConfig, ScanLayout, model_config_from_dict
-from mambavl.fuse.presets import PRESETS, create_model, preset_train_overrides
+from mambavl.fuse.model import create_model
+from mambavl.fuse.presets import PRESETS, preset_train_overrides
 
 DV, DT, V, NN, A = 12, 10, 5, 4, 3
 TINY = dict(video_dim=DV, text_dim=DT, num_verbs=V, num_nouns=NN, num_actions=A, d_model=16, dropout=0.0)

@@ -12,7 +12,7 @@ from mambavl import metrics as M
 from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.fuse import qa
-from mambavl.fuse.presets import create_model
+from mambavl.fuse.model import create_model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The task spec: one table of what each task asks. Adding a QA kind is three edits — the task spec's kinds, the
-kind's answer table in `mambavl.fuse.qa.QA_TARGET`, and its template question (`mambavl.extract.questions.TEMPLATES`
+kind's answer table in `mambavl.fuse.config.QA_TARGET`, and its template question (`mambavl.extract.questions.TEMPLATES`
 and `schema.TEMPLATE_KINDS`, which extraction and the planted caches write) — shown here by a small example kind."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from mambavl.cache.synthetic import make_planted_cache
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
 from mambavl.extract import questions as Q
-from mambavl.fuse import qa as QA
+from mambavl.fuse import config as fuse_config
 from mambavl.runtime import TASKS, Task, spec_of_window, task_spec
 from mambavl.train import TrainConfig, train
 
@@ -32,7 +32,7 @@ def test_specs_are_one_table():
     assert rec.is_multi_label("scene") and not ant.is_multi_label("next_verb")
     for spec in TASKS.values():  # every kind a spec names has an answer table and a template question
         for kind in spec.head_kinds + spec.qa_kinds:
-            assert kind in QA.QA_TARGET and kind in Q.TEMPLATES and kind in schema.TEMPLATE_KINDS
+            assert kind in fuse_config.QA_TARGET and kind in Q.TEMPLATES and kind in schema.TEMPLATE_KINDS
     with pytest.raises(InputError, match="not one of"):
         task_spec("captioning")
 
@@ -44,7 +44,7 @@ def test_adding_a_qa_kind_is_three_edits(tmp_path, monkeypatch):
     rec = TASKS[Task.RECOGNITION]
     monkeypatch.setitem(TASKS, Task.RECOGNITION, dataclasses.replace(rec, qa_kinds=rec.qa_kinds + (kind,)))
     # 2. the QA target: what it is answered with
-    monkeypatch.setitem(QA.QA_TARGET, kind, "verb")
+    monkeypatch.setitem(fuse_config.QA_TARGET, kind, "verb")
     # 3. the extraction templates: its question (and the schema's list of template kinds the caches hold)
     monkeypatch.setitem(Q.TEMPLATES, kind, ("Which motion do you see?",))
     monkeypatch.setattr(schema, "TEMPLATE_KINDS", schema.TEMPLATE_KINDS + (kind,))

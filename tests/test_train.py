@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.errors import InputError
 from mambavl.fuse import presets
-from mambavl.fuse.model import MambaVL
+from mambavl.fuse.model import MambaVL, create_model
 from mambavl.runtime import TrainedModel, predict_scores
 from mambavl.train import MIN_BATCH, StepPlan, TrainConfig, lr_factor, param_groups, plan_steps, question_warning, train
 
@@ -280,7 +280,7 @@ def test_val_cache_must_match_the_train_encoder(caches, tmp_path):
 
 
 def test_param_groups_and_schedule():
-    model, _ = presets.create_model("paper", video_dim=8, text_dim=8, num_verbs=3, num_nouns=2)
+    model, _ = create_model("paper", video_dim=8, text_dim=8, num_verbs=3, num_nouns=2)
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     no_decay_ids = {id(p) for p in no_decay["params"]}
@@ -370,8 +370,8 @@ def test_parallel_layout_with_template_questions_is_video_only_plus_a_bias(cache
     video = torch.randn(3, 6, 16)  # three different clips
     q = torch.randn(1, 2, 5, 12).expand(3, 2, 5, 12)  # the same verb and noun question for every clip
     dims = dict(video_dim=16, text_dim=12, num_verbs=4, num_nouns=3, d_model=16, n_layers=1)
-    paper, paper_cfg = presets.create_model("paper", **dims)
-    joint, joint_cfg = presets.create_model("small", **dims)
+    paper, paper_cfg = create_model("paper", **dims)
+    joint, joint_cfg = create_model("small", **dims)
     with torch.no_grad():
         out = paper.eval()(video, None, q, None)
         diff = out["h_verb"] - out["h_noun"]  # (3, d): the question terms alone

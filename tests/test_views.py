@@ -16,7 +16,7 @@ from mambavl.data.synthetic import encode_frames, make_timestamp_video, read_tim
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingConfig, SamplingMode, decode_video_segment
 from mambavl.extract.views import ViewConfig, split_views, view_sampling
-from mambavl.fuse.presets import create_model
+from mambavl.fuse.model import create_model
 from mambavl.runtime import average_views, predict_scores, view_protocol
 
 FPS = 25.0

@@ -64,7 +64,7 @@ from mambavl.device import available_memory_bytes, resolve_device
 from mambavl.errors import InputError
 from mambavl.fuse import scan as scan_mod
 from mambavl.fuse.model import FusionKind
-from mambavl.fuse.presets import create_model
+from mambavl.fuse.model import create_model
 from mambavl.progress import Progress, or_none
 from mambavl.tables import markdown_table
 

@@ -18,6 +18,7 @@ reports.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import sys
@@ -25,10 +26,83 @@ import typing
 from enum import Enum
 
 import typer
+from typer.core import TyperGroup
 from typer.models import OptionInfo
 
 from mambavl import __version__
 from mambavl.errors import InputError, TrainingStopped, os_error_message
+
+class LazyGroup(TyperGroup):
+    """A command group whose commands are imported when first asked for (run, or their own --help), so that
+    ``mambavl --help`` imports no stage and ``mambavl train --help`` only what `train`'s options need.
+
+    `lazy` maps a command name to (the module that registers it on `source`, the line that the group's own --help
+    shows for it, so that listing the commands imports none of them)."""
+
+    lazy: typing.ClassVar[dict[str, tuple[str, str]]] = {}
+    source: typing.ClassVar[typer.Typer]
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(dict.fromkeys([*self.lazy, *self.commands]))
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> typing.Any:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            importlib.import_module(self.lazy[cmd_name][0])
+            info = next(i for i in self.source.registered_commands if i.name == cmd_name)
+            self.commands[cmd_name] = typer.main.get_command_from_info(
+                info,
+                pretty_exceptions_short=self.source.pretty_exceptions_short,
+                rich_markup_mode=self.source.rich_markup_mode,
+            )
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: typer.Context, formatter: typing.Any) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = []
+        for name in names:
+            if name in self.lazy:
+                rows.append((name, _shortened(self.lazy[name][1], limit)))
+            elif not self.commands[name].hidden:
+                rows.append((name, self.commands[name].get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text` cut at a word boundary to at most `limit` characters, with "..." where cut (as click shortens help)."""
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 3, 0)].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+
+
+class _Commands(LazyGroup):
+    lazy = {
+        "extract": ("mambavl.cli.extract",
+                    "Decode segments, run the frozen encoder, write (or resume) a feature cache."),
+        "train": ("mambavl.cli.train", "Train the MambaVL fusion on a feature cache."),
+        "evaluate": ("mambavl.cli.evaluate",
+                     "EK-100 metrics, per-class accuracy, plots and a submission for a checkpoint on a cache."),
+        "audit-questions": ("mambavl.cli.evaluate", "Measure how much accuracy comes from the question text."),
+        "efficiency": ("mambavl.cli.tools", "Parameters, FLOPs, latency and peak memory of the fusion."),
+        "ablate": ("mambavl.cli.tools", "Train the ablation variants and linear probes; a table with mean ± sd."),
+        "predict": ("mambavl.cli.tools", "Top actions and the answers to the question bank for one clip."),
+        "demo": ("mambavl.cli.tools", "The whole pipeline on generated kitchen clips, no downloads."),
+        "export": ("mambavl.cli.share", "Write a checkpoint as a Hugging Face model folder with its model card."),
+        "push": ("mambavl.cli.share", "Upload a model folder to the Hugging Face Hub."),
+    }
+
+
+class _CacheCommands(LazyGroup):
+    lazy = {
+        "inspect": ("mambavl.cli.extract",
+                    "Show a cache's attributes, counts per window, failures and question tables."),
+        "merge": ("mambavl.cli.extract", "Join shard caches into one, in annotation row order."),
+        "import": ("mambavl.cli.extract",
+                   "Turn features from another extractor (AVION, EgoVLP, TIM, ...) into a cache."),
+    }
+
 
 app = typer.Typer(
     name="mambavl",
@@ -37,9 +111,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
+    cls=_Commands,
 )
-cache_app = typer.Typer(help="Inspect, merge and import feature caches.", no_args_is_help=True, rich_markup_mode=None)
+cache_app = typer.Typer(
+    help="Inspect, merge and import feature caches.", no_args_is_help=True, rich_markup_mode=None, cls=_CacheCommands
+)
 app.add_typer(cache_app, name="cache")
+_Commands.source = app
+_CacheCommands.source = cache_app
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -58,6 +137,21 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """MambaVL command line."""
+
+
+def command_tree(
+    group: typing.Any = None, path: tuple[str, ...] = ()
+) -> typing.Iterator[tuple[tuple[str, ...], typing.Any]]:
+    """Every command of the command line (or of `group`) as (its path, e.g. ("cache", "import"), the click command),
+    in help order, each imported; groups are walked, not yielded."""
+    group = typer.main.get_command(app) if group is None else group
+    ctx = typer.Context(group, info_name=path[-1] if path else "mambavl")
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if hasattr(command, "list_commands"):  # a group
+            yield from command_tree(command, path + (name,))
+        elif command is not None:
+            yield path + (name,), command
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> "typer.Exit":
@@ -140,14 +234,6 @@ def optional_path(path: os.PathLike | None) -> str | None:
 def question_sources(text: str | None) -> tuple[str, ...] | None:
     """A comma-separated list option ("templates,annotation") as a tuple; None stays None (option not given)."""
     return None if text is None else tuple(q.strip() for q in text.split(",") if q.strip())
-
-
-# Registration happens on import of each command module (they decorate `app` / `cache_app`).
-from mambavl.cli import extract as _extract  # noqa: E402,F401
-from mambavl.cli import train as _train  # noqa: E402,F401
-from mambavl.cli import evaluate as _evaluate  # noqa: E402,F401
-from mambavl.cli import tools as _tools  # noqa: E402,F401
-from mambavl.cli import share as _share  # noqa: E402,F401
 
 
 def main() -> None:

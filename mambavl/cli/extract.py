@@ -52,7 +52,7 @@ def _extract_status(fields: dict) -> str | None:
     return f"failed: {fields['failed']}" if "failed" in fields else None
 
 
-@app.command()
+@app.command("extract")
 @defaults_from(ExtractConfig, encoder="encoder.kind", model="encoder.model", pretrained="encoder.pretrained",
                pooling="encoder.pooling", text_encoder="encoder.text_encoder", device="encoder.device",
                batch_size="encoder.batch_size", frames="sampling.num_frames", size="sampling.size",

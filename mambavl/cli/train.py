@@ -20,9 +20,7 @@ from mambavl.cli.config_file import ConfigOption, build_config, read_config_file
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
-from mambavl.runtime import RESUME_FIELDS, RunLogger, Task, TrainedModel, plain, same_run
-from mambavl.train import TrainConfig, train
-from mambavl.train.logs import epoch_line, in_terms
+from mambavl.runtime import RunLogger, Task, TrainConfig
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -43,6 +41,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def _resume_config(out: Path, explicit: dict[str, Any]) -> TrainConfig:
     """The run's config from out/last.pt; an explicit option that disagrees with it (`same_run`) is an error, not an
     override. Cache paths may differ (a moved cache): what the caches hold is checked when the run resumes."""
+    from mambavl.runtime import RESUME_FIELDS, TrainedModel, plain, same_run
+
     saved = TrainedModel.load(out / "last.pt").train_config
     device, num_workers = explicit.pop("device", TrainConfig.device), explicit.pop("num_workers", None)
     if "model_overrides" in explicit:
@@ -185,15 +185,13 @@ def train_command(
     if not quiet:
         for line in _run_notes(result):
             typer.echo(line)
-        best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
-        typer.echo(f"best {in_terms(result.best_metric_name, result.heads)}: {best}")
-        typer.echo(f"last checkpoint: {result.last_checkpoint}")
-        if result.best_checkpoint is not None:
-            typer.echo(f"best checkpoint: {result.best_checkpoint}")
 
 
 def _run_notes(result) -> list[str]:
-    """What a resume changed (the latest resume's changes) and how the run stopped early, as lines."""
+    """What a resume changed (the latest resume's changes), how the run stopped early, its best metric and its
+    checkpoints, as lines."""
+    from mambavl.train.logs import in_terms
+
     lines = []
     done = result.history[-1]["epoch"] if result.history else 0
     if result.changes:
@@ -212,6 +210,11 @@ def _run_notes(result) -> list[str]:
         lines.append(f"stopped early after epoch {stop['epoch']}: {metric} did not rise by more than "
                      f"{stop['min_delta']:g} for {stop['epochs_without_improvement']} epochs (--patience "
                      f"{stop['patience']}); best at epoch {stop['best_epoch']}")
+    best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
+    lines += [f"best {in_terms(result.best_metric_name, result.heads)}: {best}",
+              f"last checkpoint: {result.last_checkpoint}"]
+    if result.best_checkpoint is not None:
+        lines.append(f"best checkpoint: {result.best_checkpoint}")
     return lines
 
 
@@ -220,10 +223,14 @@ def _epoch_status(fields: dict) -> str | None:
 
 
 def _epoch_report(fields: dict) -> str | None:
+    from mambavl.train.logs import epoch_line
+
     return epoch_line(fields["metrics"], fields.get("heads")) if "metrics" in fields else None
 
 
 def _run(cfg: TrainConfig, quiet: bool):
     """Call the library with a rich progress bar (stderr) and one line per epoch, unless quiet."""
+    from mambavl.train import train
+
     with rich_progress("train", quiet, describe=_epoch_status, log=_epoch_report, transient=False) as bar:
         return train(cfg, progress=bar)

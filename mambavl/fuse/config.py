@@ -1,5 +1,7 @@
-"""Fusion model configuration (`ModelConfig`, its enums and plain-dict round trip): data only, so the fusion
-modules (block, baselines), the model and the presets all import it without importing each other."""
+"""Fusion model configuration (`ModelConfig`, its enums and plain-dict round trip, the scan implementations'
+names, what each QA kind is answered with): data only and torch-free, so the fusion modules (block, baselines,
+scan), the model, the presets and the run configuration all import it without importing each other (and a
+command's --help without importing torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,21 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mambavl.errors import InputError
-from mambavl.fuse.scan import ScanImpl
+
+
+class ScanImpl(str, Enum):
+    """Which selective-scan implementation runs (`mambavl.fuse.scan.selective_scan`)."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CHUNKED = "chunked"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+# What each QA kind is scored against: the verb or noun answer embeddings (scene: nouns, multi-label).
+QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene",
+             "action": "action"}
 
 
 class FusionKind(str, Enum):

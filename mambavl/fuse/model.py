@@ -14,6 +14,7 @@ The fusion is chosen by `ModelConfig.fusion` (mamba / transformer / concat) and,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,6 +32,7 @@ from mambavl.fuse.config import (  # noqa: F401
     model_config_from_dict,
     model_config_to_dict,
 )
+from mambavl.fuse.presets import preset_model_fields
 from mambavl.fuse.qa import scene_prior_logit
 
 
@@ -171,3 +173,20 @@ class MambaVL(nn.Module):
         """Multi-label scene scores: `qa_logits` + the learnable scene bias. emb (B, Dt), candidates (Nn, Dt) ->
         (B, Nn) logits; sigmoid gives p(noun present). The bias starts at the prior logit of 1 / Nn."""
         return self.qa_logits(emb, candidates) + self.scene_bias
+
+
+def create_model(preset: str, **overrides) -> tuple[MambaVL, ModelConfig]:
+    """Build the model of a preset with explicit ModelConfig overrides on top.
+
+    Overrides that are None are ignored (so CLI options left unset fall through to the preset). Unknown preset ->
+    InputError listing the presets; unknown override keys -> InputError listing the valid ModelConfig fields.
+    Returns (model, its ModelConfig).
+    """
+    values = preset_model_fields(preset)
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise InputError(f"unknown model option(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ModelConfig(**values)
+    return MambaVL(cfg), cfg

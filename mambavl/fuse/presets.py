@@ -1,4 +1,4 @@
-"""Named model presets (plain data) and the factory that builds them.
+"""Named model presets (plain data; `mambavl.fuse.model.create_model` builds one).
 
 A preset is a dict of `ModelConfig` fields, plus optionally a "train" dict of `TrainConfig` fields that the
 trainer applies on top of its own defaults (before the user's explicit options) — e.g. "no-qa" is the "small"
@@ -11,11 +11,9 @@ num_actions) are not in presets: the trainer passes them from the cache.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 from mambavl.errors import InputError
 from mambavl.fuse.config import ModelConfig
-from mambavl.fuse.model import MambaVL
 
 TRAIN_KEY = "train"
 
@@ -68,20 +66,3 @@ def preset_model_fields(name: str) -> dict:
 def preset_train_overrides(name: str) -> dict:
     """The TrainConfig fields a preset sets (its "train" part; {} for most presets)."""
     return _preset(name).get(TRAIN_KEY, {})
-
-
-def create_model(preset: str, **overrides) -> tuple[MambaVL, ModelConfig]:
-    """Build the model of a preset with explicit ModelConfig overrides on top.
-
-    Overrides that are None are ignored (so CLI options left unset fall through to the preset). Unknown preset ->
-    InputError listing the presets; unknown override keys -> InputError listing the valid ModelConfig fields.
-    Returns (model, its ModelConfig).
-    """
-    values = preset_model_fields(preset)
-    known = [f.name for f in dataclasses.fields(ModelConfig)]
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise InputError(f"unknown model option(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = ModelConfig(**values)
-    return MambaVL(cfg), cfg

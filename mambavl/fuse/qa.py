@@ -26,9 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# What each QA kind is scored against: the verb or noun answer embeddings (scene: nouns, multi-label).
-QA_TARGET = {"verb": "verb", "next_verb": "verb", "noun": "noun", "next_noun": "noun", "scene": "scene",
-             "action": "action"}
+from mambavl.fuse.config import QA_TARGET
+
 
 
 def scene_prior_logit(num_nouns: int) -> float:

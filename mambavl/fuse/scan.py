@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.errors import InputError
+from mambavl.fuse.config import ScanImpl
 
 __all__ = [
     "ScanImpl",
@@ -52,14 +53,6 @@ __all__ = [
     "selective_scan_cuda",
     "selective_scan_ref",
 ]
-
-
-class ScanImpl(str, Enum):
-    AUTO = "auto"
-    REFERENCE = "reference"
-    CHUNKED = "chunked"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,46 +8,23 @@ a model, what the model is asked (`Asker`) and scoring clips (`ClipBatch`, `pres
 and `mambavl.analysis` import it and never `mambavl.train`.
 """
 
-from mambavl.runtime.artifact import (
-    FORMAT, KIND, RESUME_FIELDS, RunProgress, TrainedModel, TrainingState, Vocabulary, same_run,
-)
-from mambavl.runtime.build import DATA_FIELDS, build_model, cache_dims, question_tokens
-from mambavl.runtime.candidates import FirstPass, candidate_questions, fold_ids, topk_candidates
-from mambavl.runtime.config import RunLogger, TrainConfig, plain
-from mambavl.runtime.questions import (
-    AnswerTables,
-    Asker,
-    Labels,
-    action_answers,
-    action_vocab,
-    labelled_rows,
-    load_labels,
-    require_window,
-)
-from mambavl.runtime.scoring import (
-    ClipBatch,
-    batches,
-    cache_candidates,
-    clip_batches,
-    first_pass_probs,
-    head_logits,
-    average_views,
-    loader,
-    predict_scores,
-    present,
-    qa_logits,
-    validation_metrics,
-    view_protocol,
-)
-from mambavl.runtime.task import TASKS, Task, TaskSpec, spec_of_window, task_spec
+import lazy_loader
 
-__all__ = [
-    "DATA_FIELDS", "FORMAT", "KIND", "RESUME_FIELDS", "TASKS",
-    "AnswerTables", "Asker", "ClipBatch", "FirstPass", "Labels",
-    "RunLogger", "RunProgress", "Task", "TaskSpec", "TrainConfig", "TrainedModel", "TrainingState", "Vocabulary",
-    "action_answers", "action_vocab", "batches", "build_model", "cache_candidates", "cache_dims", "candidate_questions",
-    "clip_batches",
-    "first_pass_probs", "fold_ids", "head_logits", "labelled_rows", "load_labels", "loader", "plain",
-    "predict_scores", "present", "qa_logits", "question_tokens", "require_window", "same_run", "spec_of_window",
-    "task_spec", "topk_candidates", "validation_metrics", "average_views", "view_protocol",
-]  # fmt: skip
+# Attributes are imported from their module on first use (lazy_loader, PEP 562), so that what only needs the run
+# configuration or the task spec (a command's --help) does not import torch through the model modules.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "artifact": ["FORMAT", "KIND", "RESUME_FIELDS", "RunProgress", "TrainedModel", "TrainingState", "Vocabulary",
+                     "same_run"],
+        "build": ["DATA_FIELDS", "build_model", "cache_dims", "question_tokens"],
+        "candidates": ["FirstPass", "candidate_questions", "fold_ids", "topk_candidates"],
+        "config": ["RunLogger", "TrainConfig", "plain"],
+        "questions": ["AnswerTables", "Asker", "Labels", "action_answers", "action_vocab", "labelled_rows", "load_labels",
+                      "require_window"],
+        "scoring": ["ClipBatch", "average_views", "batches", "cache_candidates", "clip_batches", "first_pass_probs",
+                    "head_logits", "loader", "predict_scores", "present", "qa_logits", "validation_metrics",
+                    "view_protocol"],
+        "task": ["TASKS", "Task", "TaskSpec", "spec_of_window", "task_spec"],
+    },
+)

@@ -8,7 +8,7 @@ from torch import nn
 
 from mambavl.cache.reader import CacheFile
 from mambavl.errors import InputError
-from mambavl.fuse.presets import create_model
+from mambavl.fuse.model import create_model
 from mambavl.runtime.config import TrainConfig
 
 # ModelConfig fields that come from the caches, not from the user.

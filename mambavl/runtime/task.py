@@ -2,7 +2,7 @@
 
 Every stage that needs to know "which questions do the heads read", "which QA kinds exist", "which cache window",
 "which challenge does a submission go to" or "which metric picks best.pt" asks the spec instead of comparing task
-strings. Adding a QA kind is an edit here (the kinds of a task), in `mambavl.fuse.qa.QA_TARGET` (what the kind is
+strings. Adding a QA kind is an edit here (the kinds of a task), in `mambavl.fuse.config.QA_TARGET` (what the kind is
 answered with) and in the extraction templates (`mambavl.extract.questions.TEMPLATES`, `schema.TEMPLATE_KINDS`);
 docs/architecture.md walks through it.
 """
@@ -14,7 +14,7 @@ from enum import Enum
 
 from mambavl.cache import schema
 from mambavl.errors import InputError
-from mambavl.fuse.qa import QA_TARGET
+from mambavl.fuse.config import QA_TARGET
 
 
 class Task(str, Enum):
@@ -30,7 +30,7 @@ class TaskSpec:
 
     head_kinds: the template question kinds the verb and noun heads read (in that order).
     qa_kinds: the kinds a QA step may draw and evaluation answers, in report order; each names its answer table in
-        `mambavl.fuse.qa.QA_TARGET`.
+        `mambavl.fuse.config.QA_TARGET`.
     multi_label_kinds: QA kinds scored per candidate (sigmoid, the scene question) instead of one softmax.
     window: the cache window the task reads (`schema.RECOGNITION` / `schema.ANTICIPATION`).
     challenge: the EK-100 challenge a submission of this task goes to (its JSON "challenge" field).
