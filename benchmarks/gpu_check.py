@@ -1,14 +1,16 @@
 """CUDA checks on one GPU: mamba-ssm's selective-scan kernel against the project's scans (outputs and gradients),
-AMP training for a few hundred steps, and frozen-encoder extraction throughput.
+AMP training for a few hundred steps, one epoch over an EK-100-sized cache, and frozen-encoder throughput.
 
-    python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,encode] [--steps 300]
+    python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,epoch,encode] [--steps 300]
 
 Meant for a CUDA GPU (`--device cpu --smoke --sections train` only checks that the script runs). The scan section compares mamba-ssm's `selective_scan_fn` (the `cuda` extra) with the
 sequential reference `selective_scan_ref` (run in float64, the definition) and with the portable `chunked` scan,
 on outputs and on the gradients of every input, over a grid of shapes, in float32 and bfloat16; then times the
 kernel against `chunked` side by side (interleaved repeats, medians). Without mamba-ssm it checks `chunked` alone.
 The train section trains the `small` preset on a planted-structure cache with bf16 autocast and in float32, same
-seed and data, and reports steps/s, the loss curve's ends and validation accuracy of both. The encode section
+seed and data, and reports steps/s, the loss curve's ends and validation accuracy of both. The epoch section times
+one bf16 epoch over a generated cache of EK-100's 67,217 training rows (16 x 512 features), loading included
+(target: <= 60 s on one H200-class GPU). The encode section
 times a frozen open_clip image tower (random init: weights do not change the cost) on uint8 frames already at the
 model's input size, i.e. the GPU side of extraction without decoding (decode is CPU-bound; see
 benchmarks/decode_1080p.py).
@@ -150,6 +152,38 @@ def train_section(args):
     return out
 
 
+EK100_TRAIN_ROWS = 67_217  # EK-100's training segments
+
+
+def epoch_section(args):
+    """One epoch over an EK-100-sized training cache (67,217 rows x 16 frames x 512 features, generated: the cost
+    does not depend on the values), `small` preset, batch 64, bf16 autocast, no validation: the wall time of
+    `mambavl.train.train`, loading included (HDF5 reads, batches to the device)."""
+    from mambavl.cache.synthetic import make_planted_cache
+    from mambavl.runtime import TrainConfig
+    from mambavl.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_epoch_"))
+    rows = 512 if args.smoke else EK100_TRAIN_ROWS
+    t0 = time.perf_counter()
+    cache = make_planted_cache(work / "train.h5", n=rows, frames=16, dim=512, text_dim=384, num_verbs=97,
+                               num_nouns=300, seed=0, noise=1.0)
+    made = time.perf_counter() - t0
+    cfg = TrainConfig(train_cache=str(cache), val_cache=None, out_dir=str(work / "run"), epochs=1, batch_size=64,
+                      device=args.device, amp=True, seed=0, min_steps=0, model_overrides={"scan_impl": args.scan_impl})
+    sync()
+    t0 = time.perf_counter()
+    res = train(cfg)
+    sync()
+    wall = time.perf_counter() - t0
+    out = dict(rows=rows, cache_gb=cache.stat().st_size / 1e9, make_cache_s=made, epoch_s=wall,
+               rows_per_s=rows / wall, train_loss=res.history[-1].get("train_loss"))
+    print_table(["rows", "cache", "made in", "epoch (train, loading included)", "rows/s"],
+                [[rows, f"{out['cache_gb']:.2f} GB", f"{made:.0f} s", f"{wall:.1f} s", f"{rows / wall:.0f}"]],
+                title=f"one epoch, EK-100-sized cache, small preset, batch 64, bf16 autocast, scan_impl={args.scan_impl}")
+    return out
+
+
 def encode_section(args):
     from mambavl.extract.encoders import EncoderConfig, build_encoder
 
@@ -180,7 +214,7 @@ def encode_section(args):
 
 def main() -> None:
     p = base_parser(__doc__.split("\n")[0])
-    p.add_argument("--sections", default="scan,train,encode")
+    p.add_argument("--sections", default="scan,train,epoch,encode")
     p.add_argument("--steps", type=int, default=300, help="training steps per run (about)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--scan-impl", default="auto")
@@ -199,7 +233,7 @@ def main() -> None:
     payload = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     sections = args.sections.split(",")
     for name, fn in (("encode", encode_section), ("scan", lambda a: scan_section(a, kernel)),
-                     ("train", train_section)):
+                     ("train", train_section), ("epoch", epoch_section)):
         if name in sections:
             t0 = time.perf_counter()
             try:
@@ -210,7 +244,11 @@ def main() -> None:
             print(f"[{name}: {time.perf_counter() - t0:.1f} s]")
             if args.json:
                 Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
-    scan, trained = payload.get("scan", {}), payload.get("train", {})
+    scan, trained, epoch = payload.get("scan", {}), payload.get("train", {}), payload.get("epoch", {})
+    if "epoch_s" in epoch:
+        full = epoch["rows"] == EK100_TRAIN_ROWS and cuda
+        print(headline("ek100_epoch_bf16_s", epoch["epoch_s"], "s", "<= 60", full and epoch["epoch_s"] <= 60,
+                       f"({epoch['rows']} rows on {payload['device']}{'' if full else '; not the full size on CUDA'})"))
     if "ok" in scan:
         print(headline("cuda_scan_matches_reference", float(scan["ok"]), "bool", "== 1", bool(scan["ok"]),
                        "(mamba-ssm kernel checked)" if kernel else "(kernel absent: portable scan only)"))

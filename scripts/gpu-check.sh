@@ -99,7 +99,7 @@ GC_RC=-1
 if [ -f "$REPO/benchmarks/gpu_check.py" ]; then
   say "training and scan figures (benchmarks/gpu_check.py)"
   if [ "$SMOKE" = 1 ]; then
-    "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train --steps 2 --epochs 1 --smoke \
+    "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train,epoch --steps 2 --epochs 1 --smoke \
       --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
   else
     "$PY" "$REPO/benchmarks/gpu_check.py" --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
