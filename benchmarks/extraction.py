@@ -129,7 +129,7 @@ def main() -> None:
         print("GPU branch skipped: CUDA is not available (the CPU path runs instead)")
         args.gpu = False
     if args.gpu:
-        enc_cfg = EncoderConfig(model=args.model, pretrained="none", device="cuda", autocast="bf16",
+        enc_cfg = EncoderConfig(model=args.model, pretrained="none", device="cuda", precision="bf16",
                                 batch_size=max(64, args.segments_per_batch * args.frames))
         decoder = build_decoder(args.decoder)
         print(f"GPU path: decoder {decoder.name}, encoder on {torch.cuda.get_device_name()} in bf16 autocast")

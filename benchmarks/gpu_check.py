@@ -128,9 +128,10 @@ def train_section(args):
     va = make_planted_cache(work / "val.h5", n=64 if args.smoke else 1024, frames=16, dim=512, text_dim=384, num_verbs=20, num_nouns=30,
                             seed=1, noise=1.0)
     out = {}
-    for name, amp in (("bf16-autocast", True), ("fp32", False)):
+    for name, precision in (("bf16-autocast", "bf16"), ("fp32", "fp32")):
         cfg = TrainConfig(train_cache=str(tr), val_cache=str(va), out_dir=str(work / name), epochs=args.epochs,
-                          batch_size=bs, device=args.device, amp=amp, seed=0, min_steps=0,  # exactly `steps` steps
+                          batch_size=bs, device=args.device, precision=precision, seed=0,
+                          min_steps=0,  # exactly `steps` steps
                           model_overrides={"scan_impl": args.scan_impl})
         sync()
         t0 = time.perf_counter()

@@ -160,7 +160,7 @@ def end_to_end_section(args, work: Path, decoders: dict) -> dict:
     csv, videos = root / "EPIC_100_train.csv", root / "videos"
     cuda = torch.cuda.is_available()
     enc_cfg = EncoderConfig(model="mambavl-tiny-clip" if args.smoke else "ViT-B-16", pretrained="none",
-                            device="cuda" if cuda else "cpu", autocast="bf16", batch_size=256 if cuda else 16)
+                            device="cuda" if cuda else "cpu", precision="bf16", batch_size=256 if cuda else 16)
     enc = build_encoder(enc_cfg)
     size = enc.image_size
     out = {}

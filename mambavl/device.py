@@ -1,11 +1,14 @@
-"""Device choice shared by every stage: "auto" is CUDA when available, else the CPU; and the process group of a
-torchrun launch, joined once per process."""
+"""Device choice shared by every stage: "auto" is CUDA when available, else the CPU; the numeric precision a stage
+runs its networks in (`Precision`, `resolve_precision`, `autocast`); and the process group of a torchrun launch,
+joined once per process."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,64 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+class Precision(str, Enum):
+    """The precision a stage runs its networks in (`--precision`). fp32: no autocast. bf16 / fp16: torch.autocast
+    with that dtype (weights, optimiser state and the selective scan's state stay float32; fp16 training scales the
+    loss). auto: the stage's own choice on CUDA (`resolve_precision`'s `on_cuda`), fp32 elsewhere."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+def as_precision(value: str | Precision, where: str = "precision") -> Precision:
+    """`value` as a Precision; InputError naming `where` and the choices otherwise."""
+    try:
+        return Precision(value)
+    except ValueError:
+        raise InputError(f"{where} {value!r} is not one of {[p.value for p in Precision]}") from None
+
+
+def resolve_precision(precision: str | Precision, device: torch.device,
+                      on_cuda: Precision = Precision.FP32) -> Precision:
+    """The concrete precision (fp32, bf16 or fp16) a stage runs in on `device`.
+
+    auto: `on_cuda` on a CUDA device (bf16 falls back to fp16 on a GPU without bf16), fp32 elsewhere. InputError
+    (exit 2) for a precision the device cannot run usefully: fp16 off CUDA (CPU autocast emulates fp16 matmuls, ~6x
+    slower than fp32 where bf16 is ~2x faster: use bf16 there), bf16 on a GPU without bf16, and autocast on a device
+    other than cpu or cuda."""
+    p = as_precision(precision)
+    cuda = device.type == "cuda"
+    if p is Precision.AUTO:
+        p = on_cuda if cuda else Precision.FP32
+        if p is Precision.BF16 and not torch.cuda.is_bf16_supported():
+            p = Precision.FP16
+    if p is Precision.FP32:
+        return p
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"precision {p.value} on device {device}: mixed precision runs on cpu and cuda only; "
+                         "use --precision fp32 there")
+    if p is Precision.FP16 and not cuda:
+        raise InputError(f"precision fp16 needs a CUDA device (this run is on {device}): on the CPU fp16 is "
+                         "emulated and slower than fp32; use --precision bf16 (or fp32) there")
+    if p is Precision.BF16 and cuda and not torch.cuda.is_bf16_supported():
+        raise InputError(f"precision bf16: the GPU {device} does not support bfloat16; use --precision fp16 "
+                         "(with loss scaling) or fp32")
+    return p
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in at a concrete `precision` (from `resolve_precision`): torch.autocast
+    with its dtype on `device`, or nothing for fp32 (also on devices autocast does not know, e.g. meta)."""
+    if precision is Precision.FP32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def join_process_group(backend: str, timeout: datetime.timedelta | None = None, rank: int | None = None,

@@ -38,7 +38,7 @@ from mambavl import metrics as M
 from mambavl.cache import schema
 from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache, require_complete
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
-from mambavl.device import resolve_device
+from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError, check_writable
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.qa import QA_TARGET, scene_targets
@@ -114,10 +114,13 @@ class EvalConfig:
     sls_tl: int | None = None
     sls_td: int | None = None
     allow_incomplete: bool = False  # evaluate an unfinished cache; write a submission lacking failed / missing rows
+    # autocast of the fusion model's forward passes; auto = fp32 (the scores training validated with), on any device
+    precision: Precision = Precision.AUTO
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "cache", "out_dir"):
             setattr(self, name, str(getattr(self, name)))
+        self.precision = as_precision(self.precision, "eval config: precision")
         if self.question_source is not None:
             try:
                 self.question_source = QuestionSource(self.question_source)
@@ -220,16 +223,18 @@ def score_cache(
     device: str,
     bank: QuestionBank | None = None,
     allow_label_keyed: bool = False,
+    precision: Precision = Precision.FP32,
 ) -> Scored:
     """Scores of every valid row of the cache under question protocol `source`. `bank` replaces the cache's question
     table (the audit's shuffled and label-permuted tables). File questions found by a row's own class are refused
-    (InputError naming the file) unless `allow_label_keyed` (the audit measures them)."""
+    (InputError naming the file) unless `allow_label_keyed` (the audit measures them). `precision`: the autocast of
+    the forward passes (`predict_scores`)."""
 
     frames = loaded.run.train_config.frames
     dev = str(resolve_device(device))
     out = predict_scores(loaded.model, loaded.cache, window=loaded.window, question_source=source, device=dev,
                          batch_size=batch_size, frames=frames, first_pass=loaded.first_pass,
-                         allow_label_keyed=allow_label_keyed, bank=bank)
+                         allow_label_keyed=allow_label_keyed, bank=bank, precision=precision)
     rows = np.asarray(out["indices"], dtype=np.int64)
     fallbacks = 0
     if source != "templates":
@@ -245,7 +250,8 @@ def score_cache(
                   candidates=out.get("candidates"), first_pass=out.get("first_pass"))
 
 
-def answer_cache(loaded: Loaded, batch_size: int, device: str) -> dict[str, np.ndarray]:
+def answer_cache(loaded: Loaded, batch_size: int, device: str,
+                 precision: Precision = Precision.FP32) -> dict[str, np.ndarray]:
     """The QA head's answers to every question kind of the task for every valid row (`qa_logits`): the cache's verb
     and noun answers, and the run's own action answers (the training pairs, in its action vocabulary's order)."""
     dev = resolve_device(device)
@@ -253,7 +259,8 @@ def answer_cache(loaded: Loaded, batch_size: int, device: str) -> dict[str, np.n
     rows = np.asarray(loaded.cache.valid_indices(loaded.window), dtype=np.int64)
     clips = clip_batches(SegmentDataset(loaded.cache, window=loaded.window, indices=rows), batch_size,
                          loaded.run.train_config.frames, dev)
-    return qa_logits(loaded.model.to(dev), clips, asker)
+    with autocast(resolve_precision(precision, dev), dev):
+        return qa_logits(loaded.model.to(dev), clips, asker)
 
 
 def candidate_report(scored: Scored, labels: dict, first_pass: FirstPass, run: TrainedModel) -> dict[str, Any]:
@@ -809,7 +816,8 @@ def labelled_metrics(cfg: EvalConfig, loaded: Loaded, scored: Scored, result: di
     result.update(compute_metrics(scored, labels, loaded.task, subsets, cfg.ks, action_pairs))
     result["chance"] = chance_report(scored, action_pairs if "action_head" in result else None, cfg.ks)
     if loaded.run.trained_with_qa:
-        result["qa"] = qa_metrics(answer_cache(loaded, cfg.batch_size, cfg.device), labels, cfg.ks, action_pairs)
+        qa = answer_cache(loaded, cfg.batch_size, cfg.device, cfg.precision)
+        result["qa"] = qa_metrics(qa, labels, cfg.ks, action_pairs)
     else:  # an untrained QA head would score at chance: say so instead of reporting it
         result["qa"] = {}
         result["qa_note"] = "not measured: the checkpoint was trained without the QA objective (qa_weight 0)"
@@ -851,6 +859,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     check_writable(out_dir, "--out")
     step("load")
     loaded = load_for_eval(cfg.checkpoint, cfg.cache, cfg.task, cfg.device)
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))  # InputError before any scoring
     completeness = require_complete(loaded.cache, loaded.window, cfg.allow_incomplete, "evaluated")
     trained_source = loaded.run.question_source.value
     source = cfg.question_source.value if cfg.question_source else trained_source
@@ -859,7 +868,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
     out_dir.mkdir(parents=True, exist_ok=True)
 
     step("predict", question_source=source)
-    scored = score_cache(loaded, source, cfg.batch_size, cfg.device)
+    scored = score_cache(loaded, source, cfg.batch_size, cfg.device, precision=precision)
     labels = loaded.labels
     verb_rows = np.asarray(labels["verb_class"], np.int64)[scored.rows]
     labelled = bool(loaded.cache.attrs.get("has_labels", True)) and bool((verb_rows >= 0).any())
@@ -876,6 +885,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any
         **question_report(source, "override" if cfg.question_source else "checkpoint"),
         "trained_question_source": trained_source,
         "views": view_protocol(loaded.cache, window=loaded.window),
+        "precision": precision.value,  # what config.precision (auto: fp32) ran as
         "question_fallbacks": scored.question_fallbacks,
         "checkpoint": checkpoint_identity(cfg.checkpoint, loaded.run),
         "cache": cache_identity(loaded.cache),

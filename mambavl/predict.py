@@ -28,6 +28,7 @@ names the heads as the training data does ("label" for a generic clip CSV).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 
 from mambavl.cache import schema
 from mambavl.cache.reader import QuestionBank, open_cache
-from mambavl.device import resolve_device
+from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, decode_video_segment, probe_video
 from mambavl.extract.encoders import FrozenEncoder, build_encoder
@@ -78,8 +79,11 @@ class PredictConfig:
     device: str = "auto"
     encoder_weights: str | None = None
     text_weights: str | None = None
+    # autocast of the encoders and the fusion model; auto = fp16 encoders on CUDA (as extraction), fp32 fusion
+    precision: Precision = Precision.AUTO
 
     def __post_init__(self) -> None:
+        self.precision = as_precision(self.precision, "predict: precision")
         if self.top < 1:
             raise InputError(f"predict: top={self.top} must be >= 1")
         if not Path(self.video).is_file():
@@ -237,6 +241,7 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder:
     """
     stages = Stages(progress, STEPS)
     dev = resolve_device(cfg.device)
+    fusion_precision = resolve_precision(cfg.precision, dev)  # auto: fp32
     stages.enter("loading the checkpoint")
     run = TrainedModel.load(cfg.checkpoint, dev)
     model = run.model(dev)
@@ -244,7 +249,8 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder:
     spec.sampling(f"checkpoint {cfg.checkpoint}")  # refused before any decoding when the sampling is unknown
     stages.enter("building the encoder")
     if encoder is None:
-        encoder = build_encoder(spec.encoder_config(str(dev), cfg.encoder_weights, cfg.text_weights))
+        encoder = build_encoder(dataclasses.replace(spec.encoder_config(str(dev), cfg.encoder_weights,
+                                                                        cfg.text_weights), precision=cfg.precision))
     built = FeatureSpec.from_attrs(encoder.provenance())
     for key, value in built.identity().items():
         if value != getattr(spec, key):
@@ -255,9 +261,10 @@ def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder:
     stages.enter("predicting")
     batch = present(clip.features, torch.tensor([clip.features.shape[1]]), run.train_config.frames, dev)
     asker, texts_from = _asker(run, encoder, cache)
-    asker, candidates = _self_questioning(run, batch, asker)
-    heads, _ = head_logits(model, [batch], asker)
-    qa = qa_logits(model, [batch], asker)
+    with autocast(fusion_precision, dev):
+        asker, candidates = _self_questioning(run, batch, asker)
+        heads, _ = head_logits(model, [batch], asker)
+        qa = qa_logits(model, [batch], asker)
     stages.done()
     return _result(cfg, run, clip, batch, heads, _answers(qa, asker, run, cfg.top), candidates, asker,
                    encoder.provenance(), texts_from)

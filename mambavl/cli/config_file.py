@@ -25,6 +25,7 @@ import typer
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from mambavl.device import Precision
 from mambavl.errors import InputError
 
 C = TypeVar("C")
@@ -33,6 +34,13 @@ C = TypeVar("C")
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", help="YAML or JSON file of the command's settings (its config dataclass's fields; a run's "
                      "train_config.json works for train). Options given on the command line override it.")]
+
+
+def precision_option(what: str, auto: str) -> Any:
+    """The `--precision` option of train, evaluate, predict and extract (its config dataclass owns the default):
+    `what` runs under autocast, `auto` says what auto picks on CUDA."""
+    return Annotated[Optional[Precision], typer.Option(
+        help=f"Precision of {what}: fp32, bf16, fp16 (CUDA only) or auto ({auto}; fp32 on the CPU).")]
 
 
 def _dataclass_of(tp: Any) -> type | None:

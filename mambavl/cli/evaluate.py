@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mambavl.analysis.audit import AuditConfig
 from mambavl.cli import app, cache_app, defaults_from, fail, optional_path  # noqa: F401
-from mambavl.cli.config_file import ConfigOption, build_config
+from mambavl.cli.config_file import ConfigOption, build_config, precision_option
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig
@@ -149,6 +149,7 @@ def evaluate_command(
     task: Annotated[Optional[Task], typer.Option(help="recognition or anticipation; default: the checkpoint's.")] = None,
     batch_size: BatchSizeOption = None,
     device: DeviceOption = None,
+    precision: precision_option("the fusion model's forward passes", "fp32, the scores training validated with") = None,
     plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots.")] = None,
     submission: Annotated[Optional[bool], typer.Option("--submission/--no-submission", help="Write submission.json/.zip.")] = None,
     sls_pt: Annotated[Optional[int], typer.Option("--sls-pt", min=0, max=5, help="Submission: your pre-training supervision level 0-5 (https://github.com/epic-kitchens/sls). The three levels are required for a submission.")] = None,
@@ -176,7 +177,7 @@ def evaluate_command(
             "unseen_ids": optional_path(unseen_ids), "tail_verbs": optional_path(tail_verbs),
             "tail_nouns": optional_path(tail_nouns), "split": split, "train_cache": optional_path(train_cache),
             "plots": plots, "submission": submission, "sls_pt": sls_pt, "sls_tl": sls_tl, "sls_td": sls_td,
-            "allow_incomplete": allow_incomplete})
+            "allow_incomplete": allow_incomplete, "precision": precision})
         result = _with_progress("evaluate", quiet, evaluate, cfg)
     except InputError as exc:
         raise fail(str(exc)) from None

@@ -26,7 +26,7 @@ from mambavl.cli import (
     positive,
     question_sources,
 )
-from mambavl.cli.config_file import ConfigOption, build_config
+from mambavl.cli.config_file import ConfigOption, build_config, precision_option
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
 from mambavl.extract.decode import SamplingMode
@@ -55,7 +55,8 @@ def _extract_status(fields: dict) -> str | None:
 @app.command("extract")
 @defaults_from(ExtractConfig, encoder="encoder.kind", model="encoder.model", pretrained="encoder.pretrained",
                pooling="encoder.pooling", text_encoder="encoder.text_encoder", device="encoder.device",
-               batch_size="encoder.batch_size", frames="sampling.num_frames", size="sampling.size",
+               batch_size="encoder.batch_size", precision="encoder.precision",
+               frames="sampling.num_frames", size="sampling.size",
                temporal_views="views.temporal", spatial_crops="views.spatial")
 def extract(
     annotations: Annotated[Path, typer.Argument(help="Annotation CSV: EK-100 layout or generic video,start,stop,label.")],
@@ -87,6 +88,8 @@ def extract(
     chunk_seconds: Annotated[Optional[int], typer.Option(min=1, show_default="read from the chunk names", help="Length (s) of the chunks of chunked videos (AVION/LaViLa: P01/P01_01.MP4/0.MP4, 15.MP4, ...). Chunk names that disagree with it are refused.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per encoder batch.")] = None,
+    precision: precision_option("the image/video encoder (the text tower runs in fp32; features are stored as the "
+                                "cache stores them)", "fp16") = None,
     decode_workers: Annotated[Optional[int], typer.Option(min=1, help="Parallel ffmpeg decodes.")] = None,
     decode_threads: Annotated[Optional[int], typer.Option(help="ffmpeg decoder threads per decode (0: ffmpeg's default, one per core). With --decode-workers >= the cores, 1 spends ~5% less CPU per frame (benchmarks/decode_1080p.py).", min=0)] = None,
     decoder: Annotated[Optional[str], typer.Option(
@@ -113,6 +116,7 @@ def extract(
             "encoder.model": model, "encoder.pretrained": pretrained, "encoder.pooling": pooling,
             "encoder.text_encoder": text_encoder, "encoder.text_model": text_model,
             "encoder.text_pretrained": text_pretrained, "encoder.device": device, "encoder.batch_size": batch_size,
+            "encoder.precision": precision,
             "sampling.num_frames": frames, "sampling.size": size, **sampled, "anticipation": anticipation,
             "tau_a": tau_a, "tau_o": tau_o, "questions": question_sources(questions),
             "questions_file": optional_path(questions_file), "verb_classes": optional_path(verb_classes),

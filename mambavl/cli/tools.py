@@ -19,7 +19,7 @@ from rich.table import Table
 from mambavl.analysis.ablate import AblationConfig
 from mambavl.analysis.efficiency import EfficiencyConfig
 from mambavl.cli import app, defaults_from, fail, optional_path, positive
-from mambavl.cli.config_file import ConfigOption, build_config
+from mambavl.cli.config_file import ConfigOption, build_config, precision_option
 from mambavl.cli.progress import log_messages, rich_progress
 from mambavl.demo import DemoConfig
 from mambavl.errors import InputError
@@ -193,6 +193,8 @@ def predict_command(
     ] = None,
     top: Annotated[Optional[int], typer.Option(min=1, help="How many actions / answers to list.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...")] = None,
+    precision: precision_option("the encoders and the fusion model", "fp16 encoders as extraction, fp32 fusion")
+    = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON here.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -204,7 +206,7 @@ def predict_command(
         cfg = build_config(PredictConfig, None, {
             "video": str(video), "checkpoint": str(checkpoint), "cache": optional_path(cache), "start": start,
             "stop": stop, "top": top, "device": device, "encoder_weights": optional_path(encoder_weights),
-            "text_weights": optional_path(text_weights)})
+            "text_weights": optional_path(text_weights), "precision": precision})
         with rich_progress("predict", quiet, log=log_messages("predict")) as progress:
             result = predict_video(cfg, progress=progress)
     except InputError as exc:

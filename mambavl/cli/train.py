@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mambavl.cli import EXIT_TRAINING_STOPPED, app, defaults_from, fail, optional_path, positive
-from mambavl.cli.config_file import ConfigOption, build_config, read_config_file
+from mambavl.cli.config_file import ConfigOption, build_config, precision_option, read_config_file
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
@@ -149,7 +149,8 @@ def train_command(
         Optional[int], typer.Option(min=0, help="Frame tokens the model sees, sub-sampled from the cache (0 = all).")
     ] = None,
     min_steps: MinStepsOption = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    precision: precision_option("the forward passes (weights and scan state stay float32; fp16 scales the loss)",
+                                "bf16 on CUDA, fp16 on GPUs without bf16") = None,
     logger: Annotated[Optional[RunLogger], typer.Option(
         help="Live scalars besides metrics.csv: tensorboard, wandb (WANDB_MODE=offline works without "
              "network), none.")] = None,
@@ -172,7 +173,8 @@ def train_command(
         warmup_epochs=warmup_epochs, seed=seed, task=task, question_source=questions, candidates_k=candidates_k,
         candidate_folds=candidate_folds, candidate_epochs=candidate_epochs,
         candidates_from=optional_path(candidates_from), qa_weight=qa_weight, qa_every=qa_every, frames=frames,
-        min_steps=min_steps, amp=amp, logger=logger, model_overrides=parse_overrides(set_) if set_ else None,
+        min_steps=min_steps, precision=precision, logger=logger,
+        model_overrides=parse_overrides(set_) if set_ else None,
         allow_incomplete=allow_incomplete, device=device, num_workers=num_workers,
     )
     explicit = {k: v for k, v in options.items() if v is not None}

@@ -3,11 +3,12 @@ model (per-frame features), VideoMAE via transformers (clip-level tokens). Text,
 the open_clip text tower, or a Hugging Face encoder (BERT / MiniLM / RoBERTa ...: per-token hidden states and their
 masked mean). Image and text encoders are independent and both are recorded in the cache attributes.
 
-Everything runs under `torch.inference_mode()`, in batches, on the best device (CUDA when present, fp16 autocast
-there). Weights: a hub tag for online users (open_clip ``openai``, ``laion2b_s34b_b79k``; timm ``in1k``, ...), a
-local file or folder in any of the formats `mambavl.extract.weights` reads, a packaged ``pkg:NAME``, or ``none``
-for seeded random initialisation — what the tests and the offline demo use, with the tiny configs shipped in
-``mambavl/extract/model_configs`` (``mambavl-tiny-clip``; ``videomae-tiny``).
+Everything runs under `torch.inference_mode()`, in batches, on the best device (CUDA when present; the image/video
+tower under fp16 autocast there by default, `EncoderConfig.precision`). Weights: a hub tag for online users
+(open_clip ``openai``, ``laion2b_s34b_b79k``; timm ``in1k``, ...), a local file or folder in any of the formats
+`mambavl.extract.weights` reads, a packaged ``pkg:NAME``, or ``none`` for seeded random initialisation — what the
+tests and the offline demo use, with the tiny configs shipped in ``mambavl/extract/model_configs``
+(``mambavl-tiny-clip``; ``videomae-tiny``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.data.annotations import file_sha256  # noqa: F401  (re-exported: mambavl.predict uses it)
-from mambavl.device import resolve_device
+from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
 from mambavl.extract import hub
 from mambavl.extract import weights as W
@@ -81,11 +82,12 @@ class EncoderConfig:
     max_question_tokens: int = 16
     pooling: str = "cls"  # "cls" (pooled image feature) or "grid" (2x2 grid of spatial-token means)
     text_encoder: TextEncoderKind = TextEncoderKind.CLIP
-    autocast: str = "fp16"  # CUDA autocast dtype of the image/video tower: fp16, bf16 (where supported) or off
+    # autocast of the image/video tower (`mambavl.device.Precision`); auto = fp16 on CUDA, fp32 on the CPU. The text
+    # tower (questions and answers, embedded once) runs in fp32. Features are stored as the cache stores them.
+    precision: Precision = Precision.AUTO
 
     def __post_init__(self) -> None:
-        if self.autocast not in ("fp16", "bf16", "off"):
-            raise InputError(f"encoder autocast {self.autocast!r} is not one of fp16, bf16, off")
+        self.precision = as_precision(self.precision, "encoder precision")
         self.kind = EncoderKind(self.kind)
         self.text_encoder = TextEncoderKind(self.text_encoder)
         if self.pooling not in POOLINGS:
@@ -386,6 +388,8 @@ class FrozenEncoder:
     def __init__(self, cfg: EncoderConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        # InputError before any weights load when the device cannot run the precision (fp16 on the CPU)
+        self.precision = resolve_precision(cfg.precision, self.device, on_cuda=Precision.FP16)
         self.kind = cfg.kind
         self.crop_pct: float | None = None  # timm's eval crop: resize to size / crop_pct, then centre-crop
         self.interpolation = "bicubic"
@@ -542,10 +546,6 @@ class FrozenEncoder:
         grid = tokens.transpose(1, 2).reshape(len(x), -1, side, side)  # (N, E, side, side)
         return F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2).flatten(1)  # (N, GRID*GRID*E)
 
-    def _autocast(self):
-        if self.device.type != "cuda" or self.cfg.autocast == "off":
-            return torch.autocast(self.device.type if self.device.type in ("cpu", "cuda") else "cpu", enabled=False)
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16)
 
     def encode_segments(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 frames (S, F, H, W, 3) -> tokens (S, F', D) float32 on the CPU. Frames may be a numpy array or a
@@ -557,7 +557,7 @@ class FrozenEncoder:
             if self.device.type == "cuda":
                 frames_t = frames_t.pin_memory().to(self.device, non_blocking=True)
         s, f = frames_t.shape[:2]
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             if self.kind != EncoderKind.VIDEOMAE:
                 flat = frames_t.reshape(s * f, *frames_t.shape[2:])
                 outs = [self._image_features(self._prepare(flat[k:k + self.cfg.batch_size])).float().cpu()

@@ -54,7 +54,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _scan_dtype(t: torch.Tensor) -> torch.Tensor:
-    # Under autocast the projections yield bf16/fp16; every scan implementation accumulates in float32 or better.
+    # Under autocast the projections yield bf16/fp16; the scan's inputs and state, and the residual streams, are
+    # float32 (or float64 when given so).
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
@@ -288,6 +289,11 @@ class MambaVLFusion(nn.Module):
     def forward(self, video, video_mask=None, question=None, question_mask=None):
         if not self.use_question:
             question = None
+        # Residual streams in float32 (mamba-ssm's residual_in_fp32): under autocast the input projections return
+        # bf16/fp16, and the residual sums and RMSNorms would otherwise round to it (torch's rms_norm is not on
+        # autocast's float32 list); each mixer's projections still run in the autocast dtype.
+        video = _scan_dtype(video)
+        question = _scan_dtype(question) if question is not None else None
         for layer in self.layers:
             video, question = layer(video, video_mask, question, question_mask)
         pooled = masked_mean(self.norm_video(video), video_mask)  # (B, d)

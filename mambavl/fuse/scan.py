@@ -31,10 +31,16 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   back), so float32 inputs get float64-accurate outputs and gradient reductions.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A; `impl="auto"` uses `chunked` on CUDA when `A_index` is given.
+
+Precision: the state is never kept in half precision. Every implementation computes in float32 (float64 when an
+input is float64; `cpu` always in float64) whatever the input dtypes and returns in u's dtype. The torch
+implementations also run with autocast switched off (`_without_autocast`): under a bf16/fp16 autocast region their
+matmuls and einsums would otherwise be cast back down to half precision.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 
@@ -56,7 +62,23 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# argument checks shared by every implementation
+# argument checks and precision shared by every implementation
+
+
+def _without_autocast(scan):
+    """`scan` run with autocast off on its inputs' device: its float32 state and products stay float32 inside a
+    bf16/fp16 autocast region (the caller's inputs may be half; the scan casts them up itself)."""
+
+    @functools.wraps(scan)
+    def run(u, *args, **kwargs):
+        kind = u.device.type
+        if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return scan(u, *args, **kwargs)
+        return scan(u, *args, **kwargs)
+
+    return run
+
 
 
 def _check_args(u, delta, A, B, C, D, z, delta_bias, A_index) -> tuple[int, int, int, int]:
@@ -129,6 +151,7 @@ def _finish(y, u, D, z, dtype_out):
 # reference
 
 
+@_without_autocast
 def selective_scan_ref(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, A_index=None
 ):
@@ -223,6 +246,7 @@ class _RecomputeChunk(torch.autograd.Function):
         return tuple(next(grads) if a.requires_grad else None for a in args)
 
 
+@_without_autocast
 def selective_scan_chunked(
     u,
     delta,
@@ -566,6 +590,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         )
 
 
+@_without_autocast
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, A_index=None
 ):

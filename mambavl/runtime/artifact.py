@@ -27,13 +27,14 @@ nowhere else in the package. Format 2 (this version) holds:
 each tensor replaced by a reference into model.safetensors; `mambavl.runtime.hub`), and `load` reads such a folder
 or an ``hf://ORG/NAME`` reference to one as it reads a file.
 
-Migrations (`_migrate`): format 1 — every checkpoint mambavl wrote before this contract, one flat dict with
-"model", "cache_attrs", "optimizer" ... at the top — is read and rewritten in memory as format 2. Fields added to
-format 1 over its life get the value the writing version implied: no `scene_bias` weight (the scene logits had no
-bias: 0), no `min_steps` (no step floor: 0), no `patience` (no early stopping: 0; format 2 too), no text-encoder
-attribute (the CLIP text tower), no action answers or first pass (none). tests/test_artifact.py loads a checkpoint of each generation (tests/data/checkpoints) and checks
-its logits against those the writing version computed. A file of a newer format, or not a mambavl checkpoint, is
-refused with InputError naming the file and what to do.
+Migrations (`_migrate`): format 1 — every checkpoint mambavl wrote before this contract, one flat dict with "model",
+"cache_attrs", "optimizer" ... at the top — is read and rewritten in memory as format 2. Fields added to format 1
+over its life get the value the writing version implied: no `scene_bias` weight (the scene logits had no bias: 0),
+no `min_steps` (no step floor: 0), no `patience` (no early stopping: 0; format 2 too), no text-encoder attribute
+(the CLIP text tower), no action answers or first pass (none), no `precision` (its `amp` flag: precision auto when
+on, fp32 when off; format 2 too). tests/test_artifact.py loads a checkpoint of each generation
+(tests/data/checkpoints) and checks its logits against those the writing version computed. A file of a newer format,
+or not a mambavl checkpoint, is refused with InputError naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -68,9 +69,12 @@ FORMAT = 2
 # which device, how many loader workers, where its live scalars go, and where its caches lie (what the caches hold is checked separately:
 # `TrainedModel.check_cache`).
 FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache", "logger")
-# ... and the fields a *resumed* run may change besides: its budget of epochs and when it stops early. They change
-# how long the run goes on, not what a step computes; `mambavl.train` records each change in `RunProgress.changes`.
-RESUME_FIELDS = ("epochs", "patience", "min_delta")
+# ... and the fields a *resumed* run may change besides: its budget of epochs, when it stops early, and the precision
+# of its steps. The first three change how long the run goes on, not what a step computes; the precision changes a
+# step's rounding, not its model, data or objective, and a run started in bf16 on a GPU must be able to go on in
+# fp32 on a CPU. It is not free outside a resume: an ablation run trained in another precision is another run.
+# `mambavl.train` records each change in `RunProgress.changes`.
+RESUME_FIELDS = ("epochs", "patience", "min_delta", "precision")
 
 
 @dataclass
@@ -315,6 +319,8 @@ def _train_config(values: dict) -> TrainConfig:
     existed had none (patience 0)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {"patience": 0, **values}
+    if "precision" not in values:  # before --precision: `amp` (autocast on CUDA, as precision auto) or fp32
+        values["precision"] = "auto" if values.get("amp", True) else "fp32"
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in known and k != "preset"})
     cfg.preset = str(values.get("preset", cfg.preset))
     return cfg

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mambavl.device import Precision, as_precision
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import preset_train_overrides
@@ -36,10 +37,13 @@ class TrainConfig:
     `batch_size` is per process under torchrun. `min_steps` is the fewest recognition steps a run makes: on data too
     small for it at `epochs` x ceil(rows / batch_size), the batch shrinks (not below 8) and each epoch makes several
     passes over the training rows (`mambavl.train.plan_steps`); 0 turns this off.
+    `precision` (`mambavl.device.Precision`): fp32, bf16 or fp16 autocast of the forward passes (fp16 with loss
+    scaling, CUDA only); auto = bf16 on CUDA (fp16 on a GPU without bf16), fp32 on the CPU. Weights, optimiser state
+    and the selective scan's state stay float32. A resumed run may change it (recorded like `epochs`).
     `patience` (epochs) and `min_delta` (percentage points) stop a run early: after `patience` epochs in a row in
     which the validation selection metric did not rise by more than `min_delta` above its best so far, the run stops
     (0 = off; without a validation cache there is nothing to stop on). `resume=True` continues the run in `out_dir`
-    from last.pt; a resumed run may change `epochs`, `patience` and `min_delta` (recorded in the run, see
+    from last.pt; a resumed run may change `epochs`, `patience`, `min_delta` and `precision` (recorded in the run, see
     `mambavl.train.train`).
     Presets may carry training settings (no-qa: qa_weight 0; paper: 2 warm-up epochs): they replace fields left at
     their class default, never values set to something else.
@@ -68,7 +72,7 @@ class TrainConfig:
     min_steps: int = 1000
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    precision: Precision = Precision.AUTO
     num_workers: int = 0
     resume: bool = False
     # question_source "predicted": k candidates per head, K cross-fitting folds, first-pass epochs (0 = epochs), and
@@ -92,6 +96,7 @@ class TrainConfig:
                 f"train config: question_source {self.question_source!r} is not one of "
                 f"{[q.value for q in QuestionSource]}"
             ) from None
+        self.precision = as_precision(self.precision, "train config: precision")
         try:
             self.logger = RunLogger(self.logger)
         except ValueError:

@@ -19,7 +19,7 @@ from mambavl import metrics as M
 from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
-from mambavl.device import resolve_device
+from mambavl.device import Precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.extract.views import AGGREGATION
@@ -46,7 +46,9 @@ def present(features: torch.Tensor, num_frames: torch.Tensor, frames: int, devic
     """The one way clips reach the model at inference: features (B, F, D) with num_frames (B,) valid tokens each,
     sub-sampled to `frames` tokens (0: all) as evaluation does (`mambavl.data.sampling.subsample`), on `device`.
     Pinned, non-blocking copies when the device is a GPU."""
-    feats = features.to(device=device, dtype=torch.float32, non_blocking=True)  # (B, F, D)
+    # the cache's dtype crosses to the device (asynchronously from pinned memory) and is widened there: a dtype
+    # change inside the host-to-device copy would convert on the host into unpinned memory and copy twice the bytes
+    feats = features.to(device, non_blocking=True).float()  # (B, F, D)
     video, mask = subsample(feats, num_frames.to(device), frames, train=False)  # (B, K, D), (B, K)
     rows = torch.arange(len(video)) if rows is None else rows.to(torch.long)
     return ClipBatch(video, mask, rows)
@@ -57,13 +59,14 @@ def batches(positions: np.ndarray, batch_size: int) -> list[list[int]]:
     return [positions[i : i + batch_size].tolist() for i in range(0, len(positions), batch_size)]
 
 
-def loader(dataset: SegmentDataset, batches: list[list[int]], num_workers: int):
-    """A DataLoader over `dataset` yielding exactly `batches` (lists of positions), in order."""
+def loader(dataset: SegmentDataset, batches: list[list[int]], num_workers: int, device: torch.device | None = None):
+    """A DataLoader over `dataset` yielding exactly `batches` (lists of positions), in order; batches in pinned
+    memory when they go to a CUDA `device` (the copies to it are then asynchronous)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device is not None and device.type == "cuda",
         # The loader's own base seed would otherwise be drawn from the global RNG.
         generator=torch.Generator().manual_seed(0),
     )
@@ -72,7 +75,7 @@ def loader(dataset: SegmentDataset, batches: list[list[int]], num_workers: int):
 def clip_batches(dataset: SegmentDataset, batch_size: int, frames: int, device: torch.device,
                  num_workers: int = 0) -> Iterator[ClipBatch]:
     """The rows of `dataset`, in order, as ClipBatches of at most `batch_size` clips."""
-    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), num_workers):
+    for batch in loader(dataset, batches(np.arange(len(dataset)), batch_size), num_workers, device):
         yield present(batch["features"], batch["num_frames"], frames, device, batch["index"])
 
 
@@ -184,13 +187,14 @@ def predict_scores(
     cache: CacheFile | str | os.PathLike,
     window: str = schema.RECOGNITION,
     question_source: QuestionSource | str = QuestionSource.TEMPLATES,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     batch_size: int = 256,
     frames: int = 8,
     first_pass: FirstPass | None = None,
     allow_label_keyed: bool = False,
     bank: QuestionBank | None = None,
     views: Sequence[int] | None = None,
+    precision: Precision | str = Precision.FP32,
 ) -> dict[str, np.ndarray | None]:
     """Scores of every valid row of `cache` in `window` (the shared entry point of evaluation and the audit).
 
@@ -205,6 +209,8 @@ def predict_scores(
     (`average_views`: the mean of their softmax probabilities, returned as its log, so that a softmax of the scores
     gives that mean exactly); `views` picks view indices (default: all; `view_protocol` describes the choice).
     A single view's scores are its logits, untouched. Predicted questions' candidates come from view 0.
+    `precision`: the autocast of the forward passes (`mambavl.device.resolve_precision`; auto is fp32); scores are
+    float32 either way.
 
     Returns dict(verb (N, V) float32, noun (N, Nn) float32 or None without a noun head, action (N, A) float32 or None
     without an action head, indices (N,) int64 cache rows; under `predicted` also candidates (N, 2, k) int64 and
@@ -215,7 +221,8 @@ def predict_scores(
     source = QuestionSource(question_source)
     spec: TaskSpec = spec_of_window(window)
     require_window(cache, window)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    half = autocast(resolve_precision(precision, dev), dev)
     model.to(dev)
     rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
     table, probs = None, None
@@ -223,14 +230,16 @@ def predict_scores(
         if first_pass is None:
             raise InputError("predicted questions need a first pass: a checkpoint trained with --questions predicted "
                              "carries one (Python API: first_pass=)")
-        table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
+        with half:
+            table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
     asker = Asker.of_cache(cache, spec, source, candidates=table, evaluation=True, allow_label_keyed=allow_label_keyed,
                            bank=bank)
     dataset = SegmentDataset(cache, window=window, indices=rows)
     per_view = []
     for view in chosen_views(dataset.num_views, views):
         dataset.view = view
-        per_view.append(head_logits(model, clip_batches(dataset, batch_size, frames, dev), asker)[0])
+        with half:
+            per_view.append(head_logits(model, clip_batches(dataset, batch_size, frames, dev), asker)[0])
     res = average_views(per_view)
     n = len(rows)
     out = {

@@ -29,6 +29,7 @@ from mambavl.extract.spec import FeatureSpec
 from mambavl.fuse.config import ModelConfig, question_is_offset
 from mambavl.progress import NO_PROGRESS, Progress, or_none
 from mambavl.runtime import (
+    RESUME_FIELDS,
     RunProgress,
     TrainConfig,
     TrainedModel,
@@ -105,7 +106,7 @@ def recognition_step(objective: nn.Module, opt: Optimizer, data: RunData, cfg: T
     the draws are those of one process with the global batch. Returns the batch (reused by a QA step), the loss
     and what the step adds to the epoch's statistics."""
     rows = batch["index"].to(torch.long)  # (B,) cache rows of this rank
-    feats = batch["features"].to(device=device, dtype=torch.float32, non_blocking=True)  # (B, F, D)
+    feats = batch["features"].to(device, non_blocking=True).float()  # (B, F, D), widened on the device
     idx, vmask = train_frame_indices(p.num_frames, feats.shape[1], cfg.frames, sample_gen)  # (G, K)
     video, vmask = gather_frames(feats, idx[p.part].to(device)), vmask[p.part].to(device)  # (B, K, D), (B, K)
     q = data.train_q.heads(p.grows, train=True, generator=sample_gen)[0][p.part]  # (B, 2)
@@ -285,8 +286,8 @@ def resumed_progress(resumed: TrainedModel, cfg: TrainConfig, steps_per_epoch: i
     budget of epochs, the learning-rate schedule re-planned from the current step (`schedule.replan`)."""
     old = resumed.progress
     state = dataclasses.replace(old, history=list(old.history), changes=list(old.changes))
-    for name in ("epochs", "patience", "min_delta"):
-        before, now = getattr(resumed.train_config, name), getattr(cfg, name)
+    for name in RESUME_FIELDS:
+        before, now = plain(getattr(resumed.train_config, name)), plain(getattr(cfg, name))
         if before != now:
             state.changes.append({"epoch": state.epoch, "step": state.step, "field": name, "from": before, "to": now})
     state.lr_replan = replan(state.step, steps_per_epoch * resumed.train_config.epochs, steps_per_epoch * cfg.epochs,
@@ -408,7 +409,7 @@ def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout
     stats = EpochStats()
     rec_steps = qa_steps = 0
     local = [p.positions[p.part].tolist() for p in parts]
-    for p, raw in zip(parts, loader(run.dataset, local, cfg.num_workers)):
+    for p, raw in zip(parts, loader(run.dataset, local, cfg.num_workers, device)):
         with _stop_on_nonfinite(epoch, state.step + 1, "recognition", run.saver):
             b, loss, inc = recognition_step(run.objective, opt, data, cfg, raw, p, run.sample_gen, device)
         state.step += 1
@@ -423,6 +424,7 @@ def _epoch(run: _Run, cfg: TrainConfig, epoch: int, device: torch.device, layout
 
     stats.all_reduce(layout)  # the ranks' loss shares add up to the global means; fallback counts add up
     row = epoch_row(cfg, data, epoch, state.step, opt.lr, stats, rec_steps, qa_steps, run.plan)
+    row["precision"] = opt.precision.value  # what `cfg.precision` (auto) resolved to on this device
     metrics = validate(run.model, run.val_dataset, data, cfg, device, layout)
     if metrics:
         row.update(metrics)

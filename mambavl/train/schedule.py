@@ -3,6 +3,7 @@ clipping, and how an epoch is cut into steps (`plan_steps`, the step floor for s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mambavl.device import Precision, autocast, resolve_precision
 from mambavl.runtime import TrainConfig, TrainingState
 
 
@@ -102,8 +104,8 @@ class NonFiniteLoss(ArithmeticError):
 
 
 class Optimizer:
-    """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, mixed precision on
-    CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported) and gradient clipping."""
+    """AdamW (no decay for tagged parameters), warm-up + cosine schedule per recognition step, the run's precision
+    (`TrainConfig.precision`: autocast of the forward passes, fp16 with loss scaling) and gradient clipping."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device,
                  lr_replan: dict | None = None):
@@ -112,13 +114,16 @@ class Optimizer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: replanned_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio, lr_replan)
         )
-        self.use_amp = cfg.amp and device.type == "cuda"
-        # bf16 needs no loss scaling; fp16 (older GPUs) does. The dtype is irrelevant when autocast is off.
-        self.amp_dtype = torch.float16 if self.use_amp and not torch.cuda.is_bf16_supported() else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.device = device
+        # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 elsewhere
+        self.precision = resolve_precision(cfg.precision, device, on_cuda=Precision.BF16)
+        # bf16 keeps fp32's range and needs no loss scaling; fp16 does (its gradients underflow otherwise)
+        self.scaler = torch.amp.GradScaler(device.type if device.type in ("cpu", "cuda") else "cpu",
+                                           enabled=self.precision is Precision.FP16)
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype, enabled=self.use_amp)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of the run's forward passes (`mambavl.device.autocast` at the run's precision)."""
+        return autocast(self.precision, self.device)
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`).

@@ -61,10 +61,10 @@ def fit_video_only(model: nn.Module, cache: CacheFile, rows: np.ndarray, labels:
     model.train()
     for _ in range(epochs * plan.passes):
         order = torch.randperm(len(rows), generator=gen).numpy()
-        for batch in loader(dataset, batches(order, plan.batch_size), cfg.num_workers):
+        for batch in loader(dataset, batches(order, plan.batch_size), cfg.num_workers, device):
             idx = batch["index"].to(torch.long)  # (B,) cache rows
             p = StepPart.whole(order, idx, batch["num_frames"].to(torch.long))  # one process
-            feats = batch["features"].to(device=device, dtype=torch.float32)  # (B, F, D)
+            feats = batch["features"].to(device, non_blocking=True).float()  # (B, F, D)
             frames, vmask = train_frame_indices(p.num_frames, feats.shape[1], cfg.frames, gen)  # (B, K)
             with opt.autocast():
                 out = model(gather_frames(feats, frames.to(device)), vmask.to(device))

@@ -23,6 +23,17 @@ from mambavl.train.logs import RunLog
 from mambavl.train.schedule import Optimizer
 
 
+def on_cpu(tree):
+    """`tree` (dicts, lists, tuples of tensors and plain values) with every tensor detached and copied to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return type(tree)((k, on_cpu(v)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_cpu(v) for v in tree)
+    return tree
+
+
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG a run draws from (torch, CUDA, numpy, Python, the sampling generator), as plain types and tensors."""
     np_state = np.random.get_state()
@@ -58,7 +69,7 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "task", "question_source",
     "train_loss", "train_loss_verb", "train_loss_noun", "train_loss_action", "train_loss_qa",
-    "rec_steps", "qa_steps", "batch_size", "passes", "question_fallbacks",
+    "rec_steps", "qa_steps", "batch_size", "passes", "question_fallbacks", "precision",
     "val_verb_top1", "val_verb_top5", "val_noun_top1", "val_noun_top5",
     "val_action_top1", "val_action_top5", "val_action_head_top1", "val_question_fallbacks",
     "epochs_without_improvement", "time_s",
@@ -98,9 +109,11 @@ class Checkpointer:
         TrainingStopped when a file cannot be written (the previous one is kept)."""
         if not self.main:
             return
-        self.artifact.weights = model.state_dict()
+        # host copies: a checkpoint holds CPU tensors whatever device trained it (as `FirstPass.state`), so that
+        # it loads anywhere without a map_location
+        self.artifact.weights = on_cpu(model.state_dict())
         self.artifact.progress = progress
-        training = TrainingState(rng=rng_state(sample_gen), **opt.states())
+        training = TrainingState(rng=rng_state(sample_gen), **on_cpu(opt.states()))
         _written(self.last, lambda: self.artifact.save(self.last, training))
         if improved:
             _written(self.best, lambda: atomic_copy(self.last, self.best))
