@@ -171,7 +171,7 @@ def epoch_section(args):
                                num_nouns=300, seed=0, noise=1.0)
     made = time.perf_counter() - t0
     cfg = TrainConfig(train_cache=str(cache), val_cache=None, out_dir=str(work / "run"), epochs=1, batch_size=64,
-                      device=args.device, amp=True, seed=0, min_steps=0, model_overrides={"scan_impl": args.scan_impl})
+                      device=args.device, precision="bf16", seed=0, min_steps=0, model_overrides={"scan_impl": args.scan_impl})
     sync()
     t0 = time.perf_counter()
     res = train(cfg)
