@@ -232,6 +232,9 @@ def main() -> None:
         steps["mamba-compiled"] = (rec, qa)
         kinds.append("mamba-compiled")
         print(f"compile (first rec + QA step of the compiled model): {compile_s:.1f} s")
+        ops["mamba-compiled"], names["mamba-compiled"] = count_ops(rec, qa)
+        row = [f"{ops['mamba-compiled'][c]:.0f}" for c in (*COMPONENTS, "total")]
+        print_table(["model", *COMPONENTS, "total"], [["mamba-compiled", *row]], title="aten ops, compiled fusion")
 
     def default_step(rec, qa):
         state = {"k": 0}
