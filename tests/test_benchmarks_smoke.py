@@ -54,6 +54,12 @@ def test_scan_cuda_branch_skips_without_gpu(tmp_path):
     assert lines[-1].startswith("headline: scan_speedup_vs_reference=")
 
 
+def test_step_ops_smoke(tmp_path):
+    lines = run_script("step_ops.py", tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: aten_ops_per_default_step=")
+    assert any("aten ops per default training step" in ln for ln in lines)
+
+
 def test_fusion_scaling_smoke(tmp_path):
     lines = run_script("fusion_scaling.py", "--plot", str(tmp_path / "fusion.png"), tmp_path=tmp_path)
     assert lines[-1].startswith("headline: mamba_vs_transformer_time_at_")

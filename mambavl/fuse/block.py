@@ -53,6 +53,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """`norm(x)` in 6 elementwise ops: x * rsqrt(mean(x²) + eps) * weight, the arithmetic of torch's RMSNorm in its
+    order (torch's own CPU path dispatches about 24 ops, casts included, for the same result)."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+
+
+def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, L) bool -> (B, 1, L) in `dtype`, made once per forward and shared by every layer (None stays None)."""
+    return None if mask is None else mask[:, None, :].to(dtype)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) for x (..., C_in) as one 2-D matrix product: fewer dispatched ops than the batched-matmul path."""
+    lead = x.shape[:-1]
+    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).view(*lead, layer.out_features)
+
+
 def _scan_dtype(t: torch.Tensor) -> torch.Tensor:
     # Under autocast the projections yield bf16/fp16; the scan's inputs and state, and the residual streams, are
     # float32 (or float64 when given so).
@@ -94,29 +112,30 @@ class Stream(nn.Module):
             if dt_proj is not None:
                 _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor)
 
-    def project(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, L, d_model) -> conv'd, activated scan input u (B, d_inner, L) and gate z (B, d_inner, L)."""
+    def project(self, x: torch.Tensor, fmask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, d_model), fmask (B, 1, L) float | None -> conv'd, activated scan input u (B, d_inner, L) and
+        gate z (B, d_inner, L)."""
         length = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
-        u, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        if mask is not None:
+        xz = _linear(x, self.in_proj).transpose(1, 2)  # (B, 2*d_inner, L)
+        u, z = xz.split(self.d_inner, dim=1)  # (B, d_inner, L) each
+        if fmask is not None:
             # Padded tokens must not reach later valid tokens through the conv window.
-            u = u * mask[:, None, :].to(u.dtype)
+            u = u * fmask
         u = F.silu(self.conv1d(u)[..., :length])  # causal: keep the first L outputs of the left-padded conv
         return u, z
 
     def ssm_params(
-        self, u: torch.Tensor, mask: torch.Tensor | None, reverse: bool = False
+        self, u: torch.Tensor, fmask: torch.Tensor | None, reverse: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (B, d_inner, L) -> Δ (B, d_inner, L) after softplus and masking, B (B, N, L), C (B, N, L)."""
         x_proj, dt_proj = (self.x_proj_b, self.dt_proj_b) if reverse else (self.x_proj, self.dt_proj)
-        x_dbl = x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_dbl = _linear(u.transpose(1, 2), x_proj).transpose(1, 2)  # (B, dt_rank + 2N, L)
+        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         # Softplus here rather than inside the scan so padded tokens get exactly Δ = 0 (softplus is never 0).
-        delta = F.softplus(dt_proj(dt)).transpose(1, 2)  # (B, d_inner, L)
-        if mask is not None:
-            delta = delta * mask[:, None, :].to(delta.dtype)
-        return delta, b.transpose(1, 2), c.transpose(1, 2)
+        delta = F.softplus(_linear(dt.transpose(1, 2), dt_proj)).transpose(1, 2)  # (B, d_inner, L)
+        if fmask is not None:
+            delta = delta * fmask
+        return delta, b, c
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:
@@ -189,45 +208,49 @@ class MambaVLMixer(nn.Module):
     def _scan(self, u, delta, A, b, c, z, A_index=None, reverse_params=None):
         """One or two (bidirectional) scans over (B, d_inner, L) inputs -> y (B, d_inner, L), gated by silu(z)."""
         args = [_scan_dtype(t) for t in (u, delta)]
-        y = selective_scan(
+        y = _opaque_scan(
             *args, A, _scan_dtype(b), _scan_dtype(c), D=_scan_dtype(self.D), z=_scan_dtype(z), A_index=A_index,
             impl=self.scan_impl,
         )
         if reverse_params is not None:
             delta_b, b_b, c_b = (_scan_dtype(t).flip(-1) for t in reverse_params)
-            y_b = selective_scan(
+            y_b = _opaque_scan(
                 args[0].flip(-1), delta_b, A, b_b, c_b, D=None, z=_scan_dtype(z).flip(-1),
                 A_index=A_index.flip(0) if A_index is not None else None, impl=self.scan_impl,
             )
             y = y + y_b.flip(-1)  # both directions share the gate: (y_f + y_b) * silu(z)
         return y
 
-    def _stream_inputs(self, kind, x, mask):
+    def _stream_inputs(self, kind, x, fmask):
         s = self.streams[kind]
-        u, z = s.project(x, mask)
-        delta, b, c = s.ssm_params(u, mask)
-        rev = s.ssm_params(u, mask, reverse=True) if self.bidirectional else None
+        u, z = s.project(x, fmask)
+        delta, b, c = s.ssm_params(u, fmask)
+        rev = s.ssm_params(u, fmask, reverse=True) if self.bidirectional else None
         return u, z, delta, b, c, rev
 
     def forward(self, video, video_mask=None, question=None, question_mask=None):
+        dtype = video.dtype
+        qf = float_mask(question_mask, question.dtype) if question is not None else None
+        return self.mix(video, float_mask(video_mask, dtype), question, qf)
+
+    def mix(self, video, video_fmask=None, question=None, question_fmask=None):
+        """`forward` with the masks as `float_mask` gives them ((B, 1, L) float | None), made once per stack."""
         if question is None or QUESTION not in self.streams:
-            u, z, delta, b, c, rev = self._stream_inputs(VIDEO, video, video_mask)
+            u, z, delta, b, c, rev = self._stream_inputs(VIDEO, video, video_fmask)
             y = self._scan(u, delta, self.A(VIDEO), b, c, z, reverse_params=rev)
             return self._out(VIDEO, y, video.dtype), None
         if self.layout == "parallel":
             outs = []
-            for kind, x, m in ((VIDEO, video, video_mask), (QUESTION, question, question_mask)):
+            for kind, x, m in ((VIDEO, video, video_fmask), (QUESTION, question, question_fmask)):
                 u, z, delta, b, c, rev = self._stream_inputs(kind, x, m)
                 outs.append(self._out(kind, self._scan(u, delta, self.A(kind), b, c, z, reverse_params=rev), x.dtype))
             return outs[0], outs[1]
         # joint: one scan over [question ; video]
         t_len = question.shape[1]
-        q_in = self._stream_inputs(QUESTION, question, question_mask)
-        v_in = self._stream_inputs(VIDEO, video, video_mask)
-        u, z, delta, b, c = (torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1) for q, v in zip(q_in[:5], v_in[:5]))
-        rev = None
-        if self.bidirectional:
-            rev = tuple(torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1) for q, v in zip(q_in[5], v_in[5]))
+        q_in = self._stream_inputs(QUESTION, question, question_fmask)
+        v_in = self._stream_inputs(VIDEO, video, video_fmask)
+        u, z, delta, b, c = (_cat_scan(q, v) for q, v in zip(q_in[:5], v_in[:5]))
+        rev = tuple(_cat_scan(q, v) for q, v in zip(q_in[5], v_in[5])) if self.bidirectional else None
         if self.shared_A:
             A, A_index = self.A(VIDEO), None  # (d_inner, N)
         else:
@@ -241,7 +264,25 @@ class MambaVLMixer(nn.Module):
         """y (B, d_inner, L) -> (B, L, d_model) through the stream's output projection, in the stream's dtype (None
         when the stream has no output projection)."""
         proj = self.streams[kind].out_proj
-        return proj(y.transpose(1, 2).to(dtype)) if proj is not None else None
+        if proj is None:
+            return None
+        y = y.transpose(1, 2)  # (B, L, d_inner)
+        return _linear(y if y.dtype == dtype else y.to(dtype), proj)
+
+
+def _opaque_scan(*args, **kwargs):
+    """`selective_scan`, never traced by torch.compile (`MambaVL.compile_fusion` compiles only what lies around
+    it: the numba and mamba-ssm kernels are opaque to it, and the reference loop would unroll)."""
+    return selective_scan(*args, **kwargs)
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):  # torch >= 2.1
+    _opaque_scan = torch.compiler.disable(_opaque_scan)
+
+
+def _cat_scan(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[question ; video] along the sequence (last) axis, in the scan's dtype."""
+    return torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1)
 
 
 class MambaVLLayer(nn.Module):
@@ -259,8 +300,13 @@ class MambaVLLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, video, video_mask, question=None, question_mask=None):
-        qn = self.norm_question(question) if question is not None else None
-        v_out, q_out = self.mixer(self.norm_video(video), video_mask, qn, question_mask)
+        qf = float_mask(question_mask, question.dtype) if question is not None else None
+        return self.mix(video, float_mask(video_mask, video.dtype), question, qf)
+
+    def mix(self, video, video_fmask, question=None, question_fmask=None):
+        """`forward` with the masks as `float_mask` gives them (made once for the whole stack)."""
+        qn = rms_norm(question, self.norm_question) if question is not None else None
+        v_out, q_out = self.mixer.mix(rms_norm(video, self.norm_video), video_fmask, qn, question_fmask)
         video = video + self.drop(v_out)
         question = question + self.drop(q_out) if q_out is not None else None
         return video, question
@@ -294,9 +340,11 @@ class MambaVLFusion(nn.Module):
         # autocast's float32 list); each mixer's projections still run in the autocast dtype.
         video = _scan_dtype(video)
         question = _scan_dtype(question) if question is not None else None
+        vf = float_mask(video_mask, video.dtype)
+        qf = float_mask(question_mask, question.dtype) if question is not None else None
         for layer in self.layers:
-            video, question = layer(video, video_mask, question, question_mask)
-        pooled = masked_mean(self.norm_video(video), video_mask)  # (B, d)
+            video, question = layer.mix(video, vf, question, qf)
+        pooled = masked_mean(rms_norm(video, self.norm_video), video_mask)  # (B, d)
         if question is not None and self.layout == "parallel":
-            pooled = pooled + masked_mean(self.norm_question(question), question_mask)
+            pooled = pooled + masked_mean(rms_norm(question, self.norm_question), question_mask)
         return pooled

@@ -88,6 +88,13 @@ class MambaVL(nn.Module):
                 module.scan_impl = impl
         return previous
 
+    def compile_fusion(self, **options) -> None:
+        """Compile each fusion layer's arithmetic around the selective scan with `torch.compile` (the scan itself
+        stays the chosen kernel, called between the compiled parts). An option, not the default: on CPU the first
+        step then pays the compile (docs/benchmarks.md, step_ops.py). `options` go to `torch.compile`."""
+        for layer in getattr(self.fusion, "layers", []):
+            layer.mix = torch.compile(layer.mix, **options)
+
     # ---- inputs
 
     def _check(self, video, video_mask, q_tokens, q_mask, q_dims: int):

@@ -70,7 +70,8 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, positives: floa
     normalisation RetinaNet uses so that many easy negatives do not drown the few positives. logits, targets (B, C).
     Rows without any positive still contribute their negatives. `positives`: the count to divide by (default: this
     batch's; data-parallel training passes the global batch's so that the ranks' shares add up to its loss)."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
+    loss = F.binary_cross_entropy_with_logits(logits if logits.dtype == torch.float32 else logits.float(),
+                                              targets.float(), reduction="sum")
     count = targets.sum() if positives is None else torch.as_tensor(float(positives))
     return loss / count.clamp(min=1.0)
 
@@ -81,11 +82,14 @@ def single_label_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: flo
     divided by `count` (default: their number, i.e. PyTorch's mean; data-parallel training passes the global
     batch's count so that the ranks' shares add up to its mean). With no usable target the loss is 0 but stays
     connected to the graph (DistributedDataParallel expects every used head to receive a gradient)."""
-    usable = int((target >= 0).sum())
-    if usable == 0 or count == 0:
+    if count is None:
+        count = int((target >= 0).sum())  # a read of the targets; callers that know the count spare it
+    if count == 0:
         return logits.sum() * 0.0
-    total = F.cross_entropy(logits.float(), target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
-    return total / (usable if count is None else count)
+    # With a given count and no usable target in this part the sum is 0, still connected to the graph.
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    total = F.cross_entropy(logits, target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
+    return total / count
 
 
 def qa_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, count: float | None = None) -> torch.Tensor:

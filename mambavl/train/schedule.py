@@ -99,6 +99,26 @@ def replan(step: int, old_total: int, new_total: int, warmup_steps: int, min_lr_
     return {"step": int(step), "factor": float(factor), "total_steps": int(new_total)}
 
 
+def adamw(groups: list[dict], lr: float) -> tuple[torch.optim.AdamW, bool]:
+    """AdamW over `groups`, and whether it is torch's fused implementation (one kernel call updates every parameter;
+    torch >= 2.4 on CPU, CUDA and MPS); else the multi-tensor one where torch has it, else the per-parameter loop.
+    The three compute the same update up to float rounding."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True), True
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr), False
+
+
+def clip_coefficient(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (‖g‖ + 1e-6)) over the gradients of `params` (0-dim tensor), as `clip_grad_norm_` scales
+    them: the norm of all gradients flattened into one vector, one reduction instead of one per parameter."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones(())
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 class NonFiniteLoss(ArithmeticError):
     """A training loss that is NaN or inf (raised before the step; the loop adds the epoch and step)."""
 
@@ -110,7 +130,8 @@ class Optimizer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int, device: torch.device,
                  lr_replan: dict | None = None):
         self.model, self.grad_clip, self.device_type = model, cfg.grad_clip, device.type
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.fused = adamw(param_groups(model, cfg.weight_decay), cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: replanned_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio, lr_replan)
         )
@@ -129,16 +150,27 @@ class Optimizer:
         """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`).
 
         NonFiniteLoss (before any gradient is applied) when the loss is NaN or inf on any process."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        finite = bool(torch.isfinite(loss.detach()))  # the step's one read of a device value (a scalar loss)
         if dist.is_available() and dist.is_initialized():
+            bad = torch.tensor([0.0 if finite else 1.0], device=loss.device)
             dist.all_reduce(bad)  # every rank stops together, none waits in the gradient all-reduce
-        if float(bad) > 0:
+            finite = float(bad) == 0
+        if not finite:
             raise NonFiniteLoss(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.grad_clip > 0 and self.fused and not self.scaler.is_enabled():
+            # torch's fused AdamW divides every gradient by `grad_scale` inside its kernel (the hook GradScaler
+            # uses): clipping then costs one norm instead of a multiply per parameter.
+            self.optimizer.grad_scale = 1.0 / clip_coefficient(self.params, self.grad_clip)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+            return
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -160,6 +192,13 @@ class Optimizer:
     def restore(self, state: TrainingState) -> None:
         """Continue from a checkpoint's training state."""
         self.optimizer.load_state_dict(state.optimizer)
+        # A saved state carries the implementation flags of the run that wrote it: use this machine's choice.
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = (True, None) if self.fused else (None, group.get("foreach"))
+        if self.fused:  # the fused kernel keeps each step count as a float32 tensor on the parameter's device
+            for p, st in self.optimizer.state.items():
+                if "step" in st:
+                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)

@@ -1,0 +1,51 @@
+"""The trainer's optimiser step (fused AdamW where torch has it, clipping through the fused kernel's grad_scale)
+makes the update of torch's plain AdamW after `clip_grad_norm_`, and skips parameters without a gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mambavl.runtime import TrainConfig
+from mambavl.train.schedule import Optimizer, param_groups
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3), nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])  # clipping off / on (grad_clip 1.0)
+def test_step_equals_plain_adamw_after_clipping(tmp_path, scale):
+    cfg = TrainConfig(train_cache="-", val_cache=None, out_dir=str(tmp_path))
+    ours, ref = _model(), _model()
+    opt = Optimizer(ours, cfg, total_steps=10, warmup_steps=0, device=torch.device("cpu"))
+    ref_opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=cfg.lr, foreach=False, fused=False)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        # the last layer gets no gradient (as a head the step does not use): neither optimiser may move it
+        opt.step(ours[:3](x).pow(2).sum() * scale)
+        ref_opt.zero_grad(set_to_none=True)
+        (ref[:3](x).pow(2).sum() * scale).backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+        ref_opt.step()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(ours[3].weight, _model()[3].weight)
+
+
+def test_resume_keeps_this_machines_implementation(tmp_path):
+    cfg = TrainConfig(train_cache="-", val_cache=None, out_dir=str(tmp_path))
+    model = _model()
+    opt = Optimizer(model, cfg, total_steps=10, warmup_steps=0, device=torch.device("cpu"))
+    opt.step(model(torch.randn(2, 6)).sum())
+    saved = copy.deepcopy(opt.states())
+    for group in saved["optimizer"]["param_groups"]:  # as a checkpoint of a per-parameter AdamW holds them
+        group["fused"], group["foreach"] = None, None
+    again = Optimizer(model, cfg, total_steps=10, warmup_steps=0, device=torch.device("cpu"))
+    again.restore(type("State", (), {**saved, "scaler": None})())
+    assert all(g["fused"] == (True if again.fused else None) for g in again.optimizer.param_groups)
+    again.step(model(torch.randn(2, 6)).sum())
