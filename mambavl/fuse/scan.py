@@ -353,11 +353,11 @@ def _exp_f32(x):
     p = p * r + _EXPF_P[4]
     p = p * r + _EXPF_P[5]
     p = p * (r * r) + r + _F32_1
-    k = np.int64(kf)
-    k1 = k >> 1
-    # (numba widens int32 arithmetic to int64: narrow the exponent bits just before the bitcast)
-    res = p * _bits_to_float(np.int32((k1 + 127) << 23))
-    res = res * _bits_to_float(np.int32((k - k1 + 127) << 23))
+    # The exponent bits (k + 127) << 23 formed in float32 arithmetic (exact: integers below 2**31), so the only
+    # integer step is one float -> int32 conversion per factor (numba would widen int32 arithmetic to int64).
+    k1 = np.floor(kf * _F32_HALF)
+    res = p * _bits_to_float(np.int32((k1 + _F32(127.0)) * _F32(8388608.0)))
+    res = res * _bits_to_float(np.int32((kf - k1 + _F32(127.0)) * _F32(8388608.0)))
     if x < _F32(-104.0):  # exp(-104) < 2**-149, the smallest denormal
         res = _F32_0
     if x > _F32(88.8):  # exp(88.73) already overflows
@@ -703,12 +703,19 @@ _ENTRIES: dict = {}
 
 
 def _run(kernel, *args) -> None:
-    """Call a numba kernel with every array typed as strided (layout "A"): one compiled version per dtype serves
-    contiguous inputs and the transposed views a Mamba block passes alike (numba would otherwise compile one per
-    combination of layouts)."""
-    types = tuple(
-        ty.copy(layout="A") if isinstance(ty, numba.types.Array) else ty for ty in map(numba.typeof, args)
-    )
+    """Call a numba kernel with its (Bt, Din, L) arrays typed as strided (layout "A"): one compiled version per
+    dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba would otherwise compile
+    one per combination of layouts). Every other array is C-contiguous, so the loops over the state dimension read
+    A, B, C with unit stride (vector loads, not gathers)."""
+    types = []
+    for a, ty in zip(args, map(numba.typeof, args)):
+        if isinstance(ty, numba.types.Array):
+            if ty.ndim == 3:
+                ty = ty.copy(layout="A")
+            elif ty.layout != "C":
+                raise AssertionError(f"selective_scan_cpu: internal array of shape {a.shape} is not contiguous")
+        types.append(ty)
+    types = tuple(types)
     entry = _ENTRIES.get((kernel, types))
     if entry is None:
         entry = _ENTRIES[(kernel, types)] = kernel.compile(types)
@@ -724,12 +731,12 @@ def _view(t: torch.Tensor | None, dtype: torch.dtype, empty_shape: tuple[int, ..
     return t.detach().to(dtype).numpy()
 
 
-def _state_last(m: torch.Tensor) -> torch.Tensor:
-    """B or C (Bt, N, L) | (Bt, Din, N, L) -> (Bt, 1|Din, L, N), a view when the state dimension already has unit
-    stride (a Mamba block's B, C are transposed views of one projection); otherwise a copy (for shared B, C the
-    copy is 1/Din of the scan's work)."""
+def _state_last(m: torch.Tensor, dtype: torch.dtype):
+    """B or C (Bt, N, L) | (Bt, Din, N, L) -> contiguous (Bt, 1|Din, L, N) in the compute dtype: the layout the
+    loops over the state dimension want. A copy unless already so; for B, C shared by the channels it is 1/Din of
+    the scan's work."""
     m = (m[:, None] if m.dim() == 3 else m).transpose(-1, -2)
-    return m if m.shape[-1] <= 1 or m.stride(-1) == 1 else m.contiguous()
+    return m.detach().to(dtype).contiguous().numpy()
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
@@ -738,11 +745,11 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
     dtype = _compute_dtype(u, delta, A, B, C)
     din, length = u.shape[1], u.shape[2]
     aidx = A_index if A_index is not None else torch.zeros(length, dtype=torch.long)
+    small = [t.contiguous() if t is not None else None for t in (delta_bias, A if A.dim() == 3 else A[None], D)]
     args = (
-        _view(u, dtype), _view(delta, dtype), _view(delta_bias, dtype, (din,)), bool(softplus),
-        _view(A if A.dim() == 3 else A[None], dtype), aidx.detach().to("cpu", torch.int64).numpy(),
-        _view(_state_last(B), dtype), _view(_state_last(C), dtype), _view(D, dtype, (din,)),
-        _view(z, dtype, (1, 1, 1)), z is not None,
+        _view(u, dtype), _view(delta, dtype), _view(small[0], dtype, (din,)), bool(softplus), _view(small[1], dtype),
+        aidx.detach().to("cpu", torch.int64).contiguous().numpy(), _state_last(B, dtype), _state_last(C, dtype),
+        _view(small[2], dtype, (din,)), _view(z, dtype, (1, 1, 1)), z is not None,
     )
     return args, dtype
 
