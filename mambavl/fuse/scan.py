@@ -505,6 +505,22 @@ def _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig):
         xs[j] = dt * u[b, d, t0 + j]
 
 
+@_jit(fastmath=_FASTMATH, inline="always")
+def _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys):
+    # The recurrence over positions t0 .. t0 + m - 1 of one row, the state dimension innermost (vectorised).
+    for j in range(m):
+        t = t0 + j
+        g = aidx[t]
+        dt = dts[j]
+        x = xs[j]
+        acc = ys.dtype.type(0.0)
+        for k in range(n):
+            hk = _exp(dt * A[g, d, k]) * h[k] + x * Bm[b, gb, t, k]
+            h[k] = hk
+            acc += Cm[b, gc, t, k] * hk
+        ys[j] = acc
+
+
 @_jit(fastmath=_FASTMATH)
 def _forward_row(b, d, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every, out, ypre, ckpt,
                  last, h, dts, xs, ys):
@@ -521,17 +537,10 @@ def _forward_row(b, d, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, sav
             ckpt[b, d, t0 // ckpt_every, :] = h
         m = min(length, t0 + ckpt_every) - t0
         _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, nosig)
-        for j in range(m):
-            t = t0 + j
-            g = aidx[t]
-            dt = dts[j]
-            x = xs[j]
-            acc = zero
-            for k in range(n):
-                hk = _exp(dt * A[g, d, k]) * h[k] + x * Bm[b, gb, t, k]
-                h[k] = hk
-                acc += Cm[b, gc, t, k] * hk
-            ys[j] = acc
+        if n == 16:  # mamba's d_state: a trip count LLVM knows, one 16-float vector with no remainder loop
+            _scan_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
+        else:
+            _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
         for j in range(m):
             t = t0 + j
             ut = u[b, d, t]
@@ -582,10 +591,9 @@ def _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys):
     return acc
 
 
-@_jit(fastmath=_FASTMATH)
-def _recompute_chunk(b, d, t0, m, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea):
+@_jit(fastmath=_FASTMATH, inline="always")
+def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea):
     # hs[j] = the state before position t0 + j (hs[0] = the checkpoint), ea[j] = exp(delta A) at t0 + j.
-    n = A.shape[2]
     gb = d if Bm.shape[1] > 1 else 0
     hs[0, :] = ckpt[b, d, t0 // ckpt_every, :]
     for j in range(m):
@@ -599,13 +607,12 @@ def _recompute_chunk(b, d, t0, m, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea
             hs[j + 1, k] = a * hs[j, k] + x * Bm[b, gb, t, k]
 
 
-@_jit(fastmath=_FASTMATH)
-def _reverse_chunk(b, d, p, t0, m, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du, dBs, dCs, dBc,
+@_jit(fastmath=_FASTMATH, inline="always")
+def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du, dBs, dCs, dBc,
                    dCc):
     # Reverse-time recurrence over one chunk: g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1} (dh carries it).
     # B/C shared by the channels: their gradients are sums over channels, accumulated in float64 into this block's
     # slice p of dBs/dCs (P, Bt, L, N). Per channel: written once each into dBc/dCc (Bt, Din, L, N).
-    n = A.shape[2]
     per_b = Bm.shape[1] > 1
     per_c = Cm.shape[1] > 1
     gb = d if per_b else 0
@@ -656,10 +663,15 @@ def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z,
         m = min(length, t0 + ckpt_every) - t0
         _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig)
         acc_D += _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys)
-        _recompute_chunk(b, d, t0, m, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
         dAc[:, :] = 0.0
-        _reverse_chunk(b, d, p, t0, m, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du, dBs, dCs,
-                       dBc, dCc)
+        if A.shape[2] == 16:  # as in the forward: a known trip count for mamba's d_state
+            _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
+            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du,
+                           dBs, dCs, dBc, dCc)
+        else:
+            _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
+            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts,
+                           du, dBs, dCs, dBc, dCc)
         chunk_bias = u.dtype.type(0.0)
         for j in range(m):
             v = ddts[j] * sig[j] if softplus else ddts[j]
@@ -700,17 +712,18 @@ def _numba_threads() -> int:
 
 
 _ENTRIES: dict = {}
+_A_ARG = 4  # position of A (G, Din, N) in the kernels' arguments: 3-D, but contiguous like B and C
 
 
 def _run(kernel, *args) -> None:
-    """Call a numba kernel with its (Bt, Din, L) arrays typed as strided (layout "A"): one compiled version per
+    """Call a numba kernel with its (Bt, Din, L) (and (Bt, Din, N)) arrays typed as strided (layout "A"): one compiled version per
     dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba would otherwise compile
     one per combination of layouts). Every other array is C-contiguous, so the loops over the state dimension read
     A, B, C with unit stride (vector loads, not gathers)."""
     types = []
-    for a, ty in zip(args, map(numba.typeof, args)):
+    for i, (a, ty) in enumerate(zip(args, map(numba.typeof, args))):
         if isinstance(ty, numba.types.Array):
-            if ty.ndim == 3:
+            if ty.ndim == 3 and i != _A_ARG:
                 ty = ty.copy(layout="A")
             elif ty.layout != "C":
                 raise AssertionError(f"selective_scan_cpu: internal array of shape {a.shape} is not contiguous")
