@@ -608,8 +608,8 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du, dBs, dCs, dBc,
-                   dCc):
+def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc, ddts, du, dBs, dCs,
+                   dBc, dCc):
     # Reverse-time recurrence over one chunk: g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1} (dh carries it).
     # B/C shared by the channels: their gradients are sums over channels, accumulated in float64 into this block's
     # slice p of dBs/dCs (P, Bt, L, N). Per channel: written once each into dBc/dCc (Bt, Din, L, N).
@@ -627,28 +627,33 @@ def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, 
         s_a = zero
         s_b = zero
         for k in range(n):
-            hk = hs[j + 1, k]
             gk = dh[k] + dy * Cm[b, gc, t, k]
             ga = gk * hs[j, k] * ea[j, k]  # dL/d(delta_t A) through the exp
             s_a += ga * A[g, d, k]
             s_b += gk * Bm[b, gb, t, k]
             dAc[g, k] += ga * dt
             dh[k] = gk * ea[j, k]  # carried to h_{t-1}
-            if per_c:
-                dCc[b, d, t, k] = dy * hk
-            else:
-                dCs[p, b, t, k] += dy * hk
-            if per_b:
-                dBc[b, d, t, k] = gk * x
-            else:
-                dBs[p, b, t, k] += gk * x
+            gks[k] = gk
+        # (separate loops, the layout branch outside each: both vectorise)
+        if per_c:
+            for k in range(n):
+                dCc[b, d, t, k] = dy * hs[j + 1, k]
+        else:
+            for k in range(n):
+                dCs[p, b, t, k] += dy * hs[j + 1, k]
+        if per_b:
+            for k in range(n):
+                dBc[b, d, t, k] = gks[k] * x
+        else:
+            for k in range(n):
+                dBs[p, b, t, k] += gks[k] * x
         du[b, d, t] = dy * Dv[d] + dt * s_b
         ddts[j] = s_a + u[b, d, t] * s_b
 
 
 @_jit(fastmath=_FASTMATH)
 def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, dAc, dA64):
+                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, gks, dAc, dA64):
     # bufs (5, ckpt_every): delta, delta*u, dL/dy, softplus', dL/d delta of one chunk. Sums over positions (dA, dD,
     # d delta_bias) run in the compute dtype within a chunk and in float64 across chunks.
     length = u.shape[2]
@@ -656,6 +661,7 @@ def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z,
     dts, xs, dys, sig, ddts = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
     dh[:] = 0.0
     dA64[:, :] = 0.0
+    dAc[:, :] = 0.0
     acc_D = 0.0
     acc_bias = 0.0
     for c in range(nck - 1, -1, -1):
@@ -663,23 +669,27 @@ def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z,
         m = min(length, t0 + ckpt_every) - t0
         _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig)
         acc_D += _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys)
-        dAc[:, :] = 0.0
         if A.shape[2] == 16:  # as in the forward: a known trip count for mamba's d_state
             _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
-            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts, du,
-                           dBs, dCs, dBc, dCc)
+            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc, ddts,
+                           du, dBs, dCs, dBc, dCc)
         else:
             _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
-            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, dAc, ddts,
-                           du, dBs, dCs, dBc, dCc)
+            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc,
+                           ddts, du, dBs, dCs, dBc, dCc)
         chunk_bias = u.dtype.type(0.0)
         for j in range(m):
             v = ddts[j] * sig[j] if softplus else ddts[j]
             ddl[b, d, t0 + j] = v
             chunk_bias += v
         acc_bias += chunk_bias
-        dA64 += dAc
-    dA[p, :, d, :] += dA64
+        for g in range(dAc.shape[0]):  # (explicit loops: numba's array expressions allocate temporaries)
+            for k in range(dAc.shape[1]):
+                dA64[g, k] += dAc[g, k]
+                dAc[g, k] = 0.0
+    for g in range(dAc.shape[0]):
+        for k in range(dAc.shape[1]):
+            dA[p, g, d, k] += dA64[g, k]
     dD[p, d] += acc_D
     dbias[p, d] += acc_bias
 
@@ -698,12 +708,13 @@ def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_eve
         hs = np.empty((ckpt_every + 1, n), u.dtype)
         ea = np.empty((ckpt_every, n), u.dtype)
         dh = np.empty(n, u.dtype)
+        gks = np.empty(n, u.dtype)
         dAc = np.empty((groups, n), u.dtype)
         dA64 = np.empty((groups, n))
         for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
             _backward_row(r // din, r % din, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every,
-                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, dAc,
-                          dA64)
+                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, gks,
+                          dAc, dA64)
 
 
 def _numba_threads() -> int:
