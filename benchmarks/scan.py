@@ -192,8 +192,10 @@ def per_update_benchmark(args) -> dict:
             results[key] = dict(forward_ns_per_update=tf / updates * 1e9, fwd_bwd_ns_per_update=tb / updates * 1e9,
                                 fwd_bwd_over_fwd=tb / tf, forward_times=fwd[k], fwd_bwd_times=both[k])
             r = results[key]
-            rows.append([f"{b}x{d}x{n}x{length}", k, f"{r['forward_ns_per_update']:.2f}", f"{spread(fwd[k]):.0%}",
-                         f"{r['fwd_bwd_ns_per_update']:.2f}", f"{spread(both[k]):.0%}", f"{r['fwd_bwd_over_fwd']:.2f}x"])
+            rows.append([
+                f"{b}x{d}x{n}x{length}", k, f"{r['forward_ns_per_update']:.2f}", f"{spread(fwd[k]):.0%}",
+                f"{r['fwd_bwd_ns_per_update']:.2f}", f"{spread(both[k]):.0%}", f"{r['fwd_bwd_over_fwd']:.2f}x",
+            ])
     print_table(
         ["B x D x N x L", "dtype", "fwd ns/update", "spread", "fwd+bwd ns/update", "spread", "fwd+bwd / fwd"],
         rows,

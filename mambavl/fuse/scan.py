@@ -26,9 +26,12 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   closed form over log-space cumulative sums of delta*A ("segsum"); the state is carried from chunk to chunk.
   Each chunk is recomputed in backward (activation checkpointing) so memory stays O(Bt*Din*L), not O(L*K*N).
 * `cpu`: `selective_scan_cpu`, a numba-compiled fused loop for forward and a hand-written reverse-time backward,
-  parallel over channels. The states are not stored: forward keeps one checkpoint every `_CKPT` positions and
-  backward recomputes each chunk from its checkpoint. Internally float64 for every input dtype (results are cast
-  back), so float32 inputs get float64-accurate outputs and gradient reductions.
+  parallel over (batch row, channel) pairs, so both cores are busy at batch 64 and at batch 2 alike. The states are
+  not stored: forward keeps one checkpoint every `_CKPT` positions and backward recomputes each chunk from its
+  checkpoint. Computes in float32 for float32 inputs and in float64 when an input is float64 (the reference's
+  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in
+  float64. u, delta, z are read in place in any layout (a Mamba block's transposed views included), no copies;
+  exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A; `impl="auto"` uses `chunked` on CUDA when `A_index` is given.
 """
@@ -592,10 +595,15 @@ def _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys):
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea):
-    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint), ea[j] = exp(delta A) at t0 + j.
+def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h):
+    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint), ea[j] = exp(delta A) at t0 + j. The state
+    # is carried in h, not read back from hs[j]: LLVM does not vectorise a loop whose rows depend on each other
+    # at a distance it cannot see.
     gb = d if Bm.shape[1] > 1 else 0
-    hs[0, :] = ckpt[b, d, t0 // ckpt_every, :]
+    c = t0 // ckpt_every
+    for k in range(n):
+        h[k] = ckpt[b, d, c, k]
+        hs[0, k] = h[k]
     for j in range(m):
         t = t0 + j
         g = aidx[t]
@@ -604,12 +612,14 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
         for k in range(n):
             a = _exp(dt * A[g, d, k])
             ea[j, k] = a
-            hs[j + 1, k] = a * hs[j, k] + x * Bm[b, gb, t, k]
+            hk = a * h[k] + x * Bm[b, gb, t, k]
+            h[k] = hk
+            hs[j + 1, k] = hk
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc, ddts, du, dBs, dCs,
-                   dBc, dCc):
+def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts, du, dBs, dCs, dBc,
+                   dCc):
     # Reverse-time recurrence over one chunk: g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1} (dh carries it).
     # B/C shared by the channels: their gradients are sums over channels, accumulated in float64 into this block's
     # slice p of dBs/dCs (P, Bt, L, N). Per channel: written once each into dBc/dCc (Bt, Din, L, N).
@@ -626,14 +636,18 @@ def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, 
         dy = dys[j]
         s_a = zero
         s_b = zero
+        # w (4, N): the carried gradient, g_t, dA's term (row 3: the recomputed state). One written array keeps LLVM's runtime alias checks under
+        # its limit, so this loop vectorises (with dh, g_t, dA written separately it stayed scalar).
         for k in range(n):
-            gk = dh[k] + dy * Cm[b, gc, t, k]
+            gk = w[0, k] + dy * Cm[b, gc, t, k]
             ga = gk * hs[j, k] * ea[j, k]  # dL/d(delta_t A) through the exp
             s_a += ga * A[g, d, k]
             s_b += gk * Bm[b, gb, t, k]
-            dAc[g, k] += ga * dt
-            dh[k] = gk * ea[j, k]  # carried to h_{t-1}
-            gks[k] = gk
+            w[0, k] = gk * ea[j, k]  # carried to h_{t-1}
+            w[1, k] = gk
+            w[2, k] = ga * dt
+        for k in range(n):
+            dAc[g, k] += w[2, k]
         # (separate loops, the layout branch outside each: both vectorise)
         if per_c:
             for k in range(n):
@@ -643,23 +657,23 @@ def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, 
                 dCs[p, b, t, k] += dy * hs[j + 1, k]
         if per_b:
             for k in range(n):
-                dBc[b, d, t, k] = gks[k] * x
+                dBc[b, d, t, k] = w[1, k] * x
         else:
             for k in range(n):
-                dBs[p, b, t, k] += gks[k] * x
+                dBs[p, b, t, k] += w[1, k] * x
         du[b, d, t] = dy * Dv[d] + dt * s_b
         ddts[j] = s_a + u[b, d, t] * s_b
 
 
 @_jit(fastmath=_FASTMATH)
 def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, gks, dAc, dA64):
+                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc, dA64):
     # bufs (5, ckpt_every): delta, delta*u, dL/dy, softplus', dL/d delta of one chunk. Sums over positions (dA, dD,
     # d delta_bias) run in the compute dtype within a chunk and in float64 across chunks.
     length = u.shape[2]
     nck = ckpt.shape[2]
     dts, xs, dys, sig, ddts = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
-    dh[:] = 0.0
+    w[0, :] = 0.0  # the carried gradient dL/dh
     dA64[:, :] = 0.0
     dAc[:, :] = 0.0
     acc_D = 0.0
@@ -670,12 +684,12 @@ def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z,
         _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig)
         acc_D += _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys)
         if A.shape[2] == 16:  # as in the forward: a known trip count for mamba's d_state
-            _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
-            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc, ddts,
+            _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
+            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts,
                            du, dBs, dCs, dBc, dCc)
         else:
-            _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea)
-            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, dh, gks, dAc,
+            _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
+            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc,
                            ddts, du, dBs, dCs, dBc, dCc)
         chunk_bias = u.dtype.type(0.0)
         for j in range(m):
@@ -707,14 +721,13 @@ def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_eve
         bufs = np.empty((5, ckpt_every), u.dtype)
         hs = np.empty((ckpt_every + 1, n), u.dtype)
         ea = np.empty((ckpt_every, n), u.dtype)
-        dh = np.empty(n, u.dtype)
-        gks = np.empty(n, u.dtype)
+        w = np.empty((4, n), u.dtype)
         dAc = np.empty((groups, n), u.dtype)
         dA64 = np.empty((groups, n))
         for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
             _backward_row(r // din, r % din, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every,
-                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, dh, gks,
-                          dAc, dA64)
+                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc,
+                          dA64)
 
 
 def _numba_threads() -> int:
@@ -727,10 +740,10 @@ _A_ARG = 4  # position of A (G, Din, N) in the kernels' arguments: 3-D, but cont
 
 
 def _run(kernel, *args) -> None:
-    """Call a numba kernel with its (Bt, Din, L) (and (Bt, Din, N)) arrays typed as strided (layout "A"): one compiled version per
-    dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba would otherwise compile
-    one per combination of layouts). Every other array is C-contiguous, so the loops over the state dimension read
-    A, B, C with unit stride (vector loads, not gathers)."""
+    """Call a numba kernel with its 3-D arrays but A ((Bt, Din, L), (Bt, Din, N)) typed as strided (layout "A"): one
+    compiled version per dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba
+    would otherwise compile one per combination of layouts). Every other array is C-contiguous, so the loops over
+    the state dimension read A, B, C with unit stride (vector loads, not gathers)."""
     types = []
     for i, (a, ty) in enumerate(zip(args, map(numba.typeof, args))):
         if isinstance(ty, numba.types.Array):
@@ -855,8 +868,9 @@ def selective_scan_cpu(
     Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
     and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
     batch rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in float64. Results and gradients come
-    back in the inputs' dtypes. Inputs are read in place, any strides (no copies in the compute dtype, except B/C
-    whose state dimension is not unit-stride). Memory when gradients are needed: one stored state every 64
+    back in the inputs' dtypes. u, delta, z (the large inputs) are read in place in any strides; B and C are laid
+    out as contiguous (Bt, L, N) (a copy unless already so: for shared B, C 1/Din of the scan's work); inputs of
+    another dtype than the compute dtype are cast. Memory when gradients are needed: one stored state every 64
     positions (Bt, Din, L/64, N), plus y before the gate (Bt, Din, L) when z is given; backward recomputes the rest.
     The first call in a fresh environment compiles the kernels (seconds); numba caches them on disk.
     """
