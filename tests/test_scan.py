@@ -244,3 +244,74 @@ def test_bad_shapes_name_the_argument():
         scan.selective_scan_chunked(**dict(x, A=torch.stack([x["A"], x["A"]])))
     with pytest.raises(InputError, match="A_index values"):
         scan.selective_scan_cpu(**dict(x, A=torch.stack([x["A"], x["A"]])), A_index=torch.full((10,), 2))
+
+
+@pytest.mark.parametrize("variant", ["shared", "per_channel_grouped"])
+def test_cpu_float32_close_to_float64_definition(variant):
+    """float32 inputs are computed in float32 (a float64 reference of the same inputs bounds the error), with the
+    gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) accumulated accurately: 64
+    channels and 200 positions, where float32 sums of that many terms would show."""
+    grouped = variant != "shared"
+    bt, din, n, length = 2, 64, 16, 200
+    x = make_inputs(bt, din, n, length, torch.float32, seed=21, per_channel=grouped, groups=2 if grouped else 0)
+    kw = {"delta_softplus": True, "A_index": (torch.arange(length) % 3 == 0).long() if grouped else None}
+    grad_out = torch.randn(bt, din, length, generator=torch.Generator().manual_seed(3))
+    x64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    ref_out, ref_grads = run(scan.selective_scan_ref, x64, grad_out.double(), **kw)
+    out, grads = run(scan.selective_scan_cpu, x, grad_out, **kw)
+    assert out.dtype == torch.float32
+    assert_close(out, ref_out, 2e-6, "output")
+    for k in NAMES:
+        assert grads[k].dtype == torch.float32 and grads[k].shape == x[k].shape
+        assert_close(grads[k], ref_grads[k], 1e-5, f"d{k}")
+
+
+def test_cpu_reads_strided_inputs_like_a_mamba_block():
+    """u, delta, z as (B, D, L) views of (B, L, D) tensors and B, C as views of one (B, L, R + 2N) projection (the
+    layouts a Mamba block passes, read in place): same outputs and gradients as contiguous copies."""
+    bt, din, n, length = 2, 8, 16, 37
+    x = make_inputs(bt, din, n, length, torch.float32, seed=8)
+    g = torch.Generator().manual_seed(4)
+    proj = torch.randn(bt, length, 3 + 2 * n, generator=g)  # (B, L, R + 2N)
+    strided = {k: v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+               for k, v in x.items() if k in ("u", "delta", "z")}
+    strided["B"] = proj[..., 3:3 + n].transpose(1, 2).detach().requires_grad_(True)  # (B, N, L), stride 1 over N
+    strided["C"] = proj[..., 3 + n:].transpose(1, 2).detach().requires_grad_(True)
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    strided.update({k: x[k] for k in ("A", "D", "delta_bias")})
+    contiguous = {k: v.detach().contiguous().requires_grad_(True) for k, v in strided.items()}
+    grad_out = torch.randn(bt, din, length, generator=g)
+    out_s, grads_s = run(scan.selective_scan_cpu, strided, grad_out, delta_softplus=True)
+    out_c, grads_c = run(scan.selective_scan_cpu, contiguous, grad_out, delta_softplus=True)
+    assert_close(out_s, out_c, 1e-6, "output")
+    for k in NAMES:
+        assert_close(grads_s[k], grads_c[k], 1e-6, f"d{k}")
+
+
+def test_cpu_mixed_dtypes_follow_the_reference_rule():
+    """A float64 A with float32 u computes in float64 (the reference's rule); each result comes back in its input's
+    dtype; half-precision inputs are computed in float32."""
+    x = make_inputs(1, 4, 3, 11, torch.float32, seed=6)
+    x["A"] = x["A"].detach().double().requires_grad_(True)
+    grad_out = torch.randn(1, 4, 11, generator=torch.Generator().manual_seed(5))
+    ref_out, ref_grads = run(scan.selective_scan_ref, x, grad_out, delta_softplus=True)
+    out, grads = run(scan.selective_scan_cpu, x, grad_out, delta_softplus=True)
+    assert out.dtype == torch.float32
+    assert_close(out, ref_out, 1e-6, "output")
+    for k in NAMES:
+        assert grads[k].dtype == x[k].dtype
+        assert_close(grads[k], ref_grads[k], 1e-5, f"d{k}")
+    half = {k: (v.detach().bfloat16() if v is not None else None) for k, v in x.items()}
+    out_h = scan.selective_scan_cpu(**half, delta_softplus=True)
+    assert out_h.dtype == torch.bfloat16
+    ref_h = scan.selective_scan_ref(**half, delta_softplus=True)
+    assert_close(out_h.float(), ref_h.float(), 2e-2, "bfloat16 output")
+
+
+def test_cpu_scan_without_grad_stores_nothing():
+    """Under no_grad (evaluation) the forward keeps no checkpoints: the result carries no graph."""
+    x = make_inputs(1, 4, 16, 9, torch.float32, seed=2)
+    with torch.no_grad():
+        out = scan.selective_scan_cpu(**x, delta_softplus=True)
+    assert out.grad_fn is None
+    assert_close(out, scan.selective_scan_ref(**x, delta_softplus=True).detach(), 2e-5, "output")

@@ -26,9 +26,12 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   closed form over log-space cumulative sums of delta*A ("segsum"); the state is carried from chunk to chunk.
   Each chunk is recomputed in backward (activation checkpointing) so memory stays O(Bt*Din*L), not O(L*K*N).
 * `cpu`: `selective_scan_cpu`, a numba-compiled fused loop for forward and a hand-written reverse-time backward,
-  parallel over channels. The states are not stored: forward keeps one checkpoint every `_CKPT` positions and
-  backward recomputes each chunk from its checkpoint. Internally float64 for every input dtype (results are cast
-  back), so float32 inputs get float64-accurate outputs and gradient reductions.
+  parallel over (batch row, channel) pairs, so both cores are busy at batch 64 and at batch 2 alike. The states are
+  not stored: forward keeps one checkpoint every `_CKPT` positions and backward recomputes each chunk from its
+  checkpoint. Computes in float32 for float32 inputs and in float64 when an input is float64 (the reference's
+  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in
+  float64. u, delta, z are read in place in any layout (a Mamba block's transposed views included), no copies;
+  exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A; `impl="auto"` uses `chunked` on CUDA when `A_index` is given.
 
@@ -301,7 +304,8 @@ def selective_scan_chunked(
 # ----------------------------------------------------------------------------------------------------------------
 # cpu: numba-fused forward and backward
 
-# Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time.
+# Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time. The
+# per-chunk buffers of the backward (states and decays, 2 x 64 x N) stay in L1.
 _CKPT = 64
 
 try:  # numba is a dependency, but the package still imports (cpu impl unavailable) without it
@@ -309,6 +313,7 @@ try:  # numba is a dependency, but the package still imports (cpu impl unavailab
     import numpy as np
     from llvmlite import ir as _llvm_ir
     from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
 except ImportError:  # pragma: no cover - exercised only on broken installs
     numba = None
 
@@ -324,17 +329,62 @@ def _jit(**kw):
     return numba.njit(cache=True, **kw)
 
 
+def _exp(x):
+    """exp(x) in x's float type, vectorisable (numba-only; the implementations are chosen by `_exp_overload`)."""
+    raise NotImplementedError("numba-only helper")
+
+
 if numba is not None:
 
     @_intrinsic
-    def _bits_to_f64(typingctx, x):
-        """Reinterpret an int64's bits as a float64 (free; used to build 2**k in `_exp`)."""
-        sig = numba.types.float64(numba.types.int64)
+    def _bits_to_float(typingctx, x):
+        """Reinterpret an int64's bits as a float64, an int32's as a float32 (free; builds 2**k in the exps)."""
+        if x == numba.types.int64:
+            sig, llty = numba.types.float64(numba.types.int64), _llvm_ir.DoubleType()
+        elif x == numba.types.int32:
+            sig, llty = numba.types.float32(numba.types.int32), _llvm_ir.FloatType()
+        else:
+            return None
 
         def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _llvm_ir.DoubleType())
+            return builder.bitcast(args[0], llty)
 
         return sig, codegen
+
+    _F32 = np.float32
+    _LOG2E_32, _LN2_HI_32, _LN2_LO_32 = _F32(1.44269504088896341), _F32(0.693359375), _F32(-2.12194440e-4)
+    # Cephes' expf minimax coefficients: exp(r) = 1 + r + r**2 P(r) on |r| <= ln(2)/2, about 1 ulp.
+    _EXPF_P = tuple(_F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                     1.6666665459e-1, 5.0000001201e-1))
+    _F32_0, _F32_HALF, _F32_1 = _F32(0.0), _F32(0.5), _F32(1.0)
+
+
+def _exp_f32(x):
+    """float32 exp to ~1 ulp in plain arithmetic. 2**k is applied as two factors 2**(k//2) * 2**(k - k//2), so
+    results near the float32 limits (denormals below exp(-87.3), up to 3.4e38 at exp(88.72)) come out as libm's."""
+    xc = min(max(x, _F32(-104.0)), _F32(88.8))
+    kf = np.floor(xc * _LOG2E_32 + _F32_HALF)
+    r = xc - kf * _LN2_HI_32
+    r = r - kf * _LN2_LO_32
+    p = _EXPF_P[0]
+    p = p * r + _EXPF_P[1]
+    p = p * r + _EXPF_P[2]
+    p = p * r + _EXPF_P[3]
+    p = p * r + _EXPF_P[4]
+    p = p * r + _EXPF_P[5]
+    p = p * (r * r) + r + _F32_1
+    # The exponent bits (k + 127) << 23 formed in float32 arithmetic (exact: integers below 2**31), so the only
+    # integer step is one float -> int32 conversion per factor (numba would widen int32 arithmetic to int64).
+    k1 = np.floor(kf * _F32_HALF)
+    res = p * _bits_to_float(np.int32((k1 + _F32(127.0)) * _F32(8388608.0)))
+    res = res * _bits_to_float(np.int32((kf - k1 + _F32(127.0)) * _F32(8388608.0)))
+    if x < _F32(-104.0):  # exp(-104) < 2**-149, the smallest denormal
+        res = _F32_0
+    if x > _F32(88.8):  # exp(88.73) already overflows
+        res = _F32(math.inf)
+    if x != x:
+        res = x
+    return res
 
 
 _LOG2E = 1.4426950408889634
@@ -342,16 +392,13 @@ _LN2_HI = 6.93147180369123816490e-01  # ln 2 split in two so k * _LN2_HI is exac
 _LN2_LO = 1.90821492927058770002e-10
 
 
-@_jit(inline="always")
-def _exp(x):
-    """exp(x) in float64 to ~1 ulp, written in plain arithmetic so LLVM can vectorise the loops that call it.
-
-    Without Intel's SVML numba calls libm's scalar exp, which dominated the fused loop. exp(x) = 2**k * exp(r),
-    k = round(x / ln 2), |r| <= ln(2)/2, exp(r) by its Taylor series to r**13 (truncation < 1e-17 relative).
-    """
+def _exp_f64(x):
+    """float64 exp to ~1 ulp in plain arithmetic: exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln(2)/2,
+    exp(r) by its Taylor series to r**13 (truncation < 1e-17 relative); flushes to 0 below exp(-708)."""
     xc = min(max(x, -708.0), 709.0)
-    k = math.floor(xc * _LOG2E + 0.5)
-    r = xc - k * _LN2_HI - k * _LN2_LO
+    kf = np.floor(xc * _LOG2E + 0.5)
+    r = xc - kf * _LN2_HI
+    r = r - kf * _LN2_LO
     p = 1.0 / 6227020800.0
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
@@ -366,7 +413,7 @@ def _exp(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    res = p * _bits_to_f64((np.int64(k) + 1023) << 52)
+    res = p * _bits_to_float((np.int64(kf) + 1023) << 52)
     if x < -708.0:  # below the smallest normal: flush to 0 (the exact value is < 3.3e-308)
         res = 0.0
     if x > 709.0:
@@ -376,139 +423,328 @@ def _exp(x):
     return res
 
 
+if numba is not None:
+
+    @_overload(_exp)
+    def _exp_overload(x):
+        """Without Intel's SVML numba calls libm's scalar exp, which would dominate the fused loops; these are
+        plain arithmetic, so LLVM vectorises the loops over the state dimension that call them."""
+        return _exp_f32 if x == numba.types.float32 else _exp_f64
+
+
 # numba resolves globals by value, so the alias still marks the parallel loops
 _prange = numba.prange if numba is not None else range
 
 
-@_jit(inline="always")
-def _softplus(x):
-    # torch.nn.functional.softplus with its default threshold 20
-    return x if x > 20.0 else math.log1p(math.exp(x))
-
-
-@_jit(inline="always")
 def _sigmoid(x):
+    """1 / (1 + exp(-x)) in x's float type (numba-only; see `_sigmoid_overload`)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _softplus(x):
+    """torch.nn.functional.softplus (threshold 20) in x's float type (numba-only; see `_softplus_overload`)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _softplus_grad(x):
+    """d softplus / dx as torch's softplus backward has it: 1 above the threshold 20, else sigmoid (numba-only)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _softplus_grad_f32(x):
+    return _F32_1 if x > _F32(20.0) else _sigmoid(x)
+
+
+def _softplus_grad_f64(x):
+    return 1.0 if x > 20.0 else _sigmoid(x)
+
+
+def _sigmoid_f32(x):
+    return _F32_1 / (_F32_1 + _exp(-x))
+
+
+def _softplus_f32(x):
+    # log1p(e) = 2 atanh(s) with s = e / (2 + e) <= 1/3: the series 2 s (1 + s**2/3 + ... + s**14/15) is within
+    # 2e-9 relative, and s is formed from e without cancellation, so tiny e (x << 0) keeps its accuracy.
+    e = _exp(-abs(x))
+    s = e / (_F32(2.0) + e)
+    s2 = s * s
+    p = _F32(1.0 / 15.0)
+    p = p * s2 + _F32(1.0 / 13.0)
+    p = p * s2 + _F32(1.0 / 11.0)
+    p = p * s2 + _F32(1.0 / 9.0)
+    p = p * s2 + _F32(1.0 / 7.0)
+    p = p * s2 + _F32(1.0 / 5.0)
+    p = p * s2 + _F32(1.0 / 3.0)
+    p = p * s2 + _F32_1
+    res = max(x, _F32_0) + _F32(2.0) * s * p
+    return x if x > _F32(20.0) else res
+
+
+def _sigmoid_f64(x):
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
 
 
-@_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_forward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, out, ckpt, last):
-    # u, dl, z, out (Bt, Din, L) float64; A (G, Din, N); aidx (L,); Bm, Cm (Bt, 1|Din, L, N); ckpt (Bt, Din, nck, N):
-    # the state before every `ckpt_every`-th position, for the backward's recomputation; last (Bt, Din, N).
-    bt, din, length = u.shape
+def _softplus_f64(x):
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
+if numba is not None:
+
+    @_overload(_sigmoid)
+    def _sigmoid_overload(x):
+        # float32: plain arithmetic over `_exp`, so the loops over positions vectorise; float64: libm, as torch
+        return _sigmoid_f32 if x == numba.types.float32 else _sigmoid_f64
+
+    @_overload(_softplus)
+    def _softplus_overload(x):
+        return _softplus_f32 if x == numba.types.float32 else _softplus_f64
+
+    @_overload(_softplus_grad)
+    def _softplus_grad_overload(x):
+        return _softplus_grad_f32 if x == numba.types.float32 else _softplus_grad_f64
+
+
+@_jit(fastmath=_FASTMATH)
+def _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig):
+    # dts[j] = delta at position t0 + j after bias and softplus, xs[j] = dts[j] * u; with `sig` of length > 0 also
+    # softplus's derivative (torch's: 1 above the threshold 20). Loops over positions: vectorised in float32.
+    bd = bias[d]
+    want_sig = sig.shape[0] > 0
+    for j in range(m):
+        x = dl[b, d, t0 + j] + bd
+        dt = x
+        if softplus:
+            dt = _softplus(x)
+            if want_sig:
+                sig[j] = _softplus_grad(x)
+        dts[j] = dt
+        xs[j] = dt * u[b, d, t0 + j]
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys):
+    # The recurrence over positions t0 .. t0 + m - 1 of one row, the state dimension innermost (vectorised).
+    for j in range(m):
+        t = t0 + j
+        g = aidx[t]
+        dt = dts[j]
+        x = xs[j]
+        acc = ys.dtype.type(0.0)
+        for k in range(n):
+            hk = _exp(dt * A[g, d, k]) * h[k] + x * Bm[b, gb, t, k]
+            h[k] = hk
+            acc += Cm[b, gc, t, k] * hk
+        ys[j] = acc
+
+
+@_jit(fastmath=_FASTMATH)
+def _forward_row(b, d, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every, out, ypre, ckpt,
+                 last, h, dts, xs, ys):
+    # One (batch row, channel): the recurrence over positions, the state dimension innermost (vectorised).
     n = A.shape[2]
-    per_b = Bm.shape[1] > 1
-    per_c = Cm.shape[1] > 1
-    for ii in _prange(bt * din):
-        i = np.int64(ii)  # prange indices may be unsigned; mixing them with int64 would give floats
-        b = i // din
-        d = i % din
-        gb = d if per_b else 0
-        gc = d if per_c else 0
-        h = np.zeros(n)
-        for t in range(length):
-            if t % ckpt_every == 0:
-                ckpt[b, d, t // ckpt_every, :] = h
-            x = dl[b, d, t] + bias[d]
-            dt = _softplus(x) if softplus else x
+    length = u.shape[2]
+    gb = d if Bm.shape[1] > 1 else 0
+    gc = d if Cm.shape[1] > 1 else 0
+    nosig = dts[:0]
+    zero = u.dtype.type(0.0)
+    h[:] = zero
+    for t0 in range(0, length, ckpt_every):
+        if save:
+            ckpt[b, d, t0 // ckpt_every, :] = h
+        m = min(length, t0 + ckpt_every) - t0
+        _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, nosig)
+        if n == 16:  # mamba's d_state: a trip count LLVM knows, one 16-float vector with no remainder loop
+            _scan_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
+        else:
+            _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
+        for j in range(m):
+            t = t0 + j
             ut = u[b, d, t]
-            dtu = dt * ut
-            g = aidx[t]
-            y = 0.0
-            for k in range(n):
-                h[k] = _exp(dt * A[g, d, k]) * h[k] + dtu * Bm[b, gb, t, k]
-                y += Cm[b, gc, t, k] * h[k]
-            y += Dv[d] * ut
+            y = ys[j] + Dv[d] * ut
             if has_z:
+                if save:
+                    ypre[b, d, t] = y
                 zt = z[b, d, t]
-                y *= zt * _sigmoid(zt)
+                y = y * (zt * _sigmoid(zt))
             out[b, d, t] = y
-        last[b, d, :] = h
+    last[b, d, :] = h
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, dout, nblocks,
-                  du, ddl, dA, dD, dbias, dz, dB, dC):
-    # Reverse-time recurrence per (b, d): g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1}.
-    # Channels are split into `nblocks` contiguous blocks, one per thread; a thread owns its channels' dA, dD, dbias.
-    # dB, dC are (P|1, Bt, 1|Din, L, N): with B/C shared by the channels, block p accumulates into its own slice p
-    # (the caller sums them) so no two threads write the same element.
+def _cpu_forward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every, nblocks, out, ypre, ckpt,
+                 last):
+    # u, dl, z, out, ypre (Bt, Din, L); A (G, Din, N); aidx (L,); Bm, Cm (Bt, 1|Din, L, N); ckpt (Bt, Din, nck, N):
+    # the state before every `ckpt_every`-th position; ypre: y before the gate (with z). Both only when `save`.
+    # Rows (b, d) are split into `nblocks` contiguous blocks; each block allocates its buffers once.
     bt, din, length = u.shape
+    rows = bt * din
     n = A.shape[2]
-    per_b = Bm.shape[1] > 1
-    per_c = Cm.shape[1] > 1
-    nck = ckpt.shape[2]
     for pp in _prange(nblocks):
         p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
-        d0 = p * din // nblocks
-        d1 = (p + 1) * din // nblocks
-        pb = 0 if per_b else p
-        pc = 0 if per_c else p
-        hs = np.empty((ckpt_every + 1, n))  # h_{t0-1} .. h_{t1-1} of one chunk
-        ea = np.empty((ckpt_every, n))  # exp(delta_t A) of one chunk
-        dts = np.empty(ckpt_every)
-        dh = np.empty(n)
-        for b in range(bt):
-            for d in range(d0, d1):
-                gb = d if per_b else 0
-                gc = d if per_c else 0
-                dh[:] = 0.0
-                acc_D = 0.0
-                acc_bias = 0.0
-                for c in range(nck - 1, -1, -1):
-                    t0 = c * ckpt_every
-                    t1 = min(length, t0 + ckpt_every)
-                    hs[0, :] = ckpt[b, d, c, :]
-                    for t in range(t0, t1):  # recompute this chunk's states from its checkpoint
-                        j = t - t0
-                        x = dl[b, d, t] + bias[d]
-                        dt = _softplus(x) if softplus else x
-                        dts[j] = dt
-                        dtu = dt * u[b, d, t]
-                        g = aidx[t]
-                        for k in range(n):
-                            a = _exp(dt * A[g, d, k])
-                            ea[j, k] = a
-                            hs[j + 1, k] = a * hs[j, k] + dtu * Bm[b, gb, t, k]
-                    for t in range(t1 - 1, t0 - 1, -1):
-                        j = t - t0
-                        ut = u[b, d, t]
-                        dt = dts[j]
-                        g = aidx[t]
-                        go = dout[b, d, t]
-                        if has_z:
-                            y = Dv[d] * ut  # y_t recomputed rather than stored
-                            for k in range(n):
-                                y += Cm[b, gc, t, k] * hs[j + 1, k]
-                            zt = z[b, d, t]
-                            s = _sigmoid(zt)
-                            dz[b, d, t] = go * y * s * (1.0 + zt * (1.0 - s))
-                            dy = go * zt * s
-                        else:
-                            dy = go
-                        acc_D += dy * ut
-                        du_t = dy * Dv[d]
-                        ddt = 0.0
-                        for k in range(n):
-                            dC[pc, b, gc, t, k] += dy * hs[j + 1, k]
-                            gk = dh[k] + dy * Cm[b, gc, t, k]  # dL/dh_t
-                            bk = Bm[b, gb, t, k]
-                            ga = gk * hs[j, k] * ea[j, k]  # dL/d(delta_t A) through the exp
-                            ddt += ga * A[g, d, k] + gk * bk * ut
-                            dA[g, d, k] += ga * dt
-                            dB[pb, b, gb, t, k] += gk * dt * ut
-                            du_t += gk * dt * bk
-                            dh[k] = gk * ea[j, k]  # carried to h_{t-1}
-                        du[b, d, t] = du_t
-                        if softplus:
-                            ddt *= _sigmoid(dl[b, d, t] + bias[d])
-                        ddl[b, d, t] = ddt
-                        acc_bias += ddt
-                dD[d] += acc_D
-                dbias[d] += acc_bias
+        h = np.empty(n, u.dtype)
+        dts = np.empty(ckpt_every, u.dtype)
+        xs = np.empty(ckpt_every, u.dtype)
+        ys = np.empty(ckpt_every, u.dtype)
+        for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
+            _forward_row(r // din, r % din, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every,
+                         out, ypre, ckpt, last, h, dts, xs, ys)
+
+
+@_jit(fastmath=_FASTMATH)
+def _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys):
+    # The gate's backward for one chunk: dys[j] = dL/dy, dz written; returns this chunk's sum of dy * u (for dD).
+    acc = u.dtype.type(0.0)
+    for j in range(m):
+        t = t0 + j
+        go = dout[b, d, t]
+        if has_z:
+            zt = z[b, d, t]
+            s = _sigmoid(zt)
+            dz[b, d, t] = go * ypre[b, d, t] * s * (u.dtype.type(1.0) + zt * (u.dtype.type(1.0) - s))
+            go = go * (zt * s)
+        dys[j] = go
+        acc += go * u[b, d, t]
+    return acc
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h):
+    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint), ea[j] = exp(delta A) at t0 + j. The state
+    # is carried in h, not read back from hs[j]: LLVM does not vectorise a loop whose rows depend on each other
+    # at a distance it cannot see.
+    gb = d if Bm.shape[1] > 1 else 0
+    c = t0 // ckpt_every
+    for k in range(n):
+        h[k] = ckpt[b, d, c, k]
+        hs[0, k] = h[k]
+    for j in range(m):
+        t = t0 + j
+        g = aidx[t]
+        dt = dts[j]
+        x = xs[j]
+        for k in range(n):
+            a = _exp(dt * A[g, d, k])
+            ea[j, k] = a
+            hk = a * h[k] + x * Bm[b, gb, t, k]
+            h[k] = hk
+            hs[j + 1, k] = hk
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts, du, dBs, dCs, dBc,
+                   dCc):
+    # Reverse-time recurrence over one chunk: g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1} (dh carries it).
+    # B/C shared by the channels: their gradients are sums over channels, accumulated in float64 into this block's
+    # slice p of dBs/dCs (P, Bt, L, N). Per channel: written once each into dBc/dCc (Bt, Din, L, N).
+    per_b = Bm.shape[1] > 1
+    per_c = Cm.shape[1] > 1
+    gb = d if per_b else 0
+    gc = d if per_c else 0
+    zero = u.dtype.type(0.0)
+    for j in range(m - 1, -1, -1):
+        t = t0 + j
+        g = aidx[t]
+        dt = dts[j]
+        x = xs[j]
+        dy = dys[j]
+        s_a = zero
+        s_b = zero
+        # w (4, N): the carried gradient, g_t, dA's term (row 3: the recomputed state). One written array keeps LLVM's runtime alias checks under
+        # its limit, so this loop vectorises (with dh, g_t, dA written separately it stayed scalar).
+        for k in range(n):
+            gk = w[0, k] + dy * Cm[b, gc, t, k]
+            ga = gk * hs[j, k] * ea[j, k]  # dL/d(delta_t A) through the exp
+            s_a += ga * A[g, d, k]
+            s_b += gk * Bm[b, gb, t, k]
+            w[0, k] = gk * ea[j, k]  # carried to h_{t-1}
+            w[1, k] = gk
+            w[2, k] = ga * dt
+        for k in range(n):
+            dAc[g, k] += w[2, k]
+        # (separate loops, the layout branch outside each: both vectorise)
+        if per_c:
+            for k in range(n):
+                dCc[b, d, t, k] = dy * hs[j + 1, k]
+        else:
+            for k in range(n):
+                dCs[p, b, t, k] += dy * hs[j + 1, k]
+        if per_b:
+            for k in range(n):
+                dBc[b, d, t, k] = w[1, k] * x
+        else:
+            for k in range(n):
+                dBs[p, b, t, k] += w[1, k] * x
+        du[b, d, t] = dy * Dv[d] + dt * s_b
+        ddts[j] = s_a + u[b, d, t] * s_b
+
+
+@_jit(fastmath=_FASTMATH)
+def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
+                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc, dA64):
+    # bufs (5, ckpt_every): delta, delta*u, dL/dy, softplus', dL/d delta of one chunk. Sums over positions (dA, dD,
+    # d delta_bias) run in the compute dtype within a chunk and in float64 across chunks.
+    length = u.shape[2]
+    nck = ckpt.shape[2]
+    dts, xs, dys, sig, ddts = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
+    w[0, :] = 0.0  # the carried gradient dL/dh
+    dA64[:, :] = 0.0
+    dAc[:, :] = 0.0
+    acc_D = 0.0
+    acc_bias = 0.0
+    for c in range(nck - 1, -1, -1):
+        t0 = c * ckpt_every
+        m = min(length, t0 + ckpt_every) - t0
+        _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig)
+        acc_D += _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys)
+        if A.shape[2] == 16:  # as in the forward: a known trip count for mamba's d_state
+            _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
+            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts,
+                           du, dBs, dCs, dBc, dCc)
+        else:
+            _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
+            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc,
+                           ddts, du, dBs, dCs, dBc, dCc)
+        chunk_bias = u.dtype.type(0.0)
+        for j in range(m):
+            v = ddts[j] * sig[j] if softplus else ddts[j]
+            ddl[b, d, t0 + j] = v
+            chunk_bias += v
+        acc_bias += chunk_bias
+        for g in range(dAc.shape[0]):  # (explicit loops: numba's array expressions allocate temporaries)
+            for k in range(dAc.shape[1]):
+                dA64[g, k] += dAc[g, k]
+                dAc[g, k] = 0.0
+    for g in range(dAc.shape[0]):
+        for k in range(dAc.shape[1]):
+            dA[p, g, d, k] += dA64[g, k]
+    dD[p, d] += acc_D
+    dbias[p, d] += acc_bias
+
+
+@_jit(parallel=True, fastmath=_FASTMATH)
+def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout, nblocks,
+                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc):
+    # Rows (b, d) split into `nblocks` contiguous blocks, as in the forward. Block p owns slice p of the float64
+    # partial sums dA (P, G, Din, N), dD, dbias (P, Din), dBs, dCs (P, Bt, L, N); the caller adds the slices.
+    bt, din, length = u.shape
+    rows = bt * din
+    groups, _, n = A.shape
+    for pp in _prange(nblocks):
+        p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
+        bufs = np.empty((5, ckpt_every), u.dtype)
+        hs = np.empty((ckpt_every + 1, n), u.dtype)
+        ea = np.empty((ckpt_every, n), u.dtype)
+        w = np.empty((4, n), u.dtype)
+        dAc = np.empty((groups, n), u.dtype)
+        dA64 = np.empty((groups, n))
+        for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
+            _backward_row(r // din, r % din, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every,
+                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc,
+                          dA64)
 
 
 def _numba_threads() -> int:
@@ -516,35 +752,80 @@ def _numba_threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def _np(t: torch.Tensor):
-    return t.detach().to("cpu", torch.float64).contiguous().numpy()
+_ENTRIES: dict = {}
+_A_ARG = 4  # position of A (G, Din, N) in the kernels' arguments: 3-D, but contiguous like B and C
+
+
+def _run(kernel, *args) -> None:
+    """Call a numba kernel with its 3-D arrays but A ((Bt, Din, L), (Bt, Din, N)) typed as strided (layout "A"): one
+    compiled version per dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba
+    would otherwise compile one per combination of layouts). Every other array is C-contiguous, so the loops over
+    the state dimension read A, B, C with unit stride (vector loads, not gathers)."""
+    types = []
+    for i, (a, ty) in enumerate(zip(args, map(numba.typeof, args))):
+        if isinstance(ty, numba.types.Array):
+            if ty.ndim == 3 and i != _A_ARG:
+                ty = ty.copy(layout="A")
+            elif ty.layout != "C":
+                raise AssertionError(f"selective_scan_cpu: internal array of shape {a.shape} is not contiguous")
+        types.append(ty)
+    types = tuple(types)
+    entry = _ENTRIES.get((kernel, types))
+    if entry is None:
+        entry = _ENTRIES[(kernel, types)] = kernel.compile(types)
+    with numba.parallel_chunksize(1):  # blocks handed out one at a time: a thread slowed by other work gets fewer
+        entry(*args)
+
+
+def _view(t: torch.Tensor | None, dtype: torch.dtype, empty_shape: tuple[int, ...] = (1,)):
+    """numpy view of a CPU tensor (any strides) in the compute dtype; a copy only when the dtype differs. None ->
+    zeros of `empty_shape` (a placeholder the kernels read as 'absent')."""
+    if t is None:
+        return np.zeros(empty_shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+    return t.detach().to(dtype).numpy()
+
+
+def _state_last(m: torch.Tensor, dtype: torch.dtype):
+    """B or C (Bt, N, L) | (Bt, Din, N, L) -> contiguous (Bt, 1|Din, L, N) in the compute dtype: the layout the
+    loops over the state dimension want. A copy unless already so; for B, C shared by the channels it is 1/Din of
+    the scan's work."""
+    m = (m[:, None] if m.dim() == 3 else m).transpose(-1, -2)
+    return m.detach().to(dtype).contiguous().numpy()
+
+
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
+    """The kernels' leading arguments (u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z) and the compute dtype:
+    float64 when u, delta, A, B or C is float64, else float32 (the reference's rule)."""
+    dtype = _compute_dtype(u, delta, A, B, C)
+    din, length = u.shape[1], u.shape[2]
+    aidx = A_index if A_index is not None else torch.zeros(length, dtype=torch.long)
+    small = [t.contiguous() if t is not None else None for t in (delta_bias, A if A.dim() == 3 else A[None], D)]
+    args = (
+        _view(u, dtype), _view(delta, dtype), _view(small[0], dtype, (din,)), bool(softplus), _view(small[1], dtype),
+        aidx.detach().to("cpu", torch.int64).contiguous().numpy(), _state_last(B, dtype), _state_last(C, dtype),
+        _view(small[2], dtype, (din,)), _view(z, dtype, (1, 1, 1)), z is not None,
+    )
+    return args, dtype
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus, return_last_state, save):
         bt, din, length = u.shape
         n = A.shape[-1]
-        numba.set_num_threads(_numba_threads())
-        A3 = A if A.dim() == 3 else A[None]  # (G, Din, N)
-        aidx = (A_index if A_index is not None else torch.zeros(length, dtype=torch.long)).to("cpu", torch.int64)
-        # (Bt, 1|Din, L, N): the state dimension innermost so the fused loop reads B_t, C_t contiguously.
-        B4 = (B[:, None] if B.dim() == 3 else B).transpose(-1, -2)
-        C4 = (C[:, None] if C.dim() == 3 else C).transpose(-1, -2)
-        a = dict(
-            u=_np(u), dl=_np(delta), bias=_np(delta_bias) if delta_bias is not None else np.zeros(din),
-            softplus=bool(delta_softplus), A=_np(A3), aidx=aidx.contiguous().numpy(), Bm=_np(B4), Cm=_np(C4),
-            Dv=_np(D) if D is not None else np.zeros(din), z=_np(z) if z is not None else np.zeros((1, 1, 1)),
-            has_z=z is not None, ckpt_every=_CKPT,
-        )
-        out = np.empty((bt, din, length))
-        ckpt = np.empty((bt, din, max(1, -(-length // _CKPT)), n))
-        last = np.empty((bt, din, n))
-        _cpu_forward(**a, out=out, ckpt=ckpt, last=last)
-        ctx.arrays = a
-        ctx.ckpt = ckpt
-        ctx.meta = (A.dim(), B.dim(), C.dim(), D is not None, z is not None, delta_bias is not None)
-        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias))
+        threads = _numba_threads()
+        numba.set_num_threads(threads)
+        args, dtype = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus)
+        npd = args[0].dtype
+        nck = max(1, -(-length // _CKPT))
+        out = np.empty((bt, din, length), npd)
+        ckpt = np.empty((bt, din, nck, n) if save else (1, 1, 1, n), npd)
+        ypre = np.empty((bt, din, length) if save and z is not None else (1, 1, 1), npd)
+        last = np.empty((bt, din, n), npd)
+        _run(_cpu_forward, *args, bool(save), _CKPT, min(bt * din, 8 * threads), out, ypre, ckpt, last)
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
+            ctx.state = (ckpt, ypre, _CKPT, delta_softplus)
         out_t = torch.from_numpy(out).to(u.dtype)
         if return_last_state:
             last_t = torch.from_numpy(last).to(u.dtype)
@@ -554,36 +835,42 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        a = ctx.arrays
-        bt, din, length = a["u"].shape
-        groups, _, n = a["A"].shape
-        numba.set_num_threads(_numba_threads())
-        nblocks = max(1, min(din, _numba_threads()))
-        gb, gc = a["Bm"].shape[1], a["Cm"].shape[1]
-        du = np.empty((bt, din, length))
-        ddl = np.empty((bt, din, length))
-        dA = np.zeros((groups, din, n))
-        dD = np.zeros(din)
-        dbias = np.zeros(din)
-        dz = np.zeros((bt, din, length)) if a["has_z"] else np.zeros((1, 1, 1))
-        dB = np.zeros((1 if gb > 1 else nblocks, bt, gb, length, n))
-        dC = np.zeros((1 if gc > 1 else nblocks, bt, gc, length, n))
-        _cpu_backward(**a, ckpt=ctx.ckpt, dout=_np(dout), nblocks=nblocks, du=du, ddl=ddl, dA=dA, dD=dD, dbias=dbias, dz=dz,
-            dB=dB, dC=dC)
-        a_dim, b_dim, c_dim, has_D, has_z, has_bias = ctx.meta
-        tu, tdelta, tA, tB, tC, tD, tz, tbias = ctx.dtypes
+        u, delta, A, B, C, D, z, delta_bias, A_index = ctx.saved_tensors
+        ckpt, ypre, ckpt_every, softplus = ctx.state
+        args, dtype = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus)
+        bt, din, length = u.shape
+        groups, n = args[4].shape[0], args[4].shape[2]
+        npd = args[0].dtype
+        threads = _numba_threads()
+        numba.set_num_threads(threads)
+        nblocks = min(bt * din, 2 * threads)
+        grads = dict(
+            du=np.empty((bt, din, length), npd), ddl=np.empty((bt, din, length), npd),
+            dz=np.empty((bt, din, length) if z is not None else (1, 1, 1), npd),
+            dA=np.zeros((nblocks, groups, din, n)), dD=np.zeros((nblocks, din)), dbias=np.zeros((nblocks, din)),
+        )
+        # dB, dC: summed over channels (float64 slices per block, "s") when shared, else per channel ("c")
+        for name, m in (("B", B), ("C", C)):
+            grads[f"d{name}s"] = np.zeros((nblocks, bt, length, n) if m.dim() == 3 else (1, 1, 1, 1))
+        for name, m in (("B", B), ("C", C)):
+            grads[f"d{name}c"] = np.empty((1, 1, 1, 1) if m.dim() == 3 else (bt, din, length, n), npd)
+        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _view(dout, dtype), nblocks, *grads.values())
         t = torch.from_numpy
-        gB = t(dB.sum(0)).transpose(-1, -2)  # (Bt, 1|Din, N, L)
-        gC = t(dC.sum(0)).transpose(-1, -2)
+        g_B, g_C = (
+            (t(grads[f"d{k}s"].sum(0)) if m.dim() == 3 else t(grads[f"d{k}c"])).transpose(-1, -2)  # (Bt, [Din,] N, L)
+            for k, m in (("B", B), ("C", C))
+        )
+        g_A = t(grads["dA"].sum(0))  # (G, Din, N)
         return (
-            t(du).to(tu),
-            t(ddl).to(tdelta),
-            (t(dA) if a_dim == 3 else t(dA[0])).to(tA),
-            (gB[:, 0] if b_dim == 3 else gB).to(tB),
-            (gC[:, 0] if c_dim == 3 else gC).to(tC),
-            t(dD).to(tD) if has_D else None,
-            t(dz).to(tz) if has_z else None,
-            t(dbias).to(tbias) if has_bias else None,
+            t(grads["du"]).to(u.dtype),
+            t(grads["ddl"]).to(delta.dtype),
+            (g_A if A.dim() == 3 else g_A[0]).to(A.dtype),
+            g_B.to(B.dtype),
+            g_C.to(C.dtype),
+            t(grads["dD"].sum(0)).to(D.dtype) if D is not None else None,
+            t(grads["dz"]).to(z.dtype) if z is not None else None,
+            t(grads["dbias"].sum(0)).to(delta_bias.dtype) if delta_bias is not None else None,
+            None,
             None,
             None,
             None,
@@ -594,18 +881,27 @@ class _SelectiveScanCPU(torch.autograd.Function):
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, A_index=None
 ):
-    """Fast CPU selective scan: numba-fused forward and hand-written backward, parallel over channels.
+    """Fast CPU selective scan: numba-fused forward and backward, parallel over (batch row, channel) pairs.
 
-    Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float64 internally for every
-    input dtype; results and gradients are returned in the inputs' dtypes. Memory: one stored state every 64
-    positions (Bt, Din, L/64, N) plus the float64 copies of the inputs; backward recomputes the rest.
+    Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
+    and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
+    batch rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in float64. Results and gradients come
+    back in the inputs' dtypes. u, delta, z (the large inputs) are read in place in any strides; B and C are laid
+    out as contiguous (Bt, L, N) (a copy unless already so: for shared B, C 1/Din of the scan's work); inputs of
+    another dtype than the compute dtype are cast. Memory when gradients are needed: one stored state every 64
+    positions (Bt, Din, L/64, N), plus y before the gate (Bt, Din, L) when z is given; backward recomputes the rest.
     The first call in a fresh environment compiles the kernels (seconds); numba caches them on disk.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, A_index)
     for name, v in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if v.device.type != "cpu":
             raise InputError(f"selective_scan_cpu: {name} is on {v.device}; use impl='chunked' or 'cuda' there")
-    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus, return_last_state)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
+    return _SelectiveScanCPU.apply(
+        u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus, return_last_state, save
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
