@@ -15,9 +15,10 @@ sqrt(L)): (Bt, Din, ceil(L/K), N) in the compute dtype. Backward walks the chunk
 recomputes the K states from the chunk's checkpoint into a scratch buffer (Bt, Din, K, N), then runs the
 reverse-time recurrence over the chunk (dL/dh_t = dy_t C_t + exp(delta_{t+1} A) dL/dh_{t+1}). Extra memory, in
 float32 elements: Bt*Din*N*(ceil(L/K) + K), e.g. 2*1024*16*(64 + 64) = 4.2 M (16 MiB) at L = 4096, against
-Bt*Din*L*N = 134 M (512 MiB) for storing every state. Gradients of B, C shared by the channels are summed per
-channel block into (Din/block_d, Bt, N, L) float32 partials and added up afterwards (deterministic, no atomics);
-dA, dD, d(delta_bias) are kept per batch row, (Bt, G, Din, N) and (Bt, Din), and summed likewise.
+Bt*Din*L*N = 134 M (512 MiB) for storing every state. Gradients of B, C shared by the channels are sums over the
+channel blocks, added with float32 atomics into (Bt, N, L), as mamba-ssm's kernel does: their last bits may differ
+from run to run. dA, dD, d(delta_bias) are kept per batch row, (Bt, G, Din, N) and (Bt, Din), then summed (no
+atomics).
 """
 
 from __future__ import annotations
@@ -135,10 +136,9 @@ def _scan_bwd(u_ptr, delta_ptr, bias_ptr, A_ptr, aidx_ptr, B_ptr, C_ptr, D_ptr, 
     bias_v = _channel_vector(bias_ptr, offs_d, mask_d, HAS_BIAS, ACC)
     D_v = _channel_vector(D_ptr, offs_d, mask_d, HAS_D, ACC)
     hist = (row * every)[:, None] * N + offs_n[None, :]  # into the scratch (Bt, Din, every, N)
-    # dB, dC: (Bt, Din, N, L) per channel; else this channel block's partial sum (n_blocks, Bt, N, L)
-    dB_off = (row * N)[:, None] * L + offs_n[None, :] * L
-    dC_off = dB_off
-    part = ((pid_d * tl.num_programs(0) + pid_b) * N + offs_n) * L  # (BLOCK_N,)
+    # dB, dC: (Bt, Din, N, L) per channel; else (Bt, N, L), to which every channel block adds its sum
+    per_ch = (row * N)[:, None] * L + offs_n[None, :] * L  # (BLOCK_D, BLOCK_N)
+    shared = (pid_b * N + offs_n) * L  # (BLOCK_N,)
     dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)  # dL/dh_t carried backwards
     dA_acc = tl.zeros((G_PAD, BLOCK_D, BLOCK_N), dtype=ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -181,13 +181,13 @@ def _scan_bwd(u_ptr, delta_ptr, bias_ptr, A_ptr, aidx_ptr, B_ptr, C_ptr, D_ptr, 
             dB_t = gh * (dt * ut)[:, None]
             dC_t = dy[:, None] * h
             if B_PER_CH:
-                tl.store(dB_ptr + dB_off + t, dB_t.to(dB_ptr.dtype.element_ty), mask=mask_dn)
+                tl.store(dB_ptr + per_ch + t, dB_t.to(dB_ptr.dtype.element_ty), mask=mask_dn)
             else:
-                tl.store(dB_ptr + part + t, tl.sum(dB_t, axis=0), mask=mask_n)
+                tl.atomic_add(dB_ptr + shared + t, tl.sum(dB_t, axis=0), mask=mask_n, sem="relaxed")
             if C_PER_CH:
-                tl.store(dC_ptr + dC_off + t, dC_t.to(dC_ptr.dtype.element_ty), mask=mask_dn)
+                tl.store(dC_ptr + per_ch + t, dC_t.to(dC_ptr.dtype.element_ty), mask=mask_dn)
             else:
-                tl.store(dC_ptr + part + t, tl.sum(dC_t, axis=0), mask=mask_n)
+                tl.atomic_add(dC_ptr + shared + t, tl.sum(dC_t, axis=0), mask=mask_n, sem="relaxed")
             tl.store(du_ptr + seq + t, (tl.sum(gh * B_t, axis=1) * dt + dy * D_v).to(du_ptr.dtype.element_ty),
                      mask=mask_d)
             dh = gh * a
@@ -313,15 +313,14 @@ def _backward(p: _Launch, saved, dout):
     bt, din, length, n = p.shape
     dev, acc_t = p.u.device, p.acc_t
     groups = p.A.shape[0]
-    n_blocks = p.grid[1]
     du, ddelta = torch.empty_like(p.u), torch.empty_like(p.delta)
     dz = torch.empty_like(p.z) if p.z is not None else du
     hist = torch.empty(bt, din, p.every, n, device=dev, dtype=acc_t)  # scratch: one chunk's states
 
-    def bc_grad(m):  # per channel: written in m's dtype; shared: float32 partial sums per channel block
+    def bc_grad(m):  # per channel: written in m's dtype; shared: float32 sums over the channel blocks
         if m.dim() == 4:
             return torch.empty(bt, din, n, length, device=dev, dtype=m.dtype)
-        return torch.empty(n_blocks, bt, n, length, device=dev, dtype=acc_t)
+        return torch.zeros(bt, n, length, device=dev, dtype=acc_t)
 
     dB, dC = bc_grad(p.B), bc_grad(p.C)
     dA = torch.empty(bt, groups, din, n, device=dev, dtype=acc_t)
@@ -332,8 +331,7 @@ def _backward(p: _Launch, saved, dout):
                           din, length, n, groups, p.every, p.n_saved, *_bc_strides(p.B), *_bc_strides(p.C),
                           **p.flags, G_PAD=_next_pow2(groups), B_PER_CH=p.B.dim() == 4, C_PER_CH=p.C.dim() == 4,
                           num_warps=p.num_warps)
-    return du, ddelta, dz, dB if dB.dim() == 4 else dB.sum(0), dC if dC.dim() == 4 else dC.sum(0), dA.sum(0), \
-        dD.sum(0), dbias.sum(0)
+    return du, ddelta, dz, dB, dC, dA.sum(0), dD.sum(0), dbias.sum(0)
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
