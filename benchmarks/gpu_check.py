@@ -1,12 +1,17 @@
-"""CUDA checks on one GPU: mamba-ssm's selective-scan kernel against the project's scans (outputs and gradients),
-AMP training for a few hundred steps, one epoch over an EK-100-sized cache, and frozen-encoder throughput.
+"""CUDA checks on one GPU: the selective-scan kernels (mamba-ssm's, the project's Triton kernels) against the
+project's scans (outputs and gradients), AMP training for a few hundred steps, one epoch over an EK-100-sized cache,
+and frozen-encoder extraction throughput.
 
     python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,epoch,encode] [--steps 300]
 
-Meant for a CUDA GPU (`--device cpu --smoke --sections train` only checks that the script runs). The scan section compares mamba-ssm's `selective_scan_fn` (the `cuda` extra) with the
-sequential reference `selective_scan_ref` (run in float64, the definition) and with the portable `chunked` scan,
-on outputs and on the gradients of every input, over a grid of shapes, in float32 and bfloat16; then times the
-kernel against `chunked` side by side (interleaved repeats, medians). Without mamba-ssm it checks `chunked` alone.
+Meant for a CUDA GPU (`--device cpu --smoke` only checks that the script runs; with TRITON_INTERPRET=1 its scan
+section also runs the Triton kernels in Triton's interpreter). The scan section compares every implementation that
+runs here (the portable `chunked` scan, the Triton kernels `selective_scan_triton` when Triton imports, mamba-ssm's
+`selective_scan_fn` from the `cuda` extra when importable) with the sequential reference `selective_scan_ref` (run
+in float64, the definition), on outputs and on the gradients of every input, over a grid of shapes, in float32 and
+bfloat16, plus a grouped A with per-channel B, C (not for mamba-ssm's kernel, which has no per-position A); then
+times them side by side in bf16 (forward and forward+backward, interleaved repeats, medians) at B 64, D 512, N 16,
+L 64 and B 2, D 1024, N 16, L 4096.
 The train section trains the `small` preset on a planted-structure cache with bf16 autocast and in float32, same
 seed and data, and reports steps/s, the loss curve's ends and validation accuracy of both. The epoch section times
 one bf16 epoch over a generated cache of EK-100's 67,217 training rows (16 x 512 features), loading included
@@ -19,6 +24,7 @@ benchmarks/decode_1080p.py).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,7 +42,14 @@ from scan import make_inputs as scan_inputs  # noqa: E402
 
 # Shapes (batch, d_inner, d_state, length): a tiny one, the model's (d_inner 256 = 2 x d_model 128), a long one.
 SHAPES = ((1, 8, 4, 64), (2, 256, 16, 40), (2, 512, 16, 512), (2, 256, 16, 2048))
-# bf16 inputs: the kernel and `chunked` both accumulate in float32, so errors are those of the inputs' rounding.
+# Grouped A (two groups, the first 100 positions use A[0]) with B, C per channel: the disjoint-A joint scan's
+# arguments, for the implementations that take them (not mamba-ssm's kernel).
+GROUPED_SHAPES = ((2, 256, 16, 300),)
+# Timed (bf16, forward and forward+backward): a training batch of short clips, and one long sequence.
+TIMING_SHAPES = ((64, 512, 16, 64), (2, 1024, 16, 4096))
+# --smoke (`--device cpu`: the Triton kernels only under TRITON_INTERPRET=1): every path once, tiny.
+SMOKE_SHAPES = ((1, 8, 4, 16),)
+# bf16 inputs: the kernels and `chunked` all accumulate in float32, so errors are those of the inputs' rounding.
 TOL = {torch.float32: (2e-4, 2e-3), torch.bfloat16: (5e-2, 5e-2)}  # (output abs / max|ref|, grad abs / max|ref|)
 
 
@@ -45,20 +58,27 @@ def sync():
         torch.cuda.synchronize()
 
 
-def make_inputs(b, d, n, length, dtype, seed=0):
-    """`benchmarks/scan.py`'s inputs (mamba-ssm's test recipe: A negative, delta pre-softplus), on CUDA in `dtype`
-    (A, D and delta_bias stay fp32, as in a Mamba block)."""
+def make_inputs(b, d, n, length, dtype, device="cuda", seed=0, grouped=False):
+    """`benchmarks/scan.py`'s inputs (mamba-ssm's test recipe: A negative, delta pre-softplus) on `device` in `dtype`
+    (A, D and delta_bias stay fp32, as in a Mamba block); grouped: A (2, D, N) and B, C (B, D, N, L). Returns the
+    inputs and the scan's extra keyword arguments (A_index)."""
     keep32 = {"A", "D", "delta_bias"}
     x = scan_inputs(b, d, n, length, "cpu", seed)
-    return {k: v.cuda().to(torch.float32 if k in keep32 else dtype) for k, v in x.items()}
+    kw = {}
+    if grouped:
+        g = torch.Generator().manual_seed(seed + 1)
+        x["A"] = torch.stack([x["A"], -0.2 - torch.rand(d, n, generator=g)])  # (2, D, N)
+        x["B"], x["C"] = torch.randn(2, b, d, n, length, generator=g)  # (B, D, N, L) each
+        kw["A_index"] = (torch.arange(length) >= min(100, length // 3)).long().to(device)
+    return {k: v.to(device, torch.float32 if k in keep32 else dtype) for k, v in x.items()}, kw
 
 
-def run(fn, x, grad_out):
+def run(fn, x, grad_out, **kw):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
     out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
-             delta_bias=leaves["delta_bias"], delta_softplus=True)
+             delta_bias=leaves["delta_bias"], delta_softplus=True, **kw)
     out.backward(grad_out.to(out.dtype))
-    torch.cuda.synchronize()
+    sync()
     return out.detach().double(), {k: v.grad.detach().double() for k, v in leaves.items()}
 
 
@@ -66,53 +86,89 @@ def rel_err(a, ref):
     return float((a - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
 
 
-def scan_section(args, kernel):
+def scan_impls(kernel, device: str) -> dict:
+    """The implementations checked: `chunked`, `triton` where it runs (CUDA and Triton, or Triton's interpreter),
+    mamba-ssm's kernel when importable."""
     impls = {"chunked": scan_mod.selective_scan_chunked}
+    if "triton" in scan_mod.available_impls() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        impls["triton"] = scan_mod.selective_scan_triton
     if kernel is not None:
         impls["mamba_ssm"] = kernel
-    rows, checks, ok_all = [], [], True
+    return impls
+
+
+def check_case(impls, shape, dtype, device, grouped):
+    """Every implementation against the float64 reference on one case: (table rows, check records)."""
+    x, kw = make_inputs(*shape, dtype, device, grouped=grouped)
+    grad_out = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(1)).to(device)
+    ref_out, ref_grads = run(scan_mod.selective_scan_ref, {k: v.double() for k, v in x.items()}, grad_out, **kw)
+    label = "x".join(map(str, shape)) + (" grouped A, B/C per channel" if grouped else "")
+    rows, checks, results = [], [], {}
+    for name, fn in impls.items():
+        if grouped and name == "mamba_ssm":
+            continue  # no per-position A in mamba-ssm's kernel
+        out, grads = run(fn, x, grad_out, **kw)
+        e_out = rel_err(out, ref_out)
+        worst = max(GRAD_NAMES, key=lambda k: rel_err(grads[k], ref_grads[k]))
+        e_grad = rel_err(grads[worst], ref_grads[worst])
+        results[name] = (out, grads)
+        tol_o, tol_g = TOL[dtype]
+        ok = e_out <= tol_o and e_grad <= tol_g
+        rows.append([str(dtype).split(".")[1], label, f"{name} vs ref", f"{e_out:.1e}", f"{e_grad:.1e} ({worst})",
+                     "ok" if ok else "FAIL"])
+        checks.append(dict(dtype=str(dtype), shape=shape, grouped=grouped, impl=name, out_rel=e_out, grad_rel=e_grad,
+                           worst_grad=worst, ok=ok))
+    if "mamba_ssm" in results:  # the portable paths against the kernel they stand in for
+        ob, gb = results["mamba_ssm"]
+        for name in [k for k in results if k != "mamba_ssm"]:
+            oa, ga = results[name]
+            worst = max(GRAD_NAMES, key=lambda k: rel_err(ga[k], gb[k]))
+            rows.append([str(dtype).split(".")[1], label, f"{name} vs mamba_ssm", f"{rel_err(oa, ob):.1e}",
+                         f"{rel_err(ga[worst], gb[worst]):.1e} ({worst})", ""])
+    return rows, checks
+
+
+def time_impls(impls, shape, device, repeats, warmup):
+    """bf16 forward and forward+backward medians of every implementation at one shape (interleaved)."""
+    x, _ = make_inputs(*shape, torch.bfloat16, device)
+    grad_out = torch.randn(shape[0], shape[1], shape[3], device=device, dtype=torch.bfloat16)
+
+    def forward(f):
+        with torch.no_grad():
+            f(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
+              delta_softplus=True)
+        sync()
+
+    fwd = {k: (lambda f=f: forward(f)) for k, f in impls.items()}
+    both = {k: (lambda f=f: run(f, x, grad_out)) for k, f in impls.items()}
+    tf = interleaved(fwd, repeats=repeats, warmup=warmup)
+    tb = interleaved(both, repeats=repeats, warmup=warmup)
+    return {k: dict(fwd_s=median(tf[k]), fwd_bwd_s=median(tb[k])) for k in impls}
+
+
+def scan_section(args, kernel):
+    device = args.device
+    impls = scan_impls(kernel, device)
+    print(f"scan implementations checked: {', '.join(impls)}")
+    rows, checks = [], []
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     for dtype in (torch.float32, torch.bfloat16):
-        for shape in SHAPES:
-            x = make_inputs(*shape, dtype)
-            grad_out = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(1)).cuda()
-            ref_out, ref_grads = run(scan_mod.selective_scan_ref, {k: v.double() for k, v in x.items()}, grad_out)
-            results = {}
-            for name, fn in impls.items():
-                out, grads = run(fn, x, grad_out)
-                e_out = rel_err(out, ref_out)
-                worst = max(GRAD_NAMES, key=lambda k: rel_err(grads[k], ref_grads[k]))
-                e_grad = rel_err(grads[worst], ref_grads[worst])
-                results[name] = (out, grads)
-                tol_o, tol_g = TOL[dtype]
-                ok = e_out <= tol_o and e_grad <= tol_g
-                ok_all &= ok
-                rows.append([str(dtype).split(".")[1], "x".join(map(str, shape)), f"{name} vs ref",
-                             f"{e_out:.1e}", f"{e_grad:.1e} ({worst})", "ok" if ok else "FAIL"])
-                checks.append(dict(dtype=str(dtype), shape=shape, impl=name, out_rel=e_out, grad_rel=e_grad,
-                                   worst_grad=worst, ok=ok))
-            if len(results) == 2:
-                (oa, ga), (ob, gb) = results["chunked"], results["mamba_ssm"]
-                worst = max(GRAD_NAMES, key=lambda k: rel_err(ga[k], gb[k]))
-                rows.append([str(dtype).split(".")[1], "x".join(map(str, shape)), "chunked vs mamba_ssm",
-                             f"{rel_err(oa, ob):.1e}", f"{rel_err(ga[worst], gb[worst]):.1e} ({worst})", ""])
+        for shape, grouped in [(s, False) for s in shapes] + [(s, True) for s in
+                                                               (SMOKE_SHAPES if args.smoke else GROUPED_SHAPES)]:
+            r, c = check_case(impls, shape, dtype, device, grouped)
+            rows += r
+            checks += c
     print_table(["dtype", "B x D x N x L", "pair", "out err / max|ref|", "worst grad err / max|ref|", ""], rows,
-                title="selective scan on CUDA against the float64 reference")
+                title=f"selective scan on {device} against the float64 reference")
     timing = {}
-    if kernel is not None:
-        for shape in ((2, 256, 16, 2048), (8, 1536, 16, 2048)):
-            x = make_inputs(*shape, torch.bfloat16)
-            grad_out = torch.randn(shape[0], shape[1], shape[3], device="cuda", dtype=torch.bfloat16)
-            fwd = {k: (lambda f=f: (f(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                                      delta_bias=x["delta_bias"], delta_softplus=True),
-                                    torch.cuda.synchronize())) for k, f in impls.items()}
-            both = {k: (lambda f=f: run(f, x, grad_out)) for k, f in impls.items()}
-            tf = interleaved(fwd, repeats=args.repeats, warmup=3)
-            tb = interleaved(both, repeats=args.repeats, warmup=3)
-            timing["x".join(map(str, shape))] = {k: dict(fwd_s=median(tf[k]), fwd_bwd_s=median(tb[k])) for k in impls}
-        print_table(["B x D x N x L", "impl", "forward", "fwd+bwd"],
-                    [[s, k, f"{v['fwd_s'] * 1e3:.2f} ms", f"{v['fwd_bwd_s'] * 1e3:.2f} ms"]
-                     for s, d in timing.items() for k, v in d.items()], title="bf16 timings (median)")
-    return dict(ok=ok_all, kernel=kernel is not None, checks=checks, timing=timing)
+    for shape in SMOKE_SHAPES if args.smoke else TIMING_SHAPES:
+        timing["x".join(map(str, shape))] = time_impls(impls, shape, device, 2 if args.smoke else args.repeats,
+                                                       1 if args.smoke else 3)
+    print_table(["B x D x N x L", "impl", "forward", "fwd+bwd"],
+                [[s, k, f"{v['fwd_s'] * 1e3:.2f} ms", f"{v['fwd_bwd_s'] * 1e3:.2f} ms"]
+                 for s, d in timing.items() for k, v in d.items()], title="bf16 timings (median)")
+    return dict(ok=all(c["ok"] for c in checks), kernel=kernel is not None, impls=list(impls), checks=checks,
+                timing=timing)
 
 
 def train_section(args):
@@ -252,7 +308,7 @@ def main() -> None:
                        f"({epoch['rows']} rows on {payload['device']}{'' if full else '; not the full size on CUDA'})"))
     if "ok" in scan:
         print(headline("cuda_scan_matches_reference", float(scan["ok"]), "bool", "== 1", bool(scan["ok"]),
-                       "(mamba-ssm kernel checked)" if kernel else "(kernel absent: portable scan only)"))
+                       f"({', '.join(scan['impls'])} checked)"))
     elif "fp32" in trained:
         amp, fp32 = trained["bf16-autocast"], trained["fp32"]
         ratio = amp["steps_per_s"] / fp32["steps_per_s"]

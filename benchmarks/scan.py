@@ -1,7 +1,7 @@
 """Selective-scan speed: the portable fast scans against the sequential reference (and mamba-ssm's CUDA kernel).
 
     python benchmarks/scan.py                 # B=2, D=256, N=16, L=2048 on CPU, forward and forward+backward
-    python benchmarks/scan.py --cuda          # also mamba-ssm's kernel vs the portable scan on the GPU (if any)
+    python benchmarks/scan.py --cuda          # also the GPU kernels (mamba-ssm's, Triton's) vs the portable scan
     python benchmarks/scan.py --smoke         # tiny sizes, seconds
 
 A second table gives `selective_scan_cpu` in ns per state update (wall time / (B*D*N*L)) at B=64 D=512 N=16 L=48
@@ -12,17 +12,23 @@ Compared (mambavl.fuse.scan, mamba-ssm argument conventions: u, delta (B, D, L);
   reference  `selective_scan_ref`      the definition: a Python loop over L
   cpu        `selective_scan_cpu`      numba-fused forward and backward (what `impl="auto"` picks on CPU)
   chunked    `selective_scan_chunked`  pure torch, any device
+and with --cuda on a GPU (each against the float64 reference, and timed against `chunked`):
+  cuda       `selective_scan_cuda`     mamba-ssm's kernel, when it imports
+  triton     `selective_scan_triton`   the project's Triton kernels, when Triton imports
 All paths get the full argument set the MambaVL block uses (D skip, z gate, delta_bias, delta_softplus) and run
 interleaved in one process; we report medians and the ratio of medians. Accuracy: max abs error of the output
 against the reference (target <= 1e-4) and of every input gradient, relative to that gradient's largest entry.
 
 Headline: the smaller of the forward and forward+backward speed-ups of `selective_scan_cpu` over the reference,
-target >= 3x, with the accuracy target met. With --cuda on a CUDA machine the headline is mamba-ssm's kernel over the
-portable scan on the same GPU (target >= 5x, equal outputs); without CUDA that branch is skipped with a message.
+target >= 3x, with the accuracy target met. With --cuda on a CUDA machine the headline is mamba-ssm's kernel (or,
+without mamba-ssm, the Triton kernels) over the portable scan on the same GPU (target >= 5x, equal outputs); without
+CUDA that branch is skipped with a message, or, with TRITON_INTERPRET=1, run on CPU tensors in Triton's interpreter
+as a dry run of the code path (tiny, timings meaningless).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -205,38 +211,67 @@ def per_update_benchmark(args) -> dict:
     return results
 
 
-def cuda_benchmark(args) -> tuple[str | None, dict]:
-    """mamba-ssm's kernel vs the portable scan on one GPU; skipped with a message when CUDA or mamba-ssm is absent."""
-    if not torch.cuda.is_available():
-        print("\nCUDA branch skipped: torch.cuda.is_available() is False on this machine (no GPU).")
-        return None, {"skipped": "no CUDA"}
+def gpu_impls() -> dict:
+    """The implementations of the --cuda branch: the portable `chunked` scan, mamba-ssm's kernel when it imports, the
+    Triton kernels when Triton imports (CUDA, or its interpreter on CPU tensors)."""
+    impls = {"chunked": scan_mod.selective_scan_chunked}
     try:
         import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+
+        impls["cuda"] = scan_mod.selective_scan_cuda
     except ImportError as e:
-        print(f"\nCUDA branch skipped: mamba-ssm is not importable ({e}); install the `cuda` extra.")
-        return None, {"skipped": f"mamba-ssm missing: {e}"}
+        print(f"mamba-ssm is not importable ({e}); install the `cuda` extra for its kernel.")
+    if "triton" in scan_mod.available_impls():
+        impls["triton"] = scan_mod.selective_scan_triton
+    return impls
+
+
+def cuda_benchmark(args) -> tuple[str | None, dict]:
+    """The GPU kernels (mamba-ssm's, Triton's) vs the portable scan on one GPU, each checked against the float64
+    reference; skipped with a message when CUDA is absent, or run on CPU tensors as a dry run of the code path when
+    Triton's interpreter is on (TRITON_INTERPRET=1; timings then mean nothing)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreting:
+        print("\nCUDA branch skipped: torch.cuda.is_available() is False on this machine (no GPU).")
+        return None, {"skipped": "no CUDA"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impls = gpu_impls()
+    if len(impls) == 1:
+        print("\nCUDA branch skipped: neither mamba-ssm nor triton is importable.")
+        return None, {"skipped": "no GPU kernel"}
     b, d, n, length = args.batch, args.dim, args.state, args.length
-    x = make_inputs(b, d, n, length, "cuda")
-    grad_out = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1)).cuda()
-    impls = {"cuda": scan_mod.selective_scan_cuda, "chunked": scan_mod.selective_scan_chunked}
-    out_c, out_p = forward_fn(impls["cuda"], x)(), forward_fn(impls["chunked"], x)()
-    err = float((out_c.float() - out_p.float()).abs().max())
-    fwd = interleaved({k: forward_fn(f, x) for k, f in impls.items()}, repeats=max(args.repeats, 20), warmup=3)
-    both = interleaved({k: fwd_bwd_fn(f, x, grad_out) for k, f in impls.items()}, repeats=max(args.repeats, 20), warmup=3)
+    if device == "cpu":
+        print("\nCUDA branch as a dry run on CPU tensors in Triton's interpreter (no GPU): timings mean nothing.")
+        length = min(length, 16)
+    x = make_inputs(b, d, n, length, device)
+    grad_out = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1)).to(device)
+    x64 = {k: v.double() for k, v in x.items()}
+    ref_out = forward_fn(scan_mod.selective_scan_ref, x64)()
+    ref_grads = fwd_bwd_fn(scan_mod.selective_scan_ref, x64, grad_out.double())()
+    acc = {k: accuracy(f, ref_out, ref_grads, x, grad_out) for k, f in impls.items()}
+    repeats, warmup = (args.repeats, 1) if args.smoke else (max(args.repeats, 20), 3)
+    fwd = interleaved({k: forward_fn(f, x) for k, f in impls.items()}, repeats=repeats, warmup=warmup)
+    both = interleaved({k: fwd_bwd_fn(f, x, grad_out) for k, f in impls.items()}, repeats=repeats, warmup=warmup)
     rows, results = [], {}
     for k in impls:
         tf, tb = median(fwd[k]), median(both[k])
-        results[k] = dict(forward_s=tf, fwd_bwd_s=tb)
-        rows.append([k, fmt_s(tf), fmt_s(tb)])
-    print_table(["impl", "forward", "fwd+bwd"], rows, title=f"selective scan on {torch.cuda.get_device_name()}")
-    sf = results["chunked"]["forward_s"] / results["cuda"]["forward_s"]
-    sb = results["chunked"]["fwd_bwd_s"] / results["cuda"]["fwd_bwd_s"]
-    speed = min(sf, sb)
-    ok = speed >= 5 and err <= 1e-3
-    results.update(forward_speedup=sf, fwd_bwd_speedup=sb, max_abs_diff=err)
+        sf, sb = median(fwd["chunked"]) / tf, median(both["chunked"]) / tb
+        results[k] = dict(forward_s=tf, fwd_bwd_s=tb, forward_speedup=sf, fwd_bwd_speedup=sb, max_abs_err=acc[k][0],
+                          max_rel_grad_err=acc[k][1], worst_grad=acc[k][2])
+        rows.append([k, fmt_s(tf), f"{sf:.1f}x", fmt_s(tb), f"{sb:.1f}x", f"{acc[k][0]:.1e}",
+                     f"{acc[k][1]:.1e} ({acc[k][2]})"])
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
+    print_table(["impl", "forward", "vs chunked", "fwd+bwd", "vs chunked", "max abs err", "max rel grad err"], rows,
+                title=f"selective scan on {name}, B={b} D={d} N={n} L={length}, float64 reference")
+    # the headline: mamba-ssm's kernel when present (the fast path `auto` picks), else the Triton kernels
+    fast = "cuda" if "cuda" in impls else "triton"
+    r = results[fast]
+    speed = min(r["forward_speedup"], r["fwd_bwd_speedup"])
+    ok = speed >= 5 and r["max_abs_err"] <= 1e-3
     line = headline(
-        "cuda_scan_speedup_vs_portable", speed, "x", ">= 5x, equal outputs", ok,
-        f"(fwd {sf:.1f}x, fwd+bwd {sb:.1f}x, max abs diff {err:.1e})",
+        "cuda_scan_speedup_vs_portable" if fast == "cuda" else "triton_scan_speedup_vs_portable", speed, "x",
+        ">= 5x, equal outputs", ok,
+        f"(fwd {r['forward_speedup']:.1f}x, fwd+bwd {r['fwd_bwd_speedup']:.1f}x, max abs err {r['max_abs_err']:.1e})",
     )
     return line, results
 

@@ -77,7 +77,7 @@ class PlainEncoderFusion(nn.Module):
 
 def build(kind: str, args, compile_fusion: bool = False):
     """The model (preset "small" at the given sizes; fusion replaced for "encoder") and what a step needs."""
-    from mambavl.fuse.presets import create_model
+    from mambavl.fuse.model import create_model
     from mambavl.runtime import TrainConfig
     from mambavl.train.objective import Objective
     from mambavl.train.schedule import Optimizer

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one run on a CUDA machine (about 8 minutes on one H200) writes gpu-report.json and
-# gpu-report.md under $OUT (or the current folder) with the GPU-marked tests, decode frames/s per decoder on 1080p
-# H.264 59.94 fps clips and NVDEC's frame-exactness against the CPU decoder, encoder images/s (ViT-B-16, ViT-L-14,
-# random init, 224, bf16), end-to-end extraction segments/s, and the training and scan figures of
-# benchmarks/gpu_check.py when that script is present.
+# The prepared GPU check: one run on a CUDA machine (about 8 minutes on one H200, measured before the Triton scan's
+# checks were added) writes gpu-report.json and gpu-report.md under $OUT (or the current folder) with the GPU-marked
+# tests, decode frames/s per decoder on 1080p H.264 59.94 fps clips and NVDEC's frame-exactness against the CPU
+# decoder, encoder images/s (ViT-B-16, ViT-L-14, random init, 224, bf16), end-to-end extraction segments/s, and the
+# training and scan figures of benchmarks/gpu_check.py (every scan implementation against the float64 reference,
+# and their timings) when that script is present.
 #
 #   scripts/gpu-check.sh [--smoke] [--wheelhouse DIR]      run from the repository root (any copy of it)
 #   scripts/gpu-check.sh --make-wheelhouse DIR              on a machine with network: the wheels the check needs
@@ -12,7 +13,8 @@
 # project's other dependencies from --wheelhouse DIR (or $WHEELHOUSE) with `pip --no-index`, and otherwise uses
 # what is installed; the project itself runs from this folder (PYTHONPATH), nothing is built. ffmpeg comes from the
 # imageio-ffmpeg wheel; torchcodec finds FFmpeg's shared libraries in PyAV's wheel when the system has none.
-# --smoke: tiny sizes on the CPU, under a minute (tests/test_benchmarks_smoke.py runs it).
+# --smoke: tiny sizes on the CPU, under a minute (tests/test_benchmarks_smoke.py runs it); the scan section's Triton
+# kernels then run in Triton's interpreter.
 set -uo pipefail
 
 SMOKE=0
@@ -99,8 +101,9 @@ GC_RC=-1
 if [ -f "$REPO/benchmarks/gpu_check.py" ]; then
   say "training and scan figures (benchmarks/gpu_check.py)"
   if [ "$SMOKE" = 1 ]; then
-    "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train,epoch --steps 2 --epochs 1 --smoke \
-      --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
+    # on the CPU the scan section runs the Triton kernels in Triton's interpreter (when Triton is installed)
+    TRITON_INTERPRET=1 "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train,epoch,scan --steps 2 \
+      --epochs 1 --smoke --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
   else
     "$PY" "$REPO/benchmarks/gpu_check.py" --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
   fi
@@ -156,6 +159,19 @@ if ws.get("end_to_end"):
 gc = report["train_and_scan"]
 md += ["## Training and scan (benchmarks/gpu_check.py)", "",
        "not run (script absent)" if gc_rc == -1 else f"exit {gc_rc}; figures in gpu-report.json", ""]
+scan = (gc or {}).get("scan") or {}
+if scan.get("checks"):
+    bad = [c for c in scan["checks"] if not c["ok"]]
+    md += [f"Scan implementations {', '.join(scan['impls'])} against the float64 reference: "
+           f"{len(scan['checks']) - len(bad)} of {len(scan['checks'])} checks within tolerance"
+           + "".join(f"; FAIL {c['impl']} {c['dtype']} {c['shape']}{' grouped' if c['grouped'] else ''}: out "
+                     f"{c['out_rel']:.1e}, d{c['worst_grad']} {c['grad_rel']:.1e}" for c in bad), "",
+           "| B x D x N x L | impl | forward ms | fwd+bwd ms |", "|---|---|---|---|"]
+    md += [f"| {shape} | {k} | {v['fwd_s'] * 1e3:.2f} | {v['fwd_bwd_s'] * 1e3:.2f} |"
+           for shape, row in scan.get("timing", {}).items() for k, v in row.items()]
+    md.append("")
+elif "error" in scan:
+    md += [f"Scan section failed: {scan['error']}", ""]
 (out / "gpu-report.md").write_text("\n".join(md))
 print(f"gpu-check: wrote {out / 'gpu-report.json'} and {out / 'gpu-report.md'}")
 EOF

@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
-def run_script(name: str, *args: str, tmp_path: Path) -> list[str]:
-    """Run benchmarks/<name> --smoke --threads 1 --json out.json; check the common contract; return its lines."""
-    env = dict(os.environ)
+def run_script(name: str, *args: str, tmp_path: Path, env: dict | None = None) -> list[str]:
+    """Run benchmarks/<name> --smoke --threads 1 --json out.json; check the common contract; return its lines.
+    `env`: extra environment variables."""
+    env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run(
         [sys.executable, str(BENCH / name), "--smoke", "--threads", "1", "--json", str(tmp_path / "out.json"), *args],
@@ -58,6 +59,39 @@ def test_step_ops_smoke(tmp_path):
     lines = run_script("step_ops.py", tmp_path=tmp_path)
     assert lines[-1].startswith("headline: aten_ops_per_default_step=")
     assert any("aten ops per default training step" in ln for ln in lines)
+def triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def test_scan_cuda_branch_dry_run_in_triton_interpreter(tmp_path):
+    """Without a GPU, --cuda with TRITON_INTERPRET=1 runs the GPU branch's code on CPU tensors (Triton kernels in the
+    interpreter): the Triton scan is checked against the float64 reference there and gets the branch's headline."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA branch runs for real")
+    if not triton_importable():
+        pytest.skip("triton is not installed")
+    lines = run_script("scan.py", "--cuda", tmp_path=tmp_path, env={"TRITON_INTERPRET": "1"})
+    assert any("dry run" in ln for ln in lines)
+    assert lines[-1].startswith("headline: triton_scan_speedup_vs_portable=")
+    triton = json.loads((tmp_path / "out.json").read_text())["cuda"]["triton"]
+    assert triton["max_abs_err"] <= 1e-4 and triton["max_rel_grad_err"] <= 1e-4
+
+
+def test_gpu_check_scan_section_on_cpu(tmp_path):
+    """The GPU check's scan section on CPU, tiny: every implementation that runs here (the Triton kernels in Triton's
+    interpreter when Triton is installed) against the float64 reference, and the timing table."""
+    lines = run_script("gpu_check.py", "--device", "cpu", "--sections", "scan", tmp_path=tmp_path,
+                       env={"TRITON_INTERPRET": "1"})
+    assert lines[-1].startswith("headline: cuda_scan_matches_reference=") and " PASS" in lines[-1]
+    scan = json.loads((tmp_path / "out.json").read_text())["scan"]
+    expected = {"chunked", "triton"} if triton_importable() else {"chunked"}
+    assert set(scan["impls"]) == expected and all(c["ok"] for c in scan["checks"])
+    assert {c["impl"] for c in scan["checks"] if c["grouped"]} == expected
+    assert set(scan["timing"]["1x8x4x16"]) == expected
 
 
 def test_fusion_scaling_smoke(tmp_path):
@@ -141,7 +175,11 @@ def test_gpu_check_script_smoke(tmp_path):
     assert ws["decode"]["decoders"]["ffmpeg"]["window_frames_per_s"] > 0
     assert {"ffmpeg", "auto"} <= set(ws["end_to_end"]) and ws["end_to_end"]["ffmpeg"]["failed"] == 0
     assert ws["encode"]
-    assert "GPU-marked tests" in (tmp_path / "out" / "gpu-report.md").read_text()
+    md = (tmp_path / "out" / "gpu-report.md").read_text()
+    assert "GPU-marked tests" in md
+    scan = report["train_and_scan"]["scan"]  # the scan section, Triton kernels in Triton's interpreter
+    assert scan["ok"] and ("triton" in scan["impls"]) == triton_importable()
+    assert "checks within tolerance" in md
 
 
 def test_multiview_smoke(tmp_path):

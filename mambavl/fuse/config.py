@@ -20,6 +20,7 @@ class ScanImpl(str, Enum):
     CHUNKED = "chunked"
     CPU = "cpu"
     CUDA = "cuda"
+    TRITON = "triton"
 
 
 # What each QA kind is scored against: the verb or noun answer embeddings (scene: nouns, multi-label).
@@ -59,7 +60,7 @@ class ModelConfig:
     bidirectional: bool = False
     dropout: float = 0.1
     n_heads: int = 4  # transformer fusion
-    scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda
+    scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda | triton
     max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
 
     def __post_init__(self):

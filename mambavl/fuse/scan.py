@@ -1,4 +1,4 @@
-"""Selective scan (the S6 recurrence of Mamba): a plain reference and three fast implementations.
+"""Selective scan (the S6 recurrence of Mamba): a plain reference and four fast implementations.
 
 For every batch row b and channel d, with a state h of size N:
 
@@ -33,18 +33,28 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   float64. u, delta, z are read in place in any layout (a Mamba block's transposed views included), no copies;
   exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
-  It has no per-position A; `impl="auto"` uses `chunked` on CUDA when `A_index` is given.
+  It has no per-position A.
+* `triton`: `selective_scan_triton`, Triton kernels for forward and backward (`mambavl.fuse.scan_triton`), compiled
+  at the first call, nothing to build; Triton comes with PyPI's CUDA builds of PyTorch and is imported only when
+  called. One program per (batch row, block of channels) runs sequentially over L with the state in registers, in
+  float32 for float32/bfloat16/float16 inputs. Backward recomputes the states chunk by chunk from checkpoints saved
+  every ~sqrt(L) positions. Takes the grouped A. On CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1
+  set before Triton is imported; slow, for tests).
+
+`impl="auto"` picks, for CUDA tensors: `cuda` when mamba-ssm imports and A is not grouped, else `triton` when Triton
+imports, else `chunked`; for CPU tensors: `cpu` when numba imports, else `chunked`.
 
 Precision: the state is never kept in half precision. Every implementation computes in float32 (float64 when an
-input is float64; `cpu` always in float64) whatever the input dtypes and returns in u's dtype. The torch
-implementations also run with autocast switched off (`_without_autocast`): under a bf16/fp16 autocast region their
-matmuls and einsums would otherwise be cast back down to half precision.
+input is float64) whatever the input dtypes and returns in u's dtype. The torch implementations also run with
+autocast switched off (`_without_autocast`): under a bf16/fp16 autocast region their matmuls and einsums would
+otherwise be cast back down to half precision.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from enum import Enum
 
 import torch
@@ -61,6 +71,7 @@ __all__ = [
     "selective_scan_cpu",
     "selective_scan_cuda",
     "selective_scan_ref",
+    "selective_scan_triton",
 ]
 
 
@@ -935,6 +946,60 @@ def selective_scan_cuda(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# triton: kernels in mambavl.fuse.scan_triton, imported here only when called
+
+
+def selective_scan_triton(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    A_index=None,
+    block_d: int | None = None,
+    checkpoint_every: int | None = None,
+):
+    """Triton kernels for forward and backward (`mambavl.fuse.scan_triton`): no build step, grouped A supported.
+
+    Same arguments and result as `selective_scan_ref`; CUDA tensors (CPU tensors only under Triton's interpreter,
+    TRITON_INTERPRET=1). State and sums in float32 for float32/bfloat16/float16 inputs (float64 when an input is
+    float64); output and gradients in the inputs' dtypes. `block_d`: channels per program (a power of two; default
+    from the GPU's size); `checkpoint_every`: positions between the states forward keeps for backward (default
+    about sqrt(L)). Memory beyond inputs and outputs: Bt*Din*N*(L/K + K) floats for K = checkpoint_every.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias, A_index)
+    for name, v in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if v is not None and v.device != u.device:
+            raise InputError(f"selective_scan_triton: {name} is on {v.device}, u on {u.device}")
+    if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
+        raise InputError(f"selective_scan_triton: block_d must be a power of two, got {block_d}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise InputError(f"selective_scan_triton: checkpoint_every must be >= 1, got {checkpoint_every}")
+    try:
+        from mambavl.fuse import scan_triton
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the Triton selective scan needs triton, which is not importable here ({exc}); it comes with PyPI's "
+            "CUDA builds of PyTorch (`pip install triton`), or use impl='chunked'"
+        ) from exc
+    if u.device.type != "cuda" and not scan_triton.interpreting():
+        raise InputError(
+            f"selective_scan_triton: u is on {u.device}; the kernels need CUDA tensors (CPU tensors only under "
+            "Triton's interpreter, TRITON_INTERPRET=1); use impl='cpu' or 'chunked' there"
+        )
+    return scan_triton.triton_selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, A_index=A_index, block_d=block_d,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # dispatch
 
 
@@ -950,14 +1015,30 @@ def _numba_importable() -> bool:
     return numba is not None
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install raises more than ImportError
+        return False
+    return True
+
+
+def _triton_interpreting() -> bool:
+    """TRITON_INTERPRET is on (read from the environment, so that listing the impls does not import Triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes") and _triton_importable()
+
+
 def available_impls() -> list[str]:
     """Implementations usable on this machine: always "reference" and "chunked"; "cpu" when numba imports;
-    "cuda" when CUDA is available and mamba-ssm imports."""
+    "cuda" when CUDA is available and mamba-ssm imports; "triton" when Triton imports and CUDA is available (or
+    Triton's interpreter is on, TRITON_INTERPRET=1, which runs it on CPU tensors, slowly)."""
     impls = ["reference", "chunked"]
     if _numba_importable():
         impls.append("cpu")
     if torch.cuda.is_available() and _mamba_ssm_importable():
         impls.append("cuda")
+    if (torch.cuda.is_available() and _triton_importable()) or _triton_interpreting():
+        impls.append("triton")
     return impls
 
 
@@ -966,14 +1047,15 @@ _IMPLS = {
     ScanImpl.CHUNKED: selective_scan_chunked,
     ScanImpl.CPU: selective_scan_cpu,
     ScanImpl.CUDA: selective_scan_cuda,
+    ScanImpl.TRITON: selective_scan_triton,
 }
 
 
 def resolve_impl(impl: str | ScanImpl, device: torch.device, grouped_A: bool = False) -> ScanImpl:
     """The implementation `selective_scan` runs for `impl` on `device`.
 
-    auto: mamba-ssm's kernel for CUDA tensors when importable (and A is not grouped), numba for CPU tensors,
-    else the chunked torch scan.
+    auto, for CUDA tensors: mamba-ssm's kernel when importable and A is not grouped, else the Triton kernels when
+    Triton imports, else the chunked torch scan; for CPU tensors: numba's when importable, else the chunked scan.
     """
     try:
         impl = ScanImpl(impl)
@@ -983,6 +1065,8 @@ def resolve_impl(impl: str | ScanImpl, device: torch.device, grouped_A: bool = F
         return impl
     if device.type == "cuda" and not grouped_A and _mamba_ssm_importable():
         return ScanImpl.CUDA
+    if device.type == "cuda" and _triton_importable():
+        return ScanImpl.TRITON
     if device.type == "cpu" and _numba_importable():
         return ScanImpl.CPU
     return ScanImpl.CHUNKED
@@ -1003,9 +1087,9 @@ def selective_scan(
     A_index=None,
     impl: str | ScanImpl = "auto",
 ):
-    """Selective scan with a chosen implementation ("auto", "reference", "chunked", "cpu", "cuda"), or a callable
-    taking `selective_scan_ref`'s arguments (positional up to return_last_state, then A_index by keyword), e.g. one
-    that records the calls (`mambavl.analysis.efficiency.record_scans`).
+    """Selective scan with a chosen implementation ("auto", "reference", "chunked", "cpu", "cuda", "triton"), or a
+    callable taking `selective_scan_ref`'s arguments (positional up to return_last_state, then A_index by keyword),
+    e.g. one that records the calls (`mambavl.analysis.efficiency.record_scans`).
 
     Arguments and result as `selective_scan_ref`: u, delta (Bt, Din, L); A (Din, N) or (G, Din, N) + A_index (L,);
     B, C (Bt, N, L) or (Bt, Din, N, L); D, delta_bias (Din,); z (Bt, Din, L) -> (Bt, Din, L).

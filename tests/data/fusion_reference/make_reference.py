@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from mambavl.fuse.presets import create_model
+from mambavl.fuse.model import create_model
 
 DV, DT, V, NN, A = 12, 10, 5, 4, 3
 TINY = dict(video_dim=DV, text_dim=DT, num_verbs=V, num_nouns=NN, num_actions=A, d_model=16, dropout=0.0,
