@@ -185,7 +185,7 @@ class _Action:
     r0: float                # start radius (pixels)
     dcorner: int             # which corner holds the distractor
     travel: float            # distance moved over the action (pixels; translations)
-    scale_end: float         # radius at the end / radius at the start (1 for translations)
+    scale_delta: float       # radius at the end / radius at the start - 1 (0 for translations)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -264,16 +264,16 @@ def _plan_video(rng: np.random.Generator, verbs: np.ndarray, nouns: np.ndarray, 
         length = q * quanta(action_s * rng.uniform(0.75, 1.25))
         dx, dy, ds = VERBS[v][3]
         if order_only:
-            x0, y0, r0, travel, scale_end = _order_only_motion(rng, dx, dy, ds, size)
+            x0, y0, r0, travel, scale_delta = _order_only_motion(rng, dx, dy, ds, size)
         else:
             travel = 0.38 * size
             x0 = size / 2 - dx * travel / 2 + rng.uniform(-0.06, 0.06) * size
             y0 = size * 0.45 - dy * travel / 2 + rng.uniform(-0.06, 0.06) * size
             r0 = size * (0.13 if ds > 0 else 0.24 if ds < 0 else 0.18) * rng.uniform(0.9, 1.1)
-            scale_end = 1.9 if ds > 0 else 0.45 if ds < 0 else 1.0
+            scale_delta = 0.9 if ds > 0 else -0.55 if ds < 0 else 0.0
         distractor = int(rng.choice([m for m in range(len(NOUNS)) if m != n])) if rng.random() < 0.35 else -1
         actions.append(_Action(int(v), int(n), distractor, t, t + length, x0, y0, r0, int(rng.integers(4)), travel,
-                               scale_end))
+                               scale_delta))
         t += length
     t += q * quanta(gap_s)
     return actions, t
@@ -281,7 +281,7 @@ def _plan_video(rng: np.random.Generator, verbs: np.ndarray, nouns: np.ndarray, 
 
 def _order_only_motion(rng: np.random.Generator, dx: float, dy: float, ds: float, size: int
                        ) -> tuple[float, float, float, float, float]:
-    """(x0, y0, r0, travel, scale_end) of a motion over a random interval: [lo, lo + travel] on the moving axis
+    """(x0, y0, r0, travel, scale_delta) of a motion over a random interval: [lo, lo + travel] on the moving axis
     (or radii [r, r * ratio]), run forwards or backwards by the verb's sign; the other axis at a random place."""
     travel = rng.uniform(0.2, 0.45) * size
     lo = rng.uniform(0.15 * size, 0.85 * size - travel)
@@ -289,9 +289,9 @@ def _order_only_motion(rng: np.random.Generator, dx: float, dy: float, ds: float
     r_small, ratio = rng.uniform(0.08, 0.13) * size, rng.uniform(1.5, 2.2)
     if ds:
         r0 = r_small if ds > 0 else r_small * ratio
-        return cx, cy, r0, 0.0, ratio if ds > 0 else 1.0 / ratio
+        return cx, cy, r0, 0.0, ratio - 1.0 if ds > 0 else 1.0 / ratio - 1.0
     start = lo if dx + dy > 0 else lo + travel
-    return (start, cy, 0.16 * size, travel, 1.0) if dx else (cx, start, 0.16 * size, travel, 1.0)
+    return (start, cy, 0.16 * size, travel, 0.0) if dx else (cx, start, 0.16 * size, travel, 0.0)
 
 
 def _render(actions: list[_Action], n_frames: int, bg: np.ndarray) -> np.ndarray:
@@ -309,7 +309,7 @@ def _render(actions: list[_Action], n_frames: int, bg: np.ndarray) -> np.ndarray
             if a.distractor >= 0:
                 cx, cy = corners[a.dcorner]
                 _draw(frames[f], grid, cx * size, cy * size, 0.08 * size, a.distractor)
-            scale = 1.0 + (a.scale_end - 1.0) * s
+            scale = 1.0 + a.scale_delta * s
             _draw(frames[f], grid, a.x0 + dx * a.travel * s, a.y0 + dy * a.travel * s, a.r0 * scale, a.noun)
         prev_end = a.stop
     return frames
