@@ -9,6 +9,7 @@ import pytest
 from mambavl.analysis.probe import ProbeConfig, run_probe
 from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import ORDER_VERBS, make_order_cache, reversed_verb
+from mambavl.runtime import TrainedModel, predict_scores
 from mambavl.train import TrainConfig, train
 
 
@@ -29,13 +30,20 @@ def test_order_cache_pairs_are_time_reversed(tmp_path):
 
 
 def test_default_model_reads_the_order_of_frames(order_caches, tmp_path):
+    """The default preset (joint scan, template questions), trained briefly, must get both clips of many reversed
+    pairs right — impossible without the order: an order-blind model scores a clip and its reversal alike, so it
+    is right on at most one of each pair — and beat the frame-mean probe clearly."""
     train_cache, pairs = order_caches
     mean_probe = run_probe(ProbeConfig(train_cache, pairs, input="mean"))["metrics"]["val_verb_top1"]
     result = train(TrainConfig(
         train_cache=train_cache, val_cache=pairs, out_dir=tmp_path / "run", model_overrides={"d_model": 32},
         epochs=4, patience=0, batch_size=16, lr=3e-3, min_steps=200, device="cpu", logger="none", seed=0))
-    verb = result.history[-1]["val_verb_top1"]
-    # an order-blind model gives a clip and its reversal the same scores: at most one of each pair is right (50 %)
+    run = TrainedModel.load(result.last_checkpoint)
+    scores = predict_scores(run.model(), pairs, window=run.spec.window, question_source=run.question_source,
+                            frames=run.train_config.frames)
+    order = np.argsort(scores["indices"].numpy())
+    right = scores["verb"].argmax(-1).numpy()[order] == np.asarray(open_cache(pairs).h5()["verb_class"][()])
+    both = float((right[0::2] & right[1::2]).mean() * 100)  # % of pairs with the clip and its reversal right
+    verb = float(right.mean() * 100)
     assert mean_probe <= 50.0
-    print(f"verb top-1 on reversed pairs {verb:.1f} %, frame-mean probe {mean_probe:.1f} %")
-    assert verb >= 65.0 and verb >= mean_probe + 20.0, (verb, mean_probe)
+    assert both >= 15.0 and verb >= mean_probe + 10.0, (both, verb, mean_probe)
