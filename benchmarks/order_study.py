@@ -4,7 +4,8 @@ Data: `make_order_cache` (features only, no decoding): six verbs that are three 
 (left/right, lift/lower, grow/shrink) with random start and speed and a still distractor, five nouns; the mean frame
 cannot tell a verb from its mirror. A training cache and a held-out reversed-pairs cache (other clips, every clip
 next to itself played backwards: an order-blind model is right on at most one of each pair) are written. Variants
-(`mambavl.analysis.ablate`): full (the default), paper, video-only, transformer, and the linear probes on the ordered frames and on their mean,
+(`mambavl.analysis.ablate`): full (the default), paper, video-only, transformer, and the linear probes on the
+ordered frames and on their mean,
 each trained once per seed with `mambavl train`'s defaults (40 epochs here, the step floor, AdamW lr 1e-3);
 mean ± sd over seeds and the paired difference to video-only, on the reversed pairs.
 

@@ -290,8 +290,10 @@ def make_order_cache(
     projection and a tanh (a stand-in for a frozen random encoder; the structure seed fixes colours, projection and
     text space, so caches with one structure seed and different seeds are a train/val pair), plus Gaussian feature
     noise of scale `noise`. `reversed_pairs=True` writes rows in pairs: row 2i+1 is row 2i played backwards with
-    the mirror verb (same frames, same mean, opposite order) — a model that does not read the order scores at most
-    50 % verb top-1 on such a cache. Features only, no decoding or encoding: 240 clips take well under a second.
+    the mirror verb (the same rendered frames in the opposite order; the feature noise is drawn per row, so with
+    `noise=0` the pair's features are exactly reversed) — a model that does not read the order gives both clips of
+    a pair (nearly) the same scores, so it gets both right (almost) never and scores about 50 % verb top-1 at best.
+    Features only, no decoding or encoding: 240 clips take well under a second.
     """
     path = Path(path)
     srng = np.random.default_rng([structure_seed, 7])
