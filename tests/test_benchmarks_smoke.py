@@ -186,3 +186,10 @@ def test_multiview_smoke(tmp_path):
     lines = run_script("multiview.py", tmp_path=tmp_path)
     assert lines[-1].startswith("headline: multiview_action_top1_gain_6_vs_1_view=")
     assert any("2 x 3" in line for line in lines)
+
+
+def test_order_study_smoke(tmp_path):
+    lines = run_script("order_study.py", tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: order_gap_verb_top1=")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {"full", "video-only", "probe-concat", "probe-mean"} <= set(out["rows"])

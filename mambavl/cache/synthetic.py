@@ -9,11 +9,16 @@ class structure and the text space: a train/val pair.
 The question table holds template questions (random fixed embeddings) and, unless disabled, per-segment
 "annotation" questions built the way the paper's protocol builds them: each row's verb question embeds its own
 verb answer (and the noun question its noun). That is a deliberate leak, for the leak-audit tests.
+
+`make_order_cache` writes a cache whose verbs are decided by the order of the frames alone (three reversed-time
+pairs of motions; optionally every clip next to its time-reversed copy), for tests and studies of whether the order
+of frames reaches the heads.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,19 +126,12 @@ def make_planted_cache(
     verb_proto = srng.normal(size=(num_verbs, dim))
     noun_proto = srng.normal(size=(max(num_nouns, 1), dim))
     drift = srng.normal(size=(num_verbs, dim))
-    verb_text = _unit(srng.normal(size=(num_verbs, text_dim)))
-    noun_text = _unit(srng.normal(size=(max(num_nouns, 1), text_dim)))[:num_nouns]
-    # "action" (the last kind) came later: its tokens come from their own stream, so every other draw is unchanged
-    template_tokens = np.concatenate([
-        srng.normal(size=((len(schema.TEMPLATE_KINDS) - 1) * TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
-        np.random.default_rng([structure_seed, 1]).normal(size=(TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
-    ])
+    text = _planted_text(srng, structure_seed, num_verbs, num_nouns, text_dim)
 
     # skewed class frequencies, as in EK-100 (a few head classes, a tail)
     pv, pn = 1.0 / np.arange(1, num_verbs + 1), 1.0 / np.arange(1, max(num_nouns, 1) + 1)
     verbs = rng.choice(num_verbs, size=n, p=pv / pv.sum())
     nouns = rng.choice(max(num_nouns, 1), size=n, p=pn / pn.sum()) if num_nouns else np.full(n, -1)
-    parts = [participants[i % len(participants)] for i in range(n)]
 
     t = np.linspace(-1.0, 1.0, frames)[None, :, None]  # (1, F, 1)
     base = verb_appearance * verb_proto[verbs][:, None] + (noun_proto[nouns][:, None] if num_nouns else 0.0)  # (n, 1, D)
@@ -143,12 +141,52 @@ def make_planted_cache(
         # the observed window shows the action's objects before it starts: the noun, weaker verb, more noise
         ant = 0.6 * base + 0.3 * t * drift[verbs][:, None] + 1.5 * noise * rng.normal(size=(n, frames, dim))
 
+    attrs = (num_nouns, structure_seed, seed, n, dim, text_dim, frames, labelled, anticipation)
+    _write_planted(path, feats, ant, verbs, nouns, rng, text, attrs, labelled, annotation_questions, participants,
+                   invalid_rows)
+    return path
+
+
+@dataclass
+class _PlantedText:
+    """The text side of a planted cache, drawn from the structure stream: answer embeddings and template tokens."""
+
+    verb_text: np.ndarray  # (V, Dt)
+    noun_text: np.ndarray  # (Nn, Dt)
+    template_tokens: np.ndarray  # (kinds * paraphrases, T, Dt)
+    srng: np.random.Generator  # the structure stream, for the annotation questions' tokens
+
+
+def _planted_text(srng: np.random.Generator, structure_seed: int, num_verbs: int, num_nouns: int,
+                  text_dim: int) -> _PlantedText:
+    verb_text = _unit(srng.normal(size=(num_verbs, text_dim)))
+    noun_text = _unit(srng.normal(size=(max(num_nouns, 1), text_dim)))[:num_nouns]
+    # "action" (the last kind) came later: its tokens come from their own stream, so every other draw is unchanged
+    template_tokens = np.concatenate([
+        srng.normal(size=((len(schema.TEMPLATE_KINDS) - 1) * TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
+        np.random.default_rng([structure_seed, 1]).normal(size=(TEMPLATE_PARAPHRASES, QUESTION_TOKENS, text_dim)),
+    ])
+    return _PlantedText(verb_text, noun_text, template_tokens, srng)
+
+
+def _write_planted(path: Path, feats: np.ndarray, ant: np.ndarray | None, verbs: np.ndarray, nouns: np.ndarray,
+                   rng: np.random.Generator, text: _PlantedText, attr_args: tuple, labelled: bool,
+                   annotation_questions: bool, participants: tuple[str, ...], invalid_rows: int = 0,
+                   keys: tuple[list[str], list[str]] | None = None, source: str | None = None) -> None:
+    """Write planted features (n, F, D) (and the anticipation window's, or None) with their labels, scene nouns
+    drawn from `rng`, the question table and the answer tables through the real writer. `attr_args` are `_attrs`'s
+    arguments before `sources`; `keys` the verb and noun class names (default verb0.., noun0..)."""
+    n, frames = feats.shape[:2]
+    num_verbs, num_nouns, text_dim = len(text.verb_text), len(text.noun_text), text.verb_text.shape[1]
+    verb_text, noun_text, template_tokens, srng = text.verb_text, text.noun_text, text.template_tokens, text.srng
+    parts = [participants[i % len(participants)] for i in range(n)]
+
     all_nouns = []
     for i in range(n):
         extra = rng.choice(max(num_nouns, 1), size=rng.integers(0, 3)) if num_nouns else []
         all_nouns.append(tuple(sorted({int(nouns[i]), *map(int, extra)})) if num_nouns else ())
 
-    verb_keys, noun_keys = [f"verb{v}" for v in range(num_verbs)], [f"noun{k}" for k in range(num_nouns)]
+    verb_keys, noun_keys = keys or ([f"verb{v}" for v in range(num_verbs)], [f"noun{k}" for k in range(num_nouns)])
     rows = RowMeta(
         narration_id=[f"{parts[i]}_01_{i}" for i in range(n)],
         video_id=[f"{parts[i]}_01" for i in range(n)],
@@ -162,7 +200,9 @@ def make_planted_cache(
         stop_time=np.arange(n, dtype=np.float64) * 4.0 + 4.5,
     )
     sources = ["templates"] + (["annotation"] if annotation_questions and labelled else [])
-    attrs = _attrs(num_nouns, structure_seed, seed, n, dim, text_dim, frames, labelled, anticipation, sources)
+    attrs = _attrs(*attr_args, sources)
+    if source:
+        attrs["source"] = source
     path.unlink(missing_ok=True)
     with CacheWriter(path, attrs, rows, verb_keys, noun_keys) as w:
         times = rows.start_time[:, None] + np.linspace(0, 2.5, frames)[None]  # (n, F)
@@ -185,6 +225,98 @@ def make_planted_cache(
         w.write_answers(verb_text, noun_text.reshape(-1, text_dim), np.asarray(pairs).reshape(-1, 2), action,
                         verb_keys, noun_keys, [f"{verb_keys[v]} {noun_keys[k]}" for v, k in pairs])
         w.finalize()
+
+
+# Order-defined verbs: three reversed-time pairs. key, axis of the motion (0: x, 1: y, 2: size), direction.
+ORDER_VERBS = (("move-left", 0, -1), ("move-right", 0, 1), ("lift", 1, -1), ("lower", 1, 1), ("shrink", 2, -1),
+               ("grow", 2, 1))
+ORDER_NOUNS = ("tomato", "lettuce", "plate", "sponge", "pan")
+ORDER_PIXELS = 12  # side of the rendered frame
+
+
+def reversed_verb(verb: int) -> int:
+    """The verb of the same clip played backwards (`ORDER_VERBS` lists each pair side by side: 0<->1, 2<->3, ...)."""
+    return verb ^ 1
+
+
+def _order_frames(rng: np.random.Generator, verbs: np.ndarray, nouns: np.ndarray, colours: np.ndarray,
+                  frames: int) -> np.ndarray:
+    """Render each clip's object and a still distractor as soft blobs on a (P, P, C) grid -> (n, F, P*P*C).
+
+    The path is drawn first as an unordered interval [lo, hi] on the verb's axis (random start and length, i.e.
+    random position and speed); the verb only says in which direction it is run. A clip and its mirror verb therefore
+    have the same distribution of frame *sets*: only the order of the frames tells them apart."""
+    n, p = len(verbs), ORDER_PIXELS
+    yy, xx = np.mgrid[0:p, 0:p].astype(np.float32) / (p - 1)  # (P, P) in [0, 1]
+    lo = rng.uniform(0.15, 0.5, size=n)
+    hi = lo + rng.uniform(0.2, 0.45, size=n)  # the length of the path: the speed
+    s = np.linspace(0.0, 1.0, frames)[None, :]  # (1, F)
+    axis, direction = np.array([ORDER_VERBS[v][1] for v in verbs]), np.array([ORDER_VERBS[v][2] for v in verbs])
+    run = np.where(direction[:, None] > 0, lo[:, None] + (hi - lo)[:, None] * s, hi[:, None] - (hi - lo)[:, None] * s)
+    cx, cy = rng.uniform(0.3, 0.7, size=(2, n))  # the position on the axes the verb does not move along
+    x = np.where(axis[:, None] == 0, run, cx[:, None])  # (n, F)
+    y = np.where(axis[:, None] == 1, run, cy[:, None])
+    r = np.where(axis[:, None] == 2, 0.05 + 0.25 * run, 0.12)
+    blob = np.exp(-((xx - x[..., None, None]) ** 2 + (yy - y[..., None, None]) ** 2) / (2 * r[..., None, None] ** 2))
+    img = blob[..., None] * colours[nouns][:, None, None, None]  # (n, F, P, P, C)
+    # the distractor: another object, small and still, in a random corner
+    other = (nouns + rng.integers(1, len(colours), size=n)) % len(colours)
+    dx, dy = rng.choice([0.1, 0.9], size=(2, n))
+    still = np.exp(-((xx - dx[:, None, None]) ** 2 + (yy - dy[:, None, None]) ** 2) / (2 * 0.07**2))  # (n, P, P)
+    img = img + 0.5 * still[:, None, ..., None] * colours[other][:, None, None, None]
+    return img.reshape(n, frames, -1)
+
+
+def make_order_cache(
+    path: str | os.PathLike,
+    n: int = 240,
+    frames: int = 8,
+    dim: int = 64,
+    text_dim: int = 24,
+    seed: int = 0,
+    structure_seed: int = 4321,
+    noise: float = 0.3,
+    reversed_pairs: bool = False,
+    participants: tuple[str, ...] = ("P01", "P02", "P03", "P04"),
+) -> Path:
+    """A cache whose verbs are defined only by the direction and order of motion, written at `path`.
+
+    Each clip shows one object (the noun: its colour) moving along one axis (x, y or size) in one direction, from a
+    random start over a random distance, beside a small still distractor object. The six verbs are three
+    reversed-time pairs (`ORDER_VERBS`, `reversed_verb`): the set of frames of a clip is as likely under its verb as
+    under the mirror verb, so the mean frame feature cannot tell a pair apart and the verb is decided by the order
+    of the frames only. Frames are rendered as (P, P, C) blob images (a luminance channel and one colour channel
+    per noun) and mapped to `dim` features by a fixed random
+    projection and a tanh (a stand-in for a frozen random encoder; the structure seed fixes colours, projection and
+    text space, so caches with one structure seed and different seeds are a train/val pair), plus Gaussian feature
+    noise of scale `noise`. `reversed_pairs=True` writes rows in pairs: row 2i+1 is row 2i played backwards with
+    the mirror verb (the same rendered frames in the opposite order; the feature noise is drawn per row, so with
+    `noise=0` the pair's features are exactly reversed) — a model that does not read the order gives both clips of
+    a pair (nearly) the same scores, so it gets both right (almost) never and scores about 50 % verb top-1 at best.
+    Features only, no decoding or encoding: 240 clips take well under a second.
+    """
+    path = Path(path)
+    srng = np.random.default_rng([structure_seed, 7])
+    rng = np.random.default_rng(seed)
+    # a luminance channel every object shares (where it is) and one colour channel per object (what it is)
+    colours = np.concatenate([np.ones((len(ORDER_NOUNS), 1)), 0.5 * np.eye(len(ORDER_NOUNS))], axis=1)  # (Nn, C)
+    proj = srng.normal(size=(ORDER_PIXELS * ORDER_PIXELS * colours.shape[1], dim)) / ORDER_PIXELS  # (P*P*C, D)
+    bias = srng.normal(scale=0.5, size=dim)
+    text = _planted_text(srng, structure_seed, len(ORDER_VERBS), len(ORDER_NOUNS), text_dim)
+    base = (n + 1) // 2 if reversed_pairs else n
+    verbs = rng.integers(len(ORDER_VERBS), size=base)
+    nouns = rng.integers(len(ORDER_NOUNS), size=base)
+    pixels = _order_frames(rng, verbs, nouns, colours, frames)  # (base, F, P*P*C)
+    if reversed_pairs:
+        pixels = np.stack([pixels, pixels[:, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])[:n]
+        verbs = np.stack([verbs, reversed_verb(verbs)], axis=1).reshape(-1)[:n]
+        nouns = np.repeat(nouns, 2)[:n]
+    feats = np.tanh(pixels @ proj + bias)
+    feats = feats + noise * rng.normal(size=feats.shape)  # (n, F, D)
+    attrs = (len(ORDER_NOUNS), structure_seed, seed, n, dim, text_dim, frames, True, False)
+    keys = ([v[0] for v in ORDER_VERBS], list(ORDER_NOUNS))
+    _write_planted(path, feats, None, verbs, nouns, rng, text, attrs, True, False, participants, keys=keys,
+                   source="mambavl.cache.synthetic.make_order_cache")
     return path
 
 

@@ -184,6 +184,8 @@ class _Action:
     y0: float
     r0: float                # start radius (pixels)
     dcorner: int             # which corner holds the distractor
+    travel: float            # distance moved over the action (pixels; translations)
+    scale_delta: float       # radius at the end / radius at the start - 1 (0 for translations)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -249,8 +251,11 @@ def _class_sequence(rng: np.random.Generator, count: int, k: int, cover: bool) -
 
 
 def _plan_video(rng: np.random.Generator, verbs: np.ndarray, nouns: np.ndarray, size: int, fps: float,
-                action_s: float, gap_s: float) -> tuple[list[_Action], int]:
-    """Timeline of one video: gap, action, gap, action, ..., gap. Boundaries on the printable time grid."""
+                action_s: float, gap_s: float, order_only: bool = False) -> tuple[list[_Action], int]:
+    """Timeline of one video: gap, action, gap, action, ..., gap. Boundaries on the printable time grid.
+    `order_only`: each motion runs over a random interval of its axis (random start and length, so random speed),
+    drawn without regard to the direction, so a verb and its mirror (left/right, lift/lower, grow/shrink) show the
+    same frames in opposite orders."""
     q = _frame_quantum(fps)
     quanta = lambda seconds: max(1, int(round(seconds * fps / q)))  # noqa: E731
     actions, t = [], 0
@@ -258,15 +263,35 @@ def _plan_video(rng: np.random.Generator, verbs: np.ndarray, nouns: np.ndarray, 
         t += q * quanta(gap_s * rng.uniform(0.85, 1.25))
         length = q * quanta(action_s * rng.uniform(0.75, 1.25))
         dx, dy, ds = VERBS[v][3]
-        travel = 0.38 * size
-        x0 = size / 2 - dx * travel / 2 + rng.uniform(-0.06, 0.06) * size
-        y0 = size * 0.45 - dy * travel / 2 + rng.uniform(-0.06, 0.06) * size
-        r0 = size * (0.13 if ds > 0 else 0.24 if ds < 0 else 0.18) * rng.uniform(0.9, 1.1)
+        if order_only:
+            x0, y0, r0, travel, scale_delta = _order_only_motion(rng, dx, dy, ds, size)
+        else:
+            travel = 0.38 * size
+            x0 = size / 2 - dx * travel / 2 + rng.uniform(-0.06, 0.06) * size
+            y0 = size * 0.45 - dy * travel / 2 + rng.uniform(-0.06, 0.06) * size
+            r0 = size * (0.13 if ds > 0 else 0.24 if ds < 0 else 0.18) * rng.uniform(0.9, 1.1)
+            scale_delta = 0.9 if ds > 0 else -0.55 if ds < 0 else 0.0
         distractor = int(rng.choice([m for m in range(len(NOUNS)) if m != n])) if rng.random() < 0.35 else -1
-        actions.append(_Action(int(v), int(n), distractor, t, t + length, x0, y0, r0, int(rng.integers(4))))
+        actions.append(_Action(int(v), int(n), distractor, t, t + length, x0, y0, r0, int(rng.integers(4)), travel,
+                               scale_delta))
         t += length
     t += q * quanta(gap_s)
     return actions, t
+
+
+def _order_only_motion(rng: np.random.Generator, dx: float, dy: float, ds: float, size: int
+                       ) -> tuple[float, float, float, float, float]:
+    """(x0, y0, r0, travel, scale_delta) of a motion over a random interval: [lo, lo + travel] on the moving axis
+    (or radii [r, r * ratio]), run forwards or backwards by the verb's sign; the other axis at a random place."""
+    travel = rng.uniform(0.2, 0.45) * size
+    lo = rng.uniform(0.15 * size, 0.85 * size - travel)
+    cx, cy = rng.uniform(0.3, 0.7, size=2) * size
+    r_small, ratio = rng.uniform(0.08, 0.13) * size, rng.uniform(1.5, 2.2)
+    if ds:
+        r0 = r_small if ds > 0 else r_small * ratio
+        return cx, cy, r0, 0.0, ratio - 1.0 if ds > 0 else 1.0 / ratio - 1.0
+    start = lo if dx + dy > 0 else lo + travel
+    return (start, cy, 0.16 * size, travel, 0.0) if dx else (cx, start, 0.16 * size, travel, 0.0)
 
 
 def _render(actions: list[_Action], n_frames: int, bg: np.ndarray) -> np.ndarray:
@@ -277,16 +302,15 @@ def _render(actions: list[_Action], n_frames: int, bg: np.ndarray) -> np.ndarray
     corners = ((0.14, 0.14), (0.86, 0.14), (0.14, 0.86), (0.86, 0.86))
     prev_end = 0
     for a in actions:
-        dx, dy, ds = VERBS[a.verb][3]
-        travel = 0.38 * size
+        dx, dy, _ = VERBS[a.verb][3]
         for f in range(prev_end, a.stop):
             # before the action: the object waits at its start (what anticipation observes); then it moves
             s = 0.0 if f < a.start else (f - a.start) / max(a.stop - a.start - 1, 1)
             if a.distractor >= 0:
                 cx, cy = corners[a.dcorner]
                 _draw(frames[f], grid, cx * size, cy * size, 0.08 * size, a.distractor)
-            scale = 1.0 + (0.9 * s if ds > 0 else -0.55 * s if ds < 0 else 0.0)
-            _draw(frames[f], grid, a.x0 + dx * travel * s, a.y0 + dy * travel * s, a.r0 * scale, a.noun)
+            scale = 1.0 + a.scale_delta * s
+            _draw(frames[f], grid, a.x0 + dx * a.travel * s, a.y0 + dy * a.travel * s, a.r0 * scale, a.noun)
         prev_end = a.stop
     return frames
 
@@ -302,7 +326,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> P
 def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n_test: int = 12, seed: int = 0,
                          size: int = 64, fps: float = 12.0, action_seconds: float = 2.0, gap_seconds: float = 1.5,
                          segments_per_video: int = 6, generic_csv: bool = False,
-                         progress: Progress | None = None) -> KitchenDataset:
+                         progress: Progress | None = None, order_only: bool = False) -> KitchenDataset:
     """Write the synthetic kitchen dataset under `root` and describe it.
 
     Layout: ``root/videos/P01/videos/P01_01.MP4`` (size x size, `fps`, several segments per video with gaps
@@ -312,6 +336,8 @@ def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n
     also clips_train.csv / clips_val.csv (``video,start,stop,label,id,participant``, label = verb key).
     Train participants P01-P04; validation adds P05 and test P06, absent from training (the "unseen" subsets).
     Class frequencies are long-tailed so that the rarest classes form the tail subset. Deterministic in `seed`.
+    `order_only`: every motion runs over a random interval (random start and speed), so the verbs differ only in
+    the direction and order of motion and the mean frame cannot tell a verb from its mirror (see `_plan_video`).
     Over 80 lines on purpose: one recipe from the class draws to every CSV, in the order the files are written.
     """
     if min(n_train, n_val, n_test) < 0 or n_train < 1 or segments_per_video < 1 or size < 16 or size % 2:
@@ -347,7 +373,7 @@ def make_kitchen_dataset(root: str | Path, n_train: int = 96, n_val: int = 48, n
     for split, pid, vid, verbs, nouns in jobs:
         if pid not in backgrounds:
             backgrounds[pid] = _background(np.random.default_rng([seed, int(pid[1:])]), int(pid[1:]), size)
-        actions, n_frames = _plan_video(rng, verbs, nouns, size, fps, action_seconds, gap_seconds)
+        actions, n_frames = _plan_video(rng, verbs, nouns, size, fps, action_seconds, gap_seconds, order_only)
         rel = Path(pid) / "videos" / f"{vid}.MP4"
         encode_frames(videos / rel, _render(actions, n_frames, backgrounds[pid]), fps)
         info_rows.append([vid, f"{n_frames / fps:.6f}", f"{fps:g}", f"{size}x{size}"])
