@@ -8,12 +8,12 @@ import atexit
 import contextlib
 import datetime
 import os
-from enum import Enum
 
 import torch
 import torch.distributed as dist
 
 from mambavl.errors import InputError
+from mambavl.precision import Precision, as_precision  # noqa: F401  (re-exported)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,26 +30,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-class Precision(str, Enum):
-    """The precision a stage runs its networks in (`--precision`). fp32: no autocast. bf16 / fp16: torch.autocast
-    with that dtype (weights, optimiser state and the selective scan's state stay float32; fp16 training scales the
-    loss). auto: the stage's own choice on CUDA (`resolve_precision`'s `on_cuda`), fp32 elsewhere."""
-
-    AUTO = "auto"
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-
 AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
-
-
-def as_precision(value: str | Precision, where: str = "precision") -> Precision:
-    """`value` as a Precision; InputError naming `where` and the choices otherwise."""
-    try:
-        return Precision(value)
-    except ValueError:
-        raise InputError(f"{where} {value!r} is not one of {[p.value for p in Precision]}") from None
 
 
 def resolve_precision(precision: str | Precision, device: torch.device,

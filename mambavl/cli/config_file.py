@@ -25,7 +25,7 @@ import typer
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from mambavl.device import Precision
+from mambavl.precision import Precision
 from mambavl.errors import InputError
 
 C = TypeVar("C")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mambavl.device import Precision, as_precision
+from mambavl.precision import Precision, as_precision
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource
 from mambavl.fuse.presets import preset_train_overrides

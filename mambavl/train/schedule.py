@@ -102,7 +102,11 @@ def replan(step: int, old_total: int, new_total: int, warmup_steps: int, min_lr_
 def adamw(groups: list[dict], lr: float) -> tuple[torch.optim.AdamW, bool]:
     """AdamW over `groups`, and whether it is torch's fused implementation (one kernel call updates every parameter;
     torch >= 2.4 on CPU, CUDA and MPS); else the multi-tensor one where torch has it, else the per-parameter loop.
-    The three compute the same update up to float rounding."""
+    The three compute the same update up to float rounding. Fused only where every parameter is on a CPU or CUDA
+    device (torch checks other devices at the first step, not here)."""
+    on = {p.device.type for g in groups for p in g["params"]}
+    if not on <= {"cpu", "cuda"}:
+        return torch.optim.AdamW(groups, lr=lr), False
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True), True
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the fused kernel
