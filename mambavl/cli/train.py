@@ -20,7 +20,7 @@ from mambavl.cli.config_file import ConfigOption, build_config, precision_option
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError, TrainingStopped
 from mambavl.extract.questions import QuestionSource
-from mambavl.runtime import RunLogger, Task, TrainConfig
+from mambavl.runtime import Compile, RunLogger, Task, TrainConfig
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -65,6 +65,8 @@ def _resume_config(out: Path, explicit: dict[str, Any]) -> TrainConfig:
             changes[key] = str(explicit[key])
     if explicit.get("logger") is not None:
         changes["logger"] = RunLogger(explicit["logger"])
+    if explicit.get("compile") is not None:
+        changes["compile"] = Compile(explicit["compile"])
     return dataclasses.replace(saved, **changes)
 
 
@@ -151,6 +153,9 @@ def train_command(
     min_steps: MinStepsOption = None,
     precision: precision_option("the forward passes (weights and scan state stay float32; fp16 scales the loss)",
                                 "bf16 on CUDA, fp16 on GPUs without bf16") = None,
+    compile_: Annotated[Optional[Compile], typer.Option(
+        "--compile", help="torch.compile of the fusion around the scan: off, fusion (CPU or CUDA; the first steps "
+                          "pay the compile), cudagraphs (CUDA: compiled parts replayed as CUDA graphs).")] = None,
     logger: Annotated[Optional[RunLogger], typer.Option(
         help="Live scalars besides metrics.csv: tensorboard, wandb (WANDB_MODE=offline works without "
              "network), none.")] = None,
@@ -173,7 +178,7 @@ def train_command(
         warmup_epochs=warmup_epochs, seed=seed, task=task, question_source=questions, candidates_k=candidates_k,
         candidate_folds=candidate_folds, candidate_epochs=candidate_epochs,
         candidates_from=optional_path(candidates_from), qa_weight=qa_weight, qa_every=qa_every, frames=frames,
-        min_steps=min_steps, precision=precision, logger=logger,
+        min_steps=min_steps, precision=precision, compile=compile_, logger=logger,
         model_overrides=parse_overrides(set_) if set_ else None,
         allow_incomplete=allow_incomplete, device=device, num_workers=num_workers,
     )

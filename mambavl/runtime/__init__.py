@@ -19,7 +19,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
                      "same_run"],
         "build": ["DATA_FIELDS", "build_model", "cache_dims", "question_tokens"],
         "candidates": ["FirstPass", "candidate_questions", "fold_ids", "topk_candidates"],
-        "config": ["RunLogger", "TrainConfig", "plain"],
+        "config": ["Compile", "RunLogger", "TrainConfig", "plain"],
         "questions": ["AnswerTables", "Asker", "Labels", "action_answers", "action_vocab", "labelled_rows", "load_labels",
                       "require_window"],
         "scoring": ["ClipBatch", "average_views", "batches", "cache_candidates", "clip_batches", "first_pass_probs",

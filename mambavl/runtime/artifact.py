@@ -66,9 +66,9 @@ KIND = "mambavl-checkpoint"
 FORMAT = 2
 
 # TrainConfig fields a run may change without changing what it computes: where it writes, how it is resumed and on
-# which device, how many loader workers, where its live scalars go, and where its caches lie (what the caches hold is checked separately:
-# `TrainedModel.check_cache`).
-FREE_FIELDS = ("resume", "device", "num_workers", "out_dir", "train_cache", "val_cache", "logger")
+# which device, how it compiles its steps, how many loader workers, where its live scalars go, and where its caches
+# lie (what the caches hold is checked separately: `TrainedModel.check_cache`).
+FREE_FIELDS = ("resume", "device", "compile", "num_workers", "out_dir", "train_cache", "val_cache", "logger")
 # ... and the fields a *resumed* run may change besides: its budget of epochs, when it stops early, and the precision
 # of its steps. The first three change how long the run goes on, not what a step computes; the precision changes a
 # step's rounding, not its model, data or objective, and a run started in bf16 on a GPU must be able to go on in

@@ -28,6 +28,19 @@ class RunLogger(str, Enum):
     NONE = "none"
 
 
+class Compile(str, Enum):
+    """How a training run compiles the fusion with `torch.compile` (`mambavl.fuse.model.MambaVL.compile_fusion`:
+    each layer's arithmetic around the selective scan; the scan stays the chosen kernel). off: eager. fusion: the
+    default inductor mode, on CPU or CUDA (the first steps pay the compile: seconds to minutes). cudagraphs: inductor's
+    "reduce-overhead" mode, which on CUDA records the compiled parts as CUDA graphs and replays them, one launch per
+    part instead of one per kernel; CUDA only. Validation then runs the fusion eagerly (a CUDA graph's outputs are
+    overwritten by its next replay). The compiled model computes what the eager one does, up to float rounding."""
+
+    OFF = "off"
+    FUSION = "fusion"
+    CUDAGRAPHS = "cudagraphs"
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved whole in the checkpoint.
@@ -73,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Precision = Precision.AUTO
+    compile: Compile = Compile.OFF
     num_workers: int = 0
     resume: bool = False
     # question_source "predicted": k candidates per head, K cross-fitting folds, first-pass epochs (0 = epochs), and
@@ -97,6 +111,11 @@ class TrainConfig:
                 f"{[q.value for q in QuestionSource]}"
             ) from None
         self.precision = as_precision(self.precision, "train config: precision")
+        try:
+            self.compile = Compile(self.compile)
+        except ValueError:
+            raise InputError(f"train config: compile {self.compile!r} is not one of {[c.value for c in Compile]}"
+                             ) from None
         try:
             self.logger = RunLogger(self.logger)
         except ValueError:

@@ -42,6 +42,7 @@ from mambavl.runtime import (
     question_tokens,
     validation_metrics,
 )
+from mambavl.train.compiled import compile_for_training, eager_fusion, mark_step
 from mambavl.train.data import RunData, load_data
 from mambavl.train.distributed import EpochStats, ProcessLayout, StepPart, gather_parts, global_batches
 from mambavl.train.objective import Objective, qa_loss_share, recognition_loss
@@ -112,6 +113,7 @@ def recognition_step(objective: nn.Module, opt: Optimizer, data: RunData, cfg: T
     q = data.train_q.heads(p.grows, train=True, generator=sample_gen)[0][p.part]  # (B, 2)
     fb = data.train_q.fallbacks(rows) if p.scale else 0
     qt, qm = data.train_q.tokens_of(q, rows, device)  # (B, 2, T', Dt), (B, 2, T')
+    mark_step(cfg.compile)
     with opt.autocast():
         out = objective("rec", video, vmask, qt, qm)
     loss = recognition_loss(out, rows, p, data.train_labels, cfg.label_smoothing, device)
@@ -129,6 +131,7 @@ def qa_step(objective: nn.Module, opt: Optimizer, data: RunData, answers: Any, c
     kind = data.qa_kinds[int(torch.randint(len(data.qa_kinds), (1,), generator=sample_gen))]
     qk = data.train_q.template(kind, len(b.part.grows), train=True, generator=sample_gen)[b.part.part]  # (B,)
     qkt, qkm = data.train_q.gather(qk, device)  # (B, T, Dt), (B, T)
+    mark_step(cfg.compile)
     with opt.autocast():
         mode = "scene" if data.spec.is_multi_label(kind) else "qa"
         logits = objective(mode, b.video, b.vmask, qkt, qkm, answers.for_kind(kind))  # (B, K)
@@ -145,9 +148,10 @@ def validate(model: nn.Module, val_dataset: SegmentDataset | None, data: RunData
     cache."""
     if data.val_cache is None:
         return None
-    part = (head_logits(model, clip_batches(val_dataset, max(cfg.batch_size, 64), cfg.frames, device,
-                                            cfg.num_workers), data.val_q)
-            if val_dataset is not None else (None, 0))
+    with eager_fusion(cfg.compile):
+        part = (head_logits(model, clip_batches(val_dataset, max(cfg.batch_size, 64), cfg.frames, device,
+                                                cfg.num_workers), data.val_q)
+                if val_dataset is not None else (None, 0))
     gathered = gather_parts(part, layout)
     pieces = [scores for scores, _ in gathered if scores is not None]
     scores = {k: torch.cat([sc[k] for sc in pieces]) for k in pieces[0]}
@@ -248,6 +252,7 @@ def _build(cfg: TrainConfig, resumed: TrainedModel | None, data: RunData, device
     if message is not None and layout.main:
         warnings.warn(message, UserWarning, stacklevel=4)
     model.to(device)
+    compile_for_training(model, cfg.compile, device)
     objective: nn.Module = Objective(model)
     if layout.world > 1:
         objective = nn.parallel.DistributedDataParallel(
