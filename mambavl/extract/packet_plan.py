@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from mambavl.extract import h264_refs
+
 _TICK_EPS = 1e-4           # seconds: frames this close to a requested time keep both candidates
 _SLICE_TYPES = (1, 5)      # coded slice of a non-IDR / IDR picture
 _PARAM_TYPES = (7, 8, 13, 15)  # SPS, PPS, SPS extension, subset SPS: never dropped
@@ -50,110 +52,18 @@ class _Packet:
     params: bool    # contains a parameter set
 
 
-class _Bits:
-    """Big-endian bit reader over an RBSP (emulation prevention bytes removed)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def u(self, n: int) -> int:
-        v = 0
-        for _ in range(n):
-            byte = self.data[self.pos >> 3]  # IndexError at the end: caught by the caller
-            v = (v << 1) | ((byte >> (7 - (self.pos & 7))) & 1)
-            self.pos += 1
-        return v
-
-    def ue(self) -> int:
-        zeros = 0
-        while self.u(1) == 0:
-            zeros += 1
-            if zeros > 31:
-                raise ValueError("exp-Golomb code too long")
-        return (1 << zeros) - 1 + self.u(zeros)
-
-    def se(self) -> int:
-        k = self.ue()
-        return (k + 1) // 2 if k & 1 else -(k // 2)
-
-
-def _rbsp(nal: bytes) -> bytes:
-    return nal.replace(b"\x00\x00\x03", b"\x00\x00")
-
-
-def _skip_hrd(b: _Bits) -> None:
-    count = b.ue() + 1
-    b.u(4), b.u(4)
-    for _ in range(count):
-        b.ue(), b.ue(), b.u(1)
-    b.u(5), b.u(5), b.u(5), b.u(5)
-
-
 def sps_has_bitstream_restriction(sps_nal: bytes) -> bool:
     """Whether an H.264 SPS NAL unit (header byte included) carries VUI ``bitstream_restriction_flag`` (then the
     decoder's reordering delay is fixed by the stream: ``max_num_reorder_frames``). H.264 7.3.2.1.1 and E.1.1."""
-    b = _Bits(_rbsp(sps_nal[1:]))
-    profile = b.u(8)
-    b.u(8), b.u(8), b.ue()  # constraint flags, level, sps id
-    if profile in (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135):
-        chroma = b.ue()
-        if chroma == 3:
-            b.u(1)
-        b.ue(), b.ue(), b.u(1)  # bit depths, qpprime_y_zero_transform_bypass
-        if b.u(1):  # seq_scaling_matrix_present_flag
-            for i in range(8 if chroma != 3 else 12):
-                if b.u(1):
-                    last = nxt = 8
-                    for _ in range(16 if i < 6 else 64):
-                        if nxt:
-                            nxt = (last + b.se() + 256) % 256
-                        last = nxt or last
-    b.ue()  # log2_max_frame_num_minus4
-    poc_type = b.ue()
-    if poc_type == 0:
-        b.ue()
-    elif poc_type == 1:
-        b.u(1), b.se(), b.se()
-        for _ in range(b.ue()):
-            b.se()
-    b.ue(), b.u(1)  # max_num_ref_frames, gaps_in_frame_num_allowed
-    b.ue(), b.ue()  # size in macroblocks
-    if not b.u(1):  # frame_mbs_only_flag
-        b.u(1)
-    b.u(1)  # direct_8x8_inference
-    if b.u(1):  # frame_cropping
-        b.ue(), b.ue(), b.ue(), b.ue()
-    if not b.u(1):  # vui_parameters_present_flag
-        return False
-    if b.u(1):  # aspect_ratio_info_present
-        if b.u(8) == 255:
-            b.u(16), b.u(16)
-    if b.u(1):  # overscan_info_present
-        b.u(1)
-    if b.u(1):  # video_signal_type_present
-        b.u(3), b.u(1)
-        if b.u(1):
-            b.u(8), b.u(8), b.u(8)
-    if b.u(1):  # chroma_loc_info_present
-        b.ue(), b.ue()
-    if b.u(1):  # timing_info_present
-        b.u(32), b.u(32), b.u(1)
-    nal_hrd, vcl_hrd = b.u(1), None
-    if nal_hrd:
-        _skip_hrd(b)
-    vcl_hrd = b.u(1)
-    if vcl_hrd:
-        _skip_hrd(b)
-    if nal_hrd or vcl_hrd:
-        b.u(1)  # low_delay_hrd_flag
-    b.u(1)  # pic_struct_present_flag
-    return bool(b.u(1))
+    return h264_refs.parse_sps(sps_nal).bitstream_restriction
 
 
 @dataclass(frozen=True)
 class _AvcConfig:
     length_size: int            # bytes of each NAL unit's length prefix
     bitstream_restriction: bool  # every SPS of the avcC record has it
+    sps: tuple = ()             # the record's parameter sets, parsed (empty when one does not parse)
+    pps: tuple = ()
 
 
 def _avc_config(extradata: bytes | None) -> _AvcConfig | None:
@@ -161,39 +71,47 @@ def _avc_config(extradata: bytes | None) -> _AvcConfig | None:
     if not extradata or len(extradata) < 7 or extradata[0] != 1:
         return None
     length_size = (extradata[4] & 3) + 1
-    count, i, restricted = extradata[5] & 0x1F, 6, []
-    for _ in range(count):
-        n = int.from_bytes(extradata[i:i + 2], "big")
-        nal = extradata[i + 2:i + 2 + n]
-        i += 2 + n
-        try:
-            restricted.append(sps_has_bitstream_restriction(nal))
-        except (IndexError, ValueError):
-            restricted.append(False)
-    return _AvcConfig(length_size, bool(restricted) and all(restricted))
+    i, restricted, sps, pps = 6, [], [], []
+    for kind in ("sps", "pps"):
+        count = extradata[i - 1] & (0x1F if kind == "sps" else 0xFF)
+        for _ in range(count):
+            n = int.from_bytes(extradata[i:i + 2], "big")
+            nal = extradata[i + 2:i + 2 + n]
+            i += 2 + n
+            try:
+                if kind == "sps":
+                    sps.append(h264_refs.parse_sps(nal))
+                else:
+                    pps.append(h264_refs.parse_pps(nal))
+            except (IndexError, ValueError):
+                sps, pps = [None], [None]
+        i += 1  # the next count byte
+        if kind == "sps":
+            restricted = [x is not None and x.bitstream_restriction for x in sps]
+    ok = None not in sps and None not in pps
+    return _AvcConfig(length_size, bool(restricted) and all(restricted), tuple(sps) if ok else (),
+                      tuple(pps) if ok else ())
 
 
-def _nal_flags(data: bytes, length_size: int) -> tuple[bool, bool, bool] | None:
-    """(ref, idr, params) of one access unit; None when its NAL framing is broken or it uses an extension."""
-    i, slices, ref, idr, params = 0, 0, False, False, False
+def _nal_units(data: bytes, length_size: int) -> list[bytes] | None:
+    """The NAL units of one access unit; None when its framing is broken or it uses an extension."""
+    i, nals = 0, []
     while i + length_size < len(data):
         n = int.from_bytes(data[i:i + length_size], "big")
         i += length_size
-        if n <= 0 or i + n > len(data):
+        if n <= 0 or i + n > len(data) or data[i] & 0x1F in _UNSUPPORTED_TYPES:
             return None
-        header = data[i]
-        kind, ref_idc = header & 0x1F, (header >> 5) & 3
-        if kind in _UNSUPPORTED_TYPES:
-            return None
-        if kind in _SLICE_TYPES:
-            slices += 1
-            ref |= ref_idc > 0
-            idr |= kind == 5
-        params |= kind in _PARAM_TYPES
+        nals.append(data[i:i + n])
         i += n
-    if i != len(data):
-        return None
-    return (ref or slices == 0), idr, params
+    return nals if i == len(data) else None
+
+
+def _nal_flags(nals: list[bytes]) -> tuple[bool, bool, bool]:
+    """(ref, idr, params) of one access unit's NAL units."""
+    slices = [nal[0] for nal in nals if nal[0] & 0x1F in _SLICE_TYPES]
+    ref = any((h >> 5) & 3 for h in slices)
+    idr = any(h & 0x1F == 5 for h in slices)
+    return (ref or not slices), idr, any(nal[0] & 0x1F in _PARAM_TYPES for nal in nals)
 
 
 @functools.lru_cache(maxsize=64)
@@ -205,11 +123,22 @@ def _stream_config(path: str, mtime_ns: int, size: int) -> _AvcConfig | None:
         return _avc_config(bytes(stream.codec_context.extradata or b""))
 
 
-def _scan(path: str, seek: float, until: float, length_size: int) -> tuple[list[_Packet], bool] | None:
+@dataclass
+class _Scan:
+    packets: list[_Packet]
+    reordered: bool                     # pictures are presented in another order than decoded
+    pictures: list | None               # per packet, its slice headers (h264_refs.Picture; None: no slice);
+    #                                     None when some packet's headers are not modelled
+
+
+def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | None:
     """The video packets from the keyframe at or before `seek` to the last one presented at or before `until`
-    (seconds, container timeline), in decoding order; and whether pictures are reordered. None: no plan."""
+    (seconds, container timeline), in decoding order, with their slice headers. None: no plan."""
     packets: list[_Packet] = []
     reordered, latest = False, -np.inf
+    sps_table = {x.sps_id: x for x in config.sps}
+    pps_table = {x.pps_id: x for x in config.pps}
+    pictures: list | None = [] if config.sps and config.pps else None
     with av.open(path) as container:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
@@ -222,21 +151,36 @@ def _scan(path: str, seek: float, until: float, length_size: int) -> tuple[list[
                 return None
             if pkt.dts * tb - origin > until + _TICK_EPS:  # decoding time only grows: nothing later shows by then
                 break
-            flags = _nal_flags(bytes(pkt), length_size)
-            if flags is None:
+            nals = _nal_units(bytes(pkt), config.length_size)
+            if nals is None:
                 return None
+            if pictures is not None:
+                try:
+                    pictures.append(h264_refs.parse_picture(nals, pps_table, sps_table))
+                except (h264_refs.Unsupported, IndexError, ValueError, KeyError):
+                    pictures = None
             t = pkt.pts * tb - origin
             reordered |= t < latest
             latest = max(latest, t)
-            packets.append(_Packet(int(pkt.pos), t, *flags))
+            packets.append(_Packet(int(pkt.pos), t, *_nal_flags(nals)))
     if any(b.pos <= a.pos for a, b in zip(packets, packets[1:])):
         return None  # packets not in file order: byte ranges would not name runs
-    return packets, reordered
+    return _Scan(packets, reordered, pictures)
 
 
-def drop_expression(path: str | os.PathLike, seek: float, times: np.ndarray) -> str | None:
-    """The ``noise`` bitstream filter's ``drop`` expression that leaves out the packets of a window no frame
-    displayed at `times` needs (see the module docstring); None when no packet can be left out exactly.
+@dataclass(frozen=True)
+class Plan:
+    """Which packets of a window a decode leaves out (`plan`)."""
+
+    expression: str    # the ``noise`` bitstream filter's ``drop`` expression naming them by byte position
+    packets: int       # packets from the keyframe before the seek point to the last sample
+    dropped: int       # of those, left out
+    references: bool   # reference pictures are left out too (the slice-header check held, `h264_refs`)
+
+
+def plan(path: str | os.PathLike, seek: float, times: np.ndarray) -> Plan | None:
+    """The packets of a window no frame displayed at `times` needs (see the module docstring); None when no packet
+    can be left out exactly.
 
     `seek`: the decode's seek point (seconds; the scan starts at the keyframe before it, as ffmpeg's ``-ss`` does —
     a different landing point only costs efficiency, never exactness, since every rule holds from any start);
@@ -248,28 +192,22 @@ def drop_expression(path: str | os.PathLike, seek: float, times: np.ndarray) -> 
         config = _stream_config(os.path.realpath(path), st.st_mtime_ns, st.st_size)
         if config is None:
             return None
-        scanned = _scan(path, seek, float(times[-1]), config.length_size)
+        scanned = _scan(path, seek, float(times[-1]), config)
     except (av.FFmpegError, IndexError, ValueError):
         return None  # the decode itself reports what is wrong with the file
-    if scanned is None:
+    if scanned is None or not scanned.packets or (scanned.reordered and not config.bitstream_restriction):
         return None
-    packets, reordered = scanned
-    if not packets or (reordered and not config.bitstream_restriction):
-        return None
+    packets = scanned.packets
     need = _needed(packets, times)
     if not need.any():
         return None
     last = int(np.flatnonzero(need)[-1])
-    keep = np.ones(len(packets), dtype=bool)
-    idr_ahead = False  # an IDR lies after this packet and at or before the next needed one (decoding order)
-    for i in range(last - 1, -1, -1):
-        if need[i + 1]:
-            idr_ahead = False
-        idr_ahead |= packets[i + 1].idr
-        p = packets[i]
-        if need[i] or p.params:
-            continue
-        keep[i] = p.ref and not idr_ahead
+    keep, references = None, False
+    if scanned.pictures is not None:  # parameter sets are always kept
+        keep = h264_refs.reference_closure(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
+                                           last + 1)
+        references = keep is not None
+    keep = np.array(keep) if keep is not None else _keep_without_references(packets, need, last)
     if keep.all():
         return None
     runs, i = [], 0
@@ -282,7 +220,30 @@ def drop_expression(path: str | os.PathLike, seek: float, times: np.ndarray) -> 
             j += 1
         runs.append((packets[i].pos, packets[j].pos))
         i = j + 1
-    return "+".join(f"eq(pos,{a})" if a == b else f"between(pos,{a},{b})" for a, b in runs)
+    expression = "+".join(f"eq(pos,{a})" if a == b else f"between(pos,{a},{b})" for a, b in runs)
+    return Plan(expression, len(packets), int((~keep).sum()), references)
+
+
+def drop_expression(path: str | os.PathLike, seek: float, times: np.ndarray) -> str | None:
+    """`plan`'s ``drop`` expression for the ``noise`` bitstream filter; None when nothing is left out."""
+    planned = plan(path, seek, times)
+    return planned.expression if planned else None
+
+
+def _keep_without_references(packets: list[_Packet], need: np.ndarray, last: int) -> np.ndarray:
+    """(P,) bool: the packets to decode when every reference picture is kept, except those before an IDR that lies
+    between two needed pictures: the non-reference pictures not needed are left out, and those runs."""
+    keep = np.ones(len(packets), dtype=bool)
+    idr_ahead = False  # an IDR lies after this packet and at or before the next needed one (decoding order)
+    for i in range(last - 1, -1, -1):
+        if need[i + 1]:
+            idr_ahead = False
+        idr_ahead |= packets[i + 1].idr
+        p = packets[i]
+        if need[i] or p.params:
+            continue
+        keep[i] = p.ref and not idr_ahead
+    return keep
 
 
 def _needed(packets: list[_Packet], times: np.ndarray) -> np.ndarray:
