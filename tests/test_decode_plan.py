@@ -3,13 +3,14 @@ decode of the whole window, on H.264 streams of several structures; and the plan
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import numpy as np
 import pytest
 
 from mambavl.data.media import ffmpeg_binary
-from mambavl.extract import packet_plan
+from mambavl.extract import h264_refs, packet_plan
 from mambavl.extract.decode import FfmpegDecoder, SamplingConfig, SamplingMode, decode_video_segment, probe_video
 
 # x264 settings per stream kind: GOP 60 at 59.94 fps (a keyframe a second, as camera footage has)
@@ -88,3 +89,100 @@ def test_sps_bitstream_restriction_is_read(streams):
     config = packet_plan._avc_config(extradata)
     assert config is not None and config.length_size == 4 and config.bitstream_restriction  # x264 writes it
     assert probe_video(streams["bframes_gop60"]).fps == pytest.approx(60000 / 1001)
+
+
+def _packet_kinds(path, until):
+    """(nal_ref_idc > 0, IDR, byte position, seconds presented) per video packet decoded up to `until` seconds,
+    decoding order."""
+    import av
+
+    out = []
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        for pkt in c.demux(s):
+            if pkt.size == 0 or pkt.dts * s.time_base > until:
+                continue
+            data, i, ref, idr = bytes(pkt), 0, False, False
+            while i + 4 < len(data):
+                n = int.from_bytes(data[i:i + 4], "big")
+                if data[i + 4] & 0x1F in (1, 5):
+                    ref |= bool(data[i + 4] >> 5 & 3)
+                    idr |= data[i + 4] & 0x1F == 5
+                i += 4 + n
+            out.append((ref, idr, pkt.pos, float(pkt.pts * s.time_base)))
+    return out
+
+
+def test_plan_leaves_reference_pictures_out(streams):
+    """x264's B-pyramid: the middle B of each group is a reference only its group's non-reference B reads; with the
+    samples on other pictures those references are left out too (checked by the slice-header simulation), and the
+    frames stay bit-identical (test_planned_decode_is_bit_identical runs the same streams)."""
+    path = streams["bframes_gop60"]
+    kinds = _packet_kinds(path, 1.5)
+    # anchors (P pictures: presented after everything decoded before them): two in the first GOP, one in the second
+    # (a B reference decoded after the last sample reads left-out ones through x264's memory management commands)
+    anchors = [t for k, (ref, idr, _, t) in enumerate(kinds) if ref and not idr and t > max(x[3] for x in kinds[:k])]
+    times = np.array([min(anchors, key=lambda t: abs(t - x)) for x in (0.4, 0.8, 1.3)]) + 0.005
+    planned = packet_plan.plan(path, 0.0, times)
+    assert planned is not None and planned.references
+    runs = [(int(a), int(b or a)) for a, b in re.findall(r"(?:eq|between)\(pos,(\d+)(?:,(\d+))?\)",
+                                                            planned.expression)]
+    second = next(pos for _, _, pos, t in kinds if abs(t + 0.005 - times[1]) < 1e-6)
+    # B references between the first two samples are left out (not just the run before the keyframe)
+    assert any(ref and any(a <= pos <= b for a, b in runs) for ref, _, pos, _ in kinds if pos < second)
+    cfg = SamplingConfig(num_frames=3, size=32)
+    a = decode_video_segment(path, 0.0, 1.5, cfg, decoder=FfmpegDecoder(skip_unneeded=False))[0]
+    assert np.array_equal(a, decode_video_segment(path, 0.0, 1.5, cfg, decoder=FfmpegDecoder())[0])
+
+
+def test_plan_skips_through_a_keyframe_between_samples(streams):
+    """Two samples a GOP apart: everything between the first and the keyframe before the second is left out (a seek
+    per sample, in the same decode), whatever kind of stream."""
+    for kind in ("all_p", "bframes_gop60"):
+        path = streams[kind]
+        kinds = _packet_kinds(path, 3.0)
+        idr = [i for i, (_, k, _, _) in enumerate(kinds) if k]
+        assert len(idr) >= 3
+        times = np.array([0.1, 2.2])  # GOP 0 and GOP 2: GOP 1 feeds nothing
+        planned = packet_plan.plan(path, 0.0, times)
+        assert planned is not None and planned.dropped >= idr[2] - idr[1], kind
+
+
+def _pictures(spec):
+    """Pictures for `h264_refs` from (ref, frame_num, poc_lsb, kind, mods, mmco) rows, an x264-like stream: one SPS
+    (4 reference frames, POC type 0), one slice per picture with one reference per list."""
+    sps = h264_refs.Sps(0, 1, False, 4, 0, 6, 4, False, True, True)
+    out = []
+    for ref, frame_num, lsb, kind, mods, mmco in spec:
+        num = {"I": (0, 0), "P": (1, 0), "B": (1, 1)}[kind]
+        out.append(h264_refs.Picture(kind == "I", ref, frame_num, lsb, 0, sps,
+                                     (h264_refs.Slice(kind, num, (mods, ())),), mmco))
+    return out
+
+
+# I P Bref b P Bref b P (decoding order): the stream the benchmark's x264 writes (POC = 2 x display index)
+PYRAMID = [(True, 0, 0, "I", (), None), (True, 1, 6, "P", (), None), (True, 2, 2, "B", (), None),
+           (False, 3, 4, "B", (), None), (True, 3, 12, "P", ((0, 1),), None), (True, 4, 8, "B", (), None),
+           (False, 5, 10, "B", (), None), (True, 5, 18, "P", ((0, 1),), None)]
+
+
+def test_reference_simulation_follows_the_lists():
+    pics = _pictures(PYRAMID)
+    full = h264_refs.simulate(pics)
+    assert [r for _, r in full] == [(), (0,), (0, 1), (1, 2), (1,), (1, 4), (4, 5), (4,)]
+    # samples on P pictures only: both B-pyramid references are left out, the frame-num gaps are harmless
+    keep = h264_refs.reference_closure(pics, [i in (4, 7) for i in range(8)], strict=8)
+    assert keep == [True, True, False, False, True, False, False, True]
+
+
+def test_reference_simulation_refuses_a_stand_in_read():
+    """ffmpeg fills the frame-num gap a left-out reference leaves with a copy of the latest reference whose POC is
+    that reference's + 2 — the POC of the next group's B reference, which then reads the stand-in (different POC:
+    different implicit weights). So a B-pyramid reference before a kept B reference stays."""
+    pics = _pictures(PYRAMID)
+    keep = [True, True, False, False, True, True, False, True]
+    with pytest.raises(h264_refs.Failure) as err:
+        h264_refs.simulate(pics, keep)
+    assert err.value.at == 5 and err.value.reads == 2
+    assert h264_refs.reference_closure(pics, [i == 5 for i in range(8)], strict=8) == \
+        [True, True, True, False, True, True, False, False]

@@ -491,13 +491,30 @@ def _close(pics: list[Picture], full: list, keep: list[bool]) -> None:
                 keep[j] = True
 
 
+def _keep_before_kept_b(pics: list[Picture], full: list, keep: list[bool], soft: int) -> None:
+    """Put back (in place) the reference pictures before a kept B picture of the same GOP (before index `soft`):
+    the stand-in ffmpeg puts in a left-out reference's place has the POC of the next group's B reference, where a
+    B picture's list starts (x264's B-pyramid), so such a plan would fail the check one group at a time anyway."""
+    later_b = False
+    for k in range(len(pics) - 1, -1, -1):
+        if keep[k] and k < soft and any(s.kind == "B" for s in pics[k].slices):
+            later_b = True
+        elif later_b and not keep[k] and pics[k].ref:
+            keep[k] = True
+            for j in full[k][1]:
+                keep[j] = True
+        if pics[k].idr:
+            later_b = False
+
+
 def reference_closure(pictures: list[Picture | None], need: list[bool], strict: int,
                       tries: int = 64) -> list[bool] | None:
     """Which pictures to decode so that the `need`ed ones decode exactly as in the whole stream: the needed ones and,
     transitively, every picture in the active reference lists of one of them — checked by decoding that subset as
-    ffmpeg would (`simulate`); where the check fails at a picture, the latest reference picture left out before it is
-    put back, and the check runs again (at most `tries` times). `pictures`: decoding order from an IDR (None: a
-    packet without a slice, kept); pictures from index `strict` on are kept (they follow the last needed one) and
+    ffmpeg would (`simulate`); where the check fails at a picture, the reference picture whose stand-in it reads and
+    those left out after it (else the latest one left out before it) are put back, and the check runs again (at most
+    `tries` times). `pictures`: decoding order from
+    an IDR (None: a packet without a slice, kept); pictures from index `strict` on are kept (they follow the last needed one) and
     only need to decode without an error. None when the stream is not modelled or no subset passes: the caller keeps
     the reference pictures."""
     if not pictures or pictures[0] is None or not pictures[0].idr:
@@ -511,16 +528,15 @@ def reference_closure(pictures: list[Picture | None], need: list[bool], strict: 
         return None
     keep = [need[i] or i >= strict for i in index]
     _close(pics, full, keep)
+    _keep_before_kept_b(pics, full, keep, soft)
+    _close(pics, full, keep)
     for _ in range(tries):
+        reads = -1
         try:
             planned = simulate(pics, keep, soft_from=soft)
             at = next((k for k in range(soft) if keep[k] and planned[k] != full[k]), None)
         except Failure as exc:
-            at = exc.at
-            if exc.reads >= 0:
-                keep[exc.reads] = True
-                _close(pics, full, keep)
-                continue
+            at, reads = exc.at, exc.reads
         except (LookupError, Unsupported):
             return None
         if at is None:
@@ -528,9 +544,12 @@ def reference_closure(pictures: list[Picture | None], need: list[bool], strict: 
             for k, i in enumerate(index):
                 out[i] = keep[k]
             return out
-        back = [j for j in range(at) if pics[j].ref and not keep[j]]
+        # put back the stand-in's picture and the references left out after it; else the latest one left out
+        start = max(j for j in range(at + 1) if pics[j].idr)  # nothing before an IDR matters after it
+        back = [j for j in range(max(start, reads), at) if pics[j].ref and not keep[j]]
         if not back:
             return None
-        keep[back[-1]] = True
+        for j in back if reads >= 0 else back[-1:]:
+            keep[j] = True
         _close(pics, full, keep)
     return None

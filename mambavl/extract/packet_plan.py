@@ -28,8 +28,10 @@ choice of the frame displayed at that time is left to ffmpeg's own arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import av
@@ -123,6 +125,28 @@ def _stream_config(path: str, mtime_ns: int, size: int) -> _AvcConfig | None:
         return _avc_config(bytes(stream.codec_context.extradata or b""))
 
 
+_OPEN = threading.local()  # per thread: the file last scanned, kept open (opening reads and decodes its start)
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """The file opened for demuxing, reused by the next scan of the same file version in this thread."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    held = getattr(_OPEN, "held", None)
+    if held is None or held[0] != key:
+        if held is not None:
+            held[1].close()
+        _OPEN.held = None
+        held = (key, av.open(path))
+    try:
+        yield held[1]
+    except BaseException:
+        held[1].close()
+        raise
+    _OPEN.held = held
+
+
 @dataclass
 class _Scan:
     packets: list[_Packet]
@@ -139,7 +163,7 @@ def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | N
     sps_table = {x.sps_id: x for x in config.sps}
     pps_table = {x.pps_id: x for x in config.pps}
     pictures: list | None = [] if config.sps and config.pps else None
-    with av.open(path) as container:
+    with _opened(path) as container:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
         origin = (container.start_time or 0) / av.time_base
