@@ -449,10 +449,15 @@ class FfmpegDecoder:
         # One nominal frame of margin: some demuxers land a little after the requested seek point.
         ss = round(max(0.0, req.first - 1.0 / probe.fps) if ss is None else ss, 6)  # ffmpeg parses -ss to us
         options = {"threads": int(req.threads)} if req.threads else {}
-        drop = packet_plan.drop_expression(path, ss, req.times) if self.skip_unneeded else None
-        if drop:
-            options["bsf:v"] = f"noise=drop='{drop}'"
-        stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
+        planned = packet_plan.plan(path, ss, req.times, stand_ins=True) if self.skip_unneeded else None
+        stdin, copyts = None, False
+        if planned and planned.stand_ins:  # the packets go through a pipe, with stand-ins (packet_plan)
+            stdin, whole = packet_plan.stand_in_stream(path, planned, ss)
+            stream, copyts = ffmpeg.input("pipe:", format="nut", itsoffset=f"-{whole}", **options), True
+        else:
+            if planned:
+                options["bsf:v"] = f"noise=drop='{planned.expression}'"
+            stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
         # showinfo logs the timestamp of every decoded frame: which frames the fps filter could pick
         stream = stream.filter("showinfo", **_SHOWINFO_OPTIONS) if _showinfo_checksum_option() else \
             stream.filter("showinfo")
@@ -465,7 +470,7 @@ class FfmpegDecoder:
         stream = _scale_crop(stream, req.size, probe.sar, req.crops)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
-        raw, log = _run(out, path, loglevel=_video_loglevel())
+        raw, log = _run(out.global_args("-copyts") if copyts else out, path, stdin=stdin, loglevel=_video_loglevel())
         frames = _frames(raw, req.size, req.crops)  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
         decoded = parse_showinfo(log, ss)
         errors = decoder_errors(log)

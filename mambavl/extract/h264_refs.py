@@ -75,6 +75,7 @@ class Sps:
     gaps_allowed: bool
     frame_mbs_only: bool
     bitstream_restriction: bool
+    mbs: int = 0  # macroblocks per frame
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def parse_sps(nal: bytes) -> Sps:
         for _ in range(b.ue()):
             b.se()
     max_num_ref_frames, gaps_allowed = b.ue(), bool(b.u(1))
-    b.ue(), b.ue()  # size in macroblocks
+    width_mbs, height_units = b.ue() + 1, b.ue() + 1
     frame_mbs_only = bool(b.u(1))
     if not frame_mbs_only:
         b.u(1)
@@ -164,7 +165,8 @@ def parse_sps(nal: bytes) -> Sps:
         b.ue(), b.ue(), b.ue(), b.ue()
     restriction = _vui_bitstream_restriction(b) if b.u(1) else False
     return Sps(sps_id, 0 if separate else chroma, separate, log2_max_frame_num, poc_type, log2_max_poc_lsb,
-               max_num_ref_frames, gaps_allowed, frame_mbs_only, restriction)
+               max_num_ref_frames, gaps_allowed, frame_mbs_only, restriction,
+               width_mbs * height_units * (1 if frame_mbs_only else 2))
 
 
 def parse_pps(nal: bytes) -> Pps:
@@ -553,3 +555,102 @@ def reference_closure(pictures: list[Picture | None], need: list[bool], strict: 
             keep[j] = True
         _close(pics, full, keep)
     return None
+
+
+# ------------------------------------------------------------------------------------------------ stand-in pictures
+class BitWriter:
+    """Big-endian bit writer for an RBSP."""
+
+    def __init__(self):
+        self.value, self.size = 0, 0
+
+    def u(self, n: int, v: int) -> None:
+        self.value, self.size = (self.value << n) | (v & ((1 << n) - 1)), self.size + n
+
+    def ue(self, v: int) -> None:
+        n = (v + 1).bit_length()
+        self.u(2 * n - 1, v + 1)
+
+    def se(self, v: int) -> None:
+        self.ue(2 * v - 1 if v > 0 else -2 * v)
+
+    def nal(self, header: int) -> bytes:
+        """The NAL unit: `header`, then the bits with the RBSP stop bit and emulation prevention bytes."""
+        self.u(1, 1)
+        self.u(-self.size % 8, 0)
+        data = self.value.to_bytes(self.size // 8, "big")
+        out, zeros = bytearray([header]), 0
+        for byte in data:
+            if zeros >= 2 and byte <= 3:
+                out.append(3)
+                zeros = 0
+            out.append(byte)
+            zeros = zeros + 1 if byte == 0 else 0
+        return bytes(out)
+
+
+def skip_pps(sps: Sps, pps_id: int) -> bytes:
+    """A PPS NAL unit for `skip_slice`: CAVLC, one reference, no weighting, deblocking control present."""
+    b = BitWriter()
+    b.ue(pps_id), b.ue(sps.sps_id)
+    b.u(1, 0), b.u(1, 1)  # entropy_coding_mode_flag (CAVLC), bottom_field_pic_order_in_frame_present_flag
+    b.ue(0), b.ue(0), b.ue(0)  # one slice group, one reference in list 0 / list 1 by default
+    b.u(1, 0), b.u(2, 0)  # no weighted prediction
+    b.se(0), b.se(0), b.se(0)  # pic_init_qp/qs, chroma_qp_index_offset
+    b.u(1, 1), b.u(1, 0), b.u(1, 0)  # deblocking_filter_control_present, constrained_intra_pred, redundant_pic_cnt
+    return b.nal(0x68)
+
+
+def skip_slice(p: Picture, ref_idc: int, pps_id: int) -> bytes:
+    """A stand-in for reference picture `p` that costs next to nothing to decode: one P slice whose macroblocks are
+    all skipped, without deblocking, with `p`'s frame_num, POC and reference marking (so the decoder's reference
+    buffer and POC state are exactly as after `p`; its pixels are not `p`'s, and nothing kept reads them)."""
+    sps, b = p.sps, BitWriter()
+    b.ue(0), b.ue(0), b.ue(pps_id)  # first_mb_in_slice, slice_type P, the `skip_pps`
+    if sps.separate_colour_plane:
+        raise Unsupported("separate colour planes")
+    b.u(sps.log2_max_frame_num, p.frame_num)
+    if sps.poc_type == 0:
+        b.u(sps.log2_max_poc_lsb, p.poc_lsb)
+        b.se(p.delta_poc_bottom)
+    b.u(1, 0), b.u(1, 0)  # num_ref_idx_active_override_flag, ref_pic_list_modification_flag_l0
+    b.u(1, p.mmco is not None)  # adaptive_ref_pic_marking_mode_flag
+    for op, diff in p.mmco or ():
+        b.ue(op), b.ue(diff)
+    if p.mmco is not None:
+        b.ue(0)
+    b.se(0), b.ue(1)  # slice_qp_delta, disable_deblocking_filter_idc
+    b.ue(sps.mbs)  # mb_skip_run: every macroblock
+    return b.nal((ref_idc << 5) | 1)
+
+
+def stand_in_plan(pictures: list[Picture | None], need: list[bool], strict: int) -> list[str] | None:
+    """Per packet: "keep" (decode it), "stand-in" (decode `skip_slice` in its place: a reference picture nothing
+    kept reads, followed by decoded ones, so the reference buffer must go on as in the stream) or "drop" (nothing
+    decoded after it before the next decoded IDR needs it). Kept: the `need`ed pictures, every picture in the active
+    reference lists of a kept one (transitively, `simulate`), packets without a slice, pictures from index `strict`
+    on. None when the stream is not modelled or does not start with an IDR."""
+    if not pictures or pictures[0] is None or not pictures[0].idr:
+        return None
+    index = [i for i, p in enumerate(pictures) if p is not None]
+    pics = [pictures[i] for i in index]
+    try:
+        full = simulate(pics)
+    except (LookupError, Unsupported):
+        return None
+    keep = [need[i] or i >= strict for i in index]
+    _close(pics, full, keep)
+    out = ["keep"] * len(pictures)
+    decoded_after = False  # a picture after this one and before the next decoded IDR is decoded
+    for k in range(len(pics) - 1, -1, -1):
+        p = pics[k]
+        if not keep[k] and p.ref and decoded_after:
+            if p.idr or p.sps.separate_colour_plane or not p.sps.mbs:
+                keep[k] = True
+            else:
+                out[index[k]] = "stand-in"
+        elif not keep[k]:
+            out[index[k]] = "drop"
+        if out[index[k]] != "drop":
+            decoded_after = not p.idr
+    return out

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -153,6 +154,8 @@ class _Scan:
     reordered: bool                     # pictures are presented in another order than decoded
     pictures: list | None               # per packet, its slice headers (h264_refs.Picture; None: no slice);
     #                                     None when some packet's headers are not modelled
+    pps_ids: tuple = ()                 # the picture parameter set ids seen
+    length_size: int = 4                # bytes of each NAL unit's length prefix
 
 
 def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | None:
@@ -189,7 +192,7 @@ def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | N
             packets.append(_Packet(int(pkt.pos), t, *_nal_flags(nals)))
     if any(b.pos <= a.pos for a, b in zip(packets, packets[1:])):
         return None  # packets not in file order: byte ranges would not name runs
-    return _Scan(packets, reordered, pictures)
+    return _Scan(packets, reordered, pictures, tuple(pps_table), config.length_size)
 
 
 @dataclass(frozen=True)
@@ -200,15 +203,21 @@ class Plan:
     packets: int       # packets from the keyframe before the seek point to the last sample
     dropped: int       # of those, left out
     references: bool   # reference pictures are left out too (the slice-header check held, `h264_refs`)
+    stand_ins: dict = field(default_factory=dict)  # byte position -> the packet decoded in its place (`stand_ins`)
+    left_out: frozenset = frozenset()              # byte positions not sent at all (with stand-ins)
+    last_pos: int = -1                             # byte position of the last packet scanned
 
 
-def plan(path: str | os.PathLike, seek: float, times: np.ndarray) -> Plan | None:
+def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: bool = False) -> Plan | None:
     """The packets of a window no frame displayed at `times` needs (see the module docstring); None when no packet
     can be left out exactly.
 
     `seek`: the decode's seek point (seconds; the scan starts at the keyframe before it, as ffmpeg's ``-ss`` does —
     a different landing point only costs efficiency, never exactness, since every rule holds from any start);
-    `times`: (U,) requested times in seconds on the container timeline, increasing.
+    `times`: (U,) requested times in seconds on the container timeline, increasing. `stand_ins`: reference pictures
+    nothing kept reads are decoded as skipped pictures (`h264_refs.skip_slice`) where the stream is modelled, so the
+    plan can only be decoded from `stand_in_stream`; else they are decoded whole unless the slice-header check shows
+    that leaving them out changes nothing (`h264_refs.reference_closure`).
     """
     path = os.fspath(path)
     st = os.stat(path)
@@ -227,6 +236,10 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray) -> Plan | None
         return None
     last = int(np.flatnonzero(need)[-1])
     keep, references = None, False
+    if stand_ins and scanned.pictures is not None:
+        planned = _stand_in_plan(scanned, need, last)
+        if planned is not None:
+            return planned
     if scanned.pictures is not None:  # parameter sets are always kept
         keep = h264_refs.reference_closure(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
                                            last + 1)
@@ -246,6 +259,71 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray) -> Plan | None
         i = j + 1
     expression = "+".join(f"eq(pos,{a})" if a == b else f"between(pos,{a},{b})" for a, b in runs)
     return Plan(expression, len(packets), int((~keep).sum()), references)
+
+
+def _stand_in_plan(scanned: _Scan, need: np.ndarray, last: int) -> Plan | None:
+    packets = scanned.packets
+    what = h264_refs.stand_in_plan(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)], last + 1)
+    if what is None or "stand-in" not in what:
+        return None
+    pps_ids = set(scanned.pps_ids)
+    pps_id = next((i for i in range(256) if i not in pps_ids), None)
+    if pps_id is None:
+        return None
+    subs = {}
+    for p, pic, kind in zip(packets, scanned.pictures, what):
+        if kind == "stand-in":
+            nals = (h264_refs.skip_pps(pic.sps, pps_id), h264_refs.skip_slice(pic, 2, pps_id))
+            subs[p.pos] = b"".join(len(n).to_bytes(scanned.length_size, "big") + n for n in nals)
+    left_out = frozenset(p.pos for p, kind in zip(packets, what) if kind == "drop")
+    return Plan("", len(packets), len(left_out) + len(subs), True, subs, left_out, packets[-1].pos)
+
+
+def stand_in_stream(path: str | os.PathLike, planned: Plan, seek: float, extra: int = 16) -> tuple[bytes, int]:
+    """The packets `planned` sends, from the keyframe before `seek` (as `plan` scanned them) to `extra` packets past
+    the last one scanned, muxed as NUT with the timestamps ffmpeg gives the file's packets after ``-ss seek`` plus
+    a whole number of seconds that keeps them non-negative; returns (bytes, that number: ffmpeg's ``-itsoffset``
+    minus it, with ``-copyts``, gives the decoder the frames and timestamps of the file path)."""
+    path = os.fspath(path)
+    buf = io.BytesIO()
+    with _opened(path) as container:
+        stream = container.streams.video[0]
+        tb = stream.time_base
+        start_us = container.start_time or 0
+        container.seek(max(0, int((seek + start_us / av.time_base) / float(tb))), stream=stream, backward=True,
+                       any_frame=False)
+        shift_us = int(round(seek * 1e6)) + start_us  # what ffmpeg subtracts after -ss (microseconds)
+        num, den = tb.numerator, tb.denominator
+        shift = _rescale_near_inf(shift_us * den, 10**6 * num)
+        whole = num * (int(seek + start_us / av.time_base) // num + 2)  # seconds, a multiple of the time base's num
+        offset = whole * den // num - shift  # ticks added to every packet
+        with av.open(buf, "w", format="nut") as out:
+            ost = out.add_stream_from_template(stream)
+            ost.time_base = tb
+            last_pos, past = planned.last_pos, 0
+            for pkt in container.demux(stream):
+                if pkt.size == 0 or pkt.dts is None:
+                    continue
+                pos = int(pkt.pos)
+                past += pos > last_pos and pos not in planned.left_out
+                if past > extra:
+                    break
+                if pos in planned.left_out:
+                    continue
+                if pos in planned.stand_ins:
+                    sub = av.Packet(planned.stand_ins[pos])
+                    sub.pts, sub.dts, sub.time_base = pkt.pts, pkt.dts, pkt.time_base
+                    pkt = sub
+                pkt.pts, pkt.dts = pkt.pts + offset, pkt.dts + offset
+                pkt.stream = ost
+                out.mux(pkt)
+    return buf.getvalue(), whole
+
+
+def _rescale_near_inf(a: int, b: int) -> int:
+    """a / b rounded half away from zero (av_rescale's AV_ROUND_NEAR_INF), b > 0."""
+    q = (2 * abs(a) + b) // (2 * b)
+    return q if a >= 0 else -q
 
 
 def drop_expression(path: str | os.PathLike, seek: float, times: np.ndarray) -> str | None:
