@@ -1,20 +1,20 @@
-"""Which H.264 pictures each picture of a window reads from, and whether leaving reference pictures out keeps the
-others' decoding unchanged — as ffmpeg's decoder does it.
+"""Which H.264 pictures each picture of a window reads from, from the slice headers, and stand-ins that keep the
+decoder's reference state without decoding a picture.
 
-`mambavl.extract.packet_plan` leaves out the pictures no sampled frame needs. Non-reference pictures are safe by
-definition; a *reference* picture nothing kept reads from (x264's B-pyramid: the middle B-frame of each group is a
-reference that only the group's non-reference B reads) can be left out too, but only when its absence changes
-nothing for the kept pictures. Leaving it out leaves a gap in ``frame_num``, which ffmpeg fills with a stand-in
-frame (a copy of the latest reference, shown nowhere, ``POC`` = that reference's + 2) that takes the missing
-picture's place in the reference buffer; and the missing picture no longer updates the picture-order-count state.
+`mambavl.extract.packet_plan` leaves out what no sampled frame needs. Non-reference pictures are safe to leave out by
+definition. A *reference* picture nothing kept reads from (x264's B-pyramid: the middle B of each group is a reference
+only its group's non-reference B reads) cannot simply be left out: the gap in ``frame_num`` it leaves is filled by
+ffmpeg with a copy of the latest reference whose POC is that reference's + 2 — the POC of the next group's B
+reference, whose list then starts with the copy (other POC distances, other implicit weights, other pixels). So it is
+replaced by `skip_slice`: a P slice of skipped macroblocks with the picture's ``frame_num``, POC and reference marking,
+which leaves the reference buffer and the POC state exactly as the picture would, at the cost of a copy.
 
-So the pictures are simulated twice from the slice headers (H.264 7.3.3: ``frame_num``, POC, reference list sizes
-and modifications, reference marking), once whole and once with the left-out pictures replaced as ffmpeg replaces
-them (gap frames, its early removal of gap frames, its POC state), and the plan stands only when every kept picture
-gets the same POC, the same pictures in the active part of each reference list of each slice (8.2.4: P lists by
-``PicNum``, B lists by POC, the modifications), and every memory-management command finds its target. Anything
-outside what is simulated (fields, long-term references, MMCO other than "unmark short-term", POC type 1, slice
-groups, SP/SI slices, redundant pictures, an open-GOP start) raises `Unsupported`: the caller keeps those pictures.
+`simulate` follows the stream from an IDR as the decoder builds its reference lists (H.264 8.2.1 POC, 8.2.4 lists:
+P by ``PicNum``, B by POC as ffmpeg's ``add_sorted`` orders ties, list modifications, 8.2.5 sliding window and
+"unmark short-term" commands) and gives each picture the pictures in the active part of its slices' lists; the
+pictures kept are the needed ones and, transitively, what they read (`stand_in_plan`). Anything outside what is
+modelled (fields, long-term references, other memory management commands, POC type 1, slice groups, SP/SI slices,
+redundant pictures, an open-GOP start) raises `Unsupported`, and the caller keeps every reference picture.
 """
 
 from __future__ import annotations
@@ -294,12 +294,9 @@ def parse_slice(nal: bytes, pps_table: dict[int, Pps], sps_table: dict[int, Sps]
 # ------------------------------------------------------------------------------------------------ the simulation
 @dataclass
 class _Entry:
-    pic: int          # index of the picture (a gap frame: the index of the picture it stands in for)
+    pic: int          # index of the picture
     frame_num: int
     poc: int
-    gap: bool = False
-    buffer: int = -1  # whose pixels (ffmpeg compares list entries by buffer): a gap frame shares its source's
-    invalid: bool = False  # a gap frame of a stream that allows no gaps: ffmpeg drops it early (`_mark`)
 
 
 @dataclass
@@ -357,7 +354,7 @@ def _lists(state: _State, p: Picture, s: Slice, poc: int) -> list[list[_Entry]]:
     else:
         init = [_add_sorted(state.short, poc, 1) + _add_sorted(state.short, poc, 0),
                 _add_sorted(state.short, poc, 0) + _add_sorted(state.short, poc, 1)]
-        if len(init[1]) > 1 and [e.buffer for e in init[0]] == [e.buffer for e in init[1]]:
+        if len(init[1]) > 1 and [e.pic for e in init[0]] == [e.pic for e in init[1]]:
             init[1][0], init[1][1] = init[1][1], init[1][0]
     out = []
     for lst, entries in enumerate(init):
@@ -395,67 +392,28 @@ def _mark(state: _State, entry: _Entry, mmco, max_fn: int, max_refs: int, frame_
     state.short.insert(0, entry)
     if len(state.short) > max(max_refs, 1):
         raise LookupError("number of reference frames exceeds max")
-    state.short[:] = [e for e in state.short if not e.invalid or (frame_num - e.frame_num) % max_fn <= max_refs]
 
 
-def _fill_gap(state: _State, p: Picture, stand_in: list[int]) -> None:
-    """ffmpeg's frame-num gap filling: a stand-in frame per missing frame_num, copying the latest reference."""
-    max_fn = 1 << p.sps.log2_max_frame_num
-    while p.frame_num != state.prev_frame_num and p.frame_num != (state.prev_frame_num + 1) % max_fn:
-        if not state.short or not stand_in:
-            raise LookupError("frame num gap without a reference to copy")
-        prev = state.short[0]
-        state.prev_frame_num = (state.prev_frame_num + 1) % max_fn
-        entry = _Entry(stand_in.pop(0), state.prev_frame_num, prev.poc + 2, True, prev.buffer,
-                       not p.sps.gaps_allowed)
-        _mark(state, entry, None, max_fn, p.sps.max_num_ref_frames, state.prev_frame_num)
-
-
-class Failure(LookupError):
-    """The decode of picture `at` (an index of `simulate`'s pictures) would go wrong: the decoder would report an
-    error, or (`reads` >= 0) it would read the stand-in for the left-out picture `reads`."""
-
-    def __init__(self, at: int, message: str, reads: int = -1):
-        super().__init__(f"picture {at}: {message}")
-        self.at, self.reads = at, reads
-
-
-def simulate(pictures: list[Picture], keep: list[bool] | None = None, soft_from: int | None = None):
-    """Decode `pictures` (decoding order, the first an IDR) keeping those `keep` marks (None: all), as ffmpeg does.
-    Returns, per kept picture, (POC, sorted indices of the pictures in the active reference lists of its slices);
-    None for pictures left out. `Failure`: a kept picture misses a reference (the decoder would report an error), or
-    one before `soft_from` reads a stand-in for a left-out picture."""
+def simulate(pictures: list[Picture]) -> list[tuple[int, tuple[int, ...]]]:
+    """Decode `pictures` (decoding order, the first an IDR) as the decoder builds its reference lists: per picture,
+    (POC, sorted indices of the pictures in the active reference lists of its slices). LookupError: a picture
+    misses a reference or a marking command its target (the stream is not as modelled)."""
     state, out = _State(), []
-    dropped_refs: list[int] = []
     for i, p in enumerate(pictures):
-        if keep is not None and not keep[i]:
-            out.append(None)
-            if p.ref:
-                dropped_refs.append(i)
-            continue
-        try:
-            if p.idr:
-                state = _State()
-            else:
-                _fill_gap(state, p, dropped_refs)
-            dropped_refs = []
-            poc, msb, offset = _poc(state, p)
-            refs: set[int] = set()
-            for s in p.slices:
-                for entries in _lists(state, p, s, poc):
-                    gaps = [e.pic for e in entries if e.gap]
-                    if gaps and (soft_from is None or i < soft_from):
-                        raise Failure(i, "reads a left-out picture", gaps[0])
-                    refs.update(e.pic for e in entries)
-            out.append((poc, tuple(sorted(refs))))
-            if p.ref:
-                _mark(state, _Entry(i, p.frame_num, poc, buffer=i), p.mmco, 1 << p.sps.log2_max_frame_num,
-                      p.sps.max_num_ref_frames, p.frame_num)
-                state.prev_msb, state.prev_lsb = msb, p.poc_lsb
-        except Failure:
-            raise
-        except LookupError as exc:
-            raise Failure(i, str(exc)) from None
+        if p.idr:
+            state = _State()
+        elif p.frame_num not in (state.prev_frame_num, (state.prev_frame_num + 1) % (1 << p.sps.log2_max_frame_num)):
+            raise LookupError("frame_num gap")
+        poc, msb, offset = _poc(state, p)
+        refs: set[int] = set()
+        for s in p.slices:
+            for entries in _lists(state, p, s, poc):
+                refs.update(e.pic for e in entries)
+        out.append((poc, tuple(sorted(refs))))
+        if p.ref:
+            _mark(state, _Entry(i, p.frame_num, poc), p.mmco, 1 << p.sps.log2_max_frame_num,
+                  p.sps.max_num_ref_frames, p.frame_num)
+            state.prev_msb, state.prev_lsb = msb, p.poc_lsb
         state.prev_frame_num, state.prev_offset = p.frame_num, offset
     return out
 
@@ -491,70 +449,6 @@ def _close(pics: list[Picture], full: list, keep: list[bool]) -> None:
         if keep[k]:
             for j in full[k][1]:
                 keep[j] = True
-
-
-def _keep_before_kept_b(pics: list[Picture], full: list, keep: list[bool], soft: int) -> None:
-    """Put back (in place) the reference pictures before a kept B picture of the same GOP (before index `soft`):
-    the stand-in ffmpeg puts in a left-out reference's place has the POC of the next group's B reference, where a
-    B picture's list starts (x264's B-pyramid), so such a plan would fail the check one group at a time anyway."""
-    later_b = False
-    for k in range(len(pics) - 1, -1, -1):
-        if keep[k] and k < soft and any(s.kind == "B" for s in pics[k].slices):
-            later_b = True
-        elif later_b and not keep[k] and pics[k].ref:
-            keep[k] = True
-            for j in full[k][1]:
-                keep[j] = True
-        if pics[k].idr:
-            later_b = False
-
-
-def reference_closure(pictures: list[Picture | None], need: list[bool], strict: int,
-                      tries: int = 64) -> list[bool] | None:
-    """Which pictures to decode so that the `need`ed ones decode exactly as in the whole stream: the needed ones and,
-    transitively, every picture in the active reference lists of one of them — checked by decoding that subset as
-    ffmpeg would (`simulate`); where the check fails at a picture, the reference picture whose stand-in it reads and
-    those left out after it (else the latest one left out before it) are put back, and the check runs again (at most
-    `tries` times). `pictures`: decoding order from
-    an IDR (None: a packet without a slice, kept); pictures from index `strict` on are kept (they follow the last needed one) and
-    only need to decode without an error. None when the stream is not modelled or no subset passes: the caller keeps
-    the reference pictures."""
-    if not pictures or pictures[0] is None or not pictures[0].idr:
-        return None
-    index = [i for i, p in enumerate(pictures) if p is not None]
-    pics = [pictures[i] for i in index]
-    soft = sum(1 for i in index if i < strict)
-    try:
-        full = simulate(pics)
-    except (LookupError, Unsupported):
-        return None
-    keep = [need[i] or i >= strict for i in index]
-    _close(pics, full, keep)
-    _keep_before_kept_b(pics, full, keep, soft)
-    _close(pics, full, keep)
-    for _ in range(tries):
-        reads = -1
-        try:
-            planned = simulate(pics, keep, soft_from=soft)
-            at = next((k for k in range(soft) if keep[k] and planned[k] != full[k]), None)
-        except Failure as exc:
-            at, reads = exc.at, exc.reads
-        except (LookupError, Unsupported):
-            return None
-        if at is None:
-            out = [True] * len(pictures)
-            for k, i in enumerate(index):
-                out[i] = keep[k]
-            return out
-        # put back the stand-in's picture and the references left out after it; else the latest one left out
-        start = max(j for j in range(at + 1) if pics[j].idr)  # nothing before an IDR matters after it
-        back = [j for j in range(max(start, reads), at) if pics[j].ref and not keep[j]]
-        if not back:
-            return None
-        for j in back if reads >= 0 else back[-1:]:
-            keep[j] = True
-        _close(pics, full, keep)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ stand-in pictures

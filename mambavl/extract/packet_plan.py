@@ -201,8 +201,7 @@ class Plan:
 
     expression: str    # the ``noise`` bitstream filter's ``drop`` expression naming them by byte position
     packets: int       # packets from the keyframe before the seek point to the last sample
-    dropped: int       # of those, left out
-    references: bool   # reference pictures are left out too (the slice-header check held, `h264_refs`)
+    dropped: int       # of those, left out or decoded as stand-ins
     stand_ins: dict = field(default_factory=dict)  # byte position -> the packet decoded in its place (`stand_ins`)
     left_out: frozenset = frozenset()              # byte positions not sent at all (with stand-ins)
     last_pos: int = -1                             # byte position of the last packet scanned
@@ -214,10 +213,11 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
 
     `seek`: the decode's seek point (seconds; the scan starts at the keyframe before it, as ffmpeg's ``-ss`` does —
     a different landing point only costs efficiency, never exactness, since every rule holds from any start);
-    `times`: (U,) requested times in seconds on the container timeline, increasing. `stand_ins`: reference pictures
-    nothing kept reads are decoded as skipped pictures (`h264_refs.skip_slice`) where the stream is modelled, so the
-    plan can only be decoded from `stand_in_stream`; else they are decoded whole unless the slice-header check shows
-    that leaving them out changes nothing (`h264_refs.reference_closure`).
+    `times`: (U,) requested times in seconds on the container timeline, increasing. `stand_ins`: where the slice
+    headers are modelled (`h264_refs`), the reference pictures nothing kept reads are decoded as stand-ins
+    (`h264_refs.skip_slice`) and the pictures nothing decoded later needs are left out, so the plan is decoded from
+    `stand_in_stream`; without, or where not modelled, or where no reference picture is spared, the plan is a
+    ``drop`` expression for the file itself (non-reference pictures and the runs before an IDR between samples).
     """
     path = os.fspath(path)
     st = os.stat(path)
@@ -235,16 +235,12 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
     if not need.any():
         return None
     last = int(np.flatnonzero(need)[-1])
-    keep, references = None, False
     if stand_ins and scanned.pictures is not None:
-        planned = _stand_in_plan(scanned, need, last)
-        if planned is not None:
-            return planned
-    if scanned.pictures is not None:  # parameter sets are always kept
-        keep = h264_refs.reference_closure(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
-                                           last + 1)
-        references = keep is not None
-    keep = np.array(keep) if keep is not None else _keep_without_references(packets, need, last)
+        what = h264_refs.stand_in_plan(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
+                                       last + 1)
+        if what is not None and "stand-in" in what:
+            return _stand_in_plan(scanned, what)
+    keep = _keep_without_references(packets, need, last)
     if keep.all():
         return None
     runs, i = [], 0
@@ -258,14 +254,11 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
         runs.append((packets[i].pos, packets[j].pos))
         i = j + 1
     expression = "+".join(f"eq(pos,{a})" if a == b else f"between(pos,{a},{b})" for a, b in runs)
-    return Plan(expression, len(packets), int((~keep).sum()), references)
+    return Plan(expression, len(packets), int((~keep).sum()))
 
 
-def _stand_in_plan(scanned: _Scan, need: np.ndarray, last: int) -> Plan | None:
+def _stand_in_plan(scanned: _Scan, what: list[str]) -> Plan | None:
     packets = scanned.packets
-    what = h264_refs.stand_in_plan(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)], last + 1)
-    if what is None or "stand-in" not in what:
-        return None
     pps_ids = set(scanned.pps_ids)
     pps_id = next((i for i in range(256) if i not in pps_ids), None)
     if pps_id is None:
@@ -276,7 +269,7 @@ def _stand_in_plan(scanned: _Scan, need: np.ndarray, last: int) -> Plan | None:
             nals = (h264_refs.skip_pps(pic.sps, pps_id), h264_refs.skip_slice(pic, 2, pps_id))
             subs[p.pos] = b"".join(len(n).to_bytes(scanned.length_size, "big") + n for n in nals)
     left_out = frozenset(p.pos for p, kind in zip(packets, what) if kind == "drop")
-    return Plan("", len(packets), len(left_out) + len(subs), True, subs, left_out, packets[-1].pos)
+    return Plan("", len(packets), len(left_out) + len(subs), subs, left_out, packets[-1].pos)
 
 
 def stand_in_stream(path: str | os.PathLike, planned: Plan, seek: float, extra: int = 16) -> tuple[bytes, int]:
