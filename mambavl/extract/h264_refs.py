@@ -518,12 +518,14 @@ def skip_slice(p: Picture, ref_idc: int, pps_id: int) -> bytes:
     return b.nal((ref_idc << 5) | 1)
 
 
-def stand_in_plan(pictures: list[Picture | None], need: list[bool], strict: int) -> list[str] | None:
+def stand_in_plan(pictures: list[Picture | None], need: list[bool], tail: int) -> list[str] | None:
     """Per packet: "keep" (decode it), "stand-in" (decode `skip_slice` in its place: a reference picture nothing
     kept reads, followed by decoded ones, so the reference buffer must go on as in the stream) or "drop" (nothing
     decoded after it before the next decoded IDR needs it). Kept: the `need`ed pictures, every picture in the active
-    reference lists of a kept one (transitively, `simulate`), packets without a slice, pictures from index `strict`
-    on. None when the stream is not modelled or does not start with an IDR."""
+    reference lists of a kept one (transitively, `simulate`) and packets without a slice. The pictures from index
+    `tail` on follow the last needed one and are only there to be output after it (the frame-rate filter emits a
+    frame once it sees the next): their reference pictures are stand-ins, the others left out. None when the stream
+    is not modelled or does not start with an IDR."""
     if not pictures or pictures[0] is None or not pictures[0].idr:
         return None
     index = [i for i, p in enumerate(pictures) if p is not None]
@@ -532,13 +534,13 @@ def stand_in_plan(pictures: list[Picture | None], need: list[bool], strict: int)
         full = simulate(pics)
     except (LookupError, Unsupported):
         return None
-    keep = [need[i] or i >= strict for i in index]
+    keep = [need[i] for i in index]
     _close(pics, full, keep)
     out = ["keep"] * len(pictures)
     decoded_after = False  # a picture after this one and before the next decoded IDR is decoded
     for k in range(len(pics) - 1, -1, -1):
         p = pics[k]
-        if not keep[k] and p.ref and decoded_after:
+        if not keep[k] and p.ref and (decoded_after or index[k] >= tail):
             if p.idr or p.sps.separate_colour_plane or not p.sps.mbs:
                 keep[k] = True
             else:

@@ -158,10 +158,12 @@ class _Scan:
     length_size: int = 4                # bytes of each NAL unit's length prefix
 
 
-def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | None:
+def _scan(path: str, seek: float, until: float, config: _AvcConfig, extra: int = 16) -> _Scan | None:
     """The video packets from the keyframe at or before `seek` to the last one presented at or before `until`
-    (seconds, container timeline), in decoding order, with their slice headers. None: no plan."""
+    (seconds, container timeline) and `extra` more (a decoder with reordering outputs a picture only after more
+    have come; 16 is the most H.264 allows), in decoding order, with their slice headers. None: no plan."""
     packets: list[_Packet] = []
+    past = 0
     reordered, latest = False, -np.inf
     sps_table = {x.sps_id: x for x in config.sps}
     pps_table = {x.pps_id: x for x in config.pps}
@@ -177,7 +179,9 @@ def _scan(path: str, seek: float, until: float, config: _AvcConfig) -> _Scan | N
             if pkt.pts is None or pkt.dts is None or pkt.pos is None or pkt.pos < 0:
                 return None
             if pkt.dts * tb - origin > until + _TICK_EPS:  # decoding time only grows: nothing later shows by then
-                break
+                past += 1
+                if past > extra:
+                    break
             nals = _nal_units(bytes(pkt), config.length_size)
             if nals is None:
                 return None
@@ -272,11 +276,11 @@ def _stand_in_plan(scanned: _Scan, what: list[str]) -> Plan | None:
     return Plan("", len(packets), len(left_out) + len(subs), subs, left_out, packets[-1].pos)
 
 
-def stand_in_stream(path: str | os.PathLike, planned: Plan, seek: float, extra: int = 16) -> tuple[bytes, int]:
-    """The packets `planned` sends, from the keyframe before `seek` (as `plan` scanned them) to `extra` packets past
-    the last one scanned, muxed as NUT with the timestamps ffmpeg gives the file's packets after ``-ss seek`` plus
-    a whole number of seconds that keeps them non-negative; returns (bytes, that number: ffmpeg's ``-itsoffset``
-    minus it, with ``-copyts``, gives the decoder the frames and timestamps of the file path)."""
+def stand_in_stream(path: str | os.PathLike, planned: Plan, seek: float) -> tuple[bytes, int]:
+    """The packets `planned` sends, from the keyframe before `seek` to the last one `plan` scanned, muxed as NUT
+    with the timestamps ffmpeg gives the file's packets after ``-ss seek`` plus a whole number of seconds that keeps
+    them non-negative; returns (bytes, that number: ffmpeg's ``-itsoffset`` minus it, with ``-copyts``, gives the
+    decoder the frames and timestamps of the file path). After the last packet the stream ends."""
     path = os.fspath(path)
     buf = io.BytesIO()
     with _opened(path) as container:
@@ -293,13 +297,11 @@ def stand_in_stream(path: str | os.PathLike, planned: Plan, seek: float, extra: 
         with av.open(buf, "w", format="nut") as out:
             ost = out.add_stream_from_template(stream)
             ost.time_base = tb
-            last_pos, past = planned.last_pos, 0
             for pkt in container.demux(stream):
                 if pkt.size == 0 or pkt.dts is None:
                     continue
                 pos = int(pkt.pos)
-                past += pos > last_pos and pos not in planned.left_out
-                if past > extra:
+                if pos > planned.last_pos:
                     break
                 if pos in planned.left_out:
                     continue
