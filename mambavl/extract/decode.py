@@ -453,7 +453,8 @@ class FfmpegDecoder:
         stdin, copyts = None, False
         if planned and planned.stand_ins:  # the packets go through a pipe, with stand-ins (packet_plan)
             stdin, whole = packet_plan.stand_in_stream(path, planned, ss)
-            stream, copyts = ffmpeg.input("pipe:", format="nut", itsoffset=f"-{whole}", **options), True
+            stream = ffmpeg.input("pipe:", format="nut", itsoffset=f"-{whole}", nofind_stream_info=None, **options)
+            copyts = True
         else:
             if planned:
                 options["bsf:v"] = f"noise=drop='{planned.expression}'"
