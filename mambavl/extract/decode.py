@@ -13,7 +13,10 @@ This also holds for variable-frame-rate files: ticks are compared with real time
 
 Seeking uses input ``-ss`` with ``-noaccurate_seek``: ffmpeg jumps to the keyframe before the seek point and hands
 *every* frame from there to the filter (with negative timestamps), so the frame displayed at the first tick is
-never trimmed away, whatever its distance to the tick.
+never trimmed away, whatever its distance to the tick. The H.264 pictures no sampled frame needs are not decoded
+(`mambavl.extract.packet_plan`): left out by a bitstream filter, or, where reference pictures are replaced by
+stand-ins, sent to ffmpeg through a pipe from the same keyframe with the timestamps ``-ss`` gives them (``-copyts``),
+so the filters see the same frames at the same times either way.
 
 Times are seconds on the video's own timeline (0 = the container start, as ffmpeg's ``-ss``). The times returned
 with the frames are the presentation timestamps of the frames returned, as the decoder reports them (ffmpeg: a
@@ -412,8 +415,9 @@ def fps_filter_picks(decoded: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 class FfmpegDecoder:
     """The reference decoder: one ffmpeg process per request (seek, ``fps`` filter picking the frames, scale + crop,
-    raw RGB over a pipe). `skip_unneeded`: leave out the packets no requested frame needs
-    (`mambavl.extract.packet_plan`; bit-identical frames, less CPU); False decodes the whole window."""
+    raw RGB over a pipe). `skip_unneeded`: decode only the pictures the requested frames need, the reference
+    pictures nothing needed reads as stand-ins (`mambavl.extract.packet_plan`; bit-identical frames, less CPU);
+    False decodes the whole window."""
 
     name = "ffmpeg"
     device = "cpu"

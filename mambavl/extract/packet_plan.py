@@ -1,7 +1,7 @@
 """Decode only what the sampled frames need, exactly: which H.264 packets of a window the decoder may skip.
 
-A segment decode samples a few frames (16) from a window of hundreds. The decoder must still decode every frame the
-sampled ones are predicted from, but two kinds of packets feed nothing that is kept:
+A segment decode samples a few frames (16) from a window of hundreds. The decoder must still decode every picture the
+sampled ones are predicted from, transitively; the rest feeds nothing that is kept:
 
 * **non-reference pictures** (H.264 ``nal_ref_idc == 0``: B-frames no other picture predicts from) that are not
   sampled themselves. By definition no later picture reads them, so leaving them out changes no decoded pixel;
@@ -10,20 +10,29 @@ sampled ones are predicted from, but two kinds of packets feed nothing that is k
 * **everything before an IDR picture** that lies between two needed pictures (in decoding order): an IDR empties
   the decoder's reference buffer, so the pictures after it decode the same whether or not the ones before were
   decoded. That is a seek per sample where a keyframe lies between samples, at no more cost than reading the
-  packets: skipping them costs less than decoding them for any GOP, so no cost model is needed — the plan is the
-  smallest set of packets that provably decodes the sampled frames identically.
+  packets: skipping them costs less than decoding them for any GOP, so no cost model is needed.
+* **reference pictures nothing kept reads** (x264's B-pyramid: the middle B of each group is a reference only its
+  group's non-reference B reads; the pictures after the last sample). They cannot simply be left out: the decoder's
+  reference buffer and POC state must go on as in the stream (`mambavl.extract.h264_refs` explains why ffmpeg's
+  filling of the gap would change other pictures). They are *decoded as stand-ins*: an all-skip P slice with the
+  picture's ``frame_num``, POC and reference marking, a copy at a fraction of the cost. Which pictures a kept one
+  reads is read from the slice headers (`h264_refs.simulate`: reference lists as the decoder builds them).
 
-The plan is handed to the ffmpeg command as the ``noise`` bitstream filter's ``drop`` expression on the input
-(packets named by their byte position in the file), so the rest of the decode — seek, ``fps`` filter, scaling,
-cropping — is unchanged and the frames stay bit-identical (tests/test_decode_plan.py compares them with the plain
-decode on streams with B-frames, B-pyramids, several reference frames, open GOPs and all-P streams).
+Without stand-ins the plan is handed to the ffmpeg command as the ``noise`` bitstream filter's ``drop`` expression on
+the input (packets named by their byte position in the file). With stand-ins the packets are read here and sent to
+ffmpeg through a pipe (NUT, `stand_in_stream`), the left-out ones missing and the stand-ins in place, with the
+timestamps ffmpeg's ``-ss`` would give them; the rest of the decode — ``fps`` filter, scaling, cropping — is unchanged
+and the frames stay bit-identical (tests/test_decode_plan.py compares them with the plain decode on streams with
+B-frames, B-pyramids, several reference frames, open GOPs, all-P and variable-frame-rate streams). Stand-in frames are
+output by the decoder with their own timestamps and never picked: the frame displayed at a sampled time is needed.
 
-Where exactness cannot be shown cheaply the plan is empty and the decode is today's: codecs other than H.264, H.264
-without ``avcC`` framing (raw Annex B), SVC/MVC extensions, packets without timestamps or out of file order, and
-streams with reordered pictures whose SPS carries no ``bitstream_restriction`` (ffmpeg's decoder then guesses its
-output delay from the pictures it sees, which would differ when pictures are left out). Packets carrying parameter
-sets are always kept. A frame within `_TICK_EPS` of a requested time is kept together with its neighbour, so the
-choice of the frame displayed at that time is left to ffmpeg's own arithmetic.
+Where exactness cannot be shown cheaply the decode is today's: codecs other than H.264, H.264 without ``avcC``
+framing (raw Annex B), SVC/MVC extensions, packets without timestamps or out of file order, and streams with
+reordered pictures whose SPS carries no ``bitstream_restriction`` (ffmpeg's decoder then guesses its output delay
+from the pictures it sees, which would differ when pictures are left out) decode whole; slice headers outside what
+`h264_refs` models (fields, long-term references, ...) or an open-GOP start keep every reference picture. Packets
+carrying parameter sets are always kept. A frame within `_TICK_EPS` of a requested time is kept together with its
+neighbour, so the choice of the frame displayed at that time is left to ffmpeg's own arithmetic.
 """
 
 from __future__ import annotations
@@ -97,14 +106,15 @@ def _avc_config(extradata: bytes | None) -> _AvcConfig | None:
 
 
 def _nal_units(data: bytes, length_size: int) -> list[bytes] | None:
-    """The NAL units of one access unit; None when its framing is broken or it uses an extension."""
+    """The NAL units of one access unit (slices cut to their first 512 bytes: the header is all that is read); None
+    when its framing is broken or it uses an extension."""
     i, nals = 0, []
     while i + length_size < len(data):
         n = int.from_bytes(data[i:i + length_size], "big")
         i += length_size
         if n <= 0 or i + n > len(data) or data[i] & 0x1F in _UNSUPPORTED_TYPES:
             return None
-        nals.append(data[i:i + n])
+        nals.append(data[i:i + (min(n, 512) if data[i] & 0x1F in _SLICE_TYPES else n)])
         i += n
     return nals if i == len(data) else None
 
