@@ -144,6 +144,8 @@ def test_plan_skips_through_a_keyframe_between_samples(streams):
         times = np.array([0.1, 2.2])  # GOP 0 and GOP 2: GOP 1 feeds nothing
         planned = packet_plan.plan(path, 0.0, times)
         assert planned is not None and planned.dropped >= idr[2] - idr[1], kind
+        with_stand_ins = packet_plan.plan(path, 0.0, times, stand_ins=True)  # GOP 1 is not sent at all
+        assert with_stand_ins is not None and len(with_stand_ins.left_out) >= idr[2] - idr[1], kind
 
 
 def _pictures(spec):
