@@ -42,6 +42,9 @@ def streams(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
     out = {k: make_stream(d / f"{k}.mp4", k) for k in KINDS}
     out["vfr_bframes"] = make_stream(d / "vfr.mp4", "bframes_gop60", vfr=True)
+    out["rotated_bframes"] = d / "rotated.mp4"  # a display matrix, which the piped stand-in stream would lose
+    subprocess.run([ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-y", "-display_rotation", "90", "-i",
+                    str(out["bframes_gop60"]), "-c", "copy", str(out["rotated_bframes"])], check=True)
     return out
 
 
@@ -50,7 +53,7 @@ CONFIGS = [SamplingConfig(num_frames=16, size=32), SamplingConfig(num_frames=4, 
            SamplingConfig(mode=SamplingMode.FPS, fps=4, num_frames=8, size=32)]
 
 
-@pytest.mark.parametrize("kind", list(KINDS) + ["vfr_bframes"])
+@pytest.mark.parametrize("kind", list(KINDS) + ["vfr_bframes", "rotated_bframes"])
 def test_planned_decode_is_bit_identical(streams, kind):
     path = streams[kind]
     plain, planned = FfmpegDecoder(skip_unneeded=False), FfmpegDecoder(skip_unneeded=True)
@@ -126,6 +129,8 @@ def test_plan_stands_in_for_reference_pictures(streams):
     assert planned is not None and planned.stand_ins
     refs = {pos for ref, _, pos, _ in kinds if ref}
     assert set(planned.stand_ins) <= refs and not set(planned.stand_ins) & planned.left_out
+    rotated = packet_plan.plan(streams["rotated_bframes"], 0.0, times, stand_ins=True)
+    assert rotated is not None and not rotated.stand_ins and rotated.expression  # decoded from the file
     data, whole = packet_plan.stand_in_stream(path, planned, 0.0)
     assert data[:3] == b"nut" and whole >= 1
     cfg = SamplingConfig(num_frames=3, size=32)

@@ -26,7 +26,9 @@ and the frames stay bit-identical (tests/test_decode_plan.py compares them with 
 B-frames, B-pyramids, several reference frames, open GOPs, all-P and variable-frame-rate streams). Stand-in frames are
 output by the decoder with their own timestamps and never picked: the frame displayed at a sampled time is needed.
 
-Where exactness cannot be shown cheaply the decode is today's: codecs other than H.264, H.264 without ``avcC``
+The piped stream carries no display matrix (and is used only where the container's stream parameters survive the trip,
+`_survives_pipe`): rotated or flipped MP4s, and other containers, keep the file path. Where exactness cannot be shown
+cheaply the decode is today's: codecs other than H.264, H.264 without ``avcC``
 framing (raw Annex B), SVC/MVC extensions, packets without timestamps or out of file order, and streams with
 reordered pictures whose SPS carries no ``bitstream_restriction`` (ffmpeg's decoder then guesses its output delay
 from the pictures it sees, which would differ when pictures are left out) decode whole; slice headers outside what
@@ -38,6 +40,7 @@ neighbour, so the choice of the frame displayed at that time is left to ffmpeg's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -76,6 +79,7 @@ class _AvcConfig:
     bitstream_restriction: bool  # every SPS of the avcC record has it
     sps: tuple = ()             # the record's parameter sets, parsed (empty when one does not parse)
     pps: tuple = ()
+    pipe: bool = True           # the packets may be piped (`stand_in_stream`): no display matrix to lose
 
 
 def _avc_config(extradata: bytes | None) -> _AvcConfig | None:
@@ -133,7 +137,80 @@ def _stream_config(path: str, mtime_ns: int, size: int) -> _AvcConfig | None:
         stream = container.streams.video[0]
         if stream.codec_context.name != "h264":
             return None
-        return _avc_config(bytes(stream.codec_context.extradata or b""))
+        config = _avc_config(bytes(stream.codec_context.extradata or b""))
+        if config is not None and not ("mp4" in container.format.name and _identity_display(path)
+                                       and _survives_pipe(container, stream)):
+            config = dataclasses.replace(config, pipe=False)
+        return config
+
+
+_STREAM_FIELDS = ("width", "height", "sample_aspect_ratio", "color_range", "colorspace", "color_primaries",
+                  "color_trc", "extradata")
+
+
+def _survives_pipe(container, stream) -> bool:
+    """Whether the stream's parameters come back unchanged from the NUT stream `stand_in_stream` writes (pixel
+    aspect and colour signalling the container holds, not the bitstream, would otherwise be lost)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="nut") as out:
+        ost = out.add_stream_from_template(stream)
+        ost.time_base = stream.time_base
+        for pkt in container.demux(stream):
+            if pkt.size:
+                pkt.stream = ost
+                out.mux(pkt)
+                break
+    buf.seek(0)
+    with av.open(buf, format="nut") as back:
+        a, b = stream.codec_context, back.streams.video[0].codec_context
+        return all(getattr(a, f) == getattr(b, f) for f in _STREAM_FIELDS)
+
+
+_IDENTITY = (0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)  # an MP4 transformation matrix that changes nothing
+
+
+def _identity_display(path: str) -> bool:
+    """Whether every movie and track header of an MP4 file has the identity matrix: no rotation or flip for ffmpeg to
+    apply from the display matrix (the piped stream of `stand_in_stream` does not carry it). False when unsure."""
+    with open(path, "rb") as f:
+        moov = _box_payload(f, os.fstat(f.fileno()).st_size, b"moov")
+        if moov is None:
+            return False
+    matrices, i = [], 0
+    while True:
+        i = moov.find(b"hd", i + 1)
+        if i < 0:
+            break
+        kind, version = moov[i - 2:i + 2], moov[i + 2] if i + 2 < len(moov) else 0
+        if kind == b"mvhd":  # the matrix after version/flags, times, timescale, duration, rate, volume, reserved
+            at = i + 2 + (36 if version == 0 else 48)
+        elif kind == b"tkhd":  # after version/flags, times, track id, duration, reserved, layer, group, volume
+            at = i + 2 + (40 if version == 0 else 52)
+        else:
+            continue
+        matrices.append(tuple(int.from_bytes(moov[at + 4 * k:at + 4 * k + 4], "big") for k in range(9)))
+    return bool(matrices) and all(m == _IDENTITY for m in matrices)
+
+
+def _box_payload(f, end: int, name: bytes) -> bytes | None:
+    """The payload of the top-level MP4 box `name` (None when absent or unreadable)."""
+    at = 0
+    while at + 8 <= end:
+        f.seek(at)
+        head = f.read(16)
+        size, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        start = 8
+        if size == 1:
+            size, start = int.from_bytes(head[8:16], "big"), 16
+        elif size == 0:
+            size = end - at
+        if size < start:
+            return None
+        if kind == name:
+            f.seek(at + start)
+            return f.read(size - start)
+        at += size
+    return None
 
 
 _OPEN = threading.local()  # per thread: the file last scanned, kept open (opening reads and decodes its start)
@@ -249,7 +326,7 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
     if not need.any():
         return None
     last = int(np.flatnonzero(need)[-1])
-    if stand_ins and scanned.pictures is not None:
+    if stand_ins and config.pipe and scanned.pictures is not None:
         what = h264_refs.stand_in_plan(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
                                        last + 1)
         if what is not None and "stand-in" in what:
