@@ -329,8 +329,9 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
     if stand_ins and config.pipe and scanned.pictures is not None:
         what = h264_refs.stand_in_plan(scanned.pictures, [bool(n or p.params) for n, p in zip(need, packets)],
                                        last + 1)
-        if what is not None and "stand-in" in what:
-            return _stand_in_plan(scanned, what)
+        planned = _stand_in_plan(scanned, what) if what is not None and "stand-in" in what else None
+        if planned is not None:
+            return planned
     keep = _keep_without_references(packets, need, last)
     if keep.all():
         return None
@@ -349,6 +350,7 @@ def plan(path: str | os.PathLike, seek: float, times: np.ndarray, stand_ins: boo
 
 
 def _stand_in_plan(scanned: _Scan, what: list[str]) -> Plan | None:
+    """The plan for `h264_refs.stand_in_plan`'s per-packet decisions `what`; None when no PPS id is free."""
     packets = scanned.packets
     pps_ids = set(scanned.pps_ids)
     pps_id = next((i for i in range(256) if i not in pps_ids), None)
