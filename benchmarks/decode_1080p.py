@@ -23,8 +23,9 @@ Seek cost: the same window length decoded by bare ffmpeg from a keyframe-aligned
 
 Headline (--part bare): project / bare_ffmpeg CPU per segment with ffmpeg threads on, target <= 1.2x.
 
-Part "plan" (the default runs both parts; its ratios make the headline): decoding only the packets the 16 samples
-need (`mambavl.extract.packet_plan`) against the plain decode of the whole window (today's path), side by side, on
+Part "plan" (the default runs both parts; its ratios make the headline): decoding only the pictures the 16 samples
+need (`mambavl.extract.packet_plan`: unneeded non-reference pictures and runs before a keyframe left out, unneeded
+reference pictures decoded as all-skip stand-ins) against the plain decode of the whole window, side by side, on
 two more sources of --plan-source-seconds: GOP 60 with B-frames (x264 superfast, -bf 2) and all-P (-bf 0), windows
 of --plan-segment-seconds (a spread like EK-100's segment lengths), ffmpeg threads 1, CPU time including the plan's
 own packet scan in this process. Frames are checked bit-identical. Targets: <= 0.6x with B-frames, <= 1.0x all-P.

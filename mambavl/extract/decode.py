@@ -13,7 +13,10 @@ This also holds for variable-frame-rate files: ticks are compared with real time
 
 Seeking uses input ``-ss`` with ``-noaccurate_seek``: ffmpeg jumps to the keyframe before the seek point and hands
 *every* frame from there to the filter (with negative timestamps), so the frame displayed at the first tick is
-never trimmed away, whatever its distance to the tick.
+never trimmed away, whatever its distance to the tick. The H.264 pictures no sampled frame needs are not decoded
+(`mambavl.extract.packet_plan`): left out by a bitstream filter, or, where reference pictures are replaced by
+stand-ins, sent to ffmpeg through a pipe from the same keyframe with the timestamps ``-ss`` gives them (``-copyts``),
+so the filters see the same frames at the same times either way.
 
 Times are seconds on the video's own timeline (0 = the container start, as ffmpeg's ``-ss``). The times returned
 with the frames are the presentation timestamps of the frames returned, as the decoder reports them (ffmpeg: a
@@ -412,8 +415,9 @@ def fps_filter_picks(decoded: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 class FfmpegDecoder:
     """The reference decoder: one ffmpeg process per request (seek, ``fps`` filter picking the frames, scale + crop,
-    raw RGB over a pipe). `skip_unneeded`: leave out the packets no requested frame needs
-    (`mambavl.extract.packet_plan`; bit-identical frames, less CPU); False decodes the whole window."""
+    raw RGB over a pipe). `skip_unneeded`: decode only the pictures the requested frames need, the reference
+    pictures nothing needed reads as stand-ins (`mambavl.extract.packet_plan`; bit-identical frames, less CPU);
+    False decodes the whole window."""
 
     name = "ffmpeg"
     device = "cpu"
@@ -449,10 +453,16 @@ class FfmpegDecoder:
         # One nominal frame of margin: some demuxers land a little after the requested seek point.
         ss = round(max(0.0, req.first - 1.0 / probe.fps) if ss is None else ss, 6)  # ffmpeg parses -ss to us
         options = {"threads": int(req.threads)} if req.threads else {}
-        drop = packet_plan.drop_expression(path, ss, req.times) if self.skip_unneeded else None
-        if drop:
-            options["bsf:v"] = f"noise=drop='{drop}'"
-        stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
+        planned = packet_plan.plan(path, ss, req.times, stand_ins=True) if self.skip_unneeded else None
+        stdin, copyts = None, False
+        if planned and planned.stand_ins:  # the packets go through a pipe, with stand-ins (packet_plan)
+            stdin, whole = packet_plan.stand_in_stream(path, planned, ss)
+            stream = ffmpeg.input("pipe:", format="nut", itsoffset=f"-{whole}", nofind_stream_info=None, **options)
+            copyts = True
+        else:
+            if planned:
+                options["bsf:v"] = f"noise=drop='{planned.expression}'"
+            stream = ffmpeg.input(str(path.resolve()), ss=f"{ss:.6f}", noaccurate_seek=None, **options)
         # showinfo logs the timestamp of every decoded frame: which frames the fps filter could pick
         stream = stream.filter("showinfo", **_SHOWINFO_OPTIONS) if _showinfo_checksum_option() else \
             stream.filter("showinfo")
@@ -465,7 +475,7 @@ class FfmpegDecoder:
         stream = _scale_crop(stream, req.size, probe.sar, req.crops)
         out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                             **{"frames:v": len(req.ticks)})
-        raw, log = _run(out, path, loglevel=_video_loglevel())
+        raw, log = _run(out.global_args("-copyts") if copyts else out, path, stdin=stdin, loglevel=_video_loglevel())
         frames = _frames(raw, req.size, req.crops)  # (M, S, S, 3) or (M, C, S, S, 3), M <= U
         decoded = parse_showinfo(log, ss)
         errors = decoder_errors(log)
