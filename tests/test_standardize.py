@@ -1,5 +1,6 @@
-"""Video features are standardised per dimension with the training rows' statistics, so a large offset common to
-every frame (random-init CLIP features: 99 % of a token's energy) does not hide the part that varies."""
+"""`standardize_video` (an option, off by default): video features standardised per dimension with the training rows'
+statistics, so a large offset common to every frame (random-init CLIP features: 99 % of a token's energy) does not
+hide the part that varies."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_model_is_invariant_to_an_affine_change_of_the_features():
     offset, gain = 50.0 * torch.randn(16, generator=gen), 0.05
     changed = video * gain + offset
     torch.manual_seed(0)
-    model, _ = create_model("small", d_model=32, **DIMS)
+    model, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
     model.eval()
     flat = video[mask]  # (tokens, Dv)
     model.set_video_statistics(flat.mean(0), flat.std(0))
@@ -59,13 +60,14 @@ def test_model_is_invariant_to_an_affine_change_of_the_features():
 
 def test_weights_saved_without_the_statistics_load_as_the_identity():
     torch.manual_seed(0)
-    model, _ = create_model("small", d_model=32, **DIMS)
+    model, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
     model.set_video_statistics(torch.full((16,), 3.0), torch.full((16,), 2.0))
     old = {k: v for k, v in model.state_dict().items() if k not in ("video_shift", "video_scale")}
-    fresh, _ = create_model("small", d_model=32, **DIMS)
+    fresh, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
     fresh.load_state_dict(old)  # strict: the buffers are filled in, not missing
     assert torch.equal(fresh.video_shift, torch.zeros(16)) and torch.equal(fresh.video_scale, torch.ones(16))
-    plain, _ = create_model("small", d_model=32, standardize_video=False, **DIMS)
+    plain, _ = create_model("small", d_model=32, **DIMS)  # the default: no standardisation
+    assert not plain.cfg.standardize_video
     plain.load_state_dict(old)
     gen = torch.Generator().manual_seed(1)
     video, mask, q, qm = _inputs(gen)

@@ -63,9 +63,10 @@ class ModelConfig:
     scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda | triton
     max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
     # standardise each video feature dimension with the training set's mean and sd (buffers set by the trainer):
-    # features whose clip-to-clip variation is a small part of a large common offset otherwise reach the fusion as
-    # almost the same token for every frame (docs/model.md, "Order-defined verbs")
-    standardize_video: bool = True
+    # features whose clip-to-clip variation is a small part of a large common offset (random-init CLIP) otherwise
+    # reach the fusion as almost the same token for every frame. Off by default: on noise-dominated features
+    # (make_order_cache) it cost ~11 points of verb top-1 (docs/model.md, "Order-defined verbs")
+    standardize_video: bool = False
 
     def __post_init__(self):
         self.fusion = _enum(FusionKind, self.fusion, "fusion")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,11 @@ STATISTICS_ROWS = 4096
 
 
 def build_model(cfg: TrainConfig, data_dims: dict,
-                video_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, Any]:
+                video_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[nn.Module, Any]:
     """The preset's model with the user's overrides and the cache-derived dims (video/text dim, class counts):
-    (model, its ModelConfig). `video_stats` ((Dv,) mean, (Dv,) sd: `feature_statistics` of the training rows) set the
-    model's video standardisation when it has one. InputError for an override of a data-derived field, an unknown
+    (model, its ModelConfig). `video_stats` returns ((Dv,) mean, (Dv,) sd), e.g. `feature_statistics` of the training
+    rows; it is called (the cache read) only for a model built with `standardize_video`, whose buffers it
+    sets. InputError for an override of a data-derived field, an unknown
     preset or key."""
     clash = sorted(set(cfg.model_overrides) & set(DATA_FIELDS))
     if clash:
@@ -34,7 +36,7 @@ def build_model(cfg: TrainConfig, data_dims: dict,
     # create_model refuses unknown presets and unknown override keys with InputError
     model, mcfg = create_model(cfg.preset, **data_dims, **cfg.model_overrides)
     if video_stats is not None and mcfg.standardize_video:
-        model.set_video_statistics(*video_stats)
+        model.set_video_statistics(*video_stats())
     return model, mcfg
 
 

@@ -245,7 +245,7 @@ def _build(cfg: TrainConfig, resumed: TrainedModel | None, data: RunData, device
         model = resumed.model("cpu").train()
     else:
         model, mcfg = build_model(cfg, data.data_dims(),
-                                  feature_statistics(data.train_cache, data.window, data.train_rows))
+                                  lambda: feature_statistics(data.train_cache, data.window, data.train_rows))
     message = question_warning(mcfg, cfg.question_source)
     if message is not None and layout.main:
         warnings.warn(message, UserWarning, stacklevel=4)

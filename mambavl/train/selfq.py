@@ -8,6 +8,7 @@ a model that never saw it, as every evaluated row's will (docs/model.md, "Self-q
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -120,7 +121,8 @@ def cross_fit_candidates(cfg: TrainConfig, cache: CacheFile, rows: np.ndarray, l
     for f in range(cfg.candidate_folds):
         torch.manual_seed(mix_seed(cfg.seed, f, 7))
         fit_rows = rows[folds != f]
-        model, _ = build_model(fold_cfg, dims, feature_statistics(cache, task_spec(cfg.task).window, fit_rows))
+        window = task_spec(cfg.task).window
+        model, _ = build_model(fold_cfg, dims, functools.partial(feature_statistics, cache, window, fit_rows))
         model.to(device)
         fit_video_only(model, cache, fit_rows, labels, cfg, epochs, device, mix_seed(cfg.seed, f, 8))
         held = rows[folds == f]
