@@ -73,3 +73,17 @@ def test_weights_saved_without_the_statistics_load_as_the_identity():
     video, mask, q, qm = _inputs(gen)
     fresh.eval(), plain.eval()
     torch.testing.assert_close(fresh(video, mask, q, qm)["verb"], plain(video, mask, q, qm)["verb"])
+
+
+def test_training_sets_the_statistics_of_the_training_rows(tmp_path):
+    from mambavl.runtime import TrainedModel
+    from mambavl.train import TrainConfig, train
+
+    path = make_order_cache(tmp_path / "c.h5", n=24, dim=16)
+    result = train(TrainConfig(train_cache=path, val_cache=None, out_dir=tmp_path / "run", epochs=1, patience=0,
+                               batch_size=8, min_steps=0, device="cpu", logger="none",
+                               model_overrides={"d_model": 16, "standardize_video": True}))
+    run = TrainedModel.load(result.last_checkpoint)
+    mean, _ = feature_statistics(open_cache(path), "recognition", np.arange(24))
+    np.testing.assert_allclose(run.weights["video_shift"].numpy(), mean.numpy(), rtol=1e-5, atol=1e-6)
+    assert run.model().cfg.standardize_video
