@@ -4,6 +4,7 @@ shows it — for options whose default a config dataclass owns, the dataclass's 
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import re
@@ -99,3 +100,17 @@ def test_root_help_lists_every_command_with_its_line():
     listed = re.findall(r"^  ([a-z-]+)  ", text.split("Commands:\n", 1)[1], flags=re.M)
     assert listed == [p[0] for p, _ in COMMANDS if len(p) == 1] + ["cache"]
     assert "Train the MambaVL fusion on a feature cache." in text
+
+
+def test_the_command_line_lets_idle_openmp_threads_sleep():
+    """`mambavl` sets OMP_WAIT_POLICY=PASSIVE before any command can import torch (libgomp reads it once, at load;
+    spinning workers made a training epoch 5x slower on loaded cores), and an explicit setting wins."""
+    code = ("import os, sys; from mambavl.cli import main; loaded = 'torch' in sys.modules\n"
+            "sys.argv = ['mambavl', '--version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('POLICY', os.environ.get('OMP_WAIT_POLICY'), 'TORCH_BEFORE', loaded)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=run_env)
+        assert out.stdout.rsplit("POLICY ", 1)[1].split() == [expected, "TORCH_BEFORE", "False"], out.stdout

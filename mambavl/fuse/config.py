@@ -62,6 +62,11 @@ class ModelConfig:
     n_heads: int = 4  # transformer fusion
     scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda | triton
     max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
+    # standardise each video feature dimension with the training set's mean and sd (buffers set by the trainer):
+    # features whose clip-to-clip variation is a small part of a large common offset (random-init CLIP) otherwise
+    # reach the fusion as almost the same token for every frame. Off by default: on noise-dominated features
+    # (make_order_cache) it cost ~11 points of verb top-1 (docs/model.md, "Order-defined verbs")
+    standardize_video: bool = False
 
     def __post_init__(self):
         self.fusion = _enum(FusionKind, self.fusion, "fusion")
@@ -76,7 +81,7 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"model config: {name} must be a non-negative integer, got {v!r}")
-        for name in ("shared_A", "use_question", "bidirectional"):
+        for name in ("shared_A", "use_question", "bidirectional", "standardize_video"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.dropout) < 1.0:

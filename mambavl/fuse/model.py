@@ -36,6 +36,10 @@ from mambavl.fuse.presets import preset_model_fields
 from mambavl.fuse.qa import scene_prior_logit
 
 
+# Floor of the standardisation's variance, as a share of the mean variance over dimensions (`set_video_statistics`).
+VIDEO_VAR_FLOOR = 0.01
+
+
 def build_fusion(cfg: ModelConfig) -> nn.Module:
     """The fusion module for `cfg.fusion`: (video (B,F,d), video_mask, question (B,T,d) | None, q_mask) -> (B, d)."""
     if cfg.fusion == FusionKind.MAMBA:
@@ -52,6 +56,10 @@ class MambaVL(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        if cfg.standardize_video:
+            # x -> (x - video_shift) * video_scale per feature dimension; identity until `set_video_statistics`
+            self.register_buffer("video_shift", torch.zeros(cfg.video_dim))  # (Dv,)
+            self.register_buffer("video_scale", torch.ones(cfg.video_dim))  # (Dv,)
         self.video_proj = nn.Sequential(nn.Linear(cfg.video_dim, d), nn.LayerNorm(d))
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_frames, d))  # (max_frames, d)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -76,6 +84,24 @@ class MambaVL(nn.Module):
         self.scene_bias = nn.Parameter(torch.tensor(scene_prior_logit(cfg.num_nouns)))
         self.scene_bias._no_weight_decay = True
         tag_norms_and_biases(self)
+
+    def set_video_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise video features with these per-dimension statistics ((Dv,) each, of the training set's frame
+        tokens): the scale is 1 / sqrt(std^2 + 0.01 * mean(std^2)), so a dimension that hardly varies in training is
+        not blown up. Needs `standardize_video`."""
+        if not self.cfg.standardize_video:
+            raise InputError("set_video_statistics: this model was built with standardize_video=False")
+        var = std.detach().double().cpu() ** 2
+        self.video_shift.copy_(mean.detach().double())
+        self.video_scale.copy_(torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the standardisation existed computed without it: they load with the identity
+        if self.cfg.standardize_video:
+            for name, value in (("video_shift", self.video_shift), ("video_scale", self.video_scale)):
+                state_dict.setdefault(prefix + name, torch.zeros_like(value) if name == "video_shift"
+                                      else torch.ones_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def use_scan(self, impl):
         """Run every selective scan of the fusion with `impl` (a `ScanImpl` name, or a callable as
@@ -119,6 +145,8 @@ class MambaVL(nn.Module):
 
     def _embed_video(self, video, video_mask):
         """(B, F, Dv) -> (B, F, d); padded tokens zeroed (their values must never matter)."""
+        if self.cfg.standardize_video:
+            video = (video - self.video_shift.to(video.dtype)) * self.video_scale.to(video.dtype)
         if video_mask is not None:
             video = video.masked_fill(~video_mask[..., None], 0.0)
         v = self.video_proj(video) + self.pos_embed[: video.shape[1]]  # (B, F, d)

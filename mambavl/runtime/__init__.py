@@ -17,7 +17,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "artifact": ["FORMAT", "KIND", "RESUME_FIELDS", "RunProgress", "TrainedModel", "TrainingState", "Vocabulary",
                      "same_run"],
-        "build": ["DATA_FIELDS", "build_model", "cache_dims", "question_tokens"],
+        "build": ["DATA_FIELDS", "build_model", "cache_dims", "feature_statistics", "question_tokens"],
         "candidates": ["FirstPass", "candidate_questions", "fold_ids", "topk_candidates"],
         "config": ["Compile", "RunLogger", "TrainConfig", "plain"],
         "questions": ["AnswerTables", "Asker", "Labels", "action_answers", "action_vocab", "labelled_rows", "load_labels",

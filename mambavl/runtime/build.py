@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
+from mambavl.cache import schema
 from mambavl.cache.reader import CacheFile
 from mambavl.errors import InputError
 from mambavl.fuse.model import create_model
@@ -15,14 +19,44 @@ from mambavl.runtime.config import TrainConfig
 DATA_FIELDS = ("video_dim", "text_dim", "num_verbs", "num_nouns", "num_actions")
 
 
-def build_model(cfg: TrainConfig, data_dims: dict) -> tuple[nn.Module, Any]:
+# Rows read for the feature statistics (evenly spaced over the training rows): enough for a mean and sd per dimension.
+STATISTICS_ROWS = 4096
+
+
+def build_model(cfg: TrainConfig, data_dims: dict,
+                video_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[nn.Module, Any]:
     """The preset's model with the user's overrides and the cache-derived dims (video/text dim, class counts):
-    (model, its ModelConfig). InputError for an override of a data-derived field, an unknown preset or key."""
+    (model, its ModelConfig). `video_stats` returns ((Dv,) mean, (Dv,) sd), e.g. `feature_statistics` of the training
+    rows; it is called (the cache read) only for a model built with `standardize_video`, whose buffers it
+    sets. InputError for an override of a data-derived field, an unknown
+    preset or key."""
     clash = sorted(set(cfg.model_overrides) & set(DATA_FIELDS))
     if clash:
         raise InputError(f"model override(s) {', '.join(clash)} are set from the cache and cannot be overridden")
     # create_model refuses unknown presets and unknown override keys with InputError
-    return create_model(cfg.preset, **data_dims, **cfg.model_overrides)
+    model, mcfg = create_model(cfg.preset, **data_dims, **cfg.model_overrides)
+    if video_stats is not None and mcfg.standardize_video:
+        model.set_video_statistics(*video_stats())
+    return model, mcfg
+
+
+def feature_statistics(cache: CacheFile, window: str, rows: np.ndarray,
+                       max_rows: int = STATISTICS_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation ((Dv,) float64 each) of the real frame tokens (the first
+    `num_frames` of each row; view 0) of cache `rows` in `window`, over at most `max_rows` evenly spaced rows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > max_rows:
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
+    rows = np.unique(rows)  # h5py reads increasing indices
+    prefix = schema.window_prefix(window)
+    f = cache.h5()
+    with schema.reading(cache.path):
+        feats = f[prefix + "features"][rows].astype(np.float64)  # (M, F, D)
+        frames = f[prefix + "num_frames"][rows].astype(np.int64)  # (M,)
+    real = feats[np.arange(feats.shape[1])[None, :] < frames[:, None]]  # (tokens, D)
+    if len(real) == 0:
+        raise InputError(f"cache {cache.path}: no frame tokens in the training rows to standardise the features with")
+    return torch.from_numpy(real.mean(0)), torch.from_numpy(real.std(0))
 
 
 def cache_dims(cache: CacheFile, num_actions: int) -> dict[str, int]:

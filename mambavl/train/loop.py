@@ -36,6 +36,7 @@ from mambavl.runtime import (
     Vocabulary,
     build_model,
     clip_batches,
+    feature_statistics,
     head_logits,
     loader,
     plain,
@@ -247,7 +248,8 @@ def _build(cfg: TrainConfig, resumed: TrainedModel | None, data: RunData, device
         mcfg = resumed.model_config
         model = resumed.model("cpu").train()
     else:
-        model, mcfg = build_model(cfg, data.data_dims())
+        model, mcfg = build_model(cfg, data.data_dims(),
+                                  lambda: feature_statistics(data.train_cache, data.window, data.train_rows))
     message = question_warning(mcfg, cfg.question_source)
     if message is not None and layout.main:
         warnings.warn(message, UserWarning, stacklevel=4)

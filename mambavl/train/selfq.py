@@ -8,6 +8,7 @@ a model that never saw it, as every evaluated row's will (docs/model.md, "Self-q
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -29,6 +30,7 @@ from mambavl.runtime import (
     build_model,
     cache_candidates,
     cache_dims,
+    feature_statistics,
     fold_ids,
     loader,
     task_spec,
@@ -118,9 +120,11 @@ def cross_fit_candidates(cfg: TrainConfig, cache: CacheFile, rows: np.ndarray, l
     models, table = [], None
     for f in range(cfg.candidate_folds):
         torch.manual_seed(mix_seed(cfg.seed, f, 7))
-        model, _ = build_model(fold_cfg, dims)
+        fit_rows = rows[folds != f]
+        window = task_spec(cfg.task).window
+        model, _ = build_model(fold_cfg, dims, functools.partial(feature_statistics, cache, window, fit_rows))
         model.to(device)
-        fit_video_only(model, cache, rows[folds != f], labels, cfg, epochs, device, mix_seed(cfg.seed, f, 8))
+        fit_video_only(model, cache, fit_rows, labels, cfg, epochs, device, mix_seed(cfg.seed, f, 8))
         held = rows[folds == f]
         fold_table, _ = cache_candidates(FirstPass([model], "fold", cfg.candidates_k), cache, task_spec(cfg.task).window,
                                          held, device, max(cfg.batch_size, 64), cfg.frames, cfg.num_workers)

@@ -1,0 +1,89 @@
+"""`standardize_video` (an option, off by default): video features standardised per dimension with the training rows'
+statistics, so a large offset common to every frame (random-init CLIP features: 99 % of a token's energy) does not
+hide the part that varies."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+from mambavl.cache.reader import open_cache
+from mambavl.cache.synthetic import make_order_cache
+from mambavl.fuse.model import create_model
+from mambavl.runtime import feature_statistics
+
+DIMS = dict(video_dim=16, text_dim=8, num_verbs=6, num_nouns=5, num_actions=0)
+
+
+def _inputs(gen):
+    video = torch.randn(3, 6, 16, generator=gen)  # (B, F, Dv)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    q = torch.randn(3, 2, 5, 8, generator=gen)  # (B, 2, T, Dt)
+    return video, mask, q, torch.ones(3, 2, 5, dtype=torch.bool)
+
+
+def test_statistics_read_the_real_frames_only(tmp_path):
+    path = make_order_cache(tmp_path / "c.h5", n=24, dim=16)
+    with h5py.File(path, "r+") as f:  # row 0 keeps 3 real frames; its padding holds garbage
+        f["num_frames"][0] = 3
+        f["features"][0, 3:] = 1000.0
+        feats = f["features"][()].astype(np.float64)
+    real = np.concatenate([feats[0, :3], feats[1:].reshape(-1, 16)])
+    mean, std = feature_statistics(open_cache(path), "recognition", np.arange(24))
+    np.testing.assert_allclose(mean.numpy(), real.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(std.numpy(), real.std(0), rtol=1e-6, atol=1e-9)
+    sub_mean, _ = feature_statistics(open_cache(path), "recognition", np.arange(1, 24), max_rows=4)
+    assert sub_mean.shape == (16,) and abs(sub_mean.numpy() - real.mean(0)).max() < 1.0  # a subset: no garbage
+
+
+def test_model_is_invariant_to_an_affine_change_of_the_features():
+    """Offset every feature dimension (an offset 50x the signal, common to all frames) and shrink the features: a
+    model given the statistics of the changed features computes what it computed on the original ones. (One gain
+    for all dimensions: the variance floor, a share of the mean variance, makes per-dimension gains nearly but not
+    exactly invariant.)"""
+    gen = torch.Generator().manual_seed(0)
+    video, mask, q, qm = _inputs(gen)
+    offset, gain = 50.0 * torch.randn(16, generator=gen), 0.05
+    changed = video * gain + offset
+    torch.manual_seed(0)
+    model, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
+    model.eval()
+    flat = video[mask]  # (tokens, Dv)
+    model.set_video_statistics(flat.mean(0), flat.std(0))
+    want = model(video, mask, q, qm)["verb"]
+    model.set_video_statistics(changed[mask].mean(0), changed[mask].std(0))
+    got = model(changed, mask, q, qm)["verb"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_saved_without_the_statistics_load_as_the_identity():
+    torch.manual_seed(0)
+    model, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
+    model.set_video_statistics(torch.full((16,), 3.0), torch.full((16,), 2.0))
+    old = {k: v for k, v in model.state_dict().items() if k not in ("video_shift", "video_scale")}
+    fresh, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
+    fresh.load_state_dict(old)  # strict: the buffers are filled in, not missing
+    assert torch.equal(fresh.video_shift, torch.zeros(16)) and torch.equal(fresh.video_scale, torch.ones(16))
+    plain, _ = create_model("small", d_model=32, **DIMS)  # the default: no standardisation
+    assert not plain.cfg.standardize_video
+    plain.load_state_dict(old)
+    gen = torch.Generator().manual_seed(1)
+    video, mask, q, qm = _inputs(gen)
+    fresh.eval(), plain.eval()
+    torch.testing.assert_close(fresh(video, mask, q, qm)["verb"], plain(video, mask, q, qm)["verb"])
+
+
+def test_training_sets_the_statistics_of_the_training_rows(tmp_path):
+    from mambavl.runtime import TrainedModel
+    from mambavl.train import TrainConfig, train
+
+    path = make_order_cache(tmp_path / "c.h5", n=24, dim=16)
+    result = train(TrainConfig(train_cache=path, val_cache=None, out_dir=tmp_path / "run", epochs=1, patience=0,
+                               batch_size=8, min_steps=0, device="cpu", logger="none",
+                               model_overrides={"d_model": 16, "standardize_video": True}))
+    run = TrainedModel.load(result.last_checkpoint)
+    mean, _ = feature_statistics(open_cache(path), "recognition", np.arange(24))
+    np.testing.assert_allclose(run.weights["video_shift"].numpy(), mean.numpy(), rtol=1e-5, atol=1e-6)
+    assert run.model().cfg.standardize_video
