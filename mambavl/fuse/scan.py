@@ -670,84 +670,85 @@ _NROWS = 12
 _FLUSH_ROWS = 32
 
 
-@_jit(fastmath=_FASTMATH)
-def _load_row(a, b, d, t0, m, buf):
-    # buf[:m] = a[b, d, t0:t0 + m] (a possibly strided row into a contiguous buffer)
+@_jit(fastmath=_FASTMATH, inline="always")
+def _load_row(a, b, d, t0, m, cb, row):
+    # cb[row, :m] = a[b, d, t0:t0 + m] (a possibly strided row into a contiguous buffer). Rows of cb are indexed,
+    # not taken as views: a view costs a reference count update (an atomic add) each time it is made.
     for j in range(m):
-        buf[j] = a[b, d, t0 + j]
+        cb[row, j] = a[b, d, t0 + j]
 
 
-@_jit(fastmath=_FASTMATH)
-def _store_row(buf, b, d, t0, m, a):
+@_jit(fastmath=_FASTMATH, inline="always")
+def _store_row(cb, row, b, d, t0, m, a):
     for j in range(m):
-        a[b, d, t0 + j] = buf[j]
+        a[b, d, t0 + j] = cb[row, j]
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit(fastmath=_FASTMATH, inline="always")
 def _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb):
     # Fills cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus'), DY (dL/dy before the
     # D term, after the gate's backward); writes dz. Returns this chunk's sum of dy * u (for dD).
-    ut, dts, xs, sig, go, dys = cb[_R_U], cb[_R_DT], cb[_R_X], cb[_R_SIG], cb[_R_GO], cb[_R_DY]
-    _load_row(u, b, d, t0, m, ut)
-    _load_row(dl, b, d, t0, m, dts)
+    _load_row(u, b, d, t0, m, cb, _R_U)
+    _load_row(dl, b, d, t0, m, cb, _R_DT)
     bd = bias[d]
     if softplus:
         for j in range(m):
-            x = dts[j] + bd
+            x = cb[_R_DT, j] + bd
             e = _exp(-abs(x))
             sp = _softplus_e(x, e)
-            sig[j] = _softplus_grad_e(x, e)
-            dts[j] = sp
-            xs[j] = sp * ut[j]
+            cb[_R_SIG, j] = _softplus_grad_e(x, e)
+            cb[_R_DT, j] = sp
+            cb[_R_X, j] = sp * cb[_R_U, j]
     else:
         for j in range(m):
-            x = dts[j] + bd
-            dts[j] = x
-            xs[j] = x * ut[j]
-    _load_row(dout, b, d, t0, m, go)
+            x = cb[_R_DT, j] + bd
+            cb[_R_DT, j] = x
+            cb[_R_X, j] = x * cb[_R_U, j]
+    _load_row(dout, b, d, t0, m, cb, _R_GO)
     acc = u.dtype.type(0.0)
     if has_z:
-        zt, yp, dzs = cb[_R_Z], cb[_R_YP], cb[_R_T1]
-        _load_row(z, b, d, t0, m, zt)
-        _load_row(ypre, b, d, t0, m, yp)
+        _load_row(z, b, d, t0, m, cb, _R_Z)
+        _load_row(ypre, b, d, t0, m, cb, _R_YP)
         one = u.dtype.type(1.0)
         for j in range(m):
-            s = _sigmoid(zt[j])
-            dzs[j] = go[j] * yp[j] * s * (one + zt[j] * (one - s))
-            dy = go[j] * (zt[j] * s)
-            dys[j] = dy
-            acc += dy * ut[j]
-        _store_row(dzs, b, d, t0, m, dz)
+            zj = cb[_R_Z, j]
+            go = cb[_R_GO, j]
+            s = _sigmoid(zj)
+            cb[_R_T1, j] = go * cb[_R_YP, j] * s * (one + zj * (one - s))
+            dy = go * (zj * s)
+            cb[_R_DY, j] = dy
+            acc += dy * cb[_R_U, j]
+        _store_row(cb, _R_T1, b, d, t0, m, dz)
     else:
         for j in range(m):
-            dys[j] = go[j]
-            acc += go[j] * ut[j]
-    return acc
-
-
-@_jit(fastmath=_FASTMATH)
-def _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl):
-    # du and d delta of one chunk from the reverse pass's per-position sums SA = sum_k dL/d(delta A)_k A_k and
-    # SB = sum_k dL/dh_k B_k; returns the chunk's sum of d delta (for d delta_bias).
-    ut, dts, sig, dys, sa, sb = cb[_R_U], cb[_R_DT], cb[_R_SIG], cb[_R_DY], cb[_R_SA], cb[_R_SB]
-    dus, dds = cb[_R_T1], cb[_R_T2]
-    dd = Dv[d]
-    acc = ut.dtype.type(0.0)
-    for j in range(m):
-        dus[j] = dys[j] * dd + dts[j] * sb[j]
-        dds[j] = sa[j] + ut[j] * sb[j]
-    if softplus:
-        for j in range(m):
-            dds[j] = dds[j] * sig[j]
-    for j in range(m):
-        acc += dds[j]
-    _store_row(dus, b, d, t0, m, du)
-    _store_row(dds, b, d, t0, m, ddl)
+            go = cb[_R_GO, j]
+            cb[_R_DY, j] = go
+            acc += go * cb[_R_U, j]
     return acc
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h):
+def _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl):
+    # du and d delta of one chunk from the reverse pass's per-position sums SA = sum_k dL/d(delta A)_k A_k and
+    # SB = sum_k dL/dh_k B_k; returns the chunk's sum of d delta (for d delta_bias).
+    dd = Dv[d]
+    acc = cb.dtype.type(0.0)
+    for j in range(m):
+        sb = cb[_R_SB, j]
+        cb[_R_T1, j] = cb[_R_DY, j] * dd + cb[_R_DT, j] * sb
+        cb[_R_T2, j] = cb[_R_SA, j] + cb[_R_U, j] * sb
+    if softplus:
+        for j in range(m):
+            cb[_R_T2, j] = cb[_R_T2, j] * cb[_R_SIG, j]
+    for j in range(m):
+        acc += cb[_R_T2, j]
+    _store_row(cb, _R_T1, b, d, t0, m, du)
+    _store_row(cb, _R_T2, b, d, t0, m, ddl)
+    return acc
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h):
     # hs[j] = the state before position t0 + j (hs[0] = the checkpoint, hs[m] the state after the chunk), ea[j] =
     # exp(delta A) at t0 + j. The state is carried in h, not read back from hs[j]: LLVM does not vectorise a loop
     # whose rows depend on each other at a distance it cannot see.
@@ -759,8 +760,8 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
     for j in range(m):
         t = t0 + j
         g = aidx[t]
-        dt = dts[j]
-        x = xs[j]
+        dt = cb[_R_DT, j]
+        x = cb[_R_X, j]
         for k in range(n):
             a = _exp(dt * A[g, d, k])
             ea[j, k] = a
@@ -770,17 +771,17 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, dys, sa, sb, hs, ea, gg):
+def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg):
     # Reverse-time recurrence over one chunk: gg[j] = dL/dh at t0 + j = dy C + exp(delta A at t0 + j + 1) gg[j + 1];
     # the caller puts the carry from the next chunk in gg[m] with ea[m] = 1. Only the per-position sums are formed
     # here (SA, SB); dA, dB, dC are read off gg afterwards in loops without the recurrence (`_chunk_param_grads`).
     gb = d if Bm.shape[1] > 1 else 0
     gc = d if Cm.shape[1] > 1 else 0
-    zero = dys.dtype.type(0.0)
+    zero = cb.dtype.type(0.0)
     for j in range(m - 1, -1, -1):
         t = t0 + j
         g = aidx[t]
-        dy = dys[j]
+        dy = cb[_R_DY, j]
         s_a = zero
         s_b = zero
         for k in range(n):
@@ -788,74 +789,73 @@ def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, dys, sa, sb, hs, ea, gg):
             gg[j, k] = gk
             s_a += gk * hs[j, k] * ea[j, k] * A[g, d, k]
             s_b += gk * Bm[b, gb, t, k]
-        sa[j] = s_a
-        sb[j] = s_b
+        cb[_R_SA, j] = s_a
+        cb[_R_SB, j] = s_b
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _chunk_param_grads(b, d, t0, m, n, aidx, dts, xs, dys, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc):
+def _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc):
     # dA (this row, compute dtype) += sum_t dL/dh_t h_{t-1} exp(delta_t A) delta_t; dB_t = dL/dh_t delta_t u_t and
-    # dC_t = dy_t h_t, into the chunk's channel sums dBk/dCk (K, N) when shared, else written per channel.
+    # dC_t = dy_t h_t, into the channel sums dBk/dCk (L, N) when shared, else written per channel.
     for j in range(m):
         g = aidx[t0 + j]
-        dt = dts[j]
+        dt = cb[_R_DT, j]
         for k in range(n):
             dAc[g, k] += gg[j, k] * hs[j, k] * ea[j, k] * dt
     if per_b:
         for j in range(m):
-            x = xs[j]
+            x = cb[_R_X, j]
             for k in range(n):
                 dBc[b, d, t0 + j, k] = gg[j, k] * x
     else:
         for j in range(m):
-            x = xs[j]
+            x = cb[_R_X, j]
             for k in range(n):
-                dBk[j, k] += gg[j, k] * x
+                dBk[t0 + j, k] += gg[j, k] * x
     if per_c:
         for j in range(m):
-            dy = dys[j]
+            dy = cb[_R_DY, j]
             for k in range(n):
                 dCc[b, d, t0 + j, k] = dy * hs[j + 1, k]
     else:
         for j in range(m):
-            dy = dys[j]
+            dy = cb[_R_DY, j]
             for k in range(n):
-                dCk[j, k] += dy * hs[j + 1, k]
+                dCk[t0 + j, k] += dy * hs[j + 1, k]
 
 
-@_jit(fastmath=_FASTMATH)
-def _flush_channel_sums(s, b, t0, m, acc, out):
-    # out[s, b, t0 + j] (float64) += acc[j]; acc zeroed
-    for j in range(m):
+@_jit(fastmath=_FASTMATH, inline="always")
+def _flush_channel_sums(s, b, acc, out):
+    # out[s, b] (L, N) float64 += acc; acc zeroed
+    for t in range(acc.shape[0]):
         for k in range(acc.shape[1]):
-            out[s, b, t0 + j, k] += acc[j, k]
-            acc[j, k] = 0.0
+            out[s, b, t, k] += acc[t, k]
+            acc[t, k] = 0.0
 
 
 @_jit(fastmath=_FASTMATH)
 def _backward_row_chunk(b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre,
-                        dout, du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry):
+                        dout, du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, r):
     # One (row, chunk) of the backward; carry (N): in, the gradient flowing into the chunk from the positions after
     # it (times their exp(delta A)); out, the same for the chunk before. Returns (sum dy u, sum d delta).
     n = A.shape[2]
     acc_D = _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb)
-    dts, xs, dys, sa, sb = cb[_R_DT], cb[_R_X], cb[_R_DY], cb[_R_SA], cb[_R_SB]
     for k in range(n):
-        gg[m, k] = carry[k]
+        gg[m, k] = carry[r, k]
         ea[m, k] = 1.0
     for g in range(dAc.shape[0]):
         for k in range(n):
             dAc[g, k] = 0.0
     if n == 16:  # as in the forward: a known trip count for mamba's d_state
-        _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h)
-        _reverse_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, dys, sa, sb, hs, ea, gg)
-        _chunk_param_grads(b, d, t0, m, 16, aidx, dts, xs, dys, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
+        _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
+        _reverse_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, cb, hs, ea, gg)
+        _chunk_param_grads(b, d, t0, m, 16, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
     else:
-        _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h)
-        _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, dys, sa, sb, hs, ea, gg)
-        _chunk_param_grads(b, d, t0, m, n, aidx, dts, xs, dys, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
+        _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
+        _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg)
+        _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
     for k in range(n):
-        carry[k] = gg[0, k] * ea[0, k]
+        carry[r, k] = gg[0, k] * ea[0, k]
     acc_bias = _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl)
     return acc_D, acc_bias
 
@@ -863,10 +863,12 @@ def _backward_row_chunk(b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv,
 @_jit(fastmath=_FASTMATH)
 def _backward_unit(b, s, d0, d1, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
                    du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc, dCc):
-    # Channels d0 .. d1 - 1 of batch row b, chunk by chunk from the last, every channel within a chunk: the chunk's
-    # sums of dB, dC over channels (dBk, dCk (K, N)) stay in L1 and are added to the float64 slice s of dBs/dCs
-    # every _FLUSH_ROWS channels. Sums over positions: per chunk in the compute dtype, across chunks in float64
-    # (dA (Bt, G, Din, N), dD, dbias (Bt, Din): this row's entries, so no two units write the same one).
+    # Channels d0 .. d1 - 1 of batch row b, each from its last chunk to its first (a row's inputs are then read in
+    # order, which the hardware prefetcher follows; going over the channels within a chunk read each row's 64
+    # positions from another page and was slower at long L). dB, dC shared by the channels: summed over channels
+    # in dBk, dCk (L, N) (cache-resident: 256 KiB for L = 4096 in float32), added to the float64 slice s of
+    # dBs/dCs every _FLUSH_ROWS channels. Sums over positions: per chunk in the compute dtype, across chunks in
+    # float64 (dA (Bt, G, Din, N), dD, dbias (Bt, Din): this row's entries, so no two units write the same one).
     length = u.shape[2]
     groups, _, n = A.shape
     nck = ckpt.shape[2]
@@ -877,27 +879,28 @@ def _backward_unit(b, s, d0, d1, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, 
     gg = np.empty((ckpt_every + 1, n), ft)
     h = np.empty(n, ft)
     dAc = np.empty((groups, n), ft)
-    dBk = np.zeros((ckpt_every, n), ft)
-    dCk = np.zeros((ckpt_every, n), ft)
-    carry = np.zeros((d1 - d0, n), ft)
-    for c in range(nck - 1, -1, -1):
-        t0 = c * ckpt_every
-        m = min(length, t0 + ckpt_every) - t0
-        for d in range(d0, d1):
+    dBk = np.zeros((1 if per_b else length, n), ft)
+    dCk = np.zeros((1 if per_c else length, n), ft)
+    carry = np.empty((1, n), ft)
+    for d in range(d0, d1):
+        carry[0, :] = 0.0
+        for c in range(nck - 1, -1, -1):
+            t0 = c * ckpt_every
+            m = min(length, t0 + ckpt_every) - t0
             acc_D, acc_bias = _backward_row_chunk(
                 b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry[d - d0],
+                du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, 0,
             )
             dD[b, d] += acc_D
             dbias[b, d] += acc_bias
             for g in range(groups):
                 for k in range(n):
                     dA[b, g, d, k] += dAc[g, k]
-            if (d - d0) % _FLUSH_ROWS == _FLUSH_ROWS - 1 or d == d1 - 1:
-                if not per_b:
-                    _flush_channel_sums(s, b, t0, m, dBk, dBs)
-                if not per_c:
-                    _flush_channel_sums(s, b, t0, m, dCk, dCs)
+        if (d - d0) % _FLUSH_ROWS == _FLUSH_ROWS - 1 or d == d1 - 1:
+            if not per_b:
+                _flush_channel_sums(s, b, dBk, dBs)
+            if not per_c:
+                _flush_channel_sums(s, b, dCk, dCs)
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
