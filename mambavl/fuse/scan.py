@@ -29,9 +29,11 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   parallel over (batch row, channel) pairs, so both cores are busy at batch 64 and at batch 2 alike. The states are
   not stored: forward keeps one checkpoint every `_CKPT` positions and backward recomputes each chunk from its
   checkpoint. Computes in float32 for float32 inputs and in float64 when an input is float64 (the reference's
-  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in
-  float64. u, delta, z are read in place in any layout (a Mamba block's transposed views included), no copies;
-  exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops vectorise.
+  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the
+  compute dtype over at most one chunk of positions (dA, dD, d delta_bias) or 32 channels (dB, dC) and
+  accumulated in float64 beyond. u, delta, z are read in place in any layout (a Mamba block's transposed views
+  included), no copies; exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops
+  vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A.
 * `triton`: `selective_scan_triton`, Triton kernels for forward and backward (`mambavl.fuse.scan_triton`), compiled
@@ -1064,7 +1066,8 @@ def selective_scan_cpu(
 
     Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
     and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
-    batch rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in float64. Results and gradients come
+    batch rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most 64
+    positions or 32 channels and accumulated in float64 beyond. Results and gradients come
     back in the inputs' dtypes. u, delta, z (the large inputs) are read in place in any strides; B and C are laid
     out as contiguous (Bt, L, N) (a copy unless already so: for shared B, C 1/Din of the scan's work); inputs of
     another dtype than the compute dtype are cast. Memory when gradients are needed: one stored state every 64
