@@ -775,8 +775,8 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, 
 @_jit(fastmath=_FASTMATH, inline="always")
 def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg):
     # Reverse-time recurrence over one chunk: gg[j] = dL/dh at t0 + j = dy C + exp(delta A at t0 + j + 1) gg[j + 1];
-    # the caller puts the carry from the next chunk in gg[m] with ea[m] = 1. Only the per-position sums are formed
-    # here (SA, SB); dA, dB, dC are read off gg afterwards in loops without the recurrence (`_chunk_param_grads`).
+    # the caller puts the carry from the next chunk in gg[m] with ea[m] = 1. The recurrence loop does nothing else;
+    # the per-position sums SA, SB here and dA, dB, dC (`_chunk_param_grads`) are read off gg afterwards.
     gb = d if Bm.shape[1] > 1 else 0
     gc = d if Cm.shape[1] > 1 else 0
     zero = cb.dtype.type(0.0)
@@ -784,11 +784,15 @@ def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg):
         t = t0 + j
         g = aidx[t]
         dy = cb[_R_DY, j]
+        for k in range(n):
+            gg[j, k] = gg[j + 1, k] * ea[j + 1, k] + dy * Cm[b, gc, t, k]
+    for j in range(m):  # the per-position sums, off the recurrence's critical path
+        t = t0 + j
+        g = aidx[t]
         s_a = zero
         s_b = zero
         for k in range(n):
-            gk = gg[j + 1, k] * ea[j + 1, k] + dy * Cm[b, gc, t, k]
-            gg[j, k] = gk
+            gk = gg[j, k]
             s_a += gk * hs[j, k] * ea[j, k] * A[g, d, k]
             s_b += gk * Bm[b, gb, t, k]
         cb[_R_SA, j] = s_a
