@@ -315,3 +315,20 @@ def test_cpu_scan_without_grad_stores_nothing():
         out = scan.selective_scan_cpu(**x, delta_softplus=True)
     assert out.grad_fn is None
     assert_close(out, scan.selective_scan_ref(**x, delta_softplus=True).detach(), 2e-5, "output")
+
+
+@pytest.mark.parametrize("case", ["one_channel_per_channel_BC", "B_shared_C_per_channel", "many_channels"])
+def test_cpu_backward_layouts_of_B_C(case):
+    """The cpu backward's sums of dB/dC over channels (shared B/C) and its per-channel writes, mixed in one call, with
+    a single channel, and over enough channels (and several work units) that the channel sums are flushed often."""
+    bt, din, n, length = {"one_channel_per_channel_BC": (1, 1, 4, 70), "B_shared_C_per_channel": (2, 5, 3, 67),
+                          "many_channels": (3, 80, 16, 9)}[case]
+    x = make_inputs(bt, din, n, length, torch.float64, seed=12, per_channel=case == "one_channel_per_channel_BC")
+    if case == "B_shared_C_per_channel":
+        x["C"] = x["C"].detach()[:, None].expand(bt, din, n, length).contiguous().requires_grad_(True)
+    grad_out = torch.randn(bt, din, length, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    ref_out, ref_grads = run(scan.selective_scan_ref, x, grad_out, delta_softplus=True)
+    out, grads = run(scan.selective_scan_cpu, x, grad_out, delta_softplus=True)
+    assert_close(out, ref_out, 1e-12, "output")
+    for k in NAMES:
+        assert_close(grads[k], ref_grads[k], 1e-11, f"d{k}")

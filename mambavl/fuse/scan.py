@@ -29,9 +29,11 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   parallel over (batch row, channel) pairs, so both cores are busy at batch 64 and at batch 2 alike. The states are
   not stored: forward keeps one checkpoint every `_CKPT` positions and backward recomputes each chunk from its
   checkpoint. Computes in float32 for float32 inputs and in float64 when an input is float64 (the reference's
-  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in
-  float64. u, delta, z are read in place in any layout (a Mamba block's transposed views included), no copies;
-  exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops vectorise.
+  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the
+  compute dtype over at most one chunk of positions (dA, dD, d delta_bias) or 32 channels (dB, dC) and
+  accumulated in float64 beyond. u, delta, z are read in place in any layout (a Mamba block's transposed views
+  included), no copies; exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops
+  vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A.
 * `triton`: `selective_scan_triton`, Triton kernels for forward and backward (`mambavl.fuse.scan_triton`), compiled
@@ -334,10 +336,12 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 def _jit(**kw):
-    """numba.njit(cache=True, ...) when numba is importable, else leave the function plain (never called)."""
+    """numba.njit(cache=True, error_model="numpy", ...) when numba is importable, else leave the function plain (never
+    called). numpy's error model: a float division by zero gives inf/nan instead of raising, so a loop that divides
+    (softplus, sigmoid) has no exception branch and vectorises (with Python's, such loops stayed scalar)."""
     if numba is None:
         return lambda f: f
-    return numba.njit(cache=True, **kw)
+    return numba.njit(cache=True, error_model="numpy", **kw)
 
 
 def _exp(x):
@@ -605,28 +609,151 @@ def _cpu_forward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckp
                          out, ypre, ckpt, last, h, dts, xs, ys)
 
 
-@_jit(fastmath=_FASTMATH)
-def _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys):
-    # The gate's backward for one chunk: dys[j] = dL/dy, dz written; returns this chunk's sum of dy * u (for dD).
-    acc = u.dtype.type(0.0)
+def _softplus_e_f32(x, e):
+    # softplus(x) from e = exp(-|x|), the series of `_softplus_f32`: one exp serves softplus and its derivative
+    s = e / (_F32(2.0) + e)
+    s2 = s * s
+    p = _F32(1.0 / 15.0)
+    p = p * s2 + _F32(1.0 / 13.0)
+    p = p * s2 + _F32(1.0 / 11.0)
+    p = p * s2 + _F32(1.0 / 9.0)
+    p = p * s2 + _F32(1.0 / 7.0)
+    p = p * s2 + _F32(1.0 / 5.0)
+    p = p * s2 + _F32(1.0 / 3.0)
+    p = p * s2 + _F32_1
+    res = max(x, _F32_0) + _F32(2.0) * s * p
+    return x if x > _F32(20.0) else res
+
+
+def _softplus_e_f64(x, e):
+    return x if x > 20.0 else max(x, 0.0) + math.log1p(e)
+
+
+def _softplus_grad_e_f32(x, e):
+    r = _F32_1 / (_F32_1 + e)
+    s = r if x >= _F32_0 else e * r
+    return _F32_1 if x > _F32(20.0) else s
+
+
+def _softplus_grad_e_f64(x, e):
+    r = 1.0 / (1.0 + e)
+    s = r if x >= 0.0 else e * r
+    return 1.0 if x > 20.0 else s
+
+
+def _softplus_e(x, e):
+    """softplus(x) given e = exp(-|x|), in x's float type (numba-only; see `_softplus_e_overload`)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _softplus_grad_e(x, e):
+    """d softplus / dx as torch has it (1 above the threshold 20, else sigmoid(x)) given e = exp(-|x|) (numba-only)."""
+    raise NotImplementedError("numba-only helper")
+
+
+if numba is not None:
+
+    @_overload(_softplus_e)
+    def _softplus_e_overload(x, e):
+        return _softplus_e_f32 if x == numba.types.float32 else _softplus_e_f64
+
+    @_overload(_softplus_grad_e)
+    def _softplus_grad_e_overload(x, e):
+        return _softplus_grad_e_f32 if x == numba.types.float32 else _softplus_grad_e_f64
+
+
+# Rows of a backward chunk's buffer (_NROWS, K): per-position values of one (row, chunk), contiguous so that the
+# loops computing softplus, sigmoid and the gate's backward over positions vectorise (the inputs' own rows may be
+# strided; they are copied in once).
+_R_U, _R_DT, _R_X, _R_SIG, _R_GO, _R_Z, _R_YP, _R_DY, _R_SA, _R_SB, _R_T1, _R_T2 = range(12)
+_NROWS = 12
+# dB, dC shared by the channels: summed in the compute dtype over at most this many channels of a chunk, then added
+# to the float64 totals (a float64 add per state update cost about as much as the rest of the backward).
+_FLUSH_ROWS = 32
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _load_row(a, b, d, t0, m, cb, row):
+    # cb[row, :m] = a[b, d, t0:t0 + m] (a possibly strided row into a contiguous buffer). Rows of cb are indexed,
+    # not taken as views: a view costs a reference count update (an atomic add) each time it is made.
     for j in range(m):
-        t = t0 + j
-        go = dout[b, d, t]
-        if has_z:
-            zt = z[b, d, t]
-            s = _sigmoid(zt)
-            dz[b, d, t] = go * ypre[b, d, t] * s * (u.dtype.type(1.0) + zt * (u.dtype.type(1.0) - s))
-            go = go * (zt * s)
-        dys[j] = go
-        acc += go * u[b, d, t]
+        cb[row, j] = a[b, d, t0 + j]
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _store_row(cb, row, b, d, t0, m, a):
+    for j in range(m):
+        a[b, d, t0 + j] = cb[row, j]
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb):
+    # Fills cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus'), DY (dL/dy before the
+    # D term, after the gate's backward); writes dz. Returns this chunk's sum of dy * u (for dD).
+    _load_row(u, b, d, t0, m, cb, _R_U)
+    _load_row(dl, b, d, t0, m, cb, _R_DT)
+    bd = bias[d]
+    if softplus:
+        for j in range(m):
+            x = cb[_R_DT, j] + bd
+            e = _exp(-abs(x))
+            sp = _softplus_e(x, e)
+            cb[_R_SIG, j] = _softplus_grad_e(x, e)
+            cb[_R_DT, j] = sp
+            cb[_R_X, j] = sp * cb[_R_U, j]
+    else:
+        for j in range(m):
+            x = cb[_R_DT, j] + bd
+            cb[_R_DT, j] = x
+            cb[_R_X, j] = x * cb[_R_U, j]
+    _load_row(dout, b, d, t0, m, cb, _R_GO)
+    acc = u.dtype.type(0.0)
+    if has_z:
+        _load_row(z, b, d, t0, m, cb, _R_Z)
+        _load_row(ypre, b, d, t0, m, cb, _R_YP)
+        one = u.dtype.type(1.0)
+        for j in range(m):
+            zj = cb[_R_Z, j]
+            go = cb[_R_GO, j]
+            s = _sigmoid(zj)
+            cb[_R_T1, j] = go * cb[_R_YP, j] * s * (one + zj * (one - s))
+            dy = go * (zj * s)
+            cb[_R_DY, j] = dy
+            acc += dy * cb[_R_U, j]
+        _store_row(cb, _R_T1, b, d, t0, m, dz)
+    else:
+        for j in range(m):
+            go = cb[_R_GO, j]
+            cb[_R_DY, j] = go
+            acc += go * cb[_R_U, j]
     return acc
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, h):
-    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint), ea[j] = exp(delta A) at t0 + j. The state
-    # is carried in h, not read back from hs[j]: LLVM does not vectorise a loop whose rows depend on each other
-    # at a distance it cannot see.
+def _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl):
+    # du and d delta of one chunk from the reverse pass's per-position sums SA = sum_k dL/d(delta A)_k A_k and
+    # SB = sum_k dL/dh_k B_k; returns the chunk's sum of d delta (for d delta_bias).
+    dd = Dv[d]
+    acc = cb.dtype.type(0.0)
+    for j in range(m):
+        sb = cb[_R_SB, j]
+        cb[_R_T1, j] = cb[_R_DY, j] * dd + cb[_R_DT, j] * sb
+        cb[_R_T2, j] = cb[_R_SA, j] + cb[_R_U, j] * sb
+    if softplus:
+        for j in range(m):
+            cb[_R_T2, j] = cb[_R_T2, j] * cb[_R_SIG, j]
+    for j in range(m):
+        acc += cb[_R_T2, j]
+    _store_row(cb, _R_T1, b, d, t0, m, du)
+    _store_row(cb, _R_T2, b, d, t0, m, ddl)
+    return acc
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h):
+    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint, hs[m] the state after the chunk), ea[j] =
+    # exp(delta A) at t0 + j. The state is carried in h, not read back from hs[j]: LLVM does not vectorise a loop
+    # whose rows depend on each other at a distance it cannot see.
     gb = d if Bm.shape[1] > 1 else 0
     c = t0 // ckpt_every
     for k in range(n):
@@ -635,8 +762,8 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
     for j in range(m):
         t = t0 + j
         g = aidx[t]
-        dt = dts[j]
-        x = xs[j]
+        dt = cb[_R_DT, j]
+        x = cb[_R_X, j]
         for k in range(n):
             a = _exp(dt * A[g, d, k])
             ea[j, k] = a
@@ -646,116 +773,157 @@ def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs,
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _reverse_chunk(b, d, p, t0, m, n, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts, du, dBs, dCs, dBc,
-                   dCc):
-    # Reverse-time recurrence over one chunk: g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1} (dh carries it).
-    # B/C shared by the channels: their gradients are sums over channels, accumulated in float64 into this block's
-    # slice p of dBs/dCs (P, Bt, L, N). Per channel: written once each into dBc/dCc (Bt, Din, L, N).
-    per_b = Bm.shape[1] > 1
-    per_c = Cm.shape[1] > 1
-    gb = d if per_b else 0
-    gc = d if per_c else 0
-    zero = u.dtype.type(0.0)
+def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg):
+    # Reverse-time recurrence over one chunk: gg[j] = dL/dh at t0 + j = dy C + exp(delta A at t0 + j + 1) gg[j + 1];
+    # the caller puts the carry from the next chunk in gg[m] with ea[m] = 1. The recurrence loop does nothing else;
+    # the per-position sums SA, SB here and dA, dB, dC (`_chunk_param_grads`) are read off gg afterwards.
+    gb = d if Bm.shape[1] > 1 else 0
+    gc = d if Cm.shape[1] > 1 else 0
+    zero = cb.dtype.type(0.0)
     for j in range(m - 1, -1, -1):
         t = t0 + j
         g = aidx[t]
-        dt = dts[j]
-        x = xs[j]
-        dy = dys[j]
+        dy = cb[_R_DY, j]
+        for k in range(n):
+            gg[j, k] = gg[j + 1, k] * ea[j + 1, k] + dy * Cm[b, gc, t, k]
+    for j in range(m):  # the per-position sums, off the recurrence's critical path
+        t = t0 + j
+        g = aidx[t]
         s_a = zero
         s_b = zero
-        # w (4, N): the carried gradient, g_t, dA's term (row 3: the recomputed state). One written array keeps LLVM's runtime alias checks under
-        # its limit, so this loop vectorises (with dh, g_t, dA written separately it stayed scalar).
         for k in range(n):
-            gk = w[0, k] + dy * Cm[b, gc, t, k]
-            ga = gk * hs[j, k] * ea[j, k]  # dL/d(delta_t A) through the exp
-            s_a += ga * A[g, d, k]
+            gk = gg[j, k]
+            s_a += gk * hs[j, k] * ea[j, k] * A[g, d, k]
             s_b += gk * Bm[b, gb, t, k]
-            w[0, k] = gk * ea[j, k]  # carried to h_{t-1}
-            w[1, k] = gk
-            w[2, k] = ga * dt
+        cb[_R_SA, j] = s_a
+        cb[_R_SB, j] = s_b
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc):
+    # dA (this row, compute dtype) += sum_t dL/dh_t h_{t-1} exp(delta_t A) delta_t; dB_t = dL/dh_t delta_t u_t and
+    # dC_t = dy_t h_t, into the channel sums dBk/dCk (L, N) when shared, else written per channel.
+    for j in range(m):
+        g = aidx[t0 + j]
+        dt = cb[_R_DT, j]
         for k in range(n):
-            dAc[g, k] += w[2, k]
-        # (separate loops, the layout branch outside each: both vectorise)
-        if per_c:
+            dAc[g, k] += gg[j, k] * hs[j, k] * ea[j, k] * dt
+    if per_b:
+        for j in range(m):
+            x = cb[_R_X, j]
             for k in range(n):
-                dCc[b, d, t, k] = dy * hs[j + 1, k]
-        else:
+                dBc[b, d, t0 + j, k] = gg[j, k] * x
+    else:
+        for j in range(m):
+            x = cb[_R_X, j]
             for k in range(n):
-                dCs[p, b, t, k] += dy * hs[j + 1, k]
-        if per_b:
+                dBk[t0 + j, k] += gg[j, k] * x
+    if per_c:
+        for j in range(m):
+            dy = cb[_R_DY, j]
             for k in range(n):
-                dBc[b, d, t, k] = w[1, k] * x
-        else:
+                dCc[b, d, t0 + j, k] = dy * hs[j + 1, k]
+    else:
+        for j in range(m):
+            dy = cb[_R_DY, j]
             for k in range(n):
-                dBs[p, b, t, k] += w[1, k] * x
-        du[b, d, t] = dy * Dv[d] + dt * s_b
-        ddts[j] = s_a + u[b, d, t] * s_b
+                dCk[t0 + j, k] += dy * hs[j + 1, k]
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _flush_channel_sums(s, b, acc, out):
+    # out[s, b] (L, N) float64 += acc; acc zeroed
+    for t in range(acc.shape[0]):
+        for k in range(acc.shape[1]):
+            out[s, b, t, k] += acc[t, k]
+            acc[t, k] = 0.0
 
 
 @_jit(fastmath=_FASTMATH)
-def _backward_row(b, d, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc, dA64):
-    # bufs (5, ckpt_every): delta, delta*u, dL/dy, softplus', dL/d delta of one chunk. Sums over positions (dA, dD,
-    # d delta_bias) run in the compute dtype within a chunk and in float64 across chunks.
-    length = u.shape[2]
-    nck = ckpt.shape[2]
-    dts, xs, dys, sig, ddts = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4]
-    w[0, :] = 0.0  # the carried gradient dL/dh
-    dA64[:, :] = 0.0
-    dAc[:, :] = 0.0
-    acc_D = 0.0
-    acc_bias = 0.0
-    for c in range(nck - 1, -1, -1):
-        t0 = c * ckpt_every
-        m = min(length, t0 + ckpt_every) - t0
-        _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig)
-        acc_D += _backward_chunk_outputs(b, d, t0, m, u, z, has_z, Dv, ypre, dout, dz, dys)
-        if A.shape[2] == 16:  # as in the forward: a known trip count for mamba's d_state
-            _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
-            _reverse_chunk(b, d, p, t0, m, 16, u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc, ddts,
-                           du, dBs, dCs, dBc, dCc)
-        else:
-            _recompute_chunk(b, d, t0, m, A.shape[2], A, aidx, Bm, ckpt_every, ckpt, dts, xs, hs, ea, w[3])
-            _reverse_chunk(b, d, p, t0, m, A.shape[2], u, A, aidx, Bm, Cm, Dv, dts, xs, dys, hs, ea, w, dAc,
-                           ddts, du, dBs, dCs, dBc, dCc)
-        chunk_bias = u.dtype.type(0.0)
-        for j in range(m):
-            v = ddts[j] * sig[j] if softplus else ddts[j]
-            ddl[b, d, t0 + j] = v
-            chunk_bias += v
-        acc_bias += chunk_bias
-        for g in range(dAc.shape[0]):  # (explicit loops: numba's array expressions allocate temporaries)
-            for k in range(dAc.shape[1]):
-                dA64[g, k] += dAc[g, k]
-                dAc[g, k] = 0.0
+def _backward_row_chunk(b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre,
+                        dout, du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, r):
+    # One (row, chunk) of the backward; carry (N): in, the gradient flowing into the chunk from the positions after
+    # it (times their exp(delta A)); out, the same for the chunk before. Returns (sum dy u, sum d delta).
+    n = A.shape[2]
+    acc_D = _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb)
+    for k in range(n):
+        gg[m, k] = carry[r, k]
+        ea[m, k] = 1.0
     for g in range(dAc.shape[0]):
-        for k in range(dAc.shape[1]):
-            dA[p, g, d, k] += dA64[g, k]
-    dD[p, d] += acc_D
-    dbias[p, d] += acc_bias
+        for k in range(n):
+            dAc[g, k] = 0.0
+    if n == 16:  # as in the forward: a known trip count for mamba's d_state
+        _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
+        _reverse_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, cb, hs, ea, gg)
+        _chunk_param_grads(b, d, t0, m, 16, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
+    else:
+        _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
+        _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg)
+        _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
+    for k in range(n):
+        carry[r, k] = gg[0, k] * ea[0, k]
+    acc_bias = _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl)
+    return acc_D, acc_bias
+
+
+@_jit(fastmath=_FASTMATH)
+def _backward_unit(b, s, d0, d1, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
+                   du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc, dCc):
+    # Channels d0 .. d1 - 1 of batch row b, each from its last chunk to its first (a row's inputs are then read in
+    # order, which the hardware prefetcher follows; going over the channels within a chunk read each row's 64
+    # positions from another page and was slower at long L). dB, dC shared by the channels: summed over channels
+    # in dBk, dCk (L, N) (cache-resident: 256 KiB for L = 4096 in float32), added to the float64 slice s of
+    # dBs/dCs every _FLUSH_ROWS channels. Sums over positions: per chunk in the compute dtype, across chunks in
+    # float64 (dA (Bt, G, Din, N), dD, dbias (Bt, Din): this row's entries, so no two units write the same one).
+    length = u.shape[2]
+    groups, _, n = A.shape
+    nck = ckpt.shape[2]
+    ft = u.dtype
+    cb = np.empty((_NROWS, ckpt_every), ft)
+    hs = np.empty((ckpt_every + 1, n), ft)
+    ea = np.empty((ckpt_every + 1, n), ft)
+    gg = np.empty((ckpt_every + 1, n), ft)
+    h = np.empty(n, ft)
+    dAc = np.empty((groups, n), ft)
+    dBk = np.zeros((1 if per_b else length, n), ft)
+    dCk = np.zeros((1 if per_c else length, n), ft)
+    carry = np.empty((1, n), ft)
+    for d in range(d0, d1):
+        carry[0, :] = 0.0
+        for c in range(nck - 1, -1, -1):
+            t0 = c * ckpt_every
+            m = min(length, t0 + ckpt_every) - t0
+            acc_D, acc_bias = _backward_row_chunk(
+                b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
+                du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, 0,
+            )
+            dD[b, d] += acc_D
+            dbias[b, d] += acc_bias
+            for g in range(groups):
+                for k in range(n):
+                    dA[b, g, d, k] += dAc[g, k]
+        if (d - d0) % _FLUSH_ROWS == _FLUSH_ROWS - 1 or d == d1 - 1:
+            if not per_b:
+                _flush_channel_sums(s, b, dBk, dBs)
+            if not per_c:
+                _flush_channel_sums(s, b, dCk, dCs)
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout, nblocks,
-                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc):
-    # Rows (b, d) split into `nblocks` contiguous blocks, as in the forward. Block p owns slice p of the float64
-    # partial sums dA (P, G, Din, N), dD, dbias (P, Din), dBs, dCs (P, Bt, L, N); the caller adds the slices.
+def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout, dblock,
+                  du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc, dCc):
+    # Work units: (batch row b, block s of `dblock` channels), handed out one at a time. dBs, dCs (S, Bt, L, N)
+    # float64 when B/C are shared by the channels (unit (b, s) owns slice [s, b]; the caller sums over S); dBc, dCc
+    # (Bt, Din, L, N) when per channel. dA (Bt, G, Din, N), dD, dbias (Bt, Din) float64, summed over Bt by the caller.
     bt, din, length = u.shape
-    rows = bt * din
-    groups, _, n = A.shape
-    for pp in _prange(nblocks):
+    nd = (din + dblock - 1) // dblock
+    for pp in _prange(bt * nd):
         p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
-        bufs = np.empty((5, ckpt_every), u.dtype)
-        hs = np.empty((ckpt_every + 1, n), u.dtype)
-        ea = np.empty((ckpt_every, n), u.dtype)
-        w = np.empty((4, n), u.dtype)
-        dAc = np.empty((groups, n), u.dtype)
-        dA64 = np.empty((groups, n))
-        for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
-            _backward_row(r // din, r % din, p, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every,
-                          ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc, bufs, hs, ea, w, dAc,
-                          dA64)
+        b = p // nd
+        s = p % nd
+        _backward_unit(b, s, s * dblock, min(din, (s + 1) * dblock), u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z,
+                       has_z, ckpt_every, ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc,
+                       dCc)
 
 
 def _numba_threads() -> int:
@@ -854,22 +1022,28 @@ class _SelectiveScanCPU(torch.autograd.Function):
         npd = args[0].dtype
         threads = _numba_threads()
         numba.set_num_threads(threads)
-        nblocks = min(bt * din, 2 * threads)
+        # work units (batch row, block of channels): whole rows of channels when the batch alone gives each thread
+        # a few units, else the channels split too (batch 2 of long sequences)
+        nd = min(din, -(-4 * threads // bt))
+        dblock = -(-din // nd)
+        nd = -(-din // dblock)
+        per_b, per_c = B.dim() == 4, C.dim() == 4
         grads = dict(
             du=np.empty((bt, din, length), npd), ddl=np.empty((bt, din, length), npd),
             dz=np.empty((bt, din, length) if z is not None else (1, 1, 1), npd),
-            dA=np.zeros((nblocks, groups, din, n)), dD=np.zeros((nblocks, din)), dbias=np.zeros((nblocks, din)),
+            dA=np.zeros((bt, groups, din, n)), dD=np.zeros((bt, din)), dbias=np.zeros((bt, din)),
         )
-        # dB, dC: summed over channels (float64 slices per block, "s") when shared, else per channel ("c")
-        for name, m in (("B", B), ("C", C)):
-            grads[f"d{name}s"] = np.zeros((nblocks, bt, length, n) if m.dim() == 3 else (1, 1, 1, 1))
-        for name, m in (("B", B), ("C", C)):
-            grads[f"d{name}c"] = np.empty((1, 1, 1, 1) if m.dim() == 3 else (bt, din, length, n), npd)
-        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _view(dout, dtype), nblocks, *grads.values())
+        # dB, dC: summed over channels (float64, one slice per block of channels, "s") when shared, else per channel
+        for name, per in (("B", per_b), ("C", per_c)):
+            grads[f"d{name}s"] = np.zeros((1, 1, 1, 1) if per else (nd, bt, length, n))
+        for name, per in (("B", per_b), ("C", per_c)):
+            grads[f"d{name}c"] = np.empty((bt, din, length, n) if per else (1, 1, 1, 1), npd)
+        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _view(dout, dtype), dblock, *list(grads.values())[:6],
+             per_b, per_c, *list(grads.values())[6:])
         t = torch.from_numpy
         g_B, g_C = (
-            (t(grads[f"d{k}s"].sum(0)) if m.dim() == 3 else t(grads[f"d{k}c"])).transpose(-1, -2)  # (Bt, [Din,] N, L)
-            for k, m in (("B", B), ("C", C))
+            (t(grads[f"d{k}c"]) if per else t(grads[f"d{k}s"].sum(0))).transpose(-1, -2)  # (Bt, [Din,] N, L)
+            for k, per in (("B", per_b), ("C", per_c))
         )
         g_A = t(grads["dA"].sum(0))  # (G, Din, N)
         return (
@@ -896,7 +1070,8 @@ def selective_scan_cpu(
 
     Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
     and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
-    batch rows and channels (dA, dB, dC, dD, d delta_bias) are accumulated in float64. Results and gradients come
+    batch rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most 64
+    positions or 32 channels and accumulated in float64 beyond. Results and gradients come
     back in the inputs' dtypes. u, delta, z (the large inputs) are read in place in any strides; B and C are laid
     out as contiguous (Bt, L, N) (a copy unless already so: for shared B, C 1/Din of the scan's work); inputs of
     another dtype than the compute dtype are cast. Memory when gradients are needed: one stored state every 64
