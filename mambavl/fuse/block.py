@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.config import ModelConfig
+from mambavl.fuse.ops import rms_norm as fused_rms_norm
 from mambavl.fuse.scan import selective_scan
 
 VIDEO, QUESTION = "video", "question"
@@ -54,10 +55,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    """`norm(x)` in 6 elementwise ops: x * rsqrt(mean(x²) + eps) * weight, the arithmetic of torch's RMSNorm in its
-    order (torch's own CPU path dispatches about 24 ops, casts included, for the same result)."""
+    """`norm(x)`: x * rsqrt(mean(x²) + eps) * weight, torch's RMSNorm arithmetic with a hand-written backward
+    (`mambavl.fuse.ops.rms_norm`; torch's own CPU path dispatches about 24 ops, casts included, for the same
+    result)."""
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+    return fused_rms_norm(x, norm.weight, eps)
 
 
 def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
