@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.config import ModelConfig
+from mambavl.fuse.ops import linear as fused_linear
 from mambavl.fuse.ops import rms_norm as fused_rms_norm
 from mambavl.fuse.scan import selective_scan
 
@@ -68,9 +69,8 @@ def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) for x (..., C_in) as one 2-D matrix product: fewer dispatched ops than the batched-matmul path."""
-    lead = x.shape[:-1]
-    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).view(*lead, layer.out_features)
+    """layer(x) for x (..., C_in) as one 2-D matrix product with a hand-written backward (`mambavl.fuse.ops`)."""
+    return fused_linear(x, layer)
 
 
 def _scan_dtype(t: torch.Tensor) -> torch.Tensor:
