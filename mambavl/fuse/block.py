@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.config import ModelConfig
+from mambavl.fuse.conv import causal_conv_silu
 from mambavl.fuse.ops import linear as fused_linear
 from mambavl.fuse.ops import rms_norm as fused_rms_norm
 from mambavl.fuse.scan import selective_scan
@@ -116,15 +117,12 @@ class Stream(nn.Module):
 
     def project(self, x: torch.Tensor, fmask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, L, d_model), fmask (B, 1, L) float | None -> conv'd, activated scan input u (B, d_inner, L) and
-        gate z (B, d_inner, L)."""
-        length = x.shape[1]
-        xz = _linear(x, self.in_proj).transpose(1, 2)  # (B, 2*d_inner, L)
-        u, z = xz.split(self.d_inner, dim=1)  # (B, d_inner, L) each
-        if fmask is not None:
-            # Padded tokens must not reach later valid tokens through the conv window.
-            u = u * fmask
-        u = F.silu(self.conv1d(u)[..., :length])  # causal: keep the first L outputs of the left-padded conv
-        return u, z
+        gate z (B, d_inner, L) (transposed views of (B, L, d_inner) tensors)."""
+        xz = _linear(x, self.in_proj)  # (B, L, 2*d_inner)
+        u, z = xz.split(self.d_inner, dim=-1)  # (B, L, d_inner) each
+        # Padded tokens are zeroed before the conv: they must not reach later valid tokens through its window.
+        u = causal_conv_silu(u, fmask, self.conv1d)  # (B, L, d_inner)
+        return u.transpose(1, 2), z.transpose(1, 2)
 
     def ssm_params(
         self, u: torch.Tensor, fmask: torch.Tensor | None, reverse: bool = False

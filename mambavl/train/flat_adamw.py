@@ -25,9 +25,10 @@ _ADAMW_OPTIONS = dict(amsgrad=False, maximize=False, foreach=None, capturable=Fa
 
 
 def flat_adamw_supported(params: list[torch.Tensor]) -> bool:
-    """Whether `FlatAdamW` can hold these parameters: dense, one dtype (floating) and one device."""
+    """Whether `FlatAdamW` can hold these parameters: dense, one dtype (floating) and one CPU or CUDA device."""
     kinds = {(p.dtype, p.device) for p in params}
-    return len(kinds) == 1 and params[0].dtype.is_floating_point and not any(p.is_sparse for p in params)
+    return (len(kinds) == 1 and params[0].dtype.is_floating_point and params[0].device.type in ("cpu", "cuda")
+            and not any(p.is_sparse for p in params))
 
 
 class FlatAdamW(torch.optim.Optimizer):
