@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.conv import causal_conv_silu
-from mambavl.fuse.ops import linear, rms_norm
+from mambavl.fuse.ops import cross_entropy_sum, linear, rms_norm
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -53,3 +53,16 @@ def test_rms_norm_and_linear_match_torch(dtype):
     layer = nn.Linear(8, 3).to(dtype)
     _check(lambda x, w, b: linear(x.transpose(0, 1), layer), lambda x, w, b: F.linear(x.transpose(0, 1), w, b),
            (x, layer.weight, layer.bias), dtype)  # a strided input
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_sum_matches_torch(smoothing, dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 9, generator=g, dtype=dtype, requires_grad=True)
+    target = torch.tensor([3, -1, 0, 8, -1, 5])
+
+    def plain(x):
+        return 0.7 * F.cross_entropy(x, target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
+
+    _check(lambda x: cross_entropy_sum(x, target, smoothing, 0.7), plain, (logits,), dtype)

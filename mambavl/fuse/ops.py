@@ -91,3 +91,43 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
     return _Linear.apply(x, layer.weight, layer.bias)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """scale * sum over rows with target >= 0 of cross-entropy with label smoothing (torch's definition: (1 - eps)
+    * nll + eps * mean over classes of -log p), logits (B, K) float, target (B,) long; -> 0-dim."""
+
+    @staticmethod
+    def forward(ctx, logits, target, smoothing: float, scale: float):
+        k = logits.shape[-1]
+        logp = torch.log_softmax(logits, dim=-1)  # (B, K)
+        valid = torch.ge(target, scalar(0, target)).unsqueeze(1)  # (B, 1) bool
+        index = target.clamp_min(0).unsqueeze(1)  # (B, 1): ignored rows read class 0, then count 0
+        picked = logp.gather(1, index)  # (B, 1)
+        if smoothing:
+            picked = torch.add(picked, logp.sum(-1, keepdim=True), alpha=smoothing / (k * (1.0 - smoothing)))
+        total = torch.where(valid, picked, scalar(0.0, picked)).sum()
+        ctx.save_for_backward(logp, index, valid)
+        ctx.smoothing, ctx.scale = smoothing, scale
+        return torch.add(scalar(0.0, total), total, alpha=-(1.0 - smoothing) * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        logp, index, valid = ctx.saved_tensors
+        eps, k = ctx.smoothing, logp.shape[-1]
+        # d/dlogits = scale * (softmax - ((1 - eps) * onehot(target) + eps / K)) on valid rows
+        g = torch.exp(logp).scatter_add_(1, index, torch.full_like(index, eps - 1.0, dtype=logp.dtype))
+        g = torch.add(g, scalar(1.0, g), alpha=-eps / k) if eps else g
+        coef = torch.where(valid, gy * ctx.scale, scalar(0.0, g))  # (B, 1)
+        return g.mul_(coef), None, None, None
+
+
+def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
+                      scale: float = 1.0) -> torch.Tensor:
+    """`scale * F.cross_entropy(logits, target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")` for
+    logits (B, K) float32/float64 and target (B,) long, in ~15 ops forward and ~8 backward (torch's: ~60)."""
+    if logits.device.type not in ("cpu", "cuda"):
+        return scale * torch.nn.functional.cross_entropy(logits, target, ignore_index=-1,
+                                                         label_smoothing=smoothing, reduction="sum")
+    return _CrossEntropy.apply(logits, target, smoothing, scale)
