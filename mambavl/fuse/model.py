@@ -32,7 +32,7 @@ from mambavl.fuse.config import (  # noqa: F401
     model_config_from_dict,
     model_config_to_dict,
 )
-from mambavl.fuse.ops import linear
+from mambavl.fuse.ops import linear, scalar
 from mambavl.fuse.presets import preset_model_fields
 from mambavl.fuse.qa import scene_prior_logit
 
@@ -127,14 +127,16 @@ class MambaVL(nn.Module):
 
     def _embed_video(self, video, video_mask):
         """(B, F, Dv) -> (B, F, d); padded tokens zeroed (their values must never matter)."""
-        if video_mask is not None:
-            video = video.masked_fill(~video_mask[..., None], 0.0)
+        if video_mask is None:
+            return _sequential(self.video_proj, video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
+        keep = video_mask[..., None]  # (B, F, 1)
+        video = torch.where(keep, video, scalar(0.0, video))
         v = _sequential(self.video_proj, video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
-        return v if video_mask is None else v * video_mask[..., None].to(v.dtype)
+        return torch.where(keep, v, scalar(0.0, v))
 
     def _embed_question(self, q_tokens, q_mask):
         if q_mask is not None:
-            q_tokens = q_tokens.masked_fill(~q_mask[..., None], 0.0)
+            q_tokens = torch.where(q_mask[..., None], q_tokens, scalar(0.0, q_tokens))
         return _sequential(self.question_proj, q_tokens)  # (B, T, d)
 
     # ---- public API
@@ -159,11 +161,11 @@ class MambaVL(nn.Module):
         if self.cfg.use_question:
             if q_tokens.shape[1] != 2:
                 raise InputError(f"q_tokens must hold 2 questions (verb, noun) per clip, got {q_tokens.shape[1]}")
-            v2 = torch.cat([video, video])  # (2B, F, Dv)
+            v = self._embed_video(video, video_mask)  # (B, F, d): embedded once for both questions
             vm2 = torch.cat([video_mask, video_mask]) if video_mask is not None else None
             q2 = torch.cat([q_tokens[:, 0], q_tokens[:, 1]])  # (2B, T, Dt)
             qm2 = torch.cat([q_mask[:, 0], q_mask[:, 1]]) if q_mask is not None else None
-            h = self.fuse(v2, vm2, q2, qm2)  # (2B, d)
+            h = self.fusion(torch.cat([v, v]), vm2, self._embed_question(q2, qm2), qm2)  # (2B, d)
             h_verb, h_noun = h[:b], h[b:]
         else:
             h_verb = h_noun = self.fuse(video, video_mask)  # the questions would be ignored: fuse once
