@@ -97,7 +97,8 @@ class FlatAdamW(torch.optim.Optimizer):
                 if self.used[i]:
                     self.counts[i] += 1
                     n = self.counts[i]
-                    columns.append((lr / (1 - beta1**n), 1 / math.sqrt(1 - beta2**n), 1 - beta1, 1 - beta2, 1 - lr * wd))
+                    bias1, bias2 = 1 - beta1**n, 1 - beta2**n
+                    columns.append((lr / bias1, 1 / math.sqrt(bias2), 1 - beta1, 1 - beta2, 1 - lr * wd))
                 else:
                     columns.append((0.0, 1.0, 0.0, 0.0, 1.0))
                 i += 1
