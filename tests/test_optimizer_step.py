@@ -49,3 +49,36 @@ def test_resume_keeps_this_machines_implementation(tmp_path):
     again.restore(type("State", (), {**saved, "scaler": None})())
     assert all(g["fused"] == (True if again.fused else None) for g in again.optimizer.param_groups)
     again.step(model(torch.randn(2, 6)).sum())
+
+
+def test_flat_state_moves_to_and_from_torch_adamw(tmp_path):
+    """The flat optimiser's state dict has torch AdamW's layout: either one resumes the other's run, and the model's
+    parameters keep their names, shapes and state dict."""
+    from mambavl.train.flat_adamw import FlatAdamW
+
+    cfg = TrainConfig(train_cache="-", val_cache=None, out_dir=str(tmp_path))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    ours, ref = _model(), _model()
+    opt = Optimizer(ours, cfg, total_steps=10, warmup_steps=0, device=torch.device("cpu"))
+    assert isinstance(opt.optimizer, FlatAdamW)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref_opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=cfg.lr, foreach=False, fused=False)
+    for _ in range(2):
+        opt.step(ours[:3](x).pow(2).sum() * 0.01)  # no clipping at this scale
+        ref_opt.zero_grad(set_to_none=True)
+        (ref[:3](x).pow(2).sum() * 0.01).backward()
+        ref_opt.step()
+    # torch's AdamW resumes the flat optimiser's state, and the flat optimiser torch's
+    saved, ref_saved = copy.deepcopy(opt.optimizer.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    assert sorted(saved["state"]) == sorted(ref_saved["state"]) and len(saved["state"]) == 6  # unused layer: none
+    a, b = copy.deepcopy(ref), copy.deepcopy(ours)
+    a_opt = torch.optim.AdamW(param_groups(a, cfg.weight_decay), lr=cfg.lr, foreach=False, fused=False)
+    a_opt.load_state_dict(saved)
+    b_opt = Optimizer(b, cfg, total_steps=10, warmup_steps=0, device=torch.device("cpu")).optimizer
+    b_opt.load_state_dict(ref_saved)
+    for model, o in ((a, a_opt), (b, b_opt)):
+        o.zero_grad()
+        model[:3](x).pow(2).sum().mul(0.01).backward()
+        o.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

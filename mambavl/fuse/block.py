@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.config import ModelConfig
+from mambavl.fuse.conv import causal_conv_silu
+from mambavl.fuse.ops import linear as fused_linear
+from mambavl.fuse.ops import rms_norm as fused_rms_norm
 from mambavl.fuse.scan import selective_scan
 
 VIDEO, QUESTION = "video", "question"
@@ -54,10 +57,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    """`norm(x)` in 6 elementwise ops: x * rsqrt(mean(x²) + eps) * weight, the arithmetic of torch's RMSNorm in its
-    order (torch's own CPU path dispatches about 24 ops, casts included, for the same result)."""
+    """`norm(x)`: x * rsqrt(mean(x²) + eps) * weight, torch's RMSNorm arithmetic with a hand-written backward
+    (`mambavl.fuse.ops.rms_norm`; torch's own CPU path dispatches about 24 ops, casts included, for the same
+    result)."""
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+    return fused_rms_norm(x, norm.weight, eps)
 
 
 def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -66,9 +70,8 @@ def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) for x (..., C_in) as one 2-D matrix product: fewer dispatched ops than the batched-matmul path."""
-    lead = x.shape[:-1]
-    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).view(*lead, layer.out_features)
+    """layer(x) for x (..., C_in) as one 2-D matrix product with a hand-written backward (`mambavl.fuse.ops`)."""
+    return fused_linear(x, layer)
 
 
 def _scan_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -114,15 +117,12 @@ class Stream(nn.Module):
 
     def project(self, x: torch.Tensor, fmask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, L, d_model), fmask (B, 1, L) float | None -> conv'd, activated scan input u (B, d_inner, L) and
-        gate z (B, d_inner, L)."""
-        length = x.shape[1]
-        xz = _linear(x, self.in_proj).transpose(1, 2)  # (B, 2*d_inner, L)
-        u, z = xz.split(self.d_inner, dim=1)  # (B, d_inner, L) each
-        if fmask is not None:
-            # Padded tokens must not reach later valid tokens through the conv window.
-            u = u * fmask
-        u = F.silu(self.conv1d(u)[..., :length])  # causal: keep the first L outputs of the left-padded conv
-        return u, z
+        gate z (B, d_inner, L) (transposed views of (B, L, d_inner) tensors)."""
+        xz = _linear(x, self.in_proj)  # (B, L, 2*d_inner)
+        u, z = xz.split(self.d_inner, dim=-1)  # (B, L, d_inner) each
+        # Padded tokens are zeroed before the conv: they must not reach later valid tokens through its window.
+        u = causal_conv_silu(u, fmask, self.conv1d)  # (B, L, d_inner)
+        return u.transpose(1, 2), z.transpose(1, 2)
 
     def ssm_params(
         self, u: torch.Tensor, fmask: torch.Tensor | None, reverse: bool = False

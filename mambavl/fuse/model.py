@@ -32,12 +32,20 @@ from mambavl.fuse.config import (  # noqa: F401
     model_config_from_dict,
     model_config_to_dict,
 )
+from mambavl.fuse.ops import linear, scalar
 from mambavl.fuse.presets import preset_model_fields
 from mambavl.fuse.qa import scene_prior_logit
 
 
 # Floor of the standardisation's variance, as a share of the mean variance over dimensions (`set_video_statistics`).
 VIDEO_VAR_FLOOR = 0.01
+
+
+def _sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`seq(x)` with its linear layers as `mambavl.fuse.ops.linear` (fewer dispatched ops, same result)."""
+    for module in seq:
+        x = linear(x, module) if isinstance(module, nn.Linear) else module(x)
+    return x
 
 
 def build_fusion(cfg: ModelConfig) -> nn.Module:
@@ -147,15 +155,17 @@ class MambaVL(nn.Module):
         """(B, F, Dv) -> (B, F, d); padded tokens zeroed (their values must never matter)."""
         if self.cfg.standardize_video:
             video = (video - self.video_shift.to(video.dtype)) * self.video_scale.to(video.dtype)
-        if video_mask is not None:
-            video = video.masked_fill(~video_mask[..., None], 0.0)
-        v = self.video_proj(video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
-        return v if video_mask is None else v * video_mask[..., None].to(v.dtype)
+        if video_mask is None:
+            return _sequential(self.video_proj, video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
+        keep = video_mask[..., None]  # (B, F, 1)
+        video = torch.where(keep, video, scalar(0.0, video))
+        v = _sequential(self.video_proj, video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
+        return torch.where(keep, v, scalar(0.0, v))
 
     def _embed_question(self, q_tokens, q_mask):
         if q_mask is not None:
-            q_tokens = q_tokens.masked_fill(~q_mask[..., None], 0.0)
-        return self.question_proj(q_tokens)  # (B, T, d)
+            q_tokens = torch.where(q_mask[..., None], q_tokens, scalar(0.0, q_tokens))
+        return _sequential(self.question_proj, q_tokens)  # (B, T, d)
 
     # ---- public API
 
@@ -179,24 +189,24 @@ class MambaVL(nn.Module):
         if self.cfg.use_question:
             if q_tokens.shape[1] != 2:
                 raise InputError(f"q_tokens must hold 2 questions (verb, noun) per clip, got {q_tokens.shape[1]}")
-            v2 = torch.cat([video, video])  # (2B, F, Dv)
+            v = self._embed_video(video, video_mask)  # (B, F, d): embedded once for both questions
             vm2 = torch.cat([video_mask, video_mask]) if video_mask is not None else None
             q2 = torch.cat([q_tokens[:, 0], q_tokens[:, 1]])  # (2B, T, Dt)
             qm2 = torch.cat([q_mask[:, 0], q_mask[:, 1]]) if q_mask is not None else None
-            h = self.fuse(v2, vm2, q2, qm2)  # (2B, d)
+            h = self.fusion(torch.cat([v, v]), vm2, self._embed_question(q2, qm2), qm2)  # (2B, d)
             h_verb, h_noun = h[:b], h[b:]
         else:
             h_verb = h_noun = self.fuse(video, video_mask)  # the questions would be ignored: fuse once
-        out = {"h_verb": h_verb, "h_noun": h_noun, "verb": self.verb_head(self.head_drop(h_verb))}
+        out = {"h_verb": h_verb, "h_noun": h_noun, "verb": linear(self.head_drop(h_verb), self.verb_head)}
         if self.noun_head is not None:
-            out["noun"] = self.noun_head(self.head_drop(h_noun))
+            out["noun"] = linear(self.head_drop(h_noun), self.noun_head)
         if self.action_head is not None:
-            out["action"] = self.action_head(self.head_drop(torch.cat([h_verb, h_noun], dim=-1)))
+            out["action"] = linear(self.head_drop(torch.cat([h_verb, h_noun], dim=-1)), self.action_head)
         return out
 
     def qa_embed(self, h: torch.Tensor) -> torch.Tensor:
         """Fused vectors h (B, d) -> L2-normalised embeddings in the answer-text space (B, Dt)."""
-        return F.normalize(self.qa_proj(h), dim=-1)
+        return F.normalize(_sequential(self.qa_proj, h), dim=-1)
 
     def qa_logits(self, emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """emb (B, Dt) from `qa_embed`, candidates (K, Dt) answer-text embeddings (normalised here) -> (B, K)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.fuse.config import QA_TARGET
+from mambavl.fuse.ops import cross_entropy_sum
 
 
 
@@ -77,19 +78,18 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, positives: floa
 
 
 def single_label_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
-                      count: int | None = None) -> torch.Tensor:
+                      count: int | None = None, scale: float = 1.0) -> torch.Tensor:
     """Cross-entropy (B, K) vs (B,) ignoring target -1, with optional label smoothing: the sum over usable targets
     divided by `count` (default: their number, i.e. PyTorch's mean; data-parallel training passes the global
-    batch's count so that the ranks' shares add up to its mean). With no usable target the loss is 0 but stays
-    connected to the graph (DistributedDataParallel expects every used head to receive a gradient)."""
+    batch's count so that the ranks' shares add up to its mean), times `scale`. With no usable target the loss is 0
+    but stays connected to the graph (DistributedDataParallel expects every used head to receive a gradient)."""
     if count is None:
         count = int((target >= 0).sum())  # a read of the targets; callers that know the count spare it
     if count == 0:
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 * scale
     # With a given count and no usable target in this part the sum is 0, still connected to the graph.
     logits = logits if logits.dtype == torch.float32 else logits.float()
-    total = F.cross_entropy(logits, target, ignore_index=-1, label_smoothing=smoothing, reduction="sum")
-    return total / count
+    return cross_entropy_sum(logits, target, smoothing, scale / count)  # F.cross_entropy's sum, fewer ops
 
 
 def qa_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, count: float | None = None) -> torch.Tensor:

@@ -54,6 +54,7 @@ otherwise be cast back down to half precision.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -956,20 +957,40 @@ def _run(kernel, *args) -> None:
         entry(*args)
 
 
+_NUMPY_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
+
+
+def _numpy(t: torch.Tensor):
+    """A numpy array over a CPU tensor's memory with its strides, made from its address: `Tensor.numpy()`
+    dispatches four ops (detach, to, resolve_conj, resolve_neg) per call, and a scan call converts a dozen tensors
+    each way. The array holds a reference to `t`, so the memory outlives neither."""
+    dt = np.dtype(_NUMPY_DTYPES[t.dtype])
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), dt)
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))  # elements from the first to the last
+    buffer = (ctypes.c_char * (span * dt.itemsize)).from_address(t.data_ptr())
+    buffer.tensor = t  # the array's base is the buffer: it keeps the tensor alive
+    flat = np.frombuffer(buffer, dt)
+    return np.lib.stride_tricks.as_strided(flat, tuple(t.shape), tuple(s * dt.itemsize for s in t.stride()))
+
+
 def _view(t: torch.Tensor | None, dtype: torch.dtype, empty_shape: tuple[int, ...] = (1,)):
     """numpy view of a CPU tensor (any strides) in the compute dtype; a copy only when the dtype differs. None ->
     zeros of `empty_shape` (a placeholder the kernels read as 'absent')."""
     if t is None:
-        return np.zeros(empty_shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-    return t.detach().to(dtype).numpy()
+        return np.zeros(empty_shape, dtype=_NUMPY_DTYPES[dtype])
+    if t.dtype not in _NUMPY_DTYPES:  # half precision: numpy has no bfloat16
+        t = t.detach().to(dtype)
+    a = _numpy(t)
+    return a if a.dtype == _NUMPY_DTYPES[dtype] else a.astype(_NUMPY_DTYPES[dtype])
 
 
 def _state_last(m: torch.Tensor, dtype: torch.dtype):
     """B or C (Bt, N, L) | (Bt, Din, N, L) -> contiguous (Bt, 1|Din, L, N) in the compute dtype: the layout the
     loops over the state dimension want. A copy unless already so; for B, C shared by the channels it is 1/Din of
     the scan's work."""
-    m = (m[:, None] if m.dim() == 3 else m).transpose(-1, -2)
-    return m.detach().to(dtype).contiguous().numpy()
+    a = _view(m, dtype)
+    return np.ascontiguousarray((a[:, None] if a.ndim == 3 else a).swapaxes(-1, -2))
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
@@ -977,14 +998,21 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
     float64 when u, delta, A, B or C is float64, else float32 (the reference's rule)."""
     dtype = _compute_dtype(u, delta, A, B, C)
     din, length = u.shape[1], u.shape[2]
-    aidx = A_index if A_index is not None else torch.zeros(length, dtype=torch.long)
-    small = [t.contiguous() if t is not None else None for t in (delta_bias, A if A.dim() == 3 else A[None], D)]
+    aidx = np.zeros(length, np.int64) if A_index is None else _view(A_index.to("cpu", torch.int64), torch.int64)
+    a = _view(A, dtype)
     args = (
-        _view(u, dtype), _view(delta, dtype), _view(small[0], dtype, (din,)), bool(softplus), _view(small[1], dtype),
-        aidx.detach().to("cpu", torch.int64).contiguous().numpy(), _state_last(B, dtype), _state_last(C, dtype),
-        _view(small[2], dtype, (din,)), _view(z, dtype, (1, 1, 1)), z is not None,
+        _view(u, dtype), _view(delta, dtype), np.ascontiguousarray(_view(delta_bias, dtype, (din,))), bool(softplus),
+        np.ascontiguousarray(a if a.ndim == 3 else a[None]), np.ascontiguousarray(aidx), _state_last(B, dtype),
+        _state_last(C, dtype), np.ascontiguousarray(_view(D, dtype, (din,))), _view(z, dtype, (1, 1, 1)),
+        z is not None,
     )
     return args, dtype
+
+
+def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
+    """A kernel's numpy result as a tensor of `dtype` (no cast when it is one already)."""
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
@@ -1004,19 +1032,19 @@ class _SelectiveScanCPU(torch.autograd.Function):
         _run(_cpu_forward, *args, bool(save), _CKPT, min(bt * din, 8 * threads), out, ypre, ckpt, last)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
-            ctx.state = (ckpt, ypre, _CKPT, delta_softplus)
-        out_t = torch.from_numpy(out).to(u.dtype)
+            # backward reuses the kernel arguments (views of the saved inputs, B and C laid out for the kernels)
+            ctx.state = (ckpt, ypre, _CKPT, args, dtype)
+        out_t = _tensor(out, u.dtype)
         if return_last_state:
-            last_t = torch.from_numpy(last).to(u.dtype)
+            last_t = _tensor(last, u.dtype)
             ctx.mark_non_differentiable(last_t)
             return out_t, last_t
         return out_t
 
     @staticmethod
     def backward(ctx, dout, *_):
-        u, delta, A, B, C, D, z, delta_bias, A_index = ctx.saved_tensors
-        ckpt, ypre, ckpt_every, softplus = ctx.state
-        args, dtype = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus)
+        u, delta, A, B, C, D, z, delta_bias, A_index = ctx.saved_tensors  # (unpacking checks their versions)
+        ckpt, ypre, ckpt_every, args, dtype = ctx.state
         bt, din, length = u.shape
         groups, n = args[4].shape[0], args[4].shape[2]
         npd = args[0].dtype
@@ -1040,21 +1068,21 @@ class _SelectiveScanCPU(torch.autograd.Function):
             grads[f"d{name}c"] = np.empty((bt, din, length, n) if per else (1, 1, 1, 1), npd)
         _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _view(dout, dtype), dblock, *list(grads.values())[:6],
              per_b, per_c, *list(grads.values())[6:])
-        t = torch.from_numpy
+        t = _tensor
         g_B, g_C = (
-            (t(grads[f"d{k}c"]) if per else t(grads[f"d{k}s"].sum(0))).transpose(-1, -2)  # (Bt, [Din,] N, L)
+            (grads[f"d{k}c"] if per else grads[f"d{k}s"].sum(0)).swapaxes(-1, -2)  # (Bt, [Din,] N, L)
             for k, per in (("B", per_b), ("C", per_c))
         )
-        g_A = t(grads["dA"].sum(0))  # (G, Din, N)
+        g_A = grads["dA"].sum(0)  # (G, Din, N)
         return (
-            t(grads["du"]).to(u.dtype),
-            t(grads["ddl"]).to(delta.dtype),
-            (g_A if A.dim() == 3 else g_A[0]).to(A.dtype),
-            g_B.to(B.dtype),
-            g_C.to(C.dtype),
-            t(grads["dD"].sum(0)).to(D.dtype) if D is not None else None,
-            t(grads["dz"]).to(z.dtype) if z is not None else None,
-            t(grads["dbias"].sum(0)).to(delta_bias.dtype) if delta_bias is not None else None,
+            t(grads["du"], u.dtype),
+            t(grads["ddl"], delta.dtype),
+            t(g_A if A.dim() == 3 else g_A[0], A.dtype),
+            t(g_B, B.dtype),
+            t(g_C, C.dtype),
+            t(grads["dD"].sum(0), D.dtype) if D is not None else None,
+            t(grads["dz"], z.dtype) if z is not None else None,
+            t(grads["dbias"].sum(0), delta_bias.dtype) if delta_bias is not None else None,
             None,
             None,
             None,

@@ -12,6 +12,8 @@ part's scale), so the parts add up over ranks to the global means.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +67,8 @@ def recognition_loss(out: dict, rows: torch.Tensor, part: StepPart, labels: Labe
     for head, target in (("verb", labels.verb), ("noun", labels.noun), ("action", labels.action)):
         if head in out:
             count = int((target[part.grows] >= 0).sum())
-            parts[head] = single_label_loss(out[head], target[rows].to(device), smoothing, count) * part.scale
-    total = sum(parts.values())
+            parts[head] = single_label_loss(out[head], target[rows].to(device), smoothing, count, part.scale)
+    total = functools.reduce(operator.add, parts.values())  # (sum() would start with a Python 0: one more op)
     shares = {k: float(v.detach()) / part.scale if part.scale else 0.0 for k, v in parts.items()}
     share = float(total.detach()) / part.scale if part.scale else 0.0
     return RecognitionLoss(total, share, **shares)

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mambavl.device import Precision, autocast, resolve_precision
+from mambavl.fuse.ops import scalar
 from mambavl.runtime import TrainConfig, TrainingState
+from mambavl.train.flat_adamw import FlatAdamW, flat_adamw_supported
 
 
 def mix_seed(*parts: int) -> int:
@@ -119,8 +121,12 @@ def clip_coefficient(params: list[torch.Tensor], max_norm: float) -> torch.Tenso
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.ones(())
-    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return clip_scale(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])), max_norm)
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)) for the gradients' total norm (0-dim), `clip_grad_norm_`'s coefficient."""
+    return torch.div(scalar(max_norm, norm), norm + scalar(1e-6, norm)).clamp_max(1.0)
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -135,16 +141,23 @@ class Optimizer:
                  lr_replan: dict | None = None):
         self.model, self.grad_clip, self.device_type = model, cfg.grad_clip, device.type
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.fused = adamw(param_groups(model, cfg.weight_decay), cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: replanned_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio, lr_replan)
-        )
         self.device = device
         # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 elsewhere
         self.precision = resolve_precision(cfg.precision, device, on_cuda=Precision.BF16)
         # bf16 keeps fp32's range and needs no loss scaling; fp16 does (its gradients underflow otherwise)
         self.scaler = torch.amp.GradScaler(device.type if device.type in ("cpu", "cuda") else "cpu",
                                            enabled=self.precision is Precision.FP16)
+        groups = param_groups(model, cfg.weight_decay)
+        # One flat buffer where nothing else touches the gradients (DistributedDataParallel writes them itself, the
+        # fp16 scaler unscales them per parameter): a dozen ops per step instead of ~7 per parameter.
+        distributed = dist.is_available() and dist.is_initialized()
+        if self.params and not distributed and not self.scaler.is_enabled() and flat_adamw_supported(self.params):
+            self.optimizer, self.fused = FlatAdamW(groups, cfg.lr), False
+        else:
+            self.optimizer, self.fused = adamw(groups, cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: replanned_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio, lr_replan)
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context of the run's forward passes (`mambavl.device.autocast` at the run's precision)."""
@@ -154,13 +167,20 @@ class Optimizer:
         """One optimiser step on `loss` (the schedule advances separately, per recognition step: `schedule`).
 
         NonFiniteLoss (before any gradient is applied) when the loss is NaN or inf on any process."""
-        finite = bool(torch.isfinite(loss.detach()))  # the step's one read of a device value (a scalar loss)
+        value = float(loss.detach())  # the step's one read of a device value (a scalar loss)
+        finite = math.isfinite(value)
         if dist.is_available() and dist.is_initialized():
             bad = torch.tensor([0.0 if finite else 1.0], device=loss.device)
             dist.all_reduce(bad)  # every rank stops together, none waits in the gradient all-reduce
             finite = float(bad) == 0
         if not finite:
-            raise NonFiniteLoss(float(loss.detach()))
+            raise NonFiniteLoss(value)
+        if isinstance(self.optimizer, FlatAdamW):
+            self.optimizer.zero_grad()
+            loss.backward()
+            scale = clip_scale(self.optimizer.grad_norm(), self.grad_clip) if self.grad_clip > 0 else None
+            self.optimizer.step(scale=scale)
+            return
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0 and self.fused and not self.scaler.is_enabled():
@@ -196,6 +216,11 @@ class Optimizer:
     def restore(self, state: TrainingState) -> None:
         """Continue from a checkpoint's training state."""
         self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        if isinstance(self.optimizer, FlatAdamW):
+            return
         # A saved state carries the implementation flags of the run that wrote it: use this machine's choice.
         for group in self.optimizer.param_groups:
             group["fused"], group["foreach"] = (True, None) if self.fused else (None, group.get("foreach"))
@@ -203,6 +228,3 @@ class Optimizer:
             for p, st in self.optimizer.state.items():
                 if "step" in st:
                     st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
-        self.scheduler.load_state_dict(state.scheduler)
-        if state.scaler:
-            self.scaler.load_state_dict(state.scaler)
