@@ -36,7 +36,7 @@ import numpy as np
 from mambavl import __version__, plots
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache, require_complete
+from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache, releases_caches, require_complete
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError, check_writable
@@ -837,6 +837,7 @@ def labelled_metrics(cfg: EvalConfig, loaded: Loaded, scored: Scored, result: di
     return tables, buckets
 
 
+@releases_caches
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run one evaluation (see the module docstring); returns the metrics.json content (plus "files").
 

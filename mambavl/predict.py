@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from mambavl.cache import schema
-from mambavl.cache.reader import QuestionBank, open_cache
+from mambavl.cache.reader import QuestionBank, open_cache, releases_caches
 from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
 from mambavl.extract.decode import DecodeError, decode_video_segment, probe_video
@@ -230,6 +230,7 @@ def _feature_spec(run: TrainedModel, cfg: PredictConfig) -> tuple[FeatureSpec, A
     return run.features.with_defaults_from(FeatureSpec.from_attrs(cache.attrs)), cache
 
 
+@releases_caches
 def predict_video(cfg: PredictConfig, progress: Progress | None = None, encoder: FrozenEncoder | None = None) -> dict:
     """Predict the action in `cfg.video` between `cfg.start` and `cfg.stop` (see the module docstring).
 

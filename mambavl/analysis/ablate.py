@@ -52,7 +52,7 @@ from typing import Any
 
 from mambavl.analysis.probe import ProbeConfig, ProbeInput, run_probe
 from mambavl.analysis.zeroshot import zero_shot_scores
-from mambavl.cache.reader import open_cache
+from mambavl.cache.reader import open_cache, releases_caches
 from mambavl.errors import InputError
 from mambavl.evaluate import compute_metrics
 from mambavl.extract.questions import QuestionSource
@@ -352,6 +352,7 @@ def paired_differences(runs: list[dict], reference: list[dict], metrics: tuple[s
     return out
 
 
+@releases_caches
 def run_ablation(cfg: AblationConfig, progress: Progress | None = None) -> dict:
     """Train (or fit) every variant of `cfg` for every seed and write `ablation.md` and `ablation.json` into
     `cfg.out_dir`.

@@ -51,7 +51,7 @@ from mambavl.extract.questions import QuestionSource, leak_rate
 from mambavl.progress import Progress, or_none
 from mambavl.runtime import Task, task_spec
 from mambavl.tables import markdown_table
-from mambavl.cache.reader import QuestionBank
+from mambavl.cache.reader import QuestionBank, releases_caches
 
 
 SHUFFLED_SUFFIX = "-shuffled"
@@ -357,6 +357,7 @@ def _shuffles(cfg: AuditConfig, protocols: list[str], bank: QuestionBank, rows: 
     return perms, shuffle_info
 
 
+@releases_caches
 def audit_questions(cfg: AuditConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint under every question protocol (and shuffled questions) and check questions for
     their own answers; writes audit.json and audit.md and returns the report (see the module docstring).

@@ -28,7 +28,7 @@ from enum import Enum
 import numpy as np
 import torch
 
-from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache
+from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache, releases_caches
 from mambavl.cache.schema import RECOGNITION, check_compatible
 from mambavl.data.sampling import subsample
 from mambavl.errors import InputError
@@ -103,6 +103,7 @@ def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, cl
     return out
 
 
+@releases_caches
 def run_probe(cfg: ProbeConfig) -> dict:
     """Fit the probe on the training cache, score the validation cache.
 

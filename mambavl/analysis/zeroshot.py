@@ -25,7 +25,7 @@ import numpy as np
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, open_cache, require_complete
+from mambavl.cache.reader import CacheFile, open_cache, releases_caches, require_complete
 from mambavl.errors import InputError, check_writable
 from mambavl.evaluate import (
     Scored,
@@ -122,6 +122,7 @@ def zero_shot_scores(cache: CacheFile) -> tuple[Scored, np.ndarray, dict[str, An
     return Scored(verb=verb, noun=noun, action=action, rows=rows), answers.action_pairs, pair
 
 
+@releases_caches
 def zero_shot_evaluate(cfg: ZeroShotConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score a labelled cache zero-shot and write metrics.json into `cfg.out_dir` (``zero_shot: true``, the
     protocol, the towers and, when they are not a matched pair, the warning). Returns the metrics.json content."""

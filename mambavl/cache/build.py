@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mambavl.cache import schema
-from mambavl.cache.reader import open_cache
+from mambavl.cache.reader import open_cache, releases_caches
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError, check_writable
@@ -508,6 +508,7 @@ class _ShardFiles:
             self.open.popitem(last=False)[1].close()
 
 
+@releases_caches
 def merge_caches(paths: list[str], out: str, expected_rows: np.ndarray | None = None) -> Path:
     """Join shard caches (from --shard i/N) into one cache `out` in annotation row order, after `check_shards`.
 

@@ -157,9 +157,8 @@ def _summary_dict(s: ExtractSummary) -> dict:
 
 
 def _merged_summary(out: Path, parts: list[dict]) -> dict:
-    cache = open_cache(out)
-    failures = cache.failures()
-    cache.close()
+    with open_cache(out) as cache:
+        failures = cache.failures()
     return dict(path=str(out), total=sum(p["total"] for p in parts), done=sum(p["done"] for p in parts),
                 skipped=sum(p["skipped"] for p in parts), failed=len(failures), failures=failures, seconds=0.0)
 

@@ -3,10 +3,16 @@
 `open_cache` validates the root attributes (and, given `expect`, their compatibility with the cache a model was
 trained on) and returns a `CacheFile`: a light, picklable handle holding the path, attributes and vocabularies. Its
 HDF5 file is opened lazily, once per process, so DataLoader workers never share an h5py handle across `fork`.
+
+Every public entry point that reads caches (training, evaluation, prediction, the analyses) runs under
+`releases_caches`: the read handles opened during the call are closed when it returns or raises, so the files can be
+rewritten or re-extracted in the same process right after, whatever references (a traceback, a reference cycle)
+outlive the call. A CacheFile used again afterwards reopens its file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -43,6 +49,36 @@ def _reads_cache(method):
     def wrapper(self, *args, **kwargs):
         with schema.reading(self.path):
             return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+# The read handles opened inside each active `cache_scope` of this process, innermost last.
+_SCOPES: list[list[h5py.File]] = []
+
+
+@contextlib.contextmanager
+def cache_scope():
+    """Close, on the way out (return or exception), every cache read handle that `CacheFile.h5` opened inside the
+    block in this process. Scopes nest: a handle belongs to the innermost scope open when it was opened. Without a
+    scope a handle lives as long as its CacheFile (closed when it is garbage-collected)."""
+    opened: list[h5py.File] = []
+    _SCOPES.append(opened)
+    try:
+        yield
+    finally:
+        _SCOPES.remove(opened)
+        for f in opened:
+            f.close()  # a no-op on a handle already closed
+
+
+def releases_caches(fn):
+    """Run `fn` inside a `cache_scope`: the cache files it opened are closed when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cache_scope():
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -116,16 +152,26 @@ class CacheFile:
         return state
 
     def h5(self) -> h5py.File:
-        """The open file for this process (opened on first use after a fork/spawn)."""
-        if self._h5 is None or self._pid != os.getpid():
+        """The open file for this process (opened on first use, after a fork/spawn, and after a `close` or the end
+        of the `cache_scope` it was opened in)."""
+        if self._h5 is None or self._pid != os.getpid() or not self._h5.id.valid:
             self._h5 = schema.open_h5(self.path, "r")
             self._pid = os.getpid()
+            if _SCOPES:
+                _SCOPES[-1].append(self._h5)
         return self._h5
 
     def close(self) -> None:
+        """Close this process's handle now (the next read reopens it)."""
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = None
+
+    def __enter__(self) -> CacheFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def has_window(self, window: str) -> bool:
         return (schema.window_prefix(window) + "features") in self.h5()

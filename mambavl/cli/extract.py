@@ -151,38 +151,37 @@ def describe_cache(path: Path) -> dict:
     from mambavl.cache import schema
     from mambavl.cache.reader import open_cache
 
-    cache = open_cache(path)
-    f = cache.h5()
-    windows = {}
-    for window in schema.WINDOWS:
-        p = schema.window_prefix(window)
-        if p + "valid" in f:
-            valid = f[p + "valid"][()]
-            windows[window] = {"rows": int(len(valid)), "valid": int(valid.sum()),
-                               "tokens_shape": list(f[p + "features"].shape)}
-            if window == schema.RECOGNITION and schema.VIEW_FEATURES in f:
-                windows[window]["views"] = 1 + int(f[schema.VIEW_FEATURES].shape[1])
-    failures = cache.failures()
-    q = f.get(schema.QUESTIONS)
-    a = f.get(schema.ANSWERS)
-    info = {
-        "path": str(path),
-        "attrs": {k: v for k, v in sorted(cache.attrs.items())},
-        "complete": bool(f.attrs.get("complete", False)),
-        "segments": cache.n,
-        "windows": windows,
-        "failed": len(failures),
-        "failures": failures,
-        "classes": {"verb": len(cache.verb_keys), "noun": len(cache.noun_keys)},
-        "questions": {
-            "texts": int(q["texts"].shape[0]) if q is not None else 0,
-            "tokens_shape": list(q["tokens"].shape) if q is not None else [],
-            "templates": {k: int(v.shape[0]) for k, v in q["templates"].items()} if q is not None else {},
-            "per_segment": sorted(q["per_segment"].keys()) if q is not None and "per_segment" in q else [],
-        },
-        "answers": {k: int(a[k].shape[0]) for k in ("verb", "noun", "action")} if a is not None else {},
-    }
-    cache.close()
+    with open_cache(path) as cache:
+        f = cache.h5()
+        windows = {}
+        for window in schema.WINDOWS:
+            p = schema.window_prefix(window)
+            if p + "valid" in f:
+                valid = f[p + "valid"][()]
+                windows[window] = {"rows": int(len(valid)), "valid": int(valid.sum()),
+                                   "tokens_shape": list(f[p + "features"].shape)}
+                if window == schema.RECOGNITION and schema.VIEW_FEATURES in f:
+                    windows[window]["views"] = 1 + int(f[schema.VIEW_FEATURES].shape[1])
+        failures = cache.failures()
+        q = f.get(schema.QUESTIONS)
+        a = f.get(schema.ANSWERS)
+        info = {
+            "path": str(path),
+            "attrs": {k: v for k, v in sorted(cache.attrs.items())},
+            "complete": bool(f.attrs.get("complete", False)),
+            "segments": cache.n,
+            "windows": windows,
+            "failed": len(failures),
+            "failures": failures,
+            "classes": {"verb": len(cache.verb_keys), "noun": len(cache.noun_keys)},
+            "questions": {
+                "texts": int(q["texts"].shape[0]) if q is not None else 0,
+                "tokens_shape": list(q["tokens"].shape) if q is not None else [],
+                "templates": {k: int(v.shape[0]) for k, v in q["templates"].items()} if q is not None else {},
+                "per_segment": sorted(q["per_segment"].keys()) if q is not None and "per_segment" in q else [],
+            },
+            "answers": {k: int(a[k].shape[0]) for k in ("verb", "noun", "action")} if a is not None else {},
+        }
     return info
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
+from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache, releases_caches
 from mambavl.data.sampling import subsample
 from mambavl.device import Precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
@@ -182,6 +182,7 @@ def view_protocol(cache: CacheFile, views: Sequence[int] | None = None, window: 
             "definition": str(cache.attrs.get("view_definition", "one view: the centre crop of the uniform grid"))}
 
 
+@releases_caches
 def predict_scores(
     model: nn.Module,
     cache: CacheFile | str | os.PathLike,

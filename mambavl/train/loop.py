@@ -20,7 +20,7 @@ from torch import nn
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset
+from mambavl.cache.reader import SegmentDataset, releases_caches
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
 from mambavl.errors import TrainingStopped, check_writable
@@ -332,6 +332,7 @@ def _set_up(cfg: TrainConfig, device: torch.device, layout: ProcessLayout) -> _R
     return _Run(data, model, objective, dataset, val_dataset, plan, opt, sample_gen, state, saver, metric_name)
 
 
+@releases_caches
 def train(cfg: TrainConfig, progress: Progress | None = None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train MambaVL on `cfg.train_cache`, validating on `cfg.val_cache` after every epoch.
 
