@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.fuse.conv import causal_conv_silu
-from mambavl.fuse.ops import cross_entropy_sum, linear, rms_norm
+from mambavl.fuse.ops import cross_entropy_sum, linear, residual_dropout, rms_norm
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -51,8 +51,33 @@ def test_rms_norm_and_linear_match_torch(dtype):
     w = torch.randn(8, generator=g, dtype=dtype, requires_grad=True)
     _check(lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: F.rms_norm(x, (8,), w, 1e-5), (x, w), dtype)
     layer = nn.Linear(8, 3).to(dtype)
-    _check(lambda x, w, b: linear(x.transpose(0, 1), layer), lambda x, w, b: F.linear(x.transpose(0, 1), w, b),
-           (x, layer.weight, layer.bias), dtype)  # a strided input
+    for view in (lambda x: x, lambda x: x.transpose(0, 1)):  # contiguous, strided
+        _check(lambda x, w, b, v=view: linear(v(x), layer), lambda x, w, b, v=view: F.linear(v(x), w, b),
+               (x, layer.weight, layer.bias), dtype)
+    short = nn.Linear(5, 3).to(dtype)  # a slice of the last axis, as the Δ rank's part of x_proj's output
+    _check(lambda x, w, b: linear(x[..., :5], short), lambda x, w, b: F.linear(x[..., :5], w, b),
+           (x, short.weight, short.bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_dropout_draws_and_computes_as_torch(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 16, generator=g, dtype=dtype, requires_grad=True)
+    y = torch.randn(3, 6, 16, generator=g, dtype=dtype, requires_grad=True)
+    drop = nn.Dropout(0.25).train()
+
+    def seeded(fn):
+        def run(x, y):
+            torch.manual_seed(7)
+            return fn(x, y)
+        return run
+
+    _check(seeded(lambda x, y: residual_dropout(x, y, drop)), seeded(lambda x, y: x + drop(y)), (x, y), dtype)
+    torch.manual_seed(7)
+    out = residual_dropout(x, y, drop)
+    assert 0 < int((out == x).sum()) < x.numel()  # some of y dropped, not all
+    drop.eval()
+    assert torch.equal(residual_dropout(x, y, drop), x + y)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

@@ -28,6 +28,7 @@ from torch import nn
 from mambavl.fuse.config import ModelConfig
 from mambavl.fuse.conv import causal_conv_silu
 from mambavl.fuse.ops import linear as fused_linear
+from mambavl.fuse.ops import residual_dropout
 from mambavl.fuse.ops import rms_norm as fused_rms_norm
 from mambavl.fuse.scan import selective_scan
 
@@ -116,25 +117,25 @@ class Stream(nn.Module):
                 _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor)
 
     def project(self, x: torch.Tensor, fmask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, L, d_model), fmask (B, 1, L) float | None -> conv'd, activated scan input u (B, d_inner, L) and
-        gate z (B, d_inner, L) (transposed views of (B, L, d_inner) tensors)."""
+        """x (B, L, d_model), fmask (B, 1, L) float | None -> conv'd, activated scan input u (B, L, d_inner) and
+        gate z (B, L, d_inner), token-major (the mixer transposes them for the scan once, after any concatenation)."""
         xz = _linear(x, self.in_proj)  # (B, L, 2*d_inner)
         u, z = xz.split(self.d_inner, dim=-1)  # (B, L, d_inner) each
         # Padded tokens are zeroed before the conv: they must not reach later valid tokens through its window.
         u = causal_conv_silu(u, fmask, self.conv1d)  # (B, L, d_inner)
-        return u.transpose(1, 2), z.transpose(1, 2)
+        return u, z
 
     def ssm_params(
         self, u: torch.Tensor, fmask: torch.Tensor | None, reverse: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u (B, d_inner, L) -> Δ (B, d_inner, L) after softplus and masking, B (B, N, L), C (B, N, L)."""
+        """u (B, L, d_inner) -> Δ (B, L, d_inner) after softplus and masking, B (B, L, N), C (B, L, N), token-major."""
         x_proj, dt_proj = (self.x_proj_b, self.dt_proj_b) if reverse else (self.x_proj, self.dt_proj)
-        x_dbl = _linear(u.transpose(1, 2), x_proj).transpose(1, 2)  # (B, dt_rank + 2N, L)
-        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        x_dbl = _linear(u, x_proj)  # (B, L, dt_rank + 2N)
+        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Softplus here rather than inside the scan so padded tokens get exactly Δ = 0 (softplus is never 0).
-        delta = F.softplus(_linear(dt.transpose(1, 2), dt_proj)).transpose(1, 2)  # (B, d_inner, L)
+        delta = F.softplus(_linear(dt, dt_proj))  # (B, L, d_inner)
         if fmask is not None:
-            delta = delta * fmask
+            delta = delta * fmask.view(fmask.shape[0], fmask.shape[-1], 1)  # (B, 1, L) -> (B, L, 1), same memory
         return delta, b, c
 
 
@@ -222,11 +223,17 @@ class MambaVLMixer(nn.Module):
         return y
 
     def _stream_inputs(self, kind, x, fmask):
+        """The stream's scan inputs, token-major: u, z, Δ (B, L, d_inner), B, C (B, L, N), and the reverse pass's
+        (Δ, B, C) or None."""
         s = self.streams[kind]
         u, z = s.project(x, fmask)
         delta, b, c = s.ssm_params(u, fmask)
         rev = s.ssm_params(u, fmask, reverse=True) if self.bidirectional else None
         return u, z, delta, b, c, rev
+
+    def _scan_stream(self, kind, x, fmask):
+        u, z, delta, b, c, rev = (_scan_layout(t) for t in self._stream_inputs(kind, x, fmask))
+        return self._scan(u, delta, self.A(kind), b, c, z, reverse_params=rev)
 
     def forward(self, video, video_mask=None, question=None, question_mask=None):
         dtype = video.dtype
@@ -236,16 +243,11 @@ class MambaVLMixer(nn.Module):
     def mix(self, video, video_fmask=None, question=None, question_fmask=None):
         """`forward` with the masks as `float_mask` gives them ((B, 1, L) float | None), made once per stack."""
         if question is None or QUESTION not in self.streams:
-            u, z, delta, b, c, rev = self._stream_inputs(VIDEO, video, video_fmask)
-            y = self._scan(u, delta, self.A(VIDEO), b, c, z, reverse_params=rev)
-            return self._out(VIDEO, y, video.dtype), None
+            return self._out(VIDEO, self._scan_stream(VIDEO, video, video_fmask), video.dtype), None
         if self.layout == "parallel":
-            outs = []
-            for kind, x, m in ((VIDEO, video, video_fmask), (QUESTION, question, question_fmask)):
-                u, z, delta, b, c, rev = self._stream_inputs(kind, x, m)
-                outs.append(self._out(kind, self._scan(u, delta, self.A(kind), b, c, z, reverse_params=rev), x.dtype))
-            return outs[0], outs[1]
-        # joint: one scan over [question ; video]
+            return tuple(self._out(kind, self._scan_stream(kind, x, m), x.dtype)
+                         for kind, x, m in ((VIDEO, video, video_fmask), (QUESTION, question, question_fmask)))
+        # joint: one scan over [question ; video], concatenated token-major and transposed once for the scan
         t_len = question.shape[1]
         q_in = self._stream_inputs(QUESTION, question, question_fmask)
         v_in = self._stream_inputs(VIDEO, video, video_fmask)
@@ -280,9 +282,20 @@ if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):  # torch >
     _opaque_scan = torch.compiler.disable(_opaque_scan)
 
 
+def _scan_layout(t: torch.Tensor | tuple | None):
+    """A token-major stream tensor (B, L, C) as the scan takes it, (B, C, L) (a transposed view), in the scan's dtype;
+    a tuple (the reverse pass's Δ, B, C) element by element; None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(_scan_layout(x) for x in t)
+    return _scan_dtype(t).transpose(1, 2)
+
+
 def _cat_scan(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[question ; video] along the sequence (last) axis, in the scan's dtype."""
-    return torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=-1)
+    """Token-major question (B, T, C) and video (B, F, C) -> [question ; video] as the scan takes it, (B, C, T + F)
+    (a transposed view of the concatenation), in the scan's dtype."""
+    return torch.cat([_scan_dtype(q), _scan_dtype(v)], dim=1).transpose(1, 2)
 
 
 class MambaVLLayer(nn.Module):
@@ -307,8 +320,8 @@ class MambaVLLayer(nn.Module):
         """`forward` with the masks as `float_mask` gives them (made once for the whole stack)."""
         qn = rms_norm(question, self.norm_question) if question is not None else None
         v_out, q_out = self.mixer.mix(rms_norm(video, self.norm_video), video_fmask, qn, question_fmask)
-        video = video + self.drop(v_out)
-        question = question + self.drop(q_out) if q_out is not None else None
+        video = residual_dropout(video, v_out, self.drop)
+        question = residual_dropout(question, q_out, self.drop) if q_out is not None else None
         return video, question
 
 

@@ -1010,7 +1010,12 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
 
 
 def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
-    """A kernel's numpy result as a tensor of `dtype` (no cast when it is one already)."""
+    """A kernel's numpy result as a tensor of `dtype` (no cast when it is one already). A float64 → float32 cast
+    (the float64 sums of the backward) is numpy's, which rounds as torch's does and dispatches no torch op
+    (`Tensor.to` dispatches four)."""
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    if np_dtype is not None and a.dtype != np_dtype:
+        a = a.astype(np_dtype)
     t = torch.from_numpy(a)
     return t if t.dtype == dtype else t.to(dtype)
 
