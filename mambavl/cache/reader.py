@@ -7,7 +7,9 @@ HDF5 file is opened lazily, once per process, so DataLoader workers never share 
 Every public entry point that reads caches (training, evaluation, prediction, the analyses) runs under
 `releases_caches`: the read handles opened during the call are closed when it returns or raises, so the files can be
 rewritten or re-extracted in the same process right after, whatever references (a traceback, a reference cycle)
-outlive the call. A CacheFile used again afterwards reopens its file.
+outlive the call. A CacheFile used again afterwards reopens its file. Lower-level helpers that take or return a
+CacheFile (`open_cache`, `SegmentDataset`, `mambavl.evaluate.load_for_eval`, ...) leave closing to their caller:
+`with open_cache(path) as cache:` or `with cache_scope():`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,23 +56,55 @@ def _reads_cache(method):
     return wrapper
 
 
-# The read handles opened inside each active `cache_scope` of this process, innermost last.
-_SCOPES: list[list[h5py.File]] = []
+class _Scope:
+    """The read handles opened inside one active `cache_scope` (compared by identity: h5py File objects of one file
+    compare equal, and so would two scopes' lists)."""
+
+    __slots__ = ("handles",)
+
+    def __init__(self) -> None:
+        self.handles: list[h5py.File] = []
+
+
+_LOCAL = threading.local()
+
+
+def _scopes() -> list[_Scope]:
+    """This thread's active scopes, innermost last."""
+    stack = getattr(_LOCAL, "scopes", None)
+    if stack is None:
+        stack = _LOCAL.scopes = []
+    return stack
 
 
 @contextlib.contextmanager
 def cache_scope():
     """Close, on the way out (return or exception), every cache read handle that `CacheFile.h5` opened inside the
-    block in this process. Scopes nest: a handle belongs to the innermost scope open when it was opened. Without a
-    scope a handle lives as long as its CacheFile (closed when it is garbage-collected)."""
-    opened: list[h5py.File] = []
-    _SCOPES.append(opened)
+    block in this thread. Scopes nest: a handle belongs to the innermost scope open when it was opened. Without a
+    scope a handle lives as long as its CacheFile (closed when it is garbage-collected). A handle that fails to
+    close does not hide the block's own exception, nor keep the other handles open."""
+    scope = _Scope()
+    stack = _scopes()
+    stack.append(scope)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        _SCOPES.remove(opened)
-        for f in opened:
-            f.close()  # a no-op on a handle already closed
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is scope:
+                del stack[i]
+                break
+        errors = []
+        for f in scope.handles:
+            try:
+                f.close()  # a no-op on a handle already closed
+            except Exception as e:  # noqa: BLE001 - every handle is closed first; the first error is raised below
+                errors.append(e)
+        if errors and not failed:
+            raise errors[0]
 
 
 def releases_caches(fn):
@@ -157,8 +192,9 @@ class CacheFile:
         if self._h5 is None or self._pid != os.getpid() or not self._h5.id.valid:
             self._h5 = schema.open_h5(self.path, "r")
             self._pid = os.getpid()
-            if _SCOPES:
-                _SCOPES[-1].append(self._h5)
+            stack = _scopes()
+            if stack:
+                stack[-1].handles.append(self._h5)
         return self._h5
 
     def close(self) -> None:

@@ -83,3 +83,29 @@ def test_a_scope_closes_what_was_opened_in_it_and_the_handle_reopens(caches):
     cache.close()
     other.close()
     _writable(caches["train"], caches["val"])
+
+
+def test_nested_scopes_close_their_own_handles_whatever_they_opened(caches):
+    train_cache, val_cache = open_cache(caches["train"]), open_cache(caches["val"])
+    with cache_scope():
+        with cache_scope():
+            pass  # an inner scope that opens nothing (an entry point given an already open cache)
+        outer = train_cache.h5()  # opened in the outer scope after the inner one ended
+        with cache_scope():
+            view = val_cache.view()  # two handles on one file (the audit's label-permuted view)
+            first, second = val_cache.h5(), view.h5()
+        assert not first.id.valid and not second.id.valid
+        assert outer.id.valid
+    assert not outer.id.valid
+    _writable(caches["train"], caches["val"])
+
+
+def test_a_scope_closes_its_handles_when_the_block_raises(caches):
+    cache = open_cache(caches["train"])
+    with pytest.raises(RuntimeError, match="inside"):
+        with cache_scope():
+            cache.h5()
+            raise RuntimeError("inside")
+    _writable(caches["train"])
+    assert cache.n == 32 and cache.h5().id.valid  # reopened on use
+    cache.close()
