@@ -1,11 +1,12 @@
 """`standardize_video` (an option, off by default): video features standardised per dimension with the training rows'
 statistics, so a large offset common to every frame (random-init CLIP features: 99 % of a token's energy) does not
-hide the part that varies."""
+hide the part that varies; the offset is kept up to `video_offset_cap` times the varying part's scale."""
 
 from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from mambavl.cache.reader import open_cache
@@ -40,15 +41,15 @@ def test_statistics_read_the_real_frames_only(tmp_path):
 
 def test_model_is_invariant_to_an_affine_change_of_the_features():
     """Offset every feature dimension (an offset 50x the signal, common to all frames) and shrink the features: a
-    model given the statistics of the changed features computes what it computed on the original ones. (One gain
-    for all dimensions: the variance floor, a share of the mean variance, makes per-dimension gains nearly but not
-    exactly invariant.)"""
+    model that centres fully (`video_offset_cap=0`) and is given the statistics of the changed features computes
+    what it computed on the original ones. (One gain for all dimensions: the variance floor, a share of the mean
+    variance, makes per-dimension gains nearly but not exactly invariant.)"""
     gen = torch.Generator().manual_seed(0)
     video, mask, q, qm = _inputs(gen)
     offset, gain = 50.0 * torch.randn(16, generator=gen), 0.05
     changed = video * gain + offset
     torch.manual_seed(0)
-    model, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
+    model, _ = create_model("small", d_model=32, standardize_video=True, video_offset_cap=0.0, **DIMS)
     model.eval()
     flat = video[mask]  # (tokens, Dv)
     model.set_video_statistics(flat.mean(0), flat.std(0))
@@ -56,6 +57,28 @@ def test_model_is_invariant_to_an_affine_change_of_the_features():
     model.set_video_statistics(changed[mask].mean(0), changed[mask].std(0))
     got = model(changed, mask, q, qm)["verb"]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_common_offset_is_shrunk_to_the_cap_and_kept_below_it():
+    """Standardised features (x - shift) * scale keep the training mean's direction; its RMS in standardised units
+    becomes min(RMS, video_offset_cap): a large offset is shrunk to the cap, a small one kept (scaling only)."""
+    gen = torch.Generator().manual_seed(2)
+    std = 0.5 + torch.rand(16, generator=gen, dtype=torch.float64)
+    direction = torch.randn(16, generator=gen, dtype=torch.float64)
+    for cap in (0.0, 1.0, 3.0):
+        model, _ = create_model("small", d_model=32, standardize_video=True, video_offset_cap=cap, **DIMS)
+        for size in (0.5, 2.0, 40.0):  # the offset's RMS in standardised units, before the cap
+            mean = direction / direction.square().mean().sqrt() * size * std  # mean * scale has RMS ~size
+            model.set_video_statistics(mean, std)
+            kept = (mean - model.video_shift) * model.video_scale  # the standardised training mean
+            rms = float(kept.square().mean().sqrt())
+            full = float((mean * model.video_scale).square().mean().sqrt())
+            assert rms == pytest.approx(min(full, cap), rel=1e-5, abs=1e-5)  # float32 buffers
+            if full <= cap:
+                assert torch.equal(model.video_shift, torch.zeros(16, dtype=model.video_shift.dtype))
+            elif cap > 0:  # the same direction, shorter
+                cos = torch.nn.functional.cosine_similarity(kept, mean * model.video_scale, dim=0)
+                assert float(cos) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_weights_saved_without_the_statistics_load_as_the_identity():
@@ -75,6 +98,19 @@ def test_weights_saved_without_the_statistics_load_as_the_identity():
     torch.testing.assert_close(fresh(video, mask, q, qm)["verb"], plain(video, mask, q, qm)["verb"])
 
 
+def test_the_cap_is_a_config_field_with_a_checked_range():
+    from mambavl.errors import InputError
+    from mambavl.fuse.model import model_config_from_dict
+
+    model, cfg = create_model("small", d_model=32, **DIMS)
+    assert not cfg.standardize_video and cfg.video_offset_cap == 3.0 and not hasattr(model, "video_shift")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "video_offset_cap"}  # a config saved before the field
+    assert model_config_from_dict({**old, "standardize_video": True}).video_offset_cap == 3.0
+    for bad in (-1.0, float("inf"), "3", True):
+        with pytest.raises(InputError, match="video_offset_cap"):
+            model_config_from_dict({**old, "video_offset_cap": bad})
+
+
 def test_training_sets_the_statistics_of_the_training_rows(tmp_path):
     from mambavl.runtime import TrainedModel
     from mambavl.train import TrainConfig, train
@@ -84,6 +120,11 @@ def test_training_sets_the_statistics_of_the_training_rows(tmp_path):
                                batch_size=8, min_steps=0, device="cpu", logger="none",
                                model_overrides={"d_model": 16, "standardize_video": True}))
     run = TrainedModel.load(result.last_checkpoint)
-    mean, _ = feature_statistics(open_cache(path), "recognition", np.arange(24))
-    np.testing.assert_allclose(run.weights["video_shift"].numpy(), mean.numpy(), rtol=1e-5, atol=1e-6)
+    mean, std = feature_statistics(open_cache(path), "recognition", np.arange(24))
+    want, _ = create_model("small", d_model=16, standardize_video=True, video_dim=16, text_dim=16, num_verbs=6,
+                           num_nouns=5, num_actions=0)
+    want.set_video_statistics(mean, std)
+    assert float(want.video_scale.std()) > 0  # the statistics are not the identity's
+    for name in ("video_shift", "video_scale"):
+        np.testing.assert_allclose(run.weights[name].numpy(), getattr(want, name).numpy(), rtol=1e-5, atol=1e-6)
     assert run.model().cfg.standardize_video

@@ -62,11 +62,14 @@ class ModelConfig:
     n_heads: int = 4  # transformer fusion
     scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda | triton
     max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
-    # standardise each video feature dimension with the training set's mean and sd (buffers set by the trainer):
+    # standardise each video feature dimension with the training set's statistics (buffers set by the trainer):
     # features whose clip-to-clip variation is a small part of a large common offset (random-init CLIP) otherwise
-    # reach the fusion as almost the same token for every frame. Off by default: on noise-dominated features
-    # (make_order_cache) it cost ~11 points of verb top-1 (docs/model.md, "Order-defined verbs")
+    # reach the fusion as almost the same token for every frame; the offset itself is kept up to `video_offset_cap`
+    # (in units of the varying part): removing it entirely cost ~11 points of verb top-1 on noise-dominated
+    # features. Off by default: on the generic clip CSV it cost 3.9 ± 4.2 points (docs/model.md, "Order-defined
+    # verbs"). A large cap only scales; 0 centres fully.
     standardize_video: bool = False
+    video_offset_cap: float = 3.0
 
     def __post_init__(self):
         self.fusion = _enum(FusionKind, self.fusion, "fusion")
@@ -84,6 +87,10 @@ class ModelConfig:
         for name in ("shared_A", "use_question", "bidirectional", "standardize_video"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        cap = self.video_offset_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= float(cap) < float("inf"):
+            raise InputError(f"model config: video_offset_cap must be a finite number >= 0, got {cap!r}")
+        self.video_offset_cap = float(cap)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise InputError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.fusion == FusionKind.TRANSFORMER and self.d_model % self.n_heads:

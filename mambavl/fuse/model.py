@@ -95,13 +95,20 @@ class MambaVL(nn.Module):
 
     def set_video_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise video features with these per-dimension statistics ((Dv,) each, of the training set's frame
-        tokens): the scale is 1 / sqrt(std^2 + 0.01 * mean(std^2)), so a dimension that hardly varies in training is
-        not blown up. Needs `standardize_video`."""
+        tokens): x -> (x - shift) * scale. The scale is 1 / sqrt(std^2 + 0.01 * mean(std^2)), so a dimension that
+        hardly varies in training is not blown up. The shift removes the common offset (the mean, in standardised
+        units m = mean * scale) down to an RMS of `video_offset_cap`: shift = mean * (1 - a), a = min(1, cap /
+        RMS(m)), so what varies has unit scale and the offset shared by every frame is at most `cap` times that (0:
+        centred; features whose offset is already within the cap are only scaled). Needs `standardize_video`."""
         if not self.cfg.standardize_video:
             raise InputError("set_video_statistics: this model was built with standardize_video=False")
         var = std.detach().double().cpu() ** 2
-        self.video_shift.copy_(mean.detach().double())
-        self.video_scale.copy_(torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12))
+        mean = mean.detach().double().cpu()
+        scale = torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12)
+        offset_rms = float((mean * scale).square().mean().sqrt())
+        keep = min(1.0, self.cfg.video_offset_cap / offset_rms) if offset_rms > 0 else 1.0
+        self.video_shift.copy_(mean * (1.0 - keep))
+        self.video_scale.copy_(scale)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # weights saved before the standardisation existed computed without it: they load with the identity
