@@ -9,7 +9,8 @@ Every public entry point that reads caches (training, evaluation, prediction, th
 rewritten or re-extracted in the same process right after, whatever references (a traceback, a reference cycle)
 outlive the call. A CacheFile used again afterwards reopens its file. Lower-level helpers that take or return a
 CacheFile (`open_cache`, `SegmentDataset`, `mambavl.evaluate.load_for_eval`, ...) leave closing to their caller:
-`with open_cache(path) as cache:` or `with cache_scope():`.
+`with open_cache(path) as cache:` or `with cache_scope():`; `mambavl.runtime.predict_scores` closes a cache it opened
+from a path and leaves a given CacheFile's handle open (reopening one walks the whole file).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ these functions and an `Asker`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,7 +18,7 @@ from torch import nn
 
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache, releases_caches
+from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import Precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError
@@ -182,7 +183,6 @@ def view_protocol(cache: CacheFile, views: Sequence[int] | None = None, window: 
             "definition": str(cache.attrs.get("view_definition", "one view: the centre crop of the uniform grid"))}
 
 
-@releases_caches
 def predict_scores(
     model: nn.Module,
     cache: CacheFile | str | os.PathLike,
@@ -217,42 +217,43 @@ def predict_scores(
     without an action head, indices (N,) int64 cache rows; under `predicted` also candidates (N, 2, k) int64 and
     first_pass {"verb": (N, V), "noun": (N, Nn)?} probabilities), numpy arrays.
     """
-    if not isinstance(cache, CacheFile):
-        cache = open_cache(cache)
-    source = QuestionSource(question_source)
-    spec: TaskSpec = spec_of_window(window)
-    require_window(cache, window)
-    dev = resolve_device(device) if isinstance(device, str) else device
-    half = autocast(resolve_precision(precision, dev), dev)
-    model.to(dev)
-    rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
-    table, probs = None, None
-    if source == QuestionSource.PREDICTED:
-        if first_pass is None:
-            raise InputError("predicted questions need a first pass: a checkpoint trained with --questions predicted "
-                             "carries one (Python API: first_pass=)")
-        with half:
-            table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
-    asker = Asker.of_cache(cache, spec, source, candidates=table, evaluation=True, allow_label_keyed=allow_label_keyed,
-                           bank=bank)
-    dataset = SegmentDataset(cache, window=window, indices=rows)
-    per_view = []
-    for view in chosen_views(dataset.num_views, views):
-        dataset.view = view
-        with half:
-            per_view.append(head_logits(model, clip_batches(dataset, batch_size, frames, dev), asker)[0])
-    res = average_views(per_view)
-    n = len(rows)
-    out = {
-        "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),
-        "noun": res["noun"].numpy() if "noun" in res else None,
-        "action": res["action"].numpy() if "action" in res else None,
-        "indices": res["indices"].numpy().astype(np.int64) if "indices" in res else np.zeros(0, np.int64),
-    }
-    if table is not None:
-        out["candidates"] = table[rows]
-        out["first_pass"] = probs
-    return out
+    with contextlib.ExitStack() as owned:
+        if not isinstance(cache, CacheFile):  # a path: the cache opened here is closed on return; a CacheFile given
+            cache = owned.enter_context(open_cache(cache))  # is the caller's to close (its handle stays open)
+        source = QuestionSource(question_source)
+        spec: TaskSpec = spec_of_window(window)
+        require_window(cache, window)
+        dev = resolve_device(device) if isinstance(device, str) else device
+        half = autocast(resolve_precision(precision, dev), dev)
+        model.to(dev)
+        rows = np.asarray(cache.valid_indices(window), dtype=np.int64)
+        table, probs = None, None
+        if source == QuestionSource.PREDICTED:
+            if first_pass is None:
+                raise InputError("predicted questions need a first pass: a checkpoint trained with --questions "
+                                 "predicted carries one (Python API: first_pass=)")
+            with half:
+                table, probs = cache_candidates(first_pass, cache, window, rows, dev, batch_size, frames)
+        asker = Asker.of_cache(cache, spec, source, candidates=table, evaluation=True,
+                               allow_label_keyed=allow_label_keyed, bank=bank)
+        dataset = SegmentDataset(cache, window=window, indices=rows)
+        per_view = []
+        for view in chosen_views(dataset.num_views, views):
+            dataset.view = view
+            with half:
+                per_view.append(head_logits(model, clip_batches(dataset, batch_size, frames, dev), asker)[0])
+        res = average_views(per_view)
+        n = len(rows)
+        out = {
+            "verb": res["verb"].numpy() if "verb" in res else np.zeros((n, 0), np.float32),
+            "noun": res["noun"].numpy() if "noun" in res else None,
+            "action": res["action"].numpy() if "action" in res else None,
+            "indices": res["indices"].numpy().astype(np.int64) if "indices" in res else np.zeros(0, np.int64),
+        }
+        if table is not None:
+            out["candidates"] = table[rows]
+            out["first_pass"] = probs
+        return out
 
 
 def validation_metrics(scores: dict[str, torch.Tensor], labels: Labels) -> dict[str, float]:

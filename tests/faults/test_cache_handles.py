@@ -20,6 +20,7 @@ from mambavl.cache.reader import cache_scope, open_cache
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.errors import InputError
 from mambavl.evaluate import EvalConfig, evaluate
+from mambavl.runtime import TrainedModel, predict_scores
 from mambavl.train import TrainConfig, train
 
 
@@ -109,3 +110,18 @@ def test_a_scope_closes_its_handles_when_the_block_raises(caches):
     _writable(caches["train"])
     assert cache.n == 32 and cache.h5().id.valid  # reopened on use
     cache.close()
+
+
+def test_predict_scores_closes_a_cache_it_opened_and_leaves_a_given_one_open(no_gc, caches, tmp_path):
+    run = TrainedModel.load(_train(caches, tmp_path).last_checkpoint)
+    model = run.model()
+    predict_scores(model, str(caches["val"]), frames=4)  # a path: opened and closed here
+    _writable(caches["val"])
+    cache = open_cache(caches["val"])  # its file is first opened inside the call
+    predict_scores(model, cache, frames=4)
+    handle = cache._h5  # the handle the call opened: the caller's, so left open (an open walks the whole file)
+    assert handle is not None and handle.id.valid
+    predict_scores(model, cache, frames=4)
+    assert cache._h5 is handle  # not reopened
+    cache.close()
+    _writable(caches["val"])
