@@ -231,7 +231,10 @@ class TrainedModel:
             "train_candidates": self.train_candidates,
             "candidate_recall": dict(self.candidate_recall),
             "progress": plain(dataclasses.asdict(self.progress)),
-            "training": dataclasses.asdict(training) if training is not None else None,
+            # the fields as they are: `dataclasses.asdict` deep-copies every tensor on its own, so views into one
+            # buffer (a flat optimizer's moments) were written with a whole copy of the buffer each
+            "training": ({f.name: getattr(training, f.name) for f in dataclasses.fields(training)}
+                         if training is not None else None),
         }
 
     def save(self, path: str | os.PathLike, training: TrainingState | None = None) -> None:

@@ -125,7 +125,10 @@ class FlatAdamW(torch.optim.Optimizer):
         """torch AdamW's layout; as there, no entry for a parameter that has not been stepped yet."""
         self.steps.copy_(torch.tensor(self.counts, dtype=torch.float32))
         packed = super().state_dict()  # state keyed by the parameters' order over the groups, as flat_params
-        packed["state"] = {k: v for k, v in packed["state"].items() if self.counts[k] > 0}
+        # compact copies, not views of the flat buffers: a view carries (and a deep copy or a save of it alone
+        # writes) the whole buffer; the copies are also a snapshot that later steps do not change
+        packed["state"] = {k: {name: t.clone() for name, t in v.items()}
+                           for k, v in packed["state"].items() if self.counts[k] > 0}
         return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
