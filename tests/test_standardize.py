@@ -25,10 +25,13 @@ def _inputs(gen):
     return video, mask, q, torch.ones(3, 2, 5, dtype=torch.bool)
 
 
-def test_statistics_read_the_real_frames_only(tmp_path):
+@pytest.mark.parametrize("chunk", [256, 5])  # one read, or chunks combined (Chan et al.'s update)
+def test_statistics_read_the_real_frames_only(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr("mambavl.runtime.build.STATISTICS_CHUNK", chunk)
     path = make_order_cache(tmp_path / "c.h5", n=24, dim=16)
     with h5py.File(path, "r+") as f:  # row 0 keeps 3 real frames; its padding holds garbage
         f["num_frames"][0] = 3
+        f["features"][:] += 30.0  # an offset well above the spread: the update must not lose the sd to it
         f["features"][0, 3:] = 1000.0
         feats = f["features"][()].astype(np.float64)
     real = np.concatenate([feats[0, :3], feats[1:].reshape(-1, 16)])
@@ -128,3 +131,31 @@ def test_training_sets_the_statistics_of_the_training_rows(tmp_path):
     for name in ("video_shift", "video_scale"):
         np.testing.assert_allclose(run.weights[name].numpy(), getattr(want, name).numpy(), rtol=1e-5, atol=1e-6)
     assert run.model().cfg.standardize_video
+
+
+def test_global_scale_keeps_the_features_geometry():
+    """`video_scale="global"`: one gain for every dimension (1 / RMS of the sds), so the features keep their
+    geometry; the offset is measured and capped in the same units."""
+    gen = torch.Generator().manual_seed(3)
+    std = 0.2 + 3 * torch.rand(16, generator=gen, dtype=torch.float64)
+    direction = torch.randn(16, generator=gen, dtype=torch.float64)
+    gain = float(std.square().mean().rsqrt())
+    for cap in (0.0, 3.0):
+        model, _ = create_model("small", d_model=32, standardize_video=True, video_scale="global",
+                                video_offset_cap=cap, **DIMS)
+        for size in (0.5, 2.0, 40.0):
+            mean = direction / direction.square().mean().sqrt() * size / gain  # RMS(mean * gain) == size
+            model.set_video_statistics(mean, std)
+            torch.testing.assert_close(model.video_scale, torch.full((16,), gain, dtype=torch.float32))
+            kept = (mean - model.video_shift) * model.video_scale
+            assert float(kept.square().mean().sqrt()) == pytest.approx(min(size, cap), rel=1e-5, abs=1e-5)
+    # the chosen scale is part of the saved config and checked
+    from mambavl.errors import InputError
+    from mambavl.fuse.model import model_config_from_dict
+
+    _, cfg = create_model("small", d_model=32, standardize_video=True, video_scale="global", **DIMS)
+    assert model_config_from_dict(cfg.to_dict()).video_scale == "global"
+    old = {k: v for k, v in cfg.to_dict().items() if k != "video_scale"}  # a config saved before the field
+    assert model_config_from_dict(old).video_scale == "dimension"
+    with pytest.raises(InputError, match="video_scale"):
+        model_config_from_dict({**old, "video_scale": "per-channel"})

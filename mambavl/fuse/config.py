@@ -39,6 +39,10 @@ class ScanLayout(str, Enum):
     PARALLEL = "parallel"
 
 
+# How `standardize_video` scales the video features: each dimension to unit sd, or all by one gain (unit RMS sd).
+VIDEO_SCALES = ("dimension", "global")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a MambaVL model; stored in checkpoints as plain types (`to_dict`)."""
@@ -70,6 +74,7 @@ class ModelConfig:
     # verbs"). A large cap only scales; 0 centres fully.
     standardize_video: bool = False
     video_offset_cap: float = 3.0
+    video_scale: str = "dimension"  # dimension: unit sd per feature dimension | global: one gain for all dimensions
 
     def __post_init__(self):
         self.fusion = _enum(FusionKind, self.fusion, "fusion")
@@ -91,6 +96,9 @@ class ModelConfig:
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= float(cap) < float("inf"):
             raise InputError(f"model config: video_offset_cap must be a finite number >= 0, got {cap!r}")
         self.video_offset_cap = float(cap)
+        if self.video_scale not in VIDEO_SCALES:
+            raise InputError(f"model config: video_scale must be one of {', '.join(VIDEO_SCALES)}, "
+                             f"got {self.video_scale!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise InputError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.fusion == FusionKind.TRANSFORMER and self.d_model % self.n_heads:

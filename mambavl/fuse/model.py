@@ -104,7 +104,10 @@ class MambaVL(nn.Module):
             raise InputError("set_video_statistics: this model was built with standardize_video=False")
         var = std.detach().double().cpu() ** 2
         mean = mean.detach().double().cpu()
-        scale = torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12)
+        if self.cfg.video_scale == "global":
+            scale = torch.full_like(var, float(torch.rsqrt(var.mean() + 1e-12)))
+        else:
+            scale = torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12)
         offset_rms = float((mean * scale).square().mean().sqrt())
         keep = min(1.0, self.cfg.video_offset_cap / offset_rms) if offset_rms > 0 else 1.0
         self.video_shift.copy_(mean * (1.0 - keep))

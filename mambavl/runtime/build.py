@@ -21,6 +21,8 @@ DATA_FIELDS = ("video_dim", "text_dim", "num_verbs", "num_nouns", "num_actions")
 
 # Rows read for the feature statistics (evenly spaced over the training rows): enough for a mean and sd per dimension.
 STATISTICS_ROWS = 4096
+# Rows read at a time for them (an EK-100 row of 16 x 1024 float32 features is 64 KiB).
+STATISTICS_CHUNK = 256
 
 
 def build_model(cfg: TrainConfig, data_dims: dict,
@@ -50,13 +52,28 @@ def feature_statistics(cache: CacheFile, window: str, rows: np.ndarray,
     rows = np.unique(rows)  # h5py reads increasing indices
     prefix = schema.window_prefix(window)
     f = cache.h5()
+    count, mean, m2 = 0, None, None  # Chan et al.'s pairwise update: exact for any offset, memory of one chunk
     with schema.reading(cache.path):
-        feats = f[prefix + "features"][rows].astype(np.float64)  # (M, F, D)
-        frames = f[prefix + "num_frames"][rows].astype(np.int64)  # (M,)
-    real = feats[np.arange(feats.shape[1])[None, :] < frames[:, None]]  # (tokens, D)
-    if len(real) == 0:
+        for start in range(0, len(rows), STATISTICS_CHUNK):
+            part = rows[start: start + STATISTICS_CHUNK]
+            feats = f[prefix + "features"][part].astype(np.float64)  # (m, F, D)
+            frames = f[prefix + "num_frames"][part].astype(np.int64)  # (m,)
+            real = feats[np.arange(feats.shape[1])[None, :] < frames[:, None]]  # (tokens, D)
+            if len(real) == 0:
+                continue
+            n, chunk_mean = len(real), real.mean(0)
+            chunk_m2 = np.square(real - chunk_mean).sum(0)
+            if mean is None:
+                count, mean, m2 = n, chunk_mean, chunk_m2
+                continue
+            delta = chunk_mean - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + chunk_m2 + np.square(delta) * (count * n / total)
+            count = total
+    if mean is None:
         raise InputError(f"cache {cache.path}: no frame tokens in the training rows to standardise the features with")
-    return torch.from_numpy(real.mean(0)), torch.from_numpy(real.std(0))
+    return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / count))
 
 
 def cache_dims(cache: CacheFile, num_actions: int) -> dict[str, int]:
