@@ -1,5 +1,5 @@
-"""`standardize_video` (an option, off by default): video features standardised per dimension with the training rows'
-statistics, so a large offset common to every frame (random-init CLIP features: 99 % of a token's energy) does not
+"""`standardize_video` (on by default): video features scaled with the training rows' statistics (one gain, or per
+dimension), so a large offset common to every frame (random-init CLIP features: 99 % of a token's energy) does not
 hide the part that varies; the offset is kept up to `video_offset_cap` times the varying part's scale."""
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def test_the_common_offset_is_shrunk_to_the_cap_and_kept_below_it():
     std = 0.5 + torch.rand(16, generator=gen, dtype=torch.float64)
     direction = torch.randn(16, generator=gen, dtype=torch.float64)
     for cap in (0.0, 1.0, 3.0):
-        model, _ = create_model("small", d_model=32, standardize_video=True, video_offset_cap=cap, **DIMS)
+        model, _ = create_model("small", d_model=32, standardize_video=True, video_scale="dimension",
+                                video_offset_cap=cap, **DIMS)
         for size in (0.5, 2.0, 40.0):  # the offset's RMS in standardised units, before the cap
             mean = direction / direction.square().mean().sqrt() * size * std  # mean * scale has RMS ~size
             model.set_video_statistics(mean, std)
@@ -92,8 +93,7 @@ def test_weights_saved_without_the_statistics_load_as_the_identity():
     fresh, _ = create_model("small", d_model=32, standardize_video=True, **DIMS)
     fresh.load_state_dict(old)  # strict: the buffers are filled in, not missing
     assert torch.equal(fresh.video_shift, torch.zeros(16)) and torch.equal(fresh.video_scale, torch.ones(16))
-    plain, _ = create_model("small", d_model=32, **DIMS)  # the default: no standardisation
-    assert not plain.cfg.standardize_video
+    plain, _ = create_model("small", d_model=32, standardize_video=False, **DIMS)
     plain.load_state_dict(old)
     gen = torch.Generator().manual_seed(1)
     video, mask, q, qm = _inputs(gen)
@@ -105,10 +105,15 @@ def test_the_cap_is_a_config_field_with_a_checked_range():
     from mambavl.errors import InputError
     from mambavl.fuse.model import model_config_from_dict
 
-    model, cfg = create_model("small", d_model=32, **DIMS)
-    assert not cfg.standardize_video and cfg.video_offset_cap == 3.0 and not hasattr(model, "video_shift")
-    old = {k: v for k, v in cfg.to_dict().items() if k != "video_offset_cap"}  # a config saved before the field
-    assert model_config_from_dict({**old, "standardize_video": True}).video_offset_cap == 3.0
+    model, cfg = create_model("small", d_model=32, **DIMS)  # the default: global scale, offset capped at 2
+    assert (cfg.standardize_video, cfg.video_scale, cfg.video_offset_cap) == (True, "global", 2.0)
+    assert hasattr(model, "video_shift")
+    assert model_config_from_dict(cfg.to_dict()) == cfg
+    # configs saved before a field say what they were trained with, not today's default
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("video_offset_cap", "video_scale")}
+    assert model_config_from_dict({**old, "standardize_video": True}).video_offset_cap == 0.0  # centred fully
+    older = {k: v for k, v in old.items() if k != "standardize_video"}
+    assert not model_config_from_dict(older).standardize_video
     for bad in (-1.0, float("inf"), "3", True):
         with pytest.raises(InputError, match="video_offset_cap"):
             model_config_from_dict({**old, "video_offset_cap": bad})

@@ -66,15 +66,16 @@ class ModelConfig:
     n_heads: int = 4  # transformer fusion
     scan_impl: str = "auto"  # auto | reference | chunked | cpu | cuda | triton
     max_frames: int = 64  # length of the learned temporal position table: the most video tokens a clip may have
-    # standardise each video feature dimension with the training set's statistics (buffers set by the trainer):
-    # features whose clip-to-clip variation is a small part of a large common offset (random-init CLIP) otherwise
-    # reach the fusion as almost the same token for every frame; the offset itself is kept up to `video_offset_cap`
-    # (in units of the varying part): removing it entirely cost ~11 points of verb top-1 on noise-dominated
-    # features. Off by default: on the generic clip CSV it cost 3.9 ± 4.2 points (docs/model.md, "Order-defined
-    # verbs"). A large cap only scales; 0 centres fully.
-    standardize_video: bool = False
-    video_offset_cap: float = 3.0
-    video_scale: str = "dimension"  # dimension: unit sd per feature dimension | global: one gain for all dimensions
+    # standardise the video features with the training set's statistics (buffers set by the trainer): features whose
+    # clip-to-clip variation is a small part of a large offset common to every frame (random-init CLIP: 0.6 % of the
+    # squared norm varies) otherwise reach the fusion as almost the same token for every frame. `video_scale`
+    # "global" scales every dimension by one gain (the varying part to unit RMS; the features keep their geometry),
+    # "dimension" each to unit sd; the common offset is then shrunk to an RMS of at most `video_offset_cap` (0 centres
+    # fully; removing it entirely cost ~11 points of verb top-1 on noise-dominated features, and shrinking a moderate
+    # offset cost the generic clip CSV). The study and the choice of 2: docs/model.md, "Order-defined verbs".
+    standardize_video: bool = True
+    video_offset_cap: float = 2.0
+    video_scale: str = "global"  # global: one gain for all dimensions | dimension: unit sd per feature dimension
 
     def __post_init__(self):
         self.fusion = _enum(FusionKind, self.fusion, "fusion")
@@ -123,16 +124,24 @@ def _enum(kind: type[Enum], value, field: str):
         ) from None
 
 
+# What a saved config without these keys was trained with (a default that changed later: not today's default).
+# Before `standardize_video` existed nothing was standardised; its first version (the default for a while) centred
+# fully, before `video_offset_cap` existed; `video_scale` came with "dimension" as the default.
+SAVED_BEFORE_THE_FIELD = {"standardize_video": False, "video_offset_cap": 0.0, "video_scale": "dimension"}
+
+
 def model_config_from_dict(values: dict) -> ModelConfig:
     """ModelConfig from a plain dict (e.g. a checkpoint's "model_config"); enums are restored from strings.
 
-    Keys missing from the dict take their defaults; unknown keys raise InputError naming them and the valid keys.
+    Keys missing from the dict take their defaults, except the fields in `SAVED_BEFORE_THE_FIELD`, whose default
+    changed after they were added: a config saved without them was trained as they say. Unknown keys raise
+    InputError naming them and the valid keys.
     """
     known = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise InputError(f"model config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-    return ModelConfig(**values)
+    return ModelConfig(**{**SAVED_BEFORE_THE_FIELD, **values})
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:

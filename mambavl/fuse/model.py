@@ -95,11 +95,13 @@ class MambaVL(nn.Module):
 
     def set_video_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise video features with these per-dimension statistics ((Dv,) each, of the training set's frame
-        tokens): x -> (x - shift) * scale. The scale is 1 / sqrt(std^2 + 0.01 * mean(std^2)), so a dimension that
-        hardly varies in training is not blown up. The shift removes the common offset (the mean, in standardised
-        units m = mean * scale) down to an RMS of `video_offset_cap`: shift = mean * (1 - a), a = min(1, cap /
-        RMS(m)), so what varies has unit scale and the offset shared by every frame is at most `cap` times that (0:
-        centred; features whose offset is already within the cap are only scaled). Needs `standardize_video`."""
+        tokens): x -> (x - shift) * scale. With `video_scale` "global" (the default) the scale is one gain for every
+        dimension, 1 / RMS(std), so the varying part has unit RMS and the features keep their geometry; with
+        "dimension" it is 1 / sqrt(std^2 + 0.01 * mean(std^2)) per dimension (a dimension that hardly varies in
+        training is not blown up). The shift removes the common offset (the mean, in scaled units m = mean * scale)
+        down to an RMS of `video_offset_cap`: shift = mean * (1 - a), a = min(1, cap / RMS(m)), so the offset shared
+        by every frame is at most `cap` times the varying part (0: centred; features whose offset is already within
+        the cap are only scaled). Needs `standardize_video`; InputError otherwise."""
         if not self.cfg.standardize_video:
             raise InputError("set_video_statistics: this model was built with standardize_video=False")
         var = std.detach().double().cpu() ** 2
