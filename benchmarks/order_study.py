@@ -10,7 +10,7 @@ each trained once per seed with `mambavl train`'s defaults (40 epochs here, the 
 mean ± sd over seeds and the paired difference to video-only, on the reversed pairs.
 
     python benchmarks/order_study.py --seeds 3 --out order-study          # the table in docs/model.md
-    python benchmarks/order_study.py --seeds 3 --out std --set standardize_video=true     # standardised features
+    python benchmarks/order_study.py --seeds 3 --out raw --set standardize_video=false    # features as cached
     python benchmarks/order_study.py --smoke                              # seconds: keeps the script running
 
 Headline: the default's verb top-1 on the reversed pairs minus the frame-mean probe's (points; > 0 means the order
