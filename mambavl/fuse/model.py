@@ -101,15 +101,18 @@ class MambaVL(nn.Module):
         training is not blown up). The shift removes the common offset (the mean, in scaled units m = mean * scale)
         down to an RMS of `video_offset_cap`: shift = mean * (1 - a), a = min(1, cap / RMS(m)), so the offset shared
         by every frame is at most `cap` times the varying part (0: centred; features whose offset is already within
-        the cap are only scaled). Needs `standardize_video`; InputError otherwise."""
+        the cap are only scaled). Features that do not vary at all get a gain of 1. Needs `standardize_video`;
+        InputError otherwise."""
         if not self.cfg.standardize_video:
             raise InputError("set_video_statistics: this model was built with standardize_video=False")
         var = std.detach().double().cpu() ** 2
         mean = mean.detach().double().cpu()
-        if self.cfg.video_scale == "global":
-            scale = torch.full_like(var, float(torch.rsqrt(var.mean() + 1e-12)))
+        if not float(var.mean()) > 0:  # nothing varies in training: no gain (1e6 would blow up any later change)
+            scale = torch.ones_like(var)
+        elif self.cfg.video_scale == "global":
+            scale = torch.full_like(var, float(var.mean().rsqrt()))
         else:
-            scale = torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean() + 1e-12)
+            scale = torch.rsqrt(var + VIDEO_VAR_FLOOR * var.mean())
         offset_rms = float((mean * scale).square().mean().sqrt())
         keep = min(1.0, self.cfg.video_offset_cap / offset_rms) if offset_rms > 0 else 1.0
         self.video_shift.copy_(mean * (1.0 - keep))
@@ -166,7 +169,10 @@ class MambaVL(nn.Module):
     def _embed_video(self, video, video_mask):
         """(B, F, Dv) -> (B, F, d); padded tokens zeroed (their values must never matter)."""
         if self.cfg.standardize_video:
-            video = (video - self.video_shift.to(video.dtype)) * self.video_scale.to(video.dtype)
+            shift, scale = self.video_shift, self.video_scale
+            if shift.dtype != video.dtype:  # `Tensor.to` dispatches an op even when it has nothing to do
+                shift, scale = shift.to(video.dtype), scale.to(video.dtype)
+            video = (video - shift) * scale
         if video_mask is None:
             return _sequential(self.video_proj, video) + self.pos_embed[: video.shape[1]]  # (B, F, d)
         keep = video_mask[..., None]  # (B, F, 1)
