@@ -52,8 +52,11 @@ def feature_statistics(cache: CacheFile, window: str, rows: np.ndarray,
     rows = np.unique(rows)  # h5py reads increasing indices
     prefix = schema.window_prefix(window)
     f = cache.h5()
-    count, mean, m2 = 0, None, None  # Chan et al.'s pairwise update: exact for any offset, memory of one chunk
     with schema.reading(cache.path):
+        dim = f[prefix + "features"].shape[-1]
+        # Chan et al.'s pairwise update (from count 0 it takes the first chunk as it is): exact for any offset,
+        # memory of one chunk
+        count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
         for start in range(0, len(rows), STATISTICS_CHUNK):
             part = rows[start: start + STATISTICS_CHUNK]
             feats = f[prefix + "features"][part].astype(np.float64)  # (m, F, D)
@@ -63,15 +66,12 @@ def feature_statistics(cache: CacheFile, window: str, rows: np.ndarray,
                 continue
             n, chunk_mean = len(real), real.mean(0)
             chunk_m2 = np.square(real - chunk_mean).sum(0)
-            if mean is None:
-                count, mean, m2 = n, chunk_mean, chunk_m2
-                continue
             delta = chunk_mean - mean
             total = count + n
             mean = mean + delta * (n / total)
             m2 = m2 + chunk_m2 + np.square(delta) * (count * n / total)
             count = total
-    if mean is None:
+    if count == 0:
         raise InputError(f"cache {cache.path}: no frame tokens in the training rows to standardise the features with")
     return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / count))
 
