@@ -5,8 +5,9 @@
     python benchmarks/scan.py --smoke         # tiny sizes, seconds
 
 A second table gives `selective_scan_cpu` in ns per state update (wall time / (B*D*N*L)) at B=64 D=512 N=16 L=48
-and B=2 D=1024 N=16 L=4096, float32 inputs (computed in float32) beside the same inputs in float64, forward and
-forward+backward (targets: <= 6 ns forward on 2 threads, forward+backward <= 3x forward).
+and B=2 D=1024 N=16 L=4096: float32 inputs laid out as a Mamba block passes them (u, delta, z transposed views of
+token-major tensors), the same values as contiguous (B, D, L) tensors, and float64; forward and forward+backward
+(targets, float32 token-major: <= 6 ns forward on 2 threads, forward+backward <= 3x forward).
 
 Compared (mambavl.fuse.scan, mamba-ssm argument conventions: u, delta (B, D, L); A (D, N); B, C (B, N, L)):
   reference  `selective_scan_ref`      the definition: a Python loop over L
@@ -176,25 +177,32 @@ def cpu_benchmark(args) -> tuple[str, dict]:
 UPDATE_SIZES = ((64, 512, 16, 48), (2, 1024, 16, 4096))
 
 
+def token_major(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same values with u, delta, z as transposed views of contiguous (B, L, D) tensors: what a Mamba block
+    passes (its projections are token-major), and the layout `selective_scan_cpu` reads in place."""
+    return {k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v for k, v in x.items()}
+
+
 def per_update_benchmark(args) -> dict:
-    """ns per state update (wall time / (B*D*N*L)) of `selective_scan_cpu`, float32 inputs (computed in float32)
-    against the same inputs in float64 (the float64 path; before this version every input was computed so), run
-    interleaved; forward, forward+backward and their ratio."""
+    """ns per state update (wall time / (B*D*N*L)) of `selective_scan_cpu`, run interleaved: float32 inputs laid out
+    as a Mamba block passes them (token-major views, "f32"), the same values as contiguous (B, D, L) tensors (one
+    transposing copy of u, delta, z per call, "f32 (B,D,L)"), and float64 (the float64 path); forward,
+    forward+backward and their ratio."""
     sizes = ((1, 8, 4, 64), (1, 8, 4, 130)) if args.smoke else UPDATE_SIZES
     rows, results = [], {}
     for b, d, n, length in sizes:
-        x32 = make_inputs(b, d, n, length, "cpu")
-        x64 = {k: v.double() for k, v in x32.items()}
-        g32 = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1))  # (B, D, L)
+        x = make_inputs(b, d, n, length, "cpu")
+        inputs = {"f32": token_major(x), "f32 (B,D,L)": x, "f64": token_major({k: v.double() for k, v in x.items()})}
+        g = torch.randn(b, length, d, generator=torch.Generator().manual_seed(1)).transpose(1, 2)  # (B, D, L)
+        grads = {"f32": g, "f32 (B,D,L)": g.contiguous(), "f64": g.double()}
         fn = scan_mod.selective_scan_cpu
-        fwd = interleaved({"f32": forward_fn(fn, x32), "f64": forward_fn(fn, x64)}, repeats=args.repeats, warmup=1)
-        both = interleaved(
-            {"f32": fwd_bwd_fn(fn, x32, g32), "f64": fwd_bwd_fn(fn, x64, g32.double())}, repeats=args.repeats, warmup=1
-        )
+        fwd = interleaved({k: forward_fn(fn, v) for k, v in inputs.items()}, repeats=args.repeats, warmup=1)
+        both = interleaved({k: fwd_bwd_fn(fn, v, grads[k]) for k, v in inputs.items()}, repeats=args.repeats,
+                           warmup=1)
         updates = b * d * n * length
-        for k in ("f32", "f64"):
+        for k in inputs:
             tf, tb = median(fwd[k]), median(both[k])
-            key = f"B{b}_D{d}_N{n}_L{length}_{k}"
+            key = f"B{b}_D{d}_N{n}_L{length}_{k.replace(' ', '_')}"
             results[key] = dict(forward_ns_per_update=tf / updates * 1e9, fwd_bwd_ns_per_update=tb / updates * 1e9,
                                 fwd_bwd_over_fwd=tb / tf, forward_times=fwd[k], fwd_bwd_times=both[k])
             r = results[key]
@@ -203,10 +211,10 @@ def per_update_benchmark(args) -> dict:
                 f"{r['fwd_bwd_ns_per_update']:.2f}", f"{spread(both[k]):.0%}", f"{r['fwd_bwd_over_fwd']:.2f}x",
             ])
     print_table(
-        ["B x D x N x L", "dtype", "fwd ns/update", "spread", "fwd+bwd ns/update", "spread", "fwd+bwd / fwd"],
+        ["B x D x N x L", "inputs", "fwd ns/update", "spread", "fwd+bwd ns/update", "spread", "fwd+bwd / fwd"],
         rows,
         title=f"selective_scan_cpu per state update, {torch.get_num_threads()} threads, median of {args.repeats} "
-        "(float32 and float64 interleaved)",
+        "(the three input kinds interleaved)",
     )
     return results
 
@@ -291,12 +299,13 @@ def main() -> None:
     print(machine_line())
     line, results = cpu_benchmark(args)
     payload = {"args": vars(args), "cpu": results, "per_update": per_update_benchmark(args)}
-    first = payload["per_update"][next(iter(payload["per_update"]))]
-    print(
-        f"selective_scan_cpu float32 at {'the smoke size' if args.smoke else 'B=64 D=512 N=16 L=48'}: "
-        f"{first['forward_ns_per_update']:.2f} ns per state update forward (target <= 6), "
-        f"fwd+bwd {first['fwd_bwd_over_fwd']:.2f}x forward (target <= 3x)"
-    )
+    for key, r in payload["per_update"].items():
+        if key.endswith("_f32"):
+            print(
+                f"selective_scan_cpu float32 (token-major) at {key[:-4].replace('_', ' ')}: "
+                f"{r['forward_ns_per_update']:.2f} ns per state update forward (target <= 6), "
+                f"fwd+bwd {r['fwd_bwd_over_fwd']:.2f}x forward (target <= 3x)"
+            )
     if args.cuda:
         cuda_line, payload["cuda"] = cuda_benchmark(args)
         if cuda_line is not None:

@@ -26,14 +26,15 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   closed form over log-space cumulative sums of delta*A ("segsum"); the state is carried from chunk to chunk.
   Each chunk is recomputed in backward (activation checkpointing) so memory stays O(Bt*Din*L), not O(L*K*N).
 * `cpu`: `selective_scan_cpu`, a numba-compiled fused loop for forward and a hand-written reverse-time backward,
-  parallel over (batch row, channel) pairs, so both cores are busy at batch 64 and at batch 2 alike. The states are
-  not stored: forward keeps one checkpoint every `_CKPT` positions and backward recomputes each chunk from its
-  checkpoint. Computes in float32 for float32 inputs and in float64 when an input is float64 (the reference's
-  rule); the gradient sums over positions, rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the
-  compute dtype over at most one chunk of positions (dA, dD, d delta_bias) or 32 channels (dB, dC) and
-  accumulated in float64 beyond. u, delta, z are read in place in any layout (a Mamba block's transposed views
-  included), no copies; exp, softplus and sigmoid are plain-arithmetic float32 versions (~1-2 ulp) so the loops
-  vectorise.
+  parallel over (batch row, block of 64 channels), so both cores are busy at batch 64 and at batch 2 alike. The
+  loops run token-major with the channels innermost: each step of the recurrence updates whole vectors of channels,
+  with no sums across vector lanes. The states are not stored: forward keeps one checkpoint every `_CKPT`
+  positions and backward recomputes each chunk from its checkpoint. Computes in float32 for float32 inputs and in
+  float64 when an input is float64 (the reference's rule); the gradient sums over positions, rows and channels
+  (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most one chunk of positions (dA, dD,
+  d delta_bias) or one block of channels (dB, dC) and accumulated in float64 beyond. A Mamba block's transposed
+  views of token-major tensors are read in place; exp, softplus and sigmoid are plain-arithmetic float32 versions
+  (~1-2 ulp) so the loops vectorise.
 * `cuda`: `selective_scan_cuda`, mamba-ssm's kernel, imported only when called (`pip install mambavl[cuda]`).
   It has no per-position A.
 * `triton`: `selective_scan_triton`, Triton kernels for forward and backward (`mambavl.fuse.scan_triton`), compiled
@@ -318,9 +319,9 @@ def selective_scan_chunked(
 # ----------------------------------------------------------------------------------------------------------------
 # cpu: numba-fused forward and backward
 
-# Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time. The
-# per-chunk buffers of the backward (states and decays, 2 x 64 x N) stay in L1.
-_CKPT = 64
+# Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time. A
+# unit's per-chunk buffers of the backward (states and decays, 2 x 16 x N x 64 channels) stay in L2.
+_CKPT = 16
 
 try:  # numba is a dependency, but the package still imports (cpu impl unavailable) without it
     import numba
@@ -462,39 +463,12 @@ def _softplus(x):
     raise NotImplementedError("numba-only helper")
 
 
-def _softplus_grad(x):
-    """d softplus / dx as torch's softplus backward has it: 1 above the threshold 20, else sigmoid (numba-only)."""
-    raise NotImplementedError("numba-only helper")
-
-
-def _softplus_grad_f32(x):
-    return _F32_1 if x > _F32(20.0) else _sigmoid(x)
-
-
-def _softplus_grad_f64(x):
-    return 1.0 if x > 20.0 else _sigmoid(x)
-
-
 def _sigmoid_f32(x):
     return _F32_1 / (_F32_1 + _exp(-x))
 
 
 def _softplus_f32(x):
-    # log1p(e) = 2 atanh(s) with s = e / (2 + e) <= 1/3: the series 2 s (1 + s**2/3 + ... + s**14/15) is within
-    # 2e-9 relative, and s is formed from e without cancellation, so tiny e (x << 0) keeps its accuracy.
-    e = _exp(-abs(x))
-    s = e / (_F32(2.0) + e)
-    s2 = s * s
-    p = _F32(1.0 / 15.0)
-    p = p * s2 + _F32(1.0 / 13.0)
-    p = p * s2 + _F32(1.0 / 11.0)
-    p = p * s2 + _F32(1.0 / 9.0)
-    p = p * s2 + _F32(1.0 / 7.0)
-    p = p * s2 + _F32(1.0 / 5.0)
-    p = p * s2 + _F32(1.0 / 3.0)
-    p = p * s2 + _F32_1
-    res = max(x, _F32_0) + _F32(2.0) * s * p
-    return x if x > _F32(20.0) else res
+    return _softplus_e(x, _exp(-abs(x)))
 
 
 def _sigmoid_f64(x):
@@ -519,99 +493,11 @@ if numba is not None:
     def _softplus_overload(x):
         return _softplus_f32 if x == numba.types.float32 else _softplus_f64
 
-    @_overload(_softplus_grad)
-    def _softplus_grad_overload(x):
-        return _softplus_grad_f32 if x == numba.types.float32 else _softplus_grad_f64
-
-
-@_jit(fastmath=_FASTMATH)
-def _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, sig):
-    # dts[j] = delta at position t0 + j after bias and softplus, xs[j] = dts[j] * u; with `sig` of length > 0 also
-    # softplus's derivative (torch's: 1 above the threshold 20). Loops over positions: vectorised in float32.
-    bd = bias[d]
-    want_sig = sig.shape[0] > 0
-    for j in range(m):
-        x = dl[b, d, t0 + j] + bd
-        dt = x
-        if softplus:
-            dt = _softplus(x)
-            if want_sig:
-                sig[j] = _softplus_grad(x)
-        dts[j] = dt
-        xs[j] = dt * u[b, d, t0 + j]
-
-
-@_jit(fastmath=_FASTMATH, inline="always")
-def _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys):
-    # The recurrence over positions t0 .. t0 + m - 1 of one row, the state dimension innermost (vectorised).
-    for j in range(m):
-        t = t0 + j
-        g = aidx[t]
-        dt = dts[j]
-        x = xs[j]
-        acc = ys.dtype.type(0.0)
-        for k in range(n):
-            hk = _exp(dt * A[g, d, k]) * h[k] + x * Bm[b, gb, t, k]
-            h[k] = hk
-            acc += Cm[b, gc, t, k] * hk
-        ys[j] = acc
-
-
-@_jit(fastmath=_FASTMATH)
-def _forward_row(b, d, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every, out, ypre, ckpt,
-                 last, h, dts, xs, ys):
-    # One (batch row, channel): the recurrence over positions, the state dimension innermost (vectorised).
-    n = A.shape[2]
-    length = u.shape[2]
-    gb = d if Bm.shape[1] > 1 else 0
-    gc = d if Cm.shape[1] > 1 else 0
-    nosig = dts[:0]
-    zero = u.dtype.type(0.0)
-    h[:] = zero
-    for t0 in range(0, length, ckpt_every):
-        if save:
-            ckpt[b, d, t0 // ckpt_every, :] = h
-        m = min(length, t0 + ckpt_every) - t0
-        _chunk_deltas(dl, u, bias, softplus, b, d, t0, m, dts, xs, nosig)
-        if n == 16:  # mamba's d_state: a trip count LLVM knows, one 16-float vector with no remainder loop
-            _scan_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
-        else:
-            _scan_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, gb, gc, dts, xs, h, ys)
-        for j in range(m):
-            t = t0 + j
-            ut = u[b, d, t]
-            y = ys[j] + Dv[d] * ut
-            if has_z:
-                if save:
-                    ypre[b, d, t] = y
-                zt = z[b, d, t]
-                y = y * (zt * _sigmoid(zt))
-            out[b, d, t] = y
-    last[b, d, :] = h
-
-
-@_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_forward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every, nblocks, out, ypre, ckpt,
-                 last):
-    # u, dl, z, out, ypre (Bt, Din, L); A (G, Din, N); aidx (L,); Bm, Cm (Bt, 1|Din, L, N); ckpt (Bt, Din, nck, N):
-    # the state before every `ckpt_every`-th position; ypre: y before the gate (with z). Both only when `save`.
-    # Rows (b, d) are split into `nblocks` contiguous blocks; each block allocates its buffers once.
-    bt, din, length = u.shape
-    rows = bt * din
-    n = A.shape[2]
-    for pp in _prange(nblocks):
-        p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
-        h = np.empty(n, u.dtype)
-        dts = np.empty(ckpt_every, u.dtype)
-        xs = np.empty(ckpt_every, u.dtype)
-        ys = np.empty(ckpt_every, u.dtype)
-        for r in range(p * rows // nblocks, (p + 1) * rows // nblocks):
-            _forward_row(r // din, r % din, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, save, ckpt_every,
-                         out, ypre, ckpt, last, h, dts, xs, ys)
-
 
 def _softplus_e_f32(x, e):
-    # softplus(x) from e = exp(-|x|), the series of `_softplus_f32`: one exp serves softplus and its derivative
+    # softplus(x) from e = exp(-|x|): one exp serves softplus and its derivative. log1p(e) = 2 atanh(s) with
+    # s = e / (2 + e) <= 1/3: the series 2 s (1 + s**2/3 + ... + s**14/15) is within 2e-9 relative, and s is formed
+    # from e without cancellation, so tiny e (x << 0) keeps its accuracy.
     s = e / (_F32(2.0) + e)
     s2 = s * s
     p = _F32(1.0 / 15.0)
@@ -663,268 +549,320 @@ if numba is not None:
         return _softplus_grad_e_f32 if x == numba.types.float32 else _softplus_grad_e_f64
 
 
-# Rows of a backward chunk's buffer (_NROWS, K): per-position values of one (row, chunk), contiguous so that the
-# loops computing softplus, sigmoid and the gate's backward over positions vectorise (the inputs' own rows may be
-# strided; they are copied in once).
-_R_U, _R_DT, _R_X, _R_SIG, _R_GO, _R_Z, _R_YP, _R_DY, _R_SA, _R_SB, _R_T1, _R_T2 = range(12)
-_NROWS = 12
-# dB, dC shared by the channels: summed in the compute dtype over at most this many channels of a chunk, then added
-# to the float64 totals (a float64 add per state update cost about as much as the rest of the backward).
-_FLUSH_ROWS = 32
+# The kernels work token-major, channels innermost: u, delta, z, the output and their gradients as flat
+# (Bt * L * Din) arrays of (Bt, L, Din) (a Mamba block's transposed views are such arrays already), A as A_T
+# (G, N, Din), B and C as (Bt, L, N) when shared by the channels or (Bt, L, N, Din) per channel, states as
+# (N, Din) per row. A work unit is one batch row and a block of `_DB` channels; every loop over its channels is
+# innermost and contiguous, so the recurrence runs on whole vectors of channels (4 float32 AVX-512 vectors) with no
+# sums across vector lanes, and exp(delta A) is computed once per state update.
+_DB = 64
+# Rows of a backward chunk's buffer (_NROWS, K, _DB): per-position values of one unit's chunk.
+_R_U, _R_DT, _R_X, _R_SIG, _R_DY, _R_SA, _R_SB = range(7)
+_NROWS = 7
+
+
+def _coef(M, b, t, k, d, shared):
+    """B or C for channel d at (b, t, k): `shared` (the caller's M[b, t, k], read once per k) when M is (Bt, L, N),
+    M[b, t, k, d] when M is (Bt, L, N, Din) (numba-only; chosen by M's rank at compile time)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _coef_shared(M, b, t, k):
+    """M[b, t, k] when B or C is shared by the channels, else 0 (numba-only)."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _put(M, b, t, k, d, v):
+    """M[b, t, k, d] = v for a per-channel gradient (Bt, L, N, Din); nothing for the shared case's placeholder."""
+    raise NotImplementedError("numba-only helper")
+
+
+def _add_shared(M, s, b, t, k, v):
+    """M[s, b, t, k] += v for a shared gradient's float64 sums (S, Bt, L, N); nothing for the placeholder."""
+    raise NotImplementedError("numba-only helper")
+
+
+if numba is not None:
+
+    @_overload(_coef, inline="always")
+    def _coef_overload(M, b, t, k, d, shared):
+        if M.ndim == 3:
+            return lambda M, b, t, k, d, shared: shared
+        return lambda M, b, t, k, d, shared: M[b, t, k, d]
+
+    @_overload(_coef_shared, inline="always")
+    def _coef_shared_overload(M, b, t, k):
+        if M.ndim == 3:
+            return lambda M, b, t, k: M[b, t, k]
+        return lambda M, b, t, k: M.dtype.type(0.0)
+
+    @_overload(_put, inline="always")
+    def _put_overload(M, b, t, k, d, v):
+        if M.ndim == 4:
+            def put(M, b, t, k, d, v):
+                M[b, t, k, d] = v
+            return put
+        return lambda M, b, t, k, d, v: None
+
+    @_overload(_add_shared, inline="always")
+    def _add_shared_overload(M, s, b, t, k, v):
+        if M.ndim == 4:
+            def add(M, s, b, t, k, v):
+                M[s, b, t, k] += v
+            return add
+        return lambda M, s, b, t, k, v: None
+
+
+_U64 = np.uint64 if numba is not None else None  # flat indices as uint64: numba adds no negative-index wraparound,
+# which would turn the contiguous loads of a row into gathers
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _load_row(a, b, d, t0, m, cb, row):
-    # cb[row, :m] = a[b, d, t0:t0 + m] (a possibly strided row into a contiguous buffer). Rows of cb are indexed,
-    # not taken as views: a view costs a reference count update (an atomic add) each time it is made.
-    for j in range(m):
-        cb[row, j] = a[b, d, t0 + j]
+def _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv):
+    # the unit's channels' A (G, N, w), delta_bias and D, copied once into contiguous buffers
+    for g in range(A_T.shape[0]):
+        for k in range(A_T.shape[1]):
+            for i in range(w):
+                ab[g, k, i] = A_T[g, k, d0 + i]
+    for i in range(w):
+        bv[i] = bias[d0 + i]
+        dv[i] = Dv[d0 + i]
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _store_row(cb, row, b, d, t0, m, a):
-    for j in range(m):
-        a[b, d, t0 + j] = cb[row, j]
-
-
-@_jit(fastmath=_FASTMATH, inline="always")
-def _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb):
-    # Fills cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus'), DY (dL/dy before the
-    # D term, after the gate's backward); writes dz. Returns this chunk's sum of dy * u (for dD).
-    _load_row(u, b, d, t0, m, cb, _R_U)
-    _load_row(dl, b, d, t0, m, cb, _R_DT)
-    bd = bias[d]
-    if softplus:
-        for j in range(m):
-            x = cb[_R_DT, j] + bd
-            e = _exp(-abs(x))
-            sp = _softplus_e(x, e)
-            cb[_R_SIG, j] = _softplus_grad_e(x, e)
-            cb[_R_DT, j] = sp
-            cb[_R_X, j] = sp * cb[_R_U, j]
-    else:
-        for j in range(m):
-            x = cb[_R_DT, j] + bd
-            cb[_R_DT, j] = x
-            cb[_R_X, j] = x * cb[_R_U, j]
-    _load_row(dout, b, d, t0, m, cb, _R_GO)
-    acc = u.dtype.type(0.0)
-    if has_z:
-        _load_row(z, b, d, t0, m, cb, _R_Z)
-        _load_row(ypre, b, d, t0, m, cb, _R_YP)
-        one = u.dtype.type(1.0)
-        for j in range(m):
-            zj = cb[_R_Z, j]
-            go = cb[_R_GO, j]
-            s = _sigmoid(zj)
-            cb[_R_T1, j] = go * cb[_R_YP, j] * s * (one + zj * (one - s))
-            dy = go * (zj * s)
-            cb[_R_DY, j] = dy
-            acc += dy * cb[_R_U, j]
-        _store_row(cb, _R_T1, b, d, t0, m, dz)
-    else:
-        for j in range(m):
-            go = cb[_R_GO, j]
-            cb[_R_DY, j] = go
-            acc += go * cb[_R_U, j]
-    return acc
-
-
-@_jit(fastmath=_FASTMATH, inline="always")
-def _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl):
-    # du and d delta of one chunk from the reverse pass's per-position sums SA = sum_k dL/d(delta A)_k A_k and
-    # SB = sum_k dL/dh_k B_k; returns the chunk's sum of d delta (for d delta_bias).
-    dd = Dv[d]
-    acc = cb.dtype.type(0.0)
-    for j in range(m):
-        sb = cb[_R_SB, j]
-        cb[_R_T1, j] = cb[_R_DY, j] * dd + cb[_R_DT, j] * sb
-        cb[_R_T2, j] = cb[_R_SA, j] + cb[_R_U, j] * sb
-    if softplus:
-        for j in range(m):
-            cb[_R_T2, j] = cb[_R_T2, j] * cb[_R_SIG, j]
-    for j in range(m):
-        acc += cb[_R_T2, j]
-    _store_row(cb, _R_T1, b, d, t0, m, du)
-    _store_row(cb, _R_T2, b, d, t0, m, ddl)
-    return acc
-
-
-@_jit(fastmath=_FASTMATH, inline="always")
-def _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h):
-    # hs[j] = the state before position t0 + j (hs[0] = the checkpoint, hs[m] the state after the chunk), ea[j] =
-    # exp(delta A) at t0 + j. The state is carried in h, not read back from hs[j]: LLVM does not vectorise a loop
-    # whose rows depend on each other at a distance it cannot see.
-    gb = d if Bm.shape[1] > 1 else 0
-    c = t0 // ckpt_every
+def _forward_position(b, t, d0, w, n, g, ab, Bm, Cm, dts, xs, h, y):
+    # one position of the recurrence for the unit's channels: h (N, _DB) updated in place, y[i] = <C_t, h_t>
+    for i in range(w):
+        y[i] = 0.0
     for k in range(n):
-        h[k] = ckpt[b, d, c, k]
-        hs[0, k] = h[k]
+        bs = _coef_shared(Bm, b, t, k)
+        cs = _coef_shared(Cm, b, t, k)
+        for i in range(w):
+            a = _exp(dts[i] * ab[g, k, i])
+            hk = a * h[k, i] + xs[i] * _coef(Bm, b, t, k, d0 + i, bs)
+            h[k, i] = hk
+            y[i] += _coef(Cm, b, t, k, d0 + i, cs) * hk
+
+
+@_jit(parallel=True, fastmath=_FASTMATH)
+def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, save, ckpt_every, out, ypre, ckpt,
+                 last):
+    # u, dl, z, out, ypre: flat token-major (Bt * L * Din); ckpt (Bt, nck, N, Din): the state before every
+    # `ckpt_every`-th position; ypre: y before the gate (with z). Both only when `save`. last (Bt, N, Din).
+    groups, n, din = A_T.shape
+    bt = u.shape[0] // max(1, length * din)
+    nb = (din + _DB - 1) // _DB
+    for pp in _prange(bt * nb):
+        p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
+        b = p // nb
+        d0 = (p % nb) * _DB
+        w = min(din, d0 + _DB) - d0
+        ft = u.dtype
+        ab = np.empty((groups, n, _DB), ft)
+        bv = np.empty(_DB, ft)
+        dv = np.empty(_DB, ft)
+        _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv)
+        h = np.zeros((n, _DB), ft)
+        dts = np.empty(_DB, ft)
+        xs = np.empty(_DB, ft)
+        y = np.empty(_DB, ft)
+        for t in range(length):
+            if save and t % ckpt_every == 0:
+                c = t // ckpt_every
+                for k in range(n):
+                    for i in range(w):
+                        ckpt[b, c, k, d0 + i] = h[k, i]
+            base = _U64((b * length + t) * din + d0)
+            for i in range(w):
+                dts[i] = dl[base + _U64(i)] + bv[i]
+            if softplus:
+                for i in range(w):
+                    dts[i] = _softplus(dts[i])
+            for i in range(w):
+                xs[i] = dts[i] * u[base + _U64(i)]
+            g = aidx[t]
+            if w == _DB and n == 16:  # mamba's d_state and a whole unit: trip counts LLVM knows, no remainder loops
+                _forward_position(b, t, d0, _DB, 16, g, ab, Bm, Cm, dts, xs, h, y)
+            else:
+                _forward_position(b, t, d0, w, n, g, ab, Bm, Cm, dts, xs, h, y)
+            for i in range(w):
+                y[i] += dv[i] * u[base + _U64(i)]
+            if has_z:
+                if save:
+                    for i in range(w):
+                        ypre[base + _U64(i)] = y[i]
+                for i in range(w):
+                    zt = z[base + _U64(i)]
+                    y[i] *= zt * _sigmoid(zt)
+            for i in range(w):
+                out[base + _U64(i)] = y[i]
+        for k in range(n):
+            for i in range(w):
+                last[b, k, d0 + i] = h[k, i]
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, ypre, dout, dz, cb):
+    # cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus', 1 without), DY (dL/dy before
+    # the D term, after the gate's backward) for positions t0 .. t0 + m - 1; writes dz. Each loop does one thing
+    # with no branch inside, so each vectorises.
+    one = cb.dtype.type(1.0)
+    for j in range(m):
+        base = _U64((b * length + t0 + j) * din + d0)
+        for i in range(w):
+            cb[_R_U, j, i] = u[base + _U64(i)]
+            cb[_R_DT, j, i] = dl[base + _U64(i)] + bv[i]
+            cb[_R_DY, j, i] = dout[base + _U64(i)]
+        if softplus:
+            for i in range(w):
+                x = cb[_R_DT, j, i]
+                e = _exp(-abs(x))
+                cb[_R_SIG, j, i] = _softplus_grad_e(x, e)
+                cb[_R_DT, j, i] = _softplus_e(x, e)
+        else:
+            for i in range(w):
+                cb[_R_SIG, j, i] = one
+        for i in range(w):
+            cb[_R_X, j, i] = cb[_R_DT, j, i] * cb[_R_U, j, i]
+        if has_z:
+            for i in range(w):
+                q = base + _U64(i)
+                zt = z[q]
+                go = cb[_R_DY, j, i]
+                s = _sigmoid(zt)
+                dz[q] = go * ypre[q] * s * (one + zt * (one - s))
+                cb[_R_DY, j, i] = go * (zt * s)
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h):
+    # hs[j] = the state before position t0 + j (hs[0] the checkpoint, hs[m] the state after the chunk), ea[j] =
+    # exp(delta A) at t0 + j. The state is carried in h, not read back from hs[j] (LLVM does not vectorise a loop
+    # whose rows depend on each other at a distance it cannot see).
+    for k in range(n):
+        for i in range(w):
+            v = ckpt[b, c, k, d0 + i]
+            h[k, i] = v
+            hs[0, k, i] = v
     for j in range(m):
         t = t0 + j
         g = aidx[t]
-        dt = cb[_R_DT, j]
-        x = cb[_R_X, j]
         for k in range(n):
-            a = _exp(dt * A[g, d, k])
-            ea[j, k] = a
-            hk = a * h[k] + x * Bm[b, gb, t, k]
-            h[k] = hk
-            hs[j + 1, k] = hk
+            bs = _coef_shared(Bm, b, t, k)
+            for i in range(w):
+                a = _exp(cb[_R_DT, j, i] * ab[g, k, i])
+                ea[j, k, i] = a
+                hk = a * h[k, i] + cb[_R_X, j, i] * _coef(Bm, b, t, k, d0 + i, bs)
+                h[k, i] = hk
+                hs[j + 1, k, i] = hk
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg):
-    # Reverse-time recurrence over one chunk: gg[j] = dL/dh at t0 + j = dy C + exp(delta A at t0 + j + 1) gg[j + 1];
-    # the caller puts the carry from the next chunk in gg[m] with ea[m] = 1. The recurrence loop does nothing else;
-    # the per-position sums SA, SB here and dA, dB, dC (`_chunk_param_grads`) are read off gg afterwards.
-    gb = d if Bm.shape[1] > 1 else 0
-    gc = d if Cm.shape[1] > 1 else 0
+def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc):
+    # Reverse-time recurrence over one chunk. gc (N, _DB): in, dL/dh flowing into the chunk's last position from
+    # the positions after it (times their exp(delta A)); out, the same for the chunk before. Per position: the
+    # sums over the state dimension SA = sum_k dL/d(delta A)_k A_k and SB = sum_k dL/dh_k B_k (rows of cb), dA
+    # into dAc (G, N, _DB), dB and dC either summed over the unit's channels (shared) or stored per channel.
     zero = cb.dtype.type(0.0)
     for j in range(m - 1, -1, -1):
         t = t0 + j
         g = aidx[t]
-        dy = cb[_R_DY, j]
+        for i in range(w):
+            cb[_R_SA, j, i] = zero
+            cb[_R_SB, j, i] = zero
         for k in range(n):
-            gg[j, k] = gg[j + 1, k] * ea[j + 1, k] + dy * Cm[b, gc, t, k]
-    for j in range(m):  # the per-position sums, off the recurrence's critical path
-        t = t0 + j
-        g = aidx[t]
-        s_a = zero
-        s_b = zero
-        for k in range(n):
-            gk = gg[j, k]
-            s_a += gk * hs[j, k] * ea[j, k] * A[g, d, k]
-            s_b += gk * Bm[b, gb, t, k]
-        cb[_R_SA, j] = s_a
-        cb[_R_SB, j] = s_b
+            bs = _coef_shared(Bm, b, t, k)
+            cs = _coef_shared(Cm, b, t, k)
+            sum_b = zero
+            sum_c = zero
+            for i in range(w):
+                dy = cb[_R_DY, j, i]
+                gk = gc[k, i] + dy * _coef(Cm, b, t, k, d0 + i, cs)  # dL/dh at t
+                a = ea[j, k, i]
+                q = gk * hs[j, k, i] * a  # dL/d(delta A) at t, per state
+                dAc[g, k, i] += q * cb[_R_DT, j, i]
+                cb[_R_SA, j, i] += q * ab[g, k, i]
+                cb[_R_SB, j, i] += gk * _coef(Bm, b, t, k, d0 + i, bs)
+                gb = gk * cb[_R_X, j, i]
+                gcc = dy * hs[j + 1, k, i]
+                sum_b += gb
+                sum_c += gcc
+                _put(dBc, b, t, k, d0 + i, gb)
+                _put(dCc, b, t, k, d0 + i, gcc)
+                gc[k, i] = gk * a
+            _add_shared(dBs, s, b, t, k, sum_b)
+            _add_shared(dCs, s, b, t, k, sum_c)
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc):
-    # dA (this row, compute dtype) += sum_t dL/dh_t h_{t-1} exp(delta_t A) delta_t; dB_t = dL/dh_t delta_t u_t and
-    # dC_t = dy_t h_t, into the channel sums dBk/dCk (L, N) when shared, else written per channel.
+def _backward_outputs(b, t0, m, length, din, d0, w, dv, cb, du, ddl, sD, sbias):
+    # du and d delta of one chunk from the reverse pass's sums; sD, sbias (_DB): this chunk's sums of dy u and of
+    # d delta (for dD and d delta_bias)
     for j in range(m):
-        g = aidx[t0 + j]
-        dt = cb[_R_DT, j]
-        for k in range(n):
-            dAc[g, k] += gg[j, k] * hs[j, k] * ea[j, k] * dt
-    if per_b:
-        for j in range(m):
-            x = cb[_R_X, j]
-            for k in range(n):
-                dBc[b, d, t0 + j, k] = gg[j, k] * x
-    else:
-        for j in range(m):
-            x = cb[_R_X, j]
-            for k in range(n):
-                dBk[t0 + j, k] += gg[j, k] * x
-    if per_c:
-        for j in range(m):
-            dy = cb[_R_DY, j]
-            for k in range(n):
-                dCc[b, d, t0 + j, k] = dy * hs[j + 1, k]
-    else:
-        for j in range(m):
-            dy = cb[_R_DY, j]
-            for k in range(n):
-                dCk[t0 + j, k] += dy * hs[j + 1, k]
-
-
-@_jit(fastmath=_FASTMATH, inline="always")
-def _flush_channel_sums(s, b, acc, out):
-    # out[s, b] (L, N) float64 += acc; acc zeroed
-    for t in range(acc.shape[0]):
-        for k in range(acc.shape[1]):
-            out[s, b, t, k] += acc[t, k]
-            acc[t, k] = 0.0
-
-
-@_jit(fastmath=_FASTMATH)
-def _backward_row_chunk(b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre,
-                        dout, du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, r):
-    # One (row, chunk) of the backward; carry (N): in, the gradient flowing into the chunk from the positions after
-    # it (times their exp(delta A)); out, the same for the chunk before. Returns (sum dy u, sum d delta).
-    n = A.shape[2]
-    acc_D = _backward_chunk_inputs(b, d, t0, m, u, dl, bias, softplus, z, has_z, ypre, dout, dz, cb)
-    for k in range(n):
-        gg[m, k] = carry[r, k]
-        ea[m, k] = 1.0
-    for g in range(dAc.shape[0]):
-        for k in range(n):
-            dAc[g, k] = 0.0
-    if n == 16:  # as in the forward: a known trip count for mamba's d_state
-        _recompute_chunk(b, d, t0, m, 16, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
-        _reverse_chunk(b, d, t0, m, 16, A, aidx, Bm, Cm, cb, hs, ea, gg)
-        _chunk_param_grads(b, d, t0, m, 16, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
-    else:
-        _recompute_chunk(b, d, t0, m, n, A, aidx, Bm, ckpt_every, ckpt, cb, hs, ea, h)
-        _reverse_chunk(b, d, t0, m, n, A, aidx, Bm, Cm, cb, hs, ea, gg)
-        _chunk_param_grads(b, d, t0, m, n, aidx, cb, hs, ea, gg, dAc, per_b, per_c, dBk, dCk, dBc, dCc)
-    for k in range(n):
-        carry[r, k] = gg[0, k] * ea[0, k]
-    acc_bias = _backward_chunk_outputs(b, d, t0, m, softplus, Dv, cb, du, ddl)
-    return acc_D, acc_bias
-
-
-@_jit(fastmath=_FASTMATH)
-def _backward_unit(b, s, d0, d1, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                   du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc, dCc):
-    # Channels d0 .. d1 - 1 of batch row b, each from its last chunk to its first (a row's inputs are then read in
-    # order, which the hardware prefetcher follows; going over the channels within a chunk read each row's 64
-    # positions from another page and was slower at long L). dB, dC shared by the channels: summed over channels
-    # in dBk, dCk (L, N) (cache-resident: 256 KiB for L = 4096 in float32), added to the float64 slice s of
-    # dBs/dCs every _FLUSH_ROWS channels. Sums over positions: per chunk in the compute dtype, across chunks in
-    # float64 (dA (Bt, G, Din, N), dD, dbias (Bt, Din): this row's entries, so no two units write the same one).
-    length = u.shape[2]
-    groups, _, n = A.shape
-    nck = ckpt.shape[2]
-    ft = u.dtype
-    cb = np.empty((_NROWS, ckpt_every), ft)
-    hs = np.empty((ckpt_every + 1, n), ft)
-    ea = np.empty((ckpt_every + 1, n), ft)
-    gg = np.empty((ckpt_every + 1, n), ft)
-    h = np.empty(n, ft)
-    dAc = np.empty((groups, n), ft)
-    dBk = np.zeros((1 if per_b else length, n), ft)
-    dCk = np.zeros((1 if per_c else length, n), ft)
-    carry = np.empty((1, n), ft)
-    for d in range(d0, d1):
-        carry[0, :] = 0.0
-        for c in range(nck - 1, -1, -1):
-            t0 = c * ckpt_every
-            m = min(length, t0 + ckpt_every) - t0
-            acc_D, acc_bias = _backward_row_chunk(
-                b, d, t0, m, u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout,
-                du, ddl, dz, per_b, per_c, dBc, dCc, cb, hs, ea, gg, h, dAc, dBk, dCk, carry, 0,
-            )
-            dD[b, d] += acc_D
-            dbias[b, d] += acc_bias
-            for g in range(groups):
-                for k in range(n):
-                    dA[b, g, d, k] += dAc[g, k]
-        if (d - d0) % _FLUSH_ROWS == _FLUSH_ROWS - 1 or d == d1 - 1:
-            if not per_b:
-                _flush_channel_sums(s, b, dBk, dBs)
-            if not per_c:
-                _flush_channel_sums(s, b, dCk, dCs)
+        base = _U64((b * length + t0 + j) * din + d0)
+        for i in range(w):
+            q = base + _U64(i)
+            sb = cb[_R_SB, j, i]
+            dy = cb[_R_DY, j, i]
+            du[q] = dy * dv[i] + cb[_R_DT, j, i] * sb
+            gdt = (cb[_R_SA, j, i] + cb[_R_U, j, i] * sb) * cb[_R_SIG, j, i]
+            ddl[q] = gdt
+            sD[i] += dy * cb[_R_U, j, i]
+            sbias[i] += gdt
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_backward(u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z, ckpt_every, ckpt, ypre, dout, dblock,
-                  du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc, dCc):
-    # Work units: (batch row b, block s of `dblock` channels), handed out one at a time. dBs, dCs (S, Bt, L, N)
-    # float64 when B/C are shared by the channels (unit (b, s) owns slice [s, b]; the caller sums over S); dBc, dCc
-    # (Bt, Din, L, N) when per channel. dA (Bt, G, Din, N), dD, dbias (Bt, Din) float64, summed over Bt by the caller.
-    bt, din, length = u.shape
-    nd = (din + dblock - 1) // dblock
-    for pp in _prange(bt * nd):
-        p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
-        b = p // nd
-        s = p % nd
-        _backward_unit(b, s, s * dblock, min(din, (s + 1) * dblock), u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z,
-                       has_z, ckpt_every, ckpt, ypre, dout, du, ddl, dz, dA, dD, dbias, per_b, per_c, dBs, dCs, dBc,
-                       dCc)
+def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, ckpt_every, ckpt, ypre, dout,
+                  du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc):
+    # Work units (batch row b, block s of _DB channels), each from its last chunk of positions to its first. Sums
+    # over positions are formed per chunk in the compute dtype and added to float64 totals: dA (Bt, G, N, Din),
+    # dD, dbias (Bt, Din), summed over Bt by the caller; dB, dC shared by the channels: dBs, dCs (S, Bt, L, N)
+    # float64, unit (b, s) owning slice [s, b] (the caller sums over S); per channel: dBc, dCc (Bt, L, N, Din).
+    groups, n, din = A_T.shape
+    bt = u.shape[0] // max(1, length * din)
+    nb = (din + _DB - 1) // _DB
+    nck = ckpt.shape[1]
+    for pp in _prange(bt * nb):
+        p = np.int64(pp)
+        b = p // nb
+        s = p % nb
+        d0 = s * _DB
+        w = min(din, d0 + _DB) - d0
+        ft = u.dtype
+        ab = np.empty((groups, n, _DB), ft)
+        bv = np.empty(_DB, ft)
+        dv = np.empty(_DB, ft)
+        _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv)
+        cb = np.empty((_NROWS, ckpt_every, _DB), ft)
+        hs = np.empty((ckpt_every + 1, n, _DB), ft)
+        ea = np.empty((ckpt_every, n, _DB), ft)
+        h = np.empty((n, _DB), ft)
+        gc = np.zeros((n, _DB), ft)
+        dAc = np.empty((groups, n, _DB), ft)
+        sD = np.empty(_DB, ft)
+        sbias = np.empty(_DB, ft)
+        for c in range(nck - 1, -1, -1):
+            t0 = c * ckpt_every
+            m = min(length, t0 + ckpt_every) - t0
+            dAc[:] = 0.0
+            sD[:] = 0.0
+            sbias[:] = 0.0
+            _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, ypre, dout, dz, cb)
+            if w == _DB and n == 16:  # as in the forward: known trip counts
+                _backward_recompute(b, t0, m, 16, c, d0, _DB, ab, aidx, Bm, ckpt, cb, hs, ea, h)
+                _backward_reverse(b, s, t0, m, 16, d0, _DB, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc,
+                                  dCc)
+            else:
+                _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h)
+                _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc)
+            _backward_outputs(b, t0, m, length, din, d0, w, dv, cb, du, ddl, sD, sbias)
+            for g in range(groups):
+                for k in range(n):
+                    for i in range(w):
+                        dA[b, g, k, d0 + i] += dAc[g, k, i]
+            for i in range(w):
+                dD[b, d0 + i] += sD[i]
+                dbias[b, d0 + i] += sbias[i]
 
 
 def _numba_threads() -> int:
@@ -933,27 +871,19 @@ def _numba_threads() -> int:
 
 
 _ENTRIES: dict = {}
-_A_ARG = 4  # position of A (G, Din, N) in the kernels' arguments: 3-D, but contiguous like B and C
 
 
 def _run(kernel, *args) -> None:
-    """Call a numba kernel with its 3-D arrays but A ((Bt, Din, L), (Bt, Din, N)) typed as strided (layout "A"): one
-    compiled version per dtype serves contiguous inputs and the transposed views a Mamba block passes alike (numba
-    would otherwise compile one per combination of layouts). Every other array is C-contiguous, so the loops over
-    the state dimension read A, B, C with unit stride (vector loads, not gathers)."""
-    types = []
-    for i, (a, ty) in enumerate(zip(args, map(numba.typeof, args))):
-        if isinstance(ty, numba.types.Array):
-            if ty.ndim == 3 and i != _A_ARG:
-                ty = ty.copy(layout="A")
-            elif ty.layout != "C":
-                raise AssertionError(f"selective_scan_cpu: internal array of shape {a.shape} is not contiguous")
-        types.append(ty)
-    types = tuple(types)
+    """Call a numba kernel through an entry compiled once per argument types (the dispatcher's own lookup costs
+    more than the kernel at small sizes). Every array must be C-contiguous: the loops read rows with unit stride."""
+    types = tuple(map(numba.typeof, args))
+    for a, ty in zip(args, types):
+        if isinstance(ty, numba.types.Array) and ty.layout != "C":
+            raise AssertionError(f"selective_scan_cpu: internal array of shape {a.shape} is not contiguous")
     entry = _ENTRIES.get((kernel, types))
     if entry is None:
         entry = _ENTRIES[(kernel, types)] = kernel.compile(types)
-    with numba.parallel_chunksize(1):  # blocks handed out one at a time: a thread slowed by other work gets fewer
+    with numba.parallel_chunksize(1):  # units handed out one at a time: a thread slowed by other work gets fewer
         entry(*args)
 
 
@@ -985,26 +915,37 @@ def _view(t: torch.Tensor | None, dtype: torch.dtype, empty_shape: tuple[int, ..
     return a if a.dtype == _NUMPY_DTYPES[dtype] else a.astype(_NUMPY_DTYPES[dtype])
 
 
-def _state_last(m: torch.Tensor, dtype: torch.dtype):
-    """B or C (Bt, N, L) | (Bt, Din, N, L) -> contiguous (Bt, 1|Din, L, N) in the compute dtype: the layout the
-    loops over the state dimension want. A copy unless already so; for B, C shared by the channels it is 1/Din of
-    the scan's work."""
+def _token_major(t: torch.Tensor | None, dtype: torch.dtype):
+    """u, delta or z (Bt, Din, L) -> flat token-major (Bt * L * Din) numpy array in the compute dtype: no copy when
+    the tensor is a transposed view of a contiguous (Bt, L, Din) tensor, as a Mamba block passes them; else one
+    copy. None -> a 1-element placeholder the kernels read as 'absent'."""
+    if t is None:
+        return np.zeros(1, dtype=_NUMPY_DTYPES[dtype])
+    tm = t.detach().transpose(1, 2)  # (Bt, L, Din)
+    if not tm.is_contiguous():
+        tm = tm.contiguous()  # torch's blocked, threaded copy (numpy's of a transposed view is several times slower)
+    return _view(tm, dtype).reshape(-1)
+
+
+def _coef_layout(m: torch.Tensor, dtype: torch.dtype):
+    """B or C (Bt, N, L) | (Bt, Din, N, L) -> contiguous (Bt, L, N) | (Bt, L, N, Din) in the compute dtype (a copy
+    unless already so; for B, C shared by the channels it is 1/Din of the scan's work)."""
     a = _view(m, dtype)
-    return np.ascontiguousarray((a[:, None] if a.ndim == 3 else a).swapaxes(-1, -2))
+    return np.ascontiguousarray(a.swapaxes(1, 2) if a.ndim == 3 else a.transpose(0, 3, 2, 1))
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, softplus):
-    """The kernels' leading arguments (u, dl, bias, softplus, A, aidx, Bm, Cm, Dv, z, has_z) and the compute dtype:
-    float64 when u, delta, A, B or C is float64, else float32 (the reference's rule)."""
+    """The kernels' leading arguments (u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, L) and the compute
+    dtype: float64 when u, delta, A, B or C is float64, else float32 (the reference's rule)."""
     dtype = _compute_dtype(u, delta, A, B, C)
     din, length = u.shape[1], u.shape[2]
     aidx = np.zeros(length, np.int64) if A_index is None else _view(A_index.to("cpu", torch.int64), torch.int64)
     a = _view(A, dtype)
     args = (
-        _view(u, dtype), _view(delta, dtype), np.ascontiguousarray(_view(delta_bias, dtype, (din,))), bool(softplus),
-        np.ascontiguousarray(a if a.ndim == 3 else a[None]), np.ascontiguousarray(aidx), _state_last(B, dtype),
-        _state_last(C, dtype), np.ascontiguousarray(_view(D, dtype, (din,))), _view(z, dtype, (1, 1, 1)),
-        z is not None,
+        _token_major(u, dtype), _token_major(delta, dtype), np.ascontiguousarray(_view(delta_bias, dtype, (din,))),
+        bool(softplus), np.ascontiguousarray((a if a.ndim == 3 else a[None]).swapaxes(1, 2)),
+        np.ascontiguousarray(aidx), _coef_layout(B, dtype), _coef_layout(C, dtype),
+        np.ascontiguousarray(_view(D, dtype, (din,))), _token_major(z, dtype), z is not None, length,
     )
     return args, dtype
 
@@ -1020,28 +961,34 @@ def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _channels_last(flat, bt: int, length: int, din: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat token-major kernel result -> (Bt, Din, L) tensor: a transposed view of a contiguous (Bt, L, Din)
+    tensor, the layout a Mamba block's output projection reads without a copy."""
+    return _tensor(flat.reshape(bt, length, din), dtype).transpose(1, 2)
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus, return_last_state, save):
         bt, din, length = u.shape
         n = A.shape[-1]
-        threads = _numba_threads()
-        numba.set_num_threads(threads)
+        numba.set_num_threads(_numba_threads())
         args, dtype = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, A_index, delta_softplus)
         npd = args[0].dtype
-        nck = max(1, -(-length // _CKPT))
-        out = np.empty((bt, din, length), npd)
-        ckpt = np.empty((bt, din, nck, n) if save else (1, 1, 1, n), npd)
-        ypre = np.empty((bt, din, length) if save and z is not None else (1, 1, 1), npd)
-        last = np.empty((bt, din, n), npd)
-        _run(_cpu_forward, *args, bool(save), _CKPT, min(bt * din, 8 * threads), out, ypre, ckpt, last)
+        ckpt_every = _CKPT
+        nck = max(1, -(-length // ckpt_every))
+        out = np.empty(bt * length * din, npd)
+        ckpt = np.empty((bt, nck, n, din) if save else (1, 1, 1, n), npd)
+        ypre = np.empty(bt * length * din if save and z is not None else 1, npd)
+        last = np.empty((bt, n, din), npd)
+        _run(_cpu_forward, *args, bool(save), ckpt_every, out, ypre, ckpt, last)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
-            # backward reuses the kernel arguments (views of the saved inputs, B and C laid out for the kernels)
-            ctx.state = (ckpt, ypre, _CKPT, args, dtype)
-        out_t = _tensor(out, u.dtype)
+            # backward reuses the kernel arguments (token-major views or copies of the saved inputs)
+            ctx.state = (ckpt, ypre, ckpt_every, args, dtype)
+        out_t = _channels_last(out, bt, length, din, u.dtype)
         if return_last_state:
-            last_t = _tensor(last, u.dtype)
+            last_t = _tensor(np.ascontiguousarray(last.swapaxes(1, 2)), u.dtype)  # (Bt, Din, N)
             ctx.mark_non_differentiable(last_t)
             return out_t, last_t
         return out_t
@@ -1051,42 +998,36 @@ class _SelectiveScanCPU(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, A_index = ctx.saved_tensors  # (unpacking checks their versions)
         ckpt, ypre, ckpt_every, args, dtype = ctx.state
         bt, din, length = u.shape
-        groups, n = args[4].shape[0], args[4].shape[2]
+        groups, n = args[4].shape[0], args[4].shape[1]
         npd = args[0].dtype
-        threads = _numba_threads()
-        numba.set_num_threads(threads)
-        # work units (batch row, block of channels): whole rows of channels when the batch alone gives each thread
-        # a few units, else the channels split too (batch 2 of long sequences)
-        nd = min(din, -(-4 * threads // bt))
-        dblock = -(-din // nd)
-        nd = -(-din // dblock)
+        numba.set_num_threads(_numba_threads())
+        nd = -(-din // _DB)  # channel blocks: the work units are (batch row, block)
         per_b, per_c = B.dim() == 4, C.dim() == 4
+        size = bt * length * din
         grads = dict(
-            du=np.empty((bt, din, length), npd), ddl=np.empty((bt, din, length), npd),
-            dz=np.empty((bt, din, length) if z is not None else (1, 1, 1), npd),
-            dA=np.zeros((bt, groups, din, n)), dD=np.zeros((bt, din)), dbias=np.zeros((bt, din)),
+            du=np.empty(size, npd), ddl=np.empty(size, npd), dz=np.empty(size if z is not None else 1, npd),
+            dA=np.zeros((bt, groups, n, din)), dD=np.zeros((bt, din)), dbias=np.zeros((bt, din)),
         )
-        # dB, dC: summed over channels (float64, one slice per block of channels, "s") when shared, else per channel
+        # dB, dC: summed over channels (float64, one slice per block of channels) when shared, else per channel
         for name, per in (("B", per_b), ("C", per_c)):
-            grads[f"d{name}s"] = np.zeros((1, 1, 1, 1) if per else (nd, bt, length, n))
+            grads[f"d{name}s"] = np.zeros(1) if per else np.zeros((nd, bt, length, n))
         for name, per in (("B", per_b), ("C", per_c)):
-            grads[f"d{name}c"] = np.empty((bt, din, length, n) if per else (1, 1, 1, 1), npd)
-        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _view(dout, dtype), dblock, *list(grads.values())[:6],
-             per_b, per_c, *list(grads.values())[6:])
+            grads[f"d{name}c"] = np.empty((bt, length, n, din), npd) if per else np.zeros(1, npd)
+        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _token_major(dout, dtype), *grads.values())
         t = _tensor
         g_B, g_C = (
-            (grads[f"d{k}c"] if per else grads[f"d{k}s"].sum(0)).swapaxes(-1, -2)  # (Bt, [Din,] N, L)
+            grads[f"d{k}c"].transpose(0, 3, 2, 1) if per else grads[f"d{k}s"].sum(0).swapaxes(1, 2)
             for k, per in (("B", per_b), ("C", per_c))
-        )
-        g_A = grads["dA"].sum(0)  # (G, Din, N)
+        )  # (Bt, [Din,] N, L)
+        g_A = grads["dA"].sum(0).swapaxes(1, 2)  # (G, Din, N)
         return (
-            t(grads["du"], u.dtype),
-            t(grads["ddl"], delta.dtype),
+            _channels_last(grads["du"], bt, length, din, u.dtype),
+            _channels_last(grads["ddl"], bt, length, din, delta.dtype),
             t(g_A if A.dim() == 3 else g_A[0], A.dtype),
             t(g_B, B.dtype),
             t(g_C, C.dtype),
             t(grads["dD"].sum(0), D.dtype) if D is not None else None,
-            t(grads["dz"], z.dtype) if z is not None else None,
+            _channels_last(grads["dz"], bt, length, din, z.dtype) if z is not None else None,
             t(grads["dbias"].sum(0), delta_bias.dtype) if delta_bias is not None else None,
             None,
             None,
@@ -1099,17 +1040,20 @@ class _SelectiveScanCPU(torch.autograd.Function):
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, A_index=None
 ):
-    """Fast CPU selective scan: numba-fused forward and backward, parallel over (batch row, channel) pairs.
+    """Fast CPU selective scan: numba-fused forward and backward, parallel over (batch row, block of 64 channels).
 
     Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
     and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
-    batch rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most 64
-    positions or 32 channels and accumulated in float64 beyond. Results and gradients come
-    back in the inputs' dtypes. u, delta, z (the large inputs) are read in place in any strides; B and C are laid
-    out as contiguous (Bt, L, N) (a copy unless already so: for shared B, C 1/Din of the scan's work); inputs of
-    another dtype than the compute dtype are cast. Memory when gradients are needed: one stored state every 64
-    positions (Bt, Din, L/64, N), plus y before the gate (Bt, Din, L) when z is given; backward recomputes the rest.
-    The first call in a fresh environment compiles the kernels (seconds); numba caches them on disk.
+    batch rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most 16
+    positions or 64 channels and accumulated in float64 beyond. Results and gradients come back in the inputs'
+    dtypes. The kernels work token-major, channels innermost: u, delta, z that are transposed views of contiguous
+    (Bt, L, Din) tensors (what a Mamba block passes) are read in place, other layouts are copied once; the result
+    and the gradients of u, delta, z come back as such views, (Bt, Din, L) over (Bt, L, Din) memory. B and C are
+    laid out as contiguous (Bt, L, N) (a copy unless already so; 1/Din of the scan's work when shared by the
+    channels); inputs of another dtype than the compute dtype are cast. Memory when gradients are needed: one stored
+    state every 16 positions (Bt, L/16, N, Din), plus y before the gate (Bt, L, Din) when z is given; backward
+    recomputes the rest. The first call in a fresh environment compiles the kernels (seconds); numba caches them on
+    disk.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, A_index)
     for name, v in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
