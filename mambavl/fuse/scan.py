@@ -557,8 +557,8 @@ if numba is not None:
 # sums across vector lanes, and exp(delta A) is computed once per state update.
 _DB = 64
 # Rows of a backward chunk's buffer (_NROWS, K, _DB): per-position values of one unit's chunk.
-_R_U, _R_DT, _R_X, _R_SIG, _R_DY, _R_SA, _R_SB = range(7)
-_NROWS = 7
+_R_U, _R_DT, _R_X, _R_SIG, _R_DY, _R_GZ, _R_Y, _R_SA, _R_SB = range(9)
+_NROWS = 9
 
 
 def _coef(M, b, t, k, d, shared):
@@ -645,10 +645,9 @@ def _forward_position(b, t, d0, w, n, g, ab, Bm, Cm, dts, xs, h, y):
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, save, ckpt_every, out, ypre, ckpt,
-                 last):
-    # u, dl, z, out, ypre: flat token-major (Bt * L * Din); ckpt (Bt, nck, N, Din): the state before every
-    # `ckpt_every`-th position; ypre: y before the gate (with z). Both only when `save`. last (Bt, N, Din).
+def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, save, ckpt_every, out, ckpt, last):
+    # u, dl, z, out: flat token-major (Bt * L * Din); ckpt (Bt, nck, N, Din): the state before every
+    # `ckpt_every`-th position, only when `save`; last (Bt, N, Din).
     groups, n, din = A_T.shape
     bt = u.shape[0] // max(1, length * din)
     nb = (din + _DB - 1) // _DB
@@ -688,9 +687,6 @@ def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length,
             for i in range(w):
                 y[i] += dv[i] * u[base + _U64(i)]
             if has_z:
-                if save:
-                    for i in range(w):
-                        ypre[base + _U64(i)] = y[i]
                 for i in range(w):
                     zt = z[base + _U64(i)]
                     y[i] *= zt * _sigmoid(zt)
@@ -702,10 +698,11 @@ def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length,
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, ypre, dout, dz, cb):
+def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, dout, cb):
     # cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus', 1 without), DY (dL/dy before
-    # the D term, after the gate's backward) for positions t0 .. t0 + m - 1; writes dz. Each loop does one thing
-    # with no branch inside, so each vectorises.
+    # the D term, after the gate's backward), GZ (dL/dz = GZ * y, y before the gate: the reverse pass recomputes y,
+    # so the forward stores none) for positions t0 .. t0 + m - 1. Each loop does one thing with no branch inside, so
+    # each vectorises.
     one = cb.dtype.type(1.0)
     for j in range(m):
         base = _U64((b * length + t0 + j) * din + d0)
@@ -726,11 +723,10 @@ def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, 
             cb[_R_X, j, i] = cb[_R_DT, j, i] * cb[_R_U, j, i]
         if has_z:
             for i in range(w):
-                q = base + _U64(i)
-                zt = z[q]
+                zt = z[base + _U64(i)]
                 go = cb[_R_DY, j, i]
                 s = _sigmoid(zt)
-                dz[q] = go * ypre[q] * s * (one + zt * (one - s))
+                cb[_R_GZ, j, i] = go * s * (one + zt * (one - s))
                 cb[_R_DY, j, i] = go * (zt * s)
 
 
@@ -761,8 +757,8 @@ def _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h
 def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc):
     # Reverse-time recurrence over one chunk. gc (N, _DB): in, dL/dh flowing into the chunk's last position from
     # the positions after it (times their exp(delta A)); out, the same for the chunk before. Per position: the
-    # sums over the state dimension SA = sum_k dL/d(delta A)_k A_k and SB = sum_k dL/dh_k B_k (rows of cb), dA
-    # into dAc (G, N, _DB), dB and dC either summed over the unit's channels (shared) or stored per channel.
+    # sums over the state dimension SA = sum_k dL/d(delta A)_k A_k, SB = sum_k dL/dh_k B_k and Y = <C, h> (rows of
+    # cb), dA into dAc (G, N, _DB), dB and dC either summed over the unit's channels (shared) or stored per channel.
     zero = cb.dtype.type(0.0)
     for j in range(m - 1, -1, -1):
         t = t0 + j
@@ -770,6 +766,7 @@ def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, d
         for i in range(w):
             cb[_R_SA, j, i] = zero
             cb[_R_SB, j, i] = zero
+            cb[_R_Y, j, i] = zero
         for k in range(n):
             bs = _coef_shared(Bm, b, t, k)
             cs = _coef_shared(Cm, b, t, k)
@@ -777,14 +774,17 @@ def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, d
             sum_c = zero
             for i in range(w):
                 dy = cb[_R_DY, j, i]
-                gk = gc[k, i] + dy * _coef(Cm, b, t, k, d0 + i, cs)  # dL/dh at t
+                ck = _coef(Cm, b, t, k, d0 + i, cs)
+                gk = gc[k, i] + dy * ck  # dL/dh at t
                 a = ea[j, k, i]
                 q = gk * hs[j, k, i] * a  # dL/d(delta A) at t, per state
                 dAc[g, k, i] += q * cb[_R_DT, j, i]
                 cb[_R_SA, j, i] += q * ab[g, k, i]
                 cb[_R_SB, j, i] += gk * _coef(Bm, b, t, k, d0 + i, bs)
                 gb = gk * cb[_R_X, j, i]
-                gcc = dy * hs[j + 1, k, i]
+                hk = hs[j + 1, k, i]
+                cb[_R_Y, j, i] += ck * hk  # y = <C, h> at t (for dz)
+                gcc = dy * hk
                 sum_b += gb
                 sum_c += gcc
                 _put(dBc, b, t, k, d0 + i, gb)
@@ -795,11 +795,14 @@ def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, d
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _backward_outputs(b, t0, m, length, din, d0, w, dv, cb, du, ddl, sD, sbias):
-    # du and d delta of one chunk from the reverse pass's sums; sD, sbias (_DB): this chunk's sums of dy u and of
-    # d delta (for dD and d delta_bias)
+def _backward_outputs(b, t0, m, length, din, d0, w, dv, has_z, cb, du, ddl, dz, sD, sbias):
+    # du, d delta and dz of one chunk from the reverse pass's sums; sD, sbias (_DB): this chunk's sums of dy u and
+    # of d delta (for dD and d delta_bias)
     for j in range(m):
         base = _U64((b * length + t0 + j) * din + d0)
+        if has_z:
+            for i in range(w):
+                dz[base + _U64(i)] = cb[_R_GZ, j, i] * (cb[_R_Y, j, i] + dv[i] * cb[_R_U, j, i])
         for i in range(w):
             q = base + _U64(i)
             sb = cb[_R_SB, j, i]
@@ -812,7 +815,7 @@ def _backward_outputs(b, t0, m, length, din, d0, w, dv, cb, du, ddl, sD, sbias):
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, ckpt_every, ckpt, ypre, dout,
+def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, ckpt_every, ckpt, dout,
                   du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc):
     # Work units (batch row b, block s of _DB channels), each from its last chunk of positions to its first. Sums
     # over positions are formed per chunk in the compute dtype and added to float64 totals: dA (Bt, G, N, Din),
@@ -847,7 +850,7 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
             dAc[:] = 0.0
             sD[:] = 0.0
             sbias[:] = 0.0
-            _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, ypre, dout, dz, cb)
+            _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, dout, cb)
             if w == _DB and n == 16:  # as in the forward: known trip counts
                 _backward_recompute(b, t0, m, 16, c, d0, _DB, ab, aidx, Bm, ckpt, cb, hs, ea, h)
                 _backward_reverse(b, s, t0, m, 16, d0, _DB, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc,
@@ -855,7 +858,7 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
             else:
                 _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h)
                 _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc)
-            _backward_outputs(b, t0, m, length, din, d0, w, dv, cb, du, ddl, sD, sbias)
+            _backward_outputs(b, t0, m, length, din, d0, w, dv, has_z, cb, du, ddl, dz, sD, sbias)
             for g in range(groups):
                 for k in range(n):
                     for i in range(w):
@@ -921,10 +924,10 @@ def _token_major(t: torch.Tensor | None, dtype: torch.dtype):
     copy. None -> a 1-element placeholder the kernels read as 'absent'."""
     if t is None:
         return np.zeros(1, dtype=_NUMPY_DTYPES[dtype])
-    tm = t.detach().transpose(1, 2)  # (Bt, L, Din)
-    if not tm.is_contiguous():
-        tm = tm.contiguous()  # torch's blocked, threaded copy (numpy's of a transposed view is several times slower)
-    return _view(tm, dtype).reshape(-1)
+    a = _view(t, dtype).swapaxes(1, 2)  # (Bt, L, Din), no torch op
+    if not a.flags.c_contiguous:  # torch's blocked, threaded copy (numpy's of a transposed view is several times slower)
+        a = _view(t.detach().transpose(1, 2).contiguous(), dtype)
+    return a.reshape(-1)
 
 
 def _coef_layout(m: torch.Tensor, dtype: torch.dtype):
@@ -964,7 +967,7 @@ def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
 def _channels_last(flat, bt: int, length: int, din: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat token-major kernel result -> (Bt, Din, L) tensor: a transposed view of a contiguous (Bt, L, Din)
     tensor, the layout a Mamba block's output projection reads without a copy."""
-    return _tensor(flat.reshape(bt, length, din), dtype).transpose(1, 2)
+    return _tensor(flat.reshape(bt, length, din).swapaxes(1, 2), dtype)  # numpy's view: no torch op
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
@@ -979,13 +982,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
         nck = max(1, -(-length // ckpt_every))
         out = np.empty(bt * length * din, npd)
         ckpt = np.empty((bt, nck, n, din) if save else (1, 1, 1, n), npd)
-        ypre = np.empty(bt * length * din if save and z is not None else 1, npd)
         last = np.empty((bt, n, din), npd)
-        _run(_cpu_forward, *args, bool(save), ckpt_every, out, ypre, ckpt, last)
+        _run(_cpu_forward, *args, bool(save), ckpt_every, out, ckpt, last)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
             # backward reuses the kernel arguments (token-major views or copies of the saved inputs)
-            ctx.state = (ckpt, ypre, ckpt_every, args, dtype)
+            ctx.state = (ckpt, ckpt_every, args, dtype)
         out_t = _channels_last(out, bt, length, din, u.dtype)
         if return_last_state:
             last_t = _tensor(np.ascontiguousarray(last.swapaxes(1, 2)), u.dtype)  # (Bt, Din, N)
@@ -996,7 +998,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *_):
         u, delta, A, B, C, D, z, delta_bias, A_index = ctx.saved_tensors  # (unpacking checks their versions)
-        ckpt, ypre, ckpt_every, args, dtype = ctx.state
+        ckpt, ckpt_every, args, dtype = ctx.state
         bt, din, length = u.shape
         groups, n = args[4].shape[0], args[4].shape[1]
         npd = args[0].dtype
@@ -1013,7 +1015,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             grads[f"d{name}s"] = np.zeros(1) if per else np.zeros((nd, bt, length, n))
         for name, per in (("B", per_b), ("C", per_c)):
             grads[f"d{name}c"] = np.empty((bt, length, n, din), npd) if per else np.zeros(1, npd)
-        _run(_cpu_backward, *args, ckpt_every, ckpt, ypre, _token_major(dout, dtype), *grads.values())
+        _run(_cpu_backward, *args, ckpt_every, ckpt, _token_major(dout, dtype), *grads.values())
         t = _tensor
         g_B, g_C = (
             grads[f"d{k}c"].transpose(0, 3, 2, 1) if per else grads[f"d{k}s"].sum(0).swapaxes(1, 2)
@@ -1051,8 +1053,8 @@ def selective_scan_cpu(
     and the gradients of u, delta, z come back as such views, (Bt, Din, L) over (Bt, L, Din) memory. B and C are
     laid out as contiguous (Bt, L, N) (a copy unless already so; 1/Din of the scan's work when shared by the
     channels); inputs of another dtype than the compute dtype are cast. Memory when gradients are needed: one stored
-    state every 16 positions (Bt, L/16, N, Din), plus y before the gate (Bt, L, Din) when z is given; backward
-    recomputes the rest. The first call in a fresh environment compiles the kernels (seconds); numba caches them on
+    state every 16 positions (Bt, L/16, N, Din); backward recomputes the rest (the states, and y before the gate for
+    dz). The first call in a fresh environment compiles the kernels (seconds); numba caches them on
     disk.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, A_index)
