@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.fuse.scan import _numpy  # the scan wrapper's address-based numpy views (Tensor.numpy: 4 ops each)
+from mambavl.fuse.scan import _sigmoid  # its vectorisable float32 sigmoid (numba-only)
 
 try:  # numba is a dependency, but the package still imports (torch path only) without it
     import numba
@@ -23,51 +24,69 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
 
 
 def _jit(**kw):
+    """numba.njit as the scan's kernels compile: cached, numpy's error model (no division checks, so the loops with
+    SiLU vectorise), reassociation and contraction only."""
     if numba is None:
         return lambda f: f
-    return numba.njit(cache=True, **kw)
+    return numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"}, **kw)
+
+
+# The loops over channels are innermost: x, u (B, L, D) are read and written one contiguous row of channels at a
+# time, and w is taken as (K, D), so every loop over d vectorises.
 
 
 @_jit(parallel=True)
 def _forward(x, mask, w, bias, pre, out):  # pragma: no cover - compiled by numba
+    # x (B, L, D) any strides; mask (B, L); w (K, D); bias (D,); pre (the conv before SiLU), out (B, L, D)
     bt, length, dim = x.shape
-    k_len = w.shape[1]
+    k_len = w.shape[0]
     for b in numba.prange(bt):
         for t in range(length):
             for d in range(dim):
-                acc = bias[d]
-                for k in range(k_len):
-                    s = t - (k_len - 1) + k
-                    if s >= 0:
-                        acc += w[d, k] * (x[b, s, d] * mask[b, s])
-                pre[b, t, d] = acc
-                out[b, t, d] = acc / (1.0 + np.exp(-acc))
+                pre[b, t, d] = bias[d]
+            for k in range(k_len):
+                s = t - (k_len - 1) + k
+                if s >= 0:
+                    ms = mask[b, s]
+                    for d in range(dim):
+                        pre[b, t, d] += w[k, d] * (x[b, s, d] * ms)
+            for d in range(dim):
+                a = pre[b, t, d]
+                out[b, t, d] = a * _sigmoid(a)
 
 
 @_jit(parallel=True)
 def _backward(x, mask, w, pre, gout, gx, gw, gbias):  # pragma: no cover - compiled by numba
+    # gw (B, K, D), gbias (B, D): float64 sums per batch row (the caller sums over B)
     bt, length, dim = x.shape
-    k_len = w.shape[1]
+    k_len = w.shape[0]
     for b in numba.prange(bt):
         gpre = np.empty((length, dim), pre.dtype)
+        one = pre.dtype.type(1.0)
         for t in range(length):
             for d in range(dim):
-                sig = 1.0 / (1.0 + np.exp(-pre[b, t, d]))
-                g = gout[b, t, d] * sig * (1.0 + pre[b, t, d] * (1.0 - sig))  # silu'
+                a = pre[b, t, d]
+                sig = _sigmoid(a)
+                g = gout[b, t, d] * sig * (one + a * (one - sig))  # silu'
                 gpre[t, d] = g
                 gbias[b, d] += g
-                for k in range(k_len):
-                    s = t - (k_len - 1) + k
-                    if s >= 0:
-                        gw[b, d, k] += g * (x[b, s, d] * mask[b, s])
+            for k in range(k_len):
+                s = t - (k_len - 1) + k
+                if s >= 0:
+                    ms = mask[b, s]
+                    for d in range(dim):
+                        gw[b, k, d] += gpre[t, d] * (x[b, s, d] * ms)
         for s in range(length):
             for d in range(dim):
-                acc = 0.0
-                for k in range(k_len):
-                    t = s + (k_len - 1) - k
-                    if t < length:
-                        acc += w[d, k] * gpre[t, d]
-                gx[b, s, d] = acc * mask[b, s]
+                gx[b, s, d] = 0.0
+            for k in range(k_len):
+                t = s + (k_len - 1) - k
+                if t < length:
+                    for d in range(dim):
+                        gx[b, s, d] += w[k, d] * gpre[t, d]
+            ms = mask[b, s]
+            for d in range(dim):
+                gx[b, s, d] *= ms
 
 
 class _CausalConvSiLU(torch.autograd.Function):
@@ -75,7 +94,7 @@ class _CausalConvSiLU(torch.autograd.Function):
     def forward(ctx, x, mask, weight, bias):
         bt, length, dim = x.shape
         npd = np.float64 if x.dtype == torch.float64 else np.float32
-        w = np.ascontiguousarray(_numpy(weight).reshape(dim, -1))  # (D, K)
+        w = np.ascontiguousarray(_numpy(weight).reshape(dim, -1).T)  # (K, D)
         m = _numpy(mask)[:, 0, :] if mask is not None else np.ones((bt, length), npd)  # (B, L)
         pre, out = np.empty((bt, length, dim), npd), np.empty((bt, length, dim), npd)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
@@ -90,10 +109,10 @@ class _CausalConvSiLU(torch.autograd.Function):
         m, w, pre = ctx.arrays
         bt, length, dim = x.shape
         gx = np.empty((bt, length, dim), pre.dtype)
-        gw, gbias = np.zeros((bt, dim, w.shape[1]), np.float64), np.zeros((bt, dim), np.float64)
+        gw, gbias = np.zeros((bt, w.shape[0], dim), np.float64), np.zeros((bt, dim), np.float64)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         _backward(_numpy(x), m, w, pre, _numpy(gout), gx, gw, gbias)
-        g_w = torch.from_numpy(gw.sum(0).astype(pre.dtype).reshape(weight.shape))
+        g_w = torch.from_numpy(np.ascontiguousarray(gw.sum(0).T).astype(pre.dtype).reshape(weight.shape))
         return torch.from_numpy(gx), None, g_w, torch.from_numpy(gbias.sum(0).astype(pre.dtype))
 
 
