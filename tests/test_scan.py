@@ -332,3 +332,32 @@ def test_cpu_backward_layouts_of_B_C(case):
     assert_close(out, ref_out, 1e-12, "output")
     for k in NAMES:
         assert_close(grads[k], ref_grads[k], 1e-11, f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("width", ["full", "narrow"])
+@pytest.mark.parametrize("variant", ["model", "grouped_per_channel"])
+def test_cpu_whole_channel_blocks_match_reference(monkeypatch, dtype, width, variant):
+    """The kernels' fast path (a block of `_DB` channels at d_state 16, trip counts known at compile time) next to a
+    partial block, and the narrow blocks used when a small batch would leave threads idle; the model's call (token-
+    major views, softplus outside the scan) and grouped A with per-channel B/C. Several chunks, a ragged last one."""
+    block = scan._DB if width == "full" else scan._DB_NARROW
+    monkeypatch.setattr(scan, "_block_width", lambda bt, din: block)
+    bt, din, n, length = 2, scan._DB + 3, 16, 37
+    grouped = variant != "model"
+    x = make_inputs(bt, din, n, length, dtype, seed=21, per_channel=grouped, groups=2 if grouped else 0,
+                    bias=grouped, softplus=grouped)
+    kw = {"delta_softplus": grouped}
+    if grouped:
+        kw["A_index"] = (torch.arange(length) >= 11).long()
+    else:  # u, delta, z as a Mamba block passes them: transposed views of token-major tensors
+        x = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+                 if k in ("u", "delta", "z") else v) for k, v in x.items()}
+    grad_out = torch.randn(bt, length, din, generator=torch.Generator().manual_seed(4), dtype=dtype).transpose(1, 2)
+    ref_out, ref_grads = run(scan.selective_scan_ref, x, grad_out, **kw)
+    out, grads = run(scan.selective_scan_cpu, x, grad_out, **kw)
+    assert_close(out, ref_out, RTOL[dtype], "output")
+    for k in NAMES:
+        assert (grads[k] is None) == (ref_grads[k] is None), k
+        if ref_grads[k] is not None:
+            assert_close(grads[k], ref_grads[k], RTOL[dtype] * 5, f"d{k}")

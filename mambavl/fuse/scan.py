@@ -26,7 +26,7 @@ Implementations (pick with `selective_scan(..., impl=...)`):
   closed form over log-space cumulative sums of delta*A ("segsum"); the state is carried from chunk to chunk.
   Each chunk is recomputed in backward (activation checkpointing) so memory stays O(Bt*Din*L), not O(L*K*N).
 * `cpu`: `selective_scan_cpu`, a numba-compiled fused loop for forward and a hand-written reverse-time backward,
-  parallel over (batch row, block of 64 channels), so both cores are busy at batch 64 and at batch 2 alike. The
+  parallel over (batch row, block of 256 channels; 64 when a small batch would leave threads idle). The
   loops run token-major with the channels innermost: each step of the recurrence updates whole vectors of channels,
   with no sums across vector lanes. The states are not stored: forward keeps one checkpoint every `_CKPT`
   positions and backward recomputes each chunk from its checkpoint. Computes in float32 for float32 inputs and in
@@ -320,7 +320,7 @@ def selective_scan_chunked(
 # cpu: numba-fused forward and backward
 
 # Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time. A
-# unit's per-chunk buffers of the backward (states and decays, 2 x 16 x N x 64 channels) stay in L2.
+# unit's per-chunk buffers of the backward (states and decays, 2 x 16 x N x 256 channels, 0.5 MiB) stay in L2.
 _CKPT = 16
 
 try:  # numba is a dependency, but the package still imports (cpu impl unavailable) without it
@@ -552,10 +552,11 @@ if numba is not None:
 # The kernels work token-major, channels innermost: u, delta, z, the output and their gradients as flat
 # (Bt * L * Din) arrays of (Bt, L, Din) (a Mamba block's transposed views are such arrays already), A as A_T
 # (G, N, Din), B and C as (Bt, L, N) when shared by the channels or (Bt, L, N, Din) per channel, states as
-# (N, Din) per row. A work unit is one batch row and a block of `_DB` channels; every loop over its channels is
-# innermost and contiguous, so the recurrence runs on whole vectors of channels (4 float32 AVX-512 vectors) with no
-# sums across vector lanes, and exp(delta A) is computed once per state update.
-_DB = 64
+# (N, Din) per row. A work unit is one batch row and a block of `db` channels; every loop over its channels is
+# innermost and contiguous, so the recurrence runs on whole vectors of channels (16 float32 lanes per AVX-512
+# vector) with no sums across vector lanes, and exp(delta A) is computed once per state update.
+_DB = 256  # channels per work unit (the buffers' width): whole rows at d_inner 256, the fastest per thread measured
+_DB_NARROW = 64  # ... unless that leaves fewer than 2 units per thread (a small batch of long sequences)
 # Rows of a backward chunk's buffer (_NROWS, K, _DB): per-position values of one unit's chunk.
 _R_U, _R_DT, _R_X, _R_SIG, _R_DY, _R_GZ, _R_Y, _R_SA, _R_SB = range(9)
 _NROWS = 9
@@ -645,17 +646,18 @@ def _forward_position(b, t, d0, w, n, g, ab, Bm, Cm, dts, xs, h, y):
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, save, ckpt_every, out, ckpt, last):
+def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, save, ckpt_every, db, out, ckpt,
+                 last):
     # u, dl, z, out: flat token-major (Bt * L * Din); ckpt (Bt, nck, N, Din): the state before every
     # `ckpt_every`-th position, only when `save`; last (Bt, N, Din).
     groups, n, din = A_T.shape
     bt = u.shape[0] // max(1, length * din)
-    nb = (din + _DB - 1) // _DB
+    nb = (din + db - 1) // db
     for pp in _prange(bt * nb):
         p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
         b = p // nb
-        d0 = (p % nb) * _DB
-        w = min(din, d0 + _DB) - d0
+        d0 = (p % nb) * db
+        w = min(din, d0 + db) - d0
         ft = u.dtype
         ab = np.empty((groups, n, _DB), ft)
         bv = np.empty(_DB, ft)
@@ -815,22 +817,22 @@ def _backward_outputs(b, t0, m, length, din, d0, w, dv, has_z, cb, du, ddl, dz, 
 
 
 @_jit(parallel=True, fastmath=_FASTMATH)
-def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, ckpt_every, ckpt, dout,
+def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length, ckpt_every, db, ckpt, dout,
                   du, ddl, dz, dA, dD, dbias, dBs, dCs, dBc, dCc):
-    # Work units (batch row b, block s of _DB channels), each from its last chunk of positions to its first. Sums
+    # Work units (batch row b, block s of db channels), each from its last chunk of positions to its first. Sums
     # over positions are formed per chunk in the compute dtype and added to float64 totals: dA (Bt, G, N, Din),
     # dD, dbias (Bt, Din), summed over Bt by the caller; dB, dC shared by the channels: dBs, dCs (S, Bt, L, N)
     # float64, unit (b, s) owning slice [s, b] (the caller sums over S); per channel: dBc, dCc (Bt, L, N, Din).
     groups, n, din = A_T.shape
     bt = u.shape[0] // max(1, length * din)
-    nb = (din + _DB - 1) // _DB
+    nb = (din + db - 1) // db
     nck = ckpt.shape[1]
     for pp in _prange(bt * nb):
         p = np.int64(pp)
         b = p // nb
         s = p % nb
-        d0 = s * _DB
-        w = min(din, d0 + _DB) - d0
+        d0 = s * db
+        w = min(din, d0 + db) - d0
         ft = u.dtype
         ab = np.empty((groups, n, _DB), ft)
         bv = np.empty(_DB, ft)
@@ -871,6 +873,12 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
 def _numba_threads() -> int:
     """Follow torch's thread setting (tests and DDP workers pin it), within numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _block_width(bt: int, din: int) -> int:
+    """Channels per work unit: `_DB` unless that gives fewer than 2 units (batch row, block) per thread, then
+    `_DB_NARROW` so every thread stays busy (B=2 of long sequences on many cores)."""
+    return _DB if bt * -(-din // _DB) >= 2 * _numba_threads() else _DB_NARROW
 
 
 _ENTRIES: dict = {}
@@ -983,7 +991,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         out = np.empty(bt * length * din, npd)
         ckpt = np.empty((bt, nck, n, din) if save else (1, 1, 1, n), npd)
         last = np.empty((bt, n, din), npd)
-        _run(_cpu_forward, *args, bool(save), ckpt_every, out, ckpt, last)
+        _run(_cpu_forward, *args, bool(save), ckpt_every, _block_width(bt, din), out, ckpt, last)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
             # backward reuses the kernel arguments (token-major views or copies of the saved inputs)
@@ -1003,7 +1011,8 @@ class _SelectiveScanCPU(torch.autograd.Function):
         groups, n = args[4].shape[0], args[4].shape[1]
         npd = args[0].dtype
         numba.set_num_threads(_numba_threads())
-        nd = -(-din // _DB)  # channel blocks: the work units are (batch row, block)
+        db = _block_width(bt, din)
+        nd = -(-din // db)  # channel blocks: the work units are (batch row, block)
         per_b, per_c = B.dim() == 4, C.dim() == 4
         size = bt * length * din
         grads = dict(
@@ -1015,7 +1024,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             grads[f"d{name}s"] = np.zeros(1) if per else np.zeros((nd, bt, length, n))
         for name, per in (("B", per_b), ("C", per_c)):
             grads[f"d{name}c"] = np.empty((bt, length, n, din), npd) if per else np.zeros(1, npd)
-        _run(_cpu_backward, *args, ckpt_every, ckpt, _token_major(dout, dtype), *grads.values())
+        _run(_cpu_backward, *args, ckpt_every, db, ckpt, _token_major(dout, dtype), *grads.values())
         t = _tensor
         g_B, g_C = (
             grads[f"d{k}c"].transpose(0, 3, 2, 1) if per else grads[f"d{k}s"].sum(0).swapaxes(1, 2)
@@ -1042,12 +1051,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, A_index=None
 ):
-    """Fast CPU selective scan: numba-fused forward and backward, parallel over (batch row, block of 64 channels).
+    """Fast CPU selective scan: numba-fused forward and backward, parallel over (batch row, block of channels).
 
     Same arguments and result as `selective_scan_ref`; CPU tensors only. Computes in float32 for float32 inputs
     and in float64 when u, delta, A, B or C is float64 (the reference's rule); sums of gradients over positions,
     batch rows and channels (dA, dB, dC, dD, d delta_bias) are formed in the compute dtype over at most 16
-    positions or 64 channels and accumulated in float64 beyond. Results and gradients come back in the inputs'
+    positions or 256 channels and accumulated in float64 beyond. Results and gradients come back in the inputs'
     dtypes. The kernels work token-major, channels innermost: u, delta, z that are transposed views of contiguous
     (Bt, L, Din) tensors (what a Mamba block passes) are read in place, other layouts are copied once; the result
     and the gradients of u, delta, z come back as such views, (Bt, Din, L) over (Bt, L, Din) memory. B and C are
