@@ -619,15 +619,26 @@ _U64 = np.uint64 if numba is not None else None  # flat indices as uint64: numba
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv):
-    # the unit's channels' A (G, N, w), delta_bias and D, copied once into contiguous buffers
-    for g in range(A_T.shape[0]):
-        for k in range(A_T.shape[1]):
+def _unit(pp, nb, db, din, A_T, bias, Dv, ft):
+    # Work unit pp of (batch row, block of db channels): its row b, block s, first channel d0, width w, and its
+    # channels' A (G, N, _DB), delta_bias and D (_DB,) copied into contiguous buffers of dtype ft.
+    p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
+    b = p // nb
+    s = p % nb
+    d0 = s * db
+    w = min(din, d0 + db) - d0
+    groups, n, _ = A_T.shape
+    ab = np.empty((groups, n, _DB), ft)
+    bv = np.empty(_DB, ft)
+    dv = np.empty(_DB, ft)
+    for g in range(groups):
+        for k in range(n):
             for i in range(w):
                 ab[g, k, i] = A_T[g, k, d0 + i]
     for i in range(w):
         bv[i] = bias[d0 + i]
         dv[i] = Dv[d0 + i]
+    return b, s, d0, w, ab, bv, dv
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
@@ -650,19 +661,12 @@ def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length,
                  last):
     # u, dl, z, out: flat token-major (Bt * L * Din); ckpt (Bt, nck, N, Din): the state before every
     # `ckpt_every`-th position, only when `save`; last (Bt, N, Din).
-    groups, n, din = A_T.shape
+    _, n, din = A_T.shape
     bt = u.shape[0] // max(1, length * din)
     nb = (din + db - 1) // db
     for pp in _prange(bt * nb):
-        p = np.int64(pp)  # prange indices may be unsigned; mixing them with int64 would give floats
-        b = p // nb
-        d0 = (p % nb) * db
-        w = min(din, d0 + db) - d0
         ft = u.dtype
-        ab = np.empty((groups, n, _DB), ft)
-        bv = np.empty(_DB, ft)
-        dv = np.empty(_DB, ft)
-        _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv)
+        b, _, d0, w, ab, bv, dv = _unit(pp, nb, db, din, A_T, bias, Dv, ft)
         h = np.zeros((n, _DB), ft)
         dts = np.empty(_DB, ft)
         xs = np.empty(_DB, ft)
@@ -828,16 +832,8 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
     nb = (din + db - 1) // db
     nck = ckpt.shape[1]
     for pp in _prange(bt * nb):
-        p = np.int64(pp)
-        b = p // nb
-        s = p % nb
-        d0 = s * db
-        w = min(din, d0 + db) - d0
         ft = u.dtype
-        ab = np.empty((groups, n, _DB), ft)
-        bv = np.empty(_DB, ft)
-        dv = np.empty(_DB, ft)
-        _unit_params(d0, w, A_T, bias, Dv, ab, bv, dv)
+        b, s, d0, w, ab, bv, dv = _unit(pp, nb, db, din, A_T, bias, Dv, ft)
         cb = np.empty((_NROWS, ckpt_every, _DB), ft)
         hs = np.empty((ckpt_every + 1, n, _DB), ft)
         ea = np.empty((ckpt_every, n, _DB), ft)
