@@ -3,6 +3,7 @@ of every input, float32 and float64, fixed seeds (mamba-ssm's test recipe), plus
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -361,3 +362,18 @@ def test_cpu_whole_channel_blocks_match_reference(monkeypatch, dtype, width, var
         assert (grads[k] is None) == (ref_grads[k] is None), k
         if ref_grads[k] is not None:
             assert_close(grads[k], ref_grads[k], RTOL[dtype] * 5, f"d{k}")
+
+
+def test_cpu_empty_length_gives_the_initial_state():
+    """L = 0: no work unit runs; the output is empty and the last state is the initial (zero) state, as the
+    reference gives it (the kernel's state buffer is never written then, so it must not be left uninitialised)."""
+    x = make_inputs(2, 5, 4, 0, torch.float32, seed=1)
+    x = {k: (v.detach() if v is not None else None) for k, v in x.items()}
+    for _ in range(3):
+        garbage = np.full(2 * 4 * 5, 7.0, np.float32)  # freed just before the call: numpy's allocator reuses it
+        del garbage
+        out, last = scan.selective_scan_cpu(**x, delta_softplus=True, return_last_state=True)
+        ref_out, ref_last = scan.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+        assert out.shape == ref_out.shape == (2, 5, 0)
+        assert last.shape == ref_last.shape == (2, 5, 4)
+        assert torch.equal(last, ref_last) and not last.any()

@@ -986,7 +986,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         nck = max(1, -(-length // ckpt_every))
         out = np.empty(bt * length * din, npd)
         ckpt = np.empty((bt, nck, n, din) if save else (1, 1, 1, n), npd)
-        last = np.empty((bt, n, din), npd)
+        last = np.zeros((bt, n, din), npd)  # zeros: with L = 0 no work unit runs and h_L is the initial state
         _run(_cpu_forward, *args, bool(save), ckpt_every, _block_width(bt, din), out, ckpt, last)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, A_index)
@@ -1056,8 +1056,8 @@ def selective_scan_cpu(
     dtypes. The kernels work token-major, channels innermost: u, delta, z that are transposed views of contiguous
     (Bt, L, Din) tensors (what a Mamba block passes) are read in place, other layouts are copied once; the result
     and the gradients of u, delta, z come back as such views, (Bt, Din, L) over (Bt, L, Din) memory. B and C are
-    laid out as contiguous (Bt, L, N) (a copy unless already so; 1/Din of the scan's work when shared by the
-    channels); inputs of another dtype than the compute dtype are cast. Memory when gradients are needed: one stored
+    laid out as contiguous (Bt, L, N), or (Bt, L, N, Din) per channel (a copy unless already so; 1/Din of the scan's
+    work when shared by the channels); inputs of another dtype than the compute dtype are cast. Memory when gradients are needed: one stored
     state every 16 positions (Bt, L/16, N, Din); backward recomputes the rest (the states, and y before the gate for
     dz). The first call in a fresh environment compiles the kernels (seconds); numba caches them on
     disk.
