@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.fuse.scan import _numpy  # the scan wrapper's address-based numpy views (Tensor.numpy: 4 ops each)
-from mambavl.fuse.scan import _sigmoid  # its vectorisable float32 sigmoid (numba-only)
+from mambavl.fuse.scan import _FASTMATH, _jit, _numba_threads, _numpy, _sigmoid  # the scan's numba set-up
 
 try:  # numba is a dependency, but the package still imports (torch path only) without it
     import numba
@@ -23,19 +22,11 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
     numba = None
 
 
-def _jit(**kw):
-    """numba.njit as the scan's kernels compile: cached, numpy's error model (no division checks, so the loops with
-    SiLU vectorise), reassociation and contraction only."""
-    if numba is None:
-        return lambda f: f
-    return numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"}, **kw)
-
-
 # The loops over channels are innermost: x, u (B, L, D) are read and written one contiguous row of channels at a
 # time, and w is taken as (K, D), so every loop over d vectorises.
 
 
-@_jit(parallel=True)
+@_jit(parallel=True, fastmath=_FASTMATH)
 def _forward(x, mask, w, bias, pre, out):  # pragma: no cover - compiled by numba
     # x (B, L, D) any strides; mask (B, L); w (K, D); bias (D,); pre (the conv before SiLU), out (B, L, D)
     bt, length, dim = x.shape
@@ -55,7 +46,7 @@ def _forward(x, mask, w, bias, pre, out):  # pragma: no cover - compiled by numb
                 out[b, t, d] = a * _sigmoid(a)
 
 
-@_jit(parallel=True)
+@_jit(parallel=True, fastmath=_FASTMATH)
 def _backward(x, mask, w, pre, gout, gx, gw, gbias):  # pragma: no cover - compiled by numba
     # gw (B, K, D), gbias (B, D): float64 sums per batch row (the caller sums over B)
     bt, length, dim = x.shape
@@ -97,7 +88,7 @@ class _CausalConvSiLU(torch.autograd.Function):
         w = np.ascontiguousarray(_numpy(weight).reshape(dim, -1).T)  # (K, D)
         m = _numpy(mask)[:, 0, :] if mask is not None else np.ones((bt, length), npd)  # (B, L)
         pre, out = np.empty((bt, length, dim), npd), np.empty((bt, length, dim), npd)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(_numba_threads())
         _forward(_numpy(x), m, w, _numpy(bias), pre, out)
         ctx.save_for_backward(x, weight)
         ctx.arrays = (m, w, pre)
@@ -110,7 +101,7 @@ class _CausalConvSiLU(torch.autograd.Function):
         bt, length, dim = x.shape
         gx = np.empty((bt, length, dim), pre.dtype)
         gw, gbias = np.zeros((bt, w.shape[0], dim), np.float64), np.zeros((bt, dim), np.float64)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(_numba_threads())
         _backward(_numpy(x), m, w, pre, _numpy(gout), gx, gw, gbias)
         g_w = torch.from_numpy(np.ascontiguousarray(gw.sum(0).T).astype(pre.dtype).reshape(weight.shape))
         return torch.from_numpy(gx), None, g_w, torch.from_numpy(gbias.sum(0).astype(pre.dtype))
