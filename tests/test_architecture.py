@@ -3,6 +3,9 @@ import-linter so that a change which imports from a later stage, or closes a cyc
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from importlinter.cli import lint_imports
@@ -51,3 +54,44 @@ def test_analysis_patches_nothing():
     for p in (REPO / "mambavl" / "analysis").glob("*.py"):
         text = p.read_text()
         assert "object.__setattr__" not in text and "sys.modules" not in text, p.name
+
+
+# The libraries only video decoding and frame encoding use: training and scoring on cached features must run where
+# they are not installed (a GPU machine set up for training, a cluster node with no ffmpeg).
+EXTRACTION_ONLY = ("av", "ffmpeg", "imageio_ffmpeg", "open_clip", "torchcodec")
+
+
+def test_training_and_evaluation_on_a_cache_need_no_decoding_library(tmp_path):
+    """A fresh interpreter in which the decoding / encoding libraries cannot be imported (a finder refuses them and
+    `importlib.util.find_spec` reports them absent) trains 1 epoch on a planted cache and evaluates the checkpoint;
+    none of those modules is in sys.modules afterwards."""
+    code = f"""
+import importlib.abc, importlib.util, sys
+BLOCKED = {EXTRACTION_ONLY!r}
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else _find(name, package)
+from pathlib import Path
+from mambavl.cache.synthetic import make_planted_cache
+from mambavl.evaluate import EvalConfig, evaluate
+from mambavl.runtime import TrainConfig
+from mambavl.train import train
+work = Path(sys.argv[1])
+kw = dict(frames=4, dim=16, text_dim=8, num_verbs=4, num_nouns=5, noise=1.0)
+tr = make_planted_cache(work / "train.h5", n=32, seed=0, **kw)
+va = make_planted_cache(work / "val.h5", n=16, seed=1, **kw)
+res = train(TrainConfig(train_cache=str(tr), val_cache=str(va), out_dir=str(work / "run"), epochs=1, batch_size=16,
+                        device="cpu", seed=0, min_steps=0))
+metrics = evaluate(EvalConfig(checkpoint=str(res.last_checkpoint), cache=str(va), out_dir=str(work / "eval"),
+                              device="cpu"))
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-3000:]

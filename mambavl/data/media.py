@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 
-import imageio_ffmpeg
-
 
 def ffmpeg_binary() -> str:
     """The system ``ffmpeg`` on PATH, else the static binary shipped with imageio-ffmpeg."""
     found = shutil.which("ffmpeg")
     if found:
         return found
+    import imageio_ffmpeg  # only where no system ffmpeg is found
+
     return imageio_ffmpeg.get_ffmpeg_exe()

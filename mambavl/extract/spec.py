@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from mambavl.errors import InputError
 from mambavl.extract import weights as W
-from mambavl.extract.decode import SamplingConfig, SamplingMode
+from mambavl.extract.sampling import SamplingConfig, SamplingMode
 from mambavl.extract.encoders import EncoderConfig, EncoderKind, FrozenEncoder, TextEncoderKind, file_sha256
 
 # The fields that say what the features *are* (a cache and a model must agree on them); the rest say how they were

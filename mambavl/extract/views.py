@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mambavl.errors import InputError
-from mambavl.extract.decode import SamplingConfig, SamplingMode, decode_segment
+from mambavl.extract.sampling import SamplingConfig, SamplingMode
 
 AGGREGATION = "softmax mean"
 CROP_ORDER = ("centre", "left/top", "right/bottom")
@@ -111,6 +111,8 @@ def decode_views(root, segment, start: float, stop: float, sampling: SamplingCon
                  frame_rate: float | None = None, threads: int = 0, decoder=None, chunk_seconds: int | None = None):
     """Every view of [start, stop] of `segment` from one decode (`decode_segment` with `view_sampling`): frames
     uint8 (V, N, size, size, 3), times float64 (V, N)."""
+    from mambavl.extract.decode import decode_segment  # here: scoring imports this module and decodes nothing
+
     frames, times = decode_segment(root, segment, start, stop, view_sampling(sampling, views), frame_rate, threads,
                                    decoder, chunk_seconds)
     return split_views(frames, times, views)
