@@ -293,8 +293,9 @@ def main() -> None:
         kernel = None
     payload = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     sections = args.sections.split(",")
-    for name, fn in (("encode", encode_section), ("scan", lambda a: scan_section(a, kernel)),
-                     ("train", train_section), ("epoch", epoch_section)):
+    # the scan and training figures first: the encoder section needs open_clip, which a bare GPU machine may lack
+    for name, fn in (("scan", lambda a: scan_section(a, kernel)), ("train", train_section), ("epoch", epoch_section),
+                     ("encode", encode_section)):
         if name in sections:
             t0 = time.perf_counter()
             try:

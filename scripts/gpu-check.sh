@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one run on a CUDA machine (about 8 minutes on one H200, measured before the Triton scan's
-# checks were added) writes gpu-report.json and gpu-report.md under $OUT (or the current folder) with the GPU-marked
-# tests, decode frames/s per decoder on 1080p H.264 59.94 fps clips and NVDEC's frame-exactness against the CPU
-# decoder, encoder images/s (ViT-B-16, ViT-L-14, random init, 224, bf16), end-to-end extraction segments/s, and the
-# training and scan figures of benchmarks/gpu_check.py (every scan implementation against the float64 reference,
-# and their timings) when that script is present.
+# The prepared GPU check: one run on a CUDA machine writes gpu-report.json and gpu-report.md under $OUT (or the
+# current folder) with the training and scan figures of benchmarks/gpu_check.py (every scan implementation against
+# the float64 reference and their timings, bf16 vs fp32 training, an EK-100-sized epoch), the GPU-marked tests,
+# decode frames/s per decoder on 1080p H.264 59.94 fps clips and NVDEC's frame-exactness against the CPU decoder,
+# encoder images/s (ViT-B-16, ViT-L-14, random init, 224, bf16) and end-to-end extraction segments/s.
 #
-#   scripts/gpu-check.sh [--smoke] [--wheelhouse DIR]      run from the repository root (any copy of it)
+#   scripts/gpu-check.sh [--smoke] [--budget SECONDS] [--wheelhouse DIR]   run from the repository root (any copy)
 #   scripts/gpu-check.sh --make-wheelhouse DIR              on a machine with network: the wheels the check needs
+#
+# --budget (default 540): wall-clock seconds for the whole check. Each part is stopped (`timeout`) when its share
+# runs out, and each writes its figures under $OUT as it goes (gpu_check.json after every section, workstation.json,
+# gpu-tests.xml, gpu-check.log), so a run stopped from outside still leaves what it measured; the report says which
+# parts ran out of time (exit code 124). The training and scan figures come first, then decode and encoders.
+# Training and scoring on cached features need none of the decoding libraries (PyAV, ffmpeg-python,
+# imageio-ffmpeg) nor open_clip: on a machine without them only the decode and encoder parts fail.
 #
 # The machine it runs on may have no network: it starts from a Python with PyTorch and Triton, installs the
 # project's other dependencies from --wheelhouse DIR (or $WHEELHOUSE) with `pip --no-index`, and otherwise uses
@@ -18,14 +24,16 @@
 set -uo pipefail
 
 SMOKE=0
+BUDGET=540
 WHEELHOUSE="${WHEELHOUSE:-}"
 MAKE_WHEELHOUSE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
+    --budget) BUDGET="$2"; shift ;;
     --wheelhouse) WHEELHOUSE="$2"; shift ;;
     --make-wheelhouse) MAKE_WHEELHOUSE="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -51,6 +59,11 @@ LOG="$OUT/gpu-check.log"
 : > "$LOG"
 say() { echo "gpu-check: $*" | tee -a "$LOG"; }
 START=$(date +%s)
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu-check: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+DEADLINE=$(( START + BUDGET ))
+# seconds left before the deadline, less a reserve (the report's few seconds), never below 1
+left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); [ "$s" -lt 1 ] && s=1; echo "$s"; }
+export PYTHONUNBUFFERED=1
 
 if [ "$SMOKE" = 0 ]; then
   if [ -n "$WHEELHOUSE" ] && [ -d "$WHEELHOUSE" ]; then
@@ -78,49 +91,54 @@ if ! "$PY" -c "from mambavl.extract.backends import torchcodec_problem as p; imp
     export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" && say "torchcodec: FFmpeg libraries from PyAV"
 fi
 
-# 1. the GPU-marked tests (on a CPU machine they skip with their reason), beside the figures of step 2: the tests
-# load the CPU cores little and the GPU briefly
-say "GPU-marked tests"
-"$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$WORK/gpu-tests.xml" "$REPO/tests/test_decoders.py" \
-  $( [ "$SMOKE" = 0 ] && echo "$REPO/tests" ) > "$WORK/tests.log" 2>&1 &
+# 1. the GPU-marked tests in the background (on a CPU machine they skip with their reason): they load the CPU
+# cores little and the GPU briefly
+say "GPU-marked tests (background)"
+timeout "$(left 20)" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" \
+  "$REPO/tests/test_decoders.py" $( [ "$SMOKE" = 0 ] && echo "$REPO/tests" ) > "$WORK/tests.log" 2>&1 &
 TESTS_PID=$!
 
-# 2. decode, encoders, end to end
+# 2. the training and scan figures (benchmarks/gpu_check.py), when the script is there: 60 % of what is left
+GC_RC=-1
+if [ -f "$REPO/benchmarks/gpu_check.py" ]; then
+  say "training and scan figures (benchmarks/gpu_check.py)"
+  GC_TIME=$(( $(left 20) * 6 / 10 + 1 ))
+  if [ "$SMOKE" = 1 ]; then
+    # on the CPU the scan section runs the Triton kernels in Triton's interpreter (when Triton is installed)
+    TRITON_INTERPRET=1 timeout "$GC_TIME" "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu \
+      --sections scan,train,epoch --steps 2 --epochs 1 --smoke --json "$OUT/gpu_check.json" >> "$LOG" 2>&1
+  else
+    timeout "$GC_TIME" "$PY" "$REPO/benchmarks/gpu_check.py" --json "$OUT/gpu_check.json" >> "$LOG" 2>&1
+  fi
+  GC_RC=$?
+  [ "$GC_RC" = 124 ] && say "benchmarks/gpu_check.py ran out of its ${GC_TIME} s: the sections it finished are kept"
+else
+  say "benchmarks/gpu_check.py not present: training and scan figures left out"
+fi
+
+# 3. decode, encoders, end to end, in what is left
 say "decode / encoder / end-to-end figures"
 SMOKE_ARG=$( [ "$SMOKE" = 1 ] && echo "--smoke" )
-"$PY" "$REPO/benchmarks/gpu_workstation.py" $SMOKE_ARG --workdir "$WORK/gw" --json "$WORK/workstation.json" \
-  >> "$LOG" 2>&1
+timeout "$(left 20)" "$PY" "$REPO/benchmarks/gpu_workstation.py" $SMOKE_ARG --workdir "$WORK/gw" \
+  --json "$OUT/workstation.json" >> "$LOG" 2>&1
 WS_RC=$?
+[ "$WS_RC" = 124 ] && say "benchmarks/gpu_workstation.py ran out of time"
 
 wait "$TESTS_PID"
 TESTS_RC=$?
 cat "$WORK/tests.log" >> "$LOG"
-
-# 3. the training and scan figures (benchmarks/gpu_check.py), when the script is there
-GC_RC=-1
-if [ -f "$REPO/benchmarks/gpu_check.py" ]; then
-  say "training and scan figures (benchmarks/gpu_check.py)"
-  if [ "$SMOKE" = 1 ]; then
-    # on the CPU the scan section runs the Triton kernels in Triton's interpreter (when Triton is installed)
-    TRITON_INTERPRET=1 "$PY" "$REPO/benchmarks/gpu_check.py" --device cpu --sections train,epoch,scan --steps 2 \
-      --epochs 1 --smoke --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
-  else
-    "$PY" "$REPO/benchmarks/gpu_check.py" --json "$WORK/gpu_check.json" >> "$LOG" 2>&1
-  fi
-  GC_RC=$?
-else
-  say "benchmarks/gpu_check.py not present: training and scan figures left out"
-fi
 
 "$PY" - "$WORK" "$OUT" "$TESTS_RC" "$WS_RC" "$GC_RC" "$SMOKE" "$(( $(date +%s) - START ))" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 work, out, tests_rc, ws_rc, gc_rc, smoke, seconds = Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:])
 report = {"smoke": bool(smoke), "seconds": seconds, "exit_codes": {"tests": tests_rc, "workstation": ws_rc,
-          "gpu_check": gc_rc}}
+          "gpu_check": gc_rc},
+          "out_of_time": [k for k, rc in (("tests", tests_rc), ("workstation", ws_rc), ("gpu_check", gc_rc))
+                          if rc == 124]}
 tests = {"passed": 0, "failed": 0, "skipped": 0, "cases": []}
-if (work / "gpu-tests.xml").is_file():
-    for case in ET.parse(work / "gpu-tests.xml").iter("testcase"):
+if (out / "gpu-tests.xml").is_file():
+    for case in ET.parse(out / "gpu-tests.xml").iter("testcase"):
         kind = "failed" if case.find("failure") is not None or case.find("error") is not None else \
             "skipped" if case.find("skipped") is not None else "passed"
         reason = case.find("skipped").get("message", "") if kind == "skipped" else ""
@@ -129,13 +147,16 @@ if (work / "gpu-tests.xml").is_file():
                                "reason": reason})
 report["gpu_tests"] = tests
 for key, name in (("workstation", "workstation.json"), ("train_and_scan", "gpu_check.json")):
-    p = work / name
+    p = out / name
     report[key] = json.loads(p.read_text()) if p.is_file() else None
 (out / "gpu-report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
 ws = report["workstation"] or {}
 md = [f"# GPU check{' (smoke run, CPU, tiny sizes: no figure here means anything)' if smoke else ''}", "",
       f"- machine: {ws.get('machine', '?')}; GPU: {ws.get('gpu', '?')}; {seconds} s in all",
-      f"- GPU-marked tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped", ""]
+      f"- GPU-marked tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"]
+if report["out_of_time"]:
+    md.append(f"- out of time (stopped by the budget): {', '.join(report['out_of_time'])}")
+md.append("")
 dec = (ws.get("decode") or {}).get("decoders", {})
 if dec:
     md += [f"## Decode ({ws['decode']['clip']}; 16 frames per 2 s window)", "",

@@ -193,3 +193,19 @@ def test_order_study_smoke(tmp_path):
     assert lines[-1].startswith("headline: order_gap_verb_top1=")
     out = json.loads((tmp_path / "out.json").read_text())
     assert {"full", "video-only", "probe-concat", "probe-mean"} <= set(out["rows"])
+
+
+def test_gpu_check_budget_stops_each_part_and_keeps_the_report(tmp_path):
+    """scripts/gpu-check.sh --budget: every part is stopped when its share of the budget runs out (exit 124 in the
+    report), the run ends within the budget and still writes both reports under $OUT, and exits 1."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--smoke", "--budget", "24"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
+    assert "gpu_check" in report["out_of_time"] and report["exit_codes"]["gpu_check"] == 124
+    assert report["seconds"] <= 24
+    assert "out of time (stopped by the budget)" in (tmp_path / "out" / "gpu-report.md").read_text()
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--budget", "soon"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=60)
+    assert bad.returncode == 2 and "--budget must be whole seconds" in bad.stderr
