@@ -40,7 +40,14 @@ while [ $# -gt 0 ]; do
 done
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-python}"
+# $PYTHON, else the first of `python`, `python3` that imports torch (images where only python3 holds PyTorch)
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python python3; do
+    if command -v "$c" > /dev/null && "$c" -c "import torch" 2> /dev/null; then PY="$c"; break; fi
+  done
+  PY="${PY:-python}"
+fi
 
 if [ -n "$MAKE_WHEELHOUSE" ]; then
   # every dependency of the project and its decoders/dev extras except torch itself, as wheels
