@@ -87,8 +87,8 @@ class _Commands(LazyGroup):
         "audit-questions": ("mambavl.cli.evaluate", "Measure how much accuracy comes from the question text."),
         "efficiency": ("mambavl.cli.tools", "Parameters, FLOPs, latency and peak memory of the fusion."),
         "ablate": ("mambavl.cli.tools", "Train the ablation variants and linear probes; a table with mean ± sd."),
-        "predict": ("mambavl.cli.tools", "Top actions and the answers to the question bank for one clip."),
-        "demo": ("mambavl.cli.tools", "The whole pipeline on generated kitchen clips, no downloads."),
+        "predict": ("mambavl.cli.video", "Top actions and the answers to the question bank for one clip."),
+        "demo": ("mambavl.cli.video", "The whole pipeline on generated kitchen clips, no downloads."),
         "export": ("mambavl.cli.share", "Write a checkpoint as a Hugging Face model folder with its model card."),
         "push": ("mambavl.cli.share", "Upload a model folder to the Hugging Face Hub."),
     }

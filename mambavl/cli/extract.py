@@ -29,8 +29,8 @@ from mambavl.cli import (
 from mambavl.cli.config_file import ConfigOption, build_config, precision_option
 from mambavl.cli.progress import rich_progress
 from mambavl.errors import InputError
-from mambavl.extract.decode import SamplingMode
 from mambavl.extract.encoders import EncoderKind, TextEncoderKind
+from mambavl.extract.sampling import SamplingMode
 
 
 # The text encoder's options, shared by `extract` and `cache import` (one definition, the same choices and help).
