@@ -138,9 +138,14 @@ def headline(metric: str, value: float, unit: str, target: str, passed: bool, ex
 
 
 def write_json(path: str | None, payload: dict) -> None:
+    """Write `payload` as JSON to `path` (nothing when None) through a temporary file renamed over it, so a run
+    stopped mid-write leaves the previous complete file, never a cut one. Values JSON lacks are written as str."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------------------------

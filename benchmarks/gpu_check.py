@@ -2,7 +2,7 @@
 project's scans (outputs and gradients), AMP training for a few hundred steps, one epoch over an EK-100-sized cache,
 and frozen-encoder extraction throughput.
 
-    python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,epoch,encode] [--steps 300]
+    python benchmarks/gpu_check.py [--json out.json] [--sections scan,train,epoch,compile,encode] [--steps 300]
 
 Meant for a CUDA GPU (`--device cpu --smoke` only checks that the script runs; with TRITON_INTERPRET=1 its scan
 section also runs the Triton kernels in Triton's interpreter). The scan section compares every implementation that
@@ -13,8 +13,9 @@ bfloat16, plus a grouped A with per-channel B, C (not for mamba-ssm's kernel, wh
 times them side by side in bf16 (forward and forward+backward, interleaved repeats, medians) at B 64, D 512, N 16,
 L 64 and B 2, D 1024, N 16, L 4096.
 The train section trains the `small` preset on a planted-structure cache with bf16 autocast and in float32, same
-seed and data (on CUDA also bf16 with `--compile fusion` and with `--compile cudagraphs`), and reports steps/s, the
-loss curve's ends and validation accuracy of each (the compiled runs' steps/s include their compile). The epoch
+seed and data, and reports steps/s, the loss curve's ends and validation accuracy of each; the compile section does
+the same on CUDA in bf16 with `--compile fusion` and with `--compile cudagraphs` (steps/s include their compile).
+Sections run in the order scan, train, epoch, compile, encode and the JSON is rewritten after each one. The epoch
 section times one bf16 epoch over a generated cache of EK-100's 67,217 training rows (16 x 512 features), loading included
 (target: <= 60 s on one H200-class GPU). The encode section
 times a frozen open_clip image tower (random init: weights do not change the cost) on uint8 frames already at the
@@ -24,7 +25,6 @@ benchmarks/decode_1080p.py).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import base_parser, headline, interleaved, machine_line, median, print_table  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser, headline, interleaved, machine_line, median, print_table, write_json,
+)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -172,7 +174,9 @@ def scan_section(args, kernel):
                 timing=timing)
 
 
-def train_section(args):
+def train_section(args, compiled: bool = False):
+    """`small` preset on a planted cache: bf16 autocast and float32 runs (`compiled`: on CUDA, the step compiled
+    with `--compile fusion` and replayed as CUDA graphs instead; nothing on CPU), same seed and data."""
     from mambavl.cache.synthetic import make_planted_cache
     from mambavl.runtime import TrainConfig
     from mambavl.train import train
@@ -186,8 +190,10 @@ def train_section(args):
                             seed=1, noise=1.0)
     out = {}
     runs = [("bf16-autocast", "bf16", "off"), ("fp32", "fp32", "off")]
-    if not args.smoke and str(args.device).startswith("cuda"):  # the step compiled, and replayed as CUDA graphs
-        runs += [("bf16-compile-fusion", "bf16", "fusion"), ("bf16-cudagraphs", "bf16", "cudagraphs")]
+    if compiled:  # the step compiled, and replayed as CUDA graphs (their own section: compiling takes minutes)
+        if args.smoke or not str(args.device).startswith("cuda"):
+            return {"skipped": "compiled runs need CUDA and full sizes"}
+        runs = [("bf16-compile-fusion", "bf16", "fusion"), ("bf16-cudagraphs", "bf16", "cudagraphs")]
     for name, precision, compile_mode in runs:
         cfg = TrainConfig(train_cache=str(tr), val_cache=str(va), out_dir=str(work / name), epochs=args.epochs,
                           batch_size=bs, device=args.device, precision=precision, seed=0, compile=compile_mode,
@@ -225,7 +231,7 @@ def epoch_section(args):
     from mambavl.train import train
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_epoch_"))
-    rows = 512 if args.smoke else EK100_TRAIN_ROWS
+    rows = 128 if args.smoke else EK100_TRAIN_ROWS
     t0 = time.perf_counter()
     cache = make_planted_cache(work / "train.h5", n=rows, frames=16, dim=512, text_dim=384, num_verbs=97,
                                num_nouns=300, seed=0, noise=1.0)
@@ -275,7 +281,9 @@ def encode_section(args):
 
 def main() -> None:
     p = base_parser(__doc__.split("\n")[0])
-    p.add_argument("--sections", default="scan,train,epoch,encode")
+    p.add_argument("--sections", default="scan,train,epoch,compile,encode",
+                   help="run in this order, the JSON rewritten after each: scan, train (bf16 / fp32), epoch, compile "
+                        "(the compiled and CUDA-graph training runs), encode (needs open_clip)")
     p.add_argument("--steps", type=int, default=300, help="training steps per run (about)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--scan-impl", default="auto")
@@ -295,7 +303,7 @@ def main() -> None:
     sections = args.sections.split(",")
     # the scan and training figures first: the encoder section needs open_clip, which a bare GPU machine may lack
     for name, fn in (("scan", lambda a: scan_section(a, kernel)), ("train", train_section), ("epoch", epoch_section),
-                     ("encode", encode_section)):
+                     ("compile", lambda a: train_section(a, compiled=True)), ("encode", encode_section)):
         if name in sections:
             t0 = time.perf_counter()
             try:
@@ -304,8 +312,7 @@ def main() -> None:
                 payload[name] = {"error": repr(e)}
                 print(f"section {name} failed: {e!r}")
             print(f"[{name}: {time.perf_counter() - t0:.1f} s]")
-            if args.json:
-                Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+            write_json(args.json, payload)  # after every section: a run stopped later keeps these
     scan, trained, epoch = payload.get("scan", {}), payload.get("train", {}), payload.get("epoch", {})
     if "epoch_s" in epoch:
         full = epoch["rows"] == EK100_TRAIN_ROWS and cuda

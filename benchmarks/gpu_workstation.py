@@ -216,10 +216,12 @@ def main() -> None:
                   f"{row['window_frames_per_s']:.0f} window frames/s, {row['sampled_frames_per_s']:.0f} sampled/s"
                   + (f", frame-exact {row['frame_exact']}, mean |diff| {row['mean_abs_diff_vs_ffmpeg']:.2f}"
                      if "frame_exact" in row else "")))
+        write_json(args.json, result)  # after every section: a run stopped later keeps it
     if "encode" in sections:
         result["encode"] = encoder_section(args)
         for name, row in result["encode"].items():
             print(f"encoder {name}: {row['images_per_s']:.0f} images/s ({row['dtype']}, batch {row['batch']})")
+        write_json(args.json, result)  # after every section: a run stopped later keeps it
     ratio = float("nan")
     if "e2e" in sections:
         result["end_to_end"] = e2e = end_to_end_section(args, work, decoders)

@@ -166,7 +166,8 @@ def test_extraction_gpu_branch_skips_without_gpu(tmp_path):
 def test_gpu_check_script_smoke(tmp_path):
     """scripts/gpu-check.sh --smoke: on CPU, tiny; writes both reports under $OUT with every section present."""
     env = dict(os.environ, OUT=str(tmp_path / "out"))
-    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--smoke"], capture_output=True, text=True,
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--smoke", "--budget", "240"],
+                         capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
