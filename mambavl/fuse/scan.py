@@ -320,7 +320,7 @@ def selective_scan_chunked(
 # cpu: numba-fused forward and backward
 
 # Positions between stored states in the cpu forward; backward recomputes the states of one chunk at a time. A
-# unit's per-chunk buffers of the backward (states and decays, 2 x 16 x N x 256 channels, 0.5 MiB) stay in L2.
+# unit's per-chunk buffers of the backward (decayed states and decays, 2 x 16 x N x 256 channels, 0.5 MiB) stay in L2.
 _CKPT = 16
 
 try:  # numba is a dependency, but the package still imports (cpu impl unavailable) without it
@@ -706,7 +706,7 @@ def _cpu_forward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length,
 @_jit(fastmath=_FASTMATH, inline="always")
 def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, dout, cb):
     # cb's rows U, DT (delta after bias and softplus), X (delta * u), SIG (softplus', 1 without), DY (dL/dy before
-    # the D term, after the gate's backward), GZ (dL/dz = GZ * y, y before the gate: the reverse pass recomputes y,
+    # the D term, after the gate's backward), GZ (dL/dz = GZ * y, y before the gate: the recompute pass forms y,
     # so the forward stores none) for positions t0 .. t0 + m - 1. Each loop does one thing with no branch inside, so
     # each vectorises.
     one = cb.dtype.type(1.0)
@@ -737,34 +737,47 @@ def _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, 
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h):
-    # hs[j] = the state before position t0 + j (hs[0] the checkpoint, hs[m] the state after the chunk), ea[j] =
-    # exp(delta A) at t0 + j. The state is carried in h, not read back from hs[j] (LLVM does not vectorise a loop
-    # whose rows depend on each other at a distance it cannot see).
+def _backward_recompute(b, s, t0, m, n, c, d0, w, ab, aidx, Bm, Cm, ckpt, cb, ah, ea, h, dCs, dCc):
+    # Forward over one chunk from its checkpoint: ea[j] = exp(delta A) at t0 + j and ah[j] = ea[j] * h_{t0+j-1}
+    # (the decayed previous state, which is all the reverse pass reads of it), for (N, _DB). What needs only the
+    # state h_t and dL/dy_t is formed here, while h_t is in a register: the row Y = <C_t, h_t> (y before the gate,
+    # for dz) and dC (summed over the unit's channels when shared, else per channel). The reverse pass then reads
+    # 10 arrays per state update instead of 12 and writes 4 instead of 5 (it was bound by loads and stores; this
+    # loop is bound by exp). The state is carried in h, not read back from ah (LLVM does not vectorise a loop whose
+    # rows depend on each other at a distance it cannot see).
+    zero = cb.dtype.type(0.0)
     for k in range(n):
         for i in range(w):
-            v = ckpt[b, c, k, d0 + i]
-            h[k, i] = v
-            hs[0, k, i] = v
+            h[k, i] = ckpt[b, c, k, d0 + i]
     for j in range(m):
         t = t0 + j
         g = aidx[t]
+        for i in range(w):
+            cb[_R_Y, j, i] = zero
         for k in range(n):
             bs = _coef_shared(Bm, b, t, k)
+            cs = _coef_shared(Cm, b, t, k)
+            sum_c = zero
             for i in range(w):
                 a = _exp(cb[_R_DT, j, i] * ab[g, k, i])
                 ea[j, k, i] = a
-                hk = a * h[k, i] + cb[_R_X, j, i] * _coef(Bm, b, t, k, d0 + i, bs)
+                decayed = a * h[k, i]
+                ah[j, k, i] = decayed
+                hk = decayed + cb[_R_X, j, i] * _coef(Bm, b, t, k, d0 + i, bs)
                 h[k, i] = hk
-                hs[j + 1, k, i] = hk
+                cb[_R_Y, j, i] += _coef(Cm, b, t, k, d0 + i, cs) * hk  # y = <C, h> at t (for dz)
+                gcc = cb[_R_DY, j, i] * hk  # dL/dC at t, per state and channel
+                sum_c += gcc
+                _put(dCc, b, t, k, d0 + i, gcc)
+            _add_shared(dCs, s, b, t, k, sum_c)
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc):
+def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, ah, ea, gc, dAc, dBs, dBc):
     # Reverse-time recurrence over one chunk. gc (N, _DB): in, dL/dh flowing into the chunk's last position from
     # the positions after it (times their exp(delta A)); out, the same for the chunk before. Per position: the
-    # sums over the state dimension SA = sum_k dL/d(delta A)_k A_k, SB = sum_k dL/dh_k B_k and Y = <C, h> (rows of
-    # cb), dA into dAc (G, N, _DB), dB and dC either summed over the unit's channels (shared) or stored per channel.
+    # sums over the state dimension SA = sum_k dL/d(delta A)_k A_k and SB = sum_k dL/dh_k B_k (rows of cb), dA into
+    # dAc (G, N, _DB), dB either summed over the unit's channels (shared) or stored per channel.
     zero = cb.dtype.type(0.0)
     for j in range(m - 1, -1, -1):
         t = t0 + j
@@ -772,32 +785,24 @@ def _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, d
         for i in range(w):
             cb[_R_SA, j, i] = zero
             cb[_R_SB, j, i] = zero
-            cb[_R_Y, j, i] = zero
         for k in range(n):
             bs = _coef_shared(Bm, b, t, k)
             cs = _coef_shared(Cm, b, t, k)
             sum_b = zero
-            sum_c = zero
             for i in range(w):
                 dy = cb[_R_DY, j, i]
                 ck = _coef(Cm, b, t, k, d0 + i, cs)
                 gk = gc[k, i] + dy * ck  # dL/dh at t
                 a = ea[j, k, i]
-                q = gk * hs[j, k, i] * a  # dL/d(delta A) at t, per state
+                q = gk * ah[j, k, i]  # dL/d(delta A) at t, per state
                 dAc[g, k, i] += q * cb[_R_DT, j, i]
                 cb[_R_SA, j, i] += q * ab[g, k, i]
                 cb[_R_SB, j, i] += gk * _coef(Bm, b, t, k, d0 + i, bs)
                 gb = gk * cb[_R_X, j, i]
-                hk = hs[j + 1, k, i]
-                cb[_R_Y, j, i] += ck * hk  # y = <C, h> at t (for dz)
-                gcc = dy * hk
                 sum_b += gb
-                sum_c += gcc
                 _put(dBc, b, t, k, d0 + i, gb)
-                _put(dCc, b, t, k, d0 + i, gcc)
                 gc[k, i] = gk * a
             _add_shared(dBs, s, b, t, k, sum_b)
-            _add_shared(dCs, s, b, t, k, sum_c)
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
@@ -835,7 +840,7 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
         ft = u.dtype
         b, s, d0, w, ab, bv, dv = _unit(pp, nb, db, din, A_T, bias, Dv, ft)
         cb = np.empty((_NROWS, ckpt_every, _DB), ft)
-        hs = np.empty((ckpt_every + 1, n, _DB), ft)
+        ah = np.empty((ckpt_every, n, _DB), ft)
         ea = np.empty((ckpt_every, n, _DB), ft)
         h = np.empty((n, _DB), ft)
         gc = np.zeros((n, _DB), ft)
@@ -850,12 +855,11 @@ def _cpu_backward(u, dl, bias, softplus, A_T, aidx, Bm, Cm, Dv, z, has_z, length
             sbias[:] = 0.0
             _backward_rows(b, t0, m, length, din, d0, w, u, dl, bv, softplus, z, has_z, dout, cb)
             if w == _DB and n == 16:  # as in the forward: known trip counts
-                _backward_recompute(b, t0, m, 16, c, d0, _DB, ab, aidx, Bm, ckpt, cb, hs, ea, h)
-                _backward_reverse(b, s, t0, m, 16, d0, _DB, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc,
-                                  dCc)
+                _backward_recompute(b, s, t0, m, 16, c, d0, _DB, ab, aidx, Bm, Cm, ckpt, cb, ah, ea, h, dCs, dCc)
+                _backward_reverse(b, s, t0, m, 16, d0, _DB, ab, aidx, Bm, Cm, cb, ah, ea, gc, dAc, dBs, dBc)
             else:
-                _backward_recompute(b, t0, m, n, c, d0, w, ab, aidx, Bm, ckpt, cb, hs, ea, h)
-                _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, hs, ea, gc, dAc, dBs, dCs, dBc, dCc)
+                _backward_recompute(b, s, t0, m, n, c, d0, w, ab, aidx, Bm, Cm, ckpt, cb, ah, ea, h, dCs, dCc)
+                _backward_reverse(b, s, t0, m, n, d0, w, ab, aidx, Bm, Cm, cb, ah, ea, gc, dAc, dBs, dBc)
             _backward_outputs(b, t0, m, length, din, d0, w, dv, has_z, cb, du, ddl, dz, sD, sbias)
             for g in range(groups):
                 for k in range(n):
