@@ -3,11 +3,19 @@
     python benchmarks/scan.py                 # B=2, D=256, N=16, L=2048 on CPU, forward and forward+backward
     python benchmarks/scan.py --cuda          # also the GPU kernels (mamba-ssm's, Triton's) vs the portable scan
     python benchmarks/scan.py --smoke         # tiny sizes, seconds
+    git show HEAD~1:mambavl/fuse/scan.py > /tmp/scan_before.py
+    python benchmarks/scan.py --against /tmp/scan_before.py   # also: that version's selective_scan_cpu vs this one
 
 A second table gives `selective_scan_cpu` in ns per state update (wall time / (B*D*N*L)) at B=64 D=512 N=16 L=48
 and B=2 D=1024 N=16 L=4096: float32 inputs laid out as a Mamba block passes them (u, delta, z transposed views of
 token-major tensors), the same values as contiguous (B, D, L) tensors, and float64; forward and forward+backward
 (targets, float32 token-major: <= 6 ns forward on 2 threads, forward+backward <= 3x forward).
+
+With --against FILE, a third table times another version of mambavl/fuse/scan.py (loaded from FILE beside this one)
+against the current module, interleaved in one process at the per-update sizes (float32, token-major): wall and
+process CPU time per state update (CPU time is what other jobs on a shared machine do not inflate), and the
+largest difference between the two versions' outputs and gradients. Runs of the whole script one after the other
+are too noisy on a shared machine to compare versions.
 
 Compared (mambavl.fuse.scan, mamba-ssm argument conventions: u, delta (B, D, L); A (D, N); B, C (B, N, L)):
   reference  `selective_scan_ref`      the definition: a Python loop over L
@@ -29,8 +37,10 @@ as a dry run of the code path (tiny, timings meaningless).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -219,6 +229,76 @@ def per_update_benchmark(args) -> dict:
     return results
 
 
+def load_scan_module(path: str):
+    """Another version of mambavl/fuse/scan.py, imported from `path` under its own name beside the current one (its
+    numba kernels compile separately). Raises SystemExit naming the file when it cannot be imported or has no
+    `selective_scan_cpu`."""
+    spec = importlib.util.spec_from_file_location("mambavl_scan_against", path)
+    if spec is None or not Path(path).is_file():
+        raise SystemExit(f"--against {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's on-disk cache finds the kernels' module by name when it loads them
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # any failure of the other version's import is reported, not raised
+        del sys.modules[spec.name]
+        raise SystemExit(f"--against {path}: cannot import it ({type(e).__name__}: {e})") from e
+    if not hasattr(module, "selective_scan_cpu"):
+        raise SystemExit(f"--against {path}: defines no selective_scan_cpu")
+    return module
+
+
+def against_benchmark(args, other) -> dict:
+    """`selective_scan_cpu` of `other` (the module from `args.against`, "before") vs the current one ("after"),
+    interleaved: forward and forward+backward per state update, in wall and in process CPU time, float32 token-major inputs;
+    and the largest relative difference between the versions' outputs and gradients."""
+    versions = {"before": other.selective_scan_cpu, "after": scan_mod.selective_scan_cpu}
+    sizes = ((1, 8, 4, 64), (1, 8, 4, 130)) if args.smoke else UPDATE_SIZES
+    rows, results = [], {}
+    for b, d, n, length in sizes:
+        x = token_major(make_inputs(b, d, n, length, "cpu"))
+        g = torch.randn(b, length, d, generator=torch.Generator().manual_seed(1)).transpose(1, 2)
+        outs = {k: fwd_bwd_fn(f, x, g)() | {"out": forward_fn(f, x)()} for k, f in versions.items()}
+        diff = max(
+            ((outs["before"][k] - outs["after"][k]).abs().max() / outs["before"][k].abs().max().clamp_min(1e-30)).item()
+            for k in outs["after"]
+        )
+        cpu: dict[str, list[float]] = {}
+
+        def cpu_timed(name, fn):
+            def run():
+                t0 = time.process_time()
+                fn()
+                cpu.setdefault(name, []).append(time.process_time() - t0)
+
+            return run
+
+        fns = {}
+        for k, f in versions.items():
+            fns[f"fwd {k}"] = cpu_timed(f"fwd {k}", forward_fn(f, x))
+            fns[f"both {k}"] = cpu_timed(f"both {k}", fwd_bwd_fn(f, x, g))
+        wall = interleaved(fns, repeats=args.repeats, warmup=1)
+        cpu = {k: v[-args.repeats:] for k, v in cpu.items()}  # the timed rounds, not the warm-up
+        updates = b * d * n * length
+        size = f"{b}x{d}x{n}x{length}"
+        results[size] = {"max_rel_diff": diff}
+        for k in versions:
+            fw, bw = median(wall[f"fwd {k}"]) / updates * 1e9, median(wall[f"both {k}"]) / updates * 1e9
+            fc, bc = median(cpu[f"fwd {k}"]) / updates * 1e9, median(cpu[f"both {k}"]) / updates * 1e9
+            results[size][k] = dict(fwd_ns=fw, fwd_bwd_ns=bw, ratio=bw / fw, fwd_cpu_ns=fc, fwd_bwd_cpu_ns=bc,
+                                    ratio_cpu=bc / fc)
+            rows.append([size, k, f"{fw:.2f}", f"{bw:.2f}", f"{bw / fw:.2f}x", f"{fc:.2f}", f"{bc:.2f}",
+                         f"{bc / fc:.2f}x", f"{diff:.1e}" if k == "after" else ""])
+    print_table(
+        ["B x D x N x L", "version", "fwd (wall)", "fwd+bwd (wall)", "ratio (wall)", "fwd (CPU)", "fwd+bwd (CPU)",
+         "ratio (CPU)", "max rel diff"],
+        rows,
+        title=f"selective_scan_cpu: {args.against} (before) vs this checkout (after), float32 token-major, ns per "
+        f"state update, {torch.get_num_threads()} threads, median of {args.repeats} (interleaved)",
+    )
+    return results
+
+
 def gpu_impls() -> dict:
     """The implementations of the --cuda branch: the portable `chunked` scan, mamba-ssm's kernel when it imports, the
     Triton kernels when Triton imports (CUDA, or its interpreter on CPU tensors)."""
@@ -291,10 +371,13 @@ def main() -> None:
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--cuda", action="store_true", help="also benchmark mamba-ssm's CUDA kernel (needs a GPU)")
+    p.add_argument("--against", metavar="FILE", help="another version of mambavl/fuse/scan.py to time interleaved "
+                   "against this one (e.g. from `git show REV:mambavl/fuse/scan.py`)")
     args = p.parse_args()
     if args.smoke:
         args.batch, args.dim, args.state, args.length = 1, 8, 4, 64
     args.repeats = args.repeats or (2 if args.smoke else 7)
+    other = load_scan_module(args.against) if args.against else None  # a bad file fails before the long runs
     setup_threads(args.threads)
     print(machine_line())
     line, results = cpu_benchmark(args)
@@ -306,6 +389,8 @@ def main() -> None:
                 f"{r['forward_ns_per_update']:.2f} ns per state update forward (target <= 6), "
                 f"fwd+bwd {r['fwd_bwd_over_fwd']:.2f}x forward (target <= 3x)"
             )
+    if args.against:
+        payload["against"] = against_benchmark(args, other)
     if args.cuda:
         cuda_line, payload["cuda"] = cuda_benchmark(args)
         if cuda_line is not None:

@@ -41,8 +41,35 @@ def run_script(name: str, *args: str, tmp_path: Path, env: dict | None = None) -
 
 
 def test_scan_smoke(tmp_path):
-    lines = run_script("scan.py", tmp_path=tmp_path)
+    """Also --against: another version of the scan module (here a copy of this one) timed beside the current one;
+    identical code gives identical outputs and gradients."""
+    other = tmp_path / "scan_before.py"
+    other.write_text((REPO / "mambavl" / "fuse" / "scan.py").read_text())
+    lines = run_script("scan.py", "--against", str(other), tmp_path=tmp_path)
     assert lines[-1].startswith("headline: scan_speedup_vs_reference=")
+    assert any(ln.startswith(f"selective_scan_cpu: {other} (before) vs this checkout") for ln in lines)
+    against = json.loads((tmp_path / "out.json").read_text())["against"]
+    assert set(against) == {"1x8x4x64", "1x8x4x130"}
+    for size in against.values():
+        assert size["max_rel_diff"] == 0.0
+        assert all(size[v]["fwd_ns"] > 0 and size[v]["fwd_bwd_cpu_ns"] > 0 for v in ("before", "after"))
+    # a second process loads the other version's kernels from numba's on-disk cache, written by the run above
+    code = (f"import sys, torch; sys.path.insert(0, {str(BENCH)!r}); import scan; "
+            f"m = scan.load_scan_module({str(other)!r}); x = scan.make_inputs(1, 8, 4, 16, 'cpu'); "
+            "print(float(scan.call(m.selective_scan_cpu, x).sum()))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_scan_against_a_file_that_is_not_a_scan_module_fails_first(tmp_path):
+    bad = tmp_path / "notes.py"
+    bad.write_text("x = 1\n")
+    for path, message in ((tmp_path / "missing.py", "not a Python file"), (bad, "defines no selective_scan_cpu")):
+        res = subprocess.run([sys.executable, str(BENCH / "scan.py"), "--against", str(path)], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+        assert res.returncode != 0 and f"--against {path}: {message}" in res.stderr
+        assert "selective scan on CPU" not in res.stdout  # refused before any timing
 
 
 def test_scan_cuda_branch_skips_without_gpu(tmp_path):
