@@ -250,8 +250,8 @@ def load_scan_module(path: str):
 
 def against_benchmark(args, other) -> dict:
     """`selective_scan_cpu` of `other` (the module from `args.against`, "before") vs the current one ("after"),
-    interleaved: forward and forward+backward per state update, in wall and in process CPU time, float32 token-major inputs;
-    and the largest relative difference between the versions' outputs and gradients."""
+    interleaved: forward and forward+backward per state update, in wall and in process CPU time, float32
+    token-major inputs; and the largest relative difference between the versions' outputs and gradients."""
     versions = {"before": other.selective_scan_cpu, "after": scan_mod.selective_scan_cpu}
     sizes = ((1, 8, 4, 64), (1, 8, 4, 130)) if args.smoke else UPDATE_SIZES
     rows, results = [], {}

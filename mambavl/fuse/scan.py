@@ -741,10 +741,10 @@ def _backward_recompute(b, s, t0, m, n, c, d0, w, ab, aidx, Bm, Cm, ckpt, cb, ah
     # Forward over one chunk from its checkpoint: ea[j] = exp(delta A) at t0 + j and ah[j] = ea[j] * h_{t0+j-1}
     # (the decayed previous state, which is all the reverse pass reads of it), for (N, _DB). What needs only the
     # state h_t and dL/dy_t is formed here, while h_t is in a register: the row Y = <C_t, h_t> (y before the gate,
-    # for dz) and dC (summed over the unit's channels when shared, else per channel). The reverse pass then reads
-    # 10 arrays per state update instead of 12 and writes 4 instead of 5 (it was bound by loads and stores; this
-    # loop is bound by exp). The state is carried in h, not read back from ah (LLVM does not vectorise a loop whose
-    # rows depend on each other at a distance it cannot see).
+    # for dz) and dC (summed over the unit's channels when shared, else per channel): this loop is bound by exp,
+    # the reverse pass by loads and stores, which then come to 10 arrays read and 4 written per state update. The
+    # state is carried in h, not read back from ah (LLVM does not vectorise a loop whose rows depend on each other
+    # at a distance it cannot see).
     zero = cb.dtype.type(0.0)
     for k in range(n):
         for i in range(w):
