@@ -32,8 +32,9 @@ from _common import fmt_s, headline, interleaved, machine_line, median, print_ta
 from torch.utils.data import DataLoader
 
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset, fits_in_memory, open_cache
-from mambavl.device import available_memory_bytes
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import fits_in_memory, open_cache
+from mambavl.errors import available_memory_bytes
 from mambavl.cache.writer import CacheWriter, RowMeta
 
 EK100_TRAIN = 67_217

@@ -56,7 +56,8 @@ import torch  # noqa: E402
 from mambavl import runtime as rt  # noqa: E402
 from mambavl import train as tr  # noqa: E402
 from mambavl.cache import schema  # noqa: E402
-from mambavl.cache.reader import SegmentDataset, open_cache  # noqa: E402
+from mambavl.cache.dataset import SegmentDataset  # noqa: E402
+from mambavl.cache.reader import open_cache  # noqa: E402
 from mambavl.cache.synthetic import make_planted_cache  # noqa: E402
 from mambavl.data.sampling import subsample  # noqa: E402
 from mambavl.train.schedule import mix_seed  # noqa: E402

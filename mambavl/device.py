@@ -7,7 +7,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -96,18 +95,3 @@ def join_process_group(backend: str, timeout: datetime.timedelta | None = None, 
 def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now (Linux MemAvailable; elsewhere the free physical pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0

@@ -1,4 +1,5 @@
-"""Error types shared by every stage, and the wording of operating-system errors that are not the file's fault."""
+"""Error types shared by every stage, the wording of operating-system errors that are not the file's fault, and the
+limits of the operating system that those errors and the stages' memory checks name (open files, available memory)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def open_files_limit() -> int:
 
         return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     except (ImportError, ValueError, OSError):
+        return 0
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give this process now (Linux MemAvailable; elsewhere the free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
         return 0
 
 

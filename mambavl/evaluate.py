@@ -36,7 +36,8 @@ import numpy as np
 from mambavl import __version__, plots
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import QuestionBank, SegmentDataset, open_cache, releases_caches, require_complete
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import QuestionBank, open_cache, releases_caches, require_complete
 from mambavl.data.annotations import file_sha256, find_ek100_file, load_id_list, load_tail_classes
 from mambavl.device import Precision, as_precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError, check_writable

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,31 @@ def ek100_dir() -> Path:
         pytest.fail(f"EK-100 annotation CSVs not found at {path} (tests/data/ek100, or set MAMBAVL_EK100_DIR)")
     return path
 
+
+
+@pytest.fixture
+def run_refusing():
+    """Factory: run(code, blocked, *args, timeout=600) runs the Python `code` in a fresh interpreter, with this
+    checkout first on the path, where the top-level packages in `blocked` cannot be imported: a meta-path finder
+    refuses them and `importlib.util.find_spec` reports them absent, so an optional `try: import x` goes unseen no
+    more than a hard import. `code` sees the tuple as BLOCKED. Returns the CompletedProcess (text, output captured)."""
+
+    def run(code: str, blocked, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        prelude = f"""import importlib.abc, importlib.util, sys
+BLOCKED = {tuple(blocked)!r}
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else _find(name, package)
+"""
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+
+    return run
 
 @pytest.fixture(scope="session")
 def tiny_encoder():

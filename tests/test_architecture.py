@@ -3,9 +3,6 @@ import-linter so that a change which imports from a later stage, or closes a cyc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from importlinter.cli import lint_imports
@@ -61,22 +58,13 @@ def test_analysis_patches_nothing():
 EXTRACTION_ONLY = ("av", "ffmpeg", "imageio_ffmpeg", "open_clip", "torchcodec")
 
 
-def test_training_and_evaluation_on_a_cache_need_no_decoding_library(tmp_path):
+def test_training_and_evaluation_on_a_cache_need_no_decoding_library(tmp_path, run_refusing):
     """A fresh interpreter in which the decoding / encoding libraries cannot be imported (a finder refuses them and
     `importlib.util.find_spec` reports them absent) trains 1 epoch on a planted cache, evaluates the checkpoint and
     shows the --help of the commands that work on caches (train, evaluate, ablate, efficiency: each imports its
     command module); the project's decoding modules were not imported either (a `try: import av` there would
     otherwise go unseen)."""
-    code = f"""
-import importlib.abc, importlib.util, sys
-BLOCKED = {EXTRACTION_ONLY!r}
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (refused by the test)")
-sys.meta_path.insert(0, Refuse())
-_find = importlib.util.find_spec
-importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else _find(name, package)
+    code = """
 from pathlib import Path
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.evaluate import EvalConfig, evaluate
@@ -98,8 +86,6 @@ for command in ("train", "evaluate", "ablate", "efficiency"):
 print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED
              or m in ("mambavl.extract.decode", "mambavl.extract.packet_plan")))
 """
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = run_refusing(code, EXTRACTION_ONLY, str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-3000:]

@@ -136,6 +136,22 @@ def test_loader_smoke(tmp_path):
     assert {"lazy_h5", "in_memory_tensors"} <= set(results)
 
 
+
+def test_cli_startup_smoke(tmp_path):
+    """Also --against (here this same checkout): every mambavl command runs from both checkouts; a folder that is not
+    a checkout is refused before anything runs."""
+    lines = run_script("cli_startup.py", "--workdir", str(tmp_path / "work"), "--against", str(REPO),
+                       tmp_path=tmp_path)
+    assert lines[-1].startswith("headline: cache_inspect_vs_bare_h5py=")
+    times = json.loads((tmp_path / "out.json").read_text())["times_s"]
+    assert {"mambavl cache inspect (this checkout)", "mambavl cache inspect (--against)", "bare h5py",
+            "import torch", "mambavl --version (--against)"} <= set(times)
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+    res = subprocess.run([sys.executable, str(BENCH / "cli_startup.py"), "--smoke", "--workdir", str(tmp_path / "w2"),
+                          "--against", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "not a mambavl checkout" in res.stderr
+    assert not (tmp_path / "w2" / "startup.h5").exists()
+
 def test_extraction_smoke(tmp_path):
     lines = run_script("extraction.py", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)
     assert lines[-1].startswith("headline: end_to_end_vs_slowest_stage=")

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset, open_cache
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.errors import InputError

@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mambavl.cache.reader import SegmentDataset, open_cache
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.runtime import Asker, TrainedModel, clip_batches, head_logits, predict_scores, present, qa_logits
 from mambavl.runtime.task import spec_of_window

@@ -4,6 +4,7 @@ extraction that resumes a crashed shard and leaves one cache equal, bit for bit,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mambavl.cache.build import merge_caches, run_extraction
+from mambavl.cache.build import run_extraction
 from mambavl.cache.distributed import launch_from_env, shard_path
+from mambavl.cache.merge import merge_caches
 from mambavl.data.annotations import Segment, VideoInfo, load_annotations
 from mambavl.data.synthetic import make_kitchen_dataset
 from mambavl.errors import InputError
@@ -120,6 +122,49 @@ def test_merge_refuses_incomplete_missing_duplicate_and_foreign_shards(tmp_path,
     with h5py.File(tmp_path / "m.h5") as f:
         assert f["source_row"][()].tolist() == list(range(9)) and f["valid"][()].all() and f.attrs["complete"]
 
+
+
+# Imports that `cache merge` and `cache inspect` must not need: torch and numba (torch's import alone is 1.2-1.9 s on
+# 2 cores), and the decoding / encoding libraries (a node that merges shards may have only h5py).
+NOT_FOR_CACHE_FILES = ("torch", "numba", "av", "ffmpeg", "imageio_ffmpeg", "open_clip", "torchcodec", "transformers",
+                       "timm", "cv2")
+
+
+def test_cache_merge_and_inspect_run_without_torch_or_a_decoder(tmp_path, kitchen, tiny_encoder, _cfg,
+                                                                 run_refusing):
+    """`mambavl cache merge` and `cache inspect` in a fresh interpreter where torch, numba and the decoding /
+    encoding libraries cannot be imported (a finder refuses them): the merge writes the whole cache, inspect reports
+    it (as JSON and as tables), a bad shard list is refused with exit 2, and none of the project's decoding modules
+    was imported."""
+    paths = _shards(kitchen, tmp_path, tiny_encoder, _cfg)
+    out = tmp_path / "merged.h5"
+    code = f"""
+from mambavl.cli import main
+def run(*argv):
+    sys.argv = ["mambavl", *argv]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+paths = {paths!r}
+assert run("cache", "merge", {str(tmp_path / "partial.h5")!r}, paths[0], paths[2]) == 2
+assert run("cache", "merge", {str(out)!r}, *paths) == 0
+print("JSON>")
+assert run("cache", "inspect", "--json", {str(out)!r}) == 0
+print("<JSON")
+assert run("cache", "inspect", {str(out)!r}) == 0
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED
+                       or m in ("mambavl.extract.decode", "mambavl.extract.encoders", "mambavl.cache.build")))
+"""
+    res = run_refusing(code, NOT_FOR_CACHE_FILES, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "shard(s) 1/3 missing" in res.stderr and not (tmp_path / "partial.h5").exists()
+    info = json.loads(res.stdout.split("JSON>\n", 1)[1].split("<JSON", 1)[0])
+    assert info["segments"] == 9 and info["complete"] and info["failed"] == 0
+    assert info["windows"]["recognition"]["valid"] == 9 and info["windows"]["anticipation"]["rows"] == 9
+    assert "recognition: 9/9 valid" in res.stdout and "failures: 0" in res.stdout
+    assert res.stdout.rsplit("LOADED ", 1)[1].strip() == "[]", res.stdout[-3000:]
 
 def _datasets(path):
     out = {}

@@ -126,7 +126,7 @@ def test_qa_loss_falls_and_answers_far_above_chance(tmp_path):
     verb / noun / action answer top-1 is far above chance (1/6, 1/5, 1/A) and scene mAP far above an untrained
     model's."""
     from mambavl.evaluate import qa_metrics
-    from mambavl.cache.reader import SegmentDataset
+    from mambavl.cache.dataset import SegmentDataset
     from mambavl.runtime import Asker, TrainedModel, clip_batches, qa_logits, task_spec
     from mambavl.train import TrainConfig, train
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset, open_cache
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import make_planted_cache, make_planted_views
 from mambavl.data.synthetic import encode_frames, make_timestamp_video, read_timestamp_code
 from mambavl.errors import InputError

@@ -60,8 +60,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mambavl.device import available_memory_bytes, resolve_device
-from mambavl.errors import InputError
+from mambavl.device import resolve_device
+from mambavl.errors import InputError, available_memory_bytes
 from mambavl.fuse import scan as scan_mod
 from mambavl.fuse.model import FusionKind
 from mambavl.fuse.model import create_model

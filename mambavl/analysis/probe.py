@@ -28,7 +28,8 @@ from enum import Enum
 import numpy as np
 import torch
 
-from mambavl.cache.reader import CacheFile, SegmentDataset, open_cache, releases_caches
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import CacheFile, open_cache, releases_caches
 from mambavl.cache.schema import RECOGNITION, check_compatible
 from mambavl.data.sampling import subsample
 from mambavl.errors import InputError

@@ -4,9 +4,9 @@ Each process (rank r of W, from torchrun's RANK / WORLD_SIZE / LOCAL_RANK) extra
 plan (`mambavl.extract.shards`) into its own resumable file beside the output
 (``train.shard-00001-of-00008.h5``) on its own device (``cuda:LOCAL_RANK`` when CUDA is there). When every rank is
 done (a collective over a gloo process group, which also carries each rank's outcome, so an error on one rank is
-raised on all of them), rank 0 checks the shards (`check_shards`: complete, same attributes, every shard once, no
-row or narration_id twice, all planned rows present) and merges them into ``--out``, then deletes the shard files:
-one cache is left. A crash anywhere leaves the shard files; running the same command again resumes every shard.
+raised on all of them), rank 0 checks the shards (`mambavl.cache.merge.check_shards`: complete, same attributes,
+every shard once, no row or narration_id twice, all planned rows present) and merges them into ``--out``, then
+deletes the shard files: one cache is left. A crash anywhere leaves the shard files; running the same command again resumes every shard.
 Running it again after a finished merge resumes the merged cache itself on rank 0 (retrying recorded failures)
 while the other ranks wait.
 
@@ -30,7 +30,8 @@ from mambavl.device import join_process_group
 from mambavl.errors import InputError
 from mambavl.extract.encoders import FrozenEncoder
 from mambavl.progress import Progress
-from mambavl.cache.build import ExtractConfig, ExtractSummary, merge_caches, run_extraction
+from mambavl.cache.build import ExtractConfig, ExtractSummary, run_extraction
+from mambavl.cache.merge import merge_caches
 from mambavl.cache.reader import open_cache
 
 # How long ranks wait for each other at the end of their shards: shards are balanced, but a slow node or a long

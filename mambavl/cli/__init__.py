@@ -96,9 +96,9 @@ class _Commands(LazyGroup):
 
 class _CacheCommands(LazyGroup):
     lazy = {
-        "inspect": ("mambavl.cli.extract",
+        "inspect": ("mambavl.cli.cache",
                     "Show a cache's attributes, counts per window, failures and question tables."),
-        "merge": ("mambavl.cli.extract", "Join shard caches into one, in annotation row order."),
+        "merge": ("mambavl.cli.cache", "Join shard caches into one, in annotation row order."),
         "import": ("mambavl.cli.extract",
                    "Turn features from another extractor (AVION, EgoVLP, TIM, ...) into a cache."),
     }

@@ -18,7 +18,8 @@ from torch import nn
 
 from mambavl import metrics as M
 from mambavl.cache import schema
-from mambavl.cache.reader import CacheFile, QuestionBank, SegmentDataset, open_cache
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import CacheFile, QuestionBank, open_cache
 from mambavl.data.sampling import subsample
 from mambavl.device import Precision, autocast, resolve_device, resolve_precision
 from mambavl.errors import InputError

@@ -20,7 +20,8 @@ from torch import nn
 
 from mambavl import __version__
 from mambavl.cache import schema
-from mambavl.cache.reader import SegmentDataset, releases_caches
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import releases_caches
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.device import resolve_device
 from mambavl.errors import TrainingStopped, check_writable

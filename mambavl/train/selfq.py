@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mambavl import metrics as M
-from mambavl.cache.reader import CacheFile, SegmentDataset
+from mambavl.cache.dataset import SegmentDataset
+from mambavl.cache.reader import CacheFile
 from mambavl.data.sampling import gather_frames, train_frame_indices
 from mambavl.errors import InputError
 from mambavl.extract.questions import QuestionSource

@@ -23,7 +23,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mambavl.cache import schema
-from mambavl.cache.build import ExtractConfig, merge_caches, run_extraction
+from mambavl.cache.build import ExtractConfig, run_extraction
+from mambavl.cache.merge import merge_caches
 from mambavl.cache.reader import open_cache
 from mambavl.cache.synthetic import make_planted_cache
 from mambavl.cli import app
@@ -251,7 +252,7 @@ def test_merge_of_more_shards_than_the_open_files_limit(tmp_path, shards):
     out = tmp_path / "merged.h5"
     code = textwrap.dedent(f"""
         import os, resource
-        from mambavl.cache.build import merge_caches
+        from mambavl.cache.merge import merge_caches
         in_use = len(os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         merge_caches({[str(p) for p in paths]!r}, {str(out)!r})
