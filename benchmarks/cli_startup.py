@@ -46,7 +46,8 @@ TARGET = 3.0
 
 
 def commands(cache: Path) -> dict[str, list[str]]:
-    """Name -> argv after `python`, for the mambavl commands (run from a checkout) and the two baselines."""
+    """Name -> argv after `python` for the mambavl commands (each run from a checkout); the baselines are
+    `BASELINES`."""
     return {
         "mambavl --version": ["-m", "mambavl", "--version"],
         "mambavl --help": ["-m", "mambavl", "--help"],
@@ -89,7 +90,7 @@ def main() -> None:
         if not (other / "mambavl" / "__init__.py").is_file():
             raise SystemExit(f"--against {other}: not a mambavl checkout (no mambavl/__init__.py)")
         checkouts = {" (this checkout)": REPO, " (--against)": other}
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # the commands run inside it: a relative path would not resolve there
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "startup.h5"
     if not cache.exists():

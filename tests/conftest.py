@@ -28,7 +28,6 @@ def ek100_dir() -> Path:
     return path
 
 
-
 @pytest.fixture
 def run_refusing():
     """Factory: run(code, blocked, *args, timeout=600) runs the Python `code` in a fresh interpreter, with this
@@ -52,6 +51,7 @@ importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0]
                               timeout=timeout)
 
     return run
+
 
 @pytest.fixture(scope="session")
 def tiny_encoder():

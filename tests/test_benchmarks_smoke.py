@@ -136,7 +136,6 @@ def test_loader_smoke(tmp_path):
     assert {"lazy_h5", "in_memory_tensors"} <= set(results)
 
 
-
 def test_cli_startup_smoke(tmp_path):
     """Also --against (here this same checkout): every mambavl command runs from both checkouts; a folder that is not
     a checkout is refused before anything runs."""
@@ -151,6 +150,7 @@ def test_cli_startup_smoke(tmp_path):
                           "--against", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "not a mambavl checkout" in res.stderr
     assert not (tmp_path / "w2" / "startup.h5").exists()
+
 
 def test_extraction_smoke(tmp_path):
     lines = run_script("extraction.py", "--workdir", str(tmp_path / "work"), tmp_path=tmp_path)

@@ -123,7 +123,6 @@ def test_merge_refuses_incomplete_missing_duplicate_and_foreign_shards(tmp_path,
         assert f["source_row"][()].tolist() == list(range(9)) and f["valid"][()].all() and f.attrs["complete"]
 
 
-
 # Imports that `cache merge` and `cache inspect` must not need: torch and numba (torch's import alone is 1.2-1.9 s on
 # 2 cores), and the decoding / encoding libraries (a node that merges shards may have only h5py).
 NOT_FOR_CACHE_FILES = ("torch", "numba", "av", "ffmpeg", "imageio_ffmpeg", "open_clip", "torchcodec", "transformers",
@@ -165,6 +164,7 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED
     assert info["windows"]["recognition"]["valid"] == 9 and info["windows"]["anticipation"]["rows"] == 9
     assert "recognition: 9/9 valid" in res.stdout and "failures: 0" in res.stdout
     assert res.stdout.rsplit("LOADED ", 1)[1].strip() == "[]", res.stdout[-3000:]
+
 
 def _datasets(path):
     out = {}

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from mambavl.cache import schema
-from mambavl.cache.merge import parse_shard
 from mambavl.cache.writer import CacheWriter, RowMeta
 from mambavl.data.annotations import AnnotationSet, check_frame_times, load_annotations
 from mambavl.errors import InputError

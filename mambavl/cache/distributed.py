@@ -6,9 +6,9 @@ plan (`mambavl.extract.shards`) into its own resumable file beside the output
 done (a collective over a gloo process group, which also carries each rank's outcome, so an error on one rank is
 raised on all of them), rank 0 checks the shards (`mambavl.cache.merge.check_shards`: complete, same attributes,
 every shard once, no row or narration_id twice, all planned rows present) and merges them into ``--out``, then
-deletes the shard files: one cache is left. A crash anywhere leaves the shard files; running the same command again resumes every shard.
-Running it again after a finished merge resumes the merged cache itself on rank 0 (retrying recorded failures)
-while the other ranks wait.
+deletes the shard files: one cache is left. A crash anywhere leaves the shard files; running the same command again
+resumes every shard. Running it again after a finished merge resumes the merged cache itself on rank 0 (retrying
+recorded failures) while the other ranks wait.
 
 Without a launcher (WORLD_SIZE unset or 1) nothing here is used. Slurm job arrays do not need it either: each task
 runs ``mambavl extract --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out train.shard$ID.h5`` and a dependent

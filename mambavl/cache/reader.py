@@ -8,9 +8,12 @@ Every public entry point that reads caches (training, evaluation, prediction, th
 `releases_caches`: the read handles opened during the call are closed when it returns or raises, so the files can be
 rewritten or re-extracted in the same process right after, whatever references (a traceback, a reference cycle)
 outlive the call. A CacheFile used again afterwards reopens its file. Lower-level helpers that take or return a
-CacheFile (`open_cache`, `mambavl.cache.dataset.SegmentDataset`, `mambavl.evaluate.load_for_eval`, ...) leave closing to their caller:
-`with open_cache(path) as cache:` or `with cache_scope():`; `mambavl.runtime.predict_scores` closes a cache it opened
-from a path and leaves a given CacheFile's handle open (reopening one walks the whole file).
+CacheFile (`open_cache`, `mambavl.cache.dataset.SegmentDataset`, `mambavl.evaluate.load_for_eval`, ...) leave closing
+to their caller: `with open_cache(path) as cache:` or `with cache_scope():`; `mambavl.runtime.predict_scores` closes a
+cache it opened from a path and leaves a given CacheFile's handle open (reopening one walks the whole file).
+
+This module imports no torch (`mambavl cache inspect` and `cache merge` read through it); the torch `Dataset` over a
+cache is `mambavl.cache.dataset.SegmentDataset`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ import h5py
 import numpy as np
 
 from mambavl.cache import schema
-from mambavl.errors import available_memory_bytes
-from mambavl.errors import InputError
+from mambavl.errors import InputError, available_memory_bytes
 
 # Load a window's features into RAM (one read of the file; epochs then never touch HDF5) when they take at most this
 # fraction of the memory available now; above it, read rows lazily from the file. An EK-100 training split at fp16

@@ -1,7 +1,7 @@
-"""`mambavl cache inspect | merge`: commands that read and write caches with h5py alone.
+"""`mambavl cache inspect | merge`: commands that read and write caches through h5py.
 
 They import neither torch nor a decoder or encoder library (`mambavl.cache.reader`, `mambavl.cache.merge`), so they
-start in a fraction of a second and run where only h5py is installed. `cache import`, which embeds texts, lives with
+start in about half a second and run where those are not installed. `cache import`, which embeds texts, lives with
 `extract` in `mambavl.cli.extract`.
 
 Exit codes: 0 done; 2 bad input (the message names the file and what is wrong with it).
@@ -95,7 +95,8 @@ def cache_inspect(
 def cache_merge(
     out: Annotated[Path, typer.Argument(help="Merged cache to write.")],
     shards: Annotated[list[Path], typer.Argument(help="Shard caches written with --shard i/N.")],
-    remove_shards: Annotated[bool, typer.Option("--remove-shards", help="Delete the shard files after a successful merge.")] = False,
+    remove_shards: Annotated[bool, typer.Option(
+        "--remove-shards", help="Delete the shard files after a successful merge.")] = False,
 ) -> None:
     """Join shard caches into one, in annotation row order.
 
