@@ -34,7 +34,7 @@ def _venv(commands: list[str]) -> str:
 
 
 def test_default_path_is_pypis_build_pinned_by_the_constraints(tmp_path):
-    commands = _dry_run("test.sh", tmp_path, "-x", MAMBAVL_TEST_WORKERS="0")
+    commands = _dry_run("test.sh", tmp_path, "-x")
     venv = _venv(commands)
     assert re.fullmatch(r".*/mambavl/venv-[0-9a-f]{16}", venv)
     assert commands[1:] == [
@@ -57,24 +57,6 @@ def test_cpu_path_installs_torch_from_pytorchs_cpu_index_into_its_own_environmen
     mirror = _dry_run("demo.sh", tmp_path, "--quick", MAMBAVL_TORCH="cpu", MAMBAVL_TORCH_INDEX="https://m.example/cpu")
     assert "--index-url https://m.example/cpu" in mirror[2]
     assert mirror[3].endswith(f"-e {REPO}") and mirror[-1] == "exec mambavl demo --overwrite --quick"
-
-
-def test_test_files_run_in_worker_processes(tmp_path):
-    """MAMBAVL_TEST_WORKERS=N (N >= 2) runs the files in N pytest-xdist workers, whole files per worker; 0 or 1 runs
-    one process; unset, 2 where 2 or more CPUs are usable (nproc); anything else is refused (exit 2) before any
-    install."""
-    last = {w: _dry_run("test.sh", tmp_path, "-x", MAMBAVL_TEST_WORKERS=w)[-1] for w in ("0", "1", "3")}
-    assert last == {"0": "exec python -m pytest -q -x", "1": "exec python -m pytest -q -x",
-                    "3": "exec python -m pytest -q -n 3 --dist loadfile -x"}
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    default = _dry_run("test.sh", tmp_path)[-1]
-    assert default == ("exec python -m pytest -q -n 2 --dist loadfile" if usable >= 2 else "exec python -m pytest -q")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAMBAVL_")}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "test.sh")], capture_output=True, text=True, timeout=60,
-                          env={**clean, "MAMBAVL_DRY_RUN": "1", "MAMBAVL_TEST_WORKERS": "two",
-                               "XDG_CACHE_HOME": str(tmp_path / "cache")})
-    assert done.returncode == 2 and "MAMBAVL_TEST_WORKERS=two: expected a whole number" in done.stderr
-    assert not (tmp_path / "cache").exists()
 
 
 def test_an_unknown_torch_build_is_refused(tmp_path):
